@@ -1,0 +1,231 @@
+// Decode path: few tokens per expert, so the cost is reading the selected experts' weights once.
+// Each warp streams R weight rows with 16-byte loads (several in flight per lane) and dots them with
+// up to kMaxTok token vectors staged in shared memory; a butterfly reduces the lane partial sums.
+#include "qmoe_internal.cuh"
+
+namespace qmoe {
+namespace {
+
+constexpr int kWarps = 4;     // warps per block
+constexpr int kRowIters = 2;  // row groups a warp handles one after another
+constexpr int kRows = 4;      // weight rows a warp streams together (gate j, j+1, up j, j+1 / 4 down rows)
+constexpr int kMaxTok = 4;    // tokens per pass over the rows
+constexpr int kUnroll = 2;    // 16-byte loads per row in flight
+
+template <typename W> struct WTraits {
+  static constexpr int kVec = 8;  // 16-bit weights: 8 per 16 bytes
+  static __device__ __forceinline__ void to_float(const uint4& v, float* f, int /*unused*/) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 p = unpack2<W>(w[i]);
+      f[2 * i] = p.x;
+      f[2 * i + 1] = p.y;
+    }
+  }
+};
+template <> struct WTraits<int8_t> {
+  static constexpr int kVec = 16;
+  static __device__ __forceinline__ void to_float(const uint4& v, float* f, int) {
+    i8x4_to_float(v.x, f);
+    i8x4_to_float(v.y, f + 4);
+    i8x4_to_float(v.z, f + 8);
+    i8x4_to_float(v.w, f + 12);
+  }
+};
+
+struct GemvArgs {
+  const void* act;        // gate_up: x [T, H]; down: h [P, I]
+  const void* weight;     // gate_up [E, 2I, H] or down [E, H, I]
+  const void* scale;      // [E, rows] or NULL
+  int scale_dtype;
+  void* out;              // gate_up: h [P, I]; down: y [P, H]
+  const int32_t* perm_pair;
+  const int32_t* offsets;
+  const int32_t* active;
+  const int32_t* meta;
+  int top_k, K, I, H;
+};
+
+// acc[r][t] += dot(rows[r][0:K], xs[t][0:K]) over this lane's slice; xs holds nt (<= kMaxTok) vectors.
+template <typename T, typename W>
+__device__ __forceinline__ void warp_dot(const W* const (&rows)[kRows], const T* xs, int nt, int K,
+                                         float (&acc)[kRows][kMaxTok]) {
+  constexpr int V = WTraits<W>::kVec;
+  const int lane = threadIdx.x & 31;
+  for (int kb = 0; kb < K; kb += 32 * V * kUnroll) {
+    uint4 wv[kUnroll][kRows];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int k0 = kb + (u * 32 + lane) * V;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        wv[u][r] = k0 < K ? __ldg(reinterpret_cast<const uint4*>(rows[r] + k0)) : make_uint4(0, 0, 0, 0);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int k0 = kb + (u * 32 + lane) * V;
+      if (k0 >= K) break;
+      float wf[kRows][V];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) WTraits<W>::to_float(wv[u][r], wf[r], 0);
+#pragma unroll
+      for (int t = 0; t < kMaxTok; ++t) {
+        if (t < nt) {
+          float xf[V];
+#pragma unroll
+          for (int q = 0; q < V / 8; ++q) {
+            const uint4 xv = *reinterpret_cast<const uint4*>(xs + size_t(t) * K + k0 + 8 * q);
+            WTraits<T>::to_float(xv, xf + 8 * q, 0);
+          }
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+            for (int i = 0; i < V; ++i) acc[r][t] = fmaf(wf[r][i], xf[i], acc[r][t]);
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+    for (int t = 0; t < kMaxTok; ++t) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc[r][t] += __shfl_xor_sync(0xffffffffu, acc[r][t], o);
+    }
+  }
+}
+
+// kGateUp: rows j, j+1 of gate and of up -> h[:, j:j+2] = silu(gate) * up.  Else: 4 rows of down -> y.
+template <typename T, typename W, bool kGateUp>
+__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* xs = reinterpret_cast<T*>(smem_raw);
+  const int slot = blockIdx.y;
+  if (slot >= a.meta[0]) return;
+  const int e = a.active[slot];
+  const int r0 = a.offsets[e], ne = a.offsets[e + 1] - r0;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int K = a.K;
+  const int rows_total = kGateUp ? 2 * a.I : a.H;
+  const W* wbase = static_cast<const W*>(a.weight) + size_t(e) * rows_total * K;
+  const T* act = static_cast<const T*>(a.act);
+
+  for (int c = 0; c < ne; c += kMaxTok) {
+    const int nt = min(kMaxTok, ne - c);
+    __syncthreads();  // the previous pass is done with xs
+    const int vec_per_row = K / 8;
+    for (int i = threadIdx.x; i < nt * vec_per_row; i += blockDim.x) {
+      const int t = i / vec_per_row, v = i % vec_per_row;
+      const int src_row = kGateUp ? a.perm_pair[r0 + c + t] / a.top_k : r0 + c + t;
+      reinterpret_cast<uint4*>(xs + size_t(t) * K)[v] =
+          reinterpret_cast<const uint4*>(act + size_t(src_row) * K)[v];
+    }
+    __syncthreads();
+#pragma unroll 1
+    for (int it = 0; it < kRowIters; ++it) {
+      const int group = (blockIdx.x * kWarps + warp) * kRowIters + it;  // row group index
+      const W* rows[kRows];
+      int ridx[kRows];
+      if (kGateUp) {
+        const int j = group * 2;
+        ridx[0] = j;
+        ridx[1] = j + 1;
+        ridx[2] = a.I + j;
+        ridx[3] = a.I + j + 1;
+      } else {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) ridx[r] = group * kRows + r;
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) rows[r] = wbase + size_t(ridx[r]) * K;
+      float acc[kRows][kMaxTok];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int t = 0; t < kMaxTok; ++t) acc[r][t] = 0.0f;
+      warp_dot<T, W>(rows, xs, nt, K, acc);
+      float s[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        s[r] = a.scale ? load_scale(a.scale, size_t(e) * rows_total + ridx[r], a.scale_dtype) : 1.0f;
+      }
+#pragma unroll
+      for (int t = 0; t < kMaxTok; ++t) {
+        if (lane == t && t < nt) {
+          const size_t row = size_t(r0 + c + t);
+          if (kGateUp) {
+            const float h0 = silu(acc[0][t] * s[0]) * (acc[2][t] * s[2]);
+            const float h1 = silu(acc[1][t] * s[1]) * (acc[3][t] * s[3]);
+            reinterpret_cast<uint32_t*>(static_cast<T*>(a.out) + row * a.I + ridx[0])[0] = pack2<T>(h0, h1);
+          } else {
+            uint2 o;
+            o.x = pack2<T>(acc[0][t] * s[0], acc[1][t] * s[1]);
+            o.y = pack2<T>(acc[2][t] * s[2], acc[3][t] * s[3]);
+            reinterpret_cast<uint2*>(static_cast<T*>(a.out) + row * a.H + ridx[0])[0] = o;
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T, typename W, bool kGateUp>
+cudaError_t launch_one(const GemvArgs& a, int grid_x, int grid_y, cudaStream_t s) {
+  const size_t smem = size_t(kMaxTok) * a.K * sizeof(T);
+  if (smem > 48 * 1024) {
+    cudaError_t err =
+        cudaFuncSetAttribute(gemv_kernel<T, W, kGateUp>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return err;
+  }
+  gemv_kernel<T, W, kGateUp><<<dim3(grid_x, grid_y), kWarps * 32, smem, s>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T, typename W>
+cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, cudaStream_t s) {
+  const int P = p.num_tokens * p.top_k;
+  const int max_active = p.num_experts < P ? p.num_experts : P;
+  GemvArgs a{};
+  a.perm_pair = ws.perm_pair;
+  a.offsets = ws.offsets;
+  a.active = ws.active;
+  a.meta = ws.meta;
+  a.top_k = p.top_k;
+  a.I = p.inter;
+  a.H = p.hidden;
+  a.scale_dtype = p.scale_dtype;
+
+  a.act = t.x;
+  a.weight = t.gate_up;
+  a.scale = t.gate_up_scale;
+  a.out = ws.h;
+  a.K = p.hidden;
+  constexpr int kJPerBlock = kWarps * kRowIters * 2;
+  cudaError_t err = launch_one<T, W, true>(a, p.inter / kJPerBlock, max_active, s);
+  if (err != cudaSuccess) return err;
+
+  a.act = ws.h;
+  a.weight = t.down;
+  a.scale = t.down_scale;
+  a.out = ws.y;
+  a.K = p.inter;
+  constexpr int kRowsPerBlock = kWarps * kRowIters * kRows;
+  return launch_one<T, W, false>(a, p.hidden / kRowsPerBlock, max_active, s);
+}
+
+}  // namespace
+
+cudaError_t launch_experts_gemv(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
+                                cudaStream_t s) {
+  const bool i8 = p.weight_dtype == QMOE_I8;
+  if (p.act_dtype == QMOE_F16) {
+    return i8 ? launch_typed<__half, int8_t>(p, t, ws, s) : launch_typed<__half, __half>(p, t, ws, s);
+  }
+  return i8 ? launch_typed<__nv_bfloat16, int8_t>(p, t, ws, s)
+            : launch_typed<__nv_bfloat16, __nv_bfloat16>(p, t, ws, s);
+}
+
+}  // namespace qmoe

@@ -1,0 +1,96 @@
+/*
+ * qmoe: Qwen3 Mixture-of-Experts block as plain CUDA kernels behind a C ABI.
+ *
+ *   out[t] = sum_{j<k} w[t,j] * down_e( silu(gate_e(x[t])) * up_e(x[t]) ),   e = ids[t,j]
+ *   (ids, w) = topk(softmax(logits[t]) in fp32), renormalised over the k picks when `normalize`.
+ *
+ * Layouts (row-major, transformers-5 fused Qwen3 experts):
+ *   x        [T, H]        act dtype (F16 or BF16)
+ *   logits   [T, E]        F32, F16 or BF16 (the router Linear's output; softmax is done in fp32)
+ *   gate_up  [E, 2*I, H]   rows 0..I-1 gate_proj, rows I..2I-1 up_proj; act dtype or I8
+ *   down     [E, H, I]     act dtype or I8
+ *   gate_up_scale [E, 2*I], down_scale [E, H]   per output channel, F32 or F16 (I8 weights only)
+ *   out      [T, H]        act dtype; every element is written
+ *
+ * Tie-breaking: among equal logits the lower expert index is picked first (the choice torch.topk makes
+ * on CUDA for the selected set). Results are bitwise deterministic: no floating-point atomics.
+ * Every entry point is asynchronous on `stream` (a cudaStream_t, NULL = legacy default stream) and
+ * returns QMOE_OK or an error code; qmoe_error_string() names it.
+ */
+#ifndef QMOE_H_
+#define QMOE_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define QMOE_ABI_VERSION 1
+
+enum qmoe_dtype { QMOE_F32 = 0, QMOE_F16 = 1, QMOE_BF16 = 2, QMOE_I8 = 3 };
+
+/* Expert-compute path: AUTO picks GEMV (memory-bound, few tokens per expert) or MMA (tensor cores). */
+enum qmoe_path { QMOE_PATH_AUTO = 0, QMOE_PATH_GEMV = 1, QMOE_PATH_MMA = 2 };
+
+enum qmoe_status {
+  QMOE_OK = 0,
+  QMOE_ERR_INVALID_ARG = 1,      /* NULL pointer, bad dtype, non-positive size */
+  QMOE_ERR_UNSUPPORTED = 2,      /* shape outside the supported set (see qmoe_check_problem) */
+  QMOE_ERR_WORKSPACE = 3,        /* workspace NULL or smaller than qmoe_workspace_size() */
+  QMOE_ERR_CUDA = 100            /* QMOE_ERR_CUDA + cudaError_t of the failing call */
+};
+
+typedef struct qmoe_problem {
+  int32_t num_tokens;    /* T >= 1 */
+  int32_t num_experts;   /* E, 1..256 */
+  int32_t top_k;         /* k, 1..min(E, 32) */
+  int32_t hidden;        /* H, multiple of 128 */
+  int32_t inter;         /* I (moe_intermediate_size), multiple of 64 */
+  int32_t act_dtype;     /* QMOE_F16 or QMOE_BF16 */
+  int32_t weight_dtype;  /* act_dtype, or QMOE_I8 (weight-only, per-output-channel scales) */
+  int32_t scale_dtype;   /* QMOE_F32 or QMOE_F16; ignored unless weight_dtype == QMOE_I8 */
+  int32_t logits_dtype;  /* QMOE_F32, QMOE_F16 or QMOE_BF16 */
+  int32_t normalize;     /* Qwen3 norm_topk_prob: divide the k weights by their sum */
+  int32_t path;          /* enum qmoe_path */
+} qmoe_problem;
+
+typedef struct qmoe_tensors {
+  const void* x;
+  const void* logits;
+  const void* gate_up;
+  const void* down;
+  const void* gate_up_scale; /* NULL unless I8 */
+  const void* down_scale;    /* NULL unless I8 */
+  void* out;
+  void* workspace;           /* device memory, 256-byte aligned, qmoe_workspace_size() bytes */
+  size_t workspace_bytes;
+  /* Optional device outputs for inspection (NULL to skip):                                     */
+  int32_t* topk_ids;         /* [T, k] selected experts, descending probability               */
+  float* topk_weights;       /* [T, k] routing weights (renormalised when normalize)          */
+  int32_t* expert_offsets;   /* [E+1] exclusive prefix sum of per-expert counts               */
+  int32_t* permuted_pairs;   /* [T*k] pair index t*k+j of each expert-contiguous row          */
+} qmoe_tensors;
+
+int qmoe_abi_version(void);
+const char* qmoe_error_string(int status);
+
+/* QMOE_OK when the kernels support this problem, else QMOE_ERR_INVALID_ARG / _UNSUPPORTED. */
+int qmoe_check_problem(const qmoe_problem* p);
+
+/* Device workspace bytes qmoe_forward needs for this problem. */
+int qmoe_workspace_size(const qmoe_problem* p, size_t* bytes);
+
+/* Router only: topk_ids [T,k] int32 and topk_weights [T,k] fp32 from logits [T,E]. */
+int qmoe_route(const qmoe_problem* p, const void* logits, int32_t* topk_ids, float* topk_weights,
+               void* stream);
+
+/* The whole MoE block: router, dispatch, grouped SwiGLU experts, weighted combine. */
+int qmoe_forward(const qmoe_problem* p, const qmoe_tensors* t, void* stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* QMOE_H_ */

@@ -1,0 +1,133 @@
+// Internal to the qmoe library: device helpers, workspace layout and the launchers each .cu file exports.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "qmoe.h"
+
+namespace qmoe {
+
+// Tokens per expert tile of the tensor-core path; the dispatch kernel builds its tile map with it.
+constexpr int kMmaBlockM = 64;
+constexpr int kMaxExperts = 256;
+constexpr int kMaxTopK = 32;
+// At or below this many tokens the router runs inside the (single-block) dispatch kernel.
+constexpr int kFusedRouterMaxTokens = 64;
+
+// ---------------------------------------------------------------------------------------------
+// Scalar conversions.
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Two floats -> one 32-bit word of two 16-bit values (low half = a).
+template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+  __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// One 32-bit word of two 16-bit values -> two floats.
+template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t w);
+template <> __device__ __forceinline__ float2 unpack2<__half>(uint32_t w) {
+  return __half22float2(*reinterpret_cast<__half2*>(&w));
+}
+template <> __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t w) {
+  // bf16 is the top half of an fp32: shifting is exact and costs no conversion unit.
+  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+}
+
+// Four signed bytes -> four exact floats without the (slow) integer-to-float unit: place the
+// sign-flipped byte in the mantissa of 2^23 and subtract 2^23 + 128.
+__device__ __forceinline__ void i8x4_to_float(uint32_t w, float* f) {
+  const uint32_t u = w ^ 0x80808080u;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[i] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7540 + i)) - 8388736.0f;
+  }
+}
+
+__device__ __forceinline__ float load_scale(const void* p, size_t i, int scale_dtype) {
+  return scale_dtype == QMOE_F16 ? __half2float(static_cast<const __half*>(p)[i])
+                                 : static_cast<const float*>(p)[i];
+}
+
+__device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
+
+// ---------------------------------------------------------------------------------------------
+// Workspace: device pointers carved out of one buffer. Offsets are 256-byte aligned.
+struct Workspace {
+  int32_t* topk_ids;      // [P]   P = T*k
+  float* topk_w;          // [P]
+  int32_t* offsets;       // [E+1]
+  int32_t* meta;          // [4]   num_active, num_tiles
+  int32_t* active;        // [E]   active experts, ascending
+  int32_t* perm_pair;     // [P]   pair index of each permuted row
+  int32_t* pair_pos;      // [P]   permuted row of each pair
+  int32_t* tile_map;      // [max_tiles * 4]: expert, m_start (row), first tile of expert, tiles of expert
+  void* h;                // [P, I]  act dtype
+  void* y;                // [P, H]  act dtype (unweighted expert outputs, permuted order)
+  int32_t max_tiles;
+  size_t bytes;
+};
+
+inline size_t align256(size_t v) { return (v + 255) & ~size_t(255); }
+
+inline int max_mma_tiles(const qmoe_problem& p) {
+  const int P = p.num_tokens * p.top_k;
+  return P / kMmaBlockM + (p.num_experts < P ? p.num_experts : P);
+}
+
+inline Workspace layout_workspace(const qmoe_problem& p, void* base) {
+  Workspace w{};
+  const size_t P = size_t(p.num_tokens) * p.top_k, E = p.num_experts;
+  w.max_tiles = max_mma_tiles(p);
+  char* b = static_cast<char*>(base);
+  size_t off = 0;
+  auto take = [&](size_t n) {
+    char* r = b ? b + off : nullptr;
+    off += align256(n);
+    return r;
+  };
+  w.topk_ids = reinterpret_cast<int32_t*>(take(P * 4));
+  w.topk_w = reinterpret_cast<float*>(take(P * 4));
+  w.offsets = reinterpret_cast<int32_t*>(take((E + 1) * 4));
+  w.meta = reinterpret_cast<int32_t*>(take(4 * 4));
+  w.active = reinterpret_cast<int32_t*>(take(E * 4));
+  w.perm_pair = reinterpret_cast<int32_t*>(take(P * 4));
+  w.pair_pos = reinterpret_cast<int32_t*>(take(P * 4));
+  w.tile_map = reinterpret_cast<int32_t*>(take(size_t(w.max_tiles) * 4 * 4));
+  w.h = take(P * p.inter * 2);
+  w.y = take(P * p.hidden * 2);
+  w.bytes = off;
+  return w;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers (each returns a cudaError_t of the launch).
+cudaError_t launch_router(const qmoe_problem& p, const void* logits, int32_t* ids, float* w, cudaStream_t s);
+cudaError_t launch_dispatch(const qmoe_problem& p, const void* logits, const Workspace& ws, bool fuse_router,
+                            cudaStream_t s);
+cudaError_t launch_experts_gemv(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
+                                cudaStream_t s);
+cudaError_t launch_experts_mma(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
+                               cudaStream_t s);
+cudaError_t launch_combine(const qmoe_problem& p, const Workspace& ws, void* out, cudaStream_t s);
+
+}  // namespace qmoe

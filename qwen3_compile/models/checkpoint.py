@@ -1,0 +1,277 @@
+"""A local Hugging Face Qwen3 checkpoint directory: find its files, validate, then load weights.
+
+`open_checkpoint` reads only config.json and the safetensors headers and checks every tensor's name,
+shape and dtype against the architecture, so a bad checkpoint is refused before anything is built.
+`load_state_dict` then streams tensors (memory-mapped), refuses NaN/Inf unless allowed, and returns
+the state dict in the layout the model code uses (MoE experts fused).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qwen3_compile.errors import BadInputError
+from qwen3_compile.models.config import Qwen3Arch
+from qwen3_compile.models.safetensors_index import FLOAT_DTYPES, TensorEntry, read_header
+from qwen3_compile.models.tensors import (
+    ExpertLayout,
+    detect_expert_layout,
+    expected_shapes,
+    fused_expert_names,
+    per_expert_names,
+)
+from qwen3_compile.progress import NO_PROGRESS, Progress
+
+if TYPE_CHECKING:
+    import torch
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# tensors some writers add that carry no weights; safe to skip
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+CONVERT_HINT = (
+    "convert it once in a trusted environment: `from transformers import AutoModelForCausalLM; "
+    "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)`, then "
+    "point qwen3-compile at OUT. Pickle files can run arbitrary code, so qwen3-compile never opens them."
+)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    directory: Path
+    arch: Qwen3Arch
+    tensors: dict[str, TensorEntry]
+    expert_layout: ExpertLayout
+    files: tuple[Path, ...]
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def dtypes(self) -> set[str]:
+        return {t.dtype for t in self.tensors.values()}
+
+
+def _weight_files(directory: Path) -> tuple[Path, ...]:
+    index = directory / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise BadInputError(
+                "the shard index is not valid (needs a JSON object with 'weight_map').",
+                file=index,
+                field="weight_map",
+                fix="re-save the checkpoint with save_pretrained.",
+            ) from None
+        missing = [s for s in shards if not (directory / s).exists()]
+        if missing:
+            raise BadInputError(
+                f"{len(missing)} shard(s) listed in the index are missing: {', '.join(missing[:3])}.",
+                file=index,
+                field="weight_map",
+                fix="copy the missing shard files into the checkpoint directory.",
+            )
+        return tuple(directory / s for s in shards)
+    if (directory / SINGLE_FILE).exists():
+        return (directory / SINGLE_FILE,)
+    found = sorted(directory.glob("*.safetensors"))
+    if found:
+        return tuple(found)
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise BadInputError(
+            f"only pickle weights found ({', '.join(pickles[:3])}); qwen3-compile loads safetensors only.",
+            file=directory / pickles[0],
+            fix=CONVERT_HINT,
+        )
+    raise BadInputError(
+        "no weights found (no model.safetensors, no shard index).",
+        file=directory,
+        fix="point at a directory written by save_pretrained.",
+    )
+
+
+def _read_all_headers(directory: Path, files: tuple[Path, ...]) -> dict[str, TensorEntry]:
+    tensors: dict[str, TensorEntry] = {}
+    for path in files:
+        for name, entry in read_header(path).items():
+            if name in tensors:
+                raise BadInputError(
+                    f"tensor '{name}' appears in two shards ({tensors[name].file.name} and {path.name}).",
+                    file=path,
+                    fix="re-save the checkpoint.",
+                )
+            tensors[name] = entry
+    index = directory / INDEX_FILE
+    if index.exists():
+        for name, shard in json.loads(index.read_text())["weight_map"].items():
+            entry = tensors.get(name)
+            if entry is None or entry.file.name != shard:
+                raise BadInputError(
+                    f"the index places tensor '{name}' in {shard}, but it is not there.",
+                    file=index,
+                    field=f"weight_map.{name}",
+                    fix="re-save the checkpoint; the index and the shards disagree.",
+                )
+    return {n: t for n, t in tensors.items() if not n.endswith(IGNORED_SUFFIXES)}
+
+
+def _check_tensors(
+    arch: Qwen3Arch, tensors: dict[str, TensorEntry], layout: ExpertLayout, config_path: Path
+) -> None:
+    expected = expected_shapes(arch, layout, include_lm_head=False)
+    if not arch.tie_word_embeddings:
+        expected["lm_head.weight"] = (arch.vocab_size, arch.hidden_size)
+    elif "lm_head.weight" in tensors:
+        expected["lm_head.weight"] = (arch.vocab_size, arch.hidden_size)
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        raise BadInputError(
+            f"{len(missing)} tensor(s) the config requires are missing, e.g. '{missing[0]}'.",
+            file=config_path.parent,
+            field=missing[0],
+            fix="check that config.json belongs to these weights (num_hidden_layers, num_experts, "
+            "tie_word_embeddings) and that no shard is missing.",
+        )
+    unexpected = [n for n in tensors if n not in expected]
+    if unexpected:
+        entry = tensors[unexpected[0]]
+        raise BadInputError(
+            f"{len(unexpected)} tensor(s) are not part of a Qwen3 model as configured, e.g. "
+            f"'{unexpected[0]}'.",
+            file=entry.file,
+            field=unexpected[0],
+            fix="check that config.json belongs to these weights (a quantized or adapter checkpoint is "
+            "not a plain Qwen3 checkpoint).",
+        )
+    for name, shape in expected.items():
+        entry = tensors[name]
+        if entry.shape != shape:
+            raise BadInputError(
+                f"tensor '{name}' has shape {list(entry.shape)}, the config implies {list(shape)}.",
+                file=entry.file,
+                field=name,
+                fix="check hidden_size, head_dim, num_attention_heads, num_key_value_heads and the "
+                "intermediate sizes in config.json against these weights.",
+            )
+        if entry.dtype not in FLOAT_DTYPES:
+            raise BadInputError(
+                f"tensor '{name}' is {entry.dtype}; qwen3-compile reads {', '.join(FLOAT_DTYPES)} weights.",
+                file=entry.file,
+                field=name,
+                fix="use the bf16 release of the model; quantize it with a qwen3-compile recipe.",
+            )
+
+
+def open_checkpoint(directory: str | Path) -> Checkpoint:
+    """Validate a checkpoint directory without reading tensor data."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise BadInputError(
+            "the path does not exist.",
+            file=directory,
+            fix="pass a preset name or an existing checkpoint directory.",
+        )
+    if not directory.is_dir():
+        raise BadInputError(
+            "expected a checkpoint directory, got a file.",
+            file=directory,
+            fix="pass the directory that holds config.json.",
+        )
+    try:
+        list(directory.iterdir())
+    except PermissionError:
+        raise BadInputError(
+            "the directory is not readable.", file=directory, fix="check its permissions."
+        ) from None
+    arch = Qwen3Arch.from_config_file(directory / "config.json")
+    files = _weight_files(directory)
+    tensors = _read_all_headers(directory, files)
+    layout = detect_expert_layout(set(tensors)) if arch.is_moe else ExpertLayout.FUSED
+    _check_tensors(arch, tensors, layout, directory / "config.json")
+    return Checkpoint(directory, arch, tensors, layout, files)
+
+
+def iter_tensors(
+    ckpt: Checkpoint, progress: Progress = NO_PROGRESS, stage: str = "read weights"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every weight, file by file, memory-mapped: nothing is kept around."""
+    from safetensors import SafetensorError, safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for name, entry in ckpt.tensors.items():
+        by_file.setdefault(entry.file, []).append(name)
+    with progress.stage(stage, total=len(ckpt.tensors), unit="tensors") as advance:
+        for path, names in by_file.items():
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for name in names:
+                        yield name, f.get_tensor(name)
+                        advance(1)
+            except SafetensorError as err:
+                raise BadInputError(
+                    f"cannot read the weights ({err}).", file=path, fix="re-download or re-save the file."
+                ) from None
+
+
+def refuse_nonfinite(ckpt: Checkpoint, nonfinite: list[str]) -> None:
+    if nonfinite:
+        raise BadInputError(
+            f"{len(nonfinite)} tensor(s) contain NaN or Inf values: {', '.join(nonfinite[:5])}.",
+            file=ckpt.tensors[nonfinite[0]].file,
+            field=nonfinite[0],
+            fix="the checkpoint is damaged (re-download it); pass --allow-nonfinite to use it anyway.",
+        )
+
+
+def scan_nonfinite(ckpt: Checkpoint, progress: Progress = NO_PROGRESS) -> list[str]:
+    """Names of tensors holding NaN or Inf, reading every weight once."""
+    import torch
+
+    return [n for n, t in iter_tensors(ckpt, progress, "check weights") if not bool(torch.isfinite(t).all())]
+
+
+def load_state_dict(
+    ckpt: Checkpoint,
+    dtype: torch.dtype | None = None,
+    allow_nonfinite: bool = False,
+    progress: Progress = NO_PROGRESS,
+) -> dict[str, torch.Tensor]:
+    """All weights, experts fused as [E, 2I, H] / [E, H, I], checked for NaN/Inf."""
+    import torch
+
+    state: dict[str, torch.Tensor] = {}
+    nonfinite: list[str] = []
+    for name, t in iter_tensors(ckpt, progress, "load weights"):
+        if not allow_nonfinite and not bool(torch.isfinite(t).all()):
+            nonfinite.append(name)
+        state[name] = t.to(dtype) if dtype is not None else t
+    if not allow_nonfinite:
+        refuse_nonfinite(ckpt, nonfinite)
+    if ckpt.arch.is_moe and ckpt.expert_layout is ExpertLayout.PER_EXPERT:
+        _fuse_experts(ckpt.arch, state)
+    return state
+
+
+def _fuse_experts(arch: Qwen3Arch, state: dict) -> None:
+    """Per-expert gate/up/down matrices -> transformers 5's stacked gate_up [E, 2I, H], down [E, H, I]."""
+    import torch
+
+    for layer in range(arch.num_layers):
+        gate_up, down = [], []
+        for e in range(arch.num_experts):
+            g, u, d = (state.pop(n) for n in per_expert_names(layer, e))
+            gate_up.append(torch.cat([g, u], dim=0))
+            down.append(d)
+        gate_up_name, down_name = fused_expert_names(layer)
+        state[gate_up_name] = torch.stack(gate_up)
+        state[down_name] = torch.stack(down)

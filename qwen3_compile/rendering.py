@@ -1,0 +1,83 @@
+"""Human-readable rendering of stage results (rich tables on stdout). Machines use `--json`."""
+
+from __future__ import annotations
+
+from qwen3_compile.inspection import ModelReport
+from qwen3_compile.sizing import GB
+
+
+def _b(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def render_inspect(report: ModelReport) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    a = report.architecture
+    kind = "MoE" if a["num_experts"] else "dense"
+    console.print(f"[bold]{report.model}[/bold] ({report.kind}, Qwen3 {kind})")
+    arch = Table(show_header=False, box=None, padding=(0, 2))
+    arch.add_row("layers / hidden", f"{a['num_layers']} / {a['hidden_size']}")
+    arch.add_row("heads q / kv x head_dim", f"{a['num_heads']} / {a['num_kv_heads']} x {a['head_dim']}")
+    if a["num_experts"]:
+        arch.add_row(
+            "experts",
+            f"{a['num_experts']} (top-{a['top_k']}, moe_intermediate "
+            f"{a['moe_intermediate_size']}, norm_topk_prob={a['norm_topk_prob']})",
+        )
+    else:
+        arch.add_row("intermediate", str(a["intermediate_size"]))
+    arch.add_row("vocab / tied embeddings", f"{a['vocab_size']} / {a['tie_word_embeddings']}")
+    arch.add_row("rope_theta / max positions", f"{a['rope_theta']:g} / {a['max_position_embeddings']}")
+    p = report.parameters
+    published = report.published or {}
+    pub = lambda key: f" (published {published[key]}B)" if published.get(key) else ""  # noqa: E731
+    arch.add_row(
+        "parameters",
+        f"{_b(p.total)} total{pub('total')}, {_b(p.active)} active{pub('active')}, "
+        f"{_b(p.non_embedding)} non-embedding{pub('non_embedding')}",
+    )
+    kv = report.kv_bytes_per_token
+    arch.add_row(
+        "KV cache per token",
+        f"{kv['fp16'] / 1024:.1f} KiB fp16, {kv['fp8'] / 1024:.1f} KiB fp8 "
+        f"({kv['fp16'] * report.context / GB:.2f} GB fp16 at {report.context} "
+        f"tokens)",
+    )
+    arch.add_row("weights", ", ".join(f"{k} {v:.2f} GB" for k, v in report.weight_gb.items()))
+    if report.checkpoint:
+        c = report.checkpoint
+        checked = (
+            "not read (--quick)"
+            if c.nonfinite_tensors is None
+            else ("all finite" if not c.nonfinite_tensors else f"{len(c.nonfinite_tensors)} with NaN/Inf")
+        )
+        arch.add_row(
+            "checkpoint",
+            f"{c.files} file(s), {'/'.join(c.dtypes)}, {c.bytes_on_disk / GB:.2f} GB, "
+            f"experts {c.expert_layout}, values {checked}",
+        )
+    arch.add_row("tokenizer", report.tokenizer_dir)
+    console.print(arch)
+
+    fits = Table(
+        title=f"Target fit: weights + KV cache at {report.context} tokens + activations",
+        caption="GB left free (+) or missing (-) after the target's reserved memory; "
+        "n/a: the target cannot run that precision",
+    )
+    fits.add_column("target")
+    fits.add_column("SM")
+    fits.add_column("memory")
+    for precision in ("fp16", "fp8", "int8", "int4"):
+        fits.add_column(precision, justify="right")
+    for fit in report.fits:
+        cells = []
+        for precision in ("fp16", "fp8", "int8", "int4"):
+            free = fit.headroom_gb[precision]
+            cells.append(
+                "n/a" if free is None else f"[green]{free:+.1f}" if free >= 0 else f"[red]{free:+.1f}"
+            )
+        fits.add_row(fit.target.name, fit.target.sm, f"{fit.target.memory_gb:g} GB", *cells)
+    console.print(fits)
