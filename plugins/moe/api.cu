@@ -1,0 +1,113 @@
+// The C ABI of qmoe.h: argument checks, workspace layout, and the launch sequence.
+#include "qmoe_internal.cuh"
+
+using qmoe::Workspace;
+
+namespace {
+
+int cuda_status(cudaError_t e) { return e == cudaSuccess ? QMOE_OK : QMOE_ERR_CUDA + int(e); }
+
+bool is_act(int d) { return d == QMOE_F16 || d == QMOE_BF16; }
+
+// Tokens per expert at or below which the GEMV path (weights streamed once) beats the tensor cores.
+bool use_gemv(const qmoe_problem& p) {
+  if (p.path == QMOE_PATH_GEMV) return true;
+  if (p.path == QMOE_PATH_MMA) return false;
+  const long long pairs = (long long)p.num_tokens * p.top_k;
+  return pairs <= 4LL * p.num_experts;
+}
+
+}  // namespace
+
+extern "C" {
+
+int qmoe_abi_version(void) { return QMOE_ABI_VERSION; }
+
+const char* qmoe_error_string(int status) {
+  switch (status) {
+    case QMOE_OK:
+      return "ok";
+    case QMOE_ERR_INVALID_ARG:
+      return "invalid argument (NULL pointer, unknown dtype or non-positive size)";
+    case QMOE_ERR_UNSUPPORTED:
+      return "unsupported shape: need 1 <= E <= 256, 1 <= top_k <= min(E, 32), hidden % 128 == 0, "
+             "inter % 64 == 0";
+    case QMOE_ERR_WORKSPACE:
+      return "workspace is NULL or smaller than qmoe_workspace_size()";
+    default:
+      if (status >= QMOE_ERR_CUDA) return cudaGetErrorString(cudaError_t(status - QMOE_ERR_CUDA));
+      return "unknown qmoe status";
+  }
+}
+
+int qmoe_check_problem(const qmoe_problem* p) {
+  if (!p) return QMOE_ERR_INVALID_ARG;
+  if (p->num_tokens < 1 || p->num_experts < 1 || p->top_k < 1 || p->hidden < 1 || p->inter < 1)
+    return QMOE_ERR_INVALID_ARG;
+  if (!is_act(p->act_dtype)) return QMOE_ERR_INVALID_ARG;
+  if (p->weight_dtype != p->act_dtype && p->weight_dtype != QMOE_I8) return QMOE_ERR_INVALID_ARG;
+  if (p->weight_dtype == QMOE_I8 && p->scale_dtype != QMOE_F32 && p->scale_dtype != QMOE_F16)
+    return QMOE_ERR_INVALID_ARG;
+  if (p->logits_dtype != QMOE_F32 && !is_act(p->logits_dtype)) return QMOE_ERR_INVALID_ARG;
+  if (p->path < QMOE_PATH_AUTO || p->path > QMOE_PATH_MMA) return QMOE_ERR_INVALID_ARG;
+  if (p->num_experts > qmoe::kMaxExperts || p->top_k > p->num_experts || p->top_k > qmoe::kMaxTopK)
+    return QMOE_ERR_UNSUPPORTED;
+  if (p->hidden % 128 != 0 || p->inter % 64 != 0) return QMOE_ERR_UNSUPPORTED;
+  if ((long long)p->num_tokens * p->top_k > (1LL << 30)) return QMOE_ERR_UNSUPPORTED;
+  return QMOE_OK;
+}
+
+int qmoe_workspace_size(const qmoe_problem* p, size_t* bytes) {
+  const int st = qmoe_check_problem(p);
+  if (st != QMOE_OK) return st;
+  if (!bytes) return QMOE_ERR_INVALID_ARG;
+  *bytes = qmoe::layout_workspace(*p, nullptr).bytes;
+  return QMOE_OK;
+}
+
+int qmoe_route(const qmoe_problem* p, const void* logits, int32_t* topk_ids, float* topk_weights, void* stream) {
+  const int st = qmoe_check_problem(p);
+  if (st != QMOE_OK) return st;
+  if (!logits || !topk_ids || !topk_weights) return QMOE_ERR_INVALID_ARG;
+  return cuda_status(qmoe::launch_router(*p, logits, topk_ids, topk_weights, static_cast<cudaStream_t>(stream)));
+}
+
+int qmoe_forward(const qmoe_problem* p, const qmoe_tensors* t, void* stream) {
+  int st = qmoe_check_problem(p);
+  if (st != QMOE_OK) return st;
+  if (!t || !t->x || !t->logits || !t->gate_up || !t->down || !t->out) return QMOE_ERR_INVALID_ARG;
+  const bool i8 = p->weight_dtype == QMOE_I8;
+  if (i8 && (!t->gate_up_scale || !t->down_scale)) return QMOE_ERR_INVALID_ARG;
+  size_t need = 0;
+  qmoe_workspace_size(p, &need);
+  if (!t->workspace || t->workspace_bytes < need || (reinterpret_cast<uintptr_t>(t->workspace) & 255))
+    return QMOE_ERR_WORKSPACE;
+
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const Workspace ws = qmoe::layout_workspace(*p, t->workspace);
+  qmoe_tensors tt = *t;
+  if (!i8) {
+    tt.gate_up_scale = nullptr;
+    tt.down_scale = nullptr;
+  }
+  cudaError_t err = cudaSuccess;
+  const bool fuse = p->num_tokens <= qmoe::kFusedRouterMaxTokens;
+  if (!fuse) err = qmoe::launch_router(*p, t->logits, ws.topk_ids, ws.topk_w, s);
+  if (err == cudaSuccess) err = qmoe::launch_dispatch(*p, t->logits, ws, fuse, s);
+  if (err == cudaSuccess) {
+    err = use_gemv(*p) ? qmoe::launch_experts_gemv(*p, tt, ws, s) : qmoe::launch_experts_mma(*p, tt, ws, s);
+  }
+  if (err == cudaSuccess) err = qmoe::launch_combine(*p, ws, t->out, s);
+
+  const size_t P = size_t(p->num_tokens) * p->top_k;
+  auto copy_out = [&](void* dst, const void* src, size_t n) {
+    if (err == cudaSuccess && dst) err = cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, s);
+  };
+  copy_out(t->topk_ids, ws.topk_ids, P * 4);
+  copy_out(t->topk_weights, ws.topk_w, P * 4);
+  copy_out(t->expert_offsets, ws.offsets, size_t(p->num_experts + 1) * 4);
+  copy_out(t->permuted_pairs, ws.perm_pair, P * 4);
+  return cuda_status(err);
+}
+
+}  // extern "C"

@@ -1,0 +1,322 @@
+// Prefill path: grouped GEMM on the tensor cores (mma.sync m16n8k16, fp32 accumulation), one
+// 64-token x 128-column tile per block, a 3-stage cp.async pipeline, XOR-swizzled shared memory read
+// with ldmatrix. The tile map built by the dispatch kernel lists (expert, 64-row tile); blocks walk an
+// expert's tiles m-fastest so the tiles that share a weight slab run side by side and the slab is read
+// from HBM about once. INT8 weights are staged as bytes and widened to 16 bits in shared memory (exact
+// for |w| <= 127); the per-channel scale is applied to the fp32 accumulator in the epilogue.
+#include "qmoe_internal.cuh"
+
+namespace qmoe {
+namespace {
+
+constexpr int BM = kMmaBlockM;  // 64 tokens
+constexpr int BN = 128;         // weight rows (gate_up: 64 gate + 64 up of the same columns)
+constexpr int BK = 64;          // 128 bytes of 16-bit values per smem row
+constexpr int kStages = 3;
+constexpr int kThreads = 128;   // 4 warps, 2 (m) x 2 (n), 32 x 64 each
+
+struct MmaArgs {
+  const void* act;     // gate_up: x [T, H] gathered through perm_pair; down: h [P, I]
+  const void* weight;  // [E, rows_total, K]
+  const void* scale;   // [E, rows_total] or NULL
+  int scale_dtype;
+  void* out;           // gate_up: h [P, I]; down: y [P, H]
+  const int32_t* perm_pair;
+  const int32_t* offsets;
+  const int32_t* tile_map;
+  const int32_t* meta;
+  int top_k, K, I, H, n_tiles;
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  const int n = valid ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2,
+                                            uint32_t& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Byte offset of 16-byte chunk `c` of row `r` in a tile of 128-byte rows (XOR swizzle: ldmatrix's
+// 8 row addresses land in 8 different bank groups).
+__device__ __forceinline__ uint32_t swz(int r, int c) { return uint32_t(r * 128 + ((c ^ (r & 7)) << 4)); }
+
+template <typename T, bool kInt8>
+struct Smem {
+  static constexpr int kA = BM * BK * 2;                // bytes per stage
+  static constexpr int kB = BN * BK * (kInt8 ? 1 : 2);  // bytes per stage
+  static constexpr int kConv = kInt8 ? 2 * BN * BK * 2 : 0;  // two 16-bit copies of the B tile
+  static constexpr int kBytes = kStages * (kA + kB) + kConv;
+};
+
+template <typename T, bool kInt8, bool kGateUp>
+__global__ void __launch_bounds__(kThreads) mma_kernel(MmaArgs a) {
+  using SM = Smem<T, kInt8>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tile = blockIdx.x / a.n_tiles;
+  if (tile >= a.meta[1]) return;
+  const int4 tm = reinterpret_cast<const int4*>(a.tile_map)[tile];
+  const int e = tm.x, first = tm.z, mt = tm.w;
+  const int local = blockIdx.x - first * a.n_tiles;
+  const int n_tile = local / mt, m_idx = local % mt;
+  const int row0 = a.offsets[e] + m_idx * BM;
+  const int rows_valid = min(BM, a.offsets[e + 1] - row0);
+  const int K = a.K;
+  const int rows_total = kGateUp ? 2 * a.I : a.H;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp >> 1, wn = warp & 1;
+  const T* act = static_cast<const T*>(a.act);
+  using WT = typename std::conditional<kInt8, int8_t, T>::type;
+  const WT* wbase = static_cast<const WT*>(a.weight) + size_t(e) * rows_total * K;
+
+  // This thread's cp.async sources: 4 A chunks (fixed rows) and B chunks (fixed rows).
+  constexpr int kAChunks = BM * BK / 8 / kThreads;                    // 4
+  constexpr int kBChunkElems = kInt8 ? 16 : 8;                         // elements per 16 bytes
+  constexpr int kBChunksPerRow = BK / kBChunkElems;                    // 4 or 8
+  constexpr int kBChunks = BN * kBChunksPerRow / kThreads;             // 4 or 8
+  const T* a_src[kAChunks];
+  bool a_ok[kAChunks];
+  uint32_t a_dst[kAChunks];
+#pragma unroll
+  for (int i = 0; i < kAChunks; ++i) {
+    const int c = tid + i * kThreads, r = c >> 3, kc = c & 7;
+    a_ok[i] = r < rows_valid;
+    int src_row = 0;
+    if (a_ok[i]) src_row = kGateUp ? a.perm_pair[row0 + r] / a.top_k : row0 + r;
+    a_src[i] = act + size_t(src_row) * K + kc * 8;
+    a_dst[i] = swz(r, kc);
+  }
+  const WT* b_src[kBChunks];
+  uint32_t b_dst[kBChunks];
+#pragma unroll
+  for (int i = 0; i < kBChunks; ++i) {
+    const int c = tid + i * kThreads, r = c / kBChunksPerRow, kc = c % kBChunksPerRow;
+    int wrow;
+    if (kGateUp) {
+      const int jj = (r >> 6) * 32 + (r & 31);
+      wrow = ((r >> 5) & 1) * a.I + n_tile * 64 + jj;
+    } else {
+      wrow = n_tile * BN + r;
+    }
+    b_src[i] = wbase + size_t(wrow) * K + kc * kBChunkElems;
+    b_dst[i] = kInt8 ? uint32_t(r * 64 + kc * 16) : swz(r, kc);
+  }
+
+  const uint32_t sbase = smem_u32(smem);
+  auto a_stage = [&](int s) { return sbase + s * (SM::kA + SM::kB); };
+  auto b_stage = [&](int s) { return sbase + s * (SM::kA + SM::kB) + SM::kA; };
+  auto load_tile = [&](int s, int kt) {
+    const int k0 = kt * BK;
+#pragma unroll
+    for (int i = 0; i < kAChunks; ++i) cp_async16(a_stage(s) + a_dst[i], a_src[i] + k0, a_ok[i]);
+#pragma unroll
+    for (int i = 0; i < kBChunks; ++i) cp_async16(b_stage(s) + b_dst[i], b_src[i] + k0, true);
+  };
+
+  float acc[2][8][4];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 8; ++ni)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[mi][ni][q] = 0.0f;
+
+  const int KT = K / BK;
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < KT) load_tile(s, s);
+    cp_async_commit();
+  }
+
+  for (int kt = 0; kt < KT; ++kt) {
+    const int s = kt % kStages;
+    cp_async_wait<kStages - 2>();
+    uint32_t b_tile = b_stage(s);
+    if (kInt8) {
+      // Widen this thread's own staged bytes (its own cp.async has landed) into copy kt&1; the
+      // barrier below publishes it. The other copy may still be read by iteration kt-1.
+      const uint32_t conv = sbase + kStages * (SM::kA + SM::kB) + (kt & 1) * (BN * BK * 2);
+      const unsigned char* stage_ptr = smem + s * (SM::kA + SM::kB) + SM::kA;
+      unsigned char* conv_ptr = smem + kStages * (SM::kA + SM::kB) + (kt & 1) * (BN * BK * 2);
+#pragma unroll
+      for (int i = 0; i < kBChunks; ++i) {
+        const int c = tid + i * kThreads, r = c / kBChunksPerRow, kc = c % kBChunksPerRow;
+        const uint4 v = *reinterpret_cast<const uint4*>(stage_ptr + r * 64 + kc * 16);
+        const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+        float f[16];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) i8x4_to_float(w[q], f + 4 * q);
+        uint4 lo, hi;
+        lo.x = pack2<T>(f[0], f[1]);
+        lo.y = pack2<T>(f[2], f[3]);
+        lo.z = pack2<T>(f[4], f[5]);
+        lo.w = pack2<T>(f[6], f[7]);
+        hi.x = pack2<T>(f[8], f[9]);
+        hi.y = pack2<T>(f[10], f[11]);
+        hi.z = pack2<T>(f[12], f[13]);
+        hi.w = pack2<T>(f[14], f[15]);
+        *reinterpret_cast<uint4*>(conv_ptr + swz(r, 2 * kc)) = lo;
+        *reinterpret_cast<uint4*>(conv_ptr + swz(r, 2 * kc + 1)) = hi;
+      }
+      b_tile = conv;
+    }
+    __syncthreads();
+    {
+      const int nk = kt + kStages - 1;
+      if (nk < KT) load_tile(nk % kStages, nk);
+      cp_async_commit();
+    }
+    const uint32_t a_tile = a_stage(s);
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks) {
+      uint32_t af[2][4];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        const int r = wm * 32 + mi * 16 + (lane & 15);
+        ldmatrix_x4(a_tile + swz(r, ks * 2 + (lane >> 4)), af[mi][0], af[mi][1], af[mi][2], af[mi][3]);
+      }
+      uint32_t bf[8][2];
+#pragma unroll
+      for (int nb = 0; nb < 4; ++nb) {
+        const int r = wn * 64 + nb * 16 + (lane & 7) + ((lane >> 4) << 3);
+        ldmatrix_x4(b_tile + swz(r, ks * 2 + ((lane >> 3) & 1)), bf[2 * nb][0], bf[2 * nb][1], bf[2 * nb + 1][0],
+                    bf[2 * nb + 1][1]);
+      }
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 8; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue. Accumulator element q of (mi, ni): row wm*32+mi*16+lane/4+8*(q/2), col wn*64+ni*8+2*(lane%4)+q%2.
+  const float* sc32 = static_cast<const float*>(a.scale);
+  const __half* sc16 = static_cast<const __half*>(a.scale);
+  auto scale_of = [&](int wrow) -> float {
+    if (!a.scale) return 1.0f;
+    const size_t i = size_t(e) * rows_total + wrow;
+    return a.scale_dtype == QMOE_F16 ? __half2float(sc16[i]) : sc32[i];
+  };
+  T* out = static_cast<T*>(a.out);
+  if (kGateUp) {
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni) {
+      const int j = n_tile * 64 + wn * 32 + ni * 8 + 2 * (lane & 3);
+      const float sg0 = scale_of(j), sg1 = scale_of(j + 1);
+      const float su0 = scale_of(a.I + j), su1 = scale_of(a.I + j + 1);
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int hq = 0; hq < 2; ++hq) {
+          const int r = wm * 32 + mi * 16 + (lane >> 2) + 8 * hq;
+          if (r < rows_valid) {
+            const float h0 = silu(acc[mi][ni][2 * hq] * sg0) * (acc[mi][ni + 4][2 * hq] * su0);
+            const float h1 = silu(acc[mi][ni][2 * hq + 1] * sg1) * (acc[mi][ni + 4][2 * hq + 1] * su1);
+            *reinterpret_cast<uint32_t*>(out + size_t(row0 + r) * a.I + j) = pack2<T>(h0, h1);
+          }
+        }
+    }
+  } else {
+#pragma unroll
+    for (int ni = 0; ni < 8; ++ni) {
+      const int n = n_tile * BN + wn * 64 + ni * 8 + 2 * (lane & 3);
+      const float s0 = scale_of(n), s1 = scale_of(n + 1);
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int hq = 0; hq < 2; ++hq) {
+          const int r = wm * 32 + mi * 16 + (lane >> 2) + 8 * hq;
+          if (r < rows_valid) {
+            *reinterpret_cast<uint32_t*>(out + size_t(row0 + r) * a.H + n) =
+                pack2<T>(acc[mi][ni][2 * hq] * s0, acc[mi][ni][2 * hq + 1] * s1);
+          }
+        }
+    }
+  }
+}
+
+template <typename T, bool kInt8, bool kGateUp>
+cudaError_t launch_one(const MmaArgs& a, int max_tiles, cudaStream_t s) {
+  constexpr int smem = Smem<T, kInt8>::kBytes;
+  cudaError_t err =
+      cudaFuncSetAttribute(mma_kernel<T, kInt8, kGateUp>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  mma_kernel<T, kInt8, kGateUp><<<max_tiles * a.n_tiles, kThreads, smem, s>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T, bool kInt8>
+cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, cudaStream_t s) {
+  MmaArgs a{};
+  a.perm_pair = ws.perm_pair;
+  a.offsets = ws.offsets;
+  a.tile_map = ws.tile_map;
+  a.meta = ws.meta;
+  a.top_k = p.top_k;
+  a.I = p.inter;
+  a.H = p.hidden;
+  a.scale_dtype = p.scale_dtype;
+
+  a.act = t.x;
+  a.weight = t.gate_up;
+  a.scale = t.gate_up_scale;
+  a.out = ws.h;
+  a.K = p.hidden;
+  a.n_tiles = p.inter / 64;
+  cudaError_t err = launch_one<T, kInt8, true>(a, ws.max_tiles, s);
+  if (err != cudaSuccess) return err;
+
+  a.act = ws.h;
+  a.weight = t.down;
+  a.scale = t.down_scale;
+  a.out = ws.y;
+  a.K = p.inter;
+  a.n_tiles = p.hidden / BN;
+  return launch_one<T, kInt8, false>(a, ws.max_tiles, s);
+}
+
+}  // namespace
+
+cudaError_t launch_experts_mma(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
+                               cudaStream_t s) {
+  const bool i8 = p.weight_dtype == QMOE_I8;
+  if (p.act_dtype == QMOE_F16) {
+    return i8 ? launch_typed<__half, true>(p, t, ws, s) : launch_typed<__half, false>(p, t, ws, s);
+  }
+  return i8 ? launch_typed<__nv_bfloat16, true>(p, t, ws, s) : launch_typed<__nv_bfloat16, false>(p, t, ws, s);
+}
+
+}  // namespace qmoe
