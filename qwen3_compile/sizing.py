@@ -36,7 +36,7 @@ class ParameterCounts:
 def count_parameters(arch: Qwen3Arch) -> ParameterCounts:
     h, L = arch.hidden_size, arch.num_layers
     attn = h * arch.q_dim * 2 + h * arch.kv_dim * 2  # q, o and k, v
-    attn_rows = arch.q_dim * 2 + arch.kv_dim + h  # q, k, v, o outputs
+    attn_rows = arch.q_dim + 2 * arch.kv_dim + h  # q, k, v, o outputs
     norms = 2 * h + 2 * arch.head_dim
     if arch.is_moe:
         per_expert = 3 * h * arch.moe_intermediate_size

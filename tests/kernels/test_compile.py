@@ -1,0 +1,100 @@
+"""CPU checks of the MoE plugin: nvcc compiles it for every target arch, the ctypes structs match the C
+header, the package imports without torch, and the float64 reference is the Qwen3 block."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from qwen3_compile.kernels import build
+
+
+def test_import_is_light():
+    code = "import sys, qwen3_compile.kernels; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(build.find_nvcc() is None, reason="nvcc not found (CUDA toolkit absent)")
+def test_nvcc_compiles_all_target_archs(tmp_path):
+    lib = build.build_library(archs=build.TARGET_ARCHS, cache_dir=tmp_path, threads=2)
+    assert lib.path.is_file() and not lib.cached
+    assert lib.path.stat().st_size > 100_000
+    again = build.build_library(archs=build.TARGET_ARCHS, cache_dir=tmp_path)
+    assert again.cached and again.path == lib.path
+    exported = subprocess.run(["nm", "-D", "--defined-only", str(lib.path)], capture_output=True, text=True)
+    if exported.returncode == 0:
+        for sym in ("qmoe_forward", "qmoe_route", "qmoe_workspace_size", "qmoe_error_string"):
+            assert sym in exported.stdout
+    cuobjdump = shutil.which("cuobjdump") or str(build.find_nvcc()).replace("nvcc", "cuobjdump")
+    listing = subprocess.run([cuobjdump, "--list-elf", str(lib.path)], capture_output=True, text=True)
+    if listing.returncode == 0:
+        for arch in build.TARGET_ARCHS:
+            assert f"sm_{arch}" in listing.stdout, f"no SASS for sm_{arch}"
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no host C compiler")
+def test_ctypes_structs_match_header(tmp_path):
+    from qwen3_compile.kernels import moe  # torch on CPU is fine here
+
+    src = tmp_path / "layout.c"
+    src.write_text(
+        textwrap.dedent(
+            f"""
+            #include <stdio.h>
+            #include <stddef.h>
+            #include "{build.plugin_source_dir() / "qmoe.h"}"
+            int main(void) {{
+              printf("%zu %zu %zu %zu %zu\\n", sizeof(qmoe_problem), sizeof(qmoe_tensors),
+                     offsetof(qmoe_problem, path), offsetof(qmoe_tensors, workspace_bytes),
+                     offsetof(qmoe_tensors, permuted_pairs));
+              return 0;
+            }}
+            """
+        )
+    )
+    exe = tmp_path / "layout"
+    subprocess.run(["cc", "-o", str(exe), str(src)], check=True)
+    got = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()
+    want = [
+        ctypes.sizeof(moe._Problem),
+        ctypes.sizeof(moe._Tensors),
+        moe._Problem.path.offset,
+        moe._Tensors.workspace_bytes.offset,
+        moe._Tensors.permuted_pairs.offset,
+    ]
+    assert [int(v) for v in got] == want
+
+
+def test_reference_matches_transformers_style_block():
+    torch = pytest.importorskip("torch")
+    from qwen3_compile.kernels.moe import dequantize, moe_reference, quantize_int8
+
+    g = torch.Generator().manual_seed(0)
+    T, E, k, H, inter = 5, 8, 2, 32, 16
+    x = torch.randn(T, H, generator=g, dtype=torch.float64)
+    logits = torch.randn(T, E, generator=g)
+    gate_up = torch.randn(E, 2 * inter, H, generator=g, dtype=torch.float64) / H**0.5
+    down = torch.randn(E, H, inter, generator=g, dtype=torch.float64) / inter**0.5
+    got = moe_reference(x, logits, gate_up, down, k, normalize=True)
+
+    # Dense formulation: every token through every expert, masked by its renormalised top-k weights.
+    p = torch.softmax(logits.float(), -1)
+    w, ids = torch.topk(p, k, -1)
+    w = (w / w.sum(-1, keepdim=True)).double()
+    dense = torch.zeros(T, E, dtype=torch.float64)
+    dense.scatter_(1, ids, w)
+    hs = torch.einsum("th,enh->ten", x, gate_up)
+    h = torch.nn.functional.silu(hs[..., :inter]) * hs[..., inter:]
+    y = torch.einsum("tei,ehi->teh", h, down)
+    want = (y * dense.unsqueeze(-1)).sum(1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+    q, s = quantize_int8(gate_up)
+    assert q.dtype == torch.int8 and s.shape == (E, 2 * inter)
+    err = (dequantize(q, s) - gate_up).abs() / s.double().unsqueeze(-1)
+    assert err.max() <= 0.5 + 1e-6  # round to nearest: at most half a step

@@ -1,0 +1,94 @@
+"""The command line as users run it: exit codes, --json, messages without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from qwen3_compile.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_inspect_default_preset():
+    result = run("inspect")
+    assert result.exit_code == 0, result.output
+    assert "tiny-moe" in result.output and "jetson-orin-nano" in result.output
+
+
+def test_inspect_json_for_machines():
+    result = run("inspect", "qwen3-30b-a3b", "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.output)
+    assert data["parameters"]["total"] == pytest.approx(30.5e9, rel=0.01)
+    assert data["architecture"]["num_experts"] == 128
+    assert {t["target"] for t in data["targets"]} >= {"jetson-orin-nano", "jetson-thor", "h200"}
+
+
+def test_inspect_checkpoint_json(saved_checkpoints):
+    result = run("inspect", str(saved_checkpoints["tiny-moe-sharded"]), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["checkpoint"]["files"] > 1 and data["checkpoint"]["nonfinite_tensors"] == []
+    assert data["checkpoint"]["expert_layout"] == "per_expert"
+
+
+def test_inspect_layers_option():
+    data = json.loads(run("inspect", "qwen3-30b-a3b", "--layers", "2", "--json").output)
+    assert data["architecture"]["num_layers"] == 2 and data["published_parameters_b"] is None
+
+
+def test_list_presets():
+    result = run("inspect", "--list", "--json")
+    assert "qwen3-235b-a22b-thinking-2507" in json.loads(result.output)
+
+
+@pytest.mark.parametrize("arg", ["tiny-mo", "./no/such/dir"])
+def test_bad_model_argument_exit_2_without_traceback(arg):
+    result = run("inspect", arg)
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output and "Fix:" in result.output
+
+
+def test_bad_checkpoint_exit_2_and_debug_traceback(checkpoint_copy):
+    ckpt = checkpoint_copy("tiny-dense")
+    (ckpt / "config.json").write_text("[]")
+    plain = subprocess.run(
+        [sys.executable, "-m", "qwen3_compile.cli", "inspect", str(ckpt)], capture_output=True, text=True
+    )
+    assert plain.returncode == 2
+    assert "config.json" in plain.stderr and "Traceback" not in plain.stderr
+    debug = subprocess.run(
+        [sys.executable, "-m", "qwen3_compile.cli", "inspect", str(ckpt), "--debug"],
+        capture_output=True,
+        text=True,
+    )
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_nonfinite_checkpoint_inspect(checkpoint_copy):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = checkpoint_copy("tiny-dense")
+    state = load_file(ckpt / "model.safetensors")
+    state["model.norm.weight"][0] = float("nan")
+    save_file(state, ckpt / "model.safetensors")
+    refused = run("inspect", str(ckpt))
+    assert refused.exit_code == 2 and "model.norm.weight" in refused.output
+    allowed = run("inspect", str(ckpt), "--allow-nonfinite", "--json")
+    assert allowed.exit_code == 0
+    assert json.loads(allowed.output)["checkpoint"]["nonfinite_tensors"] == ["model.norm.weight"]
+    assert run("inspect", str(ckpt), "--quick").exit_code == 0
+
+
+def test_help_is_fast_and_lazy():
+    heavy = "('torch', 'onnx', 'transformers')"
+    code = f"import sys, qwen3_compile.cli; print(any(m in sys.modules for m in {heavy}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False"
