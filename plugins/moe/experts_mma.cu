@@ -271,9 +271,11 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(MmaArgs a) {
 template <typename T, bool kInt8, bool kGateUp>
 cudaError_t launch_one(const MmaArgs& a, int max_tiles, cudaStream_t s) {
   constexpr int smem = Smem<T, kInt8>::kBytes;
-  cudaError_t err =
+  // Raise the dynamic shared-memory limit once per process (not inside every call, which may be
+  // captured into a CUDA graph). The attribute belongs to the function on the current device.
+  static const cudaError_t attr_err =
       cudaFuncSetAttribute(mma_kernel<T, kInt8, kGateUp>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
+  if (attr_err != cudaSuccess) return attr_err;
   mma_kernel<T, kInt8, kGateUp><<<max_tiles * a.n_tiles, kThreads, smem, s>>>(a);
   return cudaGetLastError();
 }

@@ -30,9 +30,9 @@ def test_nvcc_compiles_all_target_archs(tmp_path):
     if exported.returncode == 0:
         for sym in ("qmoe_forward", "qmoe_route", "qmoe_workspace_size", "qmoe_error_string"):
             assert sym in exported.stdout
-    cuobjdump = shutil.which("cuobjdump") or str(build.find_nvcc()).replace("nvcc", "cuobjdump")
-    listing = subprocess.run([cuobjdump, "--list-elf", str(lib.path)], capture_output=True, text=True)
-    if listing.returncode == 0:
+    cuobjdump = shutil.which("cuobjdump")
+    if cuobjdump:
+        listing = subprocess.run([cuobjdump, "--list-elf", str(lib.path)], capture_output=True, text=True)
         for arch in build.TARGET_ARCHS:
             assert f"sm_{arch}" in listing.stdout, f"no SASS for sm_{arch}"
 

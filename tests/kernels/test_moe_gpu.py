@@ -1,0 +1,177 @@
+"""The MoE CUDA kernels against the float64 reference of Qwen3's MoE block (GPU only).
+
+Inputs are fresh random draws on every run (seeded from the OS; the seed is printed on failure).
+Outputs are poisoned with NaN first, so an unwritten element fails. Tolerances are stated in units of
+the activation dtype's machine epsilon (eps = 2^-7 for bf16, 2^-10 for fp16): the kernels round three
+times to that dtype (the SwiGLU product h, each expert's output, the combined output) and accumulate in
+fp32, so the expected norm-wise error is about one unit roundoff (eps/2).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+NORM_TOL_EPS = 2.0  # ||out - ref|| / ||ref|| <= 2 eps
+ELEM_TOL_EPS = (1.0, 6.0)  # |out - ref| <= 1 eps |ref| + 6 eps rms(ref)
+
+
+@pytest.fixture(scope="module")
+def kmoe():
+    from qwen3_compile.kernels import moe
+
+    moe.load_library()  # compile once for this GPU, outside the timed tests
+    return moe
+
+
+@pytest.fixture
+def gen():
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={seed}")
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def make_weights(gen, E, H, inter, dtype, wkind):
+    """bf16/fp16 weights, or int8 with per-channel scales (fp32 or fp16)."""
+    gu = torch.randn(E, 2 * inter, H, generator=gen, device="cuda") / H**0.5
+    dn = torch.randn(E, H, inter, generator=gen, device="cuda") / inter**0.5
+    if wkind == "float":
+        return gu.to(dtype), dn.to(dtype), None, None
+    from qwen3_compile.kernels.moe import quantize_int8
+
+    sdt = torch.float32 if wkind == "int8_f32s" else torch.float16
+    gq, gs = quantize_int8(gu, sdt)
+    dq, ds = quantize_int8(dn, sdt)
+    return gq, dq, gs, ds
+
+
+def check_close(out, ref, dtype, what=""):
+    assert out.shape == ref.shape
+    assert torch.isfinite(out).all(), f"{what}: unwritten (NaN) or non-finite elements"
+    eps = torch.finfo(dtype).eps
+    o, r = out.double(), ref.double()
+    rms = r.pow(2).mean().sqrt()
+    rel = (o - r).norm() / r.norm()
+    assert rel <= NORM_TOL_EPS * eps, f"{what}: norm-wise error {rel:.3e} > {NORM_TOL_EPS} eps ({eps:.2e})"
+    bound = ELEM_TOL_EPS[0] * eps * r.abs() + ELEM_TOL_EPS[1] * eps * rms
+    excess = ((o - r).abs() - bound).max()
+    assert excess <= 0, f"{what}: element error exceeds its bound by {excess:.3e} (rms {rms:.3e})"
+    return rel.item()
+
+
+def run_case(kmoe, gen, T, E, k, dtype, wkind, path, H=256, inter=192, logits=None, normalize=True):
+    x = torch.randn(T, H, generator=gen, device="cuda").to(dtype)
+    if logits is None:
+        logits = torch.randn(T, E, generator=gen, device="cuda")
+    gu, dn, gs, ds = make_weights(gen, E, H, inter, dtype, wkind)
+    out = torch.full((T, H), float("nan"), dtype=dtype, device="cuda")
+    got, routing = kmoe.moe_forward(
+        x, logits, gu, dn, k, normalize, gs, ds, path=path, out=out, return_routing=True
+    )
+    ref = kmoe.moe_reference(x, logits, gu, dn, k, normalize, gs, ds)
+    rel = check_close(got, ref, dtype, f"T={T} E={E} k={k} {dtype} {wkind} {path}")
+    # Bitwise deterministic: a second call gives the same bits.
+    again = torch.full_like(out, float("nan"))
+    kmoe.moe_forward(x, logits, gu, dn, k, normalize, gs, ds, path=path, out=again)
+    assert torch.equal(got, again), "two runs differ"
+    return got, routing, rel
+
+
+@pytest.mark.parametrize("path", ["auto", "gemv", "mma"])
+@pytest.mark.parametrize("wkind", ["float", "int8_f32s", "int8_f16s"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("k", [2, 8])
+@pytest.mark.parametrize("E", [16, 128])
+@pytest.mark.parametrize("T", [1, 7, 64, 2048])
+def test_forward_matches_reference(kmoe, gen, T, E, k, dtype, wkind, path):
+    run_case(kmoe, gen, T, E, k, dtype, wkind, path)
+
+
+@pytest.mark.parametrize("path", ["gemv", "mma"])
+@pytest.mark.parametrize("T", [1, 64, 2048])
+def test_qwen3_30b_a3b_shapes(kmoe, gen, T, path):
+    run_case(kmoe, gen, T, 128, 8, torch.bfloat16, "float", path, H=2048, inter=768)
+
+
+@pytest.mark.parametrize("path", ["gemv", "mma"])
+def test_int8_qwen3_30b_a3b_shapes(kmoe, gen, path):
+    run_case(kmoe, gen, 64, 128, 8, torch.bfloat16, "int8_f32s", path, H=2048, inter=768)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("ldtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("T", "E", "k"), [(1, 16, 2), (333, 128, 8), (2048, 128, 8), (64, 256, 8)])
+def test_router_matches_torch(kmoe, gen, T, E, k, ldtype, normalize):
+    logits = (3 * torch.randn(T, E, generator=gen, device="cuda")).to(ldtype)
+    ids, w = kmoe.moe_route(logits, k, normalize)
+    rids, rw = kmoe.route_reference(logits, k, normalize)
+    rows = logits.float().sort(-1, descending=True).values
+    distinct = (rows[:, k - 1] != rows[:, k]).all()  # bf16/fp16 logits can tie: the ties test covers those
+    if distinct:
+        assert torch.equal(ids.long(), rids), "expert ids differ from torch.topk"
+    else:
+        assert torch.equal(ids.long().sort(-1).values, rids.sort(-1).values)
+    torch.testing.assert_close(w, rw, rtol=8 * torch.finfo(torch.float32).eps, atol=1e-7)
+
+
+@pytest.mark.parametrize(("E", "k"), [(16, 2), (128, 8)])
+def test_router_ties_follow_torch_topk(kmoe, gen, E, k):
+    T = 512
+    # Few distinct values: most rows have ties straddling the k-th place.
+    logits = torch.randint(0, 3, (T, E), generator=gen, device="cuda").float()
+    logits[0] = 1.0  # all equal
+    ids, w = kmoe.moe_route(logits, k, True)
+    probs = torch.softmax(logits, -1)
+    tids = torch.topk(probs, k, -1).indices
+    # The selected set is what changes the output; compare it with torch.topk on the same (CUDA) device.
+    same_set = torch.equal(ids.long().sort(-1).values, tids.sort(-1).values)
+    assert same_set, "selected set differs from torch.topk"
+    # Within the set: descending probability, lower index first among equals.
+    p_sel = probs.gather(1, ids.long())
+    assert (p_sel[:, :-1] >= p_sel[:, 1:]).all()
+    eq = p_sel[:, :-1] == p_sel[:, 1:]
+    assert (ids[:, :-1][eq] < ids[:, 1:][eq]).all()
+    assert torch.equal(ids[0].long().cpu(), torch.arange(k))
+    torch.testing.assert_close(w[0], torch.full((k,), 1.0 / k, device="cuda"))
+
+
+@pytest.mark.parametrize("path", ["gemv", "mma"])
+def test_experts_without_tokens(kmoe, gen, path):
+    T, E, k = 64, 128, 2
+    logits = torch.randn(T, E, generator=gen, device="cuda")
+    logits[:, 1::2] = -1e4  # odd experts never chosen
+    _, routing, _ = run_case(kmoe, gen, T, E, k, torch.bfloat16, "float", path, logits=logits)
+    counts = routing.expert_offsets.diff()
+    assert (counts[1::2] == 0).all() and counts.sum() == T * k
+
+
+@pytest.mark.parametrize("wkind", ["float", "int8_f32s"])
+@pytest.mark.parametrize("path", ["gemv", "mma"])
+@pytest.mark.parametrize("T", [7, 2048])
+def test_all_tokens_to_one_expert(kmoe, gen, T, path, wkind):
+    E, k = 128, 2
+    logits = torch.randn(T, E, generator=gen, device="cuda")
+    logits[:, 77] += 100.0  # every token's first choice is expert 77
+    _, routing, _ = run_case(kmoe, gen, T, E, k, torch.bfloat16, wkind, path, logits=logits)
+    assert routing.expert_offsets.diff()[77].item() == T
+
+
+@pytest.mark.parametrize(("T", "E", "k"), [(7, 16, 2), (2048, 128, 8), (3000, 128, 8)])
+def test_dispatch_is_a_stable_permutation(kmoe, gen, T, E, k):
+    _, routing, _ = run_case(kmoe, gen, T, E, k, torch.bfloat16, "float", "auto")
+    ids = routing.topk_ids.long().flatten()
+    perm = routing.permuted_pairs.long()
+    offsets = routing.expert_offsets.long()
+    assert torch.equal(perm.sort().values, torch.arange(T * k, device="cuda"))
+    counts = torch.bincount(ids, minlength=E)
+    assert torch.equal(offsets, torch.cat([offsets.new_zeros(1), counts.cumsum(0)]))
+    assert torch.equal(ids[perm], ids.sort(stable=True).values)
+    assert torch.equal(perm, ids.sort(stable=True).indices)  # (token, slot) order kept within an expert
