@@ -1,0 +1,105 @@
+"""The canonical Qwen3 ONNX graph: optimum-style I/O, past/present KV cache, one graph for prefill and
+decode, MoE as one `qwen3_compile::ExpertDispatch` node per layer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import onnx
+import torch
+from onnx import TensorProto
+
+from qwen3_compile import __version__
+from qwen3_compile.custom_ops import EXPERT_DISPATCH, function
+from qwen3_compile.export.builder import ONNX_DTYPES, GraphBuilder
+from qwen3_compile.export.layers import (
+    AttentionInputs,
+    attention_bias,
+    dense_mlp,
+    rms_norm,
+    rotary_cos_sin,
+    self_attention,
+    sparse_moe,
+)
+from qwen3_compile.models.config import Qwen3Arch
+
+BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+
+
+def past_names(layer: int) -> tuple[str, str]:
+    return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
+
+
+def present_names(layer: int) -> tuple[str, str]:
+    return f"present.{layer}.key", f"present.{layer}.value"
+
+
+def _is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
+    return tensor.dim() == 2 and name.endswith(".weight") and name != "model.embed_tokens.weight"
+
+
+def add_weights(
+    b: GraphBuilder, arch: Qwen3Arch, state: Mapping[str, torch.Tensor], dtype: torch.dtype
+) -> None:
+    """Initializers named after the checkpoint tensors; linear weights stored transposed ([in, out], name
+    suffix `.T`) so MatMul needs no Transpose node and the output channel is axis 1."""
+    for name in sorted(state):
+        tensor = state[name].to(dtype)
+        if name == "lm_head.weight" and arch.tie_word_embeddings:
+            continue
+        if _is_linear_weight(name, tensor):
+            b.weight(name + ".T", tensor.t())
+        else:
+            b.weight(name, tensor)
+
+
+def build_graph(
+    arch: Qwen3Arch, state: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32, opset: int = 21
+) -> onnx.ModelProto:
+    """The whole model. `state` holds the reference model's weights (experts fused [E,2I,H] / [E,H,I])."""
+    float_type = ONNX_DTYPES[str(dtype).removeprefix("torch.")]
+    b = GraphBuilder(float_type)
+    add_weights(b, arch, state, dtype)
+    input_ids = b.input("input_ids", TensorProto.INT64, [BATCH, SEQ])
+    attention_mask = b.input("attention_mask", TensorProto.INT64, [BATCH, TOTAL])
+    position_ids = b.input("position_ids", TensorProto.INT64, [BATCH, SEQ])
+    kv_shape = [BATCH, arch.num_kv_heads, PAST, arch.head_dim]
+    pasts = [
+        (b.input(k, float_type, kv_shape), b.input(v, float_type, kv_shape))
+        for k, v in (past_names(i) for i in range(arch.num_layers))
+    ]
+
+    x = b.op("Gather", "model.embed_tokens.weight", input_ids, axis=0, hint="embed_tokens")  # [B, S, H]
+    with b.scope("rotary"):
+        cos, sin = rotary_cos_sin(b, position_ids, arch)
+    bias = attention_bias(b, input_ids, attention_mask)
+    presents = []
+    for i in range(arch.num_layers):
+        prefix = f"model.layers.{i}."
+        with b.scope(f"layers.{i}"):
+            h = rms_norm(b, x, prefix + "input_layernorm.weight", arch.rms_norm_eps)
+            attn, key, value = self_attention(b, h, prefix, arch, AttentionInputs(cos, sin, bias, *pasts[i]))
+            x = b.op("Add", x, attn, hint="residual_attn")
+            h = rms_norm(b, x, prefix + "post_attention_layernorm.weight", arch.rms_norm_eps)
+            mlp = sparse_moe(b, h, prefix, arch) if arch.is_moe else dense_mlp(b, h, prefix)
+            x = b.op("Add", x, mlp, hint="residual_mlp")
+            presents.append((key, value))
+
+    with b.scope("lm_head"):
+        x = rms_norm(b, x, "model.norm.weight", arch.rms_norm_eps)
+        if arch.tie_word_embeddings:
+            head = b.op("Transpose", "model.embed_tokens.weight", perm=[1, 0], hint="tied_lm_head")
+        else:
+            head = "lm_head.weight.T"
+        logits = b.op("MatMul", x, head)
+        if float_type != TensorProto.FLOAT:
+            logits = b.op("Cast", logits, to=TensorProto.FLOAT)
+    b.output(logits, "logits", TensorProto.FLOAT, [BATCH, SEQ, arch.vocab_size])
+    present_shape = [BATCH, arch.num_kv_heads, TOTAL, arch.head_dim]
+    for i, (key, value) in enumerate(presents):
+        key_name, value_name = present_names(i)
+        b.output(key, key_name, float_type, present_shape)
+        b.output(value, value_name, float_type, present_shape)
+
+    functions = [function(EXPERT_DISPATCH, opset)] if arch.is_moe else []
+    return b.make_model("qwen3", opset, functions, version=__version__)
