@@ -10,6 +10,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
@@ -105,6 +106,114 @@ def inspect_command(
         emit_json(report.to_dict())
     else:
         render_inspect(report)
+
+
+def _model_option_layers(fn: Callable) -> Callable:
+    return click.option(
+        "--layers",
+        type=click.IntRange(min=1),
+        help="Presets only: instantiate with this many layers at full width.",
+    )(fn)
+
+
+@main.command("export")
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--opset", type=int, default=21, show_default=True, help="Default-domain ONNX opset (18-24).")
+@click.option(
+    "--max-positions",
+    type=click.IntRange(min=1),
+    help="Context limit recorded in the artifact (default: the model's).",
+)
+@click.option(
+    "--target",
+    type=click.Choice(["ort"]),
+    help="Lower the canonical graph for a backend (ort: ExpertDispatch -> com.microsoft::MoE).",
+)
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--allow-nonfinite", is_flag=True, help="Export weights containing NaN/Inf.")
+@_model_option_layers
+@stage_command
+def export_command(
+    model: str,
+    output: Path,
+    dtype: str,
+    opset: int,
+    max_positions: int | None,
+    target: str | None,
+    force: bool,
+    allow_nonfinite: bool,
+    layers: int | None,
+    as_json: bool,
+) -> None:
+    """Export MODEL to ONNX: OUTPUT/model.onnx, side files (config, tokenizer) and manifest.json."""
+    from qwen3_compile.export.stage import ExportOptions, export_onnx
+    from qwen3_compile.progress import default_progress
+
+    artifact = export_onnx(
+        model,
+        output,
+        ExportOptions(dtype, opset, max_positions, target),
+        num_layers=layers,
+        force=force,
+        allow_nonfinite=allow_nonfinite,
+        progress=default_progress(not as_json),
+    )
+    if as_json:
+        emit_json(
+            {
+                "directory": str(artifact.directory),
+                "model": str(artifact.model_path),
+                "op_histogram": artifact.op_histogram,
+                "lowering": artifact.lowering,
+                "timings_s": artifact.manifest["timings_s"],
+            }
+        )
+        return
+    nodes = sum(artifact.op_histogram.values())
+    click.echo(
+        f"wrote {artifact.model_path} ({nodes} nodes, {dtype}, opset {opset}"
+        f"{', lowered for ' + target if target else ''})"
+    )
+
+
+@main.command("compile")
+@click.argument("model", required=False)
+@click.option(
+    "-o",
+    "--output-root",
+    type=click.Path(path_type=Path),
+    default=Path("artifacts"),
+    show_default=True,
+    help="Folder that receives <model>/ with every stage's artifacts (an earlier run there is replaced).",
+)
+@click.option("--decode-steps", type=click.IntRange(min=1), default=32, show_default=True)
+@_model_option_layers
+@stage_command
+def compile_command(
+    model: str | None, output_root: Path, decode_steps: int, layers: int | None, as_json: bool
+) -> None:
+    """The whole pipeline on MODEL (default: the embedded tiny-moe preset): export, ONNX Runtime lowering,
+    parity against PyTorch in thinking and non-thinking mode. Exit code 1 when parity fails."""
+    from qwen3_compile.models.presets import DEFAULT_PRESET
+    from qwen3_compile.pipeline import compile_model
+    from qwen3_compile.progress import default_progress
+    from qwen3_compile.rendering import render_compile
+
+    result = compile_model(
+        model or DEFAULT_PRESET,
+        output_root,
+        num_layers=layers,
+        decode_steps=decode_steps,
+        progress=default_progress(not as_json),
+    )
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        render_compile(result)
+    if not result.passed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

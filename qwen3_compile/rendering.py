@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from qwen3_compile.inspection import ModelReport
 from qwen3_compile.sizing import GB
+
+if TYPE_CHECKING:
+    from qwen3_compile.pipeline import CompileResult
 
 
 def _b(n: float) -> str:
@@ -81,3 +86,46 @@ def render_inspect(report: ModelReport) -> None:
             )
         fits.add_row(fit.target.name, fit.target.sm, f"{fit.target.memory_gb:g} GB", *cells)
     console.print(fits)
+
+
+def render_compile(result: CompileResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"Parity against PyTorch (fp32), {result.directory}")
+    for column in (
+        "artifact",
+        "MoE op",
+        "prefill max |err|",
+        "prefill top-1",
+        "decode max |err|",
+        "greedy identical",
+        "result",
+    ):
+        table.add_column(column)
+    for key, artifact in result.artifacts.items():
+        p = result.parity[key]
+        moe = next(
+            (op.split("::")[-1] for op in artifact.op_histogram if op.endswith(("ExpertDispatch", "::MoE"))),
+            "-",
+        )
+        verdict = "[green]pass" if p.passed else "[red]FAIL: " + "; ".join(p.failures)
+        table.add_row(
+            key,
+            moe,
+            f"{p.prefill_max_abs:.2e}",
+            f"{p.prefill_top1:.2%}",
+            f"{p.decode_max_abs:.2e}",
+            f"{p.greedy_identical}/{p.sequences}",
+            verdict,
+        )
+    console.print(table)
+    first = next(iter(result.parity.values()))
+    console.print(
+        f"{first.sequences} prompts ({', '.join(first.modes)} modes, left-padded batch, "
+        f"{first.prefill_positions} prefill positions) rendered with the Qwen3 chat template."
+    )
+    for key, artifact in result.artifacts.items():
+        console.print(f"{key:>10}: {artifact.model_path}")
+    console.print(f"   summary: {result.directory / 'compile.json'}")

@@ -95,7 +95,7 @@ class AttentionInputs:
 def self_attention(
     b: GraphBuilder, x: str, prefix: str, arch: Qwen3Arch, io: AttentionInputs
 ) -> tuple[str, str, str]:
-    """Grouped-query attention with q/k RMSNorm and RoPE. Returns (out [B,S,H], present_key, present_value)."""
+    """Grouped-query attention with q/k RMSNorm and RoPE -> (out [B,S,H], present_key, present_value)."""
     hq, hkv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
     p = prefix + "self_attn."
 

@@ -1,0 +1,23 @@
+"""Per-backend lowering of the canonical graph: ordered rule sets of small rewrite rules."""
+
+from __future__ import annotations
+
+import onnx
+
+from qwen3_compile.errors import BadInputError
+from qwen3_compile.lower.ort_moe import ExpertDispatchToOrtMoE
+from qwen3_compile.lower.rules import RewriteReport, RewriteRule, apply_rules
+
+# target -> ordered rules. The canonical graph (no target) keeps ExpertDispatch with its function body.
+RULE_SETS: dict[str, list[type[RewriteRule]]] = {
+    "ort": [ExpertDispatchToOrtMoE],
+}
+
+
+def lower(model: onnx.ModelProto, target: str) -> RewriteReport:
+    """Rewrite `model` in place for `target`."""
+    if target not in RULE_SETS:
+        raise BadInputError(
+            f"unknown lowering target '{target}'.", field="target", fix=f"use one of: {', '.join(RULE_SETS)}."
+        )
+    return apply_rules(model, [rule() for rule in RULE_SETS[target]])

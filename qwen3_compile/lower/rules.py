@@ -1,0 +1,113 @@
+"""Graph rewrites as small rules: a check that says why a node does not match, and a replacement.
+
+A `RewriteRule` looks at one node at a time. `check` returns None when the rule applies, else a short
+reason (reported, so a user sees why a custom node stayed unlowered). `rewrite` returns the nodes that
+replace it and any new initializers; the engine removes initializers and functions nothing uses anymore.
+Rule sets are ordered lists per backend target; `apply_rules` reports how many rewrites each rule made.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+@dataclass
+class Replacement:
+    nodes: list[onnx.NodeProto]
+    initializers: list[onnx.TensorProto] = field(default_factory=list)
+    opsets: dict[str, int] = field(default_factory=dict)
+
+
+class GraphView:
+    """Read access a rule needs: initializers by name, node attributes."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.initializers = {t.name: t for t in model.graph.initializer}
+
+    def array(self, name: str) -> np.ndarray | None:
+        tensor = self.initializers.get(name)
+        return None if tensor is None else numpy_helper.to_array(tensor)
+
+    def elem_type(self, name: str) -> int | None:
+        tensor = self.initializers.get(name)
+        return None if tensor is None else tensor.data_type
+
+    @staticmethod
+    def attrs(node: onnx.NodeProto) -> dict:
+        return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+class RewriteRule:
+    name = "rule"
+
+    def check(self, view: GraphView, node: onnx.NodeProto) -> str | None:
+        raise NotImplementedError
+
+    def rewrite(self, view: GraphView, node: onnx.NodeProto) -> Replacement:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class RewriteReport:
+    applied: dict[str, int]
+    # rule name -> reasons it declined nodes of the op it targets
+    declined: dict[str, list[str]]
+
+    def to_dict(self) -> dict:
+        return {"applied": self.applied, "declined": self.declined}
+
+
+def _prune(model: onnx.ModelProto) -> None:
+    """Drop initializers and local functions no node uses any more."""
+    graph = model.graph
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    called = {(n.domain, n.op_type) for n in graph.node}
+    functions = [f for f in model.functions if (f.domain, f.name) in called]
+    del model.functions[:]
+    model.functions.extend(functions)
+    domains = {n.domain for n in graph.node} | {""}
+    imports = [o for o in model.opset_import if o.domain in domains or o.domain == "ai.onnx"]
+    del model.opset_import[:]
+    model.opset_import.extend(imports)
+
+
+def apply_rules(
+    model: onnx.ModelProto, rules: list[RewriteRule], targets: dict[str, tuple[str, str]] | None = None
+) -> RewriteReport:
+    """Apply `rules` in order to every node (in place). `targets` maps a rule name to the (domain,
+    op_type) it is meant for, so declines are only reported for nodes the rule was written for."""
+    applied: Counter[str] = Counter()
+    declined: dict[str, list[str]] = {}
+    for rule in rules:
+        view = GraphView(model)
+        new_nodes: list[onnx.NodeProto] = []
+        new_initializers: list[onnx.TensorProto] = []
+        for node in model.graph.node:
+            reason = rule.check(view, node)
+            if reason is None:
+                replacement = rule.rewrite(view, node)
+                new_nodes.extend(replacement.nodes)
+                new_initializers.extend(replacement.initializers)
+                for domain, version in replacement.opsets.items():
+                    if all(o.domain != domain for o in model.opset_import):
+                        model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+                applied[rule.name] += 1
+                continue
+            target = getattr(rule, "target_op", None)
+            if target and (node.domain, node.op_type) == target:
+                declined.setdefault(rule.name, []).append(f"{node.name}: {reason}")
+            new_nodes.append(node)
+        del model.graph.node[:]
+        model.graph.node.extend(new_nodes)
+        model.graph.initializer.extend(new_initializers)
+    _prune(model)
+    return RewriteReport(dict(applied), declined)

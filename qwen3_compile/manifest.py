@@ -1,0 +1,111 @@
+"""`manifest.json`: what produced an artifact folder (inputs, options, tool versions, outputs, timings).
+
+A later stage, a cache or a person reads it to see what made what. Output hashes let `verify` style
+checks detect a damaged or edited artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qwen3_compile import __version__
+from qwen3_compile.errors import BadInputError
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+_TOOLS = (
+    "torch",
+    "transformers",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "safetensors",
+    "tensorrt",
+    "tensorrt_rtx",
+)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"qwen3-compile": __version__, "python": platform.python_version()}
+    for tool in _TOOLS:
+        try:
+            versions[tool] = importlib.metadata.version(tool.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+@dataclass
+class Timings:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+def write_manifest(
+    folder: Path,
+    stage: str,
+    inputs: dict[str, Any],
+    options: dict[str, Any],
+    timings: Timings,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Hash every file in `folder` and write the manifest next to them."""
+    outputs = {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "stage": stage,
+        "inputs": inputs,
+        "options": options,
+        "tools": tool_versions(),
+        "outputs": outputs,
+        "timings_s": timings.seconds,
+        **(extra or {}),
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        raise BadInputError(
+            "the artifact has no manifest.json.",
+            file=path,
+            fix="pass a folder written by qwen3-compile (export, quantize, build).",
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BadInputError(
+            f"manifest.json is not valid JSON ({err.msg}).",
+            file=path,
+            fix="re-run the stage that wrote this artifact.",
+        ) from None

@@ -1,0 +1,76 @@
+"""`compile`: the whole pipeline on one model. Today: export -> ONNX Runtime lowering -> parity against
+PyTorch in both reasoning modes. Later stages (quantize, validate, build, bundle) join as they land."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwen3_compile.export.stage import ExportedArtifact, ExportOptions, export_onnx
+from qwen3_compile.models.loading import load_model
+from qwen3_compile.parity import ParityGates, ParityReport, check_parity, parity_prompts
+from qwen3_compile.progress import NO_PROGRESS, Progress
+from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
+from qwen3_compile.runtime.torch_reference import TorchRunner
+from qwen3_compile.tokenizer import load_tokenizer
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    directory: Path
+    artifacts: dict[str, ExportedArtifact]  # "canonical", "ort"
+    parity: dict[str, ParityReport]
+
+    @property
+    def passed(self) -> bool:
+        return all(p.passed for p in self.parity.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "directory": str(self.directory),
+            "passed": self.passed,
+            "artifacts": {
+                k: {"path": str(a.model_path), "op_histogram": a.op_histogram, "lowering": a.lowering}
+                for k, a in self.artifacts.items()
+            },
+            "parity": {k: p.to_dict() for k, p in self.parity.items()},
+        }
+
+
+def compile_model(
+    model: str,
+    output_root: str | Path = "artifacts",
+    *,
+    num_layers: int | None = None,
+    decode_steps: int = 32,
+    progress: Progress = NO_PROGRESS,
+) -> CompileResult:
+    """Run the pipeline into `output_root`/<model name>/ (replacing an earlier run there)."""
+    name = Path(model).name if Path(model).exists() else model
+    run_dir = Path(output_root) / (name if num_layers is None else f"{name}-{num_layers}l")
+    loaded = load_model(model, num_layers=num_layers, progress=progress)
+    artifacts = {
+        "canonical": export_onnx(loaded, run_dir / "onnx", ExportOptions(), force=True, progress=progress),
+        "ort": export_onnx(
+            loaded, run_dir / "onnx-ort", ExportOptions(target="ort"), force=True, progress=progress
+        ),
+    }
+    tokenizer = load_tokenizer(loaded.source.tokenizer_dir)
+    prompts, modes = parity_prompts(tokenizer)
+    reference = TorchRunner(loaded)
+    parity = {}
+    with progress.stage("parity vs PyTorch", total=len(artifacts), unit="graphs") as advance:
+        for key, artifact in artifacts.items():
+            parity[key] = check_parity(
+                reference,
+                OrtRunner(artifact.model_path),
+                prompts,
+                modes,
+                decode_steps,
+                ParityGates.for_dtype(artifact.options.dtype),
+            )
+            advance(1)
+    result = CompileResult(run_dir, artifacts, parity)
+    (run_dir / "compile.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return result

@@ -1,0 +1,40 @@
+"""The PyTorch reference runner: transformers' model with its own KV cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from qwen3_compile.models.loading import LoadedModel
+
+
+class TorchRunner:
+    name = "pytorch"
+
+    def __init__(self, loaded: LoadedModel):
+        import inspect
+
+        self.model = loaded.model
+        # transformers >= 5.2x renamed `past_key_values` to `cache`; use whichever this version takes
+        params = inspect.signature(self.model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def empty_cache(self, batch: int) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    @torch.no_grad()
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: Any
+    ) -> tuple[np.ndarray, Any]:
+        out = self.model(
+            input_ids=torch.from_numpy(input_ids),
+            attention_mask=torch.from_numpy(attention_mask),
+            position_ids=torch.from_numpy(position_ids),
+            use_cache=True,
+            **{self.cache_arg: cache},
+        )
+        return out.logits.float().numpy(), cache
