@@ -57,6 +57,15 @@ def time_graph(calls, reps: int) -> float:
     return ms / len(calls)
 
 
+def forward_calls(xs, ls, outs, ws, weights):
+    """One qmoe forward per input set, as closures (for graph capture)."""
+    w1, w2, s1, s2 = weights
+    return [
+        (lambda x=x, lg=lg, o=o: kmoe.moe_forward(x, lg, w1, w2, K, True, s1, s2, "auto", o, ws))
+        for x, lg, o in zip(xs, ls, outs, strict=True)
+    ]
+
+
 def copy_bandwidth() -> float:
     n = 2 << 30
     a = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
@@ -137,10 +146,7 @@ def bench_tokens(T: int, weights: dict, bw: float, mm: float, reps: int) -> list
         outs = [torch.empty_like(x) for x in xs]
         prob = kmoe._problem(xs[0], ls[0], w1, K, True, s1, "auto")
         ws = torch.empty(kmoe.workspace_bytes(prob), dtype=torch.uint8, device="cuda")
-        calls = [
-            (lambda i=i: kmoe.moe_forward(xs[i], ls[i], w1, w2, K, True, s1, s2, "auto", outs[i], ws))  # noqa: B023
-            for i in range(n_sets)
-        ]
+        calls = forward_calls(xs, ls, outs, ws, (w1, w2, s1, s2))
         ms = time_graph(calls, reps)
         calls[0]()
         add(f"qmoe {kind}", ms, distinct * expert_bytes[kind], outs[0])
@@ -161,10 +167,55 @@ def bench_tokens(T: int, weights: dict, bw: float, mm: float, reps: int) -> list
     return rows
 
 
+VARIANTS = {  # environment knobs of the library (read at each call), for A/B timings in one run
+    "default": {},
+    "no PDL": {"QMOE_PDL": "0"},
+    "no L2 prefetch (GEMV)": {"QMOE_GEMV_PREFETCH": "0"},
+    "64x128 tile (MMA)": {"QMOE_MMA_TILE": "1"},
+}
+
+
+def bench_variants(weights: dict, reps: int) -> list[dict]:
+    """qmoe bf16 under each variant knob, plus a per-kernel time breakdown from the profiler."""
+    import os
+
+    gate_up, down = weights["bf16"][:2]
+    rows = []
+    for T in (1, 16, 2048):
+        n_sets = 8 if T <= 16 else 2
+        xs = [torch.randn(T, H, device="cuda").to(torch.bfloat16) for _ in range(n_sets)]
+        ls = [torch.randn(T, E, device="cuda").to(torch.bfloat16) for _ in range(n_sets)]
+        outs = [torch.empty_like(x) for x in xs]
+        prob = kmoe._problem(xs[0], ls[0], gate_up, K, True, None, "auto")
+        ws = torch.empty(kmoe.workspace_bytes(prob), dtype=torch.uint8, device="cuda")
+        calls = forward_calls(xs, ls, outs, ws, (gate_up, down, None, None))
+        for name, env in VARIANTS.items():
+            os.environ.update(env)
+            try:
+                for _ in range(2):  # twice: the spread between repeats is the noise floor
+                    rows.append({"T": T, "variant": name, "us": time_graph(calls, reps) * 1e3})
+                    print(json.dumps(rows[-1]), flush=True)
+            finally:
+                for key in env:
+                    os.environ.pop(key)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                for c in calls:
+                    c()
+            torch.cuda.synchronize()
+        n = 5 * n_sets
+        for ev in prof.key_averages():
+            if ev.device_type == torch.autograd.DeviceType.CUDA and "qmoe" in ev.key:
+                us = ev.device_time_total / n
+                print(f"T={T} kernel {ev.key[:90]}: {us:.1f} us/call", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--variants", action="store_true", help="A/B the library's variant knobs")
     args = ap.parse_args()
     reps = 10 if args.quick else 30
     torch.manual_seed(0)
@@ -189,7 +240,14 @@ def main() -> None:
     for T in DECODE_T + PREFILL_T:
         rows += bench_tokens(T, weights, bw, mm, reps)
 
+    variants = bench_variants(weights, reps) if args.variants else []
     table = render(rows, bw, mm, dev)
+    if variants:
+        table += "\n| T | variant | time (us), two repeats |\n|---:|---|---|\n"
+        for T in sorted({r["T"] for r in variants}):
+            for name in VARIANTS:
+                ts = [f"{r['us']:.1f}" for r in variants if r["T"] == T and r["variant"] == name]
+                table += f"| {T} | {name} | {' / '.join(ts)} |\n"
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,28 @@
 
 using qmoe::Workspace;
 
+#include <cstdlib>
+
+namespace qmoe {
+
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return (v && *v) ? std::atoi(v) : fallback;
+}
+
+bool pdl_enabled() {
+  if (env_int("QMOE_PDL", 1) == 0) return false;
+  static const bool on = [] {
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+    return major >= 9;
+  }();
+  return on;
+}
+
+}  // namespace qmoe
+
 namespace {
 
 int cuda_status(cudaError_t e) { return e == cudaSuccess ? QMOE_OK : QMOE_ERR_CUDA + int(e); }

@@ -10,10 +10,10 @@ constexpr int kWarps = 4;     // warps per block
 constexpr int kRowIters = 2;  // row groups a warp handles one after another
 constexpr int kRows = 4;      // weight rows a warp streams together (gate j, j+1, up j, j+1 / 4 down rows)
 constexpr int kMaxTok = 4;    // tokens per pass over the rows
-constexpr int kUnroll = 2;    // 16-byte loads per row in flight
 
 template <typename W> struct WTraits {
-  static constexpr int kVec = 8;  // 16-bit weights: 8 per 16 bytes
+  static constexpr int kVec = 8;     // 16-bit weights: 8 per 16 bytes
+  static constexpr int kUnroll = 4;  // 16-byte loads per row in flight (per lane)
   static __device__ __forceinline__ void to_float(const uint4& v, float* f, int /*unused*/) {
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
@@ -26,6 +26,7 @@ template <typename W> struct WTraits {
 };
 template <> struct WTraits<int8_t> {
   static constexpr int kVec = 16;
+  static constexpr int kUnroll = 2;
   static __device__ __forceinline__ void to_float(const uint4& v, float* f, int) {
     i8x4_to_float(v.x, f);
     i8x4_to_float(v.y, f + 4);
@@ -45,6 +46,7 @@ struct GemvArgs {
   const int32_t* active;
   const int32_t* meta;
   int top_k, K, I, H;
+  int prefetch;  // issue L2 prefetches for all of this warp's weight rows before staging activations
 };
 
 // acc[r][t] += dot(rows[r][0:K], xs[t][0:K]) over this lane's slice; xs holds nt (<= kMaxTok) vectors.
@@ -52,6 +54,7 @@ template <typename T, typename W>
 __device__ __forceinline__ void warp_dot(const W* const (&rows)[kRows], const T* xs, int nt, int K,
                                          float (&acc)[kRows][kMaxTok]) {
   constexpr int V = WTraits<W>::kVec;
+  constexpr int kUnroll = WTraits<W>::kUnroll;
   const int lane = threadIdx.x & 31;
   for (int kb = 0; kb < K; kb += 32 * V * kUnroll) {
     uint4 wv[kUnroll][kRows];
@@ -103,15 +106,31 @@ template <typename T, typename W, bool kGateUp>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);
+  pdl_wait();
   const int slot = blockIdx.y;
   if (slot >= a.meta[0]) return;
   const int e = a.active[slot];
-  const int r0 = a.offsets[e], ne = a.offsets[e + 1] - r0;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int K = a.K;
   const int rows_total = kGateUp ? 2 * a.I : a.H;
   const W* wbase = static_cast<const W*>(a.weight) + size_t(e) * rows_total * K;
   const T* act = static_cast<const T*>(a.act);
+  if (a.prefetch) {
+    // The expert is known: start streaming its rows into L2 while the token rows are staged.
+#pragma unroll 1
+    for (int it = 0; it < kRowIters; ++it) {
+      const int group = (blockIdx.x * kWarps + warp) * kRowIters + it;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int row = kGateUp ? (r < 2 ? 2 * group + r : a.I + 2 * group + r - 2) : group * kRows + r;
+        const char* base = reinterpret_cast<const char*>(wbase + size_t(row) * K);
+        for (int b = lane * 128; b < K * int(sizeof(W)); b += 32 * 128) {
+          asm volatile("prefetch.global.L2 [%0];\n" ::"l"(base + b));
+        }
+      }
+    }
+  }
+  const int r0 = a.offsets[e], ne = a.offsets[e + 1] - r0;
 
   for (int c = 0; c < ne; c += kMaxTok) {
     const int nt = min(kMaxTok, ne - c);
@@ -170,18 +189,18 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
       }
     }
   }
+  pdl_launch_dependents();
 }
 
 template <typename T, typename W, bool kGateUp>
 cudaError_t launch_one(const GemvArgs& a, int grid_x, int grid_y, cudaStream_t s) {
   const size_t smem = size_t(kMaxTok) * a.K * sizeof(T);
-  if (smem > 48 * 1024) {
+  if (smem > 48 * 1024) {  // only for hidden > 6144
     cudaError_t err =
         cudaFuncSetAttribute(gemv_kernel<T, W, kGateUp>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return err;
   }
-  gemv_kernel<T, W, kGateUp><<<dim3(grid_x, grid_y), kWarps * 32, smem, s>>>(a);
-  return cudaGetLastError();
+  return launch(gemv_kernel<T, W, kGateUp>, dim3(grid_x, grid_y), dim3(kWarps * 32), smem, s, a);
 }
 
 template <typename T, typename W>
@@ -197,6 +216,7 @@ cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Wor
   a.I = p.inter;
   a.H = p.hidden;
   a.scale_dtype = p.scale_dtype;
+  a.prefetch = env_int("QMOE_GEMV_PREFETCH", 1);
 
   a.act = t.x;
   a.weight = t.gate_up;

@@ -9,11 +9,21 @@
 namespace qmoe {
 namespace {
 
-constexpr int BM = kMmaBlockM;  // 64 tokens
-constexpr int BN = 128;         // weight rows (gate_up: 64 gate + 64 up of the same columns)
-constexpr int BK = 64;          // 128 bytes of 16-bit values per smem row
-constexpr int kStages = 3;
-constexpr int kThreads = 128;   // 4 warps, 2 (m) x 2 (n), 32 x 64 each
+// Tile configurations. BM is fixed by the dispatch kernel's tile map; the rest is per config.
+template <int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_>
+struct Cfg {
+  static constexpr int BM = kMmaBlockM, BN = BN_, BK = BK_, kStages = STAGES_;
+  static constexpr int kWarpsM = WARPS_M_, kWarpsN = WARPS_N_, kThreads = 32 * WARPS_M_ * WARPS_N_;
+  static constexpr int WTM = BM / kWarpsM, WTN = BN / kWarpsN;  // warp tile
+  static constexpr int MI = WTM / 16, NI = WTN / 8;              // mma tiles per warp
+  static constexpr int CPR = BK / 8;                             // 16-byte chunks per 16-bit smem row
+  static_assert(CPR == 4 || CPR == 8, "BK must be 32 or 64");
+  static_assert(NI % 2 == 0 && MI >= 1, "warp tile");
+};
+// 64 x 128 tile, 2 x 2 warps of 32 x 64, BK 64, 3 stages: fits any inter % 64, hidden % 128.
+using CfgSmall = Cfg<128, 64, 2, 2, 3>;
+// 64 x 256 tile, 1 x 4 warps of 64 x 64 (more mma per ldmatrix), BK 32, 4 stages.
+using CfgWide = Cfg<256, 32, 1, 4, 4>;
 
 struct MmaArgs {
   const void* act;     // gate_up: x [T, H] gathered through perm_pair; down: h [P, I]
@@ -68,22 +78,29 @@ __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Byte offset of 16-byte chunk `c` of row `r` in a tile of 128-byte rows (XOR swizzle: ldmatrix's
-// 8 row addresses land in 8 different bank groups).
-__device__ __forceinline__ uint32_t swz(int r, int c) { return uint32_t(r * 128 + ((c ^ (r & 7)) << 4)); }
+// Byte offset of 16-byte chunk `c` of row `r` in a tile of CPR-chunk rows, XOR-swizzled so that the 8 row
+// addresses of one ldmatrix phase land in 8 different 16-byte bank groups.
+template <int CPR>
+__device__ __forceinline__ uint32_t swz(int r, int c) {
+  if (CPR == 8) return uint32_t(r * 128 + ((c ^ (r & 7)) << 4));
+  return uint32_t(r * 64 + ((c ^ ((r >> 1) & 3)) << 4));
+}
 
-template <typename T, bool kInt8>
+template <typename C, bool kInt8>
 struct Smem {
-  static constexpr int kA = BM * BK * 2;                // bytes per stage
-  static constexpr int kB = BN * BK * (kInt8 ? 1 : 2);  // bytes per stage
-  static constexpr int kConv = kInt8 ? 2 * BN * BK * 2 : 0;  // two 16-bit copies of the B tile
-  static constexpr int kBytes = kStages * (kA + kB) + kConv;
+  static constexpr int kA = C::BM * C::BK * 2;                  // bytes per stage
+  static constexpr int kB = C::BN * C::BK * (kInt8 ? 1 : 2);     // bytes per stage
+  static constexpr int kConvOne = C::BN * C::BK * 2;             // one 16-bit copy of the B tile
+  static constexpr int kBytes = C::kStages * (kA + kB) + (kInt8 ? 2 * kConvOne : 0);
 };
 
-template <typename T, bool kInt8, bool kGateUp>
-__global__ void __launch_bounds__(kThreads) mma_kernel(MmaArgs a) {
-  using SM = Smem<T, kInt8>;
+template <typename T, bool kInt8, bool kGateUp, typename C>
+__global__ void __launch_bounds__(C::kThreads) mma_kernel(MmaArgs a) {
+  constexpr int BM = C::BM, BN = C::BN, BK = C::BK, CPR = C::CPR, kStages = C::kStages;
+  constexpr int kThreads = C::kThreads, WTM = C::WTM, WTN = C::WTN, MI = C::MI, NI = C::NI;
+  using SM = Smem<C, kInt8>;
   extern __shared__ __align__(128) unsigned char smem[];
+  pdl_wait();
   const int tile = blockIdx.x / a.n_tiles;
   if (tile >= a.meta[1]) return;
   const int4 tm = reinterpret_cast<const int4*>(a.tile_map)[tile];
@@ -96,27 +113,28 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(MmaArgs a) {
   const int rows_total = kGateUp ? 2 * a.I : a.H;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wm = warp >> 1, wn = warp & 1;
+  const int wm = warp / C::kWarpsN, wn = warp % C::kWarpsN;
   const T* act = static_cast<const T*>(a.act);
   using WT = typename std::conditional<kInt8, int8_t, T>::type;
   const WT* wbase = static_cast<const WT*>(a.weight) + size_t(e) * rows_total * K;
 
-  // This thread's cp.async sources: 4 A chunks (fixed rows) and B chunks (fixed rows).
-  constexpr int kAChunks = BM * BK / 8 / kThreads;                    // 4
-  constexpr int kBChunkElems = kInt8 ? 16 : 8;                         // elements per 16 bytes
-  constexpr int kBChunksPerRow = BK / kBChunkElems;                    // 4 or 8
-  constexpr int kBChunks = BN * kBChunksPerRow / kThreads;             // 4 or 8
+  // This thread's cp.async sources and destinations (fixed rows, advancing k).
+  constexpr int kAChunks = BM * CPR / kThreads;
+  constexpr int kBElems = kInt8 ? 16 : 8;          // weight elements per 16 bytes
+  constexpr int kBChunksPerRow = BK / kBElems;
+  constexpr int kBChunks = BN * kBChunksPerRow / kThreads;
+  static_assert(kAChunks >= 1 && kBChunks >= 1, "tile too small for the block");
   const T* a_src[kAChunks];
   bool a_ok[kAChunks];
   uint32_t a_dst[kAChunks];
 #pragma unroll
   for (int i = 0; i < kAChunks; ++i) {
-    const int c = tid + i * kThreads, r = c >> 3, kc = c & 7;
+    const int c = tid + i * kThreads, r = c / CPR, kc = c % CPR;
     a_ok[i] = r < rows_valid;
     int src_row = 0;
     if (a_ok[i]) src_row = kGateUp ? a.perm_pair[row0 + r] / a.top_k : row0 + r;
     a_src[i] = act + size_t(src_row) * K + kc * 8;
-    a_dst[i] = swz(r, kc);
+    a_dst[i] = swz<CPR>(r, kc);
   }
   const WT* b_src[kBChunks];
   uint32_t b_dst[kBChunks];
@@ -125,13 +143,14 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(MmaArgs a) {
     const int c = tid + i * kThreads, r = c / kBChunksPerRow, kc = c % kBChunksPerRow;
     int wrow;
     if (kGateUp) {
-      const int jj = (r >> 6) * 32 + (r & 31);
-      wrow = ((r >> 5) & 1) * a.I + n_tile * 64 + jj;
+      // Warp column wn holds WTN/2 gate rows then the WTN/2 up rows of the same columns j.
+      const int within = r % WTN, jj = (r / WTN) * (WTN / 2) + within % (WTN / 2);
+      wrow = (within / (WTN / 2)) * a.I + n_tile * (BN / 2) + jj;
     } else {
       wrow = n_tile * BN + r;
     }
-    b_src[i] = wbase + size_t(wrow) * K + kc * kBChunkElems;
-    b_dst[i] = kInt8 ? uint32_t(r * 64 + kc * 16) : swz(r, kc);
+    b_src[i] = wbase + size_t(wrow) * K + kc * kBElems;
+    b_dst[i] = kInt8 ? uint32_t(r * BK + kc * 16) : swz<CPR>(r, kc);
   }
 
   const uint32_t sbase = smem_u32(smem);
@@ -145,11 +164,11 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(MmaArgs a) {
     for (int i = 0; i < kBChunks; ++i) cp_async16(b_stage(s) + b_dst[i], b_src[i] + k0, true);
   };
 
-  float acc[2][8][4];
+  float acc[MI][NI][4];
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
+  for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-    for (int ni = 0; ni < 8; ++ni)
+    for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[mi][ni][q] = 0.0f;
 
@@ -167,13 +186,12 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(MmaArgs a) {
     if (kInt8) {
       // Widen this thread's own staged bytes (its own cp.async has landed) into copy kt&1; the
       // barrier below publishes it. The other copy may still be read by iteration kt-1.
-      const uint32_t conv = sbase + kStages * (SM::kA + SM::kB) + (kt & 1) * (BN * BK * 2);
+      const int conv_off = kStages * (SM::kA + SM::kB) + (kt & 1) * SM::kConvOne;
       const unsigned char* stage_ptr = smem + s * (SM::kA + SM::kB) + SM::kA;
-      unsigned char* conv_ptr = smem + kStages * (SM::kA + SM::kB) + (kt & 1) * (BN * BK * 2);
 #pragma unroll
       for (int i = 0; i < kBChunks; ++i) {
         const int c = tid + i * kThreads, r = c / kBChunksPerRow, kc = c % kBChunksPerRow;
-        const uint4 v = *reinterpret_cast<const uint4*>(stage_ptr + r * 64 + kc * 16);
+        const uint4 v = *reinterpret_cast<const uint4*>(stage_ptr + r * BK + kc * 16);
         const uint32_t w[4] = {v.x, v.y, v.z, v.w};
         float f[16];
 #pragma unroll
@@ -187,10 +205,10 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(MmaArgs a) {
         hi.y = pack2<T>(f[10], f[11]);
         hi.z = pack2<T>(f[12], f[13]);
         hi.w = pack2<T>(f[14], f[15]);
-        *reinterpret_cast<uint4*>(conv_ptr + swz(r, 2 * kc)) = lo;
-        *reinterpret_cast<uint4*>(conv_ptr + swz(r, 2 * kc + 1)) = hi;
+        *reinterpret_cast<uint4*>(smem + conv_off + swz<CPR>(r, 2 * kc)) = lo;
+        *reinterpret_cast<uint4*>(smem + conv_off + swz<CPR>(r, 2 * kc + 1)) = hi;
       }
-      b_tile = conv;
+      b_tile = sbase + conv_off;
     }
     __syncthreads();
     {
@@ -201,28 +219,28 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(MmaArgs a) {
     const uint32_t a_tile = a_stage(s);
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ++ks) {
-      uint32_t af[2][4];
+      uint32_t af[MI][4];
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi) {
-        const int r = wm * 32 + mi * 16 + (lane & 15);
-        ldmatrix_x4(a_tile + swz(r, ks * 2 + (lane >> 4)), af[mi][0], af[mi][1], af[mi][2], af[mi][3]);
+      for (int mi = 0; mi < MI; ++mi) {
+        const int r = wm * WTM + mi * 16 + (lane & 15);
+        ldmatrix_x4(a_tile + swz<CPR>(r, ks * 2 + (lane >> 4)), af[mi][0], af[mi][1], af[mi][2], af[mi][3]);
       }
-      uint32_t bf[8][2];
+      uint32_t bf[NI][2];
 #pragma unroll
-      for (int nb = 0; nb < 4; ++nb) {
-        const int r = wn * 64 + nb * 16 + (lane & 7) + ((lane >> 4) << 3);
-        ldmatrix_x4(b_tile + swz(r, ks * 2 + ((lane >> 3) & 1)), bf[2 * nb][0], bf[2 * nb][1], bf[2 * nb + 1][0],
-                    bf[2 * nb + 1][1]);
+      for (int nb = 0; nb < NI / 2; ++nb) {
+        const int r = wn * WTN + nb * 16 + (lane & 7) + ((lane >> 4) << 3);
+        ldmatrix_x4(b_tile + swz<CPR>(r, ks * 2 + ((lane >> 3) & 1)), bf[2 * nb][0], bf[2 * nb][1],
+                    bf[2 * nb + 1][0], bf[2 * nb + 1][1]);
       }
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
+      for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 8; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
+        for (int ni = 0; ni < NI; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
     }
   }
   cp_async_wait<0>();
 
-  // Epilogue. Accumulator element q of (mi, ni): row wm*32+mi*16+lane/4+8*(q/2), col wn*64+ni*8+2*(lane%4)+q%2.
+  // Epilogue. Element q of (mi, ni): row wm*WTM+mi*16+lane/4+8*(q/2), col wn*WTN+ni*8+2*(lane%4)+q%2.
   const float* sc32 = static_cast<const float*>(a.scale);
   const __half* sc16 = static_cast<const __half*>(a.scale);
   auto scale_of = [&](int wrow) -> float {
@@ -233,32 +251,32 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(MmaArgs a) {
   T* out = static_cast<T*>(a.out);
   if (kGateUp) {
 #pragma unroll
-    for (int ni = 0; ni < 4; ++ni) {
-      const int j = n_tile * 64 + wn * 32 + ni * 8 + 2 * (lane & 3);
+    for (int ni = 0; ni < NI / 2; ++ni) {
+      const int j = n_tile * (BN / 2) + wn * (WTN / 2) + ni * 8 + 2 * (lane & 3);
       const float sg0 = scale_of(j), sg1 = scale_of(j + 1);
       const float su0 = scale_of(a.I + j), su1 = scale_of(a.I + j + 1);
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
+      for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (int hq = 0; hq < 2; ++hq) {
-          const int r = wm * 32 + mi * 16 + (lane >> 2) + 8 * hq;
+          const int r = wm * WTM + mi * 16 + (lane >> 2) + 8 * hq;
           if (r < rows_valid) {
-            const float h0 = silu(acc[mi][ni][2 * hq] * sg0) * (acc[mi][ni + 4][2 * hq] * su0);
-            const float h1 = silu(acc[mi][ni][2 * hq + 1] * sg1) * (acc[mi][ni + 4][2 * hq + 1] * su1);
+            const float h0 = silu(acc[mi][ni][2 * hq] * sg0) * (acc[mi][ni + NI / 2][2 * hq] * su0);
+            const float h1 = silu(acc[mi][ni][2 * hq + 1] * sg1) * (acc[mi][ni + NI / 2][2 * hq + 1] * su1);
             *reinterpret_cast<uint32_t*>(out + size_t(row0 + r) * a.I + j) = pack2<T>(h0, h1);
           }
         }
     }
   } else {
 #pragma unroll
-    for (int ni = 0; ni < 8; ++ni) {
-      const int n = n_tile * BN + wn * 64 + ni * 8 + 2 * (lane & 3);
+    for (int ni = 0; ni < NI; ++ni) {
+      const int n = n_tile * BN + wn * WTN + ni * 8 + 2 * (lane & 3);
       const float s0 = scale_of(n), s1 = scale_of(n + 1);
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
+      for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (int hq = 0; hq < 2; ++hq) {
-          const int r = wm * 32 + mi * 16 + (lane >> 2) + 8 * hq;
+          const int r = wm * WTM + mi * 16 + (lane >> 2) + 8 * hq;
           if (r < rows_valid) {
             *reinterpret_cast<uint32_t*>(out + size_t(row0 + r) * a.H + n) =
                 pack2<T>(acc[mi][ni][2 * hq] * s0, acc[mi][ni][2 * hq + 1] * s1);
@@ -266,18 +284,19 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(MmaArgs a) {
         }
     }
   }
+  pdl_launch_dependents();
 }
 
-template <typename T, bool kInt8, bool kGateUp>
-cudaError_t launch_one(const MmaArgs& a, int max_tiles, cudaStream_t s) {
-  constexpr int smem = Smem<T, kInt8>::kBytes;
+template <typename T, bool kInt8, bool kGateUp, typename C>
+cudaError_t launch_one(MmaArgs a, int max_tiles, cudaStream_t s) {
+  constexpr int smem = Smem<C, kInt8>::kBytes;
   // Raise the dynamic shared-memory limit once per process (not inside every call, which may be
   // captured into a CUDA graph). The attribute belongs to the function on the current device.
   static const cudaError_t attr_err =
-      cudaFuncSetAttribute(mma_kernel<T, kInt8, kGateUp>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      cudaFuncSetAttribute(mma_kernel<T, kInt8, kGateUp, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (attr_err != cudaSuccess) return attr_err;
-  mma_kernel<T, kInt8, kGateUp><<<max_tiles * a.n_tiles, kThreads, smem, s>>>(a);
-  return cudaGetLastError();
+  a.n_tiles = kGateUp ? a.I / (C::BN / 2) : a.H / C::BN;
+  return launch(mma_kernel<T, kInt8, kGateUp, C>, dim3(max_tiles * a.n_tiles), dim3(C::kThreads), smem, s, a);
 }
 
 template <typename T, bool kInt8>
@@ -291,14 +310,17 @@ cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Wor
   a.I = p.inter;
   a.H = p.hidden;
   a.scale_dtype = p.scale_dtype;
+  // QMOE_MMA_TILE=1 forces the 64x128 tile (benchmarking); otherwise the wide tile where it divides.
+  const bool allow_wide = env_int("QMOE_MMA_TILE", 2) != 1;
 
   a.act = t.x;
   a.weight = t.gate_up;
   a.scale = t.gate_up_scale;
   a.out = ws.h;
   a.K = p.hidden;
-  a.n_tiles = p.inter / 64;
-  cudaError_t err = launch_one<T, kInt8, true>(a, ws.max_tiles, s);
+  cudaError_t err = (allow_wide && p.inter % (CfgWide::BN / 2) == 0)
+                        ? launch_one<T, kInt8, true, CfgWide>(a, ws.max_tiles, s)
+                        : launch_one<T, kInt8, true, CfgSmall>(a, ws.max_tiles, s);
   if (err != cudaSuccess) return err;
 
   a.act = ws.h;
@@ -306,8 +328,8 @@ cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Wor
   a.scale = t.down_scale;
   a.out = ws.y;
   a.K = p.inter;
-  a.n_tiles = p.hidden / BN;
-  return launch_one<T, kInt8, false>(a, ws.max_tiles, s);
+  return (allow_wide && p.hidden % CfgWide::BN == 0) ? launch_one<T, kInt8, false, CfgWide>(a, ws.max_tiles, s)
+                                                     : launch_one<T, kInt8, false, CfgSmall>(a, ws.max_tiles, s);
 }
 
 }  // namespace

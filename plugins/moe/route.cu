@@ -86,6 +86,8 @@ template <typename L>
 __global__ void __launch_bounds__(256) router_kernel(const L* __restrict__ logits, int T, int E, int k,
                                                      int normalize, int32_t* __restrict__ ids,
                                                      float* __restrict__ weights) {
+  pdl_wait();
+  pdl_launch_dependents();
   const int t = blockIdx.x * 8 + (threadIdx.x >> 5);
   if (t >= T) return;
   route_token(logits + size_t(t) * E, E, k, normalize != 0, ids + size_t(t) * k, weights + size_t(t) * k);
@@ -102,6 +104,8 @@ __global__ void __launch_bounds__(1024) dispatch_kernel(const L* __restrict__ lo
   __shared__ int wcnt[32][kMaxExperts];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int P = T * k;
+  pdl_wait();
+  pdl_launch_dependents();
 
   if (fuse_router) {
     for (int t = warp; t < T; t += 32) {
@@ -172,6 +176,7 @@ template <typename T>
 __global__ void __launch_bounds__(256) combine_kernel(const T* __restrict__ y, const int32_t* __restrict__ pair_pos,
                                                       const float* __restrict__ topk_w, int H, int k,
                                                       T* __restrict__ out) {
+  pdl_wait();
   const int t = blockIdx.x;
   const int c = (blockIdx.y * blockDim.x + threadIdx.x) * 8;
   if (c >= H) return;
@@ -202,15 +207,13 @@ cudaError_t launch_router(const qmoe_problem& p, const void* logits, int32_t* id
   const dim3 grid((p.num_tokens + 7) / 8);
   switch (p.logits_dtype) {
     case QMOE_F32:
-      router_kernel<float><<<grid, 256, 0, s>>>(static_cast<const float*>(logits), p.num_tokens, p.num_experts,
+      return launch(router_kernel<float>, grid, dim3(256), 0, s, static_cast<const float*>(logits), p.num_tokens, p.num_experts,
                                                 p.top_k, p.normalize, ids, w);
-      break;
     case QMOE_F16:
-      router_kernel<__half><<<grid, 256, 0, s>>>(static_cast<const __half*>(logits), p.num_tokens,
+      return launch(router_kernel<__half>, grid, dim3(256), 0, s, static_cast<const __half*>(logits), p.num_tokens,
                                                  p.num_experts, p.top_k, p.normalize, ids, w);
-      break;
     default:
-      router_kernel<__nv_bfloat16><<<grid, 256, 0, s>>>(static_cast<const __nv_bfloat16*>(logits), p.num_tokens,
+      return launch(router_kernel<__nv_bfloat16>, grid, dim3(256), 0, s, static_cast<const __nv_bfloat16*>(logits), p.num_tokens,
                                                         p.num_experts, p.top_k, p.normalize, ids, w);
   }
   return cudaGetLastError();
@@ -221,15 +224,13 @@ cudaError_t launch_dispatch(const qmoe_problem& p, const void* logits, const Wor
   const int f = fuse_router ? 1 : 0;
   switch (p.logits_dtype) {
     case QMOE_F32:
-      dispatch_kernel<float><<<1, 1024, 0, s>>>(static_cast<const float*>(logits), p.num_tokens, p.num_experts,
+      return launch(dispatch_kernel<float>, dim3(1), dim3(1024), 0, s, static_cast<const float*>(logits), p.num_tokens, p.num_experts,
                                                 p.top_k, p.normalize, f, ws);
-      break;
     case QMOE_F16:
-      dispatch_kernel<__half><<<1, 1024, 0, s>>>(static_cast<const __half*>(logits), p.num_tokens,
+      return launch(dispatch_kernel<__half>, dim3(1), dim3(1024), 0, s, static_cast<const __half*>(logits), p.num_tokens,
                                                  p.num_experts, p.top_k, p.normalize, f, ws);
-      break;
     default:
-      dispatch_kernel<__nv_bfloat16><<<1, 1024, 0, s>>>(static_cast<const __nv_bfloat16*>(logits), p.num_tokens,
+      return launch(dispatch_kernel<__nv_bfloat16>, dim3(1), dim3(1024), 0, s, static_cast<const __nv_bfloat16*>(logits), p.num_tokens,
                                                         p.num_experts, p.top_k, p.normalize, f, ws);
   }
   return cudaGetLastError();
@@ -238,10 +239,10 @@ cudaError_t launch_dispatch(const qmoe_problem& p, const void* logits, const Wor
 cudaError_t launch_combine(const qmoe_problem& p, const Workspace& ws, void* out, cudaStream_t s) {
   const dim3 grid(p.num_tokens, (p.hidden / 8 + 255) / 256);
   if (p.act_dtype == QMOE_F16) {
-    combine_kernel<__half><<<grid, 256, 0, s>>>(static_cast<const __half*>(ws.y), ws.pair_pos, ws.topk_w,
+    return launch(combine_kernel<__half>, grid, dim3(256), 0, s, static_cast<const __half*>(ws.y), ws.pair_pos, ws.topk_w,
                                                 p.hidden, p.top_k, static_cast<__half*>(out));
   } else {
-    combine_kernel<__nv_bfloat16><<<grid, 256, 0, s>>>(static_cast<const __nv_bfloat16*>(ws.y), ws.pair_pos,
+    return launch(combine_kernel<__nv_bfloat16>, grid, dim3(256), 0, s, static_cast<const __nv_bfloat16*>(ws.y), ws.pair_pos,
                                                        ws.topk_w, p.hidden, p.top_k,
                                                        static_cast<__nv_bfloat16*>(out));
   }
