@@ -92,3 +92,27 @@ def test_help_is_fast_and_lazy():
     code = f"import sys, qwen3_compile.cli; print(any(m in sys.modules for m in {heavy}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False"
+
+
+def test_export_command(tmp_path):
+    out = tmp_path / "exp"
+    result = run("export", "tiny-moe", "-o", str(out), "--target", "ort", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["op_histogram"]["com.microsoft::MoE"] == 2
+    again = run("export", "tiny-moe", "-o", str(out))
+    assert again.exit_code == 2 and "--force" in again.output
+
+
+def test_export_bad_combination_exit_2(tmp_path):
+    result = run("export", "tiny-moe", "-o", str(tmp_path / "x"), "--dtype", "bf16", "--target", "ort")
+    assert result.exit_code == 2 and "fp32" in result.output
+
+
+def test_compile_main_job(tmp_path):
+    result = run("compile", "-o", str(tmp_path), "--decode-steps", "4", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["passed"] and set(data["parity"]) == {"canonical", "ort"}
+    assert (tmp_path / "tiny-moe" / "onnx-ort" / "model.onnx").exists()
+    assert json.loads((tmp_path / "tiny-moe" / "compile.json").read_text())["passed"]
