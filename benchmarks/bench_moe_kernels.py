@@ -170,8 +170,9 @@ def bench_tokens(T: int, weights: dict, bw: float, mm: float, reps: int) -> list
 VARIANTS = {  # environment knobs of the library (read at each call), for A/B timings in one run
     "default": {},
     "no PDL": {"QMOE_PDL": "0"},
-    "no L2 prefetch (GEMV)": {"QMOE_GEMV_PREFETCH": "0"},
+    "L2 prefetch (GEMV)": {"QMOE_GEMV_PREFETCH": "1"},
     "64x128 tile (MMA)": {"QMOE_MMA_TILE": "1"},
+    "128x256 tile (MMA)": {"QMOE_MMA_TILE": "3"},
 }
 
 
@@ -181,7 +182,7 @@ def bench_variants(weights: dict, reps: int) -> list[dict]:
 
     gate_up, down = weights["bf16"][:2]
     rows = []
-    for T in (1, 16, 2048):
+    for T in (1, 16, 512, 2048):
         n_sets = 8 if T <= 16 else 2
         xs = [torch.randn(T, H, device="cuda").to(torch.bfloat16) for _ in range(n_sets)]
         ls = [torch.randn(T, E, device="cuda").to(torch.bfloat16) for _ in range(n_sets)]

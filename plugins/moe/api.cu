@@ -39,6 +39,16 @@ bool use_gemv(const qmoe_problem& p) {
   return pairs <= 4LL * p.num_experts;
 }
 
+// Rows per tensor-core tile: 128 (the tall tile) once experts average ~100 tokens, else 64.
+// QMOE_MMA_TILE=1 forces 64, =3 forces 128 (benchmarking).
+int mma_tile_m(const qmoe_problem& p) {
+  const int knob = qmoe::env_int("QMOE_MMA_TILE", 0);
+  const bool tall_ok = p.inter % 128 == 0 && p.hidden % 256 == 0;
+  if (knob == 1 || !tall_ok) return 64;
+  if (knob == 3) return 128;
+  return (long long)p.num_tokens * p.top_k >= 96LL * p.num_experts ? 128 : 64;
+}
+
 }  // namespace
 
 extern "C" {
@@ -106,7 +116,9 @@ int qmoe_forward(const qmoe_problem* p, const qmoe_tensors* t, void* stream) {
     return QMOE_ERR_WORKSPACE;
 
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const Workspace ws = qmoe::layout_workspace(*p, t->workspace);
+  Workspace ws = qmoe::layout_workspace(*p, t->workspace);
+  const bool gemv = use_gemv(*p);
+  ws.tile_m = gemv ? qmoe::kMmaBlockM : mma_tile_m(*p);
   qmoe_tensors tt = *t;
   if (!i8) {
     tt.gate_up_scale = nullptr;
@@ -117,7 +129,7 @@ int qmoe_forward(const qmoe_problem* p, const qmoe_tensors* t, void* stream) {
   if (!fuse) err = qmoe::launch_router(*p, t->logits, ws.topk_ids, ws.topk_w, s);
   if (err == cudaSuccess) err = qmoe::launch_dispatch(*p, t->logits, ws, fuse, s);
   if (err == cudaSuccess) {
-    err = use_gemv(*p) ? qmoe::launch_experts_gemv(*p, tt, ws, s) : qmoe::launch_experts_mma(*p, tt, ws, s);
+    err = gemv ? qmoe::launch_experts_gemv(*p, tt, ws, s) : qmoe::launch_experts_mma(*p, tt, ws, s);
   }
   if (err == cudaSuccess) err = qmoe::launch_combine(*p, ws, t->out, s);
 

@@ -216,7 +216,7 @@ cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Wor
   a.I = p.inter;
   a.H = p.hidden;
   a.scale_dtype = p.scale_dtype;
-  a.prefetch = env_int("QMOE_GEMV_PREFETCH", 1);
+  a.prefetch = env_int("QMOE_GEMV_PREFETCH", 0);  // measured slower on H200 (NOTES.md, run 2)
 
   a.act = t.x;
   a.weight = t.gate_up;

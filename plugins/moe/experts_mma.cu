@@ -9,10 +9,10 @@
 namespace qmoe {
 namespace {
 
-// Tile configurations. BM is fixed by the dispatch kernel's tile map; the rest is per config.
-template <int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_>
+// Tile configurations. BM must equal the tile map's rows per tile (ws.tile_m) of the call.
+template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_>
 struct Cfg {
-  static constexpr int BM = kMmaBlockM, BN = BN_, BK = BK_, kStages = STAGES_;
+  static constexpr int BM = BM_, BN = BN_, BK = BK_, kStages = STAGES_;
   static constexpr int kWarpsM = WARPS_M_, kWarpsN = WARPS_N_, kThreads = 32 * WARPS_M_ * WARPS_N_;
   static constexpr int WTM = BM / kWarpsM, WTN = BN / kWarpsN;  // warp tile
   static constexpr int MI = WTM / 16, NI = WTN / 8;              // mma tiles per warp
@@ -20,10 +20,11 @@ struct Cfg {
   static_assert(CPR == 4 || CPR == 8, "BK must be 32 or 64");
   static_assert(NI % 2 == 0 && MI >= 1, "warp tile");
 };
-// 64 x 128 tile, 2 x 2 warps of 32 x 64, BK 64, 3 stages: fits any inter % 64, hidden % 128.
-using CfgSmall = Cfg<128, 64, 2, 2, 3>;
-// 64 x 256 tile, 1 x 4 warps of 64 x 64 (more mma per ldmatrix), BK 32, 4 stages.
-using CfgWide = Cfg<256, 32, 1, 4, 4>;
+// 64 x 128 tile, 2 x 2 warps of 32 x 64, BK 64, 3 stages: any inter % 64, hidden % 128; few tokens per expert.
+using CfgSmall = Cfg<64, 128, 64, 2, 2, 3>;
+// 128 x 256 tile, 2 x 4 warps of 64 x 64, BK 32, 4 stages: twice the FLOPs per byte read from L2, for
+// ~100+ tokens per expert (prefill), where L2 -> SM traffic of re-read weight slabs is the limit.
+using CfgTall = Cfg<128, 256, 32, 2, 4, 4>;
 
 struct MmaArgs {
   const void* act;     // gate_up: x [T, H] gathered through perm_pair; down: h [P, I]
@@ -114,6 +115,7 @@ __global__ void __launch_bounds__(C::kThreads) mma_kernel(MmaArgs a) {
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp / C::kWarpsN, wn = warp % C::kWarpsN;
+  const bool warp_has_rows = wm * WTM < rows_valid;
   const T* act = static_cast<const T*>(a.act);
   using WT = typename std::conditional<kInt8, int8_t, T>::type;
   const WT* wbase = static_cast<const WT*>(a.weight) + size_t(e) * rows_total * K;
@@ -217,6 +219,7 @@ __global__ void __launch_bounds__(C::kThreads) mma_kernel(MmaArgs a) {
       cp_async_commit();
     }
     const uint32_t a_tile = a_stage(s);
+    if (!warp_has_rows) continue;  // this warp's rows are all padding: loads and barriers only
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ++ks) {
       uint32_t af[MI][4];
@@ -310,17 +313,15 @@ cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Wor
   a.I = p.inter;
   a.H = p.hidden;
   a.scale_dtype = p.scale_dtype;
-  // QMOE_MMA_TILE=1 forces the 64x128 tile (benchmarking); otherwise the wide tile where it divides.
-  const bool allow_wide = env_int("QMOE_MMA_TILE", 2) != 1;
+  const bool tall = ws.tile_m == CfgTall::BM;
 
   a.act = t.x;
   a.weight = t.gate_up;
   a.scale = t.gate_up_scale;
   a.out = ws.h;
   a.K = p.hidden;
-  cudaError_t err = (allow_wide && p.inter % (CfgWide::BN / 2) == 0)
-                        ? launch_one<T, kInt8, true, CfgWide>(a, ws.max_tiles, s)
-                        : launch_one<T, kInt8, true, CfgSmall>(a, ws.max_tiles, s);
+  cudaError_t err = tall ? launch_one<T, kInt8, true, CfgTall>(a, ws.max_tiles, s)
+                         : launch_one<T, kInt8, true, CfgSmall>(a, ws.max_tiles, s);
   if (err != cudaSuccess) return err;
 
   a.act = ws.h;
@@ -328,8 +329,8 @@ cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Wor
   a.scale = t.down_scale;
   a.out = ws.y;
   a.K = p.inter;
-  return (allow_wide && p.hidden % CfgWide::BN == 0) ? launch_one<T, kInt8, false, CfgWide>(a, ws.max_tiles, s)
-                                                     : launch_one<T, kInt8, false, CfgSmall>(a, ws.max_tiles, s);
+  return tall ? launch_one<T, kInt8, false, CfgTall>(a, ws.max_tiles, s)
+              : launch_one<T, kInt8, false, CfgSmall>(a, ws.max_tiles, s);
 }
 
 }  // namespace

@@ -12,7 +12,7 @@
 
 namespace qmoe {
 
-// Tokens per expert tile of the tensor-core path; the dispatch kernel builds its tile map with it.
+// Smallest rows per tile of the tensor-core path: sizes the tile map (a call may use 64 or 128).
 constexpr int kMmaBlockM = 64;
 constexpr int kMaxExperts = 256;
 constexpr int kMaxTopK = 32;
@@ -121,6 +121,7 @@ struct Workspace {
   void* h;                // [P, I]  act dtype
   void* y;                // [P, H]  act dtype (unweighted expert outputs, permuted order)
   int32_t max_tiles;
+  int32_t tile_m;         // rows of an MMA tile (64 or 128), chosen per call
   size_t bytes;
 };
 
@@ -135,6 +136,7 @@ inline Workspace layout_workspace(const qmoe_problem& p, void* base) {
   Workspace w{};
   const size_t P = size_t(p.num_tokens) * p.top_k, E = p.num_experts;
   w.max_tiles = max_mma_tiles(p);
+  w.tile_m = kMmaBlockM;
   char* b = static_cast<char*>(base);
   size_t off = 0;
   auto take = [&](size_t n) {

@@ -93,15 +93,17 @@ __global__ void __launch_bounds__(256) router_kernel(const L* __restrict__ logit
   route_token(logits + size_t(t) * E, E, k, normalize != 0, ids + size_t(t) * k, weights + size_t(t) * k);
 }
 
-// One block. Counts per expert, the exclusive prefix sum, the active-expert list, the tile map of the
-// tensor-core path, and a stable permutation: within an expert, pairs keep their (token, slot) order.
+// One block of 32 warps. Counts per expert, the exclusive prefix sum, the active-expert list, the tile
+// map of the tensor-core path (ws.tile_m rows a tile), and a stable permutation: within an expert, pairs
+// keep their (token, slot) order. Warp w owns a contiguous segment of the pairs: pass 1 counts its
+// segment per expert (match_any groups, no atomics), a scan over (expert, warp) gives every warp its
+// starting row in every expert, pass 2 places the segment's pairs.
 template <typename L>
 __global__ void __launch_bounds__(1024) dispatch_kernel(const L* __restrict__ logits, int T, int E, int k,
                                                         int normalize, int fuse_router, Workspace ws) {
-  __shared__ int cnt[kMaxExperts];
-  __shared__ int base[kMaxExperts];
+  __shared__ int wcnt[32][kMaxExperts];  // pass 1: counts; then starting rows
+  __shared__ int offs[kMaxExperts + 1];
   __shared__ int tile_start[kMaxExperts + 1];
-  __shared__ int wcnt[32][kMaxExperts];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int P = T * k;
   pdl_wait();
@@ -112,62 +114,102 @@ __global__ void __launch_bounds__(1024) dispatch_kernel(const L* __restrict__ lo
       route_token(logits + size_t(t) * E, E, k, normalize != 0, ws.topk_ids + size_t(t) * k,
                   ws.topk_w + size_t(t) * k);
     }
+    __syncthreads();  // publishes the router's global writes to the block
   }
-  for (int e = tid; e < E; e += blockDim.x) cnt[e] = 0;
-  __syncthreads();  // also publishes the fused router's global writes to the block
-  for (int p = tid; p < P; p += blockDim.x) atomicAdd(&cnt[ws.topk_ids[p]], 1);  // integer: exact
+  const int seg = (P + 31) / 32, p_begin = min(P, warp * seg), p_end = min(P, p_begin + seg);
+
+  // Pass 1: this warp's per-expert counts (its own row of wcnt: no other warp writes it).
+  for (int e = lane; e < E; e += 32) wcnt[warp][e] = 0;
+  __syncwarp();
+  for (int b = p_begin; b < p_end; b += 32) {
+    const int p = b + lane;
+    const int e = p < p_end ? ws.topk_ids[p] : -1;
+    const uint32_t same = __match_any_sync(0xffffffffu, e);
+    if (e >= 0 && lane == __ffs(same) - 1) wcnt[warp][e] += __popc(same);
+    __syncwarp();
+  }
   __syncthreads();
-  if (tid == 0) {
-    int off = 0, na = 0, tiles = 0;
-    for (int e = 0; e < E; ++e) {
-      const int c = cnt[e];
-      ws.offsets[e] = off;
-      base[e] = off;
-      tile_start[e] = tiles;
-      if (c > 0) {
-        ws.active[na++] = e;
-        tiles += (c + kMmaBlockM - 1) / kMmaBlockM;
-      }
-      off += c;
+
+  // Per expert: exclusive scan over the 32 warps (lane = warp index); the total is the expert's count.
+  for (int e = warp; e < E; e += 32) {
+    const int c = wcnt[lane][e];
+    int incl = c;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += v;
     }
-    ws.offsets[E] = off;
-    tile_start[E] = tiles;
-    ws.meta[0] = na;
-    ws.meta[1] = tiles;
+    wcnt[lane][e] = incl - c;
+    if (lane == 31) offs[e] = incl;  // count for now; turned into an offset below
   }
   __syncthreads();
+
+  // Across experts (warp 0, 8 consecutive experts a lane): offsets, tile starts, active list.
+  if (warp == 0) {
+    constexpr int kPer = kMaxExperts / 32;
+    int c[kPer], sum_c = 0, sum_t = 0, sum_a = 0;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int e = lane * kPer + i;
+      c[i] = e < E ? offs[e] : 0;
+      sum_c += c[i];
+      sum_t += (c[i] + ws.tile_m - 1) / ws.tile_m;
+      sum_a += c[i] > 0;
+    }
+    int ic = sum_c, it = sum_t, ia = sum_a;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int vc = __shfl_up_sync(0xffffffffu, ic, o), vt = __shfl_up_sync(0xffffffffu, it, o);
+      const int va = __shfl_up_sync(0xffffffffu, ia, o);
+      if (lane >= o) {
+        ic += vc;
+        it += vt;
+        ia += va;
+      }
+    }
+    int run_c = ic - sum_c, run_t = it - sum_t, run_a = ia - sum_a;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int e = lane * kPer + i;
+      if (e < E) {
+        offs[e] = run_c;
+        tile_start[e] = run_t;
+        ws.offsets[e] = run_c;
+        if (c[i] > 0) ws.active[run_a++] = e;
+      }
+      run_c += c[i];
+      run_t += (c[i] + ws.tile_m - 1) / ws.tile_m;
+    }
+    if (lane == 31) {
+      offs[E] = run_c;
+      tile_start[E] = run_t;
+      ws.offsets[E] = run_c;
+      ws.meta[0] = ia;
+      ws.meta[1] = run_t;
+    }
+  }
+  __syncthreads();
+
   for (int e = tid; e < E; e += blockDim.x) {
     const int first = tile_start[e], n = tile_start[e + 1] - first;
     for (int m = 0; m < n; ++m) {
-      int4 entry = make_int4(e, base[e] + m * kMmaBlockM, first, n);
-      reinterpret_cast<int4*>(ws.tile_map)[first + m] = entry;
+      reinterpret_cast<int4*>(ws.tile_map)[first + m] = make_int4(e, offs[e] + m * ws.tile_m, first, n);
     }
   }
-  for (int c0 = 0; c0 < P; c0 += blockDim.x) {
-    for (int i = tid; i < 32 * E; i += blockDim.x) wcnt[i / E][i % E] = 0;
-    __syncthreads();
-    const int p = c0 + tid;
-    const int e = p < P ? ws.topk_ids[p] : -1;
+
+  // Pass 2: place this warp's pairs; wcnt[warp][e] runs from the warp's first row in expert e.
+  for (int b = p_begin; b < p_end; b += 32) {
+    const int p = b + lane;
+    const int e = p < p_end ? ws.topk_ids[p] : -1;
     const uint32_t same = __match_any_sync(0xffffffffu, e);
-    const int rank = __popc(same & ((1u << lane) - 1u));
-    if (p < P && rank == 0) wcnt[warp][e] = __popc(same);
-    __syncthreads();
-    for (int x = tid; x < E; x += blockDim.x) {
-      int run = base[x];
-      for (int w = 0; w < 32; ++w) {
-        const int c = wcnt[w][x];
-        wcnt[w][x] = run;
-        run += c;
-      }
-      base[x] = run;
-    }
-    __syncthreads();
-    if (p < P) {
-      const int pos = wcnt[warp][e] + rank;
+    if (e >= 0) {
+      const int pos = offs[e] + wcnt[warp][e] + __popc(same & ((1u << lane) - 1u));
       ws.perm_pair[pos] = p;
       ws.pair_pos[p] = pos;
     }
-    __syncthreads();
+    __syncwarp();
+    if (e >= 0 && lane == __ffs(same) - 1) wcnt[warp][e] += __popc(same);
+    __syncwarp();
   }
 }
 

@@ -96,29 +96,31 @@ def test_forward_matches_reference(kmoe, gen, T, E, k, dtype, wkind, path):
 
 
 @pytest.mark.parametrize("pdl", ["1", "0"])
-@pytest.mark.parametrize("tile", ["wide", "small"])
+@pytest.mark.parametrize("tile", ["tall", "small"])
 @pytest.mark.parametrize("path", ["gemv", "mma"])
 @pytest.mark.parametrize("T", [1, 64, 2048])
 def test_qwen3_30b_a3b_shapes(kmoe, gen, monkeypatch, T, path, tile, pdl):
     # Kernel variants are chosen through environment knobs read at each call.
-    monkeypatch.setenv("QMOE_MMA_TILE", "1" if tile == "small" else "2")
-    monkeypatch.setenv("QMOE_GEMV_PREFETCH", "1" if tile == "wide" else "0")
+    monkeypatch.setenv("QMOE_MMA_TILE", "1" if tile == "small" else "3")
+    monkeypatch.setenv("QMOE_GEMV_PREFETCH", "1" if tile == "tall" else "0")
     monkeypatch.setenv("QMOE_PDL", pdl)
     run_case(kmoe, gen, T, 128, 8, torch.bfloat16, "float", path, H=2048, inter=768)
 
 
-@pytest.mark.parametrize("tile", ["wide", "small"])
+@pytest.mark.parametrize("tile", ["tall", "small"])
 @pytest.mark.parametrize("path", ["gemv", "mma"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_int8_qwen3_30b_a3b_shapes(kmoe, gen, monkeypatch, dtype, path, tile):
-    monkeypatch.setenv("QMOE_MMA_TILE", "1" if tile == "small" else "2")
+    monkeypatch.setenv("QMOE_MMA_TILE", "1" if tile == "small" else "3")
     run_case(kmoe, gen, 300, 128, 8, dtype, "int8_f16s", path, H=2048, inter=768)
 
 
-@pytest.mark.parametrize(("H", "inter"), [(128, 64), (384, 320), (512, 128)])
-def test_other_shapes(kmoe, gen, H, inter):
+@pytest.mark.parametrize("tile", ["1", "3"])
+@pytest.mark.parametrize(("H", "inter"), [(128, 64), (384, 320), (512, 128), (768, 256)])
+def test_other_shapes(kmoe, gen, monkeypatch, H, inter, tile):
+    monkeypatch.setenv("QMOE_MMA_TILE", tile)  # 3 (128-row tile) applies only where it divides
     for path in ("gemv", "mma"):
-        run_case(kmoe, gen, 100, 16, 4, torch.bfloat16, "float", path, H=H, inter=inter)
+        run_case(kmoe, gen, 1000, 16, 4, torch.bfloat16, "float", path, H=H, inter=inter)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
