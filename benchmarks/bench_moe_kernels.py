@@ -170,9 +170,10 @@ def bench_tokens(T: int, weights: dict, bw: float, mm: float, reps: int) -> list
 VARIANTS = {  # environment knobs of the library (read at each call), for A/B timings in one run
     "default": {},
     "no PDL": {"QMOE_PDL": "0"},
-    "L2 prefetch (GEMV)": {"QMOE_GEMV_PREFETCH": "1"},
-    "64x128 tile (MMA)": {"QMOE_MMA_TILE": "1"},
-    "128x256 tile (MMA)": {"QMOE_MMA_TILE": "3"},
+    "GEMV loads issued early": {"QMOE_GEMV_EARLY": "1"},
+    "stages: routing only": {"QMOE_STAGES": "1"},
+    "stages: + gate_up": {"QMOE_STAGES": "2"},
+    "stages: + down": {"QMOE_STAGES": "3"},
 }
 
 

@@ -10,6 +10,7 @@ constexpr int kWarps = 4;     // warps per block
 constexpr int kRowIters = 2;  // row groups a warp handles one after another
 constexpr int kRows = 4;      // weight rows a warp streams together (gate j, j+1, up j, j+1 / 4 down rows)
 constexpr int kMaxTok = 4;    // tokens per pass over the rows
+// (An L2 prefetch of all the warp's rows at kernel start was measured slower: NOTES.md, run 2.)
 
 template <typename W> struct WTraits {
   static constexpr int kVec = 8;     // 16-bit weights: 8 per 16 bytes
@@ -46,26 +47,36 @@ struct GemvArgs {
   const int32_t* active;
   const int32_t* meta;
   int top_k, K, I, H;
-  int prefetch;  // issue L2 prefetches for all of this warp's weight rows before staging activations
+  int early;  // which kernel variant (kEarly) to launch
 };
 
+// This lane's 16-byte weight vectors of one round (kb) of the K loop.
+template <typename W>
+__device__ __forceinline__ void load_round(const W* const (&rows)[kRows], int kb, int K,
+                                           uint4 (&wv)[WTraits<W>::kUnroll][kRows]) {
+  constexpr int V = WTraits<W>::kVec;
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int u = 0; u < WTraits<W>::kUnroll; ++u) {
+    const int k0 = kb + (u * 32 + lane) * V;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      wv[u][r] = k0 < K ? __ldg(reinterpret_cast<const uint4*>(rows[r] + k0)) : make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
 // acc[r][t] += dot(rows[r][0:K], xs[t][0:K]) over this lane's slice; xs holds nt (<= kMaxTok) vectors.
-template <typename T, typename W>
+// kPre: the first round's vectors were loaded earlier into `pre`.
+template <typename T, typename W, bool kPre>
 __device__ __forceinline__ void warp_dot(const W* const (&rows)[kRows], const T* xs, int nt, int K,
-                                         float (&acc)[kRows][kMaxTok]) {
+                                         float (&acc)[kRows][kMaxTok],
+                                         const uint4 (&pre)[WTraits<W>::kUnroll][kRows]) {
   constexpr int V = WTraits<W>::kVec;
   constexpr int kUnroll = WTraits<W>::kUnroll;
+  constexpr int kStep = 32 * V * kUnroll;
   const int lane = threadIdx.x & 31;
-  for (int kb = 0; kb < K; kb += 32 * V * kUnroll) {
-    uint4 wv[kUnroll][kRows];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int k0 = kb + (u * 32 + lane) * V;
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        wv[u][r] = k0 < K ? __ldg(reinterpret_cast<const uint4*>(rows[r] + k0)) : make_uint4(0, 0, 0, 0);
-      }
-    }
+  auto consume = [&](const uint4 (&wv)[kUnroll][kRows], int kb) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int k0 = kb + (u * 32 + lane) * V;
@@ -90,6 +101,16 @@ __device__ __forceinline__ void warp_dot(const W* const (&rows)[kRows], const T*
         }
       }
     }
+  };
+  int kb = 0;
+  if (kPre) {  // first round peeled: its vectors are already in registers
+    consume(pre, 0);
+    kb = kStep;
+  }
+  for (; kb < K; kb += kStep) {
+    uint4 wv[kUnroll][kRows];
+    load_round<W>(rows, kb, K, wv);
+    consume(wv, kb);
   }
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
@@ -102,7 +123,9 @@ __device__ __forceinline__ void warp_dot(const W* const (&rows)[kRows], const T*
 }
 
 // kGateUp: rows j, j+1 of gate and of up -> h[:, j:j+2] = silu(gate) * up.  Else: 4 rows of down -> y.
-template <typename T, typename W, bool kGateUp>
+// kEarly: the first round of weight loads is issued before the token rows are staged (hides that latency
+// chain, at the cost of registers: both variants are built, QMOE_GEMV_EARLY picks).
+template <typename T, typename W, bool kGateUp, bool kEarly>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);
@@ -115,20 +138,18 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
   const int rows_total = kGateUp ? 2 * a.I : a.H;
   const W* wbase = static_cast<const W*>(a.weight) + size_t(e) * rows_total * K;
   const T* act = static_cast<const T*>(a.act);
-  if (a.prefetch) {
-    // The expert is known: start streaming its rows into L2 while the token rows are staged.
-#pragma unroll 1
-    for (int it = 0; it < kRowIters; ++it) {
-      const int group = (blockIdx.x * kWarps + warp) * kRowIters + it;
+  auto row_index = [&](int it, int r) {
+    const int group = (blockIdx.x * kWarps + warp) * kRowIters + it;  // row group index
+    if (kGateUp) return (r < 2 ? 0 : a.I) + 2 * group + (r & 1);       // gate j, j+1, up j, j+1
+    return group * kRows + r;
+  };
+  // The expert is known: start the first round of weight loads before the token rows are staged.
+  uint4 pre[WTraits<W>::kUnroll][kRows];
+  if (kEarly) {
+    const W* rows0[kRows];
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const int row = kGateUp ? (r < 2 ? 2 * group + r : a.I + 2 * group + r - 2) : group * kRows + r;
-        const char* base = reinterpret_cast<const char*>(wbase + size_t(row) * K);
-        for (int b = lane * 128; b < K * int(sizeof(W)); b += 32 * 128) {
-          asm volatile("prefetch.global.L2 [%0];\n" ::"l"(base + b));
-        }
-      }
-    }
+    for (int r = 0; r < kRows; ++r) rows0[r] = wbase + size_t(row_index(0, r)) * K;
+    load_round<W>(rows0, 0, K, pre);
   }
   const int r0 = a.offsets[e], ne = a.offsets[e + 1] - r0;
 
@@ -145,27 +166,23 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
     __syncthreads();
 #pragma unroll 1
     for (int it = 0; it < kRowIters; ++it) {
-      const int group = (blockIdx.x * kWarps + warp) * kRowIters + it;  // row group index
       const W* rows[kRows];
       int ridx[kRows];
-      if (kGateUp) {
-        const int j = group * 2;
-        ridx[0] = j;
-        ridx[1] = j + 1;
-        ridx[2] = a.I + j;
-        ridx[3] = a.I + j + 1;
-      } else {
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) ridx[r] = group * kRows + r;
+      for (int r = 0; r < kRows; ++r) {
+        ridx[r] = row_index(it, r);
+        rows[r] = wbase + size_t(ridx[r]) * K;
       }
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) rows[r] = wbase + size_t(ridx[r]) * K;
       float acc[kRows][kMaxTok];
 #pragma unroll
       for (int r = 0; r < kRows; ++r)
 #pragma unroll
         for (int t = 0; t < kMaxTok; ++t) acc[r][t] = 0.0f;
-      warp_dot<T, W>(rows, xs, nt, K, acc);
+      if (kEarly && c == 0 && it == 0) {
+        warp_dot<T, W, true>(rows, xs, nt, K, acc, pre);
+      } else {
+        warp_dot<T, W, false>(rows, xs, nt, K, acc, pre);
+      }
       float s[kRows];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
@@ -192,19 +209,26 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
   pdl_launch_dependents();
 }
 
-template <typename T, typename W, bool kGateUp>
-cudaError_t launch_one(const GemvArgs& a, int grid_x, int grid_y, cudaStream_t s) {
+template <typename T, typename W, bool kGateUp, bool kEarly>
+cudaError_t launch_variant(const GemvArgs& a, int grid_x, int grid_y, cudaStream_t s) {
   const size_t smem = size_t(kMaxTok) * a.K * sizeof(T);
   if (smem > 48 * 1024) {  // only for hidden > 6144
-    cudaError_t err =
-        cudaFuncSetAttribute(gemv_kernel<T, W, kGateUp>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    cudaError_t err = cudaFuncSetAttribute(gemv_kernel<T, W, kGateUp, kEarly>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return err;
   }
-  return launch(gemv_kernel<T, W, kGateUp>, dim3(grid_x, grid_y), dim3(kWarps * 32), smem, s, a);
+  return launch(gemv_kernel<T, W, kGateUp, kEarly>, dim3(grid_x, grid_y), dim3(kWarps * 32), smem, s, a);
+}
+
+template <typename T, typename W, bool kGateUp>
+cudaError_t launch_one(const GemvArgs& a, int grid_x, int grid_y, cudaStream_t s) {
+  return a.early ? launch_variant<T, W, kGateUp, true>(a, grid_x, grid_y, s)
+                 : launch_variant<T, W, kGateUp, false>(a, grid_x, grid_y, s);
 }
 
 template <typename T, typename W>
-cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, cudaStream_t s) {
+cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, cudaStream_t s,
+                         bool with_down) {
   const int P = p.num_tokens * p.top_k;
   const int max_active = p.num_experts < P ? p.num_experts : P;
   GemvArgs a{};
@@ -216,7 +240,7 @@ cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Wor
   a.I = p.inter;
   a.H = p.hidden;
   a.scale_dtype = p.scale_dtype;
-  a.prefetch = env_int("QMOE_GEMV_PREFETCH", 0);  // measured slower on H200 (NOTES.md, run 2)
+  a.early = env_int("QMOE_GEMV_EARLY", 0);
 
   a.act = t.x;
   a.weight = t.gate_up;
@@ -225,7 +249,7 @@ cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Wor
   a.K = p.hidden;
   constexpr int kJPerBlock = kWarps * kRowIters * 2;
   cudaError_t err = launch_one<T, W, true>(a, p.inter / kJPerBlock, max_active, s);
-  if (err != cudaSuccess) return err;
+  if (err != cudaSuccess || !with_down) return err;
 
   a.act = ws.h;
   a.weight = t.down;
@@ -239,13 +263,13 @@ cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Wor
 }  // namespace
 
 cudaError_t launch_experts_gemv(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
-                                cudaStream_t s) {
+                               cudaStream_t s, bool with_down) {
   const bool i8 = p.weight_dtype == QMOE_I8;
   if (p.act_dtype == QMOE_F16) {
-    return i8 ? launch_typed<__half, int8_t>(p, t, ws, s) : launch_typed<__half, __half>(p, t, ws, s);
+    return i8 ? launch_typed<__half, int8_t>(p, t, ws, s, with_down) : launch_typed<__half, __half>(p, t, ws, s, with_down);
   }
-  return i8 ? launch_typed<__nv_bfloat16, int8_t>(p, t, ws, s)
-            : launch_typed<__nv_bfloat16, __nv_bfloat16>(p, t, ws, s);
+  return i8 ? launch_typed<__nv_bfloat16, int8_t>(p, t, ws, s, with_down)
+            : launch_typed<__nv_bfloat16, __nv_bfloat16>(p, t, ws, s, with_down);
 }
 
 }  // namespace qmoe

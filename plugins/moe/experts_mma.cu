@@ -22,9 +22,8 @@ struct Cfg {
 };
 // 64 x 128 tile, 2 x 2 warps of 32 x 64, BK 64, 3 stages: any inter % 64, hidden % 128; few tokens per expert.
 using CfgSmall = Cfg<64, 128, 64, 2, 2, 3>;
-// 128 x 256 tile, 2 x 4 warps of 64 x 64, BK 32, 4 stages: twice the FLOPs per byte read from L2, for
-// ~100+ tokens per expert (prefill), where L2 -> SM traffic of re-read weight slabs is the limit.
-using CfgTall = Cfg<128, 256, 32, 2, 4, 4>;
+// (Measured and dropped, NOTES.md: 64x256 with 1x4 warps of 64x64, and 128x256 with 2x4 warps; both
+// slower on the H200 than this tile at every T, through lower occupancy.)
 
 struct MmaArgs {
   const void* act;     // gate_up: x [T, H] gathered through perm_pair; down: h [P, I]
@@ -303,7 +302,8 @@ cudaError_t launch_one(MmaArgs a, int max_tiles, cudaStream_t s) {
 }
 
 template <typename T, bool kInt8>
-cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, cudaStream_t s) {
+cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, cudaStream_t s,
+                         bool with_down) {
   MmaArgs a{};
   a.perm_pair = ws.perm_pair;
   a.offsets = ws.offsets;
@@ -313,35 +313,31 @@ cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Wor
   a.I = p.inter;
   a.H = p.hidden;
   a.scale_dtype = p.scale_dtype;
-  const bool tall = ws.tile_m == CfgTall::BM;
-
   a.act = t.x;
   a.weight = t.gate_up;
   a.scale = t.gate_up_scale;
   a.out = ws.h;
   a.K = p.hidden;
-  cudaError_t err = tall ? launch_one<T, kInt8, true, CfgTall>(a, ws.max_tiles, s)
-                         : launch_one<T, kInt8, true, CfgSmall>(a, ws.max_tiles, s);
-  if (err != cudaSuccess) return err;
+  cudaError_t err = launch_one<T, kInt8, true, CfgSmall>(a, ws.max_tiles, s);
+  if (err != cudaSuccess || !with_down) return err;
 
   a.act = ws.h;
   a.weight = t.down;
   a.scale = t.down_scale;
   a.out = ws.y;
   a.K = p.inter;
-  return tall ? launch_one<T, kInt8, false, CfgTall>(a, ws.max_tiles, s)
-              : launch_one<T, kInt8, false, CfgSmall>(a, ws.max_tiles, s);
+  return launch_one<T, kInt8, false, CfgSmall>(a, ws.max_tiles, s);
 }
 
 }  // namespace
 
 cudaError_t launch_experts_mma(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
-                               cudaStream_t s) {
+                               cudaStream_t s, bool with_down) {
   const bool i8 = p.weight_dtype == QMOE_I8;
   if (p.act_dtype == QMOE_F16) {
-    return i8 ? launch_typed<__half, true>(p, t, ws, s) : launch_typed<__half, false>(p, t, ws, s);
+    return i8 ? launch_typed<__half, true>(p, t, ws, s, with_down) : launch_typed<__half, false>(p, t, ws, s, with_down);
   }
-  return i8 ? launch_typed<__nv_bfloat16, true>(p, t, ws, s) : launch_typed<__nv_bfloat16, false>(p, t, ws, s);
+  return i8 ? launch_typed<__nv_bfloat16, true>(p, t, ws, s, with_down) : launch_typed<__nv_bfloat16, false>(p, t, ws, s, with_down);
 }
 
 }  // namespace qmoe

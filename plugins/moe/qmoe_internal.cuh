@@ -163,10 +163,11 @@ inline Workspace layout_workspace(const qmoe_problem& p, void* base) {
 cudaError_t launch_router(const qmoe_problem& p, const void* logits, int32_t* ids, float* w, cudaStream_t s);
 cudaError_t launch_dispatch(const qmoe_problem& p, const void* logits, const Workspace& ws, bool fuse_router,
                             cudaStream_t s);
+// with_down = false stops after the gate_up GEMM (stage timing only).
 cudaError_t launch_experts_gemv(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
-                                cudaStream_t s);
+                                cudaStream_t s, bool with_down = true);
 cudaError_t launch_experts_mma(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
-                               cudaStream_t s);
+                               cudaStream_t s, bool with_down = true);
 cudaError_t launch_combine(const qmoe_problem& p, const Workspace& ws, void* out, cudaStream_t s);
 
 }  // namespace qmoe

@@ -1,6 +1,4 @@
 // Router (softmax + top-k), dispatch (counts, prefix sum, stable permutation) and weighted combine.
-#include <climits>
-
 #include "qmoe_internal.cuh"
 
 namespace qmoe {
@@ -43,33 +41,36 @@ __device__ void route_token(const L* __restrict__ row, int E, int k, bool normal
   }
   s = warp_sum(s);
 
-  uint32_t taken = 0;
+  // Selection on order-preserving integer keys (-0 folded into +0): two warp reductions a round,
+  // max of the key, then min of the expert index among the lanes holding that key.
+  uint32_t key[kPerLane];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const uint32_t u = __float_as_uint(v[i] + 0.0f);
+    key[i] = lane + 32 * i < E ? ((u & 0x80000000u) ? ~u : (u | 0x80000000u)) : 0u;  // 0: unavailable
+  }
   int my_id = 0;
   float my_p = 0.0f;
   for (int j = 0; j < k; ++j) {
-    float bv = -INFINITY;
-    int bi = INT_MAX;
+    uint32_t best = 0;
+    int bi = 0;
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
-      const int e = lane + 32 * i;
-      if (e < E && !((taken >> i) & 1u) && (bi == INT_MAX || v[i] > bv)) {
-        bv = v[i];
-        bi = e;
+      if (key[i] > best) {  // strict: the lowest index wins within the lane
+        best = key[i];
+        bi = i;
       }
     }
+    const uint32_t kmax = __reduce_max_sync(0xffffffffu, best);
+    const uint32_t e_sel = __reduce_min_sync(0xffffffffu, best == kmax ? uint32_t(lane + 32 * bi) : 0xffffffffu);
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (oi != INT_MAX && (bi == INT_MAX || ov > bv || (ov == bv && oi < bi))) {
-        bv = ov;
-        bi = oi;
-      }
+    for (int i = 0; i < kPerLane; ++i) {
+      if (uint32_t(lane + 32 * i) == e_sel) key[i] = 0u;
     }
-    if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
     if (lane == j) {
-      my_id = bi;
-      my_p = expf(bv - mx) / s;
+      const uint32_t u = (kmax & 0x80000000u) ? (kmax & 0x7fffffffu) : ~kmax;
+      my_id = int(e_sel);
+      my_p = expf(__uint_as_float(u) - mx) / s;
     }
   }
   if (normalize) {
@@ -121,12 +122,21 @@ __global__ void __launch_bounds__(1024) dispatch_kernel(const L* __restrict__ lo
   // Pass 1: this warp's per-expert counts (its own row of wcnt: no other warp writes it).
   for (int e = lane; e < E; e += 32) wcnt[warp][e] = 0;
   __syncwarp();
-  for (int b = p_begin; b < p_end; b += 32) {
-    const int p = b + lane;
-    const int e = p < p_end ? ws.topk_ids[p] : -1;
-    const uint32_t same = __match_any_sync(0xffffffffu, e);
-    if (e >= 0 && lane == __ffs(same) - 1) wcnt[warp][e] += __popc(same);
-    __syncwarp();
+  constexpr int kBatch = 4;  // independent id loads in flight per lane
+  for (int b = p_begin; b < p_end; b += 32 * kBatch) {
+    int ev[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int p = b + 32 * u + lane;
+      ev[u] = p < p_end ? ws.topk_ids[p] : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int e = ev[u];
+      const uint32_t same = __match_any_sync(0xffffffffu, e);
+      if (e >= 0 && lane == __ffs(same) - 1) wcnt[warp][e] += __popc(same);
+      __syncwarp();
+    }
   }
   __syncthreads();
 
@@ -198,18 +208,26 @@ __global__ void __launch_bounds__(1024) dispatch_kernel(const L* __restrict__ lo
   }
 
   // Pass 2: place this warp's pairs; wcnt[warp][e] runs from the warp's first row in expert e.
-  for (int b = p_begin; b < p_end; b += 32) {
-    const int p = b + lane;
-    const int e = p < p_end ? ws.topk_ids[p] : -1;
-    const uint32_t same = __match_any_sync(0xffffffffu, e);
-    if (e >= 0) {
-      const int pos = offs[e] + wcnt[warp][e] + __popc(same & ((1u << lane) - 1u));
-      ws.perm_pair[pos] = p;
-      ws.pair_pos[p] = pos;
+  for (int b = p_begin; b < p_end; b += 32 * kBatch) {
+    int ev[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int p = b + 32 * u + lane;
+      ev[u] = p < p_end ? ws.topk_ids[p] : -1;
     }
-    __syncwarp();
-    if (e >= 0 && lane == __ffs(same) - 1) wcnt[warp][e] += __popc(same);
-    __syncwarp();
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int p = b + 32 * u + lane, e = ev[u];
+      const uint32_t same = __match_any_sync(0xffffffffu, e);
+      if (e >= 0) {
+        const int pos = offs[e] + wcnt[warp][e] + __popc(same & ((1u << lane) - 1u));
+        ws.perm_pair[pos] = p;
+        ws.pair_pos[p] = pos;
+      }
+      __syncwarp();
+      if (e >= 0 && lane == __ffs(same) - 1) wcnt[warp][e] += __popc(same);
+      __syncwarp();
+    }
   }
 }
 
