@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from qwen3_compile.runtime.base import CausalLMRunner, generate, left_padded_batch
+from qwen3_compile.runtime.base import CausalLMRunner, Generation, generate, left_padded_batch
 from qwen3_compile.tokenizer import ENDOFTEXT_ID, render_chat
 
 PARITY_PROMPTS: list[list[dict[str, str]]] = [
@@ -44,6 +44,7 @@ class ParityReport:
     modes: list[str]
     prefill_positions: int
     prefill_max_abs: float
+    prefill_mean_abs: float
     prefill_top1: float
     decode_steps: int
     decode_max_abs: float
@@ -75,23 +76,33 @@ def _match_length(a: np.ndarray, b: np.ndarray) -> int:
     return int(diff[0]) if diff.size else len(a)
 
 
+def reference_run(reference: CausalLMRunner, prompts: list[list[int]], decode_steps: int = 32) -> Generation:
+    """The reference side of a parity check, computed once (the reference model can then be freed)."""
+    return generate(reference, left_padded_batch(prompts, ENDOFTEXT_ID), decode_steps)
+
+
 def check_parity(
-    reference: CausalLMRunner,
+    reference: CausalLMRunner | Generation,
     candidate: CausalLMRunner,
     prompts: list[list[int]],
     modes: list[str],
     decode_steps: int = 32,
     gates: ParityGates | None = None,
 ) -> ParityReport:
+    """`reference` is a runner, or its `reference_run` on the same prompts and decode steps."""
     gates = gates or ParityGates()
     batch = left_padded_batch(prompts, ENDOFTEXT_ID)
-    ref = generate(reference, batch, decode_steps)
+    if isinstance(reference, Generation):
+        ref, reference_name = reference, "pytorch"
+    else:
+        ref, reference_name = generate(reference, batch, decode_steps), reference.name
     cand = generate(candidate, batch, decode_steps)
     forced = generate(candidate, batch, decode_steps, forced=ref.tokens)
 
     real = batch.attention_mask.astype(bool)
     ref_prefill, cand_prefill = ref.prefill_logits[real], cand.prefill_logits[real]
-    prefill_max_abs = float(np.abs(ref_prefill - cand_prefill).max())
+    prefill_error = np.abs(ref_prefill - cand_prefill)
+    prefill_max_abs, prefill_mean_abs = float(prefill_error.max()), float(prefill_error.mean())
     prefill_top1 = float((ref_prefill.argmax(-1) == cand_prefill.argmax(-1)).mean())
     decode_max_abs = max(
         (float(np.abs(a - b).max()) for a, b in zip(ref.step_logits, forced.step_logits, strict=True)),
@@ -108,12 +119,13 @@ def check_parity(
     if gates.greedy_identical and identical < len(prompts):
         failures.append(f"greedy tokens differ in {len(prompts) - identical} of {len(prompts)} sequences")
     return ParityReport(
-        reference=reference.name,
+        reference=reference_name,
         candidate=candidate.name,
         sequences=len(prompts),
         modes=sorted(set(modes)),
         prefill_positions=int(real.sum()),
         prefill_max_abs=prefill_max_abs,
+        prefill_mean_abs=prefill_mean_abs,
         prefill_top1=prefill_top1,
         decode_steps=decode_steps,
         decode_max_abs=decode_max_abs,

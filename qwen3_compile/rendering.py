@@ -94,15 +94,7 @@ def render_compile(result: CompileResult) -> None:
 
     console = Console()
     table = Table(title=f"Parity against PyTorch (fp32), {result.directory}")
-    for column in (
-        "artifact",
-        "MoE op",
-        "prefill max |err|",
-        "prefill top-1",
-        "decode max |err|",
-        "greedy identical",
-        "result",
-    ):
+    for column in ("graph", "MoE node", "prefill |err|", "top-1", "decode |err|", "greedy =", "result"):
         table.add_column(column)
     for key, artifact in result.artifacts.items():
         p = result.parity[key]
@@ -123,8 +115,9 @@ def render_compile(result: CompileResult) -> None:
     console.print(table)
     first = next(iter(result.parity.values()))
     console.print(
-        f"{first.sequences} prompts ({', '.join(first.modes)} modes, left-padded batch, "
-        f"{first.prefill_positions} prefill positions) rendered with the Qwen3 chat template."
+        f"{first.sequences} prompts in {' and '.join(first.modes)} mode (Qwen3 chat template, one "
+        f"left-padded batch, {first.prefill_positions} prefill positions), {first.decode_steps} greedy "
+        "decode steps."
     )
     for key, artifact in result.artifacts.items():
         console.print(f"{key:>10}: {artifact.model_path}")

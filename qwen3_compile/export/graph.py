@@ -3,7 +3,7 @@ decode, MoE as one `qwen3_compile::ExpertDispatch` node per layer."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import MutableMapping
 
 import onnx
 import torch
@@ -39,12 +39,19 @@ def _is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
 
 
 def add_weights(
-    b: GraphBuilder, arch: Qwen3Arch, state: Mapping[str, torch.Tensor], dtype: torch.dtype
+    b: GraphBuilder,
+    arch: Qwen3Arch,
+    state: MutableMapping[str, torch.Tensor],
+    dtype: torch.dtype,
+    consume: bool = False,
 ) -> None:
     """Initializers named after the checkpoint tensors; linear weights stored transposed ([in, out], name
-    suffix `.T`) so MatMul needs no Transpose node and the output channel is axis 1."""
+    suffix `.T`) so MatMul needs no Transpose node and the output channel is axis 1. With `consume`, each
+    tensor leaves `state` once copied, so the weights are held once, not twice."""
     for name in sorted(state):
-        tensor = state[name].to(dtype)
+        tensor = state.pop(name) if consume else state[name]
+        # the MoE router stays fp32 (see layers.sparse_moe); everything else takes the export dtype
+        tensor = tensor.float() if name.endswith("mlp.gate.weight") else tensor.to(dtype)
         if name == "lm_head.weight" and arch.tie_word_embeddings:
             continue
         if _is_linear_weight(name, tensor):
@@ -54,12 +61,16 @@ def add_weights(
 
 
 def build_graph(
-    arch: Qwen3Arch, state: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32, opset: int = 21
+    arch: Qwen3Arch,
+    state: MutableMapping[str, torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    opset: int = 21,
+    consume: bool = False,
 ) -> onnx.ModelProto:
-    """The whole model. `state` holds the reference model's weights (experts fused [E,2I,H] / [E,H,I])."""
+    """The whole model. `state` holds the weights (experts fused [E,2I,H] / [E,H,I]); `consume` empties it."""
     float_type = ONNX_DTYPES[str(dtype).removeprefix("torch.")]
     b = GraphBuilder(float_type)
-    add_weights(b, arch, state, dtype)
+    add_weights(b, arch, state, dtype, consume)
     input_ids = b.input("input_ids", TensorProto.INT64, [BATCH, SEQ])
     attention_mask = b.input("attention_mask", TensorProto.INT64, [BATCH, TOTAL])
     position_ids = b.input("position_ids", TensorProto.INT64, [BATCH, SEQ])

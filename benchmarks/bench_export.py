@@ -1,0 +1,190 @@
+"""Export and ONNX Runtime CPU benchmark: our exporter against optimum-onnx and PyTorch eager, one run.
+
+    python3 benchmarks/bench_export.py [--models tiny-moe,tiny-dense] [--slice-30b] [--no-optimum]
+
+For each model: export wall time and peak RSS (each export in its own process), graph size, ONNX Runtime
+prefill latency (128 tokens, batch 1, median of 5) and greedy decode throughput (64 tokens, batch 1, KV
+cache) of our ORT-lowered graph, our canonical graph, optimum-onnx's export of the same checkpoint, and
+transformers in eager mode. Every runner goes through the same driver (qwen3_compile.runtime), so the
+numbers differ only by the graph. optimum-onnx needs transformers < 4.58, so the script installs it into
+its own virtual environment (benchmarks/.venv-optimum, from the package index) on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+OPTIMUM_VENV = HERE / ".venv-optimum"
+OPTIMUM_REQS = ["torch==2.13.0", "optimum-onnx[onnxruntime]==0.1.0", "transformers>=4.57,<4.58"]
+
+# Runs in a child process: export and report the child's own peak RSS.
+_OURS = """
+import json, resource, sys, time
+from qwen3_compile.export.stage import ExportOptions, export_onnx
+start = time.perf_counter()
+model, out, target, layers = sys.argv[1:5]
+export_onnx(model, out, ExportOptions(target=target or None), num_layers=int(layers) or None)
+print(json.dumps({"seconds": time.perf_counter() - start,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+_OPTIMUM = """
+import json, resource, sys, time
+from optimum.exporters.onnx import main_export
+start = time.perf_counter()
+main_export(sys.argv[1], output=sys.argv[2], task="text-generation-with-past", device="cpu")
+print(json.dumps({"seconds": time.perf_counter() - start,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def _run_child(python: str, code: str, *args: str) -> dict:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([python, "-c", code, *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ensure_optimum_env() -> str:
+    python = OPTIMUM_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(OPTIMUM_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *OPTIMUM_REQS], check=True)
+    return str(python)
+
+
+def save_checkpoint(model: str, layers: int | None, folder: Path) -> None:
+    """A save_pretrained checkpoint with a config both transformers 4.x and 5.x read correctly."""
+    from qwen3_compile.models.loading import load_model
+
+    loaded = load_model(model, num_layers=layers)
+    loaded.model.save_pretrained(folder)
+    config = loaded.arch.to_hf_dict() | {"torch_dtype": "float32"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def time_runner(runner, prompt_len: int = 128, decode: int = 64, repeats: int = 5) -> dict:
+    from qwen3_compile.runtime.base import generate, left_padded_batch
+
+    rng = np.random.default_rng(0)
+    batch = left_padded_batch([rng.integers(0, 151643, prompt_len).tolist()], 0)
+    prefill = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        runner.forward(batch.input_ids, batch.attention_mask, batch.position_ids, runner.empty_cache(1))
+        prefill.append(time.perf_counter() - start)
+    generate(runner, batch, 4)  # warm the decode path
+    start = time.perf_counter()
+    generate(runner, batch, decode + 1)
+    total = time.perf_counter() - start
+    decode_s = max(total - statistics.median(prefill), 1e-9)
+    return {"prefill_ms": 1000 * statistics.median(prefill), "decode_tok_s": decode / decode_s}
+
+
+def graph_stats(path: Path) -> dict:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    size = sum(p.stat().st_size for p in path.parent.glob("model.onnx*"))
+    return {"nodes": len(model.graph.node), "file_mb": size / 1e6}
+
+
+def bench_model(model: str, layers: int | None, use_optimum: bool, work: Path) -> list[dict]:
+    from qwen3_compile.models.loading import load_model
+    from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
+    from qwen3_compile.runtime.torch_reference import TorchRunner
+
+    label = model if layers is None else f"{model} ({layers} layers)"
+    rows = []
+    for target, name in (("ort", "qwen3-compile (ORT MoE)"), ("", "qwen3-compile (canonical)")):
+        out = work / f"ours-{target or 'canonical'}"
+        export = _run_child(sys.executable, _OURS, model, str(out), target, str(layers or 0))
+        row = {"model": label, "pipeline": name, **export}
+        if "error" not in export:
+            row |= graph_stats(out / "model.onnx") | time_runner(OrtRunner(out / "model.onnx"))
+        rows.append(row)
+    if use_optimum:
+        ckpt = work / "checkpoint"
+        save_checkpoint(model, layers, ckpt)
+        out = work / "optimum"
+        export = _run_child(ensure_optimum_env(), _OPTIMUM, str(ckpt), str(out))
+        row = {"model": label, "pipeline": "optimum-onnx 0.1.0", **export}
+        if "error" not in export:
+            row |= graph_stats(out / "model.onnx") | time_runner(OrtRunner(out / "model.onnx"))
+        rows.append(row)
+    rows.append(
+        {
+            "model": label,
+            "pipeline": "PyTorch eager (transformers)",
+            **time_runner(TorchRunner(load_model(model, num_layers=layers))),
+        }
+    )
+    return rows
+
+
+COLUMNS = (
+    "model",
+    "pipeline",
+    "export s",
+    "export peak RSS MB",
+    "nodes",
+    "file MB",
+    "prefill 128 ms",
+    "decode tok/s",
+)
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    return "-" if key not in row else format(row[key], fmt)
+
+
+def to_markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        cell = functools.partial(_cell, r)
+
+        note = f" (failed: {r['error']})" if "error" in r else ""
+        lines.append(
+            f"| {r['model']} | {r['pipeline']}{note} | {cell('seconds', '.1f')} | "
+            f"{cell('peak_rss_mb', '.0f')} | {cell('nodes', 'd')} | {cell('file_mb', '.1f')} | "
+            f"{cell('prefill_ms', '.1f')} | {cell('decode_tok_s', '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="tiny-moe,tiny-dense")
+    parser.add_argument("--slice-30b", action="store_true", help="also a 2-layer real-width Qwen3-30B-A3B")
+    parser.add_argument("--no-optimum", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    jobs = [(m, None) for m in args.models.split(",") if m]
+    if args.slice_30b:
+        jobs.append(("qwen3-30b-a3b", 2))
+    rows = []
+    for model, layers in jobs:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows += bench_model(model, layers, not args.no_optimum, Path(tmp))
+        print(to_markdown(rows[-4:]), flush=True)
+    print("\n" + to_markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
