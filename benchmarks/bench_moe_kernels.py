@@ -171,6 +171,7 @@ VARIANTS = {  # environment knobs of the library (read at each call), for A/B ti
     "default": {},
     "no PDL": {"QMOE_PDL": "0"},
     "GEMV loads issued early": {"QMOE_GEMV_EARLY": "1"},
+    "dispatch block of 8 warps": {"QMOE_DISPATCH_WARPS": "8"},
     "stages: routing only": {"QMOE_STAGES": "1"},
     "stages: + gate_up": {"QMOE_STAGES": "2"},
     "stages: + down": {"QMOE_STAGES": "3"},
@@ -200,6 +201,9 @@ def bench_variants(weights: dict, reps: int) -> list[dict]:
             finally:
                 for key in env:
                     os.environ.pop(key)
+        router = [(lambda lg=lg: kmoe.moe_route(lg, K, True)) for lg in ls]
+        rows.append({"T": T, "variant": "router kernel alone", "us": time_graph(router, reps) * 1e3})
+        print(json.dumps(rows[-1]), flush=True)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 for c in calls:
@@ -247,7 +251,7 @@ def main() -> None:
     if variants:
         table += "\n| T | variant | time (us), two repeats |\n|---:|---|---|\n"
         for T in sorted({r["T"] for r in variants}):
-            for name in VARIANTS:
+            for name in [*VARIANTS, "router kernel alone"]:
                 ts = [f"{r['us']:.1f}" for r in variants if r["T"] == T and r["variant"] == name]
                 table += f"| {T} | {name} | {' / '.join(ts)} |\n"
     print(table)

@@ -94,15 +94,16 @@ __global__ void __launch_bounds__(256) router_kernel(const L* __restrict__ logit
   route_token(logits + size_t(t) * E, E, k, normalize != 0, ids + size_t(t) * k, weights + size_t(t) * k);
 }
 
-// One block of 32 warps. Counts per expert, the exclusive prefix sum, the active-expert list, the tile
+// One block of NW warps. Counts per expert, the exclusive prefix sum, the active-expert list, the tile
 // map of the tensor-core path (ws.tile_m rows a tile), and a stable permutation: within an expert, pairs
 // keep their (token, slot) order. Warp w owns a contiguous segment of the pairs: pass 1 counts its
 // segment per expert (match_any groups, no atomics), a scan over (expert, warp) gives every warp its
 // starting row in every expert, pass 2 places the segment's pairs.
-template <typename L>
-__global__ void __launch_bounds__(1024) dispatch_kernel(const L* __restrict__ logits, int T, int E, int k,
-                                                        int normalize, int fuse_router, Workspace ws) {
-  __shared__ int wcnt[32][kMaxExperts];  // pass 1: counts; then starting rows
+template <typename L, int NW>
+__global__ void __launch_bounds__(NW * 32) dispatch_kernel(const L* __restrict__ logits, int T, int E, int k,
+                                                           int normalize, int fuse_router, Workspace ws) {
+  static_assert(NW >= 1 && NW <= 32, "one scan lane per warp");
+  __shared__ int wcnt[NW][kMaxExperts + 1];  // pass 1: counts; then starting rows (+1: no bank conflicts)
   __shared__ int offs[kMaxExperts + 1];
   __shared__ int tile_start[kMaxExperts + 1];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -111,13 +112,13 @@ __global__ void __launch_bounds__(1024) dispatch_kernel(const L* __restrict__ lo
   pdl_launch_dependents();
 
   if (fuse_router) {
-    for (int t = warp; t < T; t += 32) {
+    for (int t = warp; t < T; t += NW) {
       route_token(logits + size_t(t) * E, E, k, normalize != 0, ws.topk_ids + size_t(t) * k,
                   ws.topk_w + size_t(t) * k);
     }
     __syncthreads();  // publishes the router's global writes to the block
   }
-  const int seg = (P + 31) / 32, p_begin = min(P, warp * seg), p_end = min(P, p_begin + seg);
+  const int seg = (P + NW - 1) / NW, p_begin = min(P, warp * seg), p_end = min(P, p_begin + seg);
 
   // Pass 1: this warp's per-expert counts (its own row of wcnt: no other warp writes it).
   for (int e = lane; e < E; e += 32) wcnt[warp][e] = 0;
@@ -140,16 +141,16 @@ __global__ void __launch_bounds__(1024) dispatch_kernel(const L* __restrict__ lo
   }
   __syncthreads();
 
-  // Per expert: exclusive scan over the 32 warps (lane = warp index); the total is the expert's count.
-  for (int e = warp; e < E; e += 32) {
-    const int c = wcnt[lane][e];
+  // Per expert: exclusive scan over the NW warps (lane = warp index); the total is the expert's count.
+  for (int e = warp; e < E; e += NW) {
+    const int c = lane < NW ? wcnt[lane][e] : 0;
     int incl = c;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
       const int v = __shfl_up_sync(0xffffffffu, incl, o);
       if (lane >= o) incl += v;
     }
-    wcnt[lane][e] = incl - c;
+    if (lane < NW) wcnt[lane][e] = incl - c;
     if (lane == 31) offs[e] = incl;  // count for now; turned into an offset below
   }
   __syncthreads();
@@ -279,21 +280,30 @@ cudaError_t launch_router(const qmoe_problem& p, const void* logits, int32_t* id
   return cudaGetLastError();
 }
 
-cudaError_t launch_dispatch(const qmoe_problem& p, const void* logits, const Workspace& ws, bool fuse_router,
-                            cudaStream_t s) {
-  const int f = fuse_router ? 1 : 0;
+template <int NW>
+cudaError_t launch_dispatch_nw(const qmoe_problem& p, const void* logits, const Workspace& ws, int f,
+                               cudaStream_t s) {
+  const dim3 grid(1), block(NW * 32);
   switch (p.logits_dtype) {
     case QMOE_F32:
-      return launch(dispatch_kernel<float>, dim3(1), dim3(1024), 0, s, static_cast<const float*>(logits), p.num_tokens, p.num_experts,
-                                                p.top_k, p.normalize, f, ws);
+      return launch(dispatch_kernel<float, NW>, grid, block, 0, s, static_cast<const float*>(logits),
+                    p.num_tokens, p.num_experts, p.top_k, p.normalize, f, ws);
     case QMOE_F16:
-      return launch(dispatch_kernel<__half>, dim3(1), dim3(1024), 0, s, static_cast<const __half*>(logits), p.num_tokens,
-                                                 p.num_experts, p.top_k, p.normalize, f, ws);
+      return launch(dispatch_kernel<__half, NW>, grid, block, 0, s, static_cast<const __half*>(logits),
+                    p.num_tokens, p.num_experts, p.top_k, p.normalize, f, ws);
     default:
-      return launch(dispatch_kernel<__nv_bfloat16>, dim3(1), dim3(1024), 0, s, static_cast<const __nv_bfloat16*>(logits), p.num_tokens,
-                                                        p.num_experts, p.top_k, p.normalize, f, ws);
+      return launch(dispatch_kernel<__nv_bfloat16, NW>, grid, block, 0, s,
+                    static_cast<const __nv_bfloat16*>(logits), p.num_tokens, p.num_experts, p.top_k,
+                    p.normalize, f, ws);
   }
-  return cudaGetLastError();
+}
+
+cudaError_t launch_dispatch(const qmoe_problem& p, const void* logits, const Workspace& ws, bool fuse_router,
+                            cudaStream_t s) {
+  // QMOE_DISPATCH_WARPS: 8 or 32 warps in the (single) dispatch block.
+  const int nw = env_int("QMOE_DISPATCH_WARPS", 32);
+  const int f = fuse_router ? 1 : 0;
+  return nw == 8 ? launch_dispatch_nw<8>(p, logits, ws, f, s) : launch_dispatch_nw<32>(p, logits, ws, f, s);
 }
 
 cudaError_t launch_combine(const qmoe_problem& p, const Workspace& ws, void* out, cudaStream_t s) {

@@ -174,8 +174,10 @@ def test_all_tokens_to_one_expert(kmoe, gen, T, path, wkind):
     assert routing.expert_offsets.diff()[77].item() == T
 
 
-@pytest.mark.parametrize(("T", "E", "k"), [(7, 16, 2), (2048, 128, 8), (3000, 128, 8)])
-def test_dispatch_is_a_stable_permutation(kmoe, gen, T, E, k):
+@pytest.mark.parametrize("warps", ["32", "8"])
+@pytest.mark.parametrize(("T", "E", "k"), [(7, 16, 2), (64, 256, 8), (2048, 128, 8), (3000, 128, 8)])
+def test_dispatch_is_a_stable_permutation(kmoe, gen, monkeypatch, T, E, k, warps):
+    monkeypatch.setenv("QMOE_DISPATCH_WARPS", warps)
     _, routing, _ = run_case(kmoe, gen, T, E, k, torch.bfloat16, "float", "auto")
     ids = routing.topk_ids.long().flatten()
     perm = routing.permuted_pairs.long()
