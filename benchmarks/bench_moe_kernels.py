@@ -222,6 +222,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--variants", action="store_true", help="A/B the library's variant knobs")
+    ap.add_argument("--only-variants", action="store_true", help="skip the main table")
     args = ap.parse_args()
     reps = 10 if args.quick else 30
     torch.manual_seed(0)
@@ -243,10 +244,10 @@ def main() -> None:
 
     weights = {"bf16": (gate_up, down, None, None), "int8": (gq, dq, gs, ds)}
     rows = []
-    for T in DECODE_T + PREFILL_T:
+    for T in () if args.only_variants else DECODE_T + PREFILL_T:
         rows += bench_tokens(T, weights, bw, mm, reps)
 
-    variants = bench_variants(weights, reps) if args.variants else []
+    variants = bench_variants(weights, reps) if args.variants or args.only_variants else []
     table = render(rows, bw, mm, dev)
     if variants:
         table += "\n| T | variant | time (us), two repeats |\n|---:|---|---|\n"
