@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
@@ -160,3 +161,15 @@ def test_unreadable_paths(tmp_path):
     a_file = tmp_path / "weights.safetensors"
     a_file.write_bytes(b"x")
     _refused(a_file, file_part="weights.safetensors", match="directory")
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0, reason="root reads any directory, so permissions cannot make it unreadable"
+)
+def test_permission_denied_directory(checkpoint_copy):
+    ckpt = checkpoint_copy("tiny-dense")
+    ckpt.chmod(0o000)
+    try:
+        _refused(ckpt, file_part=ckpt.name, match="not readable")
+    finally:
+        ckpt.chmod(0o755)
