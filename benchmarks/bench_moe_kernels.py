@@ -170,8 +170,6 @@ def bench_tokens(T: int, weights: dict, bw: float, mm: float, reps: int) -> list
 VARIANTS = {  # environment knobs of the library (read at each call), for A/B timings in one run
     "default": {},
     "no PDL": {"QMOE_PDL": "0"},
-    "GEMV loads issued early": {"QMOE_GEMV_EARLY": "1"},
-    "dispatch block of 8 warps": {"QMOE_DISPATCH_WARPS": "8"},
     "stages: routing only": {"QMOE_STAGES": "1"},
     "stages: + gate_up": {"QMOE_STAGES": "2"},
     "stages: + down": {"QMOE_STAGES": "3"},

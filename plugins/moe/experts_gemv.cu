@@ -10,7 +10,8 @@ constexpr int kWarps = 4;     // warps per block
 constexpr int kRowIters = 2;  // row groups a warp handles one after another
 constexpr int kRows = 4;      // weight rows a warp streams together (gate j, j+1, up j, j+1 / 4 down rows)
 constexpr int kMaxTok = 4;    // tokens per pass over the rows
-// (An L2 prefetch of all the warp's rows at kernel start was measured slower: NOTES.md, run 2.)
+// (Measured slower, NOTES.md: an L2 prefetch of the warp's rows at kernel start; issuing the first
+// weight loads before staging the tokens, which doubled the registers.)
 
 template <typename W> struct WTraits {
   static constexpr int kVec = 8;     // 16-bit weights: 8 per 16 bytes
@@ -47,7 +48,6 @@ struct GemvArgs {
   const int32_t* active;
   const int32_t* meta;
   int top_k, K, I, H;
-  int early;  // which kernel variant (kEarly) to launch
 };
 
 // This lane's 16-byte weight vectors of one round (kb) of the K loop.
@@ -67,11 +67,9 @@ __device__ __forceinline__ void load_round(const W* const (&rows)[kRows], int kb
 }
 
 // acc[r][t] += dot(rows[r][0:K], xs[t][0:K]) over this lane's slice; xs holds nt (<= kMaxTok) vectors.
-// kPre: the first round's vectors were loaded earlier into `pre`.
-template <typename T, typename W, bool kPre>
+template <typename T, typename W>
 __device__ __forceinline__ void warp_dot(const W* const (&rows)[kRows], const T* xs, int nt, int K,
-                                         float (&acc)[kRows][kMaxTok],
-                                         const uint4 (&pre)[WTraits<W>::kUnroll][kRows]) {
+                                         float (&acc)[kRows][kMaxTok]) {
   constexpr int V = WTraits<W>::kVec;
   constexpr int kUnroll = WTraits<W>::kUnroll;
   constexpr int kStep = 32 * V * kUnroll;
@@ -102,12 +100,7 @@ __device__ __forceinline__ void warp_dot(const W* const (&rows)[kRows], const T*
       }
     }
   };
-  int kb = 0;
-  if (kPre) {  // first round peeled: its vectors are already in registers
-    consume(pre, 0);
-    kb = kStep;
-  }
-  for (; kb < K; kb += kStep) {
+  for (int kb = 0; kb < K; kb += kStep) {
     uint4 wv[kUnroll][kRows];
     load_round<W>(rows, kb, K, wv);
     consume(wv, kb);
@@ -123,9 +116,7 @@ __device__ __forceinline__ void warp_dot(const W* const (&rows)[kRows], const T*
 }
 
 // kGateUp: rows j, j+1 of gate and of up -> h[:, j:j+2] = silu(gate) * up.  Else: 4 rows of down -> y.
-// kEarly: the first round of weight loads is issued before the token rows are staged (hides that latency
-// chain, at the cost of registers: both variants are built, QMOE_GEMV_EARLY picks).
-template <typename T, typename W, bool kGateUp, bool kEarly>
+template <typename T, typename W, bool kGateUp>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);
@@ -143,14 +134,6 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
     if (kGateUp) return (r < 2 ? 0 : a.I) + 2 * group + (r & 1);       // gate j, j+1, up j, j+1
     return group * kRows + r;
   };
-  // The expert is known: start the first round of weight loads before the token rows are staged.
-  uint4 pre[WTraits<W>::kUnroll][kRows];
-  if (kEarly) {
-    const W* rows0[kRows];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) rows0[r] = wbase + size_t(row_index(0, r)) * K;
-    load_round<W>(rows0, 0, K, pre);
-  }
   const int r0 = a.offsets[e], ne = a.offsets[e + 1] - r0;
 
   for (int c = 0; c < ne; c += kMaxTok) {
@@ -178,11 +161,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
       for (int r = 0; r < kRows; ++r)
 #pragma unroll
         for (int t = 0; t < kMaxTok; ++t) acc[r][t] = 0.0f;
-      if (kEarly && c == 0 && it == 0) {
-        warp_dot<T, W, true>(rows, xs, nt, K, acc, pre);
-      } else {
-        warp_dot<T, W, false>(rows, xs, nt, K, acc, pre);
-      }
+      warp_dot<T, W>(rows, xs, nt, K, acc);
       float s[kRows];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
@@ -209,21 +188,15 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
   pdl_launch_dependents();
 }
 
-template <typename T, typename W, bool kGateUp, bool kEarly>
-cudaError_t launch_variant(const GemvArgs& a, int grid_x, int grid_y, cudaStream_t s) {
-  const size_t smem = size_t(kMaxTok) * a.K * sizeof(T);
-  if (smem > 48 * 1024) {  // only for hidden > 6144
-    cudaError_t err = cudaFuncSetAttribute(gemv_kernel<T, W, kGateUp, kEarly>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return err;
-  }
-  return launch(gemv_kernel<T, W, kGateUp, kEarly>, dim3(grid_x, grid_y), dim3(kWarps * 32), smem, s, a);
-}
-
 template <typename T, typename W, bool kGateUp>
 cudaError_t launch_one(const GemvArgs& a, int grid_x, int grid_y, cudaStream_t s) {
-  return a.early ? launch_variant<T, W, kGateUp, true>(a, grid_x, grid_y, s)
-                 : launch_variant<T, W, kGateUp, false>(a, grid_x, grid_y, s);
+  const size_t smem = size_t(kMaxTok) * a.K * sizeof(T);
+  if (smem > 48 * 1024) {  // only for hidden > 6144
+    cudaError_t err =
+        cudaFuncSetAttribute(gemv_kernel<T, W, kGateUp>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return err;
+  }
+  return launch(gemv_kernel<T, W, kGateUp>, dim3(grid_x, grid_y), dim3(kWarps * 32), smem, s, a);
 }
 
 template <typename T, typename W>
@@ -240,7 +213,6 @@ cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Wor
   a.I = p.inter;
   a.H = p.hidden;
   a.scale_dtype = p.scale_dtype;
-  a.early = env_int("QMOE_GEMV_EARLY", 0);
 
   a.act = t.x;
   a.weight = t.gate_up;

@@ -300,10 +300,8 @@ cudaError_t launch_dispatch_nw(const qmoe_problem& p, const void* logits, const 
 
 cudaError_t launch_dispatch(const qmoe_problem& p, const void* logits, const Workspace& ws, bool fuse_router,
                             cudaStream_t s) {
-  // QMOE_DISPATCH_WARPS: 8 or 32 warps in the (single) dispatch block.
-  const int nw = env_int("QMOE_DISPATCH_WARPS", 32);
-  const int f = fuse_router ? 1 : 0;
-  return nw == 8 ? launch_dispatch_nw<8>(p, logits, ws, f, s) : launch_dispatch_nw<32>(p, logits, ws, f, s);
+  // 32 warps: measured faster than 8 at every T on the H200 (NOTES.md, run 5).
+  return launch_dispatch_nw<32>(p, logits, ws, fuse_router ? 1 : 0, s);
 }
 
 cudaError_t launch_combine(const qmoe_problem& p, const Workspace& ws, void* out, cudaStream_t s) {
