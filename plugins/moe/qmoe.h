@@ -29,6 +29,13 @@ extern "C" {
 
 #define QMOE_ABI_VERSION 1
 
+/* The library is built with hidden visibility; only these entry points are exported. */
+#if defined(_WIN32)
+#define QMOE_API __declspec(dllexport)
+#else
+#define QMOE_API __attribute__((visibility("default")))
+#endif
+
 enum qmoe_dtype { QMOE_F32 = 0, QMOE_F16 = 1, QMOE_BF16 = 2, QMOE_I8 = 3 };
 
 /* Expert-compute path: AUTO picks GEMV (memory-bound, few tokens per expert) or MMA (tensor cores). */
@@ -73,21 +80,21 @@ typedef struct qmoe_tensors {
   int32_t* permuted_pairs;   /* [T*k] pair index t*k+j of each expert-contiguous row          */
 } qmoe_tensors;
 
-int qmoe_abi_version(void);
-const char* qmoe_error_string(int status);
+QMOE_API int qmoe_abi_version(void);
+QMOE_API const char* qmoe_error_string(int status);
 
 /* QMOE_OK when the kernels support this problem, else QMOE_ERR_INVALID_ARG / _UNSUPPORTED. */
-int qmoe_check_problem(const qmoe_problem* p);
+QMOE_API int qmoe_check_problem(const qmoe_problem* p);
 
 /* Device workspace bytes qmoe_forward needs for this problem. */
-int qmoe_workspace_size(const qmoe_problem* p, size_t* bytes);
+QMOE_API int qmoe_workspace_size(const qmoe_problem* p, size_t* bytes);
 
 /* Router only: topk_ids [T,k] int32 and topk_weights [T,k] fp32 from logits [T,E]. */
-int qmoe_route(const qmoe_problem* p, const void* logits, int32_t* topk_ids, float* topk_weights,
+QMOE_API int qmoe_route(const qmoe_problem* p, const void* logits, int32_t* topk_ids, float* topk_weights,
                void* stream);
 
 /* The whole MoE block: router, dispatch, grouped SwiGLU experts, weighted combine. */
-int qmoe_forward(const qmoe_problem* p, const qmoe_tensors* t, void* stream);
+QMOE_API int qmoe_forward(const qmoe_problem* p, const qmoe_tensors* t, void* stream);
 
 #ifdef __cplusplus
 }

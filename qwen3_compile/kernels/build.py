@@ -19,7 +19,14 @@ from pathlib import Path
 #: (CUDA 13 calls Thor sm_110; CUDA 12.x called it sm_101.)
 TARGET_ARCHS: tuple[str, ...] = ("87", "89", "90", "100", "110", "120")
 
-NVCC_FLAGS: tuple[str, ...] = ("-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-shared", "-lineinfo")
+NVCC_FLAGS: tuple[str, ...] = (
+    "-std=c++17",
+    "-O3",
+    "-Xcompiler",
+    "-fPIC,-fvisibility=hidden",
+    "-shared",
+    "-lineinfo",
+)
 
 _SOURCES = ("api.cu", "route.cu", "experts_gemv.cu", "experts_mma.cu")
 _HEADERS = ("qmoe.h", "qmoe_internal.cuh")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +69,9 @@ class _Tensors(ctypes.Structure):
 
 @functools.cache
 def load_library(path: str | None = None) -> ctypes.CDLL:
-    """Load libqmoe: `path`, or a build for the current GPU's architecture (compiled on first use)."""
+    """Load libqmoe: `path`, `$QWEN3_COMPILE_QMOE_LIB` (e.g. a CMake build), or a build for the current
+    GPU's architecture (compiled on first use)."""
+    path = path or os.environ.get("QWEN3_COMPILE_QMOE_LIB") or None
     if path is None:
         major, minor = torch.cuda.get_device_capability()
         path = str(build_library(archs=(f"{major}{minor}",)).path)
