@@ -30,11 +30,40 @@ def test_nvcc_compiles_all_target_archs(tmp_path):
     if exported.returncode == 0:
         for sym in ("qmoe_forward", "qmoe_route", "qmoe_workspace_size", "qmoe_error_string"):
             assert sym in exported.stdout
+    check_abi_without_gpu(lib.path)
     cuobjdump = shutil.which("cuobjdump")
     if cuobjdump:
         listing = subprocess.run([cuobjdump, "--list-elf", str(lib.path)], capture_output=True, text=True)
         for arch in build.TARGET_ARCHS:
             assert f"sm_{arch}" in listing.stdout, f"no SASS for sm_{arch}"
+
+
+def check_abi_without_gpu(path):
+    """The host-only entry points (argument checks, workspace size) work without a GPU or driver."""
+    from qwen3_compile.kernels import moe
+
+    lib = moe.load_library(str(path))
+    assert lib.qmoe_abi_version() == 1
+    good = dict(num_tokens=2048, num_experts=128, top_k=8, hidden=2048, inter=768, act_dtype=moe.QMOE_BF16)
+    good.update(weight_dtype=moe.QMOE_BF16, scale_dtype=moe.QMOE_F32, logits_dtype=moe.QMOE_BF16)
+    good.update(normalize=1, path=0)
+    assert lib.qmoe_check_problem(ctypes.byref(moe._Problem(**good))) == 0
+    n = ctypes.c_size_t()
+    assert lib.qmoe_workspace_size(ctypes.byref(moe._Problem(**good)), ctypes.byref(n)) == 0
+    P = 2048 * 8
+    assert n.value >= P * 4 * 4 + P * (768 + 2048) * 2  # ids, weights, 2 permutations, h, y
+    for change, status in [
+        ({"hidden": 2000}, 2),
+        ({"inter": 700}, 2),
+        ({"num_experts": 512}, 2),
+        ({"top_k": 129}, 2),
+        ({"num_tokens": 0}, 1),
+        ({"act_dtype": moe.QMOE_F32}, 1),
+        ({"weight_dtype": moe.QMOE_F16}, 1),
+        ({"path": 7}, 1),
+    ]:
+        assert lib.qmoe_check_problem(ctypes.byref(moe._Problem(**{**good, **change}))) == status, change
+    assert b"unsupported shape" in lib.qmoe_error_string(2)
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no host C compiler")
