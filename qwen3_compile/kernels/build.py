@@ -47,11 +47,12 @@ class BuiltLibrary:
 
 
 def plugin_source_dir() -> Path:
-    """`plugins/moe` of this checkout, or `$QWEN3_COMPILE_PLUGIN_DIR`."""
+    """`plugins/moe` (shipped in the package through the `qwen3_compile/plugins` link), or
+    `$QWEN3_COMPILE_PLUGIN_DIR`."""
     env = os.environ.get("QWEN3_COMPILE_PLUGIN_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "plugins" / "moe"
+    return Path(__file__).resolve().parents[1] / "plugins" / "moe"
 
 
 def find_nvcc() -> str | None:

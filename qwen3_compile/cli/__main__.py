@@ -1,0 +1,3 @@
+from qwen3_compile.cli import main
+
+main()

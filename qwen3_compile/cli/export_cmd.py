@@ -1,0 +1,71 @@
+"""`qwen3-compile export`: MODEL to an ONNX artifact folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from qwen3_compile.cli.common import emit_json, layers_option, stage_command
+
+
+@click.command("export")
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--opset", type=int, default=21, show_default=True, help="Default-domain ONNX opset (18-24).")
+@click.option(
+    "--max-positions",
+    type=click.IntRange(min=1),
+    help="Context limit recorded in the artifact (default: the model's).",
+)
+@click.option(
+    "--target",
+    type=click.Choice(["ort"]),
+    help="Lower the canonical graph for a backend (ort: ExpertDispatch -> com.microsoft::MoE).",
+)
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--allow-nonfinite", is_flag=True, help="Export weights containing NaN/Inf.")
+@layers_option
+@stage_command
+def export_command(
+    model: str,
+    output: Path,
+    dtype: str,
+    opset: int,
+    max_positions: int | None,
+    target: str | None,
+    force: bool,
+    allow_nonfinite: bool,
+    layers: int | None,
+    as_json: bool,
+) -> None:
+    """Export MODEL to ONNX: OUTPUT/model.onnx, side files (config, tokenizer) and manifest.json."""
+    from qwen3_compile.export.stage import ExportOptions, export_onnx
+    from qwen3_compile.progress import default_progress
+
+    artifact = export_onnx(
+        model,
+        output,
+        ExportOptions(dtype, opset, max_positions, target),
+        num_layers=layers,
+        force=force,
+        allow_nonfinite=allow_nonfinite,
+        progress=default_progress(not as_json),
+    )
+    if as_json:
+        emit_json(
+            {
+                "directory": str(artifact.directory),
+                "model": str(artifact.model_path),
+                "op_histogram": artifact.op_histogram,
+                "lowering": artifact.lowering,
+                "timings_s": artifact.manifest["timings_s"],
+            }
+        )
+        return
+    nodes = sum(artifact.op_histogram.values())
+    click.echo(
+        f"wrote {artifact.model_path} ({nodes} nodes, {dtype}, opset {opset}"
+        f"{', lowered for ' + target if target else ''})"
+    )
