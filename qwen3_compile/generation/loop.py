@@ -1,0 +1,76 @@
+"""The decode loop over any `CausalLMRunner`: one prefill of the prompt, then one token per step.
+
+The runner keeps the KV cache (ONNX Runtime's present -> past tensors today, a TensorRT engine's
+cache later); this loop only hands it back, so no backend code lives here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from qwen3_compile.runtime.base import CausalLMRunner
+from qwen3_compile.tokenizer import STOP_IDS
+
+
+@dataclass(frozen=True)
+class Reply:
+    prompt_ids: list[int]
+    generated_ids: list[int]  # ends with the stop token when one ended generation
+    finish_reason: str  # "stop" (a stop token) or "length" (max new tokens or the context limit)
+    prefill_s: float  # the prompt's forward pass and the first token's choice
+    decode_s: float  # every later step: forward pass of one token and the next choice
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode speed: tokens made by the one-token steps per second (prefill excluded)."""
+        steps = len(self.generated_ids) - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else None
+
+
+def generate_reply(
+    runner: CausalLMRunner,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    choose: Callable[[np.ndarray], int],
+    on_token: Callable[[int], None] | None = None,
+    stop_ids: tuple[int, ...] = STOP_IDS,
+) -> Reply:
+    """Generate up to `max_new_tokens` after `prompt_ids` (batch 1), stopping after a stop token.
+
+    `choose` maps the last position's logits [V] to the next token (a `Sampler`); `on_token` sees each
+    token as soon as it is chosen (streaming). Time spent in `on_token` is not counted.
+    """
+    ids = np.asarray([prompt_ids], dtype=np.int64)  # [1, S]
+    length = ids.shape[1]
+    start = time.perf_counter()
+    logits, cache = runner.forward(
+        ids, np.ones_like(ids), np.arange(length, dtype=np.int64)[None], runner.empty_cache(1)
+    )
+    token = choose(logits[0, -1])
+    prefill_s = time.perf_counter() - start
+    generated, decode_s = [token], 0.0
+    while True:
+        if on_token is not None:
+            on_token(token)
+        if token in stop_ids:
+            finish = "stop"
+            break
+        if len(generated) >= max_new_tokens:
+            finish = "length"
+            break
+        start = time.perf_counter()
+        position = length + len(generated) - 1  # the position of `token`, fed now
+        logits, cache = runner.forward(
+            np.asarray([[token]], dtype=np.int64),
+            np.ones((1, position + 1), dtype=np.int64),
+            np.asarray([[position]], dtype=np.int64),
+            cache,
+        )
+        token = choose(logits[0, -1])
+        decode_s += time.perf_counter() - start
+        generated.append(token)
+    return Reply(list(prompt_ids), generated, finish, prefill_s, decode_s)
