@@ -18,6 +18,8 @@ from qwen3_compile.errors import BadInputError
 
 # ONNX protobufs cannot exceed 2 GB; larger models keep their weights in one external data file
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+EXTERNAL_MIN_BYTES = 1024
+EXTERNAL_ALIGNMENT = 4096
 
 
 @contextmanager
@@ -47,16 +49,30 @@ def atomic_output_dir(out_dir: Path, force: bool) -> Iterator[Path]:
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:
-    """Save with external data (one `<name>.data` file) when the weights exceed the protobuf limit."""
+    """Save `model`; above the protobuf limit, weights go to one external `<name>.data` file.
+
+    Each initializer's bytes are written and then dropped from the proto in place, so saving a large
+    model needs no second copy of its weights (the model is left pointing at the external file).
+    """
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-    if weight_bytes > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(
-            model,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=path.name + ".data",
-            size_threshold=1024,
-        )
-    else:
+    if weight_bytes <= EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(model, str(path))
+        return
+    location = path.name + ".data"
+    offset = 0
+    with open(path.parent / location, "wb") as data:
+        for tensor in model.graph.initializer:
+            if len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
+                continue
+            pad = -offset % EXTERNAL_ALIGNMENT  # aligned offsets let runtimes map tensors directly
+            data.write(b"\0" * pad)
+            offset += pad
+            length = len(tensor.raw_data)
+            data.write(tensor.raw_data)
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                tensor.external_data.add(key=key, value=value)
+            offset += length
+    onnx.save_model(model, str(path))

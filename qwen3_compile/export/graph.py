@@ -34,6 +34,11 @@ def present_names(layer: int) -> tuple[str, str]:
     return f"present.{layer}.key", f"present.{layer}.value"
 
 
+def layer_output_name(layer: int) -> str:
+    """The tensor holding decoder layer `layer`'s output (validation bisects on these names)."""
+    return f"layers.{layer}/residual_mlp/out"
+
+
 def _is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
     return tensor.dim() == 2 and name.endswith(".weight") and name != "model.embed_tokens.weight"
 

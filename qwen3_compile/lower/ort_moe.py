@@ -46,6 +46,7 @@ class ExpertDispatchToOrtMoE(RewriteRule):
         attrs = view.attrs(node)
         fc1_name = gate_up + ".interleaved"
         fc1 = numpy_helper.from_array(interleave_gate_up(view.array(gate_up)), fc1_name)
+        # from_array copied the bytes; the interleaved numpy array is released when this returns
         moe = onnx.helper.make_node(
             "MoE",
             [hidden, router_logits, fc1_name, "", down],

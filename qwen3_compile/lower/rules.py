@@ -31,8 +31,13 @@ class GraphView:
         self.initializers = {t.name: t for t in model.graph.initializer}
 
     def array(self, name: str) -> np.ndarray | None:
+        """The initializer's values; a read-only view of its bytes (no copy) when stored inline."""
         tensor = self.initializers.get(name)
-        return None if tensor is None else numpy_helper.to_array(tensor)
+        if tensor is None:
+            return None
+        if tensor.raw_data and tensor.data_type == onnx.TensorProto.FLOAT:
+            return np.frombuffer(tensor.raw_data, dtype=np.float32).reshape(tuple(tensor.dims))
+        return numpy_helper.to_array(tensor)
 
     def elem_type(self, name: str) -> int | None:
         tensor = self.initializers.get(name)
@@ -80,23 +85,35 @@ def _prune(model: onnx.ModelProto) -> None:
     model.opset_import.extend(imports)
 
 
-def apply_rules(
-    model: onnx.ModelProto, rules: list[RewriteRule], targets: dict[str, tuple[str, str]] | None = None
-) -> RewriteReport:
-    """Apply `rules` in order to every node (in place). `targets` maps a rule name to the (domain,
-    op_type) it is meant for, so declines are only reported for nodes the rule was written for."""
+def _drop_initializers(model: onnx.ModelProto, names: set[str]) -> None:
+    keep = [t for t in model.graph.initializer if t.name not in names]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def apply_rules(model: onnx.ModelProto, rules: list[RewriteRule]) -> RewriteReport:
+    """Apply `rules` in order to every node (in place). A weight that a rewrite replaced is dropped right
+    away, so lowering a large model holds the old and the new form of one layer at a time, not all."""
     applied: Counter[str] = Counter()
     declined: dict[str, list[str]] = {}
     for rule in rules:
         view = GraphView(model)
+        uses = Counter(i for n in model.graph.node for i in n.input)
         new_nodes: list[onnx.NodeProto] = []
-        new_initializers: list[onnx.TensorProto] = []
         for node in model.graph.node:
             reason = rule.check(view, node)
             if reason is None:
                 replacement = rule.rewrite(view, node)
                 new_nodes.extend(replacement.nodes)
-                new_initializers.extend(replacement.initializers)
+                model.graph.initializer.extend(replacement.initializers)
+                view.initializers.update({t.name: t for t in replacement.initializers})
+                uses.subtract(node.input)
+                uses.update(i for n in replacement.nodes for i in n.input)
+                released = {i for i in node.input if uses[i] <= 0 and i in view.initializers}
+                if released:
+                    _drop_initializers(model, released)
+                    for name in released:
+                        del view.initializers[name]
                 for domain, version in replacement.opsets.items():
                     if all(o.domain != domain for o in model.opset_import):
                         model.opset_import.append(onnx.helper.make_opsetid(domain, version))
@@ -108,6 +125,5 @@ def apply_rules(
             new_nodes.append(node)
         del model.graph.node[:]
         model.graph.node.extend(new_nodes)
-        model.graph.initializer.extend(new_initializers)
     _prune(model)
     return RewriteReport(dict(applied), declined)

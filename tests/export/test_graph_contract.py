@@ -119,3 +119,28 @@ def test_interrupted_export_leaves_nothing(loaded_presets, tmp_path, monkeypatch
     with pytest.raises(OSError):
         export_onnx(loaded_presets["tiny-dense"], tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_external_data_export_runs(loaded_presets, tmp_path, monkeypatch):
+    """Above the protobuf limit weights go to model.onnx.data; forced here on a tiny model."""
+    import numpy as np
+
+    from qwen3_compile import artifact_io
+    from qwen3_compile.runtime.base import left_padded_batch
+    from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
+
+    inline = export_onnx(loaded_presets["tiny-moe"], tmp_path / "inline", ExportOptions(target="ort"))
+    monkeypatch.setattr(artifact_io, "EXTERNAL_DATA_THRESHOLD", 0)
+    external = export_onnx(loaded_presets["tiny-moe"], tmp_path / "external", ExportOptions(target="ort"))
+    assert (external.directory / "model.onnx.data").stat().st_size > 70e6
+    assert (external.directory / "model.onnx").stat().st_size < 1e6
+    batch = left_padded_batch([np.random.default_rng().integers(0, 151643, 9).tolist()], 0)
+    outputs = []
+    for artifact in (inline, external):
+        runner = OrtRunner(artifact.model_path)
+        outputs.append(
+            runner.forward(batch.input_ids, batch.attention_mask, batch.position_ids, runner.empty_cache(1))[
+                0
+            ]
+        )
+    np.testing.assert_array_equal(outputs[0], outputs[1])
