@@ -28,6 +28,12 @@ def run_presets(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def opened_presets(run_presets):
+    """preset -> ChatArtifact (tokenizer and ONNX Runtime session loaded once)."""
+    return {name: artifact_module.open_chat_artifact(folder) for name, (_, folder) in run_presets.items()}
+
+
 class ScriptedRunner:
     """A CausalLMRunner whose logits make `script[i]` the clear favourite at generation step i.
 
