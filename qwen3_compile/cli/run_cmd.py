@@ -51,7 +51,12 @@ def _echo_piece(piece, state: dict) -> None:
     help="Reasoning mode (enable_thinking).",
 )
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True)
-@click.option("--stream/--no-stream", default=True, show_default=True, help="Print text as tokens arrive.")
+@click.option(
+    "--stream/--no-stream",
+    default=True,
+    show_default=True,
+    help="Print text as tokens arrive (--json never streams).",
+)
 @click.option("--greedy", is_flag=True, help="Argmax decoding instead of sampling.")
 @click.option(
     "--temperature",
