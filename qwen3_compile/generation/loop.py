@@ -15,6 +15,9 @@ import numpy as np
 from qwen3_compile.runtime.base import CausalLMRunner
 from qwen3_compile.tokenizer import STOP_IDS
 
+# Full-logit graphs return [S, 151936] fp32 per prefill: 512 positions are 311 MB
+PREFILL_CHUNK = 512
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -38,18 +41,27 @@ def generate_reply(
     choose: Callable[[np.ndarray], int],
     on_token: Callable[[int], None] | None = None,
     stop_ids: tuple[int, ...] = STOP_IDS,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> Reply:
     """Generate up to `max_new_tokens` after `prompt_ids` (batch 1), stopping after a stop token.
 
     `choose` maps the last position's logits [V] to the next token (a `Sampler`); `on_token` sees each
-    token as soon as it is chosen (streaming). Time spent in `on_token` is not counted.
+    token as soon as it is chosen (streaming). Time spent in `on_token` is not counted. The prompt is
+    prefilled `prefill_chunk` tokens at a time through the cache, which bounds the memory of graphs
+    that return logits for every position.
     """
     ids = np.asarray([prompt_ids], dtype=np.int64)  # [1, S]
     length = ids.shape[1]
     start = time.perf_counter()
-    logits, cache = runner.forward(
-        ids, np.ones_like(ids), np.arange(length, dtype=np.int64)[None], runner.empty_cache(1)
-    )
+    cache = runner.empty_cache(1)
+    for begin in range(0, length, prefill_chunk):
+        end = min(begin + prefill_chunk, length)
+        logits, cache = runner.forward(
+            ids[:, begin:end],
+            np.ones((1, end), dtype=np.int64),
+            np.arange(begin, end, dtype=np.int64)[None],
+            cache,
+        )
     token = choose(logits[0, -1])
     prefill_s = time.perf_counter() - start
     generated, decode_s = [token], 0.0

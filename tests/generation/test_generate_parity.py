@@ -100,6 +100,16 @@ def test_one_prefill_then_one_token_per_step(scripted_artifact, scripted_runner_
     assert [c["pos"] for c in runner.calls] == [[list(range(7))], [[7]], [[8]], [[9]], [[10]]]
 
 
+def test_long_prompt_prefills_in_chunks(scripted_runner_class):
+    runner = scripted_runner_class([11, 12, 13])
+    reply = generate_reply(runner, list(range(10)), 2, Sampler(GREEDY), prefill_chunk=4)
+    assert [c["seq"] for c in runner.calls] == [4, 4, 2, 1]
+    assert [c["cache"] for c in runner.calls] == [0, 4, 8, 10]
+    assert [c["mask"] for c in runner.calls] == [4, 8, 10, 11]
+    assert runner.calls[1]["pos"] == [[4, 5, 6, 7]] and runner.calls[3]["pos"] == [[10]]
+    assert reply.generated_ids == [13, 13]  # the script counts calls: the prefill took three
+
+
 def test_stop_token_ends_generation(scripted_runner_class):
     runner = scripted_runner_class([11, STOP_IDS[1], 13])
     reply = generate_reply(runner, [1, 2, 3], 10, Sampler(GREEDY))
@@ -108,7 +118,8 @@ def test_stop_token_ends_generation(scripted_runner_class):
 
 
 def test_kv_cache_decode_equals_full_recompute(opened_presets):
-    """Each cached decode step's logits equal a fresh prefill of the whole sequence so far."""
+    """Each step's logits (the chunked prefill's last, then every cached decode step's) equal a fresh
+    single-pass prefill of the whole sequence so far."""
     artifact = opened_presets["tiny-dense"]
     rng = np.random.default_rng()
     prompt = rng.integers(0, 151643, size=int(rng.integers(3, 20))).tolist()
@@ -118,10 +129,11 @@ def test_kv_cache_decode_equals_full_recompute(opened_presets):
         seen.append(logits.copy())
         return int(np.argmax(logits))
 
-    reply = generate_reply(artifact.runner, prompt, 6, choose)
-    for step in range(1, len(reply.generated_ids)):
+    chunk = int(rng.integers(1, 8))
+    reply = generate_reply(artifact.runner, prompt, 6, choose, prefill_chunk=chunk)
+    for step in range(len(reply.generated_ids)):
         ids = np.asarray([prompt + reply.generated_ids[:step]], dtype=np.int64)
         full, _ = artifact.runner.forward(
             ids, np.ones_like(ids), np.arange(ids.shape[1])[None], artifact.runner.empty_cache(1)
         )
-        np.testing.assert_allclose(seen[step], full[0, -1], atol=1e-4)
+        np.testing.assert_allclose(seen[step], full[0, -1], atol=1e-4, err_msg=f"chunk {chunk}")
