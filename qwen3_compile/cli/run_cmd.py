@@ -105,9 +105,10 @@ def run_command(
         click.echo(result.content, nl=False)
     click.echo("")
     reply, rate = result.reply, result.reply.tokens_per_s
+    speed = f"{rate:.1f} tokens/s decode" if rate else "no decode steps"
     click.secho(
-        f"[{len(reply.prompt_ids)} prompt tokens, {len(reply.generated_ids)} generated, "
-        f"{f'{rate:.1f} tokens/s' if rate else 'no decode steps'}, finish: {reply.finish_reason}]",
+        f"[{len(reply.prompt_ids)} prompt tokens in {reply.prefill_s:.2f} s, "
+        f"{len(reply.generated_ids)} generated, {speed}, finish: {reply.finish_reason}]",
         err=True,
         dim=True,
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qwen3_compile.errors import CheckFailedError
 from qwen3_compile.runtime.base import CausalLMRunner
 from qwen3_compile.tokenizer import STOP_IDS
 
@@ -32,6 +33,19 @@ class Reply:
         """Decode speed: tokens made by the one-token steps per second (prefill excluded)."""
         steps = len(self.generated_ids) - 1
         return steps / self.decode_s if steps > 0 and self.decode_s > 0 else None
+
+
+def _checked(logits: np.ndarray, step: int, runner: CausalLMRunner) -> np.ndarray:
+    """The last position's logits [V]; NaN means a broken artifact, not a token to sample."""
+    last = logits[0, -1]
+    if np.isnan(last).any():
+        raise CheckFailedError(
+            f"{runner.name} returned NaN logits at generation step {step}.",
+            field="logits",
+            fix="check the artifact with `qwen3-compile validate` (it names the first diverging layer), "
+            "or re-export it in fp32.",
+        )
+    return last
 
 
 def generate_reply(
@@ -62,7 +76,7 @@ def generate_reply(
             np.arange(begin, end, dtype=np.int64)[None],
             cache,
         )
-    token = choose(logits[0, -1])
+    token = choose(_checked(logits, 0, runner))
     prefill_s = time.perf_counter() - start
     generated, decode_s = [token], 0.0
     while True:
@@ -82,7 +96,7 @@ def generate_reply(
             np.asarray([[position]], dtype=np.int64),
             cache,
         )
-        token = choose(logits[0, -1])
+        token = choose(_checked(logits, len(generated), runner))
         decode_s += time.perf_counter() - start
         generated.append(token)
     return Reply(list(prompt_ids), generated, finish, prefill_s, decode_s)

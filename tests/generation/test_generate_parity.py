@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from qwen3_compile.errors import CheckFailedError
 from qwen3_compile.generation.chat import ChatRequest, chat
 from qwen3_compile.generation.loop import generate_reply
 from qwen3_compile.generation.sampling import GREEDY, Sampler
@@ -115,6 +116,21 @@ def test_stop_token_ends_generation(scripted_runner_class):
     reply = generate_reply(runner, [1, 2, 3], 10, Sampler(GREEDY))
     assert reply.generated_ids == [11, STOP_IDS[1]] and reply.finish_reason == "stop"
     assert len(runner.calls) == 2
+
+
+def test_nan_logits_fail_with_the_step(scripted_runner_class):
+    runner = scripted_runner_class([11, 12, 13])
+    forward = runner.forward
+
+    def broken(*args):
+        logits, cache = forward(*args)
+        if len(runner.calls) == 3:
+            logits[..., 5] = np.nan
+        return logits, cache
+
+    runner.forward = broken
+    with pytest.raises(CheckFailedError, match="NaN logits at generation step 2"):
+        generate_reply(runner, [1, 2], 10, Sampler(GREEDY))
 
 
 def test_kv_cache_decode_equals_full_recompute(opened_presets):
