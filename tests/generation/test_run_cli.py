@@ -96,6 +96,18 @@ def test_real_artifact_greedy_json(run_presets):
     assert data["generated_tokens"] <= 6 and data["mode"] == "non-thinking"
 
 
+def test_real_artifact_sampling_is_seeded(run_presets):
+    folder = run_presets["tiny-dense"][1]
+
+    def sample(seed: int) -> list[int]:
+        result = invoke(folder, "-p", "写一首诗", "--max-new-tokens", 8, "--seed", seed, "--json")
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        return data["reasoning_ids"] + data["content_ids"]
+
+    assert sample(5) == sample(5) != sample(6)
+
+
 def test_real_artifact_streams(run_presets):
     result = invoke(run_presets["tiny-dense"][1], "-p", "hello", "--max-new-tokens", 5, "--seed", 1)
     assert result.exit_code == 0, result.output
