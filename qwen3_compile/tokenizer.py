@@ -62,9 +62,13 @@ def load_tokenizer(checkpoint_dir: str | Path | None = None):
 
 
 def render_chat(
-    tokenizer, messages: list[dict[str, Any]], thinking: bool, add_generation_prompt: bool = True
+    tokenizer,
+    messages: list[dict[str, Any]],
+    thinking: bool,
+    add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
-    """Token ids of `messages` through the model's chat template in one reasoning mode."""
+    """Token ids of `messages` (and tool definitions) through the chat template in one reasoning mode."""
     if not getattr(tokenizer, "chat_template", None):
         raise BadInputError(
             "the tokenizer has no chat template.",
@@ -73,7 +77,11 @@ def render_chat(
             "tokenizer by removing the checkpoint's tokenizer files).",
         )
     encoded = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, enable_thinking=thinking, tokenize=True
+        messages,
+        tools=tools,
+        add_generation_prompt=add_generation_prompt,
+        enable_thinking=thinking,
+        tokenize=True,
     )
     ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
     return [int(i) for i in ids]

@@ -13,6 +13,7 @@ from qwen3_compile.cli.compile_cmd import compile_command
 from qwen3_compile.cli.export_cmd import export_command
 from qwen3_compile.cli.inspect_cmd import inspect_command
 from qwen3_compile.cli.run_cmd import run_command
+from qwen3_compile.cli.validate_cmd import validate_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -25,5 +26,5 @@ def main() -> None:
     """
 
 
-for command in (inspect_command, export_command, compile_command, run_command):
+for command in (inspect_command, export_command, compile_command, validate_command, run_command):
     main.add_command(command)

@@ -58,11 +58,24 @@ def generate(
     steps: int,
     forced: np.ndarray | None = None,
     stop_at_eos: bool = False,
+    prefill_chunk: int | None = None,
 ) -> Generation:
     """Prefill then `steps` decode steps. Greedy unless `forced` [B, steps] gives the tokens to feed
-    (teacher forcing: both sides see the same tokens, so one early mismatch does not end a comparison)."""
+    (teacher forcing: both sides see the same tokens, so one early mismatch does not end a comparison).
+
+    With `prefill_chunk`, the prompt goes in chunks through the KV cache (long prompts: full logits of a
+    4K-token prompt are 2.5 GB) and `prefill_logits` keeps only the last chunk's positions."""
     cache = runner.empty_cache(batch.input_ids.shape[0])
-    logits, cache = runner.forward(batch.input_ids, batch.attention_mask, batch.position_ids, cache)
+    width = batch.input_ids.shape[1]
+    chunk = prefill_chunk or width
+    for start in range(0, width, chunk):
+        end = min(start + chunk, width)
+        logits, cache = runner.forward(
+            batch.input_ids[:, start:end],
+            batch.attention_mask[:, :end],
+            batch.position_ids[:, start:end],
+            cache,
+        )
     prefill = logits
     mask, positions = batch.attention_mask, batch.position_ids[:, -1:]
     chosen, step_logits = [], []

@@ -1,0 +1,82 @@
+"""`qwen3-compile validate`: an artifact against the PyTorch reference, report and gates."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from qwen3_compile.cli.common import emit_json, layers_option, stage_command
+
+
+@click.command("validate")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option(
+    "--reference", required=True, help="Preset name or checkpoint directory the artifact came from."
+)
+@click.option(
+    "--backend", type=click.Choice(["ort", "tensorrt", "tensorrt-rtx"]), default="ort", show_default=True
+)
+@click.option(
+    "--prompts", type=click.Path(path_type=Path), help="JSONL prompt file (default: the built-in suite)."
+)
+@click.option("--decode-steps", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--long-context-tokens",
+    type=click.IntRange(min=0),
+    help="Length of the long-context case (default: near the artifact's max positions, at most 8192; "
+    "0 skips it).",
+)
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), help="Report folder (default: ARTIFACT/validation)."
+)
+@click.option("--no-bisect", is_flag=True, help="Skip the per-layer bisection pass.")
+@layers_option
+@stage_command
+def validate_command(
+    artifact: Path,
+    reference: str,
+    backend: str,
+    prompts: Path | None,
+    decode_steps: int,
+    long_context_tokens: int | None,
+    output: Path | None,
+    no_bisect: bool,
+    layers: int | None,
+    as_json: bool,
+) -> None:
+    """Validate ARTIFACT against the PyTorch reference on the prompt suite in thinking and non-thinking mode:
+    KL, top-1, cosine and max error per position, teacher-forced and free-running decode, a long-context case
+    and layer bisection. Writes report.json, report.md and PNG plots; exit code 1 when a gate fails."""
+    from qwen3_compile.progress import default_progress
+    from qwen3_compile.validate.stage import validate_artifact
+
+    report = validate_artifact(
+        artifact,
+        reference,
+        num_layers=layers,
+        backend=backend,
+        prompts=prompts,
+        decode_steps=decode_steps,
+        long_context_tokens=long_context_tokens,
+        output=output,
+        bisect=not no_bisect,
+        progress=default_progress(not as_json),
+    )
+    if as_json:
+        emit_json(report.to_dict() | {"directory": str(report.directory)})
+    else:
+        summary = report.to_dict()["summary"]
+        p, d = summary["prefill"], summary["decode"]
+        click.echo(
+            f"{'PASS' if report.passed else 'FAIL'} ({report.gates_source}): prefill mean KL "
+            f"{p['mean_kl']:.3g}, top-1 {p['top1']:.2%}; decode mean KL {d['mean_kl']:.3g}, top-1 "
+            f"{d['top1']:.2%}; greedy match "
+            f"{summary['greedy_match_fraction']:.1%}; modes {', '.join(report.modes)}"
+        )
+        for failure in report.failures:
+            click.echo(f"  - {failure}")
+        click.echo(f"report: {report.directory / 'report.md'}")
+    if not report.passed:
+        sys.exit(1)

@@ -1,0 +1,47 @@
+"""Which runner executes an artifact for validation, by backend name. One place, no branches elsewhere."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from qwen3_compile.errors import BadInputError
+
+BACKENDS = ("ort", "tensorrt", "tensorrt-rtx")
+_INSTALL = {
+    "tensorrt": "install TensorRT for your GPU (pip install tensorrt on a machine NVIDIA's index serves, or "
+    "JetPack's python3-libnvinfer on Jetson)",
+    "tensorrt-rtx": "pip install 'qwen3-compile[rtx]' (tensorrt-rtx-cu13)",
+}
+_MODULE = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
+
+
+def artifact_runner(artifact: Path, manifest: dict, backend: str):
+    if backend not in BACKENDS:
+        raise BadInputError(
+            f"unknown backend '{backend}'.", field="--backend", fix=f"use one of: {', '.join(BACKENDS)}."
+        )
+    if backend == "ort":
+        model = artifact / "model.onnx"
+        if manifest.get("stage") != "export" or not model.exists():
+            raise BadInputError(
+                f"the ONNX Runtime backend runs exported ONNX artifacts; this one is a "
+                f"'{manifest.get('stage')}' artifact{'' if model.exists() else ' without model.onnx'}.",
+                file=artifact / "manifest.json",
+                field="stage",
+                fix="pass a folder written by `qwen3-compile export` or `compile`.",
+            )
+        from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
+
+        return OrtRunner(model)
+    if importlib.util.find_spec(_MODULE[backend]) is None:
+        raise BadInputError(
+            f"the {backend} backend is not installed.", field="--backend", fix=_INSTALL[backend] + "."
+        )
+    # engines come from the build stage; it does not exist yet, so there is nothing to run
+    raise BadInputError(
+        f"{backend} validates TensorRT engines built by `qwen3-compile build`, which is not available yet.",
+        file=artifact,
+        field="--backend",
+        fix="validate the exported ONNX artifact with --backend ort.",
+    )

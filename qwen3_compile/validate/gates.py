@@ -1,0 +1,42 @@
+"""Validation gates: the thresholds an artifact must meet. A quantization recipe states its own (the
+manifest carries them); unquantized exports get defaults by dtype."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Gates:
+    max_mean_kl: float
+    min_top1: float
+    max_abs: float | None  # None: reported, not gated
+    min_greedy_match: float  # fraction of decode steps the free-running greedy tokens must match
+    layer_tolerance: float  # relative error above which a layer counts as diverged (bisection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Gates:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+DEFAULT_GATES = {
+    # fp32 exports compute what PyTorch computes up to summation order
+    "fp32": Gates(max_mean_kl=1e-6, min_top1=1.0, max_abs=1e-3, min_greedy_match=1.0, layer_tolerance=1e-3),
+    "fp16": Gates(max_mean_kl=1e-3, min_top1=0.99, max_abs=None, min_greedy_match=0.0, layer_tolerance=5e-2),
+    "bf16": Gates(max_mean_kl=5e-3, min_top1=0.98, max_abs=None, min_greedy_match=0.0, layer_tolerance=1e-1),
+}
+
+
+def gates_for(manifest: dict[str, Any]) -> tuple[Gates, str]:
+    """(gates, where they came from): the recipe's when the artifact was quantized, else by dtype."""
+    recipe = manifest.get("recipe") or {}
+    if "gates" in recipe:
+        defaults = DEFAULT_GATES["fp16"].to_dict()
+        return Gates.from_dict(defaults | recipe["gates"]), f"recipe {recipe.get('name', '?')}"
+    dtype = manifest.get("options", {}).get("dtype", "fp32")
+    return DEFAULT_GATES.get(dtype, DEFAULT_GATES["fp16"]), f"defaults for {dtype}"

@@ -1,0 +1,216 @@
+"""The `validate` stage: an artifact against the PyTorch reference on the prompt suite, both reasoning
+modes, with gates, layer bisection and a report (report.json, report.md, PNG plots)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qwen3_compile.artifact_io import atomic_output_dir
+from qwen3_compile.errors import BadInputError
+from qwen3_compile.manifest import read_manifest
+from qwen3_compile.models.loading import load_model, resolve_model
+from qwen3_compile.progress import NO_PROGRESS, Progress
+from qwen3_compile.runtime.base import generate, left_padded_batch
+from qwen3_compile.runtime.torch_reference import TorchRunner
+from qwen3_compile.tokenizer import ENDOFTEXT_ID, load_tokenizer
+from qwen3_compile.validate.backends import artifact_runner
+from qwen3_compile.validate.bisect import Bisection, bisect_layers
+from qwen3_compile.validate.gates import Gates, gates_for
+from qwen3_compile.validate.metrics import PositionMetrics, Summary, compare_logits, summarise
+from qwen3_compile.validate.prompt_suite import (
+    PromptCase,
+    load_prompt_entries,
+    long_context_case,
+    render_suite,
+)
+
+LONG_CONTEXT_CAP = 8192
+PREFILL_CHUNK = 512
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    case: PromptCase
+    prefill: PositionMetrics
+    decode: PositionMetrics  # teacher-forced: both sides fed the reference's greedy tokens
+    greedy_match: int  # leading free-running greedy tokens equal to the reference's
+    decode_steps: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.case.name,
+            "category": self.case.category,
+            "mode": self.case.mode,
+            "prompt_tokens": len(self.case.ids),
+            # long prompts are compared on their last prefill chunk: the first compared position
+            "first_position": len(self.case.ids) - len(self.prefill.kl),
+            "prefill": summarise([self.prefill]).to_dict(),
+            "decode": summarise([self.decode]).to_dict(),
+            "greedy_match": self.greedy_match,
+            "decode_steps": self.decode_steps,
+            "kl_per_position": self.prefill.kl + self.decode.kl,
+            "top1_per_position": self.prefill.top1 + self.decode.top1,
+        }
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    artifact: str
+    reference: str
+    backend: str
+    gates: Gates
+    gates_source: str
+    cases: list[CaseResult]
+    bisection: Bisection | None
+    failures: list[str] = field(default_factory=list)
+    directory: Path | None = None
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def modes(self) -> list[str]:
+        return sorted({c.case.mode for c in self.cases})
+
+    def summary(self, part: str) -> Summary:
+        return summarise([getattr(c, part) for c in self.cases])
+
+    def to_dict(self) -> dict[str, Any]:
+        steps = sum(c.decode_steps for c in self.cases)
+        return {
+            "artifact": self.artifact,
+            "reference": self.reference,
+            "backend": self.backend,
+            "passed": self.passed,
+            "failures": self.failures,
+            "gates": self.gates.to_dict(),
+            "gates_source": self.gates_source,
+            "modes": self.modes,
+            "summary": {
+                "prefill": self.summary("prefill").to_dict(),
+                "decode": self.summary("decode").to_dict(),
+                "greedy_match_fraction": sum(c.greedy_match for c in self.cases) / max(steps, 1),
+            },
+            "bisection": self.bisection.to_dict() if self.bisection else None,
+            "cases": [c.to_dict() for c in self.cases],
+        }
+
+
+def _check_reference(manifest: dict, reference_arch, artifact: Path, reference: str) -> None:
+    """The artifact's architecture (from its manifest) must be the reference's."""
+    recorded = manifest.get("architecture") or {}
+    expected = reference_arch.to_hf_dict()
+    for key in sorted(set(recorded) | set(expected)):
+        if key == "max_position_embeddings":
+            continue
+        if recorded.get(key) != expected.get(key):
+            raise BadInputError(
+                f"the reference does not match the artifact: {key} is {expected.get(key)!r} in {reference} "
+                f"but {recorded.get(key)!r} in the artifact.",
+                file=artifact / "manifest.json",
+                field=f"architecture.{key}",
+                fix="pass the checkpoint or preset (and --layers) the artifact was exported from.",
+            )
+
+
+def _run_case(reference, candidate, case: PromptCase, steps: int) -> CaseResult:
+    batch = left_padded_batch([case.ids], ENDOFTEXT_ID)
+    # long prompts are prefilled in chunks; their comparison covers the last chunk (the large positions)
+    chunk = PREFILL_CHUNK if len(case.ids) > PREFILL_CHUNK else None
+    ref = generate(reference, batch, steps, prefill_chunk=chunk)
+    forced = generate(candidate, batch, steps, forced=ref.tokens, prefill_chunk=chunk)
+    free = generate(candidate, batch, steps, prefill_chunk=chunk)
+    prefill = compare_logits(ref.prefill_logits[0], forced.prefill_logits[0])
+    decode = PositionMetrics([], [], [], [])
+    if ref.step_logits:
+        decode = compare_logits(
+            np.stack([s[0] for s in ref.step_logits]), np.stack([s[0] for s in forced.step_logits])
+        )
+    mismatch = [i for i, (a, b) in enumerate(zip(ref.tokens[0], free.tokens[0], strict=True)) if a != b]
+    return CaseResult(
+        case, prefill, decode, mismatch[0] if mismatch else len(ref.tokens[0]), len(ref.tokens[0])
+    )
+
+
+def _evaluate(report: ValidationReport) -> list[str]:
+    g, prefill, decode = report.gates, report.summary("prefill"), report.summary("decode")
+    steps = sum(c.decode_steps for c in report.cases)
+    greedy = sum(c.greedy_match for c in report.cases) / max(steps, 1)
+    failures = []
+    mean_kl = (prefill.mean_kl * prefill.positions + decode.mean_kl * decode.positions) / max(
+        prefill.positions + decode.positions, 1
+    )
+    if mean_kl > g.max_mean_kl:
+        failures.append(f"mean KL {mean_kl:.3g} > {g.max_mean_kl:g}")
+    top1 = min(prefill.top1, decode.top1 if decode.positions else 1.0)
+    if top1 < g.min_top1:
+        failures.append(f"top-1 agreement {top1:.4f} < {g.min_top1:g}")
+    if g.max_abs is not None and max(prefill.max_abs, decode.max_abs) > g.max_abs:
+        failures.append(f"max |logit error| {max(prefill.max_abs, decode.max_abs):.3g} > {g.max_abs:g}")
+    if greedy < g.min_greedy_match:
+        failures.append(
+            f"free-running greedy matches {greedy:.1%} of decode steps < {g.min_greedy_match:.0%}"
+        )
+    if failures and report.bisection is not None:
+        layer = report.bisection.first_diverging_layer
+        where = f"layer {layer}" if layer is not None else "after the last layer (final norm / lm_head)"
+        failures.append(f"first divergence: {where}")
+    return failures
+
+
+def validate_artifact(
+    artifact: str | Path,
+    reference: str | Path,
+    *,
+    num_layers: int | None = None,
+    backend: str = "ort",
+    prompts: str | Path | None = None,
+    decode_steps: int = 16,
+    long_context_tokens: int | None = None,
+    output: str | Path | None = None,
+    bisect: bool = True,
+    progress: Progress = NO_PROGRESS,
+) -> ValidationReport:
+    """Validate `artifact` (a folder with manifest.json) against `reference` (preset or checkpoint)."""
+    from qwen3_compile.validate.report import write_report
+
+    artifact = Path(artifact)
+    manifest = read_manifest(artifact)
+    candidate = artifact_runner(artifact, manifest, backend)
+    source = resolve_model(reference, num_layers)
+    _check_reference(manifest, source.arch, artifact, str(reference))
+    gates, gates_source = gates_for(manifest)
+    tokenizer = load_tokenizer(artifact)
+    cases = render_suite(tokenizer, load_prompt_entries(prompts))
+    max_positions = manifest.get("options", {}).get("max_positions") or source.arch.max_position_embeddings
+    long_tokens = (
+        min(max_positions - decode_steps - 1, LONG_CONTEXT_CAP)
+        if long_context_tokens is None
+        else long_context_tokens
+    )
+    if long_tokens > 0:
+        cases.append(long_context_case(tokenizer, long_tokens))
+    loaded = load_model(source, progress=progress)
+    runner = TorchRunner(loaded)
+    results = []
+    with progress.stage("validate prompts", total=len(cases), unit="prompts") as advance:
+        for case in cases:
+            results.append(_run_case(runner, candidate, case, decode_steps))
+            advance(1)
+    bisection = None
+    if bisect and backend == "ort":
+        probes = [c.ids for c in cases if c.category != "long-context"][:2]
+        with progress.stage("bisect layers", total=None):
+            bisection = bisect_layers(loaded, artifact / "model.onnx", probes, gates.layer_tolerance)
+    report = ValidationReport(str(artifact), str(reference), backend, gates, gates_source, results, bisection)
+    report = dataclasses.replace(report, failures=_evaluate(report))
+    out = Path(output) if output is not None else artifact / "validation"
+    with atomic_output_dir(out, force=True) as tmp:
+        write_report(report, tmp)
+    return dataclasses.replace(report, directory=out)
