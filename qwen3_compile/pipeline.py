@@ -1,5 +1,6 @@
-"""`compile`: the whole pipeline on one model. Today: export -> ONNX Runtime lowering -> parity against
-PyTorch in both reasoning modes. Later stages (quantize, validate, build, bundle) join as they land."""
+"""`compile`: the whole pipeline on one model. Today: export -> ONNX Runtime lowering -> parity of both
+graphs against PyTorch -> full validation of the ORT graph (prompt suite in both reasoning modes, long
+context, layer bisection). Later stages (quantize, build, bundle) join as they land."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
 from qwen3_compile.runtime.torch_reference import TorchRunner
 from qwen3_compile.tokenizer import load_tokenizer
+from qwen3_compile.validate.stage import ValidationReport, validate_artifact
 
 
 @dataclass(frozen=True)
@@ -21,10 +23,11 @@ class CompileResult:
     directory: Path
     artifacts: dict[str, ExportedArtifact]  # "canonical", "ort"
     parity: dict[str, ParityReport]
+    validation: ValidationReport
 
     @property
     def passed(self) -> bool:
-        return all(p.passed for p in self.parity.values())
+        return all(p.passed for p in self.parity.values()) and self.validation.passed
 
     def to_dict(self) -> dict:
         return {
@@ -35,6 +38,11 @@ class CompileResult:
                 for k, a in self.artifacts.items()
             },
             "parity": {k: p.to_dict() for k, p in self.parity.items()},
+            "validation": {
+                "passed": self.validation.passed,
+                "failures": self.validation.failures,
+                "report": str(self.validation.directory / "report.md"),
+            },
         }
 
 
@@ -44,6 +52,7 @@ def compile_model(
     *,
     num_layers: int | None = None,
     decode_steps: int = 32,
+    long_context_tokens: int | None = None,
     progress: Progress = NO_PROGRESS,
 ) -> CompileResult:
     """Run the pipeline into `output_root`/<model name>/ (replacing an earlier run there)."""
@@ -71,6 +80,9 @@ def compile_model(
                 ParityGates.for_dtype(artifact.options.dtype),
             )
             advance(1)
-    result = CompileResult(run_dir, artifacts, parity)
+    validation = validate_artifact(
+        artifacts["ort"].directory, loaded, output=run_dir / "validation", progress=progress
+    )
+    result = CompileResult(run_dir, artifacts, parity, validation)
     (run_dir / "compile.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result

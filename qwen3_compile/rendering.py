@@ -121,4 +121,10 @@ def render_compile(result: CompileResult) -> None:
     )
     for key, artifact in result.artifacts.items():
         console.print(f"{key:>10}: {artifact.model_path}")
+    v = result.validation
+    console.print(
+        f"validation ({v.gates_source}): "
+        f"{'[green]pass' if v.passed else '[red]FAIL: ' + '; '.join(v.failures)}[/] on {len(v.cases)} "
+        f"prompts, report {v.directory / 'report.md'}"
+    )
     console.print(f"   summary: {result.directory / 'compile.json'}")

@@ -110,9 +110,12 @@ def test_export_bad_combination_exit_2(tmp_path):
 
 
 def test_compile_main_job(tmp_path):
-    result = run("compile", "-o", str(tmp_path), "--decode-steps", "4", "--json")
+    result = run(
+        "compile", "-o", str(tmp_path), "--decode-steps", "4", "--long-context-tokens", "300", "--json"
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["passed"] and set(data["parity"]) == {"canonical", "ort"}
     assert (tmp_path / "tiny-moe" / "onnx-ort" / "model.onnx").exists()
+    assert data["validation"]["passed"] and (tmp_path / "tiny-moe" / "validation" / "report.json").exists()
     assert json.loads((tmp_path / "tiny-moe" / "compile.json").read_text())["passed"]

@@ -13,7 +13,7 @@ import numpy as np
 from qwen3_compile.artifact_io import atomic_output_dir
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.manifest import read_manifest
-from qwen3_compile.models.loading import load_model, resolve_model
+from qwen3_compile.models.loading import LoadedModel, load_model, resolve_model
 from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.runtime.base import generate, left_padded_batch
 from qwen3_compile.runtime.torch_reference import TorchRunner
@@ -166,7 +166,7 @@ def _evaluate(report: ValidationReport) -> list[str]:
 
 def validate_artifact(
     artifact: str | Path,
-    reference: str | Path,
+    reference: str | Path | LoadedModel,
     *,
     num_layers: int | None = None,
     backend: str = "ort",
@@ -177,14 +177,17 @@ def validate_artifact(
     bisect: bool = True,
     progress: Progress = NO_PROGRESS,
 ) -> ValidationReport:
-    """Validate `artifact` (a folder with manifest.json) against `reference` (preset or checkpoint)."""
+    """Validate `artifact` (a folder with manifest.json) against `reference` (preset, checkpoint, or an
+    already loaded reference model)."""
     from qwen3_compile.validate.report import write_report
 
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
     candidate = artifact_runner(artifact, manifest, backend)
-    source = resolve_model(reference, num_layers)
-    _check_reference(manifest, source.arch, artifact, str(reference))
+    loaded = reference if isinstance(reference, LoadedModel) else None
+    source = loaded.source if loaded else resolve_model(reference, num_layers)
+    reference = source.spec
+    _check_reference(manifest, source.arch, artifact, reference)
     gates, gates_source = gates_for(manifest)
     tokenizer = load_tokenizer(artifact)
     cases = render_suite(tokenizer, load_prompt_entries(prompts))
@@ -196,7 +199,7 @@ def validate_artifact(
     )
     if long_tokens > 0:
         cases.append(long_context_case(tokenizer, long_tokens))
-    loaded = load_model(source, progress=progress)
+    loaded = loaded or load_model(source, progress=progress)
     runner = TorchRunner(loaded)
     results = []
     with progress.stage("validate prompts", total=len(cases), unit="prompts") as advance:
