@@ -12,6 +12,7 @@ from qwen3_compile import __version__
 from qwen3_compile.cli.compile_cmd import compile_command
 from qwen3_compile.cli.export_cmd import export_command
 from qwen3_compile.cli.inspect_cmd import inspect_command
+from qwen3_compile.cli.quantize_cmd import quantize_command
 from qwen3_compile.cli.run_cmd import run_command
 from qwen3_compile.cli.validate_cmd import validate_command
 
@@ -26,5 +27,12 @@ def main() -> None:
     """
 
 
-for command in (inspect_command, export_command, compile_command, validate_command, run_command):
+for command in (
+    inspect_command,
+    export_command,
+    compile_command,
+    quantize_command,
+    validate_command,
+    run_command,
+):
     main.add_command(command)

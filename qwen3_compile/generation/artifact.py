@@ -49,7 +49,7 @@ def load_ort_runner(folder: Path, manifest: dict[str, Any]) -> CausalLMRunner:
 
 
 # manifest stage -> the runner that executes that kind of artifact
-RUNNER_LOADERS: dict[str, RunnerLoader] = {"export": load_ort_runner}
+RUNNER_LOADERS: dict[str, RunnerLoader] = {"export": load_ort_runner, "quantize": load_ort_runner}
 
 
 def register_runner(stage: str, loader: RunnerLoader) -> None:

@@ -22,18 +22,19 @@ def artifact_runner(artifact: Path, manifest: dict, backend: str):
             f"unknown backend '{backend}'.", field="--backend", fix=f"use one of: {', '.join(BACKENDS)}."
         )
     if backend == "ort":
-        model = artifact / "model.onnx"
-        if manifest.get("stage") != "export" or not model.exists():
+        # the same stage -> runner table `run` uses: export and quantize folders run on ONNX Runtime
+        from qwen3_compile.generation.artifact import RUNNER_LOADERS
+
+        loader = RUNNER_LOADERS.get(manifest.get("stage"))
+        if loader is None:
             raise BadInputError(
-                f"the ONNX Runtime backend runs exported ONNX artifacts; this one is a "
-                f"'{manifest.get('stage')}' artifact{'' if model.exists() else ' without model.onnx'}.",
+                f"the ONNX Runtime backend runs {', '.join(sorted(RUNNER_LOADERS))} artifacts; this one is a "
+                f"'{manifest.get('stage')}' artifact.",
                 file=artifact / "manifest.json",
                 field="stage",
-                fix="pass a folder written by `qwen3-compile export` or `compile`.",
+                fix="pass a folder written by `qwen3-compile export`, `quantize` or `compile`.",
             )
-        from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
-
-        return OrtRunner(model)
+        return loader(artifact, manifest)
     if importlib.util.find_spec(_MODULE[backend]) is None:
         raise BadInputError(
             f"the {backend} backend is not installed.", field="--backend", fix=_INSTALL[backend] + "."

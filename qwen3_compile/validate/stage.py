@@ -158,9 +158,12 @@ def _evaluate(report: ValidationReport) -> list[str]:
             f"free-running greedy matches {greedy:.1%} of decode steps < {g.min_greedy_match:.0%}"
         )
     if failures and report.bisection is not None:
-        layer = report.bisection.first_diverging_layer
-        where = f"layer {layer}" if layer is not None else "after the last layer (final norm / lm_head)"
-        failures.append(f"first divergence: {where}")
+        layer, tolerance = report.bisection.first_diverging_layer, report.bisection.tolerance
+        failures.append(
+            f"first divergence: layer {layer}"
+            if layer is not None
+            else f"no single layer exceeds the layer tolerance {tolerance:g}: the error accumulates"
+        )
     return failures
 
 

@@ -1,0 +1,66 @@
+"""INT8 weight-only on the tiny presets: exact symmetric per-channel math, the recipe's gates met against
+the fp32 PyTorch reference in both reasoning modes, weights at most 0.55x of fp16, bad input refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from qwen3_compile.errors import BadInputError
+from qwen3_compile.export.stage import ExportOptions, export_onnx
+from qwen3_compile.quantize.stage import quantize_artifact
+from qwen3_compile.quantize.weights import quantize_int8
+from qwen3_compile.validate.stage import validate_artifact
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("q")
+    return {name: export_onnx(name, root / name).directory for name in ("tiny-dense", "tiny-moe")}
+
+
+def test_quantize_int8_is_symmetric_per_channel():
+    rng = np.random.default_rng()
+    w = rng.standard_normal((5, 7, 33)).astype(np.float32)
+    q, scale = quantize_int8(w, reduce_axis=2)
+    assert q.dtype == np.int8 and scale.shape == (5, 7, 1)
+    np.testing.assert_allclose(scale[..., 0], np.abs(w).max(axis=2) / 127, rtol=1e-6)
+    assert np.abs(q).max() == 127
+    assert np.all(np.abs(q * scale - w) <= scale / 2 + 1e-7)
+
+
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
+def test_int8_wo_meets_recipe_gates(preset, exports, tmp_path):
+    result = quantize_artifact(exports[preset], "int8-wo", tmp_path / "q")
+    assert result.weight_ratio <= 0.55
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["stage"] == "quantize" and manifest["recipe"]["name"] == "int8-wo"
+    model = onnx.load(tmp_path / "q" / "model.onnx")
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == len(result.tensors) > 0
+    weights = {t.name: t for t in model.graph.initializer}
+    for node in dq:  # symmetric: no zero point input, int8 values
+        assert len(node.input) == 2 and weights[node.input[0]].data_type == onnx.TensorProto.INT8
+    if preset == "tiny-moe":
+        scale = numpy_helper.to_array(weights["model.layers.0.mlp.experts.gate_up_proj.scale"])
+        assert scale.shape == (16, 64, 1)  # one scale per expert and output row
+    report = validate_artifact(tmp_path / "q", preset, decode_steps=8, long_context_tokens=0, bisect=False)
+    assert report.gates_source == "recipe int8-wo"
+    assert report.passed, report.failures
+    assert {"thinking", "non-thinking"} <= set(report.modes)
+
+
+def test_refuses_lowered_or_fp16_exports(exports, tmp_path):
+    lowered = export_onnx("tiny-moe", tmp_path / "ort", ExportOptions(target="ort")).directory
+    with pytest.raises(BadInputError) as info:
+        quantize_artifact(lowered, "int8-wo", tmp_path / "out")
+    assert info.value.field == "options.target"
+    half = export_onnx("tiny-dense", tmp_path / "fp16", ExportOptions(dtype="fp16")).directory
+    with pytest.raises(BadInputError) as info:
+        quantize_artifact(half, "int8-wo", tmp_path / "out")
+    assert info.value.field == "options.dtype"
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,54 @@
+"""Recipes are data: decoded through an allow-list, round-trip exact, errors list the valid choices."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from qwen3_compile.errors import BadInputError
+from qwen3_compile.quantize.recipe import QuantRecipe, builtin_recipes, load_recipe
+
+
+@pytest.mark.parametrize("name", sorted(builtin_recipes()))
+def test_builtin_recipes_round_trip(name):
+    recipe = load_recipe(name)
+    assert QuantRecipe.from_dict(recipe.to_dict()) == recipe
+    raw = tomllib.loads(builtin_recipes()[name].read_text())
+    assert recipe.to_dict() == raw
+
+
+def test_selection_skips_router_head_embeddings_norms():
+    select = load_recipe("int8-wo").select
+    assert select.selects("model.layers.3.self_attn.q_proj.weight")
+    assert select.selects("model.layers.3.mlp.experts.gate_up_proj")
+    for name in (
+        "model.layers.3.mlp.gate.weight",
+        "lm_head.weight",
+        "model.embed_tokens.weight",
+        "model.layers.3.input_layernorm.weight",
+        "model.layers.3.self_attn.q_norm.weight",
+    ):
+        assert not select.selects(name), name
+
+
+def test_unknown_recipe_lists_valid_ones():
+    with pytest.raises(BadInputError) as info:
+        load_recipe("int3-magic")
+    assert "int8-wo" in info.value.fix and info.value.field == "--recipe"
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        ({"weights": {"dtype": "int8", "bits": 8}}, "weights.bits"),
+        ({"colour": "blue"}, "colour"),
+        ({"version": 9}, "version"),
+        ({"weights": {"dtype": "int2"}}, "weights"),
+    ],
+)
+def test_bad_recipe_fields(edit, field):
+    data = load_recipe("int8-wo").to_dict() | edit
+    with pytest.raises(BadInputError) as info:
+        QuantRecipe.from_dict(data, "my.toml")
+    assert info.value.field == field and "my.toml" in info.value.message
