@@ -54,6 +54,13 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     Each initializer's bytes are written and then dropped from the proto in place, so saving a large
     model needs no second copy of its weights (the model is left pointing at the external file).
     """
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        # weights were streamed to the data file while building: drop what rewrites replaced, then save
+        from qwen3_compile.export.external_data import compact
+
+        compact(model, path.parent, path.name + ".data")
+        onnx.save_model(model, str(path))
+        return
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
     if weight_bytes <= EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(model, str(path))

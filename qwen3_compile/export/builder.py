@@ -49,8 +49,10 @@ def tensor_proto(name: str, tensor: Any) -> TensorProto:
 class GraphBuilder:
     """Accumulates nodes, initializers and value names for one ONNX graph."""
 
-    def __init__(self, float_type: int = TensorProto.FLOAT):
+    def __init__(self, float_type: int = TensorProto.FLOAT, weight_sink: Any = None):
         self.float_type = float_type
+        # an ExternalDataWriter: weights go straight to the data file instead of the protobuf
+        self.weight_sink = weight_sink
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -91,7 +93,8 @@ class GraphBuilder:
 
     def weight(self, name: str, tensor: Any) -> str:
         """A named initializer (the checkpoint's tensor name, so tools can map weights back)."""
-        self.initializers.append(tensor_proto(name, tensor))
+        sink = self.weight_sink
+        self.initializers.append(sink.add(name, tensor) if sink is not None else tensor_proto(name, tensor))
         return name
 
     def const(self, value: Any, dtype: str = "int64") -> str:

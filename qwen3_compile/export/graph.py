@@ -4,6 +4,7 @@ decode, MoE as one `qwen3_compile::ExpertDispatch` node per layer."""
 from __future__ import annotations
 
 from collections.abc import MutableMapping
+from typing import Any
 
 import onnx
 import torch
@@ -71,10 +72,11 @@ def build_graph(
     dtype: torch.dtype = torch.float32,
     opset: int = 21,
     consume: bool = False,
+    weight_sink: Any = None,
 ) -> onnx.ModelProto:
     """The whole model. `state` holds the weights (experts fused [E,2I,H] / [E,H,I]); `consume` empties it."""
     float_type = ONNX_DTYPES[str(dtype).removeprefix("torch.")]
-    b = GraphBuilder(float_type)
+    b = GraphBuilder(float_type, weight_sink)
     add_weights(b, arch, state, dtype, consume)
     input_ids = b.input("input_ids", TensorProto.INT64, [BATCH, SEQ])
     attention_mask = b.input("attention_mask", TensorProto.INT64, [BATCH, TOTAL])

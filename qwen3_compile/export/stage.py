@@ -9,8 +9,10 @@ from typing import Any
 
 import onnx
 
+from qwen3_compile import artifact_io
 from qwen3_compile.artifact_io import atomic_output_dir, save_onnx
 from qwen3_compile.errors import BadInputError
+from qwen3_compile.export.external_data import ExternalDataWriter
 from qwen3_compile.manifest import Timings, sha256_file, write_manifest
 from qwen3_compile.models.loading import LoadedModel, ModelSource, load_weights, resolve_model
 from qwen3_compile.progress import NO_PROGRESS, Progress
@@ -130,19 +132,27 @@ def export_onnx(
     if owned:
         with timings.stage("load"):
             state = load_weights(source, allow_nonfinite=allow_nonfinite, progress=progress)
-    with timings.stage("build_graph"), progress.stage("build graph", total=None):
-        graph = build_graph(source.arch, state, options.torch_dtype(), options.opset, consume=owned)
-    del state
-    report = None
-    if options.target is not None:
-        with timings.stage("lower"):
-            report = lower(graph, options.target).to_dict()
-    histogram = dict(
-        sorted(
-            Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in graph.graph.node).items()
-        )
-    )
+    dtype = options.torch_dtype()
+    streamed = sum(t.numel() for t in state.values()) * dtype.itemsize > artifact_io.EXTERNAL_DATA_THRESHOLD
     with atomic_output_dir(output, force) as tmp:
+        # large models stream their weights into model.onnx.data as the graph is built
+        sink = ExternalDataWriter(tmp / f"{MODEL_FILE}.data") if streamed else None
+        with timings.stage("build_graph"), progress.stage("build graph", total=None):
+            graph = build_graph(source.arch, state, dtype, options.opset, consume=owned, weight_sink=sink)
+        del state
+        report = None
+        if options.target is not None:
+            with timings.stage("lower"):
+                report = lower(graph, options.target, tmp, sink).to_dict()
+        if sink is not None:
+            sink.close()
+        histogram = dict(
+            sorted(
+                Counter(
+                    f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in graph.graph.node
+                ).items()
+            )
+        )
         with timings.stage("write"), progress.stage("write model", total=None):
             save_onnx(graph, tmp / MODEL_FILE)
             write_side_files(tmp, source.arch, max_positions, source.tokenizer_dir)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import onnx
 
 from qwen3_compile.errors import BadInputError
+from qwen3_compile.export.external_data import ExternalDataWriter
 from qwen3_compile.lower.ort_moe import ExpertDispatchToOrtMoE
 from qwen3_compile.lower.rules import RewriteReport, RewriteRule, apply_rules
 
@@ -14,10 +17,15 @@ RULE_SETS: dict[str, list[type[RewriteRule]]] = {
 }
 
 
-def lower(model: onnx.ModelProto, target: str) -> RewriteReport:
-    """Rewrite `model` in place for `target`."""
+def lower(
+    model: onnx.ModelProto,
+    target: str,
+    base_dir: Path | None = None,
+    weight_sink: ExternalDataWriter | None = None,
+) -> RewriteReport:
+    """Rewrite `model` in place for `target` (see `apply_rules` for external-data models)."""
     if target not in RULE_SETS:
         raise BadInputError(
             f"unknown lowering target '{target}'.", field="target", fix=f"use one of: {', '.join(RULE_SETS)}."
         )
-    return apply_rules(model, [rule() for rule in RULE_SETS[target]])
+    return apply_rules(model, [rule() for rule in RULE_SETS[target]], base_dir, weight_sink)

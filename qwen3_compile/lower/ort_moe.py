@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from qwen3_compile.custom_ops import DOMAIN, EXPERT_DISPATCH
 from qwen3_compile.lower.rules import GraphView, Replacement, RewriteRule
@@ -45,8 +45,6 @@ class ExpertDispatchToOrtMoE(RewriteRule):
         hidden, router_logits, gate_up, down = node.input
         attrs = view.attrs(node)
         fc1_name = gate_up + ".interleaved"
-        fc1 = numpy_helper.from_array(interleave_gate_up(view.array(gate_up)), fc1_name)
-        # from_array copied the bytes; the interleaved numpy array is released when this returns
         moe = onnx.helper.make_node(
             "MoE",
             [hidden, router_logits, fc1_name, "", down],
@@ -61,4 +59,4 @@ class ExpertDispatchToOrtMoE(RewriteRule):
             activation_beta=0.0,
             use_sparse_mixer=0,
         )
-        return Replacement([moe], [fc1], {ORT_DOMAIN: 1})
+        return Replacement([moe], {fc1_name: interleave_gate_up(view.array(gate_up))}, {ORT_DOMAIN: 1})

@@ -10,24 +10,29 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from qwen3_compile.export.external_data import ExternalDataWriter, external_array
+
 
 @dataclass
 class Replacement:
     nodes: list[onnx.NodeProto]
-    initializers: list[onnx.TensorProto] = field(default_factory=list)
+    # new weights by name; the engine stores them inline or appends them to the external data file
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
     opsets: dict[str, int] = field(default_factory=dict)
 
 
 class GraphView:
     """Read access a rule needs: initializers by name, node attributes."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, base_dir: Path | None = None):
         self.model = model
+        self.base_dir = base_dir
         self.initializers = {t.name: t for t in model.graph.initializer}
 
     def array(self, name: str) -> np.ndarray | None:
@@ -35,6 +40,8 @@ class GraphView:
         tensor = self.initializers.get(name)
         if tensor is None:
             return None
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            return external_array(tensor, self.base_dir)
         if tensor.raw_data and tensor.data_type == onnx.TensorProto.FLOAT:
             return np.frombuffer(tensor.raw_data, dtype=np.float32).reshape(tuple(tensor.dims))
         return numpy_helper.to_array(tensor)
@@ -91,13 +98,19 @@ def _drop_initializers(model: onnx.ModelProto, names: set[str]) -> None:
     model.graph.initializer.extend(keep)
 
 
-def apply_rules(model: onnx.ModelProto, rules: list[RewriteRule]) -> RewriteReport:
+def apply_rules(
+    model: onnx.ModelProto,
+    rules: list[RewriteRule],
+    base_dir: Path | None = None,
+    weight_sink: ExternalDataWriter | None = None,
+) -> RewriteReport:
     """Apply `rules` in order to every node (in place). A weight that a rewrite replaced is dropped right
-    away, so lowering a large model holds the old and the new form of one layer at a time, not all."""
+    away, so lowering a large model holds the old and the new form of one layer at a time, not all.
+    External-data models: `base_dir` locates the data file, new weights are appended through the sink."""
     applied: Counter[str] = Counter()
     declined: dict[str, list[str]] = {}
     for rule in rules:
-        view = GraphView(model)
+        view = GraphView(model, base_dir)
         uses = Counter(i for n in model.graph.node for i in n.input)
         new_nodes: list[onnx.NodeProto] = []
         for node in model.graph.node:
@@ -105,8 +118,12 @@ def apply_rules(model: onnx.ModelProto, rules: list[RewriteRule]) -> RewriteRepo
             if reason is None:
                 replacement = rule.rewrite(view, node)
                 new_nodes.extend(replacement.nodes)
-                model.graph.initializer.extend(replacement.initializers)
-                view.initializers.update({t.name: t for t in replacement.initializers})
+                created = [
+                    weight_sink.add(n, a) if weight_sink is not None else numpy_helper.from_array(a, n)
+                    for n, a in replacement.arrays.items()
+                ]
+                model.graph.initializer.extend(created)
+                view.initializers.update({t.name: t for t in created})
                 uses.subtract(node.input)
                 uses.update(i for n in replacement.nodes for i in n.input)
                 released = {i for i in node.input if uses[i] <= 0 and i in view.initializers}

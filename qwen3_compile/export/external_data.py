@@ -1,0 +1,138 @@
+"""Weights streamed straight into an ONNX external-data file, never held in the protobuf.
+
+Large exports write each initializer's bytes to `model.onnx.data` as the graph is built, so the export
+holds the weights once (as the source tensors), not twice. Rewrites read external tensors through a
+read-only memory map and append what they create; `compact` rewrites the file with only the tensors the
+final graph uses (rewrites leave the replaced ones behind), copying in bounded chunks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+ALIGNMENT = 4096  # aligned offsets let runtimes map tensors directly
+MIN_EXTERNAL_BYTES = 1024
+_CHUNK = 64 << 20
+
+
+def _raw_view(tensor: Any) -> tuple[memoryview, int, list[int]]:
+    """(bytes view without a copy where possible, ONNX element type, dims) of a torch tensor or array."""
+    from qwen3_compile.export.builder import ONNX_DTYPES
+
+    if hasattr(tensor, "detach"):
+        import torch
+
+        t = tensor.detach().contiguous().cpu()
+        view_dtype = {torch.bfloat16: torch.int16, torch.bool: torch.uint8}.get(t.dtype, t.dtype)
+        array = t.view(view_dtype).numpy()
+        return memoryview(array).cast("B"), ONNX_DTYPES[str(t.dtype).removeprefix("torch.")], list(t.shape)
+    array = np.ascontiguousarray(tensor)
+    return memoryview(array).cast("B"), ONNX_DTYPES[str(array.dtype)], list(array.shape)
+
+
+def _external_proto(
+    name: str, elem_type: int, dims: list[int], location: str, offset: int, length: int
+) -> TensorProto:
+    proto = TensorProto(name=name, data_type=elem_type, dims=dims)
+    proto.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        proto.external_data.add(key=key, value=value)
+    return proto
+
+
+class ExternalDataWriter:
+    """Appends tensors to one data file and returns protos that point at them."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.location = self.path.name
+        self.file = self.path.open("wb")
+        self.offset = 0
+
+    def add(self, name: str, tensor: Any) -> TensorProto:
+        data, elem_type, dims = _raw_view(tensor)
+        if data.nbytes < MIN_EXTERNAL_BYTES:
+            proto = TensorProto(name=name, data_type=elem_type, dims=dims)
+            proto.raw_data = data.tobytes()
+            return proto
+        pad = -self.offset % ALIGNMENT
+        self.file.write(b"\0" * pad)
+        self.offset += pad
+        self.file.write(data)
+        proto = _external_proto(name, elem_type, dims, self.location, self.offset, data.nbytes)
+        self.offset += data.nbytes
+        return proto
+
+    def add_proto(self, proto: TensorProto) -> TensorProto:
+        """An inline proto (e.g. made by a rewrite rule) moved into the file."""
+        if proto.data_location == TensorProto.EXTERNAL or len(proto.raw_data) < MIN_EXTERNAL_BYTES:
+            return proto
+        array = onnx.numpy_helper.to_array(proto)
+        return self.add(proto.name, array)
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
+def _info(proto: TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in proto.external_data}
+
+
+def external_array(proto: TensorProto, base_dir: Path) -> np.ndarray:
+    """A read-only memory map of an external tensor (no copy)."""
+    info = _info(proto)
+    dtype = helper.tensor_dtype_to_np_dtype(proto.data_type)
+    count = int(np.prod(proto.dims, dtype=np.int64))
+    mapped = np.memmap(
+        base_dir / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=(count,)
+    )
+    return mapped.reshape(tuple(proto.dims))
+
+
+def live_bytes(model: onnx.ModelProto) -> int:
+    return sum(
+        int(_info(t)["length"]) for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL
+    )
+
+
+def compact(model: onnx.ModelProto, base_dir: Path, location: str) -> None:
+    """Rewrite `base_dir/location` to hold only the tensors `model` references, in order, in chunks."""
+    source = base_dir / location
+    if not source.exists() or source.stat().st_size <= live_bytes(model) + ALIGNMENT * len(
+        model.graph.initializer
+    ):
+        return
+    target = source.with_name(source.name + ".compact")
+    offset = 0
+    with source.open("rb") as src, target.open("wb") as dst:
+        for proto in model.graph.initializer:
+            if proto.data_location != TensorProto.EXTERNAL:
+                continue
+            info = _info(proto)
+            pad = -offset % ALIGNMENT
+            dst.write(b"\0" * pad)
+            offset += pad
+            src.seek(int(info.get("offset", 0)))
+            remaining = int(info["length"])
+            new_offset = offset
+            while remaining:
+                block = src.read(min(_CHUNK, remaining))
+                dst.write(block)
+                remaining -= len(block)
+                offset += len(block)
+            del proto.external_data[:]
+            for key, value in (
+                ("location", location),
+                ("offset", str(new_offset)),
+                ("length", info["length"]),
+            ):
+                proto.external_data.add(key=key, value=value)
+    target.replace(source)
