@@ -8,8 +8,6 @@ from typing import Any
 
 import onnx
 
-from qwen3_compile.lower.rules import all_nodes
-
 
 def _value_info(v: onnx.ValueInfoProto) -> dict[str, Any]:
     tensor = v.type.tensor_type
@@ -18,8 +16,7 @@ def _value_info(v: onnx.ValueInfoProto) -> dict[str, Any]:
 
 
 def graph_signature(model: onnx.ModelProto) -> dict[str, Any]:
-    # subgraph nodes count too (a lowering may put its kernel inside an If)
-    ops = Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in all_nodes(model.graph.node))
+    ops = Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.node)
     return {
         "opset_imports": {o.domain or "ai.onnx": o.version for o in model.opset_import},
         "inputs": [_value_info(v) for v in model.graph.input],

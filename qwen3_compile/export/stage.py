@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,6 @@ from qwen3_compile.export.external_data import ExternalDataWriter
 from qwen3_compile.manifest import Timings, sha256_file, write_manifest
 from qwen3_compile.models.loading import LoadedModel, ModelSource, load_weights, resolve_model
 from qwen3_compile.progress import NO_PROGRESS, Progress
-from qwen3_compile.signatures import graph_signature
 
 DTYPES = ("fp32", "fp16", "bf16")
 MIN_OPSET, MAX_OPSET = 18, 24
@@ -146,7 +146,13 @@ def export_onnx(
                 report = lower(graph, options.target, tmp, sink).to_dict()
         if sink is not None:
             sink.close()
-        histogram = graph_signature(graph)["op_histogram"]
+        histogram = dict(
+            sorted(
+                Counter(
+                    f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in graph.graph.node
+                ).items()
+            )
+        )
         with timings.stage("write"), progress.stage("write model", total=None):
             save_onnx(graph, tmp / MODEL_FILE)
             write_side_files(tmp, source.arch, max_positions, source.tokenizer_dir)

@@ -75,34 +75,18 @@ class RewriteReport:
         return {"applied": self.applied, "declined": self.declined}
 
 
-def all_nodes(nodes) -> list[onnx.NodeProto]:
-    """`nodes` and every node of their subgraphs (If/Loop bodies), depth first."""
-    out = []
-    for node in nodes:
-        out.append(node)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                out.extend(all_nodes(attr.g.node))
-    return out
-
-
-def node_inputs(node: onnx.NodeProto) -> list[str]:
-    """Values a node reads, including those its subgraphs read from the outer scope."""
-    return [i for n in all_nodes([node]) for i in n.input]
-
-
 def _prune(model: onnx.ModelProto) -> None:
     """Drop initializers and local functions no node uses any more."""
     graph = model.graph
-    used = {i for n in all_nodes(graph.node) for i in n.input} | {o.name for o in graph.output}
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    called = {(n.domain, n.op_type) for n in all_nodes(graph.node)}
+    called = {(n.domain, n.op_type) for n in graph.node}
     functions = [f for f in model.functions if (f.domain, f.name) in called]
     del model.functions[:]
     model.functions.extend(functions)
-    domains = {n.domain for n in all_nodes(graph.node)} | {""}
+    domains = {n.domain for n in graph.node} | {""}
     imports = [o for o in model.opset_import if o.domain in domains or o.domain == "ai.onnx"]
     del model.opset_import[:]
     model.opset_import.extend(imports)
@@ -127,7 +111,7 @@ def apply_rules(
     declined: dict[str, list[str]] = {}
     for rule in rules:
         view = GraphView(model, base_dir)
-        uses = Counter(i for n in model.graph.node for i in node_inputs(n))
+        uses = Counter(i for n in model.graph.node for i in n.input)
         new_nodes: list[onnx.NodeProto] = []
         for node in model.graph.node:
             reason = rule.check(view, node)
@@ -140,8 +124,8 @@ def apply_rules(
                 ]
                 model.graph.initializer.extend(created)
                 view.initializers.update({t.name: t for t in created})
-                uses.subtract(node_inputs(node))
-                uses.update(i for n in replacement.nodes for i in node_inputs(n))
+                uses.subtract(node.input)
+                uses.update(i for n in replacement.nodes for i in n.input)
                 released = {i for i in node.input if uses[i] <= 0 and i in view.initializers}
                 if released:
                     _drop_initializers(model, released)
