@@ -136,10 +136,6 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, ins, outs, name=name, domain=domain or None, **attrs))
         return tuple(outs) if outputs > 1 else outs[0]
 
-    def cast_float(self, value: str) -> str:
-        """Cast to the graph's compute float type (no node when it already is fp32 and so is the graph)."""
-        return self.op("Cast", value, to=self.float_type)
-
     def make_model(
         self,
         name: str,

@@ -69,13 +69,6 @@ class ExternalDataWriter:
         self.offset += data.nbytes
         return proto
 
-    def add_proto(self, proto: TensorProto) -> TensorProto:
-        """An inline proto (e.g. made by a rewrite rule) moved into the file."""
-        if proto.data_location == TensorProto.EXTERNAL or len(proto.raw_data) < MIN_EXTERNAL_BYTES:
-            return proto
-        array = onnx.numpy_helper.to_array(proto)
-        return self.add(proto.name, array)
-
     def close(self) -> None:
         self.file.flush()
         os.fsync(self.file.fileno())
