@@ -9,11 +9,13 @@ import onnx
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.export.external_data import ExternalDataWriter
 from qwen3_compile.lower.ort_moe import ExpertDispatchToOrtMoE
+from qwen3_compile.lower.ort_qmoe import QuantizedExpertDispatchToOrtQMoE
 from qwen3_compile.lower.rules import RewriteReport, RewriteRule, apply_rules
 
 # target -> ordered rules. The canonical graph (no target) keeps ExpertDispatch with its function body.
 RULE_SETS: dict[str, list[type[RewriteRule]]] = {
-    "ort": [ExpertDispatchToOrtMoE],
+    # INT8 experts first (QMoE); float experts fall through to MoE
+    "ort": [QuantizedExpertDispatchToOrtQMoE, ExpertDispatchToOrtMoE],
 }
 
 

@@ -34,6 +34,7 @@ class GraphView:
         self.model = model
         self.base_dir = base_dir
         self.initializers = {t.name: t for t in model.graph.initializer}
+        self.producers = {o: n for n in model.graph.node for o in n.output}
 
     def array(self, name: str) -> np.ndarray | None:
         """The initializer's values; a read-only view of its bytes (no copy) when stored inline."""
@@ -68,7 +69,7 @@ class RewriteRule:
 @dataclass(frozen=True)
 class RewriteReport:
     applied: dict[str, int]
-    # rule name -> reasons it declined nodes of the op it targets
+    # rule name -> reasons it declined nodes of the op it targets that no other rule rewrote
     declined: dict[str, list[str]]
 
     def to_dict(self) -> dict:
@@ -76,8 +77,16 @@ class RewriteReport:
 
 
 def _prune(model: onnx.ModelProto) -> None:
-    """Drop initializers and local functions no node uses any more."""
+    """Drop nodes whose outputs nothing reads (e.g. a DequantizeLinear a rewrite bypassed), then the
+    initializers and local functions no node uses any more."""
     graph = model.graph
+    while True:
+        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        live = [n for n in graph.node if any(o in read for o in n.output)]
+        if len(live) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(live)
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
@@ -108,7 +117,7 @@ def apply_rules(
     away, so lowering a large model holds the old and the new form of one layer at a time, not all.
     External-data models: `base_dir` locates the data file, new weights are appended through the sink."""
     applied: Counter[str] = Counter()
-    declined: dict[str, list[str]] = {}
+    declined: dict[str, list[tuple[onnx.NodeProto, str]]] = {}
     for rule in rules:
         view = GraphView(model, base_dir)
         uses = Counter(i for n in model.graph.node for i in n.input)
@@ -138,9 +147,14 @@ def apply_rules(
                 continue
             target = getattr(rule, "target_op", None)
             if target and (node.domain, node.op_type) == target:
-                declined.setdefault(rule.name, []).append(f"{node.name}: {reason}")
+                declined.setdefault(rule.name, []).append((node, reason))
             new_nodes.append(node)
         del model.graph.node[:]
         model.graph.node.extend(new_nodes)
     _prune(model)
-    return RewriteReport(dict(applied), declined)
+    remaining = {(n.name, n.domain, n.op_type) for n in model.graph.node}
+    unlowered = {
+        rule: [f"{n.name}: {why}" for n, why in items if (n.name, n.domain, n.op_type) in remaining]
+        for rule, items in declined.items()
+    }
+    return RewriteReport(dict(applied), {rule: items for rule, items in unlowered.items() if items})

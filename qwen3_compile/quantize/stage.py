@@ -62,8 +62,14 @@ def _check_input(artifact: Path, manifest: dict) -> None:
 
 
 def quantize_artifact(
-    artifact: str | Path, recipe: str | Path | QuantRecipe, output: str | Path, force: bool = False
+    artifact: str | Path,
+    recipe: str | Path | QuantRecipe,
+    output: str | Path,
+    force: bool = False,
+    target: str | None = None,
 ) -> QuantizedArtifact:
+    """Quantize an fp32 canonical export; with `target`, lower the result for that backend (ort: INT8
+    experts to QMoE)."""
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
     _check_input(artifact, manifest)
@@ -73,6 +79,12 @@ def quantize_artifact(
         model = onnx.load(str(artifact / MODEL_FILE))
     with timings.stage("quantize"):
         tensors = quantize_weights(model, recipe)
+    lowering = None
+    if target is not None:
+        from qwen3_compile.lower import lower
+
+        with timings.stage("lower"):
+            lowering = lower(model, target).to_dict()
     if not tensors:
         raise BadInputError(
             f"recipe '{recipe.name}' selects no weight of this model.",
@@ -100,8 +112,13 @@ def quantize_artifact(
             tmp,
             "quantize",
             inputs,
-            manifest.get("options", {}),
+            manifest.get("options", {}) | {"target": target},
             timings,
-            {"architecture": manifest.get("architecture"), "recipe": recipe.to_dict(), "quantization": stats},
+            {
+                "architecture": manifest.get("architecture"),
+                "recipe": recipe.to_dict(),
+                "quantization": stats,
+                "lowering": lowering,
+            },
         )
     return QuantizedArtifact(Path(output), recipe, tensors, written)

@@ -64,3 +64,28 @@ def test_refuses_lowered_or_fp16_exports(exports, tmp_path):
         quantize_artifact(half, "int8-wo", tmp_path / "out")
     assert info.value.field == "options.dtype"
     assert not (tmp_path / "out").exists()
+
+
+def test_int8_experts_lower_to_qmoe(exports, tmp_path):
+    """--target ort: INT8 experts become com.microsoft::QMoE (uint8 = q + 128, fp32 row scales) and
+    compute what the canonical QDQ graph computes."""
+    from qwen3_compile.runtime.base import left_padded_batch
+    from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
+
+    canonical = quantize_artifact(exports["tiny-moe"], "int8-wo", tmp_path / "canonical")
+    lowered = quantize_artifact(exports["tiny-moe"], "int8-wo", tmp_path / "ort", target="ort")
+    ops = [n.op_type for n in onnx.load(lowered.directory / "model.onnx").graph.node]
+    assert ops.count("QMoE") == 2 and "ExpertDispatch" not in ops
+    assert lowered.manifest["lowering"]["applied"] == {"quantized_expert_dispatch_to_ort_qmoe": 2}
+    rng = np.random.default_rng()
+    batch = left_padded_batch([rng.integers(0, 151643, 11).tolist(), rng.integers(0, 151643, 5).tolist()], 0)
+    outputs = []
+    for artifact in (canonical, lowered):
+        runner = OrtRunner(artifact.directory / "model.onnx")
+        outputs.append(
+            runner.forward(batch.input_ids, batch.attention_mask, batch.position_ids, runner.empty_cache(2))[
+                0
+            ]
+        )
+    real = batch.attention_mask.astype(bool)
+    np.testing.assert_allclose(outputs[1][real], outputs[0][real], atol=1e-4, rtol=1e-4)
