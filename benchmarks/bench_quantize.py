@@ -1,0 +1,94 @@
+"""Quantization benchmark: quantize time and peak RSS, ONNX Runtime CPU decode per recipe, one run.
+
+    python3 benchmarks/bench_quantize.py [--models tiny-moe,tiny-dense]
+
+Rows per model: the fp32 and fp16 exports, and int8-wo (canonical QDQ and lowered for ORT, where INT8
+experts run as QMoE). Each quantization runs in its own process so its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_export import _run_child, graph_stats, time_runner  # noqa: E402
+
+_QUANTIZE = """
+import json, resource, sys, time
+from qwen3_compile.quantize.stage import quantize_artifact
+start = time.perf_counter()
+quantize_artifact(sys.argv[1], sys.argv[2], sys.argv[3], target=sys.argv[4] or None)
+print(json.dumps({"seconds": time.perf_counter() - start,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def bench(model: str, work: Path) -> list[dict]:
+    from qwen3_compile.export.stage import ExportOptions, export_onnx
+    from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
+
+    fp32 = export_onnx(model, work / "fp32").directory
+    fp16 = export_onnx(model, work / "fp16", ExportOptions(dtype="fp16")).directory
+    rows = [
+        {
+            "model": model,
+            "artifact": "fp32 export (ORT MoE lowering)",
+            "path": export_onnx(model, work / "fp32-ort", ExportOptions(target="ort")).directory,
+        },
+        {"model": model, "artifact": "fp16 export (canonical)", "path": fp16},
+    ]
+    for target, label in (("", "int8-wo (canonical QDQ)"), ("ort", "int8-wo --target ort (QMoE)")):
+        out = work / f"int8-{target or 'canonical'}"
+        rows.append(
+            {
+                "model": model,
+                "artifact": label,
+                "path": out,
+                **_run_child(sys.executable, _QUANTIZE, str(fp32), "int8-wo", str(out), target),
+            }
+        )
+    for row in rows:
+        if "error" not in row:
+            row |= graph_stats(row["path"] / "model.onnx") | time_runner(
+                OrtRunner(row["path"] / "model.onnx")
+            )
+    return rows
+
+
+def to_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| model | artifact | quantize s | quantize peak RSS MB | file MB | prefill 128 ms | decode tok/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+
+        def cell(key: str, fmt: str, r=r) -> str:
+            return "-" if key not in r else format(r[key], fmt)
+
+        lines.append(
+            f"| {r['model']} | {r['artifact']} | {cell('seconds', '.1f')} | {cell('peak_rss_mb', '.0f')} | "
+            f"{cell('file_mb', '.1f')} | {cell('prefill_ms', '.1f')} | {cell('decode_tok_s', '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="tiny-moe,tiny-dense")
+    args = parser.parse_args()
+    rows = []
+    for model in args.models.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            rows += bench(model, Path(tmp))
+    print(to_markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
