@@ -24,6 +24,20 @@ def interleave_gate_up(gate_up: np.ndarray) -> np.ndarray:
     return np.stack([gate, up], axis=2).reshape(experts, rows, hidden)
 
 
+def swiglu_moe_attributes(dispatch_attrs: dict) -> dict:
+    """ORT MoE/QMoE attributes for an ExpertDispatch: Qwen3's SwiGLU needs alpha=1, beta=0, no clamp,
+    with gate/up rows interleaved in fc1."""
+    return dict(
+        k=int(dispatch_attrs["top_k"]),
+        normalize_routing_weights=int(dispatch_attrs["normalize"]),
+        activation_type="swiglu",
+        swiglu_fusion=1,
+        activation_alpha=1.0,
+        activation_beta=0.0,
+        use_sparse_mixer=0,
+    )
+
+
 class ExpertDispatchToOrtMoE(RewriteRule):
     name = "expert_dispatch_to_ort_moe"
     target_op = (DOMAIN, EXPERT_DISPATCH)
@@ -51,12 +65,6 @@ class ExpertDispatchToOrtMoE(RewriteRule):
             list(node.output),
             name=node.name,
             domain=ORT_DOMAIN,
-            k=int(attrs["top_k"]),
-            normalize_routing_weights=int(attrs["normalize"]),
-            activation_type="swiglu",
-            swiglu_fusion=1,
-            activation_alpha=1.0,
-            activation_beta=0.0,
-            use_sparse_mixer=0,
+            **swiglu_moe_attributes(attrs),
         )
         return Replacement([moe], {fc1_name: interleave_gate_up(view.array(gate_up))}, {ORT_DOMAIN: 1})

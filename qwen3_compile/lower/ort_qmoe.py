@@ -13,7 +13,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from qwen3_compile.custom_ops import DOMAIN, EXPERT_DISPATCH
-from qwen3_compile.lower.ort_moe import ORT_DOMAIN, interleave_gate_up
+from qwen3_compile.lower.ort_moe import ORT_DOMAIN, interleave_gate_up, swiglu_moe_attributes
 from qwen3_compile.lower.rules import GraphView, Replacement, RewriteRule
 
 
@@ -68,13 +68,7 @@ class QuantizedExpertDispatchToOrtQMoE(RewriteRule):
             list(node.output),
             name=node.name,
             domain=ORT_DOMAIN,
-            k=int(attrs["top_k"]),
-            normalize_routing_weights=int(attrs["normalize"]),
-            activation_type="swiglu",
-            swiglu_fusion=1,
-            activation_alpha=1.0,
-            activation_beta=0.0,
             expert_weight_bits=8,
-            use_sparse_mixer=0,
+            **swiglu_moe_attributes(attrs),
         )
         return Replacement([qmoe], arrays, {ORT_DOMAIN: 1})
