@@ -13,7 +13,6 @@ its own virtual environment (benchmarks/.venv-optimum, from the package index) o
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -140,34 +139,32 @@ def bench_model(model: str, layers: int | None, use_optimum: bool, work: Path) -
     return rows
 
 
-COLUMNS = (
-    "model",
-    "pipeline",
-    "export s",
-    "export peak RSS MB",
-    "nodes",
-    "file MB",
-    "prefill 128 ms",
-    "decode tok/s",
-)
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """rows -> a markdown table; columns are (header, row key, format); missing values print as '-'."""
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = ["-" if key not in r else format(r[key], fmt) for _, key, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-def _cell(row: dict, key: str, fmt: str) -> str:
-    return "-" if key not in row else format(row[key], fmt)
+EXPORT_COLUMNS = [
+    ("model", "model", "s"),
+    ("pipeline", "label", "s"),
+    ("export s", "seconds", ".1f"),
+    ("export peak RSS MB", "peak_rss_mb", ".0f"),
+    ("nodes", "nodes", "d"),
+    ("file MB", "file_mb", ".1f"),
+    ("prefill 128 ms", "prefill_ms", ".1f"),
+    ("decode tok/s", "decode_tok_s", ".1f"),
+]
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        cell = functools.partial(_cell, r)
-
-        note = f" (failed: {r['error']})" if "error" in r else ""
-        lines.append(
-            f"| {r['model']} | {r['pipeline']}{note} | {cell('seconds', '.1f')} | "
-            f"{cell('peak_rss_mb', '.0f')} | {cell('nodes', 'd')} | {cell('file_mb', '.1f')} | "
-            f"{cell('prefill_ms', '.1f')} | {cell('decode_tok_s', '.1f')} |"
-        )
-    return "\n".join(lines)
+    labelled = [
+        r | {"label": r["pipeline"] + (f" (failed: {r['error']})" if "error" in r else "")} for r in rows
+    ]
+    return markdown_table(labelled, EXPORT_COLUMNS)
 
 
 def main() -> None:

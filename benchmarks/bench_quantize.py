@@ -16,7 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_export import _run_child, graph_stats, time_runner  # noqa: E402
+from bench_export import _run_child, graph_stats, markdown_table, time_runner  # noqa: E402
 
 _QUANTIZE = """
 import json, resource, sys, time
@@ -60,21 +60,15 @@ def bench(model: str, work: Path) -> list[dict]:
     return rows
 
 
-def to_markdown(rows: list[dict]) -> str:
-    lines = [
-        "| model | artifact | quantize s | quantize peak RSS MB | file MB | prefill 128 ms | decode tok/s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-
-        def cell(key: str, fmt: str, r=r) -> str:
-            return "-" if key not in r else format(r[key], fmt)
-
-        lines.append(
-            f"| {r['model']} | {r['artifact']} | {cell('seconds', '.1f')} | {cell('peak_rss_mb', '.0f')} | "
-            f"{cell('file_mb', '.1f')} | {cell('prefill_ms', '.1f')} | {cell('decode_tok_s', '.1f')} |"
-        )
-    return "\n".join(lines)
+QUANTIZE_COLUMNS = [
+    ("model", "model", "s"),
+    ("artifact", "artifact", "s"),
+    ("quantize s", "seconds", ".1f"),
+    ("quantize peak RSS MB", "peak_rss_mb", ".0f"),
+    ("file MB", "file_mb", ".1f"),
+    ("prefill 128 ms", "prefill_ms", ".1f"),
+    ("decode tok/s", "decode_tok_s", ".1f"),
+]
 
 
 def main() -> None:
@@ -87,7 +81,7 @@ def main() -> None:
     for model in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             rows += bench(model, Path(tmp))
-    print(to_markdown(rows))
+    print(markdown_table(rows, QUANTIZE_COLUMNS))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,6 @@ class Progress:
     def stage(self, name: str, total: int | None = None, unit: str = "") -> Iterator[Callable[[int], None]]:
         yield lambda n=1: None
 
-    def note(self, text: str) -> None:
-        pass
-
 
 NO_PROGRESS = Progress()
 
@@ -55,9 +52,6 @@ class RichProgress(Progress):
         with _Bar(*columns, console=self.console, transient=False) as bar:
             task = bar.add_task(name, total=total)
             yield lambda n=1: bar.advance(task, n)
-
-    def note(self, text: str) -> None:
-        self.console.print(text)
 
 
 def default_progress(enabled: bool = True) -> Progress:

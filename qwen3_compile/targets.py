@@ -30,11 +30,6 @@ class Target:
     def usable_gb(self) -> float:
         return self.memory_gb - self.reserved_gb
 
-    @property
-    def sm_tuple(self) -> tuple[int, int]:
-        major, minor = self.sm.split(".")
-        return int(major), int(minor)
-
 
 def _decode(raw: dict, source: str) -> Target:
     fields = {f.name for f in dataclasses.fields(Target)}

@@ -37,10 +37,6 @@ class Preset:
     published_active_b: float | None = None
     published_non_embedding_b: float | None = None
 
-    @property
-    def is_tiny(self) -> bool:
-        return self.name.startswith("tiny-")
-
 
 @cache
 def _raw_presets() -> dict[str, dict]:
