@@ -83,23 +83,23 @@ def random_state_dict(arch: Qwen3Arch, seed: int) -> dict[str, torch.Tensor]:
     Each tensor has its own generator seeded from (seed, name), so layer i has the same weights
     whether the model has 2 or 28 layers. Scales keep activations O(1) through the stack.
     """
+    return {name: random_tensor(arch, name, shape, seed) for name, shape in expected_shapes(arch).items()}
+
+
+def random_tensor(arch: Qwen3Arch, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """One tensor of `random_state_dict` (the exporter generates them layer by layer)."""
     import torch
 
-    state = {}
-    for name, shape in expected_shapes(arch).items():
-        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        t = torch.randn(shape, generator=g)
-        if name.endswith("norm.weight"):
-            t = 1.0 + 0.1 * t
-        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
-            # logits with std ~8 whatever the width: peaked next-token distributions (mean top-1
-            # probability ~0.8), as trained
-            # models have (transformers' 0.02 init gives near-uniform logits and a meaningless top-1)
-            t = t * (8.0 / arch.hidden_size**0.5)
-        else:
-            t = t * shape[-1] ** -0.5  # unit-variance outputs for unit-variance inputs
-        state[name] = t
-    return state
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    t = torch.randn(shape, generator=g)
+    if name.endswith("norm.weight"):
+        return 1.0 + 0.1 * t
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        # logits with std ~8 whatever the width: peaked next-token distributions (mean top-1
+        # probability ~0.8), as trained
+        # models have (transformers' 0.02 init gives near-uniform logits and a meaningless top-1)
+        return t * (8.0 / arch.hidden_size**0.5)
+    return t * shape[-1] ** -0.5  # unit-variance outputs for unit-variance inputs
 
 
 def build_reference_model(
