@@ -173,6 +173,11 @@ VARIANTS = {  # environment knobs of the library (read at each call), for A/B ti
     "stages: routing only": {"QMOE_STAGES": "1"},
     "stages: + gate_up": {"QMOE_STAGES": "2"},
     "stages: + down": {"QMOE_STAGES": "3"},
+    "general path (no single-token kernels)": {"QMOE_TOKEN1": "0"},
+}
+# Variants that change nothing at some sizes are skipped there.
+VARIANT_TOKENS = {
+    "general path (no single-token kernels)": (1,),
 }
 
 
@@ -191,6 +196,8 @@ def bench_variants(weights: dict, reps: int) -> list[dict]:
         ws = torch.empty(kmoe.workspace_bytes(prob), dtype=torch.uint8, device="cuda")
         calls = forward_calls(xs, ls, outs, ws, (gate_up, down, None, None))
         for name, env in VARIANTS.items():
+            if T not in VARIANT_TOKENS.get(name, (T,)):
+                continue
             os.environ.update(env)
             try:
                 for _ in range(2):  # twice: the spread between repeats is the noise floor
@@ -252,7 +259,8 @@ def main() -> None:
         for T in sorted({r["T"] for r in variants}):
             for name in [*VARIANTS, "router kernel alone"]:
                 ts = [f"{r['us']:.1f}" for r in variants if r["T"] == T and r["variant"] == name]
-                table += f"| {T} | {name} | {' / '.join(ts)} |\n"
+                if ts:
+                    table += f"| {T} | {name} | {' / '.join(ts)} |\n"
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

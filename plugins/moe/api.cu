@@ -118,14 +118,20 @@ int qmoe_forward(const qmoe_problem* p, const qmoe_tensors* t, void* stream) {
     tt.down_scale = nullptr;
   }
   cudaError_t err = cudaSuccess;
-  const bool fuse = p->num_tokens <= qmoe::kFusedRouterMaxTokens;
-  if (!fuse) err = qmoe::launch_router(*p, t->logits, ws.topk_ids, ws.topk_w, s);
-  if (err == cudaSuccess) err = qmoe::launch_dispatch(*p, t->logits, ws, fuse, s);
-  if (err == cudaSuccess && stages >= 2) {
-    err = gemv ? qmoe::launch_experts_gemv(*p, tt, ws, s, stages >= 3)
-               : qmoe::launch_experts_mma(*p, tt, ws, s, stages >= 3);
+  // One token (batch-1 decode): two kernels that route for themselves (QMOE_TOKEN1=0: the general path).
+  const bool token1 = gemv && p->num_tokens == 1 && qmoe::env_int("QMOE_TOKEN1", 1) != 0;
+  if (token1) {
+    if (stages >= 2) err = qmoe::launch_token1(*p, tt, ws, s, stages >= 3);
+  } else {
+    const bool fuse = p->num_tokens <= qmoe::kFusedRouterMaxTokens;
+    if (!fuse) err = qmoe::launch_router(*p, t->logits, ws.topk_ids, ws.topk_w, s);
+    if (err == cudaSuccess) err = qmoe::launch_dispatch(*p, t->logits, ws, fuse, s);
+    if (err == cudaSuccess && stages >= 2) {
+      err = gemv ? qmoe::launch_experts_gemv(*p, tt, ws, s, stages >= 3)
+                 : qmoe::launch_experts_mma(*p, tt, ws, s, stages >= 3);
+    }
+    if (err == cudaSuccess && stages >= 4) err = qmoe::launch_combine(*p, ws, t->out, s);
   }
-  if (err == cudaSuccess && stages >= 4) err = qmoe::launch_combine(*p, ws, t->out, s);
 
   const size_t P = size_t(p->num_tokens) * p->top_k;
   auto copy_out = [&](void* dst, const void* src, size_t n) {

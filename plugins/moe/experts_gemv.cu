@@ -1,41 +1,17 @@
 // Decode path: few tokens per expert, so the cost is reading the selected experts' weights once.
-// Each warp streams R weight rows with 16-byte loads (several in flight per lane) and dots them with
-// up to kMaxTok token vectors staged in shared memory; a butterfly reduces the lane partial sums.
-#include "qmoe_internal.cuh"
+// Each warp streams kRows weight rows (gemv_core.cuh) and dots them with up to kMaxTok token vectors
+// staged in shared memory. Single-token calls take experts_token1.cu instead.
+#include "gemv_core.cuh"
 
 namespace qmoe {
 namespace {
 
 constexpr int kWarps = 4;     // warps per block
 constexpr int kRowIters = 2;  // row groups a warp handles one after another
-constexpr int kRows = 4;      // weight rows a warp streams together (gate j, j+1, up j, j+1 / 4 down rows)
+using gemv::kRows;
 constexpr int kMaxTok = 4;    // tokens per pass over the rows
 // (Measured slower, NOTES.md: an L2 prefetch of the warp's rows at kernel start; issuing the first
 // weight loads before staging the tokens, which doubled the registers.)
-
-template <typename W> struct WTraits {
-  static constexpr int kVec = 8;     // 16-bit weights: 8 per 16 bytes
-  static constexpr int kUnroll = 4;  // 16-byte loads per row in flight (per lane)
-  static __device__ __forceinline__ void to_float(const uint4& v, float* f, int /*unused*/) {
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 p = unpack2<W>(w[i]);
-      f[2 * i] = p.x;
-      f[2 * i + 1] = p.y;
-    }
-  }
-};
-template <> struct WTraits<int8_t> {
-  static constexpr int kVec = 16;
-  static constexpr int kUnroll = 2;
-  static __device__ __forceinline__ void to_float(const uint4& v, float* f, int) {
-    i8x4_to_float(v.x, f);
-    i8x4_to_float(v.y, f + 4);
-    i8x4_to_float(v.z, f + 8);
-    i8x4_to_float(v.w, f + 12);
-  }
-};
 
 struct GemvArgs {
   const void* act;        // gate_up: x [T, H]; down: h [P, I]
@@ -49,71 +25,6 @@ struct GemvArgs {
   const int32_t* meta;
   int top_k, K, I, H;
 };
-
-// This lane's 16-byte weight vectors of one round (kb) of the K loop.
-template <typename W>
-__device__ __forceinline__ void load_round(const W* const (&rows)[kRows], int kb, int K,
-                                           uint4 (&wv)[WTraits<W>::kUnroll][kRows]) {
-  constexpr int V = WTraits<W>::kVec;
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int u = 0; u < WTraits<W>::kUnroll; ++u) {
-    const int k0 = kb + (u * 32 + lane) * V;
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      wv[u][r] = k0 < K ? __ldg(reinterpret_cast<const uint4*>(rows[r] + k0)) : make_uint4(0, 0, 0, 0);
-    }
-  }
-}
-
-// acc[r][t] += dot(rows[r][0:K], xs[t][0:K]) over this lane's slice; xs holds nt (<= kMaxTok) vectors.
-template <typename T, typename W>
-__device__ __forceinline__ void warp_dot(const W* const (&rows)[kRows], const T* xs, int nt, int K,
-                                         float (&acc)[kRows][kMaxTok]) {
-  constexpr int V = WTraits<W>::kVec;
-  constexpr int kUnroll = WTraits<W>::kUnroll;
-  constexpr int kStep = 32 * V * kUnroll;
-  const int lane = threadIdx.x & 31;
-  auto consume = [&](const uint4 (&wv)[kUnroll][kRows], int kb) {
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int k0 = kb + (u * 32 + lane) * V;
-      if (k0 >= K) break;
-      float wf[kRows][V];
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) WTraits<W>::to_float(wv[u][r], wf[r], 0);
-#pragma unroll
-      for (int t = 0; t < kMaxTok; ++t) {
-        if (t < nt) {
-          float xf[V];
-#pragma unroll
-          for (int q = 0; q < V / 8; ++q) {
-            const uint4 xv = *reinterpret_cast<const uint4*>(xs + size_t(t) * K + k0 + 8 * q);
-            WTraits<T>::to_float(xv, xf + 8 * q, 0);
-          }
-#pragma unroll
-          for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-            for (int i = 0; i < V; ++i) acc[r][t] = fmaf(wf[r][i], xf[i], acc[r][t]);
-          }
-        }
-      }
-    }
-  };
-  for (int kb = 0; kb < K; kb += kStep) {
-    uint4 wv[kUnroll][kRows];
-    load_round<W>(rows, kb, K, wv);
-    consume(wv, kb);
-  }
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-    for (int t = 0; t < kMaxTok; ++t) {
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) acc[r][t] += __shfl_xor_sync(0xffffffffu, acc[r][t], o);
-    }
-  }
-}
 
 // kGateUp: rows j, j+1 of gate and of up -> h[:, j:j+2] = silu(gate) * up.  Else: 4 rows of down -> y.
 template <typename T, typename W, bool kGateUp>
@@ -161,7 +72,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
       for (int r = 0; r < kRows; ++r)
 #pragma unroll
         for (int t = 0; t < kMaxTok; ++t) acc[r][t] = 0.0f;
-      warp_dot<T, W>(rows, xs, nt, K, acc);
+      gemv::warp_dot<T, W, kMaxTok>(rows, xs, nt, K, acc);
       float s[kRows];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {

@@ -22,8 +22,8 @@ struct Cfg {
 };
 // 64 x 128 tile, 2 x 2 warps of 32 x 64, BK 64, 3 stages: any inter % 64, hidden % 128; few tokens per expert.
 using CfgSmall = Cfg<64, 128, 64, 2, 2, 3>;
-// (Measured and dropped, NOTES.md: 64x256 with 1x4 warps of 64x64, and 128x256 with 2x4 warps; both
-// slower on the H200 than this tile at every T, through lower occupancy.)
+// (Measured and dropped, NOTES.md: 64x256 with 1x4 warps of 64x64, 128x256 with 2x4 warps, 128x128 with
+// 2x4 warps of 64x32; all slower on the H200 than this tile at T=512 and T=2048.)
 
 struct MmaArgs {
   const void* act;     // gate_up: x [T, H] gathered through perm_pair; down: h [P, I]

@@ -169,5 +169,9 @@ cudaError_t launch_experts_gemv(const qmoe_problem& p, const qmoe_tensors& t, co
 cudaError_t launch_experts_mma(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
                                cudaStream_t s, bool with_down = true);
 cudaError_t launch_combine(const qmoe_problem& p, const Workspace& ws, void* out, cudaStream_t s);
+// T == 1 on the GEMV path: routing inside both kernels, combine fused into the down kernel
+// (experts_token1.cu). with_down = false stops after gate_up.
+cudaError_t launch_token1(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, cudaStream_t s,
+                          bool with_down = true);
 
 }  // namespace qmoe

@@ -1,87 +1,9 @@
 // Router (softmax + top-k), dispatch (counts, prefix sum, stable permutation) and weighted combine.
 #include "qmoe_internal.cuh"
+#include "route_core.cuh"
 
 namespace qmoe {
 namespace {
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-// Butterfly sum: every lane ends with the same bits (a + b == b + a), run after run.
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// One warp routes one token: fp32 softmax over E logits, k rounds of warp arg-max on the logits
-// (softmax is monotonic, and the logits order has no rounding ties that the probabilities lack).
-// Ties go to the lower expert index. Lane j < k writes slot j.
-template <typename L>
-__device__ void route_token(const L* __restrict__ row, int E, int k, bool normalize, int32_t* __restrict__ ids,
-                            float* __restrict__ weights) {
-  constexpr int kPerLane = kMaxExperts / 32;
-  const int lane = threadIdx.x & 31;
-  float v[kPerLane];
-  float mx = -INFINITY;
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    const int e = lane + 32 * i;
-    v[i] = e < E ? to_float(row[e]) : -INFINITY;
-    mx = fmaxf(mx, v[i]);
-  }
-  mx = warp_max(mx);
-  float s = 0.0f;
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    if (lane + 32 * i < E) s += expf(v[i] - mx);
-  }
-  s = warp_sum(s);
-
-  // Selection on order-preserving integer keys (-0 folded into +0): two warp reductions a round,
-  // max of the key, then min of the expert index among the lanes holding that key.
-  uint32_t key[kPerLane];
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    const uint32_t u = __float_as_uint(v[i] + 0.0f);
-    key[i] = lane + 32 * i < E ? ((u & 0x80000000u) ? ~u : (u | 0x80000000u)) : 0u;  // 0: unavailable
-  }
-  int my_id = 0;
-  float my_p = 0.0f;
-  for (int j = 0; j < k; ++j) {
-    uint32_t best = 0;
-    int bi = 0;
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      if (key[i] > best) {  // strict: the lowest index wins within the lane
-        best = key[i];
-        bi = i;
-      }
-    }
-    const uint32_t kmax = __reduce_max_sync(0xffffffffu, best);
-    const uint32_t e_sel = __reduce_min_sync(0xffffffffu, best == kmax ? uint32_t(lane + 32 * bi) : 0xffffffffu);
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      if (uint32_t(lane + 32 * i) == e_sel) key[i] = 0u;
-    }
-    if (lane == j) {
-      const uint32_t u = (kmax & 0x80000000u) ? (kmax & 0x7fffffffu) : ~kmax;
-      my_id = int(e_sel);
-      my_p = expf(__uint_as_float(u) - mx) / s;
-    }
-  }
-  if (normalize) {
-    const float tot = warp_sum(lane < k ? my_p : 0.0f);
-    my_p = my_p / tot;
-  }
-  if (lane < k) {
-    ids[lane] = my_id;
-    weights[lane] = my_p;
-  }
-}
 
 template <typename L>
 __global__ void __launch_bounds__(256) router_kernel(const L* __restrict__ logits, int T, int E, int k,

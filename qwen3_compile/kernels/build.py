@@ -28,8 +28,8 @@ NVCC_FLAGS: tuple[str, ...] = (
     "-lineinfo",
 )
 
-_SOURCES = ("api.cu", "route.cu", "experts_gemv.cu", "experts_mma.cu")
-_HEADERS = ("qmoe.h", "qmoe_internal.cuh")
+_SOURCES = ("api.cu", "route.cu", "experts_gemv.cu", "experts_token1.cu", "experts_mma.cu")
+_HEADERS = ("qmoe.h", "qmoe_internal.cuh", "route_core.cuh", "gemv_core.cuh")
 
 
 class KernelBuildError(RuntimeError):

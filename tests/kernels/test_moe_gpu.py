@@ -182,3 +182,28 @@ def test_dispatch_is_a_stable_permutation(kmoe, gen, T, E, k):
     assert torch.equal(offsets, torch.cat([offsets.new_zeros(1), counts.cumsum(0)]))
     assert torch.equal(ids[perm], ids.sort(stable=True).values)
     assert torch.equal(perm, ids.sort(stable=True).indices)  # (token, slot) order kept within an expert
+
+
+@pytest.mark.parametrize("ldtype", [torch.float32, torch.bfloat16], ids=["f32logits", "bf16logits"])
+@pytest.mark.parametrize("wkind", ["float", "int8_f32s", "int8_f16s"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(("E", "k"), [(16, 2), (16, 3), (128, 8), (128, 32), (256, 5)])
+def test_single_token_path_is_the_general_path(kmoe, gen, monkeypatch, E, k, dtype, wkind, ldtype):
+    """T=1 takes the two-kernel path (routing in both kernels, combine fused): same bits, same routing
+    outputs as the general GEMV path (QMOE_TOKEN1=0), and within tolerance of the float64 reference."""
+    H, inter = 384, 320
+    x = torch.randn(1, H, generator=gen, device="cuda").to(dtype)
+    logits = (2 * torch.randn(1, E, generator=gen, device="cuda")).to(ldtype)
+    gu, dn, gs, ds = make_weights(gen, E, H, inter, dtype, wkind)
+    results = {}
+    for token1 in ("1", "0"):
+        monkeypatch.setenv("QMOE_TOKEN1", token1)
+        out = torch.full((1, H), float("nan"), dtype=dtype, device="cuda")
+        results[token1] = kmoe.moe_forward(
+            x, logits, gu, dn, k, True, gs, ds, path="gemv", out=out, return_routing=True
+        )
+    (fast, r1), (general, r0) = results["1"], results["0"]
+    check_close(fast, kmoe.moe_reference(x, logits, gu, dn, k, True, gs, ds), dtype, "token1")
+    assert torch.equal(fast, general), "single-token path differs from the general GEMV path"
+    for name in ("topk_ids", "topk_weights", "expert_offsets", "permuted_pairs"):
+        assert torch.equal(getattr(r1, name), getattr(r0, name)), name

@@ -1,0 +1,109 @@
+// Internal to the qmoe library: the router's per-token warp routine, shared by the router, the dispatch
+// kernel and the single-token decode kernels (each of which routes the token itself).
+#pragma once
+
+#include "qmoe_internal.cuh"
+
+namespace qmoe {
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Butterfly sum: every lane ends with the same bits (a + b == b + a), run after run.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// A row of logits whose dtype is known at run time (one kernel instead of three per logits dtype).
+struct LogitRow {
+  const void* p;
+  int dtype;
+  __device__ __forceinline__ float operator[](int e) const {
+    if (dtype == QMOE_F32) return static_cast<const float*>(p)[e];
+    if (dtype == QMOE_F16) return __half2float(static_cast<const __half*>(p)[e]);
+    return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[e]);
+  }
+};
+
+// One warp routes one token: fp32 softmax over E logits, k rounds of warp arg-max on the logits
+// (softmax is monotonic, and the logits order has no rounding ties that the probabilities lack).
+// Ties go to the lower expert index. route_token_lanes leaves slot j in lane j (my_id, my_p; lanes >= k
+// hold nothing); route_token writes the k slots.
+// `row[e]` is a logit (a pointer, or LogitRow below).
+template <typename Row>
+__device__ __forceinline__ void route_token_lanes(Row row, int E, int k, bool normalize, int& my_id, float& my_p) {
+  constexpr int kPerLane = kMaxExperts / 32;
+  const int lane = threadIdx.x & 31;
+  float v[kPerLane];
+  float mx = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int e = lane + 32 * i;
+    v[i] = e < E ? to_float(row[e]) : -INFINITY;
+    mx = fmaxf(mx, v[i]);
+  }
+  mx = warp_max(mx);
+  float s = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    if (lane + 32 * i < E) s += expf(v[i] - mx);
+  }
+  s = warp_sum(s);
+
+  // Selection on order-preserving integer keys (-0 folded into +0): two warp reductions a round,
+  // max of the key, then min of the expert index among the lanes holding that key.
+  uint32_t key[kPerLane];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const uint32_t u = __float_as_uint(v[i] + 0.0f);
+    key[i] = lane + 32 * i < E ? ((u & 0x80000000u) ? ~u : (u | 0x80000000u)) : 0u;  // 0: unavailable
+  }
+  my_id = 0;
+  my_p = 0.0f;
+  for (int j = 0; j < k; ++j) {
+    uint32_t best = 0;
+    int bi = 0;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      if (key[i] > best) {  // strict: the lowest index wins within the lane
+        best = key[i];
+        bi = i;
+      }
+    }
+    const uint32_t kmax = __reduce_max_sync(0xffffffffu, best);
+    const uint32_t e_sel = __reduce_min_sync(0xffffffffu, best == kmax ? uint32_t(lane + 32 * bi) : 0xffffffffu);
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      if (uint32_t(lane + 32 * i) == e_sel) key[i] = 0u;
+    }
+    if (lane == j) {
+      const uint32_t u = (kmax & 0x80000000u) ? (kmax & 0x7fffffffu) : ~kmax;
+      my_id = int(e_sel);
+      my_p = expf(__uint_as_float(u) - mx) / s;
+    }
+  }
+  if (normalize) {
+    const float tot = warp_sum(lane < k ? my_p : 0.0f);
+    my_p = my_p / tot;
+  }
+}
+
+template <typename L>
+__device__ __forceinline__ void route_token(const L* __restrict__ row, int E, int k, bool normalize,
+                                            int32_t* __restrict__ ids, float* __restrict__ weights) {
+  int my_id;
+  float my_p;
+  route_token_lanes(row, E, k, normalize, my_id, my_p);
+  const int lane = threadIdx.x & 31;
+  if (lane < k) {
+    ids[lane] = my_id;
+    weights[lane] = my_p;
+  }
+}
+
+}  // namespace qmoe
