@@ -97,6 +97,11 @@ class GraphBuilder:
         self.initializers.append(sink.add(name, tensor) if sink is not None else tensor_proto(name, tensor))
         return name
 
+    def add_initializer(self, proto: TensorProto) -> str:
+        """An initializer a weight source prepared itself (streamed into the sink in pieces)."""
+        self.initializers.append(proto)
+        return proto.name
+
     def const(self, value: Any, dtype: str = "int64") -> str:
         """A small constant initializer, shared by every use of the same value."""
         arr = np.asarray(value, dtype=dtype)

@@ -1,9 +1,10 @@
 """Weights streamed straight into an ONNX external-data file, never held in the protobuf.
 
-Large exports write each initializer's bytes to `model.onnx.data` as the graph is built, so the export
-holds the weights once (as the source tensors), not twice. Rewrites read external tensors through a
-read-only memory map and append what they create; `compact` rewrites the file with only the tensors the
-final graph uses (rewrites leave the replaced ones behind), copying in bounded chunks.
+Large exports write each initializer's bytes to `model.onnx.data` as the graph is built, layer by layer
+(`weights.py` streams them from the checkpoint in row blocks), so no export holds the model in memory.
+Rewrites read external tensors through a read-only memory map and append what they create; `compact`
+rewrites the file with only the tensors the final graph uses (rewrites leave the replaced ones behind),
+copying in bounded chunks.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ MIN_EXTERNAL_BYTES = 1024
 _CHUNK = 64 << 20
 
 
-def _raw_view(tensor: Any) -> tuple[memoryview, int, list[int]]:
+def raw_view(tensor: Any) -> tuple[memoryview, int, list[int]]:
     """(bytes view without a copy where possible, ONNX element type, dims) of a torch tensor or array."""
     from qwen3_compile.export.builder import ONNX_DTYPES
 
@@ -47,32 +48,65 @@ def _external_proto(
 
 
 class ExternalDataWriter:
-    """Appends tensors to one data file and returns protos that point at them."""
+    """Appends tensors to one data file and returns protos that point at them.
 
-    def __init__(self, path: Path):
+    Writes are positioned (`pwrite`), so a tensor can be filled in pieces and out of order (a transposed
+    weight streamed block by block); padding between tensors is left as a hole (reads as zeros).
+    `resume_from`: the file already holds that many valid bytes from an interrupted export; tensors that
+    end within them are replayed (their protos rebuilt, nothing read or written) and anything the
+    interrupted run wrote after them is cut off.
+    """
+
+    def __init__(self, path: Path, resume_from: int = 0):
         self.path = Path(path)
         self.location = self.path.name
-        self.file = self.path.open("wb")
+        flags = os.O_WRONLY | os.O_CREAT | (0 if resume_from else os.O_TRUNC)
+        self.fd = os.open(self.path, flags, 0o644)
+        if resume_from:
+            os.ftruncate(self.fd, resume_from)
+        self.resume_from = resume_from
         self.offset = 0
 
+    def reserve(
+        self, name: str, elem_type: int, dims: list[int], nbytes: int
+    ) -> tuple[TensorProto, int | None]:
+        """A proto for `nbytes` at the next aligned offset, and the offset to write them at (None when a
+        resumed file already holds them)."""
+        start = self.offset + -self.offset % ALIGNMENT
+        self.offset = start + nbytes
+        proto = _external_proto(name, elem_type, dims, self.location, start, nbytes)
+        if self.offset <= self.resume_from:
+            return proto, None
+        if start < self.resume_from:
+            raise RuntimeError(f"resume point {self.resume_from} falls inside tensor '{name}'")
+        return proto, start
+
+    def write_at(self, offset: int, data: memoryview) -> None:
+        data = data.cast("B") if data.format != "B" else data
+        while data.nbytes:
+            written = os.pwrite(self.fd, data, offset)
+            data, offset = data[written:], offset + written
+
     def add(self, name: str, tensor: Any) -> TensorProto:
-        data, elem_type, dims = _raw_view(tensor)
+        data, elem_type, dims = raw_view(tensor)
         if data.nbytes < MIN_EXTERNAL_BYTES:
             proto = TensorProto(name=name, data_type=elem_type, dims=dims)
             proto.raw_data = data.tobytes()
             return proto
-        pad = -self.offset % ALIGNMENT
-        self.file.write(b"\0" * pad)
-        self.offset += pad
-        self.file.write(data)
-        proto = _external_proto(name, elem_type, dims, self.location, self.offset, data.nbytes)
-        self.offset += data.nbytes
+        proto, at = self.reserve(name, elem_type, dims, data.nbytes)
+        if at is not None:
+            self.write_at(at, data)
         return proto
 
+    def sync(self) -> None:
+        """Make what was written durable (before a journal entry claims it)."""
+        os.fsync(self.fd)
+
     def close(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        if self.fd >= 0:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _info(proto: TensorProto) -> dict[str, str]:

@@ -3,7 +3,7 @@ decode, MoE as one `qwen3_compile::ExpertDispatch` node per layer."""
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import onnx
@@ -22,6 +22,7 @@ from qwen3_compile.export.layers import (
     self_attention,
     sparse_moe,
 )
+from qwen3_compile.export.weights import EMBEDDINGS, StateDictSource, WeightSource, weight_groups
 from qwen3_compile.models.config import Qwen3Arch
 
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
@@ -40,32 +41,6 @@ def layer_output_name(layer: int) -> str:
     return f"layers.{layer}/residual_mlp/out"
 
 
-def _is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
-    return tensor.dim() == 2 and name.endswith(".weight") and name != "model.embed_tokens.weight"
-
-
-def add_weights(
-    b: GraphBuilder,
-    arch: Qwen3Arch,
-    state: MutableMapping[str, torch.Tensor],
-    dtype: torch.dtype,
-    consume: bool = False,
-) -> None:
-    """Initializers named after the checkpoint tensors; linear weights stored transposed ([in, out], name
-    suffix `.T`) so MatMul needs no Transpose node and the output channel is axis 1. With `consume`, each
-    tensor leaves `state` once copied, so the weights are held once, not twice."""
-    for name in sorted(state):
-        tensor = state.pop(name) if consume else state[name]
-        # the MoE router stays fp32 (see layers.sparse_moe); everything else takes the export dtype
-        tensor = tensor.float() if name.endswith("mlp.gate.weight") else tensor.to(dtype)
-        if name == "lm_head.weight" and arch.tie_word_embeddings:
-            continue
-        if _is_linear_weight(name, tensor):
-            b.weight(name + ".T", tensor.t())
-        else:
-            b.weight(name, tensor)
-
-
 def build_graph(
     arch: Qwen3Arch,
     state: MutableMapping[str, torch.Tensor],
@@ -74,10 +49,48 @@ def build_graph(
     consume: bool = False,
     weight_sink: Any = None,
 ) -> onnx.ModelProto:
-    """The whole model. `state` holds the weights (experts fused [E,2I,H] / [E,H,I]); `consume` empties it."""
+    """The whole model from weights in memory (experts fused [E,2I,H] / [E,H,I]); `consume` empties
+    `state` as the weights are written."""
+    return build_layered_graph(arch, StateDictSource(state, consume), dtype, opset, weight_sink)
+
+
+def decoder_layer(
+    b: GraphBuilder, arch: Qwen3Arch, i: int, x: str, io: AttentionInputs
+) -> tuple[str, str, str]:
+    """Decoder layer `i` on hidden states `x` -> (output, present key, present value). Only names depend
+    on `i`: the layer's weights are referred to by name and written separately."""
+    prefix = f"model.layers.{i}."
+    with b.scope(f"layers.{i}"):
+        h = rms_norm(b, x, prefix + "input_layernorm.weight", arch.rms_norm_eps)
+        attn, key, value = self_attention(b, h, prefix, arch, io)
+        x = b.op("Add", x, attn, hint="residual_attn")
+        h = rms_norm(b, x, prefix + "post_attention_layernorm.weight", arch.rms_norm_eps)
+        mlp = sparse_moe(b, h, prefix, arch) if arch.is_moe else dense_mlp(b, h, prefix)
+        return b.op("Add", x, mlp, hint="residual_mlp"), key, value
+
+
+def build_layered_graph(
+    arch: Qwen3Arch,
+    weights: WeightSource,
+    dtype: torch.dtype = torch.float32,
+    opset: int = 21,
+    weight_sink: Any = None,
+    on_group: Callable[[int], None] = lambda group: None,
+) -> onnx.ModelProto:
+    """The whole model, weights written group by group (`weight_groups`: embeddings, each decoder layer,
+    final norm and lm_head) just before the nodes that use them; `on_group(g)` runs after group g is
+    written, so a caller can sync, journal and report progress per layer."""
     float_type = ONNX_DTYPES[str(dtype).removeprefix("torch.")]
     b = GraphBuilder(float_type, weight_sink)
-    add_weights(b, arch, state, dtype, consume)
+    groups = weight_groups(arch)
+
+    def write(group: int) -> None:
+        for plan in groups[group]:
+            weights.emit(b, plan, dtype)
+        weights.end_group()
+        on_group(group)
+
+    write(0)
     input_ids = b.input("input_ids", TensorProto.INT64, [BATCH, SEQ])
     attention_mask = b.input("attention_mask", TensorProto.INT64, [BATCH, TOTAL])
     position_ids = b.input("position_ids", TensorProto.INT64, [BATCH, SEQ])
@@ -87,26 +100,21 @@ def build_graph(
         for k, v in (past_names(i) for i in range(arch.num_layers))
     ]
 
-    x = b.op("Gather", "model.embed_tokens.weight", input_ids, axis=0, hint="embed_tokens")  # [B, S, H]
+    x = b.op("Gather", EMBEDDINGS, input_ids, axis=0, hint="embed_tokens")  # [B, S, H]
     with b.scope("rotary"):
         cos, sin = rotary_cos_sin(b, position_ids, arch)
     bias = attention_bias(b, input_ids, attention_mask)
     presents = []
     for i in range(arch.num_layers):
-        prefix = f"model.layers.{i}."
-        with b.scope(f"layers.{i}"):
-            h = rms_norm(b, x, prefix + "input_layernorm.weight", arch.rms_norm_eps)
-            attn, key, value = self_attention(b, h, prefix, arch, AttentionInputs(cos, sin, bias, *pasts[i]))
-            x = b.op("Add", x, attn, hint="residual_attn")
-            h = rms_norm(b, x, prefix + "post_attention_layernorm.weight", arch.rms_norm_eps)
-            mlp = sparse_moe(b, h, prefix, arch) if arch.is_moe else dense_mlp(b, h, prefix)
-            x = b.op("Add", x, mlp, hint="residual_mlp")
-            presents.append((key, value))
+        write(1 + i)
+        x, key, value = decoder_layer(b, arch, i, x, AttentionInputs(cos, sin, bias, *pasts[i]))
+        presents.append((key, value))
 
+    write(1 + arch.num_layers)
     with b.scope("lm_head"):
         x = rms_norm(b, x, "model.norm.weight", arch.rms_norm_eps)
         if arch.tie_word_embeddings:
-            head = b.op("Transpose", "model.embed_tokens.weight", perm=[1, 0], hint="tied_lm_head")
+            head = b.op("Transpose", EMBEDDINGS, perm=[1, 0], hint="tied_lm_head")
         else:
             head = "lm_head.weight.T"
         logits = b.op("MatMul", x, head)

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import shutil
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from qwen3_compile import artifact_io
+from qwen3_compile import __version__, artifact_io
 from qwen3_compile.artifact_io import atomic_output_dir, save_onnx
-from qwen3_compile.errors import BadInputError
+from qwen3_compile.errors import BadInputError, Qwen3CompileError
 from qwen3_compile.export.external_data import ExternalDataWriter
+from qwen3_compile.export.resume import ExportJournal, fingerprint, resumable_output_dir
+from qwen3_compile.export.side_files import write_side_files
+from qwen3_compile.export.weights import WeightSource
 from qwen3_compile.manifest import Timings, sha256_file, write_manifest
-from qwen3_compile.models.loading import LoadedModel, ModelSource, load_weights, resolve_model
+from qwen3_compile.models.config import Qwen3Arch
+from qwen3_compile.models.loading import LoadedModel, ModelSource, resolve_model
 from qwen3_compile.progress import NO_PROGRESS, Progress
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -81,7 +89,7 @@ def check_options(source: ModelSource, options: ExportOptions) -> int:
     return max_positions
 
 
-def _input_record(source: ModelSource) -> dict[str, Any]:
+def _input_record(source: ModelSource, hashes: bool = True) -> dict[str, Any]:
     if source.checkpoint is None:
         preset = source.preset
         return {
@@ -94,8 +102,75 @@ def _input_record(source: ModelSource) -> dict[str, Any]:
     return {
         "model": str(source.checkpoint.directory),
         "kind": "checkpoint",
-        "files": {p.name: sha256_file(p) for p in files},
+        "files": {p.name: sha256_file(p) if hashes else None for p in files},
     }
+
+
+def _fingerprint(source: ModelSource, options: ExportOptions, max_positions: int) -> str:
+    record: dict[str, Any] = {
+        "version": __version__,
+        "options": asdict(options) | {"max_positions": max_positions},
+        "architecture": source.arch.to_hf_dict(),
+        "model": _input_record(source, hashes=False),
+    }
+    if source.checkpoint is not None:  # the layout every offset in the journal was computed from
+        record["tensors"] = sorted(
+            (n, e.file.name, e.dtype, e.shape, e.begin, e.end) for n, e in source.checkpoint.tensors.items()
+        )
+    return fingerprint(record)
+
+
+def disk_needed(source: ModelSource, options: ExportOptions) -> int:
+    """Bytes of free disk the export needs at its peak (external data; --target ort adds the rewritten
+    experts and the compacted copy of the file)."""
+    from qwen3_compile.export.weights import external_bytes, weight_groups
+
+    groups = weight_groups(source.arch)
+    data = external_bytes(groups, options.torch_dtype())
+    if options.target == "ort" and source.arch.is_moe:
+        experts = external_bytes(
+            [[p for g in groups for p in g if p.source.endswith("gate_up_proj")]], options.torch_dtype()
+        )
+        data = 2 * data + 2 * experts
+    return data + (1 << 20)  # model.onnx, side files
+
+
+def check_disk(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise BadInputError(
+            f"not enough free disk: the export needs about {needed / 1e9:.2f} GB ({needed} bytes), "
+            f"{free / 1e9:.2f} GB ({free} bytes) are free.",
+            file=folder.parent,
+            field="--output",
+            fix="free disk space or export to a larger disk (-o); --dtype bf16 or fp16 halves an fp32 "
+            "export.",
+        )
+
+
+def _weight_source(source: ModelSource, allow_nonfinite: bool) -> WeightSource:
+    from qwen3_compile.export.weights import CheckpointSource, PresetSource
+
+    if source.checkpoint is not None:
+        return CheckpointSource(source.checkpoint, allow_nonfinite)
+    return PresetSource(source.arch, source.preset.seed)
+
+
+def _resume_hint(err: Exception, journal: ExportJournal | None, num_layers: int) -> Exception:
+    """The error, telling how to continue where a journaled export stopped."""
+    if journal is None or not journal.groups_done:
+        return err
+    layers = min(max(journal.groups_done - 1, 0), num_layers)
+    hint = (
+        f"Then rerun the same export with --resume: {journal.folder} keeps the {layers} finished "
+        f"layer(s) of {num_layers}."
+    )
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        problem = "the disk filled up while writing the export."
+        return BadInputError(problem, file=journal.folder, fix=f"free disk space. {hint}")
+    if isinstance(err, Qwen3CompileError):
+        return type(err)(err.problem, file=err.file, field=err.field, fix=f"{err.fix or ''} {hint}".strip())
+    return err
 
 
 def export_onnx(
@@ -107,45 +182,52 @@ def export_onnx(
     force: bool = False,
     allow_nonfinite: bool = False,
     progress: Progress = NO_PROGRESS,
+    resume: bool = False,
 ) -> ExportedArtifact:
-    """Export MODEL to `output`/model.onnx (canonical graph, or lowered for `options.target`)."""
-    from qwen3_compile.export.graph import build_graph
-    from qwen3_compile.export.side_files import write_side_files
-    from qwen3_compile.lower import lower
+    """Export MODEL to `output`/model.onnx (canonical graph, or lowered for `options.target`).
+
+    Weights are written layer by layer as the graph is built: from a checkpoint they stream from the
+    safetensors files (one layer in memory at a time), from a preset they are generated per tensor, from
+    a LoadedModel they are taken from its state dict. Above the protobuf limit they go to external data
+    and the export is journaled: `resume=True` continues an interrupted one after its last finished layer.
+    """
+    from qwen3_compile.export.weights import StateDictSource, external_bytes, weight_groups
 
     timings = Timings()
     if isinstance(model, LoadedModel):
-        source, state = model.source, model.model.state_dict()
+        source, weights = model.source, StateDictSource(model.model.state_dict())
     else:
         source = model if isinstance(model, ModelSource) else resolve_model(model, num_layers)
-        state = None
+        weights = None
     max_positions = check_options(source, options)
     output = Path(output)
-    if output.exists() and not force:  # checked again atomically; fail before the expensive load
+    if output.exists() and not force:  # checked again atomically; fail before any work
         raise BadInputError(
             "the output directory already exists.",
             file=output,
             field="--output",
             fix="choose another directory or pass --force to replace it.",
         )
-    owned = state is None  # weights we loaded ourselves are consumed while the graph is built
-    if owned:
-        with timings.stage("load"):
-            state = load_weights(source, allow_nonfinite=allow_nonfinite, progress=progress)
     dtype = options.torch_dtype()
-    streamed = sum(t.numel() for t in state.values()) * dtype.itemsize > artifact_io.EXTERNAL_DATA_THRESHOLD
-    with atomic_output_dir(output, force) as tmp:
-        # large models stream their weights into model.onnx.data as the graph is built
-        sink = ExternalDataWriter(tmp / f"{MODEL_FILE}.data") if streamed else None
-        with timings.stage("build_graph"), progress.stage("build graph", total=None):
-            graph = build_graph(source.arch, state, dtype, options.opset, consume=owned, weight_sink=sink)
-        del state
-        report = None
-        if options.target is not None:
-            with timings.stage("lower"):
-                report = lower(graph, options.target, tmp, sink).to_dict()
-        if sink is not None:
-            sink.close()
+    arch = source.arch
+    streamed = external_bytes(weight_groups(arch), dtype) > artifact_io.EXTERNAL_DATA_THRESHOLD
+    data_file = f"{MODEL_FILE}.data"
+    if streamed and weights is None:  # a source we can read again: journaled, resumable
+        folder = resumable_output_dir(
+            output, force, resume, _fingerprint(source, options, max_positions), data_file
+        )
+    else:
+        folder = contextlib.nullcontext(None)
+    with folder as journal, contextlib.ExitStack() as stack:
+        tmp = journal.folder if journal is not None else stack.enter_context(atomic_output_dir(output, force))
+        resume_from, done = (journal.resume_offset, journal.groups_done) if journal else (0, 0)
+        check_disk(tmp, disk_needed(source, options) - resume_from)
+        if weights is None:
+            weights = _weight_source(source, allow_nonfinite)
+        try:
+            graph, report = _build(source.arch, weights, options, tmp, journal, streamed, timings, progress)
+        except (Qwen3CompileError, OSError) as err:
+            raise _resume_hint(err, journal, arch.num_layers) from err
         histogram = dict(
             sorted(
                 Counter(
@@ -153,15 +235,72 @@ def export_onnx(
                 ).items()
             )
         )
+        if journal is not None:
+            journal.remove()  # saving compacts the data file: from here on a rerun starts over
         with timings.stage("write"), progress.stage("write model", total=None):
             save_onnx(graph, tmp / MODEL_FILE)
-            write_side_files(tmp, source.arch, max_positions, source.tokenizer_dir)
+            write_side_files(tmp, arch, max_positions, source.tokenizer_dir)
         manifest = write_manifest(
             tmp,
             "export",
             _input_record(source),
             asdict(options) | {"max_positions": max_positions},
             timings,
-            {"op_histogram": histogram, "lowering": report, "architecture": source.arch.to_hf_dict()},
+            {
+                "op_histogram": histogram,
+                "lowering": report,
+                "architecture": arch.to_hf_dict(),
+                "resumed_after_groups": done,
+            },
         )
     return ExportedArtifact(output, options, histogram, report, manifest)
+
+
+def _build(
+    arch: Qwen3Arch,
+    weights: WeightSource,
+    options: ExportOptions,
+    tmp: Path,
+    journal: ExportJournal | None,
+    streamed: bool,
+    timings: Timings,
+    progress: Progress,
+) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
+    """Weights and graph, layer by layer (journaled when `journal`), then the optional lowering."""
+    from qwen3_compile.export.graph import build_layered_graph
+    from qwen3_compile.lower import lower
+
+    resume_from, done = (journal.resume_offset, journal.groups_done) if journal else (0, 0)
+    sink = ExternalDataWriter(tmp / f"{MODEL_FILE}.data", resume_from) if streamed else None
+    layers_done = min(max(done - 1, 0), arch.num_layers)
+    label = "export layers" + (f" (resumed after {layers_done})" if done else "")
+
+    def on_group(group: int, advance: Callable[[int], None]) -> None:
+        if group < done:  # replayed: the file already holds it
+            journal.check_replayed(group, sink.offset)
+            return
+        if journal is not None:
+            sink.sync()
+            journal.record(sink.offset)
+        if 1 <= group <= arch.num_layers:
+            advance(1)
+
+    try:
+        with (
+            timings.stage("build_graph"),
+            progress.stage(label, total=arch.num_layers - layers_done, unit="layers") as advance,
+        ):
+            try:
+                graph = build_layered_graph(
+                    arch, weights, options.torch_dtype(), options.opset, sink, lambda g: on_group(g, advance)
+                )
+            finally:
+                weights.end_group()
+        report = None
+        if options.target is not None:  # an interrupted lowering resumes after the last layer
+            with timings.stage("lower"):
+                report = lower(graph, options.target, tmp, sink).to_dict()
+    finally:
+        if sink is not None:
+            sink.close()
+    return graph, report

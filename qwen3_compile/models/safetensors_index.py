@@ -1,19 +1,27 @@
 """Reading safetensors headers without reading tensor data, and checking them against the file.
 
 We parse the header ourselves (8-byte little-endian length, then JSON) so a truncated or corrupt file
-is reported with the tensor and byte offsets involved, before any weights are touched. Loading tensor
-data goes through the `safetensors` library (memory-mapped); nothing here unpickles anything.
+is reported with the tensor and byte offsets involved, before any weights are touched. Loading a whole
+state dict goes through the `safetensors` library (memory-mapped); the exporter streams tensors in row
+blocks through `ShardReader` (positioned reads into a small buffer: a memory map of a file that shrinks
+mid-stream kills the process with SIGBUS, a short read is an error we can name). Nothing here
+unpickles anything.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qwen3_compile.errors import BadInputError
+
+if TYPE_CHECKING:
+    import torch
 
 DTYPE_BYTES = {
     "F64": 8,
@@ -113,3 +121,61 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             )
         entries[name] = TensorEntry(name, path, dtype, shape, data_start + begin, data_start + end)
     return entries
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    import torch
+
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
+
+
+class ShardReader:
+    """Reads row blocks of tensors from safetensors files; each file is opened once and kept open until
+    `close` (the exporter closes after every layer, so a shard that disappears is noticed)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def _fd(self, entry: TensorEntry) -> int:
+        fd = self._fds.get(entry.file)
+        if fd is None:
+            try:
+                fd = os.open(entry.file, os.O_RDONLY)
+            except OSError as err:
+                raise BadInputError(
+                    f"cannot read tensor '{entry.name}': the weight file {err.strerror.lower()} "
+                    f"(it was there when the export started).",
+                    file=entry.file,
+                    field=entry.name,
+                    fix="restore the file, then rerun the export with --resume.",
+                ) from None
+            self._fds[entry.file] = fd
+        return fd
+
+    def read_rows(self, entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the tensor viewed as 2-D [rows, last dim] (1-D tensors: one row)."""
+        import torch
+
+        cols = entry.shape[-1] if entry.shape else 1
+        row_bytes = cols * DTYPE_BYTES[entry.dtype]
+        begin, nbytes = entry.begin + start * row_bytes, (stop - start) * row_bytes
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        view, done, fd = memoryview(buffer.numpy()), 0, self._fd(entry)
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], begin + done)
+            if got == 0:
+                size = os.fstat(fd).st_size
+                raise BadInputError(
+                    f"tensor '{entry.name}' is cut off: it needs bytes {entry.begin}-{entry.end} but the "
+                    f"file now ends at byte {size} (truncated after the export started).",
+                    file=entry.file,
+                    field=entry.name,
+                    fix="restore the file (re-download or re-save it), then rerun the export with --resume.",
+                )
+            done += got
+        return buffer.view(torch_dtype(entry.dtype)).reshape(stop - start, cols)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
