@@ -12,6 +12,11 @@ from qwen3_compile.errors import BadInputError
 
 PRECISIONS = ("fp16", "fp8", "int8", "int4")
 TENSORRT_FLAVOURS = ("tensorrt", "tensorrt-rtx")
+# how an ExpertDispatch node reaches TensorRT (see qwen3_compile/build/lowering.py):
+# trt_moe: routing in-graph + TRT_MoE (IMoELayer); plugin: the project's CUDA plugin; dense: every expert
+MOE_LOWERINGS = ("trt_moe", "plugin", "dense")
+# decomposed: past/present concatenated, attention as MatMul/Softmax (what the export writes)
+ATTENTION_FORMS = ("decomposed",)
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,13 @@ class Target:
     tensorrt: str
     min_tensorrt: str
     precisions: tuple[str, ...]
+    moe_lowerings: tuple[str, ...]
+    attention: str
+
+    @property
+    def compute_capability(self) -> tuple[int, int]:
+        major, minor = self.sm.split(".")
+        return int(major), int(minor)
 
     @property
     def usable_gb(self) -> float:
@@ -41,15 +53,37 @@ def _decode(raw: dict, source: str) -> Target:
             file=source,
             fix=f"a target file has exactly these keys: {', '.join(sorted(fields))}.",
         )
-    bad = [p for p in raw["precisions"] if p not in PRECISIONS]
-    if bad or raw["tensorrt"] not in TENSORRT_FLAVOURS:
+    for key, allowed in (
+        ("precisions", PRECISIONS),
+        ("tensorrt", TENSORRT_FLAVOURS),
+        ("moe_lowerings", MOE_LOWERINGS),
+        ("attention", ATTENTION_FORMS),
+    ):
+        values = raw[key] if isinstance(raw[key], list) else [raw[key]]
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise BadInputError(
+                f"unsupported value(s) {bad or values}.",
+                file=source,
+                field=key,
+                fix=f"{key} from {', '.join(allowed)}.",
+            )
+    if "dense" not in raw["moe_lowerings"]:
         raise BadInputError(
-            f"unsupported precision {bad} or TensorRT flavour '{raw['tensorrt']}'.",
+            "'dense' must stay in the list: it is the lowering that needs nothing from the target.",
             file=source,
-            field="precisions / tensorrt",
-            fix=f"precisions from {PRECISIONS}, tensorrt from {TENSORRT_FLAVOURS}.",
+            field="moe_lowerings",
+            fix='end the list with "dense".',
         )
-    return Target(**{**raw, "precisions": tuple(raw["precisions"])})
+    return Target(
+        **{**raw, "precisions": tuple(raw["precisions"]), "moe_lowerings": tuple(raw["moe_lowerings"])}
+    )
+
+
+def target_to_dict(target: Target) -> dict:
+    """The TOML fields of `target` (round-trips through `_decode`)."""
+    data = dataclasses.asdict(target)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
 
 @cache
