@@ -11,11 +11,17 @@ from qwen3_compile.export.external_data import ExternalDataWriter
 from qwen3_compile.lower.ort_moe import ExpertDispatchToOrtMoE
 from qwen3_compile.lower.ort_qmoe import QuantizedExpertDispatchToOrtQMoE
 from qwen3_compile.lower.rules import RewriteReport, RewriteRule, apply_rules
+from qwen3_compile.lower.trt_dense_moe import ExpertDispatchToDenseExperts
+from qwen3_compile.lower.trt_moe import ExpertDispatchToTrtMoE
 
 # target -> ordered rules. The canonical graph (no target) keeps ExpertDispatch with its function body.
 RULE_SETS: dict[str, list[type[RewriteRule]]] = {
     # INT8 experts first (QMoE); float experts fall through to MoE
     "ort": [QuantizedExpertDispatchToOrtQMoE, ExpertDispatchToOrtMoE],
+    # TensorRT without a sparse MoE kernel: the reference body inlined with unique names
+    "trt-dense": [ExpertDispatchToDenseExperts],
+    # TensorRT's native IMoELayer; experts it cannot take (quantized) fall back to the dense body
+    "trt-moe": [ExpertDispatchToTrtMoE, ExpertDispatchToDenseExperts],
 }
 
 
