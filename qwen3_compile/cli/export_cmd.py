@@ -26,6 +26,11 @@ from qwen3_compile.cli.common import emit_json, layers_option, stage_command
 )
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--allow-nonfinite", is_flag=True, help="Export weights containing NaN/Inf.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted large export after its last finished layer (same MODEL and options).",
+)
 @layers_option
 @stage_command
 def export_command(
@@ -37,12 +42,20 @@ def export_command(
     target: str | None,
     force: bool,
     allow_nonfinite: bool,
+    resume: bool,
     layers: int | None,
     as_json: bool,
 ) -> None:
-    """Export MODEL to ONNX: OUTPUT/model.onnx, side files (config, tokenizer) and manifest.json."""
+    """Export MODEL to ONNX: OUTPUT/model.onnx, side files (config, tokenizer) and manifest.json.
+
+    Weights stream from the checkpoint layer by layer (memory for one layer, not the model). A large
+    export builds in .OUTPUT.partial with a journal; after an interruption rerun it with --resume."""
+    import sys
+
     from qwen3_compile.export.stage import ExportOptions, export_onnx
-    from qwen3_compile.progress import default_progress
+    from qwen3_compile.progress import NO_PROGRESS, LineProgress, default_progress
+
+    progress = default_progress() if sys.stderr.isatty() else LineProgress()
 
     artifact = export_onnx(
         model,
@@ -51,7 +64,8 @@ def export_command(
         num_layers=layers,
         force=force,
         allow_nonfinite=allow_nonfinite,
-        progress=default_progress(not as_json),
+        progress=NO_PROGRESS if as_json else progress,
+        resume=resume,
     )
     if as_json:
         emit_json(

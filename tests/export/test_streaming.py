@@ -212,3 +212,38 @@ def test_disk_needed_counts_the_ort_rewrite(layered_checkpoint):
     ort = export_stage.disk_needed(source, ExportOptions(target="ort"))
     gate_up = LAYERS * 16 * 64 * 64 * 4  # [E, 2I, H] fp32 per layer
     assert ort - canonical == pytest.approx(canonical - (1 << 20) + 2 * gate_up, rel=0.001)
+
+
+def test_cli_resume(layered_checkpoint, streamed, tmp_path):
+    from click.testing import CliRunner
+
+    from qwen3_compile.cli import main
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(layered_checkpoint, out, progress=FailAfter(2))
+    result = CliRunner().invoke(main, ["export", str(layered_checkpoint), "-o", str(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    # non-terminal stderr gets one line per layer with an ETA, counting only the layers still to do
+    assert "export layers (resumed after 2): 1/2 layers" in result.output and "ETA" in result.output
+    assert json.loads((out / "manifest.json").read_text())["resumed_after_groups"] == 3
+    _same_files(export_onnx(layered_checkpoint, tmp_path / "whole").directory, out)
+
+
+def test_line_progress_eta():
+    import io
+
+    from qwen3_compile.progress import LineProgress
+
+    ticks = iter([100.0, 130.0, 160.0, 220.0])  # start, then after 1, 2 and 4 layers
+    stream = io.StringIO()
+    progress = LineProgress(stream, clock=lambda: next(ticks))
+    with progress.stage("export layers", total=10, unit="layers") as advance:
+        advance(1)
+        advance(1)
+        advance(2)
+    assert stream.getvalue().splitlines() == [
+        "export layers: 1/10 layers, 0:30 elapsed, ETA 4:30",
+        "export layers: 2/10 layers, 1:00 elapsed, ETA 4:00",
+        "export layers: 4/10 layers, 2:00 elapsed, ETA 3:00",
+    ]
