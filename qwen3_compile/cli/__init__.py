@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from qwen3_compile import __version__
+from qwen3_compile.cli.build_cmd import build_command
 from qwen3_compile.cli.compile_cmd import compile_command
 from qwen3_compile.cli.export_cmd import export_command
 from qwen3_compile.cli.inspect_cmd import inspect_command
@@ -34,5 +35,6 @@ for command in (
     quantize_command,
     validate_command,
     run_command,
+    build_command,
 ):
     main.add_command(command)

@@ -1,0 +1,103 @@
+"""What `build` accepts: a canonical export (fp32/fp16/bf16) or a quantized artifact, checked against the
+target before any work (recipe/target compatibility, e.g. FP8 on Jetson Orin, is an error up front)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qwen3_compile.errors import BadInputError
+from qwen3_compile.manifest import MANIFEST, read_manifest
+from qwen3_compile.models.config import Qwen3Arch
+from qwen3_compile.quantize.recipe import QuantRecipe
+from qwen3_compile.targets import Target
+
+MODEL_FILE = "model.onnx"
+BUILDABLE_STAGES = ("export", "quantize")
+
+
+@dataclass(frozen=True)
+class BuildInput:
+    directory: Path
+    manifest: dict[str, Any]
+    arch: Qwen3Arch
+    dtype: str  # the export's float type: fp32, fp16, bf16
+    recipe: QuantRecipe | None
+
+    @property
+    def model_path(self) -> Path:
+        return self.directory / MODEL_FILE
+
+    @property
+    def precision(self) -> str | None:
+        """What the target must support; None for an fp32 export (a parity build, runs anywhere)."""
+        if self.recipe is not None:
+            return self.recipe.weights.dtype
+        return None if self.dtype == "fp32" else "fp16"
+
+    @property
+    def label(self) -> str:
+        return self.recipe.name if self.recipe is not None else f"{self.dtype} export"
+
+
+def read_build_input(artifact: str | Path) -> BuildInput:
+    directory = Path(artifact)
+    manifest = read_manifest(directory)
+    where = directory / MANIFEST
+    stage = manifest.get("stage")
+    if stage not in BUILDABLE_STAGES or not (directory / MODEL_FILE).exists():
+        raise BadInputError(
+            f"build takes an exported or quantized artifact; this is a '{stage}' artifact"
+            + ("" if (directory / MODEL_FILE).exists() else f" without {MODEL_FILE}")
+            + ".",
+            file=where,
+            field="stage",
+            fix="run `qwen3-compile export MODEL -o DIR` (then optionally `quantize`) and build that folder.",
+        )
+    options = manifest.get("options", {})
+    if options.get("target"):
+        raise BadInputError(
+            f"the artifact is lowered for '{options['target']}' (ONNX Runtime ops TensorRT cannot parse).",
+            file=where,
+            field="options.target",
+            fix="build the canonical artifact (no --target at export/quantize); build lowers it per target.",
+        )
+    arch = Qwen3Arch.from_hf_dict(manifest.get("architecture") or {}, source=where)
+    recipe = None
+    if stage == "quantize":
+        recipe = QuantRecipe.from_dict(manifest.get("recipe") or {}, source=f"{where} (recipe)")
+    return BuildInput(directory, manifest, arch, options.get("dtype", "fp32"), recipe)
+
+
+def _sm(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("."))
+
+
+def check_target_supports(build_input: BuildInput, target: Target) -> None:
+    """Recipe/target (or export dtype/target) mismatch -> BadInputError before any work."""
+    recipe = build_input.recipe
+    if recipe is not None:
+        try:  # the quantize stage's own check, where this version has it
+            from qwen3_compile.quantize.compat import check_recipe_target
+        except ImportError:
+            check_recipe_target = None
+        if check_recipe_target is not None:
+            check_recipe_target(recipe, target)
+            return
+        if recipe.weights.dtype not in target.precisions or _sm(target.sm) < _sm(recipe.min_sm):
+            raise BadInputError(
+                f"recipe '{recipe.name}' ({recipe.weights.dtype}, SM >= {recipe.min_sm}) cannot run on "
+                f"{target.name} (SM {target.sm}, precisions {', '.join(target.precisions)}).",
+                file=build_input.directory / MANIFEST,
+                field="recipe",
+                fix=f"quantize with a recipe whose precision is one of {', '.join(target.precisions)}.",
+            )
+        return
+    if build_input.dtype == "bf16" and _sm(target.sm) < (8, 0):
+        raise BadInputError(
+            f"bf16 needs SM >= 8.0; {target.name} is SM {target.sm}.",
+            file=build_input.directory / MANIFEST,
+            field="options.dtype",
+            fix="export with --dtype fp16.",
+        )

@@ -1,0 +1,112 @@
+"""Which MoE lowering a build uses, and the lowered ONNX the parser reads.
+
+A target lists its lowerings in order of preference (`moe_lowerings` in recipes/targets/*.toml); the build
+takes the first one it can use here and records the others with the reason they were skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import onnx
+
+from qwen3_compile.artifact_io import save_onnx
+from qwen3_compile.build.trt_import import _version_tuple
+from qwen3_compile.errors import BadInputError
+from qwen3_compile.models.config import Qwen3Arch
+from qwen3_compile.targets import MOE_LOWERINGS, Target
+
+# MoE lowering -> rule set in qwen3_compile.lower.RULE_SETS
+RULE_SET = {"trt_moe": "trt-moe", "dense": "trt-dense"}
+TRT_MOE_MIN_TENSORRT = "10.16"  # IMoELayer, SM 10.x/11.x
+
+
+@dataclass(frozen=True)
+class MoeChoice:
+    lowering: str  # "none" for dense models
+    skipped: dict[str, str] = field(default_factory=dict)  # preferred lowerings not used, and why
+
+
+def _unusable(lowering: str, trt: ModuleType) -> str | None:
+    if lowering == "plugin":
+        return (
+            "no TensorRT plugin wraps plugins/moe yet (the CUDA kernels exist; the IPluginV3 wrapper and "
+            "its ONNX node are not written)"
+        )
+    if lowering == "trt_moe" and trt.__name__ == "tensorrt":
+        if _version_tuple(trt.__version__) < _version_tuple(TRT_MOE_MIN_TENSORRT):
+            return f"TRT_MoE needs TensorRT >= {TRT_MOE_MIN_TENSORRT}; this is {trt.__version__}"
+    return None
+
+
+def choose_moe_lowering(arch: Qwen3Arch, target: Target, trt: ModuleType, requested: str | None) -> MoeChoice:
+    if not arch.is_moe:
+        return MoeChoice("none")
+    if requested is not None and requested not in MOE_LOWERINGS:
+        raise BadInputError(
+            f"unknown MoE lowering '{requested}'.",
+            field="--moe-lowering",
+            fix=f"use one of: {', '.join(MOE_LOWERINGS)}.",
+        )
+    skipped = {}
+    for lowering in [requested] if requested else target.moe_lowerings:
+        reason = _unusable(lowering, trt)
+        if reason is None:
+            return MoeChoice(lowering, skipped)
+        skipped[lowering] = reason
+    raise BadInputError(
+        f"MoE lowering '{requested}' cannot be used with {trt.__name__} {trt.__version__}: "
+        f"{skipped[requested]}.",
+        field="--moe-lowering",
+        fix=f"leave --moe-lowering out (the target's order is {', '.join(target.moe_lowerings)}).",
+    )
+
+
+@dataclass(frozen=True)
+class LoweredModel:
+    path: Path
+    report: dict
+    op_histogram: dict[str, int]
+
+
+def _histogram(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def lower_for_build(model_path: Path, choice: MoeChoice, scratch: Path) -> LoweredModel:
+    """The graph the parser reads: `model_path` itself for dense models, else a lowered copy in `scratch`
+    whose external data points at the artifact's (linked, not copied) plus a file of new weights."""
+    from qwen3_compile.export.external_data import ExternalDataWriter
+    from qwen3_compile.lower import lower
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    if choice.lowering == "none":
+        return LoweredModel(model_path, {"applied": {}, "declined": {}}, _histogram(model))
+    external = {
+        e.value
+        for t in model.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    }
+    for location in external:
+        os.symlink((model_path.parent / location).resolve(), scratch / location)
+    if external:  # weights stay on disk; rules read them memory-mapped
+        sink = ExternalDataWriter(scratch / "model.lowered.data")
+        try:
+            report = lower(model, RULE_SET[choice.lowering], model_path.parent, sink)
+        finally:
+            sink.close()
+        onnx.save_model(model, str(scratch / "model.onnx"))
+    else:
+        report = lower(model, RULE_SET[choice.lowering])
+        save_onnx(model, scratch / "model.onnx")
+    onnx.checker.check_model(str(scratch / "model.onnx"))
+    return LoweredModel(scratch / "model.onnx", report.to_dict(), _histogram(model))
