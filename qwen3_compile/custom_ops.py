@@ -12,12 +12,17 @@ import onnx.parser
 DOMAIN = "qwen3_compile"
 DOMAIN_VERSION = 1
 EXPERT_DISPATCH = "ExpertDispatch"
+# ExpertDispatch whose expert intermediate is quantized (W8A8 recipes); written by `quantize`
+QUANTIZED_EXPERT_DISPATCH = "QuantizedExpertDispatch"
+_FILES = {
+    EXPERT_DISPATCH: "expert_dispatch.onnxtxt",
+    QUANTIZED_EXPERT_DISPATCH: "quantized_expert_dispatch.onnxtxt",
+}
 
 
 @cache
 def _function_text(op_type: str) -> str:
-    name = {EXPERT_DISPATCH: "expert_dispatch.onnxtxt"}[op_type]
-    return resources.files("qwen3_compile").joinpath("graphs", name).read_text()
+    return resources.files("qwen3_compile").joinpath("graphs", _FILES[op_type]).read_text()
 
 
 def function(op_type: str, opset: int) -> onnx.FunctionProto:

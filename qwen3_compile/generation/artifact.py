@@ -45,7 +45,8 @@ def load_ort_runner(folder: Path, manifest: dict[str, Any]) -> CausalLMRunner:
             field="backend",
             fix="pip install onnxruntime (or onnxruntime-gpu).",
         ) from None
-    return OrtRunner(model)
+    # FP8 graphs ask for ENABLE_BASIC: ORT CPU's higher levels compute FP8 QDQ MatMuls wrongly
+    return OrtRunner(model, optimization=manifest.get("ort_optimization", "all"))
 
 
 # manifest stage -> the runner that executes that kind of artifact

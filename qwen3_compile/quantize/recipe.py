@@ -12,8 +12,12 @@ from typing import Any
 
 from qwen3_compile.errors import BadInputError
 
-WEIGHT_DTYPES = ("int8",)
+WEIGHT_DTYPES = ("fp16", "int8", "fp8")  # fp16: the baseline, nothing quantized
 GRANULARITIES = ("per_channel",)
+ACTIVATION_DTYPES = ("int8", "fp8")
+ACTIVATION_GRANULARITIES = ("per_tensor",)
+CALIBRATION_METHODS = ("max",)
+KV_CACHE_DTYPES = ("fp8",)
 RECIPE_VERSION = 1
 
 
@@ -21,6 +25,34 @@ RECIPE_VERSION = 1
 class WeightSpec:
     dtype: str = "int8"
     granularity: str = "per_channel"
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """Static activation quantization at the input of every quantized weight (W8A8)."""
+
+    dtype: str = "int8"
+    granularity: str = "per_tensor"
+    method: str = "max"  # the calibrated absolute maximum becomes the top of the range
+
+
+@dataclass(frozen=True)
+class SmoothQuantSpec:
+    """Migrate activation outliers into the weights: s_j = max|X_j|^alpha / max|W_j|^(1-alpha), X / s
+    folded into the preceding RMSNorm weight, W * s into the projections that read it."""
+
+    alpha: float = 0.5
+
+
+@dataclass(frozen=True)
+class KvCacheSpec:
+    dtype: str = "fp8"
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    samples: int = 32  # calibration prompts (each rendered in both reasoning modes)
+    max_tokens: int = 256  # per prompt, after chat rendering
 
 
 @dataclass(frozen=True)
@@ -51,10 +83,27 @@ class QuantRecipe:
     weights: WeightSpec
     select: Selection
     gates: RecipeGates
+    activations: ActivationSpec | None = None
+    smoothquant: SmoothQuantSpec | None = None
+    kv_cache: KvCacheSpec | None = None
+    calibration: CalibrationSpec | None = None
     source: str = field(default="", compare=False)
 
+    @property
+    def precision(self) -> str:
+        """What a deployment target must support (`precisions` in recipes/targets/*.toml)."""
+        return self.weights.dtype
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.activations is not None or self.kv_cache is not None
+
+    @property
+    def calibration_spec(self) -> CalibrationSpec:
+        return self.calibration or CalibrationSpec()
+
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = {k: v for k, v in asdict(self).items() if v is not None}
         data.pop("source")
         data["select"] = {k: list(v) for k, v in data["select"].items()}
         return data
@@ -92,12 +141,40 @@ class QuantRecipe:
                 fix=f"this qwen3-compile reads version {RECIPE_VERSION}.",
             )
         weights = section("weights", WeightSpec)
-        if weights.dtype not in WEIGHT_DTYPES or weights.granularity not in GRANULARITIES:
+        _check_choice(weights.dtype, WEIGHT_DTYPES, source, "weights", "dtype")
+        _check_choice(weights.granularity, GRANULARITIES, source, "weights", "granularity")
+        activations = data.get("activations") and section("activations", ActivationSpec)
+        if activations:
+            _check_choice(activations.dtype, ACTIVATION_DTYPES, source, "activations", "dtype")
+            _check_choice(
+                activations.granularity, ACTIVATION_GRANULARITIES, source, "activations", "granularity"
+            )
+            _check_choice(activations.method, CALIBRATION_METHODS, source, "activations", "method")
+            if weights.dtype == "fp16":
+                raise BadInputError(
+                    "activation quantization needs quantized weights.",
+                    file=source,
+                    field="weights.dtype",
+                    fix="set weights.dtype to int8 or fp8, or drop [activations].",
+                )
+        smoothquant = data.get("smoothquant") and section("smoothquant", SmoothQuantSpec)
+        if smoothquant and not (0.0 <= smoothquant.alpha <= 1.0 and activations):
             raise BadInputError(
-                f"weights {weights.dtype}/{weights.granularity} is not supported.",
+                f"smoothquant.alpha {smoothquant.alpha} needs 0 <= alpha <= 1 and an [activations] section.",
                 file=source,
-                field="weights",
-                fix=f"dtype from {WEIGHT_DTYPES}, granularity from {GRANULARITIES}.",
+                field="smoothquant.alpha",
+                fix="SmoothQuant balances activation and weight ranges: use alpha in [0, 1] with W8A8.",
+            )
+        kv_cache = data.get("kv_cache") and section("kv_cache", KvCacheSpec)
+        if kv_cache:
+            _check_choice(kv_cache.dtype, KV_CACHE_DTYPES, source, "kv_cache", "dtype")
+        calibration = data.get("calibration") and section("calibration", CalibrationSpec)
+        if calibration and (calibration.samples < 1 or calibration.max_tokens < 2):
+            raise BadInputError(
+                "calibration needs at least 1 sample of at least 2 tokens.",
+                file=source,
+                field="calibration",
+                fix="set samples >= 1 and max_tokens >= 2 (GEMV shapes are not representative).",
             )
         return cls(
             name=data["name"],
@@ -107,7 +184,21 @@ class QuantRecipe:
             weights=weights,
             select=section("select", Selection),
             gates=section("gates", RecipeGates),
+            activations=activations or None,
+            smoothquant=smoothquant or None,
+            kv_cache=kv_cache or None,
+            calibration=calibration or None,
             source=source,
+        )
+
+
+def _check_choice(value: Any, valid: tuple, source: str, where: str, key: str) -> None:
+    if value not in valid:
+        raise BadInputError(
+            f"{where}.{key} '{value}' is not supported.",
+            file=source,
+            field=where,
+            fix=f"{key} from {', '.join(valid)}.",
         )
 
 

@@ -1,7 +1,10 @@
 """The `quantize` stage: an exported (canonical) artifact + a recipe -> a QDQ artifact with manifest.
 
-Implemented recipes: weight-only (`int8-wo`). The recipe and its accuracy gates go into the manifest,
-so `validate` holds the quantized artifact to the recipe's own gates.
+Order: check the recipe against the deployment target; calibrate layer by layer when the recipe
+quantizes activations or the KV cache; fold SmoothQuant scales; quantize weights; insert activation and
+KV-cache Q/DQ; optionally lower for ONNX Runtime. The recipe, its accuracy gates and the calibration
+summary go into the manifest (`validate` holds the artifact to the recipe's gates); the ranges go to
+`calibration.safetensors`.
 """
 
 from __future__ import annotations
@@ -11,14 +14,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from qwen3_compile.artifact_io import atomic_output_dir, save_onnx
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.export.stage import MODEL_FILE
 from qwen3_compile.manifest import MANIFEST, Timings, read_manifest, sha256_file, write_manifest
+from qwen3_compile.models.config import Qwen3Arch
+from qwen3_compile.progress import NO_PROGRESS, Progress
+from qwen3_compile.quantize.activations import insert_activation_qdq
+from qwen3_compile.quantize.calibrate import CalibrationStats, calibrate
+from qwen3_compile.quantize.calibration_data import load_calibration
 from qwen3_compile.quantize.recipe import QuantRecipe, load_recipe
+from qwen3_compile.quantize.smoothquant import apply_smoothquant
 from qwen3_compile.quantize.weights import QuantizedTensor, quantize_weights
+
+CALIBRATION_FILE = "calibration.safetensors"
+LOWERING_TARGETS = ("ort",)
 
 
 @dataclass(frozen=True)
@@ -27,6 +41,7 @@ class QuantizedArtifact:
     recipe: QuantRecipe
     tensors: list[QuantizedTensor]
     manifest: dict[str, Any] = field(repr=False)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def weight_ratio(self) -> float:
@@ -36,7 +51,7 @@ class QuantizedArtifact:
         )
 
 
-def _check_input(artifact: Path, manifest: dict) -> None:
+def _check_input(artifact: Path, manifest: dict, recipe: QuantRecipe) -> None:
     if manifest.get("stage") != "export" or not (artifact / MODEL_FILE).exists():
         raise BadInputError(
             f"quantize takes an exported artifact; this is a '{manifest.get('stage')}' artifact.",
@@ -52,13 +67,59 @@ def _check_input(artifact: Path, manifest: dict) -> None:
             field="options.target",
             fix="quantize the canonical export (no --target).",
         )
-    if options.get("dtype") != "fp32":
+    dtype = options.get("dtype")
+    if dtype not in ("fp32", "fp16"):
         raise BadInputError(
-            f"quantize reads fp32 exports; this one is {options.get('dtype')}.",
+            f"quantize reads fp32 or fp16 exports; this one is {dtype}.",
             file=artifact / MANIFEST,
             field="options.dtype",
-            fix="export with --dtype fp32 (the default), then quantize.",
+            fix="export with --dtype fp32 (the ONNX Runtime CPU reference) or fp16 (TensorRT).",
         )
+    if recipe.weights.dtype == "fp16" and dtype != "fp16":
+        raise BadInputError(
+            f"the fp16 baseline recipe keeps an fp16 export as it is; this export is {dtype}.",
+            file=artifact / MANIFEST,
+            field="options.dtype",
+            fix="export with --dtype fp16 and apply the fp16 recipe to that folder.",
+        )
+
+
+def _check_stats(stats: CalibrationStats, recipe: QuantRecipe, tensors: list[QuantizedTensor]) -> list[str]:
+    """Every quantized weight's input needs a finite, non-zero range; unreached experts are warnings."""
+    for t in tensors if recipe.activations else []:
+        layer = int(t.name.split(".")[2])
+        amax = stats.layers[layer].act_amax.get(t.name)
+        if amax is None or not np.isfinite(amax).all() or amax.max() <= 0:
+            what = "no token" if amax is None or amax.max() <= 0 else "non-finite values (NaN/Inf)"
+            raise BadInputError(
+                f"calibration saw {what} at the input of {t.name} (layer {layer}).",
+                field="--calib",
+                fix="check the checkpoint for NaN/Inf (`qwen3-compile inspect MODEL`) and use calibration "
+                "text that reaches every layer (or the built-in set).",
+            )
+    for i, s in enumerate(stats.layers):
+        if recipe.kv_cache and not (np.isfinite([s.key_amax, s.value_amax]).all() and s.key_amax > 0):
+            raise BadInputError(
+                f"KV-cache calibration of layer {i} gave key/value ranges {s.key_amax}/{s.value_amax}.",
+                field="--calib",
+                fix="check the checkpoint for NaN/Inf (`qwen3-compile inspect MODEL`).",
+            )
+    return [
+        f"layer {layer}: calibration routed no token to experts {experts}; their shared activation range "
+        "comes from the other experts (use more or more varied --calib text)"
+        for layer, experts in stats.unreached_experts().items()
+    ]
+
+
+def _check_target(recipe: QuantRecipe, target: str | None) -> str | None:
+    """`ort` is a lowering; any other name is a deployment target the recipe must fit (checked now)."""
+    if target is None or target in LOWERING_TARGETS:
+        return target
+    from qwen3_compile.quantize.compat import check_recipe_target
+    from qwen3_compile.targets import get_target
+
+    check_recipe_target(recipe, get_target(target))
+    return None
 
 
 def quantize_artifact(
@@ -67,25 +128,51 @@ def quantize_artifact(
     output: str | Path,
     force: bool = False,
     target: str | None = None,
+    calib: str | Path | None = None,
+    samples: int | None = None,
+    progress: Progress = NO_PROGRESS,
 ) -> QuantizedArtifact:
-    """Quantize an fp32 canonical export; with `target`, lower the result for that backend (ort: INT8
-    experts to QMoE)."""
+    """Quantize an fp32 or fp16 canonical export. `target` is `ort` (lower the result: INT8 weight-only
+    experts to QMoE) or a deployment target (the recipe must fit it: checked before any work)."""
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
-    _check_input(artifact, manifest)
     recipe = recipe if isinstance(recipe, QuantRecipe) else load_recipe(recipe)
+    _check_input(artifact, manifest, recipe)
+    deploy_target = target if target not in (None, *LOWERING_TARGETS) else None
+    target = _check_target(recipe, target)
+    arch = Qwen3Arch.from_config_file(artifact / "config.json")
     timings = Timings()
     with timings.stage("load"):
         model = onnx.load(str(artifact / MODEL_FILE))
+    stats, calibration, warnings = None, None, []
+    if recipe.needs_calibration:
+        from qwen3_compile.tokenizer import load_tokenizer
+
+        spec = recipe.calibration_spec
+        with timings.stage("calibrate"):
+            texts = load_calibration(
+                load_tokenizer(artifact), calib, samples or spec.samples, spec.max_tokens
+            )
+            arrays = {t.name: t for t in model.graph.initializer}
+            stats = calibrate(arch, lambda name: numpy_helper.to_array(arrays[name]), texts, progress)
+        calibration = stats.summary()
+    smoothing = None
     with timings.stage("quantize"):
+        if recipe.smoothquant is not None:
+            smoothing = apply_smoothquant(model, arch, recipe, stats)
         tensors = quantize_weights(model, recipe)
+        if stats is not None:
+            warnings = _check_stats(stats, recipe, tensors)
+            act_dtype = recipe.activations.dtype if recipe.activations else None
+            kv_dtype = recipe.kv_cache.dtype if recipe.kv_cache else None
+            calibration |= insert_activation_qdq(model, stats, act_dtype, kv_dtype)
     lowering = None
     if target is not None:
         from qwen3_compile.lower import lower
 
         with timings.stage("lower"):
             lowering = lower(model, target).to_dict()
-    if not tensors:
+    if not tensors and recipe.weights.dtype != "fp16":
         raise BadInputError(
             f"recipe '{recipe.name}' selects no weight of this model.",
             file=recipe.source,
@@ -96,14 +183,16 @@ def quantize_artifact(
         with timings.stage("write"):
             save_onnx(model, tmp / MODEL_FILE)
             for side in sorted(artifact.iterdir()):
-                if side.is_file() and not side.name.startswith((MODEL_FILE, MANIFEST)):
+                if side.is_file() and not side.name.startswith((MODEL_FILE, MANIFEST, CALIBRATION_FILE)):
                     shutil.copyfile(side, tmp / side.name)
+            if stats is not None:
+                stats.save(tmp / CALIBRATION_FILE)
         inputs = {
             "artifact": str(artifact),
             "model_sha256": sha256_file(artifact / MODEL_FILE),
             "source": manifest.get("inputs"),
         }
-        stats = {
+        quantization = {
             "quantized_tensors": len(tensors),
             "float_bytes": sum(t.float_bytes for t in tensors),
             "quantized_bytes": sum(t.quantized_bytes for t in tensors),
@@ -112,13 +201,22 @@ def quantize_artifact(
             tmp,
             "quantize",
             inputs,
-            manifest.get("options", {}) | {"target": target},
+            manifest.get("options", {}) | {"target": target, "deploy_target": deploy_target},
             timings,
             {
                 "architecture": manifest.get("architecture"),
                 "recipe": recipe.to_dict(),
-                "quantization": stats,
+                "quantization": quantization,
+                "calibration": calibration,
+                "smoothquant": smoothing,
+                "warnings": warnings,
+                # ORT CPU computes FP8 QDQ MatMuls wrongly above ENABLE_BASIC (DESIGN.md section 3)
+                "ort_optimization": "basic" if "fp8" in (recipe.weights.dtype, _kv(recipe)) else "all",
                 "lowering": lowering,
             },
         )
-    return QuantizedArtifact(Path(output), recipe, tensors, written)
+    return QuantizedArtifact(Path(output), recipe, tensors, written, warnings)
+
+
+def _kv(recipe: QuantRecipe) -> str | None:
+    return recipe.kv_cache.dtype if recipe.kv_cache else None

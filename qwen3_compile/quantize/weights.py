@@ -1,5 +1,6 @@
-"""Weight quantization as a graph rewrite: a selected float initializer becomes INT8 values plus fp32
-scales behind a `DequantizeLinear` (symmetric, zero point 0: the TensorRT explicit-quantization form).
+"""Weight quantization as a graph rewrite: a selected float initializer becomes INT8 or FP8 (E4M3) values
+plus scales behind a `DequantizeLinear` (symmetric, zero point 0: the TensorRT explicit-quantization
+form). Scales take the graph's float type (fp32 or fp16), as a strongly typed network wants.
 
 Linear weights are stored `[in, out]` (`<name>.T`): one scale per output channel, `axis=1`. Stacked
 expert weights `[E, rows, cols]` get one scale per expert and output row: a blocked DequantizeLinear
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -17,14 +19,28 @@ from onnx import helper, numpy_helper
 from qwen3_compile.quantize.recipe import QuantRecipe
 
 INT8_MAX = 127.0
+FP8_E4M3_MAX = 448.0
+QUANT_MAX = {"int8": INT8_MAX, "fp8": FP8_E4M3_MAX}
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+
+
+def cast_quantized(scaled: np.ndarray, dtype: str) -> np.ndarray:
+    """Values already divided by their scale -> int8 (round half to even, as QuantizeLinear) or E4M3."""
+    clipped = np.clip(scaled, -QUANT_MAX[dtype], QUANT_MAX[dtype])
+    if dtype == "int8":
+        return np.rint(clipped).astype(np.int8)
+    return clipped.astype(ml_dtypes.float8_e4m3fn)
+
+
+def quantize_symmetric(weights: np.ndarray, reduce_axis: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """One scale per slice along every axis but `reduce_axis` (kept as size 1): absmax / qmax."""
+    absmax = np.abs(weights).max(axis=reduce_axis, keepdims=True).astype(np.float32)
+    scale = np.where(absmax > 0, absmax / QUANT_MAX[dtype], 1.0).astype(weights.dtype)
+    return cast_quantized(weights.astype(np.float32) / scale.astype(np.float32), dtype), scale
 
 
 def quantize_int8(weights: np.ndarray, reduce_axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric INT8 with one scale per slice along every axis but `reduce_axis` (kept as size 1)."""
-    absmax = np.abs(weights).max(axis=reduce_axis, keepdims=True).astype(np.float32)
-    scale = np.where(absmax > 0, absmax / INT8_MAX, 1.0).astype(np.float32)
-    q = np.clip(np.rint(weights / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
-    return q, scale
+    return quantize_symmetric(weights, reduce_axis, "int8")
 
 
 @dataclass(frozen=True)
@@ -32,50 +48,51 @@ class QuantizedTensor:
     name: str  # checkpoint name
     shape: tuple[int, ...]
     float_bytes: int
-    quantized_bytes: int  # int8 values + fp32 scales
+    quantized_bytes: int  # 8-bit values + scales
 
 
 def checkpoint_name(initializer: str) -> str:
     return initializer.removesuffix(".T")
 
 
+def dequantized_name(initializer: str) -> str:
+    return initializer + ".dequantized"
+
+
 def quantize_weights(model: onnx.ModelProto, recipe: QuantRecipe) -> list[QuantizedTensor]:
-    """Rewrite `model` in place; returns what was quantized."""
+    """Rewrite `model` in place; returns what was quantized (nothing for the fp16 baseline)."""
+    if recipe.weights.dtype not in QUANT_MAX:
+        return []
     graph = model.graph
     done: list[QuantizedTensor] = []
     replace: dict[str, str] = {}
     keep, new_nodes = [], []
     for tensor in graph.initializer:
         name = checkpoint_name(tensor.name)
-        if (
-            tensor.data_type != onnx.TensorProto.FLOAT
-            or not recipe.select.selects(name)
-            or len(tensor.dims) < 2
-        ):
+        if tensor.data_type not in FLOAT_TYPES or not recipe.select.selects(name) or len(tensor.dims) < 2:
             keep.append(tensor)
             continue
         weights = numpy_helper.to_array(tensor)
         if weights.ndim == 2:  # [in, out]: a scale per output column
-            q, scale = quantize_int8(weights, reduce_axis=0)
+            q, scale = quantize_symmetric(weights, 0, recipe.weights.dtype)
             scale, attrs = scale.reshape(-1), {"axis": 1}
         else:  # [E, rows, cols]: a scale per expert and row
-            q, scale = quantize_int8(weights, reduce_axis=2)
+            q, scale = quantize_symmetric(weights, 2, recipe.weights.dtype)
             attrs = {"axis": 2, "block_size": weights.shape[2]}
         keep += [
-            numpy_helper.from_array(q, tensor.name + ".int8"),
+            numpy_helper.from_array(q, tensor.name + ".q"),
             numpy_helper.from_array(scale, tensor.name + ".scale"),
         ]
-        dq = tensor.name + ".dequantized"
         new_nodes.append(
             helper.make_node(
                 "DequantizeLinear",
-                [tensor.name + ".int8", tensor.name + ".scale"],
-                [dq],
+                [tensor.name + ".q", tensor.name + ".scale"],
+                [dequantized_name(tensor.name)],
                 name=tensor.name + "/DequantizeLinear",
                 **attrs,
             )
         )
-        replace[tensor.name] = dq
+        replace[tensor.name] = dequantized_name(tensor.name)
         done.append(QuantizedTensor(name, tuple(weights.shape), weights.nbytes, q.nbytes + scale.nbytes))
     del graph.initializer[:]
     graph.initializer.extend(keep)

@@ -54,16 +54,37 @@ def test_int8_wo_meets_recipe_gates(preset, exports, tmp_path):
     assert {"thinking", "non-thinking"} <= set(report.modes)
 
 
-def test_refuses_lowered_or_fp16_exports(exports, tmp_path):
+def test_refuses_lowered_or_bf16_exports(exports, tmp_path):
     lowered = export_onnx("tiny-moe", tmp_path / "ort", ExportOptions(target="ort")).directory
     with pytest.raises(BadInputError) as info:
         quantize_artifact(lowered, "int8-wo", tmp_path / "out")
     assert info.value.field == "options.target"
-    half = export_onnx("tiny-dense", tmp_path / "fp16", ExportOptions(dtype="fp16")).directory
+    bf16 = export_onnx("tiny-dense", tmp_path / "bf16", ExportOptions(dtype="bf16")).directory
     with pytest.raises(BadInputError) as info:
-        quantize_artifact(half, "int8-wo", tmp_path / "out")
+        quantize_artifact(bf16, "int8-wo", tmp_path / "out")
     assert info.value.field == "options.dtype"
+    with pytest.raises(BadInputError) as info:  # the fp16 baseline needs an fp16 export
+        quantize_artifact(exports["tiny-dense"], "fp16", tmp_path / "out")
+    assert info.value.field == "options.dtype" and "--dtype fp16" in info.value.fix
     assert not (tmp_path / "out").exists()
+
+
+def test_int8_wo_on_fp16_export_keeps_fp16_scales(tmp_path):
+    """For TensorRT: an fp16 export quantizes to INT8 weights with fp16 scales (fp16 activations)."""
+    half = export_onnx("tiny-moe", tmp_path / "fp16", ExportOptions(dtype="fp16")).directory
+    result = quantize_artifact(half, "int8-wo", tmp_path / "q")
+    model = onnx.load(result.directory / "model.onnx")
+    weights = {t.name: t for t in model.graph.initializer}
+    original = {t.name: numpy_helper.to_array(t) for t in onnx.load(half / "model.onnx").graph.initializer}
+    for t in result.tensors:
+        stored = t.name + (".T" if t.name + ".T" in original else "")
+        scale = weights[stored + ".scale"]
+        assert scale.data_type == onnx.TensorProto.FLOAT16
+        w = original[stored].astype(np.float32)
+        q = numpy_helper.to_array(weights[stored + ".q"]).astype(np.float32)
+        s = numpy_helper.to_array(scale).astype(np.float32)
+        s = s[None, :] if w.ndim == 2 else s
+        assert np.abs(q * s - w).max() <= 0.51 * s.max() + 1e-3
 
 
 def test_int8_experts_lower_to_qmoe(exports, tmp_path):

@@ -1,0 +1,116 @@
+"""Calibration text -> token sequences.
+
+The built-in set (`calibration.jsonl`, written for this project) covers several languages, code, JSON,
+tool calls and math; each conversation ends in an assistant reply and is rendered through the chat
+template in both reasoning modes: thinking (the reply's reasoning inside `<think>`) and non-thinking
+(the empty think block the template writes). A user file is JSONL (`{"messages": [...]}` with optional
+`"reasoning"`, `"answer"`, `"tools"`, or `{"text": "..."}`) or plain text (paragraphs separated by
+blank lines, used as raw text).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from qwen3_compile.errors import BadInputError
+from qwen3_compile.tokenizer import render_chat
+
+# below this, per-tensor ranges are set by a handful of tokens: refuse rather than calibrate on noise
+MIN_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    sequences: list[list[int]]
+    source: str
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "sequences": len(self.sequences), "tokens": self.tokens}
+
+
+def _entries_from_jsonl(path: Path, text: str) -> list[dict]:
+    entries = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise BadInputError(
+                f"line {number} is not valid JSON ({err.msg}, column {err.colno}).",
+                file=path,
+                field=f"line {number}",
+                fix="write one JSON object per line, or use a .txt file of plain paragraphs.",
+            ) from None
+        if not isinstance(entry, dict) or not (
+            isinstance(entry.get("messages"), list) or isinstance(entry.get("text"), str)
+        ):
+            raise BadInputError(
+                f'line {number} needs "messages" (a chat list) or "text".',
+                file=path,
+                field=f"line {number}",
+                fix='write e.g. {"messages": [{"role": "user", "content": "..."}], "answer": "..."}.',
+            )
+        entries.append(entry)
+    return entries
+
+
+def _render(tokenizer, entry: dict) -> list[list[int]]:
+    """One sequence per reasoning mode for a chat entry; one raw sequence for text."""
+    if "text" in entry:
+        return [list(tokenizer(entry["text"], add_special_tokens=False)["input_ids"])]
+    messages, tools = entry["messages"], entry.get("tools")
+    if "answer" not in entry:  # a prompt only: calibrate on the prompt as the model will see it
+        return [render_chat(tokenizer, messages, thinking=t, tools=tools) for t in (True, False)]
+    thinking = {
+        "role": "assistant",
+        "content": entry["answer"],
+        "reasoning_content": entry.get("reasoning", ""),
+    }
+    plain = {"role": "assistant", "content": entry["answer"]}
+    return [
+        render_chat(tokenizer, messages + [reply], thinking=t, add_generation_prompt=False, tools=tools)
+        for reply, t in ((thinking, True), (plain, False))
+    ]
+
+
+def builtin_calibration_file() -> Path:
+    return Path(str(resources.files("qwen3_compile.quantize").joinpath("calibration.jsonl")))
+
+
+def load_calibration(
+    tokenizer, path: str | Path | None = None, samples: int = 32, max_tokens: int = 256
+) -> CalibrationSet:
+    """At most `samples` sequences of at most `max_tokens` tokens, from `path` or the built-in set."""
+    path = Path(path) if path is not None else builtin_calibration_file()
+    if not path.is_file():
+        raise BadInputError("the calibration file does not exist.", file=path, fix="pass an existing file.")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        entries = _entries_from_jsonl(path, text)
+    else:
+        entries = [{"text": p.strip()} for p in text.split("\n\n") if p.strip()]
+    sequences = []
+    for entry in entries:
+        for ids in _render(tokenizer, entry):
+            if len(ids) >= 2 and len(sequences) < samples:
+                sequences.append(ids[:max_tokens])
+    result = CalibrationSet(sequences, str(path))
+    if result.tokens < MIN_TOKENS:
+        raise BadInputError(
+            f"the calibration text gives {result.tokens} tokens in {len(sequences)} sequences; at least "
+            f"{MIN_TOKENS} are needed.",
+            file=path,
+            field="--calib",
+            fix="add more text (a few paragraphs or conversations), or leave out --calib to use the "
+            "built-in calibration set.",
+        )
+    return result

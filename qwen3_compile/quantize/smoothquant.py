@@ -1,0 +1,96 @@
+"""SmoothQuant: move activation outliers into the weights before W8A8 quantization.
+
+Per input channel j of the projections that read an RMSNorm's output:
+s_j = max|X_j|^alpha / max|W_j|^(1 - alpha); the norm weight becomes w / s (so X becomes X / s) and each
+reading projection's weights W * s along the input axis. The float model is unchanged up to rounding;
+per-tensor activation ranges shrink where a few channels dominated. Groups (per layer):
+input_layernorm -> q/k/v_proj; post_attention_layernorm -> gate/up_proj, or every expert's gate_up_proj
+and the (unquantized, fp32) router, which must see the same X.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from qwen3_compile.models.config import Qwen3Arch
+from qwen3_compile.quantize.calibrate import CalibrationStats
+from qwen3_compile.quantize.recipe import QuantRecipe
+
+
+@dataclass(frozen=True)
+class SmoothGroup:
+    norm: str  # RMSNorm weight initializer
+    readers: tuple[str, ...]  # initializers whose input axis is scaled; their stats are X's ranges
+    compensated: tuple[str, ...] = ()  # read X too but are not quantized (the router): scaled, not measured
+
+
+def smooth_groups(arch: Qwen3Arch, layer: int) -> list[SmoothGroup]:
+    p = f"model.layers.{layer}."
+    mlp = (
+        SmoothGroup(
+            p + "post_attention_layernorm.weight",
+            (p + "mlp.experts.gate_up_proj",),
+            (p + "mlp.gate.weight.T",),
+        )
+        if arch.is_moe
+        else SmoothGroup(
+            p + "post_attention_layernorm.weight", (p + "mlp.gate_proj.weight.T", p + "mlp.up_proj.weight.T")
+        )
+    )
+    attn = SmoothGroup(p + "input_layernorm.weight", tuple(p + f"self_attn.{n}_proj.weight.T" for n in "qkv"))
+    return [attn, mlp]
+
+
+def _input_axis_absmax(weights: np.ndarray) -> np.ndarray:
+    """|W| max per input channel: [in, out] linear (axis 0) or [E, rows, in] experts (last axis)."""
+    if weights.ndim == 2:
+        return np.abs(weights).max(axis=1)
+    return np.abs(weights).max(axis=(0, 1))
+
+
+def _scale_input_axis(weights: np.ndarray, s: np.ndarray) -> np.ndarray:
+    return weights * (s[:, None] if weights.ndim == 2 else s).astype(weights.dtype)
+
+
+def smoothing_scales(act_amax: np.ndarray, weight_amax: np.ndarray, alpha: float) -> np.ndarray:
+    s = np.power(act_amax, alpha) / np.power(weight_amax, 1.0 - alpha)
+    valid = (act_amax > 0) & (weight_amax > 0) & np.isfinite(s)
+    return np.where(valid, np.maximum(s, 1e-5), 1.0)
+
+
+def apply_smoothquant(
+    model: onnx.ModelProto, arch: Qwen3Arch, recipe: QuantRecipe, stats: CalibrationStats
+) -> dict[str, dict]:
+    """Fold smoothing scales into norms and readers, in place; `stats` ranges become those of X / s.
+    Returns per-group summaries (largest and median s) for the manifest."""
+    inits = {t.name: t for t in model.graph.initializer}
+    alpha = recipe.smoothquant.alpha
+    summary = {}
+
+    def replace(name: str, array: np.ndarray) -> None:
+        inits[name].CopyFrom(
+            numpy_helper.from_array(array.astype(numpy_helper.to_array(inits[name]).dtype), name)
+        )
+
+    for layer in range(arch.num_layers):
+        for group in smooth_groups(arch, layer):
+            names = [r.removesuffix(".T") for r in group.readers]
+            if not all(recipe.select.selects(n) for n in names):
+                continue
+            act = np.max([stats.act_amax(n) for n in names], axis=0)
+            weights = {r: numpy_helper.to_array(inits[r]).astype(np.float64) for r in group.readers}
+            w_amax = np.max([_input_axis_absmax(w) for w in weights.values()], axis=0)
+            s = smoothing_scales(act, w_amax, alpha)
+            replace(group.norm, numpy_helper.to_array(inits[group.norm]).astype(np.float64) / s)
+            for name, w in weights.items():
+                replace(name, _scale_input_axis(w, s))
+            for name in group.compensated:
+                replace(name, _scale_input_axis(numpy_helper.to_array(inits[name]).astype(np.float64), s))
+            for n in names:
+                stats.layers[layer].act_amax[n] = stats.act_amax(n) / s
+            summary[group.norm] = {"max_scale": float(s.max()), "median_scale": float(np.median(s))}
+    return summary
