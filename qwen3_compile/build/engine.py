@@ -74,10 +74,11 @@ def _cancel_on_interrupt() -> Iterator[threading.Event]:
 
 @contextmanager
 def _quiet_polygraphy() -> Iterator[None]:
-    """Polygraphy prints its configuration on stdout; the manifest and build.log hold it instead."""
+    """Polygraphy prints its configuration and failures on stdout; manifest, build.log and our errors hold
+    them instead."""
     from polygraphy.logger import G_LOGGER
 
-    with G_LOGGER.verbosity(G_LOGGER.ERROR), warnings.catch_warnings():
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL + 1), warnings.catch_warnings():
         # Polygraphy sets a timing cache, which TensorRT-RTX >= 1.2 deprecates (a no-op there)
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*[Tt]iming cache")
         yield
