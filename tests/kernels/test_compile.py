@@ -64,6 +64,15 @@ def check_abi_without_gpu(path):
     ]:
         assert lib.qmoe_check_problem(ctypes.byref(moe._Problem(**{**good, **change}))) == status, change
     assert b"unsupported shape" in lib.qmoe_error_string(2)
+    # The TensorRT plugins' workspace formula (trt_contract) mirrors the library's, plus 256 for alignment.
+    from qwen3_compile.kernels import trt_contract
+
+    for T, E, k, H, inter in [(2048, 128, 8, 2048, 768), (1, 16, 2, 128, 64), (333, 256, 32, 384, 320)]:
+        prob = moe._Problem(
+            **{**good, "num_tokens": T, "num_experts": E, "top_k": k, "hidden": H, "inter": inter}
+        )
+        assert lib.qmoe_workspace_size(ctypes.byref(prob), ctypes.byref(n)) == 0
+        assert trt_contract.workspace_bytes(T, E, k, H, inter) == n.value + 256, (T, E, k, H, inter)
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no host C compiler")
