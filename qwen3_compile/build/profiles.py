@@ -2,12 +2,13 @@
 
 TensorRT checks that each profile's min, opt and max shapes are consistent on their own: the attention
 mask spans past + new tokens, so `attention_mask` = `past_sequence_length` + `sequence_length` in each of
-the three. Two profiles cover generation up to `max_seq` tokens:
+the three. Three profiles cover generation up to `max_seq` tokens:
 
 - prefill: 1..max_seq new tokens, no past (the prompt in one call);
-- decode: one new token after 0..max_seq-1 cached ones.
-
-Chunked prefill (several new tokens on top of a cache) is outside both; a runner says so.
+- decode: one new token after 0..max_seq-1 cached ones;
+- chunked: 1..chunk new tokens after 0..max_seq-1 cached ones (long prompts in chunks, as `validate` and
+  `run` feed them). Its mask range reaches max_seq + chunk - 1 because a profile cannot say "past + new
+  <= max_seq"; the runner holds calls to max_seq.
 """
 
 from __future__ import annotations
@@ -56,19 +57,23 @@ def _point(spec: InputSpec, batch: int, seq: int, past: int) -> Shape:
     )
 
 
-def generation_profiles(inputs: list[InputSpec], max_batch: int, max_seq: int) -> list[ShapeProfile]:
-    """The prefill and decode profiles (min, opt, max) for batch 1..max_batch and up to max_seq tokens."""
+def generation_profiles(
+    inputs: list[InputSpec], max_batch: int, max_seq: int, chunk: int = 512
+) -> list[ShapeProfile]:
+    """Prefill, decode and chunked-prefill profiles (min, opt, max) for batch 1..max_batch, up to max_seq
+    tokens of context and prompt chunks of up to `chunk` tokens."""
     if max_batch < 1 or max_seq < 2:
         raise BadInputError(
             f"max batch {max_batch} / max sequence {max_seq} is too small.",
             field="--max-batch / --max-seq",
             fix="use --max-batch >= 1 and --max-seq >= 2.",
         )
-    opt_batch, opt_seq = max(1, max_batch // 2), max(1, max_seq // 2)
+    opt_batch, opt_seq, chunk = max(1, max_batch // 2), max(1, max_seq // 2), min(chunk, max_seq)
     points = {
         # (batch, new tokens, past tokens) at min, opt, max
         "prefill": ((1, 1, 0), (opt_batch, opt_seq, 0), (max_batch, max_seq, 0)),
         "decode": ((1, 1, 0), (opt_batch, 1, opt_seq), (max_batch, 1, max_seq - 1)),
+        "chunked": ((1, 1, 0), (opt_batch, chunk, opt_seq), (max_batch, chunk, max_seq - 1)),
     }
     return [
         ShapeProfile(name, {spec.name: tuple(_point(spec, *p) for p in triple) for spec in inputs})

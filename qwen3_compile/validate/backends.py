@@ -39,10 +39,17 @@ def artifact_runner(artifact: Path, manifest: dict, backend: str):
         raise BadInputError(
             f"the {backend} backend is not installed.", field="--backend", fix=_INSTALL[backend] + "."
         )
-    # engines come from the build stage; it does not exist yet, so there is nothing to run
-    raise BadInputError(
-        f"{backend} validates TensorRT engines built by `qwen3-compile build`, which is not available yet.",
-        file=artifact,
-        field="--backend",
-        fix="validate the exported ONNX artifact with --backend ort.",
-    )
+    # TensorRT backends run plans written by `qwen3-compile build` for that flavour
+    built_with = (manifest.get("tensorrt") or {}).get("flavour")
+    if manifest.get("stage") != "build" or built_with != backend:
+        raise BadInputError(
+            f"the {backend} backend runs engines built for it by `qwen3-compile build`; this is a "
+            f"'{manifest.get('stage')}' artifact" + (f" built with {built_with}" if built_with else "") + ".",
+            file=artifact / "manifest.json",
+            field="--backend",
+            fix=f"build it for a {backend} target (`qwen3-compile build ARTIFACT --target T -o DIR`) and "
+            "validate DIR on a GPU of that target, or validate the ONNX artifact with --backend ort.",
+        )
+    from qwen3_compile.runtime.tensorrt_runner import TensorRTRunner
+
+    return TensorRTRunner(artifact, manifest)

@@ -57,7 +57,7 @@ def test_builds_plan_with_log_and_manifest(artifacts, preset, kind, tmp_path):
     assert manifest["stage"] == "build"
     assert manifest["tensorrt"] == dict(flavour="tensorrt-rtx", module="tensorrt_rtx", version="1.7.1.116")
     assert manifest["target"]["sm"] == "12.0" and manifest["attention"] == "decomposed"
-    assert [p["name"] for p in manifest["profiles"]] == ["prefill", "decode"]
+    assert [p["name"] for p in manifest["profiles"]] == ["prefill", "decode", "chunked"]
     assert manifest["profiles"][1]["shapes"]["attention_mask"]["max"] == [2, 256]
     assert manifest["engine"]["build_s"] > 0 and manifest["memory"]["fits"]
     recipe = manifest["recipe"]

@@ -23,7 +23,7 @@ INPUTS = [
 @pytest.mark.parametrize("max_batch, max_seq", [(1, 2), (1, 4096), (8, 2048), (3, 333)])
 def test_every_point_is_self_consistent(max_batch, max_seq):
     profiles = generation_profiles(INPUTS, max_batch, max_seq)
-    assert [p.name for p in profiles] == ["prefill", "decode"]
+    assert [p.name for p in profiles] == ["prefill", "decode", "chunked"]
     for profile in profiles:
         for point in range(3):  # min, opt, max
             shape = {name: triple[point] for name, triple in profile.shapes.items()}
@@ -32,11 +32,14 @@ def test_every_point_is_self_consistent(max_batch, max_seq):
             assert shape["attention_mask"] == (batch, past + seq)
             assert shape["position_ids"] == (batch, seq)
             assert all(shape[s.name] == (batch, 4, past, 128) for s in INPUTS[3:])
-            assert 1 <= batch <= max_batch and past + seq <= max_seq
-    prefill, decode = profiles
+            assert 1 <= batch <= max_batch and past < max_seq and seq <= max_seq
+            if profile.name != "chunked":
+                assert past + seq <= max_seq
+    prefill, decode, chunked = profiles
     assert prefill.shapes["input_ids"][2] == (max_batch, max_seq)
     assert decode.shapes["attention_mask"][2] == (max_batch, max_seq)
     assert decode.shapes["input_ids"][2][1] == 1
+    assert chunked.shapes["input_ids"][2] == (max_batch, min(512, max_seq))
 
 
 def test_profile_choice():
@@ -44,7 +47,13 @@ def test_profile_choice():
     assert profile_index(profiles, 2, 100, 0) == 0  # prompt
     assert profile_index(profiles, 1, 1, 0) == 0  # one-token prompt: prefill admits it first
     assert profile_index(profiles, 4, 1, 127) == 1  # last decode step
-    for batch, seq, past in [(5, 1, 0), (1, 129, 0), (1, 1, 128), (1, 3, 5)]:  # too wide, too long, chunked
+    assert profile_index(profiles, 1, 100, 27) == 2  # the last chunk of a long prompt
+    for batch, seq, past in [
+        (5, 1, 0),
+        (1, 129, 0),
+        (1, 1, 128),
+        (1, 129, 5),
+    ]:  # too wide/long, chunk too big
         with pytest.raises(BadInputError, match="no optimisation profile"):
             profile_index(profiles, batch, seq, past)
 

@@ -1,0 +1,85 @@
+"""The TensorRT runner: refusals everywhere; engine execution only on a GPU the plan targets (marked gpu).
+
+No engine runs on the CPU machine, and TensorRT-RTX 1.7.1 has no SM 9.0 (the H200 of the device machine),
+so the gpu test skips there too unless standard TensorRT is installed: it never reports a run that did not
+happen."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from qwen3_compile.errors import BadInputError
+from qwen3_compile.validate.backends import artifact_runner
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    from qwen3_compile.export.stage import ExportOptions, export_onnx
+
+    return export_onnx(
+        "tiny-dense", tmp_path_factory.mktemp("trt-runner") / "fp16", ExportOptions(dtype="fp16")
+    ).directory
+
+
+def test_runner_refuses_non_engine_folders(export_dir):
+    from qwen3_compile.runtime.tensorrt_runner import TensorRTRunner
+
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    with pytest.raises(BadInputError, match="'export' artifact"):
+        TensorRTRunner(export_dir, manifest)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="needs tensorrt_rtx")
+def test_validate_backend_needs_an_engine_of_its_flavour(export_dir, tmp_path):
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    with pytest.raises(BadInputError, match="engines built for it by `qwen3-compile build`"):
+        artifact_runner(export_dir, manifest, "tensorrt-rtx")
+    fake = tmp_path / "engine"
+    shutil.copytree(export_dir, fake)
+    built = manifest | {"stage": "build", "tensorrt": {"flavour": "tensorrt"}}
+    with pytest.raises(BadInputError, match="built with tensorrt"):
+        artifact_runner(fake, built, "tensorrt-rtx")
+
+
+def _gpu_target():
+    """A target whose SM is this GPU's and whose TensorRT flavour is importable, else skip with why."""
+    import torch
+
+    from qwen3_compile.targets import all_targets
+
+    major, minor = torch.cuda.get_device_capability()
+    sm = f"{major}.{minor}"
+    for target in all_targets().values():
+        module = "tensorrt_rtx" if target.tensorrt == "tensorrt-rtx" else "tensorrt"
+        if target.sm == sm and importlib.util.find_spec(module) is not None:
+            return target
+    pytest.skip(
+        f"no installed TensorRT flavour has a target for this GPU (SM {sm}); TensorRT-RTX 1.7.1 "
+        "builds for SM 7.5-8.9 and 12.x only"
+    )
+
+
+@pytest.mark.gpu
+def test_engine_matches_onnxruntime(export_dir, tmp_path):
+    from qwen3_compile.build import BuildOptions, build_engine
+    from qwen3_compile.runtime.base import generate, left_padded_batch
+    from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
+    from qwen3_compile.runtime.tensorrt_runner import TensorRTRunner
+
+    target = _gpu_target()
+    built = build_engine(export_dir, BuildOptions(target.name, max_batch=2, max_seq=256), tmp_path / "engine")
+    runner = TensorRTRunner(built.directory)
+    rng = np.random.default_rng()
+    batch = left_padded_batch([list(rng.integers(0, 151000, size=n)) for n in (9, 4)], pad_id=151643)
+    expected = generate(OrtRunner(export_dir / "model.onnx"), batch, steps=8)
+    got = generate(runner, batch, steps=8)
+    mask = batch.attention_mask.astype(bool)
+    # fp16 graph, fp16 engine: logits have std ~8 on the random preset
+    assert np.abs(got.prefill_logits[mask] - expected.prefill_logits[mask]).max() < 0.1
+    assert (got.prefill_logits[mask].argmax(-1) == expected.prefill_logits[mask].argmax(-1)).mean() > 0.99
+    runner.close()
