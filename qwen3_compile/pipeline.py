@@ -1,9 +1,11 @@
 """`compile`: the whole pipeline on one model. Today: export -> ONNX Runtime lowering -> parity of both
 graphs against PyTorch -> full validation of the ORT graph (prompt suite in both reasoning modes, long
-context, layer bisection). Later stages (quantize, build, bundle) join as they land."""
+context, layer bisection) -> a TensorRT-RTX engine of the canonical graph when TensorRT-RTX is installed
+(skipped with the reason otherwise). Later stages (quantize, bundle) join as they land."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ class CompileResult:
     artifacts: dict[str, ExportedArtifact]  # "canonical", "ort"
     parity: dict[str, ParityReport]
     validation: ValidationReport
+    engine: dict  # {"path", "target", "bytes", "build_s", "moe_lowering"} or {"skipped": why}
 
     @property
     def passed(self) -> bool:
@@ -43,6 +46,7 @@ class CompileResult:
                 "failures": self.validation.failures,
                 "report": str(self.validation.directory / "report.md"),
             },
+            "engine": self.engine,
         }
 
 
@@ -83,6 +87,31 @@ def compile_model(
     validation = validate_artifact(
         artifacts["ort"].directory, loaded, output=run_dir / "validation", progress=progress
     )
-    result = CompileResult(run_dir, artifacts, parity, validation)
+    engine = _build_engine(artifacts, run_dir, progress)
+    result = CompileResult(run_dir, artifacts, parity, validation, engine)
     (run_dir / "compile.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
+
+
+ENGINE_TARGET = "rtx-blackwell"  # TensorRT-RTX builds it on any machine, no GPU needed
+
+
+def _build_engine(artifacts: dict[str, ExportedArtifact], run_dir: Path, progress: Progress) -> dict:
+    if importlib.util.find_spec("tensorrt_rtx") is None:
+        return {"skipped": "TensorRT-RTX is not installed (pip install 'qwen3-compile[rtx]')"}
+    from qwen3_compile.build import BuildOptions, build_engine
+
+    built = build_engine(
+        artifacts["canonical"].directory,
+        BuildOptions(ENGINE_TARGET),
+        run_dir / f"engine-{ENGINE_TARGET}",
+        force=True,
+        progress=progress,
+    )
+    return {
+        "path": str(built.plan_path),
+        "target": ENGINE_TARGET,
+        "bytes": built.plan_bytes,
+        "build_s": built.build_seconds,
+        "moe_lowering": built.moe_lowering,
+    }

@@ -127,4 +127,12 @@ def render_compile(result: CompileResult) -> None:
         f"{'[green]pass' if v.passed else '[red]FAIL: ' + '; '.join(v.failures)}[/] on {len(v.cases)} "
         f"prompts, report {v.directory / 'report.md'}"
     )
+    e = result.engine
+    if "skipped" in e:
+        console.print(f"    engine: skipped: {e['skipped']}")
+    else:
+        console.print(
+            f"    engine: {e['path']} ({e['bytes'] / 1e6:.1f} MB, {e['target']}, built in "
+            f"{e['build_s']:.1f} s, MoE lowering {e['moe_lowering']}; built, not executed)"
+        )
     console.print(f"   summary: {result.directory / 'compile.json'}")

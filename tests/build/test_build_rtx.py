@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 
 import onnx
 import pytest
@@ -16,6 +17,8 @@ from qwen3_compile.build.inputs import check_target_supports, read_build_input
 from qwen3_compile.quantize.recipe import builtin_recipes, load_recipe
 from qwen3_compile.targets import get_target
 
+if os.environ.get("QWEN3_COMPILE_REQUIRE_RTX") == "1" and importlib.util.find_spec("tensorrt_rtx") is None:
+    raise RuntimeError("QWEN3_COMPILE_REQUIRE_RTX=1 (CI) but tensorrt_rtx is not installed")
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("tensorrt_rtx") is None, reason="needs tensorrt_rtx: pip install '.[rtx]'"
 )
@@ -108,3 +111,18 @@ def test_trt_moe_parses_but_tensorrt_rtx_cannot_build_it(artifacts, tmp_path):
     assert not out.exists() and "build log:" in info.value.message
     log = (tmp_path / "engine.failed-build.log").read_text()
     assert "parsed model.onnx" in log and "expert_dispatch_to_trt_moe" in log
+
+
+def test_compile_main_job_builds_an_engine(artifacts, tmp_path, monkeypatch):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from qwen3_compile import pipeline
+    from qwen3_compile.progress import NO_PROGRESS
+
+    exported = {"canonical": SimpleNamespace(directory=artifacts.export("tiny-moe"))}
+    engine = pipeline._build_engine(exported, tmp_path, NO_PROGRESS)
+    assert Path(engine["path"]).stat().st_size == engine["bytes"] > 1_000_000
+    assert engine["target"] == "rtx-blackwell" and engine["moe_lowering"] == "dense"
+    monkeypatch.setattr(pipeline.importlib.util, "find_spec", lambda name: None)
+    assert "qwen3-compile[rtx]" in pipeline._build_engine(exported, tmp_path, NO_PROGRESS)["skipped"]
