@@ -13,6 +13,7 @@ from qwen3_compile.lower.ort_qmoe import QuantizedExpertDispatchToOrtQMoE
 from qwen3_compile.lower.rules import RewriteReport, RewriteRule, apply_rules
 from qwen3_compile.lower.trt_dense_moe import ExpertDispatchToDenseExperts
 from qwen3_compile.lower.trt_moe import ExpertDispatchToTrtMoE
+from qwen3_compile.lower.trt_plugin_moe import ExpertDispatchToQwen3MoePlugin
 
 # target -> ordered rules. The canonical graph (no target) keeps ExpertDispatch with its function body.
 RULE_SETS: dict[str, list[type[RewriteRule]]] = {
@@ -22,6 +23,8 @@ RULE_SETS: dict[str, list[type[RewriteRule]]] = {
     "trt-dense": [ExpertDispatchToDenseExperts],
     # TensorRT's native IMoELayer; experts it cannot take (quantized) fall back to the dense body
     "trt-moe": [ExpertDispatchToTrtMoE, ExpertDispatchToDenseExperts],
+    # the project's qmoe plugin (fp16/bf16 activations, kernel-supported shapes); the rest dense
+    "trt-plugin": [ExpertDispatchToQwen3MoePlugin, ExpertDispatchToDenseExperts],
 }
 
 
