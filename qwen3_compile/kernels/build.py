@@ -68,6 +68,19 @@ def find_nvcc() -> str | None:
     return None
 
 
+def cuda_include_dir(nvcc: str) -> Path:
+    """The CUDA toolkit's include folder (cuda_runtime_api.h, which TensorRT's headers need), as nvcc
+    itself reports it (nvcc may be a wrapper script outside the toolkit)."""
+    out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull], capture_output=True, text=True)
+    for line in (out.stdout + out.stderr).splitlines():
+        if "INCLUDES=" in line:
+            for flag in line.split("INCLUDES=", 1)[1].strip().strip('"').split():
+                inc = Path(flag.removeprefix("-I").strip('"'))
+                if (inc / "cuda_runtime_api.h").is_file():
+                    return inc.resolve()
+    return Path(nvcc).resolve().parents[1] / "include"
+
+
 def nvcc_version(nvcc: str) -> str:
     out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
     return out.strip().splitlines()[-1]
@@ -89,9 +102,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen3_compile" / "kernels"
 
 
-def build_key(src_dir: Path, archs: tuple[str, ...], nvcc: str) -> str:
-    h = hashlib.sha256()
-    for name in _SOURCES + _HEADERS:
+def build_key(
+    src_dir: Path, archs: tuple[str, ...], nvcc: str, extra_sources: tuple[str, ...] = (), salt: bytes = b""
+) -> str:
+    h = hashlib.sha256(salt)
+    for name in _SOURCES + extra_sources + _HEADERS:
         h.update(name.encode())
         h.update((src_dir / name).read_bytes())
     h.update(nvcc_version(nvcc).encode())
@@ -111,17 +126,57 @@ def build_library(
 
     All architectures go through one nvcc invocation (`--threads` compiles them in parallel).
     """
+    return _build("libqmoe", (), archs, cache_dir, nvcc, threads, force)
+
+
+def build_trt_plugin(
+    tensorrt_include: Path | str,
+    archs: tuple[str, ...] | None = None,
+    cache_dir: Path | None = None,
+    nvcc: str | None = None,
+    threads: int | None = None,
+    force: bool = False,
+) -> BuiltLibrary:
+    """Compile the TensorRT plugin library (`plugins/moe/trt/qmoe_trt_plugin.cpp` + the kernels, one .so
+    with the `getCreators` entry point) against the TensorRT headers in `tensorrt_include`.
+
+    The headers are not part of this project: point at a TensorRT install's `include/` (or a checkout of
+    github.com/NVIDIA/TensorRT's `include/`). The library needs no TensorRT library to link.
+    """
+    inc = Path(tensorrt_include)
+    if not (inc / "NvInferRuntime.h").is_file():
+        raise KernelBuildError(f"no NvInferRuntime.h in {inc}: pass the TensorRT include folder")
+    version = (inc / "NvInferVersion.h").read_bytes() if (inc / "NvInferVersion.h").is_file() else b""
+    extra = ("-isystem", str(inc))
+    return _build("libqmoe_trt_plugin", extra, archs, cache_dir, nvcc, threads, force, _TRT_SOURCES, version)
+
+
+_TRT_SOURCES = ("trt/qmoe_trt_plugin.cpp",)
+
+
+def _build(
+    stem: str,
+    extra_flags: tuple[str, ...],
+    archs: tuple[str, ...] | None,
+    cache_dir: Path | None,
+    nvcc: str | None,
+    threads: int | None,
+    force: bool,
+    extra_sources: tuple[str, ...] = (),
+    key_salt: bytes = b"",
+) -> BuiltLibrary:
     archs = tuple(archs or TARGET_ARCHS)
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
         raise KernelBuildError("nvcc not found: set $NVCC or $CUDA_HOME, or put nvcc on PATH")
     src_dir = plugin_source_dir()
-    missing = [n for n in _SOURCES + _HEADERS if not (src_dir / n).is_file()]
+    sources = _SOURCES + extra_sources
+    missing = [n for n in sources + _HEADERS if not (src_dir / n).is_file()]
     if missing:
         raise KernelBuildError(f"plugin sources missing in {src_dir}: {', '.join(missing)}")
-    key = build_key(src_dir, archs, nvcc)
+    key = build_key(src_dir, archs, nvcc, extra_sources, key_salt + " ".join(extra_flags).encode())
     cache_dir = Path(cache_dir or default_cache_dir())
-    target = cache_dir / f"libqmoe-{key}.so"
+    target = cache_dir / f"{stem}-{key}.so"
     if target.is_file() and not force:
         return BuiltLibrary(target, archs, key, cached=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -131,11 +186,13 @@ def build_library(
         cmd = [
             nvcc,
             *NVCC_FLAGS,
+            *extra_flags,
+            f"-I{src_dir}",
             f"--threads={threads}",
             *gencode_flags(archs),
             "-o",
             str(tmp_out),
-            *[str(src_dir / s) for s in _SOURCES],
+            *[str(src_dir / s) for s in sources],
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
