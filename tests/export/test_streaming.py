@@ -247,3 +247,41 @@ def test_line_progress_eta():
         "export layers: 2/10 layers, 1:00 elapsed, ETA 4:00",
         "export layers: 4/10 layers, 2:00 elapsed, ETA 3:00",
     ]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_has_nonfinite_agrees_with_torch(dtype):
+    from qwen3_compile.export.weights import has_nonfinite
+
+    info = torch.finfo(dtype)
+    specials = [
+        float("nan"),
+        float("inf"),
+        -float("inf"),
+        info.max,
+        -info.max,
+        info.tiny,
+        info.tiny / 4,
+        0.0,
+        -0.0,
+    ]
+    for value in specials:
+        block = torch.randn(64, 32).to(dtype)
+        block[5, 7] = value
+        assert has_nonfinite(block) == (not bool(torch.isfinite(block).all())), (dtype, value)
+
+
+def test_nonfinite_weight_refused_mid_stream(layered_checkpoint, streamed, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(layered_checkpoint, ckpt)
+    shard = ckpt / "layer-3.safetensors"
+    tensors = load_file(shard)
+    name = "model.layers.3.mlp.experts.9.up_proj.weight"
+    tensors[name][4, 2] = float("nan")
+    save_file(tensors, shard)
+    with pytest.raises(BadInputError, match="NaN or Inf") as info:
+        export_onnx(ckpt, tmp_path / "out")
+    assert info.value.field == name and info.value.file == str(shard)
+    assert "--allow-nonfinite" in info.value.fix
+    allowed = export_onnx(ckpt, tmp_path / "allowed", allow_nonfinite=True)
+    assert (allowed.directory / "model.onnx.data").exists()
