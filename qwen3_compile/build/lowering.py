@@ -20,29 +20,49 @@ from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.targets import MOE_LOWERINGS, Target
 
 # MoE lowering -> rule set in qwen3_compile.lower.RULE_SETS
-RULE_SET = {"trt_moe": "trt-moe", "dense": "trt-dense"}
+RULE_SET = {"trt_moe": "trt-moe", "plugin": "trt-plugin", "dense": "trt-dense"}
 TRT_MOE_MIN_TENSORRT = "10.16"  # IMoELayer, SM 10.x/11.x
+PYTHON_PLUGIN = "python:qwen3_compile.kernels.trt_python_plugin"
 
 
 @dataclass(frozen=True)
 class MoeChoice:
     lowering: str  # "none" for dense models
     skipped: dict[str, str] = field(default_factory=dict)  # preferred lowerings not used, and why
+    plugin: str | None = None  # plugin lowering: PYTHON_PLUGIN, or "library" (--plugin)
 
 
-def _unusable(lowering: str, trt: ModuleType) -> str | None:
-    if lowering == "plugin":
-        return (
-            "no TensorRT plugin wraps plugins/moe yet (the CUDA kernels exist; the IPluginV3 wrapper and "
-            "its ONNX node are not written)"
-        )
+def _python_plugin(trt: ModuleType) -> str | None:
+    """Register the project's Python IPluginV3 for the qmoe kernels; None when it worked, else why not."""
+    try:
+        from qwen3_compile.kernels.trt_python_plugin import register
+    except ImportError as err:
+        return f"the Python plugin is not available ({err})"
+    try:
+        register(trt)
+    except Exception as err:  # PluginSetupError: no C compiler for TensorRT-RTX's library shim, ...
+        return f"the Python plugin could not be registered ({err})"
+    return None
+
+
+def _unusable(lowering: str, trt: ModuleType, libraries: tuple[Path, ...]) -> str | None:
+    if lowering == "plugin" and not libraries:
+        return _python_plugin(trt)
     if lowering == "trt_moe" and trt.__name__ == "tensorrt":
         if _version_tuple(trt.__version__) < _version_tuple(TRT_MOE_MIN_TENSORRT):
             return f"TRT_MoE needs TensorRT >= {TRT_MOE_MIN_TENSORRT}; this is {trt.__version__}"
     return None
 
 
-def choose_moe_lowering(arch: Qwen3Arch, target: Target, trt: ModuleType, requested: str | None) -> MoeChoice:
+def choose_moe_lowering(
+    arch: Qwen3Arch,
+    target: Target,
+    trt: ModuleType,
+    requested: str | None,
+    libraries: tuple[Path, ...] = (),
+) -> MoeChoice:
+    """The first of the target's lowerings (or `requested`) usable here. `plugin` uses the plugin
+    libraries given (--plugin), else registers the project's Python plugin."""
     if not arch.is_moe:
         return MoeChoice("none")
     if requested is not None and requested not in MOE_LOWERINGS:
@@ -53,9 +73,10 @@ def choose_moe_lowering(arch: Qwen3Arch, target: Target, trt: ModuleType, reques
         )
     skipped = {}
     for lowering in [requested] if requested else target.moe_lowerings:
-        reason = _unusable(lowering, trt)
+        reason = _unusable(lowering, trt, libraries)
         if reason is None:
-            return MoeChoice(lowering, skipped)
+            plugin = ("library" if libraries else PYTHON_PLUGIN) if lowering == "plugin" else None
+            return MoeChoice(lowering, skipped, plugin)
         skipped[lowering] = reason
     raise BadInputError(
         f"MoE lowering '{requested}' cannot be used with {trt.__name__} {trt.__version__}: "
@@ -70,6 +91,31 @@ class LoweredModel:
     path: Path
     report: dict
     op_histogram: dict[str, int]
+    moe: MoeChoice  # what the graph got: a lowering whose rule declined every node falls back to dense
+
+
+def _primary_declines(model: onnx.ModelProto, lowering: str, base_dir: Path) -> dict[str, str]:
+    """Why the lowering's own rule (not the dense fallback) declines each MoE node."""
+    from qwen3_compile.lower import RULE_SETS
+    from qwen3_compile.lower.rules import GraphView
+
+    if lowering == "dense":
+        return {}
+    rule = RULE_SETS[RULE_SET[lowering]][0]()
+    view = GraphView(model, base_dir)
+    reasons = {n.name: rule.check(view, n) for n in model.graph.node if n.domain == "qwen3_compile"}
+    return {name: why for name, why in reasons.items() if why is not None}
+
+
+def _effective(choice: MoeChoice, declines: dict[str, str], total: int) -> MoeChoice:
+    if not declines:
+        return choice
+    first = next(iter(declines.values()))
+    if len(declines) < total:  # mixed: record which nodes went dense
+        return MoeChoice(
+            choice.lowering, choice.skipped | {"dense_for": f"{sorted(declines)}: {first}"}, choice.plugin
+        )
+    return MoeChoice("dense", choice.skipped | {choice.lowering: f"declined every MoE node: {first}"})
 
 
 def _histogram(model: onnx.ModelProto) -> dict[str, int]:
@@ -88,7 +134,9 @@ def lower_for_build(model_path: Path, choice: MoeChoice, scratch: Path) -> Lower
 
     model = onnx.load(str(model_path), load_external_data=False)
     if choice.lowering == "none":
-        return LoweredModel(model_path, {"applied": {}, "declined": {}}, _histogram(model))
+        return LoweredModel(model_path, {"applied": {}, "declined": {}}, _histogram(model), choice)
+    declines = _primary_declines(model, choice.lowering, model_path.parent)
+    total = sum(n.domain == "qwen3_compile" for n in model.graph.node)
     external = {
         e.value
         for t in model.graph.initializer
@@ -109,4 +157,16 @@ def lower_for_build(model_path: Path, choice: MoeChoice, scratch: Path) -> Lower
         report = lower(model, RULE_SET[choice.lowering])
         save_onnx(model, scratch / "model.onnx")
     onnx.checker.check_model(str(scratch / "model.onnx"))
-    return LoweredModel(scratch / "model.onnx", report.to_dict(), _histogram(model))
+    return LoweredModel(
+        scratch / "model.onnx", report.to_dict(), _histogram(model), _effective(choice, declines, total)
+    )
+
+
+def check_requested_lowering(lowered: LoweredModel, requested: str | None) -> None:
+    """A lowering asked for with --moe-lowering must be what the graph got (no silent dense fallback)."""
+    if requested and lowered.moe.lowering not in (requested, "none"):
+        raise BadInputError(
+            f"--moe-lowering {requested}: {lowered.moe.skipped[requested]}.",
+            field="--moe-lowering",
+            fix="leave --moe-lowering out to use the target's order (dense where nothing else fits).",
+        )

@@ -19,7 +19,7 @@ from qwen3_compile.artifact_io import atomic_output_dir
 from qwen3_compile.build.engine import build_plan
 from qwen3_compile.build.inputs import MODEL_FILE, check_target_supports, read_build_input
 from qwen3_compile.build.log import build_log
-from qwen3_compile.build.lowering import choose_moe_lowering, lower_for_build
+from qwen3_compile.build.lowering import check_requested_lowering, choose_moe_lowering, lower_for_build
 from qwen3_compile.build.memory import check_fits, plan_engine_memory, stored_weight_bytes
 from qwen3_compile.build.network import load_plugin_libraries, parse_onnx
 from qwen3_compile.build.profiles import InputSpec, generation_profiles
@@ -108,7 +108,7 @@ def build_engine(
     )
     check_fits(memory, target, options.max_batch, max_seq)
     trt = import_tensorrt(target.tensorrt, target.min_tensorrt, purpose=f"target {target.name}")
-    choice = choose_moe_lowering(arch, target, trt, options.moe_lowering)
+    choice = choose_moe_lowering(arch, target, trt, options.moe_lowering, options.plugins)
     timing_cache = options.timing_cache
     if timing_cache is None and trt.__name__ == "tensorrt":
         timing_cache = default_timing_cache(target.tensorrt, trt.__version__, target.sm)
@@ -127,7 +127,8 @@ def build_engine(
                 log.note(f"MoE lowering: {choice.lowering}; skipped: {choice.skipped or 'none'}")
                 with timings.stage("lower"):
                     lowered = lower_for_build(build_input.model_path, choice, Path(scratch))
-                log.note(f"lowering report: {lowered.report}")
+                log.note(f"lowering report: {lowered.report}; MoE as built: {lowered.moe}")
+                check_requested_lowering(lowered, options.moe_lowering)
                 plugin_hashes = load_plugin_libraries(trt, list(options.plugins), log)
                 with timings.stage("parse"):
                     parsed = parse_onnx(trt, lowered.path, log)
@@ -167,7 +168,11 @@ def build_engine(
                 "tensorrt": {"flavour": target.tensorrt, "module": trt.__name__, "version": trt.__version__},
                 "target": {"name": target.name, "sm": target.sm, "description": target.description},
                 "profiles": [p.to_dict() for p in profiles],
-                "moe": {"lowering": choice.lowering, "skipped": choice.skipped},
+                "moe": {
+                    "lowering": lowered.moe.lowering,
+                    "skipped": lowered.moe.skipped,
+                    "plugin": lowered.moe.plugin,
+                },
                 "attention": target.attention,
                 "lowering": lowered.report,
                 "op_histogram": lowered.op_histogram,

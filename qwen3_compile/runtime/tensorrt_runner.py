@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen3_compile.build.lowering import PYTHON_PLUGIN
 from qwen3_compile.build.profiles import profile_index, profiles_from_manifest
 from qwen3_compile.build.trt_import import import_tensorrt
 from qwen3_compile.errors import BadInputError, CheckFailedError
@@ -33,7 +34,12 @@ class TensorRTRunner:
                 fix="run `qwen3-compile build ARTIFACT --target T -o DIR` and pass DIR.",
             )
         self.flavour = manifest["tensorrt"]["flavour"]
-        import_tensorrt(self.flavour, purpose=f"running {engine_dir}")
+        trt = import_tensorrt(self.flavour, purpose=f"running {engine_dir}")
+        if (manifest.get("moe") or {}).get("plugin") == PYTHON_PLUGIN:
+            # the engine's Qwen3MoE layers call back into this Python plugin: register it before loading
+            from qwen3_compile.kernels.trt_python_plugin import register
+
+            register(trt)
         from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 

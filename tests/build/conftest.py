@@ -24,6 +24,30 @@ class Artifacts:
             self.made[key] = out
         return self.made[key]
 
+    def plugin_sized_moe(self, dtype: str = "fp16") -> Path:
+        """An export of a small MoE whose shapes the qmoe kernels support (hidden 128, experts 8 x 64, top-2):
+        tiny-moe's 64-wide layers are below the kernels' minimum, so its builds fall back to dense."""
+        key = ("moe-128", dtype)
+        if key not in self.made:
+            import dataclasses
+
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            from qwen3_compile.export.stage import ExportOptions, export_onnx
+            from qwen3_compile.models.presets import get_preset
+
+            arch = dataclasses.replace(
+                get_preset("tiny-moe").arch, hidden_size=128, moe_intermediate_size=64, num_experts=8, top_k=2
+            )
+            torch.manual_seed(0)
+            checkpoint = self.root / "moe-128-checkpoint"
+            AutoModelForCausalLM.from_config(arch.to_transformers_config()).save_pretrained(checkpoint)
+            out = self.root / "moe-128" / dtype
+            export_onnx(str(checkpoint), out, ExportOptions(dtype=dtype))
+            self.made[key] = out
+        return self.made[key]
+
     def quantized(self, preset: str, recipe: str) -> Path:
         key = (preset, f"recipe:{recipe}")
         if key not in self.made:

@@ -135,7 +135,8 @@ def test_existing_output_needs_force(artifacts, tmp_path):
 def test_plugin_lowering_and_library_errors(artifacts, tmp_path):
     source = artifacts.export("tiny-moe", "fp16")
     result = _build(source, "--target", "rtx-ada", "--moe-lowering", "plugin", "-o", tmp_path / "e")
-    assert result.exit_code == 2 and "IPluginV3 wrapper" in result.output
+    # tiny-moe's 64-wide experts are below the qmoe kernels' minimum (hidden % 128): asked for, an error
+    assert result.exit_code == 2 and "hidden 64 not a multiple of 128" in result.output, result.output
     result = _build(
         source, "--target", "rtx-ada", "--plugin", tmp_path / "libnothing.so", "-o", tmp_path / "e"
     )

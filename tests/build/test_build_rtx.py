@@ -126,3 +126,34 @@ def test_compile_main_job_builds_an_engine(artifacts, tmp_path, monkeypatch):
     assert engine["target"] == "rtx-blackwell" and engine["moe_lowering"] == "dense"
     monkeypatch.setattr(pipeline.importlib.util, "find_spec", lambda name: None)
     assert "qwen3-compile[rtx]" in pipeline._build_engine(exported, tmp_path, NO_PROGRESS)["skipped"]
+
+
+@pytest.mark.parametrize("recipe", [None, "int8-wo"])
+def test_plugin_lowering_builds_with_the_python_plugin(artifacts, tmp_path, recipe):
+    """The qmoe plugin node (fp16, or INT8 weight-only experts) parsed and built by TensorRT-RTX with the
+    project's Python IPluginV3 registered. Run through the CLI in a subprocess: a crash inside TensorRT's
+    plugin callbacks must fail this test, not the session."""
+    import subprocess
+    import sys
+
+    source = artifacts.plugin_sized_moe("fp16")
+    if recipe is not None:
+        from qwen3_compile.quantize.stage import quantize_artifact
+
+        quantize_artifact(source, recipe, tmp_path / "quantized")
+        source = tmp_path / "quantized"
+    out = tmp_path / "engine"
+    cmd = [sys.executable, "-m", "qwen3_compile.cli", "build", str(source), "--target", TARGET]
+    proc = subprocess.run(
+        [*cmd, "--max-seq", "128", "-o", str(out), "--json"], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["moe"] == {
+        "lowering": "plugin",
+        "skipped": {},
+        "plugin": "python:qwen3_compile.kernels.trt_python_plugin",
+    }
+    assert manifest["op_histogram"]["trt.plugins::Qwen3MoE"] == 2
+    assert manifest["lowering"]["applied"] == {"expert_dispatch_to_qwen3_moe_plugin": 2}
+    assert (out / "model.plan").stat().st_size == manifest["engine"]["bytes"]
