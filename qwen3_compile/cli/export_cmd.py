@@ -52,21 +52,27 @@ def export_command(
     export builds in .OUTPUT.partial with a journal; after an interruption rerun it with --resume."""
     import sys
 
+    from qwen3_compile.export.resume import JOURNAL_FILE, partial_dir
     from qwen3_compile.export.stage import ExportOptions, export_onnx
     from qwen3_compile.progress import NO_PROGRESS, LineProgress, default_progress
 
     progress = default_progress() if sys.stderr.isatty() else LineProgress()
 
-    artifact = export_onnx(
-        model,
-        output,
-        ExportOptions(dtype, opset, max_positions, target),
-        num_layers=layers,
-        force=force,
-        allow_nonfinite=allow_nonfinite,
-        progress=NO_PROGRESS if as_json else progress,
-        resume=resume,
-    )
+    try:
+        artifact = export_onnx(
+            model,
+            output,
+            ExportOptions(dtype, opset, max_positions, target),
+            num_layers=layers,
+            force=force,
+            allow_nonfinite=allow_nonfinite,
+            progress=NO_PROGRESS if as_json else progress,
+            resume=resume,
+        )
+    except KeyboardInterrupt:
+        if (partial_dir(output) / JOURNAL_FILE).exists():
+            click.echo(f"finished layers kept in {partial_dir(output)}: rerun with --resume.", err=True)
+        raise
     if as_json:
         emit_json(
             {

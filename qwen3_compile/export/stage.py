@@ -227,7 +227,10 @@ def export_onnx(
         try:
             graph, report = _build(source.arch, weights, options, tmp, journal, streamed, timings, progress)
         except (Qwen3CompileError, OSError) as err:
-            raise _resume_hint(err, journal, arch.num_layers) from err
+            hinted = _resume_hint(err, journal, arch.num_layers)
+            if hinted is err:
+                raise
+            raise hinted from err
         histogram = dict(
             sorted(
                 Counter(

@@ -285,3 +285,17 @@ def test_nonfinite_weight_refused_mid_stream(layered_checkpoint, streamed, tmp_p
     assert "--allow-nonfinite" in info.value.fix
     allowed = export_onnx(ckpt, tmp_path / "allowed", allow_nonfinite=True)
     assert (allowed.directory / "model.onnx.data").exists()
+
+
+def test_disk_full_mid_export_then_resume(layered_checkpoint, streamed, tmp_path):
+    import errno
+
+    def disk_full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "out"
+    with pytest.raises(BadInputError, match="disk filled up") as info:
+        export_onnx(layered_checkpoint, out, progress=FailAfter(3, disk_full))
+    assert "3 finished layer(s) of 4" in info.value.fix and info.value.file == str(partial_dir(out))
+    resumed = export_onnx(layered_checkpoint, out, resume=True)
+    _same_files(export_onnx(layered_checkpoint, tmp_path / "whole").directory, resumed.directory)
