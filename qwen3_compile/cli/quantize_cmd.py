@@ -11,24 +11,60 @@ from qwen3_compile.cli.common import emit_json, stage_command
 
 @click.command("quantize")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--recipe", required=True, help="A built-in recipe name (int8-wo) or a recipe .toml file.")
+@click.option(
+    "--recipe", required=True, help="A built-in recipe (fp16, int8-wo, int8-sq, fp8) or a recipe .toml file."
+)
+@click.option(
+    "--calib",
+    type=click.Path(path_type=Path),
+    help="Calibration text: JSONL of chat messages or plain text paragraphs (default: the built-in set).",
+)
+@click.option("--samples", type=click.IntRange(min=1), help="Calibration sequences (default: the recipe's).")
+@click.option(
+    "--kv-cache", type=click.Choice(["fp8"]), help="Quantize the KV cache (E4M3, calibrated scales)."
+)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output directory.")
 @click.option(
     "--target",
-    type=click.Choice(["ort"]),
-    help="Lower the quantized graph for a backend (ort: INT8 experts -> com.microsoft::QMoE).",
+    help="`ort`: lower INT8 weight-only experts to com.microsoft::QMoE. A deployment target name "
+    "(e.g. jetson-agx-orin): check that the recipe runs there before any work.",
 )
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @stage_command
 def quantize_command(
-    artifact: Path, recipe: str, output: Path, target: str | None, force: bool, as_json: bool
+    artifact: Path,
+    recipe: str,
+    calib: Path | None,
+    samples: int | None,
+    kv_cache: str | None,
+    output: Path,
+    target: str | None,
+    force: bool,
+    as_json: bool,
 ) -> None:
-    """Quantize an exported ARTIFACT with RECIPE: symmetric INT8 weights per output channel (per expert
-    for MoE) behind DequantizeLinear, the recipe and its accuracy gates recorded in manifest.json
-    (`validate` enforces them)."""
+    """Quantize an exported ARTIFACT with RECIPE: symmetric Q/DQ in TensorRT's explicit-quantization form
+    (weights per output channel, per expert for MoE; W8A8 recipes add static per-tensor activation
+    scales calibrated layer by layer, SmoothQuant folded into the RMSNorms). The recipe, its accuracy
+    gates and the calibration summary go into manifest.json (`validate` enforces the gates)."""
+    from qwen3_compile.progress import default_progress
+    from qwen3_compile.quantize.recipe import load_recipe, with_kv_cache
     from qwen3_compile.quantize.stage import quantize_artifact
 
-    result = quantize_artifact(artifact, recipe, output, force=force, target=target)
+    chosen = load_recipe(recipe)
+    if kv_cache:
+        chosen = with_kv_cache(chosen, kv_cache)
+    result = quantize_artifact(
+        artifact,
+        chosen,
+        output,
+        force=force,
+        target=target,
+        calib=calib,
+        samples=samples,
+        progress=default_progress(not as_json),
+    )
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
     stats = result.manifest["quantization"]
     if as_json:
         emit_json(
@@ -37,6 +73,8 @@ def quantize_command(
                 "recipe": result.recipe.to_dict(),
                 **stats,
                 "weight_ratio_vs_fp16": result.weight_ratio,
+                "calibration": result.manifest.get("calibration"),
+                "warnings": result.warnings,
             }
         )
         return

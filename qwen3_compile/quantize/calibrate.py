@@ -44,6 +44,7 @@ class LayerStats:
 class CalibrationStats:
     layers: list[LayerStats]
     calibration: CalibrationSet
+    smoothing: dict[str, np.ndarray] = field(default_factory=dict)  # norm weight -> SmoothQuant s
 
     def act_amax(self, weight_name: str) -> np.ndarray:
         layer = int(weight_name.split(".")[2])
@@ -65,7 +66,8 @@ class CalibrationStats:
         return data
 
     def save(self, path: Path) -> None:
-        """safetensors (no pickle): act_amax/<weight>, expert_tokens/<layer>, kv_amax."""
+        """safetensors (no pickle): act_amax/<weight> (of the input as quantized, after smoothing),
+        expert_tokens/<layer>, kv_amax, smoothquant/<norm weight> (the s each norm was divided by)."""
         from safetensors.numpy import save_file
 
         tensors = {}
@@ -73,6 +75,7 @@ class CalibrationStats:
             tensors |= {f"act_amax/{k}": v.astype(np.float32) for k, v in s.act_amax.items()}
             if s.expert_tokens is not None:
                 tensors[f"expert_tokens/{i}"] = s.expert_tokens.astype(np.int64)
+        tensors |= {f"smoothquant/{k}": v.astype(np.float64) for k, v in self.smoothing.items()}
         tensors["kv_amax"] = np.array([[s.key_amax, s.value_amax] for s in self.layers], np.float32)
         save_file(tensors, str(path))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -248,3 +248,9 @@ def load_recipe(name_or_file: str | Path) -> QuantRecipe:
             f"the recipe is not valid TOML ({err}).", file=path, fix="fix the TOML syntax."
         ) from None
     return QuantRecipe.from_dict(data, str(path))
+
+
+def with_kv_cache(recipe: QuantRecipe, dtype: str) -> QuantRecipe:
+    """`recipe` plus a quantized KV cache (the CLI's --kv-cache); the name says so."""
+    _check_choice(dtype, KV_CACHE_DTYPES, recipe.source, "kv_cache", "dtype")
+    return replace(recipe, name=f"{recipe.name}+kv-{dtype}", kv_cache=KvCacheSpec(dtype))

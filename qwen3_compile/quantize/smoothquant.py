@@ -66,7 +66,8 @@ def apply_smoothquant(
     model: onnx.ModelProto, arch: Qwen3Arch, recipe: QuantRecipe, stats: CalibrationStats
 ) -> dict[str, dict]:
     """Fold smoothing scales into norms and readers, in place; `stats` ranges become those of X / s.
-    Returns per-group summaries (largest and median s) for the manifest."""
+    Returns per-group summaries (largest and median s) for the manifest; the scales themselves go
+    to `stats.smoothing` (saved with the calibration ranges)."""
     inits = {t.name: t for t in model.graph.initializer}
     alpha = recipe.smoothquant.alpha
     summary = {}
@@ -92,5 +93,6 @@ def apply_smoothquant(
                 replace(name, _scale_input_axis(numpy_helper.to_array(inits[name]).astype(np.float64), s))
             for n in names:
                 stats.layers[layer].act_amax[n] = stats.act_amax(n) / s
+            stats.smoothing[group.norm] = s
             summary[group.norm] = {"max_scale": float(s.max()), "median_scale": float(np.median(s))}
     return summary
