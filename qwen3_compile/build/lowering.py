@@ -15,7 +15,7 @@ import onnx
 
 from qwen3_compile.artifact_io import save_onnx
 from qwen3_compile.build.trt_import import _version_tuple
-from qwen3_compile.errors import BadInputError
+from qwen3_compile.errors import BadInputError, CheckFailedError
 from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.targets import MOE_LOWERINGS, Target
 
@@ -126,6 +126,15 @@ def _histogram(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def _link(source: Path, link: Path) -> None:
+    """Make the artifact's data file visible beside the lowered graph without copying it: a hard link
+    where both are on one file system, else a symbolic link."""
+    try:
+        os.link(source, link)
+    except OSError:
+        os.symlink(source.resolve(), link)
+
+
 def lower_for_build(model_path: Path, choice: MoeChoice, scratch: Path) -> LoweredModel:
     """The graph the parser reads: `model_path` itself for dense models, else a lowered copy in `scratch`
     whose external data points at the artifact's (linked, not copied) plus a file of new weights."""
@@ -145,7 +154,7 @@ def lower_for_build(model_path: Path, choice: MoeChoice, scratch: Path) -> Lower
         if e.key == "location"
     }
     for location in external:
-        os.symlink((model_path.parent / location).resolve(), scratch / location)
+        _link(model_path.parent / location, scratch / location)
     if external:  # weights stay on disk; rules read them memory-mapped
         sink = ExternalDataWriter(scratch / "model.lowered.data")
         try:
@@ -156,7 +165,17 @@ def lower_for_build(model_path: Path, choice: MoeChoice, scratch: Path) -> Lower
     else:
         report = lower(model, RULE_SET[choice.lowering])
         save_onnx(model, scratch / "model.onnx")
-    onnx.checker.check_model(str(scratch / "model.onnx"))
+    try:
+        if external:  # onnx's checker refuses linked data files ("symlink/hardlink attack"): check shapes
+            onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        else:
+            onnx.checker.check_model(str(scratch / "model.onnx"))
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        raise CheckFailedError(
+            f"the {choice.lowering} lowering produced an invalid graph: {err}",
+            file=model_path,
+            fix="report this with the artifact's manifest.json; --moe-lowering dense avoids the rule.",
+        ) from None
     return LoweredModel(
         scratch / "model.onnx", report.to_dict(), _histogram(model), _effective(choice, declines, total)
     )

@@ -115,8 +115,9 @@ def build_engine(
     timings = Timings()
     with atomic_output_dir(output, force) as tmp:
         try:
+            # scratch inside the partial output: on the output's file system, so weights hard-link there
             with (
-                tempfile.TemporaryDirectory(prefix="qwen3-compile-build-") as scratch,
+                tempfile.TemporaryDirectory(prefix=".lowered-", dir=tmp) as scratch,
                 build_log(trt, tmp / LOG_FILE) as log,
             ):
                 log.note(
