@@ -3,7 +3,9 @@
 `open_checkpoint` reads only config.json and the safetensors headers and checks every tensor's name,
 shape and dtype against the architecture, so a bad checkpoint is refused before anything is built.
 `load_state_dict` then streams tensors (memory-mapped), refuses NaN/Inf unless allowed, and returns
-the state dict in the layout the model code uses (MoE experts fused).
+the state dict in the layout the model code uses (MoE experts fused): what the PyTorch reference needs.
+The exporter never loads a state dict: it reads the validated tensors in row blocks, layer by layer
+(`safetensors_index.ShardReader`, `export/weights.py`).
 """
 
 from __future__ import annotations
