@@ -74,6 +74,22 @@ def copy_bandwidth() -> float:
     return 2 * n / (ms * 1e-3)
 
 
+def small_stream_times(nbytes: int, reps: int) -> dict[str, float]:
+    """Microseconds per call, in a CUDA graph over 8 rotating buffers (cold in L2), of torch moving `nbytes`:
+    a copy (nbytes/2 read + nbytes/2 written) and a read-only bf16 sum. The floor at a layer's size, where
+    launch and ramp-up weigh more than in the 2 GB copy that sets the roofline."""
+    half = nbytes // 2
+    src = [torch.randint(0, 255, (half,), dtype=torch.uint8, device="cuda") for _ in range(8)]
+    dst = [torch.empty_like(t) for t in src]
+    vals = [torch.randn(nbytes // 2, device="cuda").to(torch.bfloat16) for _ in range(8)]
+    acc = torch.empty(8, device="cuda")
+    copy = [(lambda a=a, b=b: b.copy_(a)) for a, b in zip(src, dst, strict=True)]
+    read = [
+        (lambda v=v, i=i: torch.sum(v, dim=0, dtype=torch.float32, out=acc[i])) for i, v in enumerate(vals)
+    ]
+    return {"copy": time_graph(copy, reps) * 1e3, "read": time_graph(read, reps) * 1e3}
+
+
 def matmul_rate() -> float:
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
@@ -174,11 +190,10 @@ VARIANTS = {  # environment knobs of the library (read at each call), for A/B ti
     "stages: + gate_up": {"QMOE_STAGES": "2"},
     "stages: + down": {"QMOE_STAGES": "3"},
     "general path (no single-token kernels)": {"QMOE_TOKEN1": "0"},
+    "single-token, down in two waves (1 row group a block)": {"QMOE_T1_DOWN_GROUPS": "1"},
 }
 # Variants that change nothing at some sizes are skipped there.
-VARIANT_TOKENS = {
-    "general path (no single-token kernels)": (1,),
-}
+VARIANT_TOKENS = {name: (1,) for name in VARIANTS if name.startswith(("general path", "single-token"))}
 
 
 def bench_variants(weights: dict, reps: int) -> list[dict]:
@@ -187,6 +202,12 @@ def bench_variants(weights: dict, reps: int) -> list[dict]:
 
     gate_up, down = weights["bf16"][:2]
     rows = []
+    one_expert = 2 * 3 * H * INTER
+    for label, nbytes in (("8 experts (T=1)", K * one_expert),):
+        t = small_stream_times(nbytes, reps)
+        for kind, us in t.items():
+            rows.append({"T": 1, "variant": f"torch {kind} of {nbytes / 1e6:.0f} MB, {label}", "us": us})
+            print(json.dumps(rows[-1]), flush=True)
     for T in (1, 16, 512, 2048):
         n_sets = 8 if T <= 16 else 2
         xs = [torch.randn(T, H, device="cuda").to(torch.bfloat16) for _ in range(n_sets)]
@@ -228,6 +249,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--variants", action="store_true", help="A/B the library's variant knobs")
     ap.add_argument("--only-variants", action="store_true", help="skip the main table")
+    ap.add_argument("--profile-t1", type=int, default=0, help="only run N single-token calls (under ncu)")
     args = ap.parse_args()
     reps = 10 if args.quick else 30
     torch.manual_seed(0)
@@ -248,6 +270,12 @@ def main() -> None:
     dq, ds = kmoe.quantize_int8(down)
 
     weights = {"bf16": (gate_up, down, None, None), "int8": (gq, dq, gs, ds)}
+    if args.profile_t1:
+        for _ in range(args.profile_t1):
+            x = torch.randn(1, H, device="cuda").to(torch.bfloat16)
+            kmoe.moe_forward(x, torch.randn(1, E, device="cuda").to(torch.bfloat16), gate_up, down, K, True)
+        torch.cuda.synchronize()
+        return
     rows = []
     for T in () if args.only_variants else DECODE_T + PREFILL_T:
         rows += bench_tokens(T, weights, bw, mm, reps)
@@ -257,7 +285,8 @@ def main() -> None:
     if variants:
         table += "\n| T | variant | time (us), two repeats |\n|---:|---|---|\n"
         for T in sorted({r["T"] for r in variants}):
-            for name in [*VARIANTS, "router kernel alone"]:
+            extra = sorted({r["variant"] for r in variants if r["variant"].startswith("torch ")})
+            for name in [*extra, *VARIANTS, "router kernel alone"]:
                 ts = [f"{r['us']:.1f}" for r in variants if r["T"] == T and r["variant"] == name]
                 if ts:
                     table += f"| {T} | {name} | {' / '.join(ts)} |\n"

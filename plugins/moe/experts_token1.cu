@@ -146,6 +146,19 @@ __global__ void __launch_bounds__(kDownWarps * 32, 2) token1_down_kernel(Token1A
 }
 
 template <typename T, typename W>
+cudaError_t launch_down(const qmoe_problem& p, const qmoe_tensors& t, Token1Args a, cudaStream_t s) {
+  // Row groups per block (H % 128 == 0: any choice divides): 4 at k <= 2, else 2, which makes the 30B-A3B
+  // layer (H 2048, k 8) one wave of 256 blocks; 1 group (512 blocks, two waves) measured 4 us slower
+  // (NOTES.md, run 11). QMOE_T1_DOWN_GROUPS=1|2|4 overrides.
+  a.groups = p.top_k <= 2 ? 4 : 2;
+  const int g = env_int("QMOE_T1_DOWN_GROUPS", 0);
+  if (g == 1 || g == 2 || g == 4) a.groups = g;
+  a.weight = t.down;
+  a.scale = t.down_scale;
+  return launch(token1_down_kernel<T, W>, dim3(p.hidden / (a.groups * kRows)), dim3(kDownWarps * 32), 0, s, a);
+}
+
+template <typename T, typename W>
 cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, cudaStream_t s,
                          bool with_down) {
   Token1Args a{};
@@ -165,12 +178,9 @@ cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Wor
   const dim3 up_grid(p.inter / (2 * kUpWarps), p.top_k), up_block(kUpWarps * 32);
   cudaError_t err = launch(token1_gate_up_kernel<T, W>, up_grid, up_block, 0, s, a);
   if (err != cudaSuccess || !with_down) return err;
-  // Enough row groups per block to keep the 8 warps busy at small k (H % 128 == 0: any choice divides).
-  a.groups = p.top_k <= 2 ? 4 : (p.top_k <= 4 ? 2 : 1);
-  a.weight = t.down;
-  a.scale = t.down_scale;
-  return launch(token1_down_kernel<T, W>, dim3(p.hidden / (a.groups * kRows)), dim3(kDownWarps * 32), 0, s, a);
+  return launch_down<T, W>(p, t, a, s);
 }
+
 
 }  // namespace
 

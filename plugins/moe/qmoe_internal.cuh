@@ -86,6 +86,20 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
+// cp.async (sm_80+): 16-byte global -> shared copies that hold no registers while in flight.
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  const int n = valid ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
 // Launch with the PDL attribute when the device supports it (and QMOE_PDL != 0).
 bool pdl_enabled();
 template <typename... KArgs, typename... Args>

@@ -75,6 +75,7 @@ def workspace_bytes(num_tokens: int, num_experts: int, top_k: int, hidden: int, 
     """
     P, E = num_tokens * top_k, num_experts
     max_tiles = P // 64 + min(E, P)
+    # ids, weights, offsets, meta, active, perm_pair, pair_pos, tile map, h, y
     parts = [
         P * 4,
         P * 4,

@@ -184,26 +184,42 @@ def test_dispatch_is_a_stable_permutation(kmoe, gen, T, E, k):
     assert torch.equal(perm, ids.sort(stable=True).indices)  # (token, slot) order kept within an expert
 
 
+@pytest.mark.parametrize("variant", ["default", "down-groups-1"])
 @pytest.mark.parametrize("ldtype", [torch.float32, torch.bfloat16], ids=["f32logits", "bf16logits"])
 @pytest.mark.parametrize("wkind", ["float", "int8_f32s", "int8_f16s"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize(("E", "k"), [(16, 2), (16, 3), (128, 8), (128, 32), (256, 5)])
-def test_single_token_path_is_the_general_path(kmoe, gen, monkeypatch, E, k, dtype, wkind, ldtype):
-    """T=1 takes the two-kernel path (routing in both kernels, combine fused): same bits, same routing
-    outputs as the general GEMV path (QMOE_TOKEN1=0), and within tolerance of the float64 reference."""
+def test_single_token_path(kmoe, gen, monkeypatch, E, k, dtype, wkind, ldtype, variant):
+    """T=1 takes its own two kernels (routing inside them, combine fused into down): within tolerance of the
+    float64 reference, and the same bits and routing outputs as the general GEMV path (QMOE_TOKEN1=0): same
+    roundings, same summation order. Both down-kernel block shapes (1 or 2 row groups a block)."""
     H, inter = 384, 320
     x = torch.randn(1, H, generator=gen, device="cuda").to(dtype)
     logits = (2 * torch.randn(1, E, generator=gen, device="cuda")).to(ldtype)
     gu, dn, gs, ds = make_weights(gen, E, H, inter, dtype, wkind)
     results = {}
-    for token1 in ("1", "0"):
-        monkeypatch.setenv("QMOE_TOKEN1", token1)
+    env = {
+        "default": {"QMOE_TOKEN1": "1"},
+        "down-groups-1": {"QMOE_TOKEN1": "1", "QMOE_T1_DOWN_GROUPS": "1"},
+    }[variant]
+    for name, knobs in (("fast", env), ("general", {"QMOE_TOKEN1": "0"})):
+        for key, value in knobs.items():
+            monkeypatch.setenv(key, value)
         out = torch.full((1, H), float("nan"), dtype=dtype, device="cuda")
-        results[token1] = kmoe.moe_forward(
+        results[name] = kmoe.moe_forward(
             x, logits, gu, dn, k, True, gs, ds, path="gemv", out=out, return_routing=True
         )
-    (fast, r1), (general, r0) = results["1"], results["0"]
-    check_close(fast, kmoe.moe_reference(x, logits, gu, dn, k, True, gs, ds), dtype, "token1")
+    general, r0 = results["general"]
+    fast, r1 = results["fast"]
+    check_close(fast, kmoe.moe_reference(x, logits, gu, dn, k, True, gs, ds), dtype, f"token1 {variant}")
     assert torch.equal(fast, general), "single-token path differs from the general GEMV path"
     for name in ("topk_ids", "topk_weights", "expert_offsets", "permuted_pairs"):
         assert torch.equal(getattr(r1, name), getattr(r0, name)), name
+
+
+@pytest.mark.parametrize("pdl", ["1", "0"])
+@pytest.mark.parametrize("token1", ["1", "0"])
+def test_single_token_qwen3_30b_a3b_shape(kmoe, gen, monkeypatch, token1, pdl):
+    monkeypatch.setenv("QMOE_TOKEN1", token1)
+    monkeypatch.setenv("QMOE_PDL", pdl)
+    run_case(kmoe, gen, 1, 128, 8, torch.bfloat16, "float", "auto", H=2048, inter=768)
