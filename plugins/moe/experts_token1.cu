@@ -3,11 +3,13 @@
 // Kernel 1 routes the token in every warp (softmax + top-k over E logits: a few hundred cycles, where
 // the dispatch kernel costs a launch and a global round trip), then streams the gate and up rows of
 // expert ids[slot] (blockIdx.y = slot) and writes h [k, I] in slot order.
-// Kernel 2 routes again, issues its first round of down-weight loads before waiting on kernel 1 (with
-// programmatic dependent launch the weight stream starts while kernel 1 drains: the weights and the
-// logits do not depend on it), dots them with h, and combines the k expert outputs of its rows in
-// shared memory in slot order: the same roundings and summation order as the combine kernel, so the
-// result is bitwise that of the general GEMV path.
+// Kernel 2 routes again, issues its first round of down-weight loads before waiting on kernel 1 (the
+// weights and the logits do not depend on it; with programmatic dependent launch a block that finds room
+// while kernel 1 drains starts its stream early; kernel 1 fills the register file, so few do), dots them
+// with h, and combines the k expert outputs of its rows in shared memory in slot order: the same roundings
+// and summation order as the combine kernel, so the result is bitwise that of the general GEMV path.
+// (Measured and dropped, NOTES.md runs 9-11: a split-K single kernel, and a persistent gate_up kernel
+// streaming through cp.async or TMA bulk copies; neither read the weights faster.)
 #include "gemv_core.cuh"
 #include "route_core.cuh"
 
