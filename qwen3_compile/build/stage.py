@@ -140,6 +140,7 @@ def build_engine(
                     plan = build_plan(
                         trt, parsed, target, profiles, timing_cache, log, options.optimization_level, progress
                     )
+                del parsed  # the parser's copy of the weights: not needed to write the plan
                 with timings.stage("write"):
                     (tmp / PLAN_FILE).write_bytes(plan.data)
                     for side in sorted(build_input.directory.iterdir()):
@@ -147,11 +148,27 @@ def build_engine(
                             shutil.copyfile(side, tmp / side.name)
                 log.note(f"wrote {PLAN_FILE}: {plan.nbytes} bytes")
         except (Qwen3CompileError, KeyboardInterrupt) as err:
-            kept = output.parent / f"{output.name}.failed-build.log"
-            shutil.copyfile(tmp / LOG_FILE, kept)
-            if isinstance(err, Qwen3CompileError):
-                err.problem += f" (build log: {kept})"
+            _keep_log(tmp, output, err)
             raise
+        record = {
+            "architecture": build_input.manifest.get("architecture"),
+            "recipe": build_input.manifest.get("recipe"),
+            "tensorrt": {"flavour": target.tensorrt, "module": trt.__name__, "version": trt.__version__},
+            "target": {"name": target.name, "sm": target.sm, "description": target.description},
+            "profiles": [p.to_dict() for p in profiles],
+            "moe": {
+                "lowering": lowered.moe.lowering,
+                "skipped": lowered.moe.skipped,
+                "plugin": lowered.moe.plugin,
+            },
+            "attention": target.attention,
+            "lowering": lowered.report,
+            "op_histogram": lowered.op_histogram,
+            "plugins": plugin_hashes,
+            "memory": memory.to_dict(),
+            "timing_cache": str(timing_cache) if timing_cache else None,
+            "engine": {"file": PLAN_FILE, "bytes": plan.nbytes, "build_s": round(plan.seconds, 3)},
+        }
         manifest = write_manifest(
             tmp,
             "build",
@@ -163,24 +180,16 @@ def build_engine(
             },
             build_input.manifest.get("options", {}) | options.to_dict() | {"max_seq": max_seq},
             timings,
-            {
-                "architecture": build_input.manifest.get("architecture"),
-                "recipe": build_input.manifest.get("recipe"),
-                "tensorrt": {"flavour": target.tensorrt, "module": trt.__name__, "version": trt.__version__},
-                "target": {"name": target.name, "sm": target.sm, "description": target.description},
-                "profiles": [p.to_dict() for p in profiles],
-                "moe": {
-                    "lowering": lowered.moe.lowering,
-                    "skipped": lowered.moe.skipped,
-                    "plugin": lowered.moe.plugin,
-                },
-                "attention": target.attention,
-                "lowering": lowered.report,
-                "op_histogram": lowered.op_histogram,
-                "plugins": plugin_hashes,
-                "memory": memory.to_dict(),
-                "timing_cache": str(timing_cache) if timing_cache else None,
-                "engine": {"file": PLAN_FILE, "bytes": plan.nbytes, "build_s": round(plan.seconds, 3)},
-            },
+            record,
         )
     return BuiltEngine(output, manifest)
+
+
+def _keep_log(tmp: Path, output: Path, err: BaseException) -> None:
+    """The partial folder is about to go: keep its build.log beside where the output would have been."""
+    if not (tmp / LOG_FILE).exists():
+        return
+    kept = output.parent / f"{output.name}.failed-build.log"
+    shutil.copyfile(tmp / LOG_FILE, kept)
+    if isinstance(err, Qwen3CompileError):
+        err.problem += f" (build log: {kept})"
