@@ -135,16 +135,24 @@ def _link(source: Path, link: Path) -> None:
         os.symlink(source.resolve(), link)
 
 
-def lower_for_build(model_path: Path, choice: MoeChoice, scratch: Path) -> LoweredModel:
-    """The graph the parser reads: `model_path` itself for dense models, else a lowered copy in `scratch`
-    whose external data points at the artifact's (linked, not copied) plus a file of new weights."""
+def lower_for_build(
+    model_path: Path, choice: MoeChoice, scratch: Path, last_logits: bool = False
+) -> LoweredModel:
+    """The graph the parser reads: `model_path` itself when nothing is rewritten, else a lowered copy in
+    `scratch` whose external data points at the artifact's (linked, not copied) plus a file of new weights.
+    `last_logits`: the deployment graph's logits, last position only."""
     from qwen3_compile.export.external_data import ExternalDataWriter
-    from qwen3_compile.lower import lower
+    from qwen3_compile.lower import RULE_SETS
+    from qwen3_compile.lower.rules import apply_rules
 
     model = onnx.load(str(model_path), load_external_data=False)
-    if choice.lowering == "none":
+    rules = [] if choice.lowering == "none" else [r() for r in RULE_SETS[RULE_SET[choice.lowering]]]
+    rules += [r() for r in RULE_SETS["trt-last-logits"]] if last_logits else []
+    if not rules:
         return LoweredModel(model_path, {"applied": {}, "declined": {}}, _histogram(model), choice)
-    declines = _primary_declines(model, choice.lowering, model_path.parent)
+    declines = (
+        {} if choice.lowering == "none" else _primary_declines(model, choice.lowering, model_path.parent)
+    )
     total = sum(n.domain == "qwen3_compile" for n in model.graph.node)
     external = {
         e.value
@@ -158,12 +166,12 @@ def lower_for_build(model_path: Path, choice: MoeChoice, scratch: Path) -> Lower
     if external:  # weights stay on disk; rules read them memory-mapped
         sink = ExternalDataWriter(scratch / "model.lowered.data")
         try:
-            report = lower(model, RULE_SET[choice.lowering], model_path.parent, sink)
+            report = apply_rules(model, rules, model_path.parent, sink)
         finally:
             sink.close()
         onnx.save_model(model, str(scratch / "model.onnx"))
     else:
-        report = lower(model, RULE_SET[choice.lowering])
+        report = apply_rules(model, rules)
         save_onnx(model, scratch / "model.onnx")
     try:
         if external:  # onnx's checker refuses linked data files ("symlink/hardlink attack"): check shapes
@@ -172,13 +180,12 @@ def lower_for_build(model_path: Path, choice: MoeChoice, scratch: Path) -> Lower
             onnx.checker.check_model(str(scratch / "model.onnx"))
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
         raise CheckFailedError(
-            f"the {choice.lowering} lowering produced an invalid graph: {err}",
+            f"the lowering ({choice.lowering} MoE) produced an invalid graph: {err}",
             file=model_path,
-            fix="report this with the artifact's manifest.json; --moe-lowering dense avoids the rule.",
+            fix="report this with the artifact's manifest.json; --moe-lowering dense avoids the MoE rules.",
         ) from None
-    return LoweredModel(
-        scratch / "model.onnx", report.to_dict(), _histogram(model), _effective(choice, declines, total)
-    )
+    moe = choice if choice.lowering == "none" else _effective(choice, declines, total)
+    return LoweredModel(scratch / "model.onnx", report.to_dict(), _histogram(model), moe)
 
 
 def check_requested_lowering(lowered: LoweredModel, requested: str | None) -> None:

@@ -3,7 +3,8 @@
 Weights are the bytes of the artifact's initializers as they are stored (an fp32 export builds an fp32
 engine; a QDQ artifact keeps its INT8/FP8 weights), the KV cache is sized at --max-batch x --max-seq
 in the graph's cache type, and activations are the peak of one layer for the largest prefill plus the
-fp32 logits the validation graph returns for every position (see `sizing.activation_bytes`).
+fp32 logits of every position (the validation graph) or of the last one (`--logits last`, see
+`sizing.activation_bytes`).
 """
 
 from __future__ import annotations
@@ -50,12 +51,18 @@ def stored_weight_bytes(model_path: Path) -> int:
 
 
 def plan_engine_memory(
-    arch: Qwen3Arch, target: Target, weights: int, max_batch: int, max_seq: int, kv_bytes: int
+    arch: Qwen3Arch,
+    target: Target,
+    weights: int,
+    max_batch: int,
+    max_seq: int,
+    kv_bytes: int,
+    all_logits: bool = True,
 ) -> EngineMemory:
     # kv_bytes: bytes per cached element (4 for an fp32 graph, 2 for fp16)
     kv = max_batch * max_seq * kv_bytes_per_token(arch, "fp16") // 2 * kv_bytes
     layer = activation_bytes(arch, max_seq, max_seq) - arch.vocab_size * 4  # its logits: last token only
-    logits = max_seq * arch.vocab_size * 4  # the validation graph returns every position's logits
+    logits = (max_seq if all_logits else 1) * arch.vocab_size * 4
     return EngineMemory(weights, kv, max_batch * (layer + logits), int(target.usable_gb * GB))
 
 

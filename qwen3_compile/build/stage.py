@@ -45,6 +45,9 @@ class BuildOptions:
     # whose ahead-of-time build times no tactics (its cache stays empty: 0 entries, measured)
     timing_cache: Path | None = None
     optimization_level: int | None = None  # TensorRT's builder optimisation level (default 3)
+    # "all": logits at every position (the validation graph: validate compares every position);
+    # "last": the deployment graph, logits of the newest token only
+    logits: str = "all"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +57,7 @@ class BuildOptions:
             "moe_lowering": self.moe_lowering,
             "plugins": [str(p) for p in self.plugins],
             "optimization_level": self.optimization_level,
+            "logits": self.logits,
         }
 
 
@@ -105,6 +109,7 @@ def build_engine(
         options.max_batch,
         max_seq,
         kv_bytes=4 if build_input.dtype == "fp32" else 2,
+        all_logits=options.logits == "all",
     )
     check_fits(memory, target, options.max_batch, max_seq)
     trt = import_tensorrt(target.tensorrt, target.min_tensorrt, purpose=f"target {target.name}")
@@ -127,7 +132,9 @@ def build_engine(
                 log.note(f"memory plan: {memory.describe()}")
                 log.note(f"MoE lowering: {choice.lowering}; skipped: {choice.skipped or 'none'}")
                 with timings.stage("lower"):
-                    lowered = lower_for_build(build_input.model_path, choice, Path(scratch))
+                    lowered = lower_for_build(
+                        build_input.model_path, choice, Path(scratch), last_logits=options.logits == "last"
+                    )
                 log.note(f"lowering report: {lowered.report}; MoE as built: {lowered.moe}")
                 check_requested_lowering(lowered, options.moe_lowering)
                 plugin_hashes = load_plugin_libraries(trt, list(options.plugins), log)

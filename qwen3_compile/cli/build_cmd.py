@@ -27,6 +27,13 @@ from qwen3_compile.cli.common import emit_json, stage_command
     type=click.Path(path_type=Path),
     help="A TensorRT plugin library to load before parsing (repeatable); hashed into the manifest.",
 )
+@click.option(
+    "--logits",
+    type=click.Choice(["all", "last"]),
+    default="all",
+    show_default=True,
+    help="all: every position's logits (what validate compares); last: deployment, the newest token only.",
+)
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="Timing cache file (read and updated).")
 @click.option("--opt-level", type=click.IntRange(0, 5), help="TensorRT builder optimisation level.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
@@ -39,6 +46,7 @@ def build_command(
     output: Path,
     moe_lowering: str | None,
     plugins: tuple[Path, ...],
+    logits: str,
     timing_cache: Path | None,
     opt_level: int | None,
     force: bool,
@@ -62,6 +70,7 @@ def build_command(
         plugins=plugins,
         timing_cache=timing_cache,
         optimization_level=opt_level,
+        logits=logits,
     )
     result = build_engine(artifact, options, output, force=force, progress=default_progress(not as_json))
     manifest = result.manifest

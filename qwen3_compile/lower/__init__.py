@@ -12,6 +12,7 @@ from qwen3_compile.lower.ort_moe import ExpertDispatchToOrtMoE
 from qwen3_compile.lower.ort_qmoe import QuantizedExpertDispatchToOrtQMoE
 from qwen3_compile.lower.rules import RewriteReport, RewriteRule, apply_rules
 from qwen3_compile.lower.trt_dense_moe import ExpertDispatchToDenseExperts
+from qwen3_compile.lower.trt_last_logits import LastPositionLogits
 from qwen3_compile.lower.trt_moe import ExpertDispatchToTrtMoE
 from qwen3_compile.lower.trt_plugin_moe import ExpertDispatchToQwen3MoePlugin
 
@@ -25,6 +26,8 @@ RULE_SETS: dict[str, list[type[RewriteRule]]] = {
     "trt-moe": [ExpertDispatchToTrtMoE, ExpertDispatchToDenseExperts],
     # the project's qmoe plugin (fp16/bf16 activations, kernel-supported shapes); the rest dense
     "trt-plugin": [ExpertDispatchToQwen3MoePlugin, ExpertDispatchToDenseExperts],
+    # deployment graphs: logits of the last position only (`build --logits last`)
+    "trt-last-logits": [LastPositionLogits],
 }
 
 

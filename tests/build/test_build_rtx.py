@@ -157,3 +157,14 @@ def test_plugin_lowering_builds_with_the_python_plugin(artifacts, tmp_path, reci
     assert manifest["op_histogram"]["trt.plugins::Qwen3MoE"] == 2
     assert manifest["lowering"]["applied"] == {"expert_dispatch_to_qwen3_moe_plugin": 2}
     assert (out / "model.plan").stat().st_size == manifest["engine"]["bytes"]
+
+
+def test_deployment_graph_with_last_position_logits(artifacts, tmp_path):
+    source = artifacts.export("tiny-moe", "fp16")
+    full = build_engine(source, BuildOptions(TARGET, max_seq=1024), tmp_path / "all")
+    last = build_engine(source, BuildOptions(TARGET, max_seq=1024, logits="last"), tmp_path / "last")
+    assert last.manifest["options"]["logits"] == "last" and last.moe_lowering == "dense"
+    assert last.manifest["lowering"]["applied"]["last_position_logits"] == 1
+    # activations: 1024 positions of fp32 logits over the 151936-token vocabulary become one
+    saved = full.manifest["memory"]["activations"] - last.manifest["memory"]["activations"]
+    assert saved == (1024 - 1) * 151936 * 4
