@@ -15,9 +15,11 @@ QMAX = {"int8": 127.0, "fp8": 448.0}
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, dtype: str) -> torch.Tensor:
-    y = (x / scale).clamp(-QMAX[dtype], QMAX[dtype])
-    y = torch.round(y) if dtype == "int8" else y.to(torch.float8_e4m3fn).float()
-    return y * scale
+    """QuantizeLinear + DequantizeLinear: round half to even, saturate to the type's range (INT8
+    [-128, 127]: symmetric scales, asymmetric integers; E4M3 +-448)."""
+    if dtype == "int8":
+        return torch.round(x / scale).clamp(-128, 127) * scale
+    return (x / scale).clamp(-QMAX[dtype], QMAX[dtype]).to(torch.float8_e4m3fn).float() * scale
 
 
 def per_row(w: torch.Tensor, dtype: str) -> torch.Tensor:
