@@ -2,8 +2,10 @@
 
     python3 benchmarks/bench_quantize.py [--models tiny-moe,tiny-dense]
 
-Rows per model: the fp32 and fp16 exports, and int8-wo (canonical QDQ and lowered for ORT, where INT8
-experts run as QMoE). Each quantization runs in its own process so its peak RSS is its own.
+Rows per model: the fp32 and fp16 exports; int8-wo (canonical QDQ and lowered for ORT, where INT8
+experts run as QMoE); int8-sq and fp8 (W8A8: calibration included in the quantize time; MoE experts run
+densely through the QuantizedExpertDispatch function body on ORT); fp8 runs at ORT_ENABLE_BASIC as its
+manifest asks. Each quantization runs in its own process so its peak RSS is its own.
 """
 
 from __future__ import annotations
@@ -42,20 +44,27 @@ def bench(model: str, work: Path) -> list[dict]:
         },
         {"model": model, "artifact": "fp16 export (canonical)", "path": fp16},
     ]
-    for target, label in (("", "int8-wo (canonical QDQ)"), ("ort", "int8-wo --target ort (QMoE)")):
-        out = work / f"int8-{target or 'canonical'}"
+    recipes = (
+        ("int8-wo", "", "int8-wo (canonical QDQ)"),
+        ("int8-wo", "ort", "int8-wo --target ort (QMoE)"),
+        ("int8-sq", "", "int8-sq (SmoothQuant W8A8)"),
+        ("fp8", "", "fp8 (E4M3 W8A8)"),
+    )
+    for recipe, target, label in recipes:
+        out = work / f"{recipe}-{target or 'canonical'}"
         rows.append(
             {
                 "model": model,
                 "artifact": label,
                 "path": out,
-                **_run_child(sys.executable, _QUANTIZE, str(fp32), "int8-wo", str(out), target),
+                **_run_child(sys.executable, _QUANTIZE, str(fp32), recipe, str(out), target),
             }
         )
     for row in rows:
         if "error" not in row:
+            level = "basic" if row["artifact"].startswith("fp8") else "all"
             row |= graph_stats(row["path"] / "model.onnx") | time_runner(
-                OrtRunner(row["path"] / "model.onnx")
+                OrtRunner(row["path"] / "model.onnx", optimization=level)
             )
     return rows
 

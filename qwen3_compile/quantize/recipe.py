@@ -49,6 +49,12 @@ class KvCacheSpec:
     dtype: str = "fp8"
 
 
+# What an E4M3 KV cache may add to a recipe's gates (--kv-cache fp8). Measured on tiny-moe over int8-wo:
+# mean KL 0.011 -> 0.023, top-1 0.967 -> 0.936 (tiny-dense: 0.0009 -> 0.0024); head_dim 16 and random
+# weights make the cache values' relative error count more than in real checkpoints.
+KV_FP8_ALLOWANCE = {"max_mean_kl": 0.02, "min_top1": 0.04}
+
+
 @dataclass(frozen=True)
 class CalibrationSpec:
     samples: int = 32  # calibration prompts (each rendered in both reasoning modes)
@@ -251,6 +257,11 @@ def load_recipe(name_or_file: str | Path) -> QuantRecipe:
 
 
 def with_kv_cache(recipe: QuantRecipe, dtype: str) -> QuantRecipe:
-    """`recipe` plus a quantized KV cache (the CLI's --kv-cache); the name says so."""
+    """`recipe` plus a quantized KV cache (the CLI's --kv-cache); the name says so and the gates widen by
+    the cache's own measured allowance."""
     _check_choice(dtype, KV_CACHE_DTYPES, recipe.source, "kv_cache", "dtype")
-    return replace(recipe, name=f"{recipe.name}+kv-{dtype}", kv_cache=KvCacheSpec(dtype))
+    gates = RecipeGates(
+        max_mean_kl=round(recipe.gates.max_mean_kl + KV_FP8_ALLOWANCE["max_mean_kl"], 6),
+        min_top1=round(recipe.gates.min_top1 - KV_FP8_ALLOWANCE["min_top1"], 6),
+    )
+    return replace(recipe, name=f"{recipe.name}+kv-{dtype}", kv_cache=KvCacheSpec(dtype), gates=gates)
