@@ -90,7 +90,12 @@ def _check_stats(stats: CalibrationStats, recipe: QuantRecipe, tensors: list[Qua
         layer = int(t.name.split(".")[2])
         amax = stats.layers[layer].act_amax.get(t.name)
         if amax is None or not np.isfinite(amax).all() or amax.max() <= 0:
-            what = "no token" if amax is None or amax.max() <= 0 else "non-finite values (NaN/Inf)"
+            if amax is None:
+                what = "no token"
+            elif not np.isfinite(amax).all():
+                what = "non-finite values (NaN/Inf)"
+            else:
+                what = "only zeros"
             raise BadInputError(
                 f"calibration saw {what} at the input of {t.name} (layer {layer}).",
                 field="--calib",

@@ -253,8 +253,10 @@ def test_bad_calibration_files(exports, tmp_path, content, name, words):
     assert not (tmp_path / "out").exists()
 
 
-def test_nan_statistics_are_refused(exports, tmp_path):
-    """A norm weight with NaN (an --allow-nonfinite export) gives NaN ranges: refused, naming the layer."""
+@pytest.mark.parametrize("value, words", [(np.nan, "NaN"), (0.0, "only zeros")])
+def test_degenerate_statistics_are_refused(exports, tmp_path, value, words):
+    """A norm weight of NaN (an --allow-nonfinite export) or zeros gives ranges no scale can come from:
+    refused, naming the layer and the weight."""
     import shutil
 
     broken = tmp_path / "broken"
@@ -262,11 +264,12 @@ def test_nan_statistics_are_refused(exports, tmp_path):
     model = onnx.load(str(broken / "model.onnx"))
     for t in model.graph.initializer:
         if t.name == "model.layers.1.post_attention_layernorm.weight":
-            t.CopyFrom(numpy_helper.from_array(np.full(t.dims, np.nan, np.float32), t.name))
+            t.CopyFrom(numpy_helper.from_array(np.full(t.dims, value, np.float32), t.name))
     onnx.save(model, str(broken / "model.onnx"))
     with pytest.raises(BadInputError) as info:
         quantize_artifact(broken, "int8-sq", tmp_path / "out", samples=4)
-    assert "layer 1" in info.value.message and "NaN" in info.value.message
+    assert "layer 1" in info.value.message and words in info.value.message
+    assert "model.layers.1.mlp." in info.value.message
     assert not (tmp_path / "out").exists()
 
 
