@@ -1,6 +1,6 @@
 """Network -> serialized plan through Polygraphy's loaders (its config for TensorRT or TensorRT-RTX,
-optimisation profiles, a timing cache shared between builds), with a progress monitor that reports the
-builder's phases and cancels the build on Ctrl-C (the plan is then never written)."""
+optimisation profiles, a timing cache shared between standard TensorRT builds), with a progress monitor that
+reports the builder's phases and cancels the build on Ctrl-C (the plan is then never written)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from types import ModuleType
 import onnx
 
 from qwen3_compile.artifact_io import save_onnx
-from qwen3_compile.build.trt_import import _version_tuple
+from qwen3_compile.build.trt_import import version_tuple
 from qwen3_compile.errors import BadInputError, CheckFailedError
 from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.targets import MOE_LOWERINGS, Target
@@ -49,7 +49,7 @@ def _unusable(lowering: str, trt: ModuleType, libraries: tuple[Path, ...]) -> st
     if lowering == "plugin" and not libraries:
         return _python_plugin(trt)
     if lowering == "trt_moe" and trt.__name__ == "tensorrt":
-        if _version_tuple(trt.__version__) < _version_tuple(TRT_MOE_MIN_TENSORRT):
+        if version_tuple(trt.__version__) < version_tuple(TRT_MOE_MIN_TENSORRT):
             return f"TRT_MoE needs TensorRT >= {TRT_MOE_MIN_TENSORRT}; this is {trt.__version__}"
     return None
 

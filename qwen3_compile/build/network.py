@@ -25,13 +25,16 @@ class ParsedNetwork:
         net = self.network
         return [(net.get_input(i).name, tuple(net.get_input(i).shape)) for i in range(net.num_inputs)]
 
-    def layer_count(self) -> int:
-        return self.network.num_layers
-
 
 def load_plugin_libraries(trt: ModuleType, libraries: list[Path], log: BuildLog) -> dict[str, str]:
     """Register each library's plugin creators with TensorRT; returns {path: sha256} for the manifest."""
     hashes = {}
+    if libraries and trt.__name__ == "tensorrt_rtx":
+        # TensorRT-RTX 1.7.1's parser dlopen()s 'libtensorrt_rtx.so' (a name the wheel lacks) when it
+        # imports a plugin node and aborts the process if that fails: provide the name first
+        from qwen3_compile.kernels.trt_python_plugin import ensure_rtx_core_library
+
+        log.note(f"libtensorrt_rtx.so for the parser: {ensure_rtx_core_library(trt)}")
     registry = trt.get_plugin_registry()
     for library in libraries:
         library = Path(library)

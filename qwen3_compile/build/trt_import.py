@@ -54,7 +54,7 @@ def flavour(name: str) -> Flavour:
     return FLAVOURS[name]
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
+def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
 
 
@@ -68,7 +68,8 @@ def import_tensorrt(name: str, min_version: str | None = None, purpose: str = ""
     who = f" ({purpose})" if purpose else ""
     if not chosen.available():
         raise BadInputError(
-            f"{chosen.name} is not installed: python module '{chosen.module}' not found{who}.",
+            f"{chosen.name} is not installed: python module '{chosen.module}' not found{who}; it comes "
+            f"from {chosen.package}.",
             field="--target",
             fix=f"{chosen.install}.",
         )
@@ -80,7 +81,7 @@ def import_tensorrt(name: str, min_version: str | None = None, purpose: str = ""
             field="--target",
             fix=f"reinstall: {chosen.install}.",
         ) from None
-    if min_version and _version_tuple(trt.__version__) < _version_tuple(min_version):
+    if min_version and version_tuple(trt.__version__) < version_tuple(min_version):
         raise BadInputError(
             f"{chosen.name} {trt.__version__} is older than the {min_version} the target needs{who}.",
             field="--target",
