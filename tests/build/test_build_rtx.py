@@ -85,18 +85,24 @@ def test_ada_build_targets_sm89(artifacts, tmp_path):
 
 
 def test_lowered_onnx_passes_checker_and_shape_inference(artifacts, tmp_path):
-    """The graph each MoE lowering hands the parser (what build writes to its scratch folder)."""
+    """The graph every target's lowerings hand the parser (what build writes to its scratch folder), on a MoE
+    the plugin takes (128 wide), with full and last-position logits."""
     from qwen3_compile.build.lowering import MoeChoice, lower_for_build
+    from qwen3_compile.targets import all_targets
 
-    for lowering in ("dense", "trt_moe"):
-        scratch = tmp_path / lowering
-        scratch.mkdir()
-        source = artifacts.export("tiny-moe", "fp16") / "model.onnx"
-        lowered = lower_for_build(source, MoeChoice(lowering), scratch)
-        model = onnx.load(str(lowered.path))
-        onnx.checker.check_model(model, full_check=True)
-        onnx.shape_inference.infer_shapes(model, strict_mode=True)
-        assert not any(n.domain == "qwen3_compile" for n in model.graph.node)
+    lowerings = {lowering for target in all_targets().values() for lowering in target.moe_lowerings}
+    assert lowerings == {"trt_moe", "plugin", "dense"}
+    source = artifacts.plugin_sized_moe("fp16") / "model.onnx"
+    for lowering in sorted(lowerings):
+        for last in (False, True):
+            scratch = tmp_path / f"{lowering}-{last}"
+            scratch.mkdir()
+            lowered = lower_for_build(source, MoeChoice(lowering), scratch, last_logits=last)
+            assert lowered.moe.lowering == lowering
+            model = onnx.load(str(lowered.path))
+            onnx.checker.check_model(model, full_check=True)
+            onnx.shape_inference.infer_shapes(model, strict_mode=True)
+            assert not any(n.domain == "qwen3_compile" for n in model.graph.node)
 
 
 def test_trt_moe_parses_but_tensorrt_rtx_cannot_build_it(artifacts, tmp_path):
