@@ -37,7 +37,7 @@ def _rtx_recipes() -> list[str]:
     ]
 
 
-INPUTS = ["export:fp32", "export:fp16", *(f"recipe:{r}" for r in _rtx_recipes())]
+INPUTS = ["export:fp32", "export:fp16", "export:bf16", *(f"recipe:{r}" for r in _rtx_recipes())]
 
 
 def _input(artifacts, preset, kind):
