@@ -11,14 +11,15 @@ and the (unquantized, fp32) router, which must see the same X.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
 
 from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.quantize.calibrate import CalibrationStats
 from qwen3_compile.quantize.recipe import QuantRecipe
+from qwen3_compile.quantize.weight_store import WeightStore
+from qwen3_compile.quantize.weights import Transform
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ def _input_axis_absmax(weights: np.ndarray) -> np.ndarray:
 
 
 def _scale_input_axis(weights: np.ndarray, s: np.ndarray) -> np.ndarray:
-    return weights * (s[:, None] if weights.ndim == 2 else s).astype(weights.dtype)
+    """weights * s along the input axis, computed in float64 and stored in the weights' own type."""
+    return (weights.astype(np.float64) * (s[:, None] if weights.ndim == 2 else s)).astype(weights.dtype)
 
 
 def smoothing_scales(act_amax: np.ndarray, weight_amax: np.ndarray, alpha: float) -> np.ndarray:
@@ -62,37 +64,32 @@ def smoothing_scales(act_amax: np.ndarray, weight_amax: np.ndarray, alpha: float
     return np.where(valid, np.maximum(s, 1e-5), 1.0)
 
 
-def apply_smoothquant(
-    model: onnx.ModelProto, arch: Qwen3Arch, recipe: QuantRecipe, stats: CalibrationStats
-) -> dict[str, dict]:
-    """Fold smoothing scales into norms and readers, in place; `stats` ranges become those of X / s.
-    Returns per-group summaries (largest and median s) for the manifest; the scales themselves go
-    to `stats.smoothing` (saved with the calibration ranges)."""
-    inits = {t.name: t for t in model.graph.initializer}
+def smoothquant_transforms(
+    store: WeightStore, arch: Qwen3Arch, recipe: QuantRecipe, stats: CalibrationStats
+) -> tuple[dict[str, Transform], dict[str, dict]]:
+    """Smoothing scales per group (weights read one at a time), as value transforms for
+    `quantize_weights`: norm / s, readers * s along their input axis. `stats` ranges become those of
+    X / s and `stats.smoothing` keeps each s. Returns the transforms and per-group summaries."""
     alpha = recipe.smoothquant.alpha
+    transforms: dict[str, Transform] = {}
     summary = {}
-
-    def replace(name: str, array: np.ndarray) -> None:
-        inits[name].CopyFrom(
-            numpy_helper.from_array(array.astype(numpy_helper.to_array(inits[name]).dtype), name)
-        )
-
     for layer in range(arch.num_layers):
         for group in smooth_groups(arch, layer):
             names = [r.removesuffix(".T") for r in group.readers]
             if not all(recipe.select.selects(n) for n in names):
                 continue
             act = np.max([stats.act_amax(n) for n in names], axis=0)
-            weights = {r: numpy_helper.to_array(inits[r]).astype(np.float64) for r in group.readers}
-            w_amax = np.max([_input_axis_absmax(w) for w in weights.values()], axis=0)
-            s = smoothing_scales(act, w_amax, alpha)
-            replace(group.norm, numpy_helper.to_array(inits[group.norm]).astype(np.float64) / s)
-            for name, w in weights.items():
-                replace(name, _scale_input_axis(w, s))
-            for name in group.compensated:
-                replace(name, _scale_input_axis(numpy_helper.to_array(inits[name]).astype(np.float64), s))
+            w_amax = np.max([_input_axis_absmax(store.array(r)) for r in group.readers], axis=0)
+            s = smoothing_scales(act, w_amax.astype(np.float64), alpha)
+            transforms[group.norm] = partial(_divide, s=s)
+            for name in group.readers + group.compensated:
+                transforms[name] = partial(_scale_input_axis, s=s)
             for n in names:
                 stats.layers[layer].act_amax[n] = stats.act_amax(n) / s
             stats.smoothing[group.norm] = s
             summary[group.norm] = {"max_scale": float(s.max()), "median_scale": float(np.median(s))}
-    return summary
+    return transforms, summary
+
+
+def _divide(values: np.ndarray, s: np.ndarray) -> np.ndarray:
+    return (values.astype(np.float64) / s).astype(values.dtype)

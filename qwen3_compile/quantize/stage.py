@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from qwen3_compile.artifact_io import atomic_output_dir, save_onnx
 from qwen3_compile.errors import BadInputError
@@ -28,7 +27,8 @@ from qwen3_compile.quantize.activations import insert_activation_qdq
 from qwen3_compile.quantize.calibrate import CalibrationStats, calibrate
 from qwen3_compile.quantize.calibration_data import load_calibration
 from qwen3_compile.quantize.recipe import QuantRecipe, load_recipe
-from qwen3_compile.quantize.smoothquant import apply_smoothquant
+from qwen3_compile.quantize.smoothquant import smoothquant_transforms
+from qwen3_compile.quantize.weight_store import InlineSink, WeightStore, open_sink
 from qwen3_compile.quantize.weights import QuantizedTensor, quantize_weights
 
 CALIBRATION_FILE = "calibration.safetensors"
@@ -147,8 +147,9 @@ def quantize_artifact(
     target = _check_target(recipe, target)
     arch = Qwen3Arch.from_config_file(artifact / "config.json")
     timings = Timings()
-    with timings.stage("load"):
-        model = onnx.load(str(artifact / MODEL_FILE))
+    with timings.stage("load"):  # the graph only: weights are read one tensor at a time
+        model = onnx.load(str(artifact / MODEL_FILE), load_external_data=False)
+        store = WeightStore(model, artifact)
     stats, calibration, warnings = None, None, []
     if recipe.needs_calibration:
         from qwen3_compile.tokenizer import load_tokenizer
@@ -158,33 +159,37 @@ def quantize_artifact(
             texts = load_calibration(
                 load_tokenizer(artifact), calib, samples or spec.samples, spec.max_tokens
             )
-            arrays = {t.name: t for t in model.graph.initializer}
-            stats = calibrate(arch, lambda name: numpy_helper.to_array(arrays[name]), texts, progress)
+            stats = calibrate(arch, store.array, texts, progress)
         calibration = stats.summary()
-    smoothing = None
-    with timings.stage("quantize"):
-        if recipe.smoothquant is not None:
-            smoothing = apply_smoothquant(model, arch, recipe, stats)
-        tensors = quantize_weights(model, recipe)
-        if stats is not None:
-            warnings = _check_stats(stats, recipe, tensors)
-            act_dtype = recipe.activations.dtype if recipe.activations else None
-            kv_dtype = recipe.kv_cache.dtype if recipe.kv_cache else None
-            calibration |= insert_activation_qdq(model, stats, act_dtype, kv_dtype)
-    lowering = None
-    if target is not None:
-        from qwen3_compile.lower import lower
-
-        with timings.stage("lower"):
-            lowering = lower(model, target).to_dict()
-    if not tensors and recipe.weights.dtype != "fp16":
-        raise BadInputError(
-            f"recipe '{recipe.name}' selects no weight of this model.",
-            file=recipe.source,
-            field="select",
-            fix="check the include/skip patterns against the checkpoint names.",
-        )
     with atomic_output_dir(Path(output), force) as tmp:
+        sink = open_sink(store, tmp / f"{MODEL_FILE}.data")
+        smoothing, transforms = None, {}
+        with timings.stage("quantize"):
+            if recipe.smoothquant is not None:
+                transforms, smoothing = smoothquant_transforms(store, arch, recipe, stats)
+            tensors = quantize_weights(model, recipe, store, sink, transforms)
+            if not tensors and recipe.weights.dtype != "fp16":
+                raise BadInputError(
+                    f"recipe '{recipe.name}' selects no weight of this model.",
+                    file=recipe.source,
+                    field="select",
+                    fix="check the include/skip patterns against the checkpoint names.",
+                )
+            if stats is not None:
+                warnings = _check_stats(stats, recipe, tensors)
+                act_dtype = recipe.activations.dtype if recipe.activations else None
+                kv_dtype = recipe.kv_cache.dtype if recipe.kv_cache else None
+                calibration |= insert_activation_qdq(model, stats, act_dtype, kv_dtype)
+        lowering = None
+        if target is not None:
+            from qwen3_compile.lower import lower
+
+            with timings.stage("lower"):
+                streamed = not isinstance(sink, InlineSink)
+                lowering = lower(
+                    model, target, tmp if streamed else None, sink if streamed else None
+                ).to_dict()
+        sink.close()
         with timings.stage("write"):
             save_onnx(model, tmp / MODEL_FILE)
             for side in sorted(artifact.iterdir()):

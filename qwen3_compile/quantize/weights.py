@@ -5,23 +5,30 @@ form). Scales take the graph's float type (fp32 or fp16), as a strongly typed ne
 Linear weights are stored `[in, out]` (`<name>.T`): one scale per output channel, `axis=1`. Stacked
 expert weights `[E, rows, cols]` get one scale per expert and output row: a blocked DequantizeLinear
 (opset 21) over the last axis with `block_size = cols`, scales `[E, rows, 1]`.
+
+Tensors are read and written one at a time (`WeightStore` in, a sink out); `transforms` rewrite a
+tensor's float values on the way (SmoothQuant's folded scales) before it is quantized or passed on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from qwen3_compile.quantize.recipe import QuantRecipe
+from qwen3_compile.quantize.weight_store import InlineSink, WeightStore
 
 INT8_MAX = 127.0
 FP8_E4M3_MAX = 448.0
 QUANT_MAX = {"int8": INT8_MAX, "fp8": FP8_E4M3_MAX}
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+
+Transform = Callable[[np.ndarray], np.ndarray]
 
 
 def cast_quantized(scaled: np.ndarray, dtype: str) -> np.ndarray:
@@ -59,41 +66,66 @@ def dequantized_name(initializer: str) -> str:
     return initializer + ".dequantized"
 
 
-def quantize_weights(model: onnx.ModelProto, recipe: QuantRecipe) -> list[QuantizedTensor]:
+def _selected(proto: onnx.TensorProto, recipe: QuantRecipe) -> bool:
+    return (
+        recipe.weights.dtype in QUANT_MAX
+        and proto.data_type in FLOAT_TYPES
+        and len(proto.dims) >= 2
+        and recipe.select.selects(checkpoint_name(proto.name))
+    )
+
+
+def quantize_weights(
+    model: onnx.ModelProto,
+    recipe: QuantRecipe,
+    store: WeightStore | None = None,
+    sink=None,
+    transforms: dict[str, Transform] | None = None,
+) -> list[QuantizedTensor]:
     """Rewrite `model` in place; returns what was quantized (nothing for the fp16 baseline)."""
-    if recipe.weights.dtype not in QUANT_MAX:
-        return []
+    store = store or WeightStore(model, base_dir=None)
+    sink = sink or InlineSink()
+    transforms = transforms or {}
     graph = model.graph
     done: list[QuantizedTensor] = []
     replace: dict[str, str] = {}
     keep, new_nodes = [], []
-    for tensor in graph.initializer:
-        name = checkpoint_name(tensor.name)
-        if tensor.data_type not in FLOAT_TYPES or not recipe.select.selects(name) or len(tensor.dims) < 2:
-            keep.append(tensor)
+    for proto in list(graph.initializer):
+        name = proto.name
+        selected, transform = _selected(proto, recipe), transforms.get(name)
+        if not selected:
+            if transform is not None:
+                keep.append(sink.add(name, transform(store.array(name))))
+            elif store.is_external(name) and not isinstance(sink, InlineSink):
+                keep.append(sink.add(name, store.array(name)))  # copied through, one tensor at a time
+            else:
+                keep.append(proto)
             continue
-        weights = numpy_helper.to_array(tensor)
+        weights = store.array(name)
+        weights = transform(weights) if transform is not None else weights
         if weights.ndim == 2:  # [in, out]: a scale per output column
             q, scale = quantize_symmetric(weights, 0, recipe.weights.dtype)
             scale, attrs = scale.reshape(-1), {"axis": 1}
         else:  # [E, rows, cols]: a scale per expert and row
             q, scale = quantize_symmetric(weights, 2, recipe.weights.dtype)
             attrs = {"axis": 2, "block_size": weights.shape[2]}
-        keep += [
-            numpy_helper.from_array(q, tensor.name + ".q"),
-            numpy_helper.from_array(scale, tensor.name + ".scale"),
-        ]
+        keep += [sink.add(name + ".q", q), sink.add(name + ".scale", scale)]
         new_nodes.append(
             helper.make_node(
                 "DequantizeLinear",
-                [tensor.name + ".q", tensor.name + ".scale"],
-                [dequantized_name(tensor.name)],
-                name=tensor.name + "/DequantizeLinear",
+                [name + ".q", name + ".scale"],
+                [dequantized_name(name)],
+                name=name + "/DequantizeLinear",
                 **attrs,
             )
         )
-        replace[tensor.name] = dequantized_name(tensor.name)
-        done.append(QuantizedTensor(name, tuple(weights.shape), weights.nbytes, q.nbytes + scale.nbytes))
+        replace[name] = dequantized_name(name)
+        done.append(
+            QuantizedTensor(
+                checkpoint_name(name), tuple(weights.shape), weights.nbytes, q.nbytes + scale.nbytes
+            )
+        )
+        del weights, q, scale
     del graph.initializer[:]
     graph.initializer.extend(keep)
     for node in graph.node:

@@ -1,0 +1,54 @@
+"""Reading an artifact's weights one tensor at a time and writing the quantized ones the same way.
+
+A large export keeps its weights in external data: `WeightStore` memory-maps each tensor on demand and
+the output goes through an `ExternalDataWriter` as it is produced, so quantizing holds one tensor (one
+layer's experts at most) in memory, not the model. Small exports stay inline in the protobuf.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from qwen3_compile.export.external_data import ExternalDataWriter, external_array
+
+
+class WeightStore:
+    def __init__(self, model: onnx.ModelProto, base_dir: Path):
+        self.protos = {t.name: t for t in model.graph.initializer}
+        self.base_dir = base_dir
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.protos
+
+    def is_external(self, name: str) -> bool:
+        return self.protos[name].data_location == onnx.TensorProto.EXTERNAL
+
+    def array(self, name: str) -> np.ndarray:
+        """The tensor's values: a read-only memory map for external data, else decoded from the proto."""
+        proto = self.protos[name]
+        if proto.data_location == onnx.TensorProto.EXTERNAL:
+            return external_array(proto, self.base_dir)
+        return numpy_helper.to_array(proto)
+
+    @property
+    def streamed(self) -> bool:
+        return any(self.is_external(n) for n in self.protos)
+
+
+class InlineSink:
+    """The small-model sink: tensors stay in the protobuf."""
+
+    def add(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(array), name)
+
+    def close(self) -> None:
+        pass
+
+
+def open_sink(store: WeightStore, data_file: Path) -> ExternalDataWriter | InlineSink:
+    """External data out when external data came in (the layout the export chose), else inline."""
+    return ExternalDataWriter(data_file) if store.streamed else InlineSink()
