@@ -10,6 +10,7 @@ import click
 
 from qwen3_compile import __version__
 from qwen3_compile.cli.build_cmd import build_command
+from qwen3_compile.cli.bundle_cmd import bundle_command, verify_bundle_command
 from qwen3_compile.cli.compile_cmd import compile_command
 from qwen3_compile.cli.export_cmd import export_command
 from qwen3_compile.cli.inspect_cmd import inspect_command
@@ -36,5 +37,7 @@ for command in (
     validate_command,
     run_command,
     build_command,
+    bundle_command,
+    verify_bundle_command,
 ):
     main.add_command(command)

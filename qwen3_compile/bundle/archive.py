@@ -1,0 +1,51 @@
+"""Reproducible .tar.gz: the same folder gives the same bytes.
+
+Entries sorted by path, regular files only (no links), fixed mtime, uid/gid 0 without names, modes 0644 or
+0755 (executables), ustar headers (no PAX timestamps), gzip with mtime 0, no file name and a fixed level.
+Extraction is `device/bundle_files.safe_extract` (the device runs the same code).
+"""
+
+from __future__ import annotations
+
+import gzip
+import tarfile
+from pathlib import Path
+
+from qwen3_compile.bundle.device.bundle_files import safe_extract  # noqa: F401  (re-exported)
+
+FIXED_MTIME = 1_700_000_000  # 2023-11-14: any constant; 0 upsets some tools
+GZIP_LEVEL = 6
+
+
+def folder_files(folder: Path) -> list[str]:
+    """Every regular file under `folder`, POSIX paths relative to it, sorted."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def write_reproducible_tar(folder: Path, output: Path) -> None:
+    """Write `folder`'s files to `output` (.tar.gz) reproducibly."""
+    with open(output, "wb") as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=GZIP_LEVEL, mtime=0) as gz:
+            with tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                dirs_written: set[str] = set()
+                for name in folder_files(folder):
+                    parts = name.split("/")[:-1]
+                    for depth in range(1, len(parts) + 1):  # parent folders, once, before their files
+                        parent = "/".join(parts[:depth])
+                        if parent not in dirs_written:
+                            tar.addfile(_info(parent, tarfile.DIRTYPE, 0o755))
+                            dirs_written.add(parent)
+                    path = folder / name
+                    executable = path.stat().st_mode & 0o111
+                    info = _info(name, tarfile.REGTYPE, 0o755 if executable else 0o644)
+                    info.size = path.stat().st_size
+                    with open(path, "rb") as f:
+                        tar.addfile(info, f)
+
+
+def _info(name: str, kind: bytes, mode: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.mtime = kind, mode, FIXED_MTIME
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info

@@ -1,0 +1,101 @@
+"""What a bundle carries as evidence: the validation report the artifact passed, and the greedy tokens the
+validated artifact produces on ONNX Runtime for a fixed smoke prompt, so the device (or a CPU machine) can
+check the shipped graph and runner reproduce them.
+
+Validation is required, not run here: it needs the PyTorch reference (the checkpoint or preset the
+artifact came from), which `bundle` does not take. `qwen3-compile validate ARTIFACT --reference MODEL`
+writes `ARTIFACT/validation/report.json`; a bundle refuses an artifact without a passing one. Export and
+quantize write whole new folders, so a report inside an artifact folder belongs to its model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from qwen3_compile.errors import BadInputError, CheckFailedError
+from qwen3_compile.manifest import MANIFEST, sha256_file
+
+REPORT_DIR = "validation"
+REPORT_FILES = ("report.json", "report.md")
+SMOKE_PROMPT = "Give me a short introduction to large language models."
+SMOKE_TOKENS = 16
+MODES = {"thinking": True, "non-thinking": False}
+
+
+def require_validation(artifact: Path) -> dict[str, Any]:
+    """The artifact's passing validation report (report.json), or a BadInputError/CheckFailedError."""
+    path = artifact / REPORT_DIR / "report.json"
+    fix = (
+        f"run `qwen3-compile validate {artifact} --reference MODEL` (MODEL: the checkpoint or preset it was "
+        "exported from) and bundle again."
+    )
+    if not path.is_file():
+        raise BadInputError(
+            "the artifact has no validation report; a bundle ships only what passed validation.",
+            file=path,
+            fix=fix,
+        )
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BadInputError(f"the report is not valid JSON ({err.msg}).", file=path, fix=fix) from None
+    if not report.get("passed"):
+        failures = "; ".join(report.get("failures") or ["no verdict recorded"])
+        raise CheckFailedError(
+            f"the artifact failed validation ({failures}); a bundle ships only what passed.",
+            file=path,
+            field="passed",
+            fix="quantize with a gentler recipe (or fix the artifact) and validate again.",
+        )
+    return report
+
+
+def validation_record(report: dict[str, Any]) -> dict[str, Any]:
+    """What the bundle manifest keeps of the report (the full report ships in validation/)."""
+    return {
+        "passed": report["passed"],
+        "backend": report.get("backend"),
+        "reference": report.get("reference"),
+        "modes": report.get("modes"),
+        "gates": report.get("gates"),
+        "gates_source": report.get("gates_source"),
+        "summary": report.get("summary"),
+        "cases": len(report.get("cases", [])),
+    }
+
+
+def smoke_reference(artifact: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Greedy tokens of the validated artifact (its canonical graph, the one validation measured) on ONNX
+    Runtime CPU for SMOKE_PROMPT in both reasoning modes, ending after the first stop token."""
+    import onnxruntime
+
+    from qwen3_compile.generation.artifact import RUNNER_LOADERS
+    from qwen3_compile.runtime.base import generate, left_padded_batch
+    from qwen3_compile.tokenizer import ENDOFTEXT_ID, STOP_IDS, load_tokenizer, render_chat
+
+    loader = RUNNER_LOADERS.get(manifest.get("stage"))
+    if loader is None:
+        raise BadInputError(
+            f"no ONNX Runtime loader for a '{manifest.get('stage')}' artifact.",
+            file=artifact / MANIFEST,
+            field="stage",
+        )
+    runner = loader(artifact, manifest)
+    tokenizer = load_tokenizer(artifact)
+    modes = {}
+    for mode, thinking in MODES.items():
+        ids = render_chat(tokenizer, [{"role": "user", "content": SMOKE_PROMPT}], thinking)
+        out = generate(runner, left_padded_batch([ids], ENDOFTEXT_ID), SMOKE_TOKENS)
+        tokens = [int(t) for t in out.tokens[0]]
+        stop = next((i for i, t in enumerate(tokens) if t in STOP_IDS), None)
+        modes[mode] = {"prompt_ids": ids, "tokens": tokens if stop is None else tokens[: stop + 1]}
+    return {
+        "prompt": SMOKE_PROMPT,
+        "max_new_tokens": SMOKE_TOKENS,
+        "decoding": "greedy",
+        "source": f"the artifact's model.onnx (sha256 {sha256_file(artifact / 'model.onnx')[:16]}...) on "
+        f"onnxruntime {onnxruntime.__version__} CPU",
+        "modes": modes,
+    }

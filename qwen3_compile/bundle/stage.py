@@ -1,0 +1,279 @@
+"""The `bundle` stage: a validated export/quantize artifact + a Jetson target -> one reproducible .tar.gz.
+
+Order: every refusal first (target flavour, precision on the target, memory fit from the architecture,
+a passing validation report), then the smoke reference tokens, the build stage's lowering for the target
+(the deployment graph: the target's MoE lowering, logits of the newest token), the optimisation profiles,
+the side files, the device scripts, the README and the manifest (sha256 of every file), and the archive
+(written beside the output and renamed when complete).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import string
+import tempfile
+import time
+import types
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from qwen3_compile import __version__
+from qwen3_compile.build.inputs import MODEL_FILE, BuildInput, read_build_input
+from qwen3_compile.build.lowering import MoeChoice, choose_moe_lowering, lower_for_build
+from qwen3_compile.build.profiles import InputSpec, generation_profiles
+from qwen3_compile.bundle.archive import folder_files, write_reproducible_tar
+from qwen3_compile.bundle.checks import BundlePlan, check_bundle_target
+from qwen3_compile.bundle.reference import (
+    REPORT_DIR,
+    REPORT_FILES,
+    require_validation,
+    smoke_reference,
+    validation_record,
+)
+from qwen3_compile.errors import BadInputError
+from qwen3_compile.manifest import MANIFEST, sha256_file, tool_versions
+from qwen3_compile.progress import NO_PROGRESS, Progress
+from qwen3_compile.sizing import GB
+from qwen3_compile.targets import Target, get_target, target_to_dict
+
+BUNDLE_FORMAT = 1
+DEFAULT_CONTEXT = 4096
+PLUGIN_LIBRARY = "build/plugin/libqmoe_trt_plugin.so"  # where build_plugin.sh puts it
+DEVICE_SCRIPTS = ("runner.py", "build_engine.py", "bundle_files.py", "build_plugin.sh")
+_SKIP_SIDE = (MODEL_FILE, MANIFEST, "calibration.safetensors")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict[str, Any] = field(repr=False)
+    bytes: int
+    sha256: str
+    seconds: dict[str, float]
+
+
+def bundle_moe_choice(build_input: BuildInput, target: Target) -> MoeChoice:
+    """The build stage's choice for a device running the target's minimum TensorRT, with the plugin as a
+    library the device builds from the shipped sources (the bundle cannot know the device's TensorRT:
+    a lowering that needs a newer one, e.g. TRT_MoE on Thor before 10.16, is skipped with that reason)."""
+    oldest = types.SimpleNamespace(__name__="tensorrt", __version__=target.min_tensorrt)
+    return choose_moe_lowering(build_input.arch, target, oldest, None, (Path(PLUGIN_LIBRARY),))
+
+
+def _graph_inputs(model_path: Path) -> list[InputSpec]:
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return [
+        InputSpec(
+            i.name,
+            tuple(d.dim_value if d.HasField("dim_value") else -1 for d in i.type.tensor_type.shape.dim),
+        )
+        for i in graph.input
+    ]
+
+
+def _model_name(manifest: dict[str, Any]) -> str | None:
+    """The preset or checkpoint an artifact came from (an export's inputs, or a quantize's source's)."""
+    inputs = manifest.get("inputs") or {}
+    while inputs:
+        if inputs.get("model"):
+            return Path(str(inputs["model"])).name
+        inputs = inputs.get("source") or {}
+    return None
+
+
+def _trtexec(profiles: list[dict], plugin: bool) -> str:
+    parts = ["trtexec --onnx=model/model.onnx --stronglyTyped --saveEngine=engine/model.plan"]
+    if plugin:
+        parts.append(f"--dynamicPlugins={PLUGIN_LIBRARY}")
+    for profile in profiles:
+        for key in ("min", "opt", "max"):
+            shapes = ",".join(
+                f"{name}:{'x'.join(str(d) for d in s[key])}" for name, s in profile["shapes"].items()
+            )
+            parts.append(f"--{key}Shapes={shapes}")
+    return " \\\n  ".join(parts)
+
+
+def _copy_device_files(staging: Path, target: Target) -> None:
+    device = resources.files("qwen3_compile.bundle").joinpath("device")
+    for name in DEVICE_SCRIPTS:
+        text = device.joinpath(name).read_text()
+        if name == "build_plugin.sh":
+            text = text.replace("@SM_ARCH@", target.sm.replace(".", ""))
+            text = text.replace('$(dirname "${BASH_SOURCE[0]}")/..', '$(dirname "${BASH_SOURCE[0]}")')
+        (staging / name).write_text(text)
+        (staging / name).chmod(0o644 if name == "bundle_files.py" else 0o755)
+
+
+def _copy_plugin_sources(staging: Path) -> None:
+    source = resources.files("qwen3_compile").joinpath("plugins", "moe")
+    with resources.as_file(source) as folder:
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file() and (
+                path.suffix in (".cu", ".cuh", ".h", ".cpp") or path.name == "CMakeLists.txt"
+            ):
+                out = staging / "plugins" / "moe" / path.relative_to(folder)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, out)
+
+
+def _plugin_row(moe: dict[str, Any]) -> str:
+    if moe["lowering"] == "plugin":
+        return "the MoE plugin's CUDA sources and CMake (the graph has `Qwen3MoE` plugin nodes)"
+    why = "; ".join(f"{k}: {v}" for k, v in moe["skipped"].items()) or "no MoE layers"
+    return f"not shipped: the graph has no plugin node ({why})"
+
+
+def _readme(manifest: dict[str, Any], plan: BundlePlan) -> str:
+    template = resources.files("qwen3_compile.bundle").joinpath("device", "README.md.in").read_text()
+    target, moe, smoke = manifest["target"], manifest["moe"], manifest["smoke_reference"]["modes"]
+    mem = plan.memory
+    validation = manifest["validation"]
+    summary = validation["summary"]
+    plugin = moe["lowering"] == "plugin"
+    return string.Template(template).substitute(
+        model=manifest["artifact"]["model"],
+        target_name=target["name"],
+        target_description=target["description"],
+        sm=target["sm"],
+        min_tensorrt=target["min_tensorrt"],
+        label=manifest["artifact"]["label"],
+        stage=manifest["artifact"]["stage"],
+        version=__version__,
+        moe_lowering=moe["lowering"],
+        plugin_row=_plugin_row(moe),
+        validation=f"{validation['gates_source']}: prefill mean KL {summary['prefill']['mean_kl']:.3g}, "
+        f"top-1 {summary['prefill']['top1']:.2%} against {validation['reference']} in PyTorch",
+        context=plan.context,
+        weights_gb=f"{mem.weights / GB:.2f}",
+        kv_gb=f"{mem.kv_cache / GB:.2f}",
+        act_gb=f"{mem.activations / GB:.2f}",
+        total_gb=f"{mem.total / GB:.2f}",
+        usable_gb=f"{mem.usable / GB:.1f}",
+        plugin_step=(
+            f"bash build_plugin.sh   # -> {PLUGIN_LIBRARY}"
+            if plugin
+            else "# no plugin to build: the graph has no plugin node"
+        ),
+        trtexec=manifest["trtexec"],
+        smoke_tokens=manifest["smoke_reference"]["max_new_tokens"],
+        smoke_prompt=manifest["smoke_reference"]["prompt"],
+        smoke_nothink=smoke["non-thinking"]["tokens"],
+        smoke_think=smoke["thinking"]["tokens"],
+    )
+
+
+def bundle_artifact(
+    artifact: str | Path,
+    target: str,
+    output: str | Path,
+    *,
+    max_seq: int | None = None,
+    force: bool = False,
+    progress: Progress = NO_PROGRESS,
+) -> Bundle:
+    """Bundle `artifact` (an export or quantize folder with a passing validation report) for `target`."""
+    artifact, output = Path(artifact), Path(output)
+    if output.exists() and not force:
+        raise BadInputError(
+            "the output file already exists.",
+            file=output,
+            field="--output",
+            fix="pass --force to replace it.",
+        )
+    build_input = read_build_input(artifact)
+    deploy = get_target(target)
+    if deploy.tensorrt != "tensorrt":
+        raise BadInputError(
+            f"{deploy.name} uses {deploy.tensorrt}; bundles are for devices with standard TensorRT (Jetson).",
+            field="--target",
+            fix="use `qwen3-compile build` for TensorRT-RTX targets.",
+        )
+    context = max_seq or min(build_input.arch.max_position_embeddings, DEFAULT_CONTEXT)
+    plan = check_bundle_target(build_input, deploy, context)
+    report = require_validation(artifact)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    with progress.stage("bundle", total=4, unit="steps") as advance:
+        smoke = smoke_reference(artifact, build_input.manifest)
+        seconds["smoke_reference"], clock = round(time.perf_counter() - clock, 3), time.perf_counter()
+        advance(1)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as tmp:
+            staging, scratch = Path(tmp) / "bundle", Path(tmp) / "lowered"
+            (staging / "model").mkdir(parents=True)
+            scratch.mkdir()
+            choice = bundle_moe_choice(build_input, deploy)
+            lowered = lower_for_build(build_input.model_path, choice, scratch, last_logits=True)
+            for path in sorted(scratch.iterdir()):  # the graph and its data files (links resolved)
+                shutil.copyfile(path, staging / "model" / path.name)
+            seconds["lower"], clock = round(time.perf_counter() - clock, 3), time.perf_counter()
+            advance(1)
+            for side in sorted(artifact.iterdir()):
+                if side.is_file() and not side.name.startswith(_SKIP_SIDE):
+                    shutil.copyfile(side, staging / "model" / side.name)
+            (staging / "reference").mkdir()
+            graphs = resources.files("qwen3_compile").joinpath("graphs")
+            for name in ("expert_dispatch.onnxtxt", "quantized_expert_dispatch.onnxtxt"):
+                (staging / "reference" / name).write_text(graphs.joinpath(name).read_text())
+            (staging / REPORT_DIR).mkdir()
+            for name in REPORT_FILES:
+                if (artifact / REPORT_DIR / name).is_file():
+                    shutil.copyfile(artifact / REPORT_DIR / name, staging / REPORT_DIR / name)
+            _copy_device_files(staging, deploy)
+            if lowered.moe.lowering == "plugin":
+                _copy_plugin_sources(staging)
+            profiles = [
+                p.to_dict()
+                for p in generation_profiles(_graph_inputs(staging / "model" / "model.onnx"), 1, context)
+            ]
+            source = build_input.manifest
+            manifest: dict[str, Any] = {
+                "format": BUNDLE_FORMAT,
+                "stage": "bundle",
+                "artifact": {
+                    "folder": artifact.name,
+                    "model": _model_name(source) or artifact.name,
+                    "stage": source.get("stage"),
+                    "label": build_input.label,
+                    "dtype": build_input.dtype,
+                    "model_sha256": sha256_file(build_input.model_path),
+                },
+                "architecture": source.get("architecture"),
+                "recipe": source.get("recipe"),
+                "target": target_to_dict(deploy),
+                "tools": tool_versions(),
+                "memory": plan.to_dict(),
+                "moe": {
+                    "lowering": lowered.moe.lowering,
+                    "skipped": lowered.moe.skipped,
+                    "plugin_library": PLUGIN_LIBRARY if lowered.moe.lowering == "plugin" else None,
+                },
+                "lowering": lowered.report,
+                "op_histogram": lowered.op_histogram,
+                "logits": "last",
+                "profiles": profiles,
+                "ort_optimization": source.get("ort_optimization", "all"),
+                "validation": validation_record(report),
+                "smoke_reference": smoke,
+            }
+            manifest["trtexec"] = _trtexec(profiles, lowered.moe.lowering == "plugin")
+            (staging / "README.md").write_text(_readme(manifest, plan))
+            manifest["files"] = {
+                name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
+                for name in folder_files(staging)
+            }
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            advance(1)
+            partial = Path(tmp) / "bundle.tar.gz"
+            write_reproducible_tar(staging, partial)
+            os.replace(partial, output)
+            seconds["write"] = round(time.perf_counter() - clock, 3)
+            advance(1)
+    return Bundle(output, manifest, output.stat().st_size, sha256_file(output), seconds)
