@@ -9,6 +9,7 @@ the side files, the device scripts, the README and the manifest (sha256 of every
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -63,7 +64,9 @@ def bundle_moe_choice(build_input: BuildInput, target: Target) -> MoeChoice:
     library the device builds from the shipped sources (the bundle cannot know the device's TensorRT:
     a lowering that needs a newer one, e.g. TRT_MoE on Thor before 10.16, is skipped with that reason)."""
     oldest = types.SimpleNamespace(__name__="tensorrt", __version__=target.min_tensorrt)
-    return choose_moe_lowering(build_input.arch, target, oldest, None, (Path(PLUGIN_LIBRARY),))
+    choice = choose_moe_lowering(build_input.arch, target, oldest, None, (Path(PLUGIN_LIBRARY),))
+    why = f" (a bundle must build with {target.name}'s oldest supported TensorRT, {target.min_tensorrt})"
+    return dataclasses.replace(choice, skipped={k: v + why for k, v in choice.skipped.items()})
 
 
 def _graph_inputs(model_path: Path) -> list[InputSpec]:
@@ -269,7 +272,9 @@ def bundle_artifact(
                 name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
                 for name in folder_files(staging)
             }
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+            (staging / MANIFEST).write_text(text)
+            manifest = json.loads(text)  # what the file says (lists, not tuples)
             advance(1)
             partial = Path(tmp) / "bundle.tar.gz"
             write_reproducible_tar(staging, partial)

@@ -1,0 +1,77 @@
+"""Artifacts the bundle tests share, made once per session: tiny-moe exported, quantized with int8-sq,
+validated (two prompts, both modes) and bundled for jetson-agx-orin."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+PROMPTS = [
+    {
+        "name": "en",
+        "category": "multilingual",
+        "messages": [{"role": "user", "content": "Why is the sky blue?"}],
+    },
+    {
+        "name": "code",
+        "category": "code",
+        "messages": [{"role": "user", "content": "Reverse a string in Python."}],
+    },
+]
+
+
+@dataclass(frozen=True)
+class Bundled:
+    artifact: Path  # the validated int8-sq folder
+    archive: Path  # its bundle for jetson-agx-orin
+    manifest: dict
+    seconds: dict
+
+
+def write_artifact_manifest(folder: Path, arch, recipe: str | None, dtype: str = "fp16") -> Path:
+    """A quantize/export folder holding only its manifest (and an empty model.onnx): what the refusals read
+    before any work, so a 30B model needs no export."""
+    from qwen3_compile.quantize.recipe import load_recipe
+
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(b"")
+    manifest = {
+        "stage": "quantize" if recipe else "export",
+        "options": {"dtype": dtype},
+        "architecture": arch.to_hf_dict(),
+        "recipe": load_recipe(recipe).to_dict() if recipe else None,
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def validated_int8_sq(tmp_path_factory) -> Path:
+    """tiny-moe fp32 export -> int8-sq -> validate. fp32, not fp16: the int8-sq artifact of an fp16 export
+    does not load in ONNX Runtime (QuantizeLinear gets an fp16 input and an fp32 scale; see the report)."""
+    from qwen3_compile.export.stage import ExportOptions, export_onnx
+    from qwen3_compile.quantize.stage import quantize_artifact
+    from qwen3_compile.validate.stage import validate_artifact
+
+    root = tmp_path_factory.mktemp("bundle-inputs")
+    export_onnx("tiny-moe", root / "export", ExportOptions(dtype="fp32"))
+    quantize_artifact(root / "export", "int8-sq", root / "int8-sq")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    report = validate_artifact(
+        root / "int8-sq", "tiny-moe", prompts=prompts, decode_steps=8, long_context_tokens=0, bisect=False
+    )
+    assert report.passed, report.failures
+    return root / "int8-sq"
+
+
+@pytest.fixture(scope="session")
+def bundled(validated_int8_sq, tmp_path_factory) -> Bundled:
+    from qwen3_compile.bundle import bundle_artifact
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-moe-int8-sq-agx-orin.tar.gz"
+    result = bundle_artifact(validated_int8_sq, "jetson-agx-orin", out)
+    return Bundled(validated_int8_sq, out, result.manifest, result.seconds)
