@@ -49,8 +49,19 @@ def load_ort_runner(folder: Path, manifest: dict[str, Any]) -> CausalLMRunner:
     return OrtRunner(model, optimization=manifest.get("ort_optimization", "all"))
 
 
+def load_tensorrt_runner(folder: Path, manifest: dict[str, Any]) -> CausalLMRunner:
+    """A `build` folder's plan on TensorRT / TensorRT-RTX (needs a GPU of the plan's target)."""
+    from qwen3_compile.runtime.tensorrt_runner import TensorRTRunner
+
+    return TensorRTRunner(folder, manifest)
+
+
 # manifest stage -> the runner that executes that kind of artifact
-RUNNER_LOADERS: dict[str, RunnerLoader] = {"export": load_ort_runner, "quantize": load_ort_runner}
+RUNNER_LOADERS: dict[str, RunnerLoader] = {
+    "export": load_ort_runner,
+    "quantize": load_ort_runner,
+    "build": load_tensorrt_runner,
+}
 
 
 def register_runner(stage: str, loader: RunnerLoader) -> None:

@@ -25,10 +25,11 @@ def artifact_runner(artifact: Path, manifest: dict, backend: str):
         # the same stage -> runner table `run` uses: export and quantize folders run on ONNX Runtime
         from qwen3_compile.generation.artifact import RUNNER_LOADERS
 
-        loader = RUNNER_LOADERS.get(manifest.get("stage"))
+        ort_stages = sorted(stage for stage in RUNNER_LOADERS if stage != "build")
+        loader = RUNNER_LOADERS.get(manifest.get("stage")) if manifest.get("stage") in ort_stages else None
         if loader is None:
             raise BadInputError(
-                f"the ONNX Runtime backend runs {', '.join(sorted(RUNNER_LOADERS))} artifacts; this one is a "
+                f"the ONNX Runtime backend runs {', '.join(ort_stages)} artifacts; this one is a "
                 f"'{manifest.get('stage')}' artifact.",
                 file=artifact / "manifest.json",
                 field="stage",
@@ -49,6 +50,14 @@ def artifact_runner(artifact: Path, manifest: dict, backend: str):
             field="--backend",
             fix=f"build it for a {backend} target (`qwen3-compile build ARTIFACT --target T -o DIR`) and "
             "validate DIR on a GPU of that target, or validate the ONNX artifact with --backend ort.",
+        )
+    if (manifest.get("options") or {}).get("logits") == "last":
+        raise BadInputError(
+            "this engine was built with --logits last (the deployment graph): it has no logits for the "
+            "earlier positions validation compares.",
+            file=artifact / "manifest.json",
+            field="options.logits",
+            fix="validate an engine built with --logits all (the default); deploy the --logits last one.",
         )
     from qwen3_compile.runtime.tensorrt_runner import TensorRTRunner
 

@@ -139,8 +139,8 @@ def test_folder_without_model(run_presets, tmp_path):
 
 
 def test_stage_that_is_not_an_export(tmp_path):
-    (tmp_path / "manifest.json").write_text(json.dumps({"stage": "build", "outputs": {}}))
-    _no_traceback_exit_2(invoke(tmp_path, "-p", "hi"), "manifest.json", "'stage'", "'build'", "export")
+    (tmp_path / "manifest.json").write_text(json.dumps({"stage": "bundle", "outputs": {}}))
+    _no_traceback_exit_2(invoke(tmp_path, "-p", "hi"), "manifest.json", "'stage'", "'bundle'", "export")
 
 
 def test_artifact_path_problems(run_presets, tmp_path):
