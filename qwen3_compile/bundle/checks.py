@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from qwen3_compile.build.inputs import BuildInput, check_target_supports
 from qwen3_compile.build.memory import EngineMemory, plan_engine_memory, stored_weight_bytes
+from qwen3_compile.bundle.jetson import JETSON_TARGETS
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.sizing import GB, weight_bytes
@@ -67,13 +68,13 @@ def _need_gb(arch: Qwen3Arch, target: Target, precision: str, context: int) -> f
 
 
 def what_fits(arch: Qwen3Arch, context: int) -> list[str]:
-    """'target: recipe (needs X GB of Y GB usable)' for each built-in recipe and target that fit."""
+    """'target (usable): recipe (X GB), ...' for each Jetson target and built-in recipe that fit."""
     from qwen3_compile.quantize.compat import recipe_fits_target
     from qwen3_compile.quantize.recipe import builtin_recipes, load_recipe
 
     recipes = [load_recipe(name) for name in sorted(builtin_recipes())]
     options = []
-    for target in all_targets().values():
+    for target in (all_targets()[name] for name in JETSON_TARGETS):
         fitting = []
         for recipe in recipes:
             if not recipe_fits_target(recipe, target):
@@ -95,8 +96,9 @@ def check_bundle_target(build_input: BuildInput, target: Target, context: int) -
         return plan
     arch, mem = build_input.arch, plan.memory
     here = [
-        f"{name} needs {_need_gb(arch, target, precision, context):.1f} GB"
-        for name, precision in (("int8", "int8"), ("int4", "int4"))
+        f"{precision}{' (no built-in recipe yet)' if precision == 'int4' else ''} would need "
+        f"{_need_gb(arch, target, precision, context):.1f} GB"
+        for precision in ("int8", "int4")
         if precision in target.precisions and precision != plan.precision
     ]
     elsewhere = what_fits(arch, context)
@@ -109,7 +111,7 @@ def check_bundle_target(build_input: BuildInput, target: Target, context: int) -
         + ".",
         field="--target",
         fix=(
-            "what fits at this context: " + "; ".join(elsewhere) + "."
+            "Jetson targets and built-in recipes that fit at this context: " + "; ".join(elsewhere) + "."
             if elsewhere
             else "no built-in recipe and target fit this model; lower --max-seq or use a smaller model."
         ),

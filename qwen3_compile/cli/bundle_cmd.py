@@ -6,9 +6,8 @@ from pathlib import Path
 
 import click
 
+from qwen3_compile.bundle.jetson import JETSON_TARGETS
 from qwen3_compile.cli.common import emit_json, stage_command
-
-JETSON_TARGETS = ("jetson-orin-nano", "jetson-agx-orin", "jetson-thor")
 
 
 @click.command("bundle")

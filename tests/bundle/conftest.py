@@ -31,23 +31,6 @@ class Bundled:
     seconds: dict
 
 
-def write_artifact_manifest(folder: Path, arch, recipe: str | None, dtype: str = "fp16") -> Path:
-    """A quantize/export folder holding only its manifest (and an empty model.onnx): what the refusals read
-    before any work, so a 30B model needs no export."""
-    from qwen3_compile.quantize.recipe import load_recipe
-
-    folder.mkdir(parents=True)
-    (folder / "model.onnx").write_bytes(b"")
-    manifest = {
-        "stage": "quantize" if recipe else "export",
-        "options": {"dtype": dtype},
-        "architecture": arch.to_hf_dict(),
-        "recipe": load_recipe(recipe).to_dict() if recipe else None,
-    }
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return folder
-
-
 @pytest.fixture(scope="session")
 def validated_int8_sq(tmp_path_factory) -> Path:
     """tiny-moe fp32 export -> int8-sq -> validate. fp32, not fp16: the int8-sq artifact of an fp16 export

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+# no __pycache__ inside the bundle: `check` would (rightly) report it as an unlisted file
+sys.dont_write_bytecode = True
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundle_files import check_compatibility, read_manifest  # noqa: E402
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+# no __pycache__ inside the bundle: `check` would (rightly) report it as an unlisted file
+sys.dont_write_bytecode = True
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundle_files import BundleError, check_files, read_manifest, safe_extract  # noqa: E402
 
