@@ -80,6 +80,15 @@ def _graph_inputs(model_path: Path) -> list[InputSpec]:
     ]
 
 
+def _place(source: Path, dest: Path) -> None:
+    """A hard link where the file system allows (a 30B model's weights are not copied to be archived),
+    else a copy; symbolic links are followed either way."""
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
+
+
 def _model_name(manifest: dict[str, Any]) -> str | None:
     """The preset or checkpoint an artifact came from (an export's inputs, or a quantize's source's)."""
     inputs = manifest.get("inputs") or {}
@@ -214,8 +223,8 @@ def bundle_artifact(
             scratch.mkdir()
             choice = bundle_moe_choice(build_input, deploy)
             lowered = lower_for_build(build_input.model_path, choice, scratch, last_logits=True)
-            for path in sorted(scratch.iterdir()):  # the graph and its data files (links resolved)
-                shutil.copyfile(path, staging / "model" / path.name)
+            for path in sorted(scratch.iterdir()):  # the graph and its data files
+                _place(path, staging / "model" / path.name)
             seconds["lower"], clock = round(time.perf_counter() - clock, 3), time.perf_counter()
             advance(1)
             for side in sorted(artifact.iterdir()):

@@ -1,0 +1,110 @@
+"""The bundled runner's parts against the project's own implementations: chat-template rendering (with and
+without jinja2) equals transformers' token ids, streamed text equals the full decode, and the device files
+import nothing of qwen3_compile."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qwen3_compile.tokenizer import load_tokenizer, packaged_tokenizer_dir, render_chat
+
+DEVICE = Path(__file__).parents[2] / "qwen3_compile" / "bundle" / "device"
+MESSAGES = [
+    [{"role": "user", "content": "Why is the sky blue?"}],
+    [
+        {"role": "system", "content": "你是一个乐于助人的助手。"},
+        {"role": "user", "content": "用两句话介绍长城。"},
+    ],
+]
+
+
+@pytest.fixture(scope="module")
+def runner():
+    spec = importlib.util.spec_from_file_location("bundle_runner_parts", DEVICE / "runner.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory) -> Path:
+    """A folder shaped like a bundle's model/ with the packaged Qwen3 tokenizer."""
+    root = tmp_path_factory.mktemp("tok")
+    (root / "model").mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (root / "model" / name).write_bytes((packaged_tokenizer_dir() / name).read_bytes())
+    return root
+
+
+@pytest.mark.parametrize("thinking", [True, False], ids=["think", "no-think"])
+@pytest.mark.parametrize("messages", MESSAGES, ids=["user", "system+user"])
+def test_prompt_ids_equal_transformers_with_and_without_jinja2(
+    runner, bundle_dir, messages, thinking, monkeypatch
+):
+    from tokenizers import Tokenizer
+
+    expected = render_chat(load_tokenizer(), messages, thinking)
+    tokenizer = Tokenizer.from_file(str(bundle_dir / "model" / "tokenizer.json"))
+    text = runner.render_prompt(bundle_dir, messages, thinking)
+    assert tokenizer.encode(text, add_special_tokens=False).ids == expected
+    monkeypatch.setitem(sys.modules, "jinja2.sandbox", None)  # no jinja2: the runner's Qwen3 format
+    fallback = runner.render_prompt(bundle_dir, messages, thinking)
+    assert fallback == text
+
+
+def test_streamed_pieces_join_to_the_full_text(runner, bundle_dir):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(bundle_dir / "model" / "tokenizer.json"))
+    text = "长城 🧱 is long; naïve café — ok"
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    decoder = runner.StreamDecoder(tokenizer)
+    pieces = [decoder.push(t) for t in ids]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    assert len(ids) > len([p for p in pieces if p])  # some tokens held back mid-character
+
+
+def test_sampling_stays_within_top_k_and_greedy_is_argmax(runner):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, 1000).astype(np.float32)
+    top20 = set(np.argsort(-logits)[:20].tolist())
+    draws = {runner.choose_token(logits, False, True, rng) for _ in range(200)}
+    assert draws <= top20 and len(draws) > 1
+    assert runner.choose_token(logits, True, True, rng) == int(np.argmax(logits))
+
+
+@pytest.mark.parametrize("name", ["runner.py", "build_engine.py", "bundle_files.py"])
+def test_device_files_do_not_import_qwen3_compile(name):
+    tree = ast.parse((DEVICE / name).read_text())
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+    allowed = {
+        "__future__",
+        "argparse",
+        "json",
+        "os",
+        "sys",
+        "time",
+        "pathlib",
+        "hashlib",
+        "tarfile",
+        "ctypes",
+    }
+    allowed |= {"numpy", "tokenizers", "tensorrt", "onnx", "onnxruntime", "jinja2", "bundle_files", "runner"}
+    assert imported <= allowed, imported - allowed
+    assert "qwen3_compile" not in json.dumps(sorted(imported))
