@@ -87,7 +87,7 @@ def test_a_changed_added_or_missing_file_fails_verification_by_name(bundled, tmp
     tampered = folder / "model" / "tokenizer_config.json"
     original = tampered.read_bytes()
     tampered.write_bytes(original.replace(b"<|im_start|>", b"<|im_start|>evil", 1))
-    repacked = write_and_verify_fails(folder, tmp_path, "model/tokenizer_config.json")
+    repacked = write_and_verify_fails(folder, tmp_path, "model/tokenizer_config.json", repack=True)
     result = CliRunner().invoke(main, ["verify-bundle", str(repacked)])
     assert result.exit_code == 1 and "model/tokenizer_config.json: sha256 differs" in result.output
     run = subprocess.run([sys.executable, str(folder / "runner.py"), "check"], capture_output=True, text=True)
@@ -102,10 +102,13 @@ def test_a_changed_added_or_missing_file_fails_verification_by_name(bundled, tmp
     write_and_verify_fails(folder, tmp_path, "runner.py")
 
 
-def write_and_verify_fails(folder: Path, tmp_path: Path, name: str) -> Path:
+def write_and_verify_fails(folder: Path, tmp_path: Path, name: str, repack: bool = False) -> Path | None:
+    """Verification of the folder (and, repacked, of a .tar.gz of it) fails naming `name`."""
     with pytest.raises(CheckFailedError) as err:
         verify_bundle(folder)
     assert err.value.field == name, err.value.message
+    if not repack:
+        return None
     archive = tmp_path / "repacked.tar.gz"
     write_reproducible_tar(folder, archive)
     with pytest.raises(CheckFailedError) as err:
