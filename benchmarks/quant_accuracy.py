@@ -4,7 +4,7 @@
 
 Each artifact is validated on the built-in prompt suite in both reasoning modes (prefill positions and
 16 teacher-forced decode steps; no long-context case), as `qwen3-compile validate` does. The outlier rows
-use tiny-moe with massive activation channels (`qwen3_compile.models.outliers`, same float function):
+use the `tiny-moe-outliers` preset (massive activation channels, same float function as tiny-moe):
 naive per-tensor W8A8 (int8-sq without its [smoothquant] section) against SmoothQuant.
 """
 
@@ -65,23 +65,21 @@ def accuracy(model: str, work: Path) -> list[dict]:
 
 def outliers(work: Path) -> list[dict]:
     from qwen3_compile.export.stage import export_onnx
-    from qwen3_compile.models.loading import load_model
-    from qwen3_compile.models.outliers import ActivationOutliers, add_activation_outliers
     from qwen3_compile.quantize.recipe import QuantRecipe, load_recipe
     from qwen3_compile.quantize.stage import quantize_artifact
 
-    loaded = load_model("tiny-moe")
-    spec = ActivationOutliers()
-    add_activation_outliers(dict(loaded.model.state_dict()), loaded.arch, spec)
-    loaded.model.save_pretrained(work / "outliers")
-    exported = export_onnx(work / "outliers", work / "outliers-onnx").directory
+    exported = export_onnx("tiny-moe-outliers", work / "outliers-onnx").directory
     sq = load_recipe("int8-sq")
     naive = QuantRecipe.from_dict(
         {k: v for k, v in sq.to_dict().items() if k != "smoothquant"} | {"name": "naive W8A8"}
     )
-    model = f"tiny-moe + {len(spec.channels)} channels x{spec.scale:g}"
     return [
-        _row(model, recipe.name, quantize_artifact(exported, recipe, work / f"o-{i}"), loaded)
+        _row(
+            "tiny-moe-outliers",
+            recipe.name,
+            quantize_artifact(exported, recipe, work / f"o-{i}"),
+            "tiny-moe-outliers",
+        )
         for i, recipe in enumerate((naive, sq, load_recipe("fp8")))
     ]
 

@@ -153,7 +153,7 @@ def _weight_source(source: ModelSource, allow_nonfinite: bool) -> WeightSource:
 
     if source.checkpoint is not None:
         return CheckpointSource(source.checkpoint, allow_nonfinite)
-    return PresetSource(source.arch, source.preset.seed)
+    return PresetSource(source.arch, source.preset.seed, source.preset.outliers)
 
 
 def _resume_hint(err: Exception, journal: ExportJournal | None, num_layers: int) -> Exception:

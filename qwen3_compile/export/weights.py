@@ -129,14 +129,14 @@ class StateDictSource:
 class PresetSource:
     """A preset's deterministic random weights, generated one tensor at a time."""
 
-    def __init__(self, arch: Qwen3Arch, seed: int):
-        self.arch, self.seed = arch, seed
+    def __init__(self, arch: Qwen3Arch, seed: int, outliers=None):
+        self.arch, self.seed, self.outliers = arch, seed, outliers
 
     def emit(self, b: GraphBuilder, plan: WeightPlan, export_dtype: torch.dtype) -> None:
         from qwen3_compile.models.loading import random_tensor
 
         if not _skipped(b, plan, export_dtype):
-            tensor = random_tensor(self.arch, plan.source, plan.shape, self.seed)
+            tensor = random_tensor(self.arch, plan.source, plan.shape, self.seed, self.outliers)
             b.weight(plan.name, _converted(tensor, plan, export_dtype))
 
     def end_group(self) -> None:

@@ -22,6 +22,8 @@ from qwen3_compile.progress import NO_PROGRESS, Progress
 if TYPE_CHECKING:
     import torch
 
+    from qwen3_compile.models.outliers import ActivationOutliers
+
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -77,17 +79,34 @@ def resolve_model(spec: str | Path, num_layers: int | None = None) -> ModelSourc
     return ModelSource(spec, get_preset(spec).arch)  # raises the unknown-preset error
 
 
-def random_state_dict(arch: Qwen3Arch, seed: int) -> dict[str, torch.Tensor]:
+def random_state_dict(
+    arch: Qwen3Arch, seed: int, outliers: ActivationOutliers | None = None
+) -> dict[str, torch.Tensor]:
     """Deterministic random weights, independent of torch's global RNG and of the layer count.
 
     Each tensor has its own generator seeded from (seed, name), so layer i has the same weights
     whether the model has 2 or 28 layers. Scales keep activations O(1) through the stack.
     """
-    return {name: random_tensor(arch, name, shape, seed) for name, shape in expected_shapes(arch).items()}
+    return {
+        name: random_tensor(arch, name, shape, seed, outliers)
+        for name, shape in expected_shapes(arch).items()
+    }
 
 
-def random_tensor(arch: Qwen3Arch, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """One tensor of `random_state_dict` (the exporter generates them layer by layer)."""
+def random_tensor(
+    arch: Qwen3Arch, name: str, shape: tuple[int, ...], seed: int, outliers: ActivationOutliers | None = None
+) -> torch.Tensor:
+    """One tensor of `random_state_dict` (the exporter generates them layer by layer); presets with
+    `outlier_channels` get massive activation channels (models/outliers.py, same float function)."""
+    t = _random_tensor(arch, name, shape, seed)
+    if outliers is not None:
+        from qwen3_compile.models.outliers import with_outliers
+
+        t = with_outliers(arch, name, t, outliers)
+    return t
+
+
+def _random_tensor(arch: Qwen3Arch, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     import torch
 
     g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
@@ -141,7 +160,7 @@ def load_weights(
             source.checkpoint, dtype=dtype, allow_nonfinite=allow_nonfinite, progress=progress
         )
     with progress.stage(f"random weights ({source.spec})", total=None):
-        state = random_state_dict(source.arch, source.preset.seed)
+        state = random_state_dict(source.arch, source.preset.seed, source.preset.outliers)
     return state if dtype is None else {k: v.to(dtype) for k, v in state.items()}
 
 
@@ -164,5 +183,5 @@ def load_model(
         )
     else:
         with progress.stage(f"random weights ({source.spec})", total=None):
-            state = random_state_dict(source.arch, source.preset.seed)
+            state = random_state_dict(source.arch, source.preset.seed, source.preset.outliers)
     return LoadedModel(source, build_reference_model(source.arch, state, dtype))

@@ -34,14 +34,32 @@ def _readers(arch: Qwen3Arch, layer: int) -> dict[str, list[str]]:
     }
 
 
+def _roles(arch: Qwen3Arch) -> dict[str, str]:
+    """tensor name -> 'norm' or 'reader'."""
+    roles = {}
+    for layer in range(arch.num_layers):
+        for norm, readers in _readers(arch, layer).items():
+            roles[norm] = "norm"
+            roles.update(dict.fromkeys(readers, "reader"))
+    return roles
+
+
 @torch.no_grad()
+def with_outliers(
+    arch: Qwen3Arch, name: str, tensor: torch.Tensor, outliers: ActivationOutliers
+) -> torch.Tensor:
+    """One tensor (transformers layout, experts fused [E, 2I, H]) of the outlier model, in place."""
+    role = _roles(arch).get(name)
+    if role == "norm":
+        tensor[list(outliers.channels)] *= outliers.scale
+    elif role == "reader":  # the input axis is the last one for linear and fused expert weights
+        tensor[..., list(outliers.channels)] /= outliers.scale
+    return tensor
+
+
 def add_activation_outliers(
     state: dict[str, torch.Tensor], arch: Qwen3Arch, outliers: ActivationOutliers = ActivationOutliers()
 ) -> None:
-    """Rewrite `state` (transformers layout, experts fused [E, 2I, H]) in place."""
-    channels = list(outliers.channels)
-    for layer in range(arch.num_layers):
-        for norm, readers in _readers(arch, layer).items():
-            state[norm][channels] *= outliers.scale
-            for name in readers:  # the input axis is the last one for linear and fused expert weights
-                state[name][..., channels] /= outliers.scale
+    """Rewrite a whole state dict in place."""
+    for name, tensor in state.items():
+        with_outliers(arch, name, tensor, outliers)

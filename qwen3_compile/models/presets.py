@@ -23,6 +23,8 @@ _META_KEYS = {
     "published_params_b",
     "published_active_b",
     "published_non_embedding_b",
+    "outlier_channels",
+    "outlier_scale",
 }
 _ARCH_FIELDS = {f.name for f in dataclasses.fields(Qwen3Arch)}
 
@@ -36,6 +38,18 @@ class Preset:
     published_params_b: float | None = None
     published_active_b: float | None = None
     published_non_embedding_b: float | None = None
+    outlier_channels: tuple[int, ...] | None = None  # massive activation channels (models/outliers.py)
+    outlier_scale: float | None = None
+
+    @property
+    def outliers(self):
+        from qwen3_compile.models.outliers import ActivationOutliers
+
+        if not self.outlier_channels:
+            return None
+        return ActivationOutliers(
+            tuple(self.outlier_channels), self.outlier_scale or ActivationOutliers.scale
+        )
 
 
 @cache
