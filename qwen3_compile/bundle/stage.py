@@ -80,6 +80,16 @@ def _graph_inputs(model_path: Path) -> list[InputSpec]:
     ]
 
 
+def _warnings(build_input: BuildInput) -> list[str]:
+    if build_input.dtype != "fp32":
+        return []
+    return [
+        "the artifact comes from an fp32 export: a strongly typed engine keeps every unquantized tensor in "
+        "fp32 (a parity build, twice the memory and bandwidth of fp16); for deployment export with "
+        "--dtype fp16 (then quantize)"
+    ]
+
+
 def _place(source: Path, dest: Path) -> None:
     """A hard link where the file system allows (a 30B model's weights are not copied to be archived),
     else a copy; symbolic links are followed either way."""
@@ -274,6 +284,7 @@ def bundle_artifact(
                 "ort_optimization": source.get("ort_optimization", "all"),
                 "validation": validation_record(report),
                 "smoke_reference": smoke,
+                "warnings": _warnings(build_input),
             }
             manifest["trtexec"] = _trtexec(profiles, lowered.moe.lowering == "plugin")
             (staging / "README.md").write_text(_readme(manifest, plan))

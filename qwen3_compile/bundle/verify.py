@@ -31,9 +31,9 @@ class VerifiedBundle:
     checked_sm: str | None
 
 
-def _checked(folder: Path, source: Path) -> dict[str, Any]:
+def _checked(folder: Path, source: Path, device_outputs: bool) -> dict[str, Any]:
     try:
-        return check_files(folder)
+        return check_files(folder, device_outputs)
     except BundleError as err:
         raise CheckFailedError(
             f"{err.file}: {err.problem}.",
@@ -51,7 +51,7 @@ def verify_bundle(path: str | Path, trt_version: str | None = None, sm: str | No
             "the bundle does not exist.", file=path, fix="pass a .tar.gz written by `bundle`."
         )
     if path.is_dir():
-        manifest = _checked(path, path)
+        manifest = _checked(path, path, device_outputs=True)  # an extracted folder the device used
     else:
         with tempfile.TemporaryDirectory(prefix="qwen3-bundle-verify-") as tmp:
             try:
@@ -65,7 +65,7 @@ def verify_bundle(path: str | Path, trt_version: str | None = None, sm: str | No
                 ) from None
             except (tarfile.TarError, OSError, EOFError) as err:  # not a (complete) .tar.gz
                 raise BadInputError(f"cannot read the archive ({err}).", file=path) from None
-            manifest = _checked(Path(tmp), path)
+            manifest = _checked(Path(tmp), path, device_outputs=False)  # an archive: nothing prebuilt
     problems = check_compatibility(manifest, trt_version, sm)
     if problems:
         raise CheckFailedError(

@@ -45,6 +45,7 @@ def bundle_command(
                 "memory": m["memory"],
                 "files": len(m["files"]),
                 "smoke_reference": m["smoke_reference"],
+                "warnings": m["warnings"],
             }
         )
         return
@@ -57,6 +58,8 @@ def bundle_command(
         f"{mem['usable'] / GB:.1f} GB usable\n"
         f"  next: copy it to the device, `python3 runner.py unpack` or tar -xzf, then see its README.md"
     )
+    for warning in m["warnings"]:
+        click.secho(f"warning: {warning}", err=True, fg="yellow")
 
 
 @click.command("verify-bundle")

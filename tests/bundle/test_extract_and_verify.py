@@ -98,6 +98,22 @@ def test_a_changed_added_or_missing_file_fails_verification_by_name(bundled, tmp
     (folder / "extra.py").write_text("print('not from the bundle')\n")
     write_and_verify_fails(folder, tmp_path, "extra.py")
     (folder / "extra.py").unlink()
+
+    # what the device builds (build/, engine/) is allowed beside an extracted bundle, never inside an archive:
+    # the runner would load a prebuilt plugin library that no checksum covers
+    prebuilt = folder / "build" / "plugin" / "libqmoe_trt_plugin.so"
+    prebuilt.parent.mkdir(parents=True)
+    prebuilt.write_bytes(b"\x7fELF not ours")
+    assert verify_bundle(folder).files == len(pristine["files"])
+    archive = tmp_path / "prebuilt.tar.gz"
+    write_reproducible_tar(folder, archive)
+    with pytest.raises(CheckFailedError) as err:
+        verify_bundle(archive)
+    assert err.value.field == "build/plugin/libqmoe_trt_plugin.so"
+    unpack = [sys.executable, str(RUNNER), "unpack", str(archive), str(tmp_path / "unpacked")]
+    run = subprocess.run(unpack, capture_output=True, text=True)
+    assert run.returncode == 1 and "build/plugin/libqmoe_trt_plugin.so: not listed" in run.stderr
+    shutil.rmtree(folder / "build")
     shutil.move(folder / "runner.py", tmp_path / "runner.py")
     write_and_verify_fails(folder, tmp_path, "runner.py")
 

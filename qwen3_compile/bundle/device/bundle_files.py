@@ -104,9 +104,11 @@ def read_manifest(folder: Path) -> dict:
         raise BundleError(f"not valid JSON ({err.msg})", file=MANIFEST) from None
 
 
-def check_files(folder: str | Path) -> dict:
+def check_files(folder: str | Path, device_outputs: bool = True) -> dict:
     """Every file the manifest lists exists with its sha256 and size; no file is unlisted. Returns the
-    manifest; raises BundleError naming the first bad file."""
+    manifest; raises BundleError naming the first bad file. `device_outputs`: allow build/ and engine/
+    (what the device writes after extraction); a fresh archive must not carry them (a prebuilt plugin
+    library there would be loaded by the runner without any checksum)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     listed = manifest.get("files") or {}
@@ -117,8 +119,8 @@ def check_files(folder: str | Path) -> dict:
         if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
             raise BundleError("sha256 differs from the manifest (the file was changed)", file=name)
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink()}
-    # build/ and engine/ are what the device writes (the plugin library, the plan)
-    extra = sorted(e for e in present - set(listed) - {MANIFEST} if not e.startswith(DEVICE_OUTPUTS))
+    unlisted = present - set(listed) - {MANIFEST}
+    extra = sorted(e for e in unlisted if not (device_outputs and e.startswith(DEVICE_OUTPUTS)))
     if extra:
         raise BundleError("not listed in the manifest (an added file)", file=extra[0])
     return manifest

@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout instead of streamed text")
     p.add_argument("--bundle", default=str(here), help=argparse.SUPPRESS)
-    u = sub.add_parser("unpack", help="extract a bundle safely")
+    u = sub.add_parser("unpack", help="extract a bundle safely and check its files")
     u.add_argument("archive")
     u.add_argument("dest")
     c = sub.add_parser("check", help="check every file's sha256 against manifest.json")
@@ -453,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "unpack":
             names = safe_extract(args.archive, args.dest)
-            print(f"extracted {len(names)} files into {args.dest}")
+            check_files(args.dest, device_outputs=False)
+            print(f"extracted {len(names)} files into {args.dest}; every sha256 matches manifest.json")
             return 0
         if args.command == "check":
             manifest = check_files(args.bundle)
