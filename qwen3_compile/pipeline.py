@@ -1,7 +1,8 @@
 """`compile`: the whole pipeline on one model. Today: export -> ONNX Runtime lowering -> parity of both
 graphs against PyTorch -> full validation of the ORT graph (prompt suite in both reasoning modes, long
-context, layer bisection) -> a TensorRT-RTX engine of the canonical graph when TensorRT-RTX is installed
-(skipped with the reason otherwise). Later stages (quantize, bundle) join as they land."""
+context, layer bisection) -> SmoothQuant W8A8 (`int8-sq`, calibrated layer by layer) validated against
+its recipe's gates -> a TensorRT-RTX engine of the canonical graph when TensorRT-RTX is installed
+(skipped with the reason otherwise)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from qwen3_compile.export.stage import ExportedArtifact, ExportOptions, export_o
 from qwen3_compile.models.loading import load_model
 from qwen3_compile.parity import ParityGates, ParityReport, check_parity, parity_prompts
 from qwen3_compile.progress import NO_PROGRESS, Progress
+from qwen3_compile.quantize.stage import QuantizedArtifact, quantize_artifact
 from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
 from qwen3_compile.runtime.torch_reference import TorchRunner
 from qwen3_compile.tokenizer import load_tokenizer
@@ -26,11 +28,17 @@ class CompileResult:
     artifacts: dict[str, ExportedArtifact]  # "canonical", "ort"
     parity: dict[str, ParityReport]
     validation: ValidationReport
+    quantized: QuantizedArtifact
+    quantized_validation: ValidationReport
     engine: dict  # {"path", "target", "bytes", "build_s", "moe_lowering"} or {"skipped": why}
 
     @property
     def passed(self) -> bool:
-        return all(p.passed for p in self.parity.values()) and self.validation.passed
+        return (
+            all(p.passed for p in self.parity.values())
+            and self.validation.passed
+            and self.quantized_validation.passed
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -45,6 +53,19 @@ class CompileResult:
                 "passed": self.validation.passed,
                 "failures": self.validation.failures,
                 "report": str(self.validation.directory / "report.md"),
+            },
+            "quantized": {
+                "path": str(self.quantized.directory / "model.onnx"),
+                "recipe": self.quantized.recipe.name,
+                "weight_ratio_vs_fp16": self.quantized.weight_ratio,
+                "calibration": self.quantized.manifest.get("calibration"),
+                "validation": {
+                    "passed": self.quantized_validation.passed,
+                    "failures": self.quantized_validation.failures,
+                    "gates": self.quantized_validation.gates_source,
+                    "prefill": self.quantized_validation.summary("prefill").to_dict(),
+                    "report": str(self.quantized_validation.directory / "report.md"),
+                },
             },
             "engine": self.engine,
         }
@@ -87,12 +108,24 @@ def compile_model(
     validation = validate_artifact(
         artifacts["ort"].directory, loaded, output=run_dir / "validation", progress=progress
     )
+    quantized = quantize_artifact(
+        artifacts["canonical"].directory, MAIN_RECIPE, run_dir / MAIN_RECIPE, force=True, progress=progress
+    )
+    quantized_validation = validate_artifact(
+        quantized.directory,
+        loaded,
+        output=run_dir / f"validation-{MAIN_RECIPE}",
+        long_context_tokens=0,  # the long context was checked on the float graph above
+        bisect=False,
+        progress=progress,
+    )
     engine = _build_engine(artifacts, run_dir, progress)
-    result = CompileResult(run_dir, artifacts, parity, validation, engine)
+    result = CompileResult(run_dir, artifacts, parity, validation, quantized, quantized_validation, engine)
     (run_dir / "compile.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
 
 
+MAIN_RECIPE = "int8-sq"  # the recipe that exercises the most: calibration, SmoothQuant, W8A8 experts
 ENGINE_TARGET = "rtx-blackwell"  # TensorRT-RTX builds it on any machine, no GPU needed
 
 

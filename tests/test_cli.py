@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -119,3 +120,10 @@ def test_compile_main_job(tmp_path):
     assert (tmp_path / "tiny-moe" / "onnx-ort" / "model.onnx").exists()
     assert data["validation"]["passed"] and (tmp_path / "tiny-moe" / "validation" / "report.json").exists()
     assert json.loads((tmp_path / "tiny-moe" / "compile.json").read_text())["passed"]
+    quantized = data["quantized"]
+    assert quantized["recipe"] == "int8-sq" and quantized["validation"]["passed"]
+    assert quantized["weight_ratio_vs_fp16"] <= 0.55 and quantized["calibration"]["experts_reached"] == [
+        16,
+        16,
+    ]
+    assert "engine" in data and ("skipped" in data["engine"] or Path(data["engine"]["path"]).is_file())
