@@ -46,7 +46,8 @@ from qwen3_compile.targets import Target, get_target, target_to_dict
 BUNDLE_FORMAT = 1
 DEFAULT_CONTEXT = 4096
 PLUGIN_LIBRARY = "build/plugin/libqmoe_trt_plugin.so"  # where build_plugin.sh puts it
-DEVICE_SCRIPTS = ("runner.py", "build_engine.py", "bundle_files.py", "build_plugin.sh")
+EXECUTABLES = ("runner.py", "build_engine.py", "build_plugin.sh")
+DEVICE_SCRIPTS = ("runner.py", "trt_backend.py", "build_engine.py", "bundle_files.py", "build_plugin.sh")
 _SKIP_SIDE = (MODEL_FILE, MANIFEST, "calibration.safetensors")
 
 
@@ -130,7 +131,7 @@ def _copy_device_files(staging: Path, target: Target) -> None:
             text = text.replace("@SM_ARCH@", target.sm.replace(".", ""))
             text = text.replace('$(dirname "${BASH_SOURCE[0]}")/..', '$(dirname "${BASH_SOURCE[0]}")')
         (staging / name).write_text(text)
-        (staging / name).chmod(0o644 if name == "bundle_files.py" else 0o755)
+        (staging / name).chmod(0o755 if name in EXECUTABLES else 0o644)
 
 
 def _copy_plugin_sources(staging: Path) -> None:

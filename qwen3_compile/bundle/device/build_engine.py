@@ -30,7 +30,7 @@ def build(
 
     manifest = read_manifest(bundle)
     if not skip_checks:
-        from runner import CudaRuntime
+        from trt_backend import CudaRuntime
 
         problems = check_compatibility(manifest, trt.__version__, CudaRuntime().compute_capability())
         if problems:

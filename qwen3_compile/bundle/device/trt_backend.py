@@ -1,0 +1,158 @@
+"""The TensorRT path of the bundle's runner: one engine context, the KV cache kept on the GPU, the CUDA
+runtime through ctypes (no extra Python package). Written against the documented TensorRT Python API
+(named-tensor API of TensorRT 10: set_input_shape / set_tensor_address / execute_async_v3, optimisation
+profiles chosen per call); it cannot run where the bundle is made. Standalone: numpy and tensorrt only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from bundle_files import read_manifest
+
+
+class CudaRuntime:
+    """The few CUDA runtime calls the TensorRT path needs, through ctypes (no extra Python package)."""
+
+    H2D, D2H = 1, 2
+
+    def __init__(self):
+        import ctypes
+
+        self.ct = ctypes
+        for name in ("libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0"):
+            try:
+                self.lib = ctypes.CDLL(name)
+                break
+            except OSError:
+                continue
+        else:
+            raise SystemExit("error: the CUDA runtime (libcudart.so) is not on the library path")
+        stream = ctypes.c_void_p()
+        self._ok(self.lib.cudaStreamCreate(ctypes.byref(stream)), "cudaStreamCreate")
+        self.stream = stream.value or 0
+
+    def _ok(self, status: int, what: str) -> None:
+        if status != 0:
+            raise RuntimeError(f"{what} failed with CUDA error {status}")
+
+    def malloc(self, nbytes: int) -> int:
+        ptr = self.ct.c_void_p()
+        self._ok(self.lib.cudaMalloc(self.ct.byref(ptr), self.ct.c_size_t(max(nbytes, 1))), "cudaMalloc")
+        return ptr.value
+
+    def free(self, ptr: int) -> None:
+        self.lib.cudaFree(self.ct.c_void_p(ptr))
+
+    def copy(self, dst, src, nbytes: int, kind: int) -> None:
+        args = (self.ct.c_void_p(dst), self.ct.c_void_p(src), self.ct.c_size_t(nbytes), kind)
+        self._ok(self.lib.cudaMemcpyAsync(*args, self.ct.c_void_p(self.stream)), "cudaMemcpyAsync")
+
+    def sync(self) -> None:
+        self._ok(self.lib.cudaStreamSynchronize(self.ct.c_void_p(self.stream)), "cudaStreamSynchronize")
+
+    def compute_capability(self) -> str:
+        major, minor = self.ct.c_int(), self.ct.c_int()
+        self.lib.cudaDeviceGetAttribute(self.ct.byref(major), 75, 0)  # cudaDevAttrComputeCapabilityMajor
+        self.lib.cudaDeviceGetAttribute(self.ct.byref(minor), 76, 0)
+        return f"{major.value}.{minor.value}"
+
+
+def load_plugin(trt, bundle: Path, manifest: dict) -> None:
+    """The MoE plugin library (built by scripts/build_plugin.sh) when the graph has the plugin node."""
+    if manifest["moe"]["lowering"] != "plugin":
+        return
+    library = Path(os.environ.get("QWEN3_MOE_PLUGIN", bundle / manifest["moe"]["plugin_library"]))
+    if not library.is_file():
+        raise SystemExit(f"error: {library} is missing: run `bash scripts/build_plugin.sh` first")
+    trt.get_plugin_registry().load_library(str(library))
+
+
+class TensorRTBackend:
+    """One engine context; the KV cache stays on the GPU (present.* of one call are the next call's
+    past_key_values.*); only the last row of the logits is copied back."""
+
+    name = "trt"
+
+    def __init__(self, bundle: Path, engine_path: Path | None = None):
+        import tensorrt as trt
+
+        manifest = read_manifest(bundle)
+        self.cuda = CudaRuntime()
+        logger = trt.Logger(trt.Logger.WARNING)
+        trt.init_libnvinfer_plugins(logger, "")
+        load_plugin(trt, bundle, manifest)
+        plan = (engine_path or bundle / "engine" / "model.plan").read_bytes()
+        self.engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise SystemExit("error: TensorRT could not deserialize the engine (built by another version?)")
+        self.context = self.engine.create_execution_context()
+        self.trt, self.profiles, self.profile = trt, manifest["profiles"], None
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        self.layers = sum(n.startswith("past_key_values.") for n in self.inputs) // 2
+        key = self.engine.get_tensor_shape("past_key_values.0.key")
+        self.kv_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype("past_key_values.0.key")))
+        self.kv_shape = (key[1], key[3])  # heads, head_dim
+        self.past, self.past_len = {}, 0
+        for i in range(self.layers):
+            for kv in ("key", "value"):
+                self.past[f"past_key_values.{i}.{kv}"] = self.cuda.malloc(1)
+
+    def _profile_for(self, shapes: dict[str, tuple]) -> int:
+        for index, profile in enumerate(self.profiles):
+            ranges = profile["shapes"]
+            if all(
+                all(lo <= v <= hi for lo, v, hi in zip(ranges[n]["min"], s, ranges[n]["max"], strict=True))
+                for n, s in shapes.items()
+            ):
+                return index
+        raise SystemExit(f"error: no optimisation profile admits {shapes}; rebuild with a larger --max-seq")
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        heads, head_dim = self.kv_shape
+        host = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        shapes = {n: a.shape for n, a in host.items()}
+        shapes |= {n: (1, heads, self.past_len, head_dim) for n in self.past}
+        index = self._profile_for(shapes)
+        if index != self.profile:
+            self.context.set_optimization_profile_async(index, self.cuda.stream)
+            self.profile = index
+        temporary = []
+        for name, shape in shapes.items():
+            self.context.set_input_shape(name, shape)
+        for name, array in host.items():
+            array = np.ascontiguousarray(
+                array.astype(np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name))))
+            )
+            ptr = self.cuda.malloc(array.nbytes)
+            self.cuda.copy(ptr, array.ctypes.data, array.nbytes, self.cuda.H2D)
+            self.context.set_tensor_address(name, ptr)
+            temporary.append((ptr, array))  # the host array must live until the copy ran
+        for name, ptr in self.past.items():
+            self.context.set_tensor_address(name, ptr)
+        present = {}
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
+            present[name] = (self.cuda.malloc(int(np.prod(shape)) * dtype.itemsize), shape, dtype)
+            self.context.set_tensor_address(name, present[name][0])
+        if not self.context.execute_async_v3(self.cuda.stream):
+            raise RuntimeError("TensorRT execution failed")
+        ptr, shape, dtype = present.pop("logits")
+        vocab = shape[-1]
+        last = np.empty(vocab, dtype)
+        offset = (int(np.prod(shape)) - vocab) * dtype.itemsize  # the last row of [1, S, V] (or [1, 1, V])
+        self.cuda.copy(last.ctypes.data, ptr + offset, last.nbytes, self.cuda.D2H)
+        self.cuda.sync()
+        for p, _ in temporary:
+            self.cuda.free(p)
+        self.cuda.free(ptr)
+        for name, old in self.past.items():
+            self.cuda.free(old)
+            self.past[name] = present[name.replace("past_key_values.", "present.")][0]
+        self.past_len += ids.shape[1]
+        return last.astype(np.float32)

@@ -1,0 +1,60 @@
+"""The runner's TensorRT path against a simulated TensorRT runtime and CUDA memory (fake_tensorrt.py): the
+profile chosen per call, shapes inside it, the KV cache moved between calls on the "device", the last
+logits row copied back, no buffer leaked. Its greedy tokens equal the validated reference's. This checks
+the runner's bookkeeping only; TensorRT itself is not involved (no engine can run here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import sys
+from contextlib import redirect_stdout
+
+import onnxruntime as ort
+
+from qwen3_compile.bundle.archive import safe_extract
+
+from .fake_tensorrt import FakeCuda, fake_tensorrt_module
+
+
+def test_trt_path_bookkeeping_reproduces_the_reference_tokens(bundled, tmp_path, monkeypatch):
+    folder = tmp_path / "device"
+    safe_extract(bundled.archive, folder)
+    (folder / "engine").mkdir()
+    (folder / "engine" / "model.plan").write_bytes(b"simulated")
+    manifest = bundled.manifest
+    cuda = FakeCuda()
+    session = ort.InferenceSession(str(folder / "model" / "model.onnx"), providers=["CPUExecutionProvider"])
+    trt = fake_tensorrt_module(session, manifest["profiles"], cuda)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.syspath_prepend(str(folder))
+    for name in ("runner", "trt_backend", "bundle_files"):  # the bundle's own copies
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    spec = importlib.util.spec_from_file_location("runner", folder / "runner.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    monkeypatch.setattr(sys.modules["trt_backend"], "CudaRuntime", lambda: cuda)
+
+    smoke = manifest["smoke_reference"]
+    steps = smoke["max_new_tokens"]
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = runner.main(
+            ["chat", "--backend", "trt", "--no-think", "--greedy", "--json", "--max-new-tokens", str(steps)]
+            + ["-p", smoke["prompt"], "--bundle", str(folder)]
+        )
+    assert code == 0
+    result = json.loads(out.getvalue())
+    assert result["backend"] == "trt"
+    assert result["prompt_ids"] == smoke["modes"]["non-thinking"]["prompt_ids"]
+    assert result["generated_ids"] == smoke["modes"]["non-thinking"]["tokens"]
+
+    context = trt.engines[0].contexts[0]
+    names = [p["name"] for p in manifest["profiles"]]
+    assert [names[i] for i in context.profiles_used] == ["prefill", "decode"]  # switched once, then kept
+    layers = manifest["architecture"]["num_hidden_layers"]
+    assert len(cuda.buffers) == 2 * layers  # only the KV cache is still allocated
+    kv_len = len(result["prompt_ids"]) + len(result["generated_ids"]) - 1
+    key = context.shapes["past_key_values.0.key"]
+    assert key[2] == kv_len - 1  # the last call's past: every token but the one it fed
