@@ -47,15 +47,22 @@ def smooth_groups(arch: Qwen3Arch, layer: int) -> list[SmoothGroup]:
 
 
 def _input_axis_absmax(weights: np.ndarray) -> np.ndarray:
-    """|W| max per input channel: [in, out] linear (axis 0) or [E, rows, in] experts (last axis)."""
+    """|W| max per input channel: [in, out] linear (axis 0) or [E, rows, in] experts (last axis, one
+    expert at a time)."""
     if weights.ndim == 2:
         return np.abs(weights).max(axis=1)
-    return np.abs(weights).max(axis=(0, 1))
+    return np.max([np.abs(expert).max(axis=0) for expert in weights], axis=0)
 
 
 def _scale_input_axis(weights: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """weights * s along the input axis, computed in float64 and stored in the weights' own type."""
-    return (weights.astype(np.float64) * (s[:, None] if weights.ndim == 2 else s)).astype(weights.dtype)
+    """weights * s along the input axis, computed in float64 and stored in the weights' own type (stacked
+    experts one at a time, so the float64 temporary is one expert's)."""
+    if weights.ndim == 2:
+        return (weights.astype(np.float64) * s[:, None]).astype(weights.dtype)
+    out = np.empty(weights.shape, weights.dtype)
+    for e, expert in enumerate(weights):
+        out[e] = expert.astype(np.float64) * s
+    return out
 
 
 def smoothing_scales(act_amax: np.ndarray, weight_amax: np.ndarray, alpha: float) -> np.ndarray:
