@@ -111,10 +111,12 @@ def _model_name(manifest: dict[str, Any]) -> str | None:
 
 
 def _trtexec(profiles: list[dict], plugin: bool) -> str:
+    """The trtexec alternative with one profile, the chunked-prefill one: it admits every call the runner
+    makes (prompts in chunks of up to 512 tokens, then one token at a time)."""
     parts = ["trtexec --onnx=model/model.onnx --stronglyTyped --saveEngine=engine/model.plan"]
     if plugin:
         parts.append(f"--dynamicPlugins={PLUGIN_LIBRARY}")
-    for profile in profiles:
+    for profile in [p for p in profiles if p["name"] == "chunked"]:
         for key in ("min", "opt", "max"):
             shapes = ",".join(
                 f"{name}:{'x'.join(str(d) for d in s[key])}" for name, s in profile["shapes"].items()
@@ -174,6 +176,7 @@ def _readme(manifest: dict[str, Any], plan: BundlePlan) -> str:
         validation=f"{validation['gates_source']}: prefill mean KL {summary['prefill']['mean_kl']:.3g}, "
         f"top-1 {summary['prefill']['top1']:.2%} against {validation['reference']} in PyTorch",
         context=plan.context,
+        context_minus_one=plan.context - 1,
         weights_gb=f"{mem.weights / GB:.2f}",
         kv_gb=f"{mem.kv_cache / GB:.2f}",
         act_gb=f"{mem.activations / GB:.2f}",

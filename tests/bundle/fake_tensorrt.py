@@ -121,6 +121,14 @@ class FakeEngine:
     def get_tensor_dtype(self, name: str):
         return _TYPES[self._meta(name)[0].type]
 
+    @property
+    def num_optimization_profiles(self) -> int:
+        return len(self.profiles)
+
+    def get_tensor_profile_shape(self, name: str, index: int) -> list[tuple]:
+        shapes = self.profiles[index]["shapes"][name]
+        return [tuple(shapes[k]) for k in ("min", "opt", "max")]
+
     def create_execution_context(self) -> FakeContext:
         self.contexts.append(FakeContext(self))
         return self.contexts[-1]

@@ -142,7 +142,8 @@ def test_manifest_records_memory_plan_tools_and_hashes(bundled):
     assert m["target"]["sm"] == "8.7" and m["target"]["min_tensorrt"] == "10.3"
     assert [p["name"] for p in m["profiles"]] == ["prefill", "decode", "chunked"]
     assert m["profiles"][0]["shapes"]["input_ids"]["max"] == [1, 4096]
-    assert "--stronglyTyped" in m["trtexec"] and m["trtexec"].count("--maxShapes=") == 3
+    assert "--stronglyTyped" in m["trtexec"] and m["trtexec"].count("--maxShapes=") == 1  # chunked only
+    assert "input_ids:1x512" in m["trtexec"] and "past_key_values.0.key:1x2x4095x16" in m["trtexec"]
     assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in m["files"].values())
     assert {"runner.py", "build_engine.py", "bundle_files.py", "README.md", "model/tokenizer.json"} <= set(
         m["files"]

@@ -12,13 +12,16 @@ import sys
 from contextlib import redirect_stdout
 
 import onnxruntime as ort
+import pytest
 
 from qwen3_compile.bundle.archive import safe_extract
 
 from .fake_tensorrt import FakeCuda, fake_tensorrt_module
 
 
-def test_trt_path_bookkeeping_reproduces_the_reference_tokens(bundled, tmp_path, monkeypatch):
+@pytest.mark.parametrize("built_by", ["build_engine", "trtexec"])
+def test_trt_path_bookkeeping_reproduces_the_reference_tokens(bundled, built_by, tmp_path, monkeypatch):
+    """build_engine.py builds the manifest's three profiles, the README's trtexec line the chunked one."""
     folder = tmp_path / "device"
     safe_extract(bundled.archive, folder)
     (folder / "engine").mkdir()
@@ -26,7 +29,10 @@ def test_trt_path_bookkeeping_reproduces_the_reference_tokens(bundled, tmp_path,
     manifest = bundled.manifest
     cuda = FakeCuda()
     session = ort.InferenceSession(str(folder / "model" / "model.onnx"), providers=["CPUExecutionProvider"])
-    trt = fake_tensorrt_module(session, manifest["profiles"], cuda)
+    profiles = manifest["profiles"]
+    if built_by == "trtexec":
+        profiles = [p for p in profiles if p["name"] == "chunked"]
+    trt = fake_tensorrt_module(session, profiles, cuda)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.syspath_prepend(str(folder))
     for name in ("runner", "trt_backend", "bundle_files"):  # the bundle's own copies
@@ -51,8 +57,9 @@ def test_trt_path_bookkeeping_reproduces_the_reference_tokens(bundled, tmp_path,
     assert result["generated_ids"] == smoke["modes"]["non-thinking"]["tokens"]
 
     context = trt.engines[0].contexts[0]
-    names = [p["name"] for p in manifest["profiles"]]
-    assert [names[i] for i in context.profiles_used] == ["prefill", "decode"]  # switched once, then kept
+    used = [profiles[i]["name"] for i in context.profiles_used]
+    expected = ["prefill", "decode"] if built_by == "build_engine" else ["chunked"]
+    assert used == expected  # switched once per phase, then kept
     layers = manifest["architecture"]["num_hidden_layers"]
     assert len(cuda.buffers) == 2 * layers  # only the KV cache is still allocated
     kv_len = len(result["prompt_ids"]) + len(result["generated_ids"]) - 1

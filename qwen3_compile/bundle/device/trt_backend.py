@@ -89,24 +89,28 @@ class TensorRTBackend:
         if self.engine is None:
             raise SystemExit("error: TensorRT could not deserialize the engine (built by another version?)")
         self.context = self.engine.create_execution_context()
-        self.trt, self.profiles, self.profile = trt, manifest["profiles"], None
+        self.trt, self.profile = trt, None
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
         self.layers = sum(n.startswith("past_key_values.") for n in self.inputs) // 2
         key = self.engine.get_tensor_shape("past_key_values.0.key")
-        self.kv_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype("past_key_values.0.key")))
         self.kv_shape = (key[1], key[3])  # heads, head_dim
+        # (min, max) per input and profile, from the engine: build_engine.py builds three, trtexec one
+        self.profiles = [
+            {n: tuple(self.engine.get_tensor_profile_shape(n, i))[0::2] for n in self.inputs}
+            for i in range(self.engine.num_optimization_profiles)
+        ]
         self.past, self.past_len = {}, 0
         for i in range(self.layers):
             for kv in ("key", "value"):
                 self.past[f"past_key_values.{i}.{kv}"] = self.cuda.malloc(1)
 
     def _profile_for(self, shapes: dict[str, tuple]) -> int:
-        for index, profile in enumerate(self.profiles):
-            ranges = profile["shapes"]
+        """The first of the engine's profiles whose ranges admit these input shapes."""
+        for index, ranges in enumerate(self.profiles):
             if all(
-                all(lo <= v <= hi for lo, v, hi in zip(ranges[n]["min"], s, ranges[n]["max"], strict=True))
+                all(lo <= v <= hi for lo, v, hi in zip(ranges[n][0], s, ranges[n][1], strict=True))
                 for n, s in shapes.items()
             ):
                 return index
