@@ -81,14 +81,21 @@ def _graph_inputs(model_path: Path) -> list[InputSpec]:
     ]
 
 
-def _warnings(build_input: BuildInput) -> list[str]:
-    if build_input.dtype != "fp32":
-        return []
-    return [
-        "the artifact comes from an fp32 export: a strongly typed engine keeps every unquantized tensor in "
-        "fp32 (a parity build, twice the memory and bandwidth of fp16); for deployment export with "
-        "--dtype fp16 (then quantize)"
-    ]
+def _warnings(build_input: BuildInput, moe_lowering: str) -> list[str]:
+    warnings = []
+    if build_input.dtype == "fp32":
+        warnings.append(
+            "the artifact comes from an fp32 export: a strongly typed engine keeps every unquantized tensor "
+            "in fp32 (a parity build, twice the memory and bandwidth of fp16); for deployment export with "
+            "--dtype fp16 (then quantize)"
+        )
+    if moe_lowering == "dense":
+        warnings.append(
+            "the MoE layers are lowered densely (every expert computed for every token, see moe.skipped): "
+            "correct but slow on a real MoE; the plugin takes fp16/bf16 or INT8 weight-only experts "
+            "(int8-wo or fp16 on an fp16 export) of kernel-supported shapes"
+        )
+    return warnings
 
 
 def _place(source: Path, dest: Path) -> None:
@@ -288,7 +295,7 @@ def bundle_artifact(
                 "ort_optimization": source.get("ort_optimization", "all"),
                 "validation": validation_record(report),
                 "smoke_reference": smoke,
-                "warnings": _warnings(build_input),
+                "warnings": _warnings(build_input, lowered.moe.lowering),
             }
             manifest["trtexec"] = _trtexec(profiles, lowered.moe.lowering == "plugin")
             (staging / "README.md").write_text(_readme(manifest, plan))

@@ -138,7 +138,7 @@ def test_manifest_records_memory_plan_tools_and_hashes(bundled):
     assert m["memory"]["kv_cache"] == 2 * 2 * 2 * 16 * 4 * 4096  # K+V, layers, kv heads, head_dim, fp32, ctx
     assert m["memory"]["total"] == expected.total and m["memory"]["fits"]
     assert {"onnx", "onnxruntime", "qwen3-compile", "python"} <= set(m["tools"])
-    assert len(m["warnings"]) == 1 and "fp32 export" in m["warnings"][0]
+    assert len(m["warnings"]) == 2 and "fp32 export" in m["warnings"][0] and "densely" in m["warnings"][1]
     assert m["target"]["sm"] == "8.7" and m["target"]["min_tensorrt"] == "10.3"
     assert [p["name"] for p in m["profiles"]] == ["prefill", "decode", "chunked"]
     assert m["profiles"][0]["shapes"]["input_ids"]["max"] == [1, 4096]
