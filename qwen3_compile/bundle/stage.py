@@ -26,7 +26,7 @@ import onnx
 
 from qwen3_compile import __version__
 from qwen3_compile.build.inputs import MODEL_FILE, BuildInput, read_build_input
-from qwen3_compile.build.lowering import MoeChoice, choose_moe_lowering, lower_for_build
+from qwen3_compile.build.lowering import LoweredModel, MoeChoice, choose_moe_lowering, lower_for_build
 from qwen3_compile.build.profiles import InputSpec, generation_profiles
 from qwen3_compile.bundle.archive import folder_files, write_reproducible_tar
 from qwen3_compile.bundle.checks import BundlePlan, check_bundle_target
@@ -202,6 +202,70 @@ def _readme(manifest: dict[str, Any], plan: BundlePlan) -> str:
     )
 
 
+def _copy_side_files(staging: Path, artifact: Path, target: Target, plugin: bool) -> None:
+    """Everything but the graph: tokenizer/config, reference functions, the report, device scripts,
+    plugin sources (plugin graphs only)."""
+    for side in sorted(artifact.iterdir()):
+        if side.is_file() and not side.name.startswith(_SKIP_SIDE):
+            shutil.copyfile(side, staging / "model" / side.name)
+    (staging / "reference").mkdir()
+    graphs = resources.files("qwen3_compile").joinpath("graphs")
+    for name in ("expert_dispatch.onnxtxt", "quantized_expert_dispatch.onnxtxt"):
+        (staging / "reference" / name).write_text(graphs.joinpath(name).read_text())
+    (staging / REPORT_DIR).mkdir()
+    for name in REPORT_FILES:
+        if (artifact / REPORT_DIR / name).is_file():
+            shutil.copyfile(artifact / REPORT_DIR / name, staging / REPORT_DIR / name)
+    _copy_device_files(staging, target)
+    if plugin:
+        _copy_plugin_sources(staging)
+
+
+def _manifest(
+    artifact: Path,
+    build_input: BuildInput,
+    target: Target,
+    plan: BundlePlan,
+    lowered: LoweredModel,
+    profiles: list[dict],
+    report: dict[str, Any],
+    smoke: dict[str, Any],
+) -> dict[str, Any]:
+    """The bundle's manifest, less the file list (added once every file is written)."""
+    source = build_input.manifest
+    return {
+        "format": BUNDLE_FORMAT,
+        "stage": "bundle",
+        "artifact": {
+            "folder": artifact.name,
+            "model": _model_name(source) or artifact.name,
+            "stage": source.get("stage"),
+            "label": build_input.label,
+            "dtype": build_input.dtype,
+            "model_sha256": sha256_file(build_input.model_path),
+        },
+        "architecture": source.get("architecture"),
+        "recipe": source.get("recipe"),
+        "target": target_to_dict(target),
+        "tools": tool_versions(),
+        "memory": plan.to_dict(),
+        "moe": {
+            "lowering": lowered.moe.lowering,
+            "skipped": lowered.moe.skipped,
+            "plugin_library": PLUGIN_LIBRARY if lowered.moe.lowering == "plugin" else None,
+        },
+        "lowering": lowered.report,
+        "op_histogram": lowered.op_histogram,
+        "logits": "last",
+        "profiles": profiles,
+        "ort_optimization": source.get("ort_optimization", "all"),
+        "validation": validation_record(report),
+        "smoke_reference": smoke,
+        "warnings": _warnings(build_input, lowered.moe.lowering),
+        "trtexec": _trtexec(profiles, lowered.moe.lowering == "plugin"),
+    }
+
+
 def bundle_artifact(
     artifact: str | Path,
     target: str,
@@ -248,56 +312,12 @@ def bundle_artifact(
                 _place(path, staging / "model" / path.name)
             seconds["lower"], clock = round(time.perf_counter() - clock, 3), time.perf_counter()
             advance(1)
-            for side in sorted(artifact.iterdir()):
-                if side.is_file() and not side.name.startswith(_SKIP_SIDE):
-                    shutil.copyfile(side, staging / "model" / side.name)
-            (staging / "reference").mkdir()
-            graphs = resources.files("qwen3_compile").joinpath("graphs")
-            for name in ("expert_dispatch.onnxtxt", "quantized_expert_dispatch.onnxtxt"):
-                (staging / "reference" / name).write_text(graphs.joinpath(name).read_text())
-            (staging / REPORT_DIR).mkdir()
-            for name in REPORT_FILES:
-                if (artifact / REPORT_DIR / name).is_file():
-                    shutil.copyfile(artifact / REPORT_DIR / name, staging / REPORT_DIR / name)
-            _copy_device_files(staging, deploy)
-            if lowered.moe.lowering == "plugin":
-                _copy_plugin_sources(staging)
+            _copy_side_files(staging, artifact, deploy, lowered.moe.lowering == "plugin")
             profiles = [
                 p.to_dict()
                 for p in generation_profiles(_graph_inputs(staging / "model" / "model.onnx"), 1, context)
             ]
-            source = build_input.manifest
-            manifest: dict[str, Any] = {
-                "format": BUNDLE_FORMAT,
-                "stage": "bundle",
-                "artifact": {
-                    "folder": artifact.name,
-                    "model": _model_name(source) or artifact.name,
-                    "stage": source.get("stage"),
-                    "label": build_input.label,
-                    "dtype": build_input.dtype,
-                    "model_sha256": sha256_file(build_input.model_path),
-                },
-                "architecture": source.get("architecture"),
-                "recipe": source.get("recipe"),
-                "target": target_to_dict(deploy),
-                "tools": tool_versions(),
-                "memory": plan.to_dict(),
-                "moe": {
-                    "lowering": lowered.moe.lowering,
-                    "skipped": lowered.moe.skipped,
-                    "plugin_library": PLUGIN_LIBRARY if lowered.moe.lowering == "plugin" else None,
-                },
-                "lowering": lowered.report,
-                "op_histogram": lowered.op_histogram,
-                "logits": "last",
-                "profiles": profiles,
-                "ort_optimization": source.get("ort_optimization", "all"),
-                "validation": validation_record(report),
-                "smoke_reference": smoke,
-                "warnings": _warnings(build_input, lowered.moe.lowering),
-            }
-            manifest["trtexec"] = _trtexec(profiles, lowered.moe.lowering == "plugin")
+            manifest = _manifest(artifact, build_input, deploy, plan, lowered, profiles, report, smoke)
             (staging / "README.md").write_text(_readme(manifest, plan))
             manifest["files"] = {
                 name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
