@@ -66,7 +66,7 @@ def validation_record(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def smoke_reference(artifact: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def smoke_reference(artifact: Path, manifest: dict[str, Any], steps: int = SMOKE_TOKENS) -> dict[str, Any]:
     """Greedy tokens of the validated artifact (its canonical graph, the one validation measured) on ONNX
     Runtime CPU for SMOKE_PROMPT in both reasoning modes, ending after the first stop token."""
     import onnxruntime
@@ -87,13 +87,13 @@ def smoke_reference(artifact: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     modes = {}
     for mode, thinking in MODES.items():
         ids = render_chat(tokenizer, [{"role": "user", "content": SMOKE_PROMPT}], thinking)
-        out = generate(runner, left_padded_batch([ids], ENDOFTEXT_ID), SMOKE_TOKENS)
+        out = generate(runner, left_padded_batch([ids], ENDOFTEXT_ID), steps)
         tokens = [int(t) for t in out.tokens[0]]
         stop = next((i for i, t in enumerate(tokens) if t in STOP_IDS), None)
         modes[mode] = {"prompt_ids": ids, "tokens": tokens if stop is None else tokens[: stop + 1]}
     return {
         "prompt": SMOKE_PROMPT,
-        "max_new_tokens": SMOKE_TOKENS,
+        "max_new_tokens": steps,
         "decoding": "greedy",
         "source": f"the artifact's model.onnx (sha256 {sha256_file(artifact / 'model.onnx')[:16]}...) on "
         f"onnxruntime {onnxruntime.__version__} CPU",

@@ -33,6 +33,8 @@ from qwen3_compile.bundle.checks import BundlePlan, check_bundle_target
 from qwen3_compile.bundle.reference import (
     REPORT_DIR,
     REPORT_FILES,
+    SMOKE_PROMPT,
+    SMOKE_TOKENS,
     require_validation,
     smoke_reference,
     validation_record,
@@ -164,7 +166,7 @@ def _plugin_row(moe: dict[str, Any]) -> str:
 
 def _readme(manifest: dict[str, Any], plan: BundlePlan) -> str:
     template = resources.files("qwen3_compile.bundle").joinpath("device", "README.md.in").read_text()
-    target, moe, smoke = manifest["target"], manifest["moe"], manifest["smoke_reference"]["modes"]
+    target, moe, smoke = manifest["target"], manifest["moe"], manifest["smoke_reference"]
     mem = plan.memory
     validation = manifest["validation"]
     summary = validation["summary"]
@@ -195,10 +197,15 @@ def _readme(manifest: dict[str, Any], plan: BundlePlan) -> str:
             else "# no plugin to build: the graph has no plugin node"
         ),
         trtexec=manifest["trtexec"],
-        smoke_tokens=manifest["smoke_reference"]["max_new_tokens"],
-        smoke_prompt=manifest["smoke_reference"]["prompt"],
-        smoke_nothink=smoke["non-thinking"]["tokens"],
-        smoke_think=smoke["thinking"]["tokens"],
+        smoke_tokens=smoke["max_new_tokens"] if smoke else 16,
+        smoke_prompt=smoke["prompt"] if smoke else SMOKE_PROMPT,
+        smoke_expect=(
+            "Greedy tokens to expect, recorded from the validated artifact on ONNX Runtime (`manifest.json`, "
+            f"`smoke_reference`): non-thinking `{smoke['modes']['non-thinking']['tokens']}`; thinking "
+            f"`{smoke['modes']['thinking']['tokens']}`."
+            if smoke
+            else "No reference tokens were recorded for this bundle (`bundle --smoke-tokens 0`)."
+        ),
     )
 
 
@@ -229,7 +236,7 @@ def _manifest(
     lowered: LoweredModel,
     profiles: list[dict],
     report: dict[str, Any],
-    smoke: dict[str, Any],
+    smoke: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """The bundle's manifest, less the file list (added once every file is written)."""
     source = build_input.manifest
@@ -272,10 +279,13 @@ def bundle_artifact(
     output: str | Path,
     *,
     max_seq: int | None = None,
+    smoke_tokens: int = SMOKE_TOKENS,
     force: bool = False,
     progress: Progress = NO_PROGRESS,
 ) -> Bundle:
-    """Bundle `artifact` (an export or quantize folder with a passing validation report) for `target`."""
+    """Bundle `artifact` (an export or quantize folder with a passing validation report) for `target`.
+    `smoke_tokens`: greedy tokens of the artifact on ONNX Runtime CPU to record per reasoning mode (0: none;
+    a large MoE's canonical graph computes every expert on the CPU, minutes per token)."""
     artifact, output = Path(artifact), Path(output)
     if output.exists() and not force:
         raise BadInputError(
@@ -298,7 +308,7 @@ def bundle_artifact(
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     with progress.stage("bundle", total=4, unit="steps") as advance:
-        smoke = smoke_reference(artifact, build_input.manifest)
+        smoke = smoke_reference(artifact, build_input.manifest, smoke_tokens) if smoke_tokens else None
         seconds["smoke_reference"], clock = round(time.perf_counter() - clock, 3), time.perf_counter()
         advance(1)
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -15,10 +15,23 @@ from qwen3_compile.cli.common import emit_json, stage_command
 @click.option("--target", required=True, type=click.Choice(JETSON_TARGETS), help="The Jetson to deploy on.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="FILE.tar.gz to write.")
 @click.option("--max-seq", type=click.IntRange(min=2), help="Context of the engine (default: <= 4096).")
+@click.option(
+    "--smoke-tokens",
+    type=click.IntRange(min=0),
+    default=16,
+    show_default=True,
+    help="Greedy tokens of the artifact on ONNX Runtime to record for the smoke test (0: none; large MoE).",
+)
 @click.option("--force", is_flag=True, help="Replace the output file if it exists.")
 @stage_command
 def bundle_command(
-    artifact: Path, target: str, output: Path, max_seq: int | None, force: bool, as_json: bool
+    artifact: Path,
+    target: str,
+    output: Path,
+    max_seq: int | None,
+    smoke_tokens: int,
+    force: bool,
+    as_json: bool,
 ) -> None:
     """Bundle ARTIFACT (an `export` or `quantize` folder that passed `validate`) for a Jetson: the graph
     lowered for the target with its weights, the MoE plugin sources and CMake when the graph uses the
@@ -30,7 +43,13 @@ def bundle_command(
     from qwen3_compile.sizing import GB
 
     result = bundle_artifact(
-        artifact, target, output, max_seq=max_seq, force=force, progress=default_progress(not as_json)
+        artifact,
+        target,
+        output,
+        max_seq=max_seq,
+        smoke_tokens=smoke_tokens,
+        force=force,
+        progress=default_progress(not as_json),
     )
     m = result.manifest
     if as_json:

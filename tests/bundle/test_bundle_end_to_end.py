@@ -173,3 +173,22 @@ def test_bundled_build_script_builds_the_graph_with_the_recorded_profiles_on_ten
     assert plan.stat().st_size > (folder / "model" / "model.onnx").stat().st_size // 2
     assert f"wrote {plan}" in run.stdout
     verify_bundle(folder)  # the engine/ folder the device writes is not a tampered file
+
+
+def test_cli_bundle_without_smoke_reference(bundled, tmp_path):
+    """`--smoke-tokens 0` (for models too large to run on the bundling host's CPU): no reference tokens,
+    said so in the README; everything else as before."""
+    out = tmp_path / "no-smoke.tar.gz"
+    cli = ["bundle", str(bundled.artifact), "--target", "jetson-agx-orin", "-o", str(out)]
+    cli += ["--smoke-tokens", "0"]
+    result = CliRunner().invoke(main, [*cli, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["smoke_reference"] is None and data["bytes"] == out.stat().st_size
+    folder = tmp_path / "device"
+    safe_extract(out, folder)
+    assert "No reference tokens were recorded" in (folder / "README.md").read_text()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["files"]["model/model.onnx"] == bundled.manifest["files"]["model/model.onnx"]
+    again = CliRunner().invoke(main, cli)
+    assert again.exit_code == 2 and "--force" in again.output
