@@ -58,16 +58,17 @@ class _Plan:
         ]
 
 
-def _float_dtype(model: onnx.ModelProto) -> np.dtype:
-    logits = next(o for o in model.graph.output if o.name == "logits")
-    return np.dtype(helper.tensor_dtype_to_np_dtype(logits.type.tensor_type.elem_type))
-
-
 def insert_activation_qdq(
-    model: onnx.ModelProto, stats: CalibrationStats, act_dtype: str | None, kv_dtype: str | None
+    model: onnx.ModelProto,
+    stats: CalibrationStats,
+    act_dtype: str | None,
+    kv_dtype: str | None,
+    float_dtype: type = np.float32,
 ) -> dict[str, int]:
-    """Rewrite `model` in place (after `quantize_weights`); returns counts for the manifest."""
-    plan = _Plan(_float_dtype(model))
+    """Rewrite `model` in place (after `quantize_weights`); returns counts for the manifest. `float_dtype`
+    is the export's activation type (the scales must match it: QuantizeLinear's x and y_scale share a
+    type, and a strongly typed TensorRT network takes the types as written)."""
+    plan = _Plan(np.dtype(float_dtype))
     counts = {"activation_pairs": 0, "quantized_expert_dispatch": 0, "kv_cache_pairs": 0}
     rewired: dict[int, list[tuple[int, str]]] = {}  # node index -> (input slot, activation)
     expert_nodes = []

@@ -179,7 +179,8 @@ def quantize_artifact(
                 warnings = _check_stats(stats, recipe, tensors)
                 act_dtype = recipe.activations.dtype if recipe.activations else None
                 kv_dtype = recipe.kv_cache.dtype if recipe.kv_cache else None
-                calibration |= insert_activation_qdq(model, stats, act_dtype, kv_dtype)
+                float_dtype = np.float16 if manifest["options"]["dtype"] == "fp16" else np.float32
+                calibration |= insert_activation_qdq(model, stats, act_dtype, kv_dtype, float_dtype)
         lowering = None
         if target is not None:
             from qwen3_compile.lower import lower
