@@ -41,6 +41,14 @@ def require_validation(artifact: Path) -> dict[str, Any]:
         report = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise BadInputError(f"the report is not valid JSON ({err.msg}).", file=path, fix=fix) from None
+    recorded = report.get("model_sha256")
+    if recorded and (artifact / "model.onnx").is_file() and sha256_file(artifact / "model.onnx") != recorded:
+        raise BadInputError(
+            "the validation report was made for a different model.onnx (sha256 differs).",
+            file=path,
+            field="model_sha256",
+            fix=fix,
+        )
     if not report.get("passed"):
         failures = "; ".join(report.get("failures") or ["no verdict recorded"])
         raise CheckFailedError(

@@ -69,6 +69,8 @@ class ValidationReport:
     bisection: Bisection | None
     failures: list[str] = field(default_factory=list)
     directory: Path | None = None
+    model_sha256: str | None = None  # of the validated graph (from the artifact's manifest), so a report
+    # copied next to another model is recognised as someone else's
 
     @property
     def passed(self) -> bool:
@@ -85,6 +87,7 @@ class ValidationReport:
         steps = sum(c.decode_steps for c in self.cases)
         return {
             "artifact": self.artifact,
+            "model_sha256": self.model_sha256,
             "reference": self.reference,
             "backend": self.backend,
             "passed": self.passed,
@@ -215,6 +218,8 @@ def validate_artifact(
         with progress.stage("bisect layers", total=None):
             bisection = bisect_layers(loaded, artifact / "model.onnx", probes, gates.layer_tolerance)
     report = ValidationReport(str(artifact), str(reference), backend, gates, gates_source, results, bisection)
+    model_hash = (manifest.get("outputs", {}).get("model.onnx") or {}).get("sha256")
+    report = dataclasses.replace(report, model_sha256=model_hash)
     report = dataclasses.replace(report, failures=_evaluate(report))
     out = Path(output) if output is not None else artifact / "validation"
     with atomic_output_dir(out, force=True) as tmp:
