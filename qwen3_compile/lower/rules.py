@@ -107,6 +107,13 @@ def _drop_initializers(model: onnx.ModelProto, names: set[str]) -> None:
     model.graph.initializer.extend(keep)
 
 
+def _declinable_ops(rule: RewriteRule) -> tuple[tuple[str, str], ...]:
+    """The ops whose declines a rule reports: `target_ops` if it names several, else its `target_op`."""
+    several = getattr(rule, "target_ops", ())
+    one = getattr(rule, "target_op", None)
+    return tuple(several) or ((one,) if one else ())
+
+
 def apply_rules(
     model: onnx.ModelProto,
     rules: list[RewriteRule],
@@ -145,8 +152,7 @@ def apply_rules(
                         model.opset_import.append(onnx.helper.make_opsetid(domain, version))
                 applied[rule.name] += 1
                 continue
-            target = getattr(rule, "target_op", None)
-            if target and (node.domain, node.op_type) == target:
+            if (node.domain, node.op_type) in _declinable_ops(rule):
                 declined.setdefault(rule.name, []).append((node, reason))
             new_nodes.append(node)
         del model.graph.node[:]

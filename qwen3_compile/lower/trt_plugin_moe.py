@@ -12,7 +12,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto
 
-from qwen3_compile.custom_ops import DOMAIN, EXPERT_DISPATCH
+from qwen3_compile.custom_ops import DOMAIN, EXPERT_DISPATCH, QUANTIZED_EXPERT_DISPATCH
 from qwen3_compile.lower.rules import GraphView, Replacement, RewriteRule
 
 _ACT_TYPES = {TensorProto.FLOAT16: "fp16", TensorProto.BFLOAT16: "bf16"}
@@ -36,6 +36,8 @@ def _int8_source(view: GraphView, value: str) -> tuple[str, str] | None:
 class ExpertDispatchToQwen3MoePlugin(RewriteRule):
     name = "expert_dispatch_to_qwen3_moe_plugin"
     target_op = (DOMAIN, EXPERT_DISPATCH)
+    # W8A8 experts are reported too: the user should see why they stayed dense
+    target_ops = ((DOMAIN, EXPERT_DISPATCH), (DOMAIN, QUANTIZED_EXPERT_DISPATCH))
 
     def _weights(self, view: GraphView, node: onnx.NodeProto) -> tuple[list[str], int] | str:
         """(plugin weight inputs, activation type) or why the plugin cannot take this node."""
@@ -57,6 +59,11 @@ class ExpertDispatchToQwen3MoePlugin(RewriteRule):
     def check(self, view: GraphView, node: onnx.NodeProto) -> str | None:
         from qwen3_compile.kernels import trt_contract as contract
 
+        if (node.domain, node.op_type) == (self.target_op[0], QUANTIZED_EXPERT_DISPATCH):
+            return (
+                "W8A8 experts (QuantizedExpertDispatch): the plugin takes fp16/bf16 or INT8 weight-only "
+                "experts, not quantized activations"
+            )
         if (node.domain, node.op_type) != self.target_op:
             return "not an ExpertDispatch node"
         attrs = view.attrs(node)
