@@ -90,6 +90,7 @@ def render_inspect(report: ModelReport) -> None:
 
 def render_compile(result: CompileResult) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -137,7 +138,7 @@ def render_compile(result: CompileResult) -> None:
     )
     e = result.engine
     if "skipped" in e:
-        console.print(f"    engine: skipped: {e['skipped']}")
+        console.print(f"    engine: skipped: {escape(e['skipped'])}")  # keeps "[rtx]" from being markup
     else:
         console.print(
             f"    engine: {e['path']} ({e['bytes'] / 1e6:.1f} MB, {e['target']}, built in "
