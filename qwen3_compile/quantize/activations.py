@@ -26,28 +26,30 @@ _ZERO = {"int8": np.zeros((), np.int8), "fp8": np.zeros((), ml_dtypes.float8_e4m
 _SUFFIX = ".dequantized"
 
 
+def _scale(amax: float, dtype: str, float_dtype: np.dtype) -> np.ndarray:
+    return np.array(max(amax, 1e-12) / QUANT_MAX[dtype], float_dtype)
+
+
 @dataclass
 class _Plan:
-    """Q/DQ pairs to insert: activation tensor -> (scale value, quantized dtype)."""
+    """Q/DQ pairs to insert: activation tensor -> (absmax over its readers, quantized dtype)."""
 
     float_dtype: np.dtype
-    pairs: dict[str, tuple[float, str]] = field(default_factory=dict)
+    ranges: dict[str, tuple[float, str]] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def fake_quant(self, value: str, amax: float, dtype: str) -> str:
-        if value in self.pairs:  # readers of one tensor share one range
-            amax = max(amax, self.pairs[value][0] * QUANT_MAX[dtype])
-        self.pairs[value] = (max(amax, 1e-12) / QUANT_MAX[dtype], dtype)
-        return value + ".qdq"
+    def observe(self, value: str, amax: float, dtype: str) -> None:
+        """Readers of one tensor (q/k/v) share one range: the widest."""
+        self.ranges[value] = (max(amax, self.ranges.get(value, (0.0, dtype))[0]), dtype)
 
-    def constants(self, value: str) -> tuple[str, str]:
-        scale, dtype = self.pairs[value]
-        self.arrays[value + ".act_scale"] = np.array(scale, self.float_dtype)
+    def constant(self, name: str, amax: float, dtype: str) -> tuple[str, str]:
+        """A scale initializer and the zero point of `dtype` (which fixes QuantizeLinear's output type)."""
+        self.arrays[name] = _scale(amax, dtype, self.float_dtype)
         self.arrays[f"zero_point.{dtype}"] = _ZERO[dtype]
-        return value + ".act_scale", f"zero_point.{dtype}"
+        return name, f"zero_point.{dtype}"
 
     def nodes(self, value: str) -> list[onnx.NodeProto]:
-        scale, zero = self.constants(value)
+        scale, zero = self.constant(value + ".act_scale", *self.ranges[value])
         return [
             helper.make_node(
                 "QuantizeLinear", [value, scale, zero], [value + ".q"], name=value + "/Quantize"
@@ -70,44 +72,39 @@ def insert_activation_qdq(
     type, and a strongly typed TensorRT network takes the types as written)."""
     plan = _Plan(np.dtype(float_dtype))
     counts = {"activation_pairs": 0, "quantized_expert_dispatch": 0, "kv_cache_pairs": 0}
-    rewired: dict[int, list[tuple[int, str]]] = {}  # node index -> (input slot, activation)
-    expert_nodes = []
+    rewired: dict[int, tuple[int, str]] = {}  # node index -> (input slot, activation)
     for index, node in enumerate(model.graph.node):
         if act_dtype and node.op_type == "MatMul" and node.input[1].endswith(_SUFFIX):
             weight = checkpoint_name(node.input[1].removesuffix(_SUFFIX))
-            amax = float(stats.act_amax(weight).max())
-            plan.fake_quant(node.input[0], amax, act_dtype)
-            rewired[index] = [(0, node.input[0])]
+            plan.observe(node.input[0], float(stats.act_amax(weight).max()), act_dtype)
+            rewired[index] = (0, node.input[0])
         elif (
             act_dtype
             and (node.domain, node.op_type) == (DOMAIN, EXPERT_DISPATCH)
             and node.input[2].endswith(_SUFFIX)
         ):
-            gate_up = node.input[2].removesuffix(_SUFFIX)
-            plan.fake_quant(node.input[0], float(stats.act_amax(gate_up).max()), act_dtype)
-            rewired[index] = [(0, node.input[0])]
-            expert_nodes.append((node, checkpoint_name(node.input[3].removesuffix(_SUFFIX))))
+            gate_up, down = (checkpoint_name(v.removesuffix(_SUFFIX)) for v in node.input[2:4])
+            plan.observe(node.input[0], float(stats.act_amax(gate_up).max()), act_dtype)
+            rewired[index] = (0, node.input[0])
+            # the intermediate is quantized inside the node, with one range shared by all experts
+            node.op_type = QUANTIZED_EXPERT_DISPATCH
+            node.input.extend(
+                plan.constant(down + ".act_scale", float(stats.act_amax(down).max()), act_dtype)
+            )
+            counts["quantized_expert_dispatch"] += 1
         elif kv_dtype and node.op_type == "Concat" and node.input[0].startswith("past_key_values."):
             layer = int(node.input[0].split(".")[1])
             s = stats.layers[layer]
             amax = s.key_amax if node.input[0] == past_names(layer)[0] else s.value_amax
-            plan.fake_quant(node.input[1], amax, kv_dtype)
-            rewired[index] = [(1, node.input[1])]
+            plan.observe(node.input[1], amax, kv_dtype)
+            rewired[index] = (1, node.input[1])
             counts["kv_cache_pairs"] += 1
-    for node, down in expert_nodes:
-        scale_name = down + ".act_scale"
-        plan.arrays[scale_name] = np.array(
-            max(float(stats.act_amax(down).max()), 1e-12) / QUANT_MAX[act_dtype], plan.float_dtype
-        )
-        plan.arrays[f"zero_point.{act_dtype}"] = _ZERO[act_dtype]
-        node.op_type = QUANTIZED_EXPERT_DISPATCH
-        node.input.extend([scale_name, f"zero_point.{act_dtype}"])
-        counts["quantized_expert_dispatch"] += 1
 
     emitted: set[str] = set()
     nodes = []
     for index, node in enumerate(model.graph.node):
-        for slot, value in rewired.get(index, []):
+        if index in rewired:
+            slot, value = rewired[index]
             if value not in emitted:
                 nodes += plan.nodes(value)
                 emitted.add(value)

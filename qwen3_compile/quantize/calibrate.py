@@ -51,11 +51,12 @@ class CalibrationStats:
         return self.layers[layer].act_amax[weight_name]
 
     def unreached_experts(self) -> dict[int, list[int]]:
-        return {
+        unreached = {
             i: np.flatnonzero(s.expert_tokens == 0).tolist()
             for i, s in enumerate(self.layers)
-            if s.expert_tokens is not None and (s.expert_tokens == 0).any()
+            if s.expert_tokens is not None
         }
+        return {i: experts for i, experts in unreached.items() if experts}
 
     def summary(self) -> dict:
         data = {**self.calibration.to_dict(), "layers": len(self.layers)}
