@@ -93,3 +93,22 @@ def generate(
         last = logits[:, -1]
         step_logits.append(last)
     return Generation(prefill, step_logits, np.stack(chosen, axis=1) if chosen else np.zeros((0, 0)))
+
+
+def empty_kv_cache(batch: int, num_layers: int, kv_heads: int, head_dim: int, dtype) -> list[np.ndarray]:
+    """The past for a first call: zero-length key/value per layer (one shared empty array)."""
+    empty = np.zeros((batch, kv_heads, 0, head_dim), dtype=dtype)
+    return [empty] * (2 * num_layers)
+
+
+def graph_feeds(
+    input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: list[np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The graph contract's inputs: ids, mask, positions and `past_key_values.{i}.key|value`."""
+    from qwen3_compile.export.graph import past_names
+
+    feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    for i in range(len(cache) // 2):
+        key, value = past_names(i)
+        feeds[key], feeds[value] = cache[2 * i], cache[2 * i + 1]
+    return feeds

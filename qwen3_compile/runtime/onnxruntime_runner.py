@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen3_compile.export.graph import past_names, present_names
+from qwen3_compile.runtime.base import empty_kv_cache, graph_feeds
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -41,8 +42,7 @@ class OrtRunner:
         self.outputs = ["logits"] + [n for i in range(self.num_layers) for n in present_names(i)]
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
-        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
-        return [empty] * (2 * self.num_layers)
+        return empty_kv_cache(batch, self.num_layers, self.kv_heads, self.head_dim, self.kv_dtype)
 
     def forward(
         self,
@@ -51,9 +51,6 @@ class OrtRunner:
         position_ids: np.ndarray,
         cache: list[np.ndarray],
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        for i in range(self.num_layers):
-            key, value = past_names(i)
-            feeds[key], feeds[value] = cache[2 * i], cache[2 * i + 1]
+        feeds = graph_feeds(input_ids, attention_mask, position_ids, cache)
         logits, *present = self.session.run(self.outputs, feeds)
         return logits, present

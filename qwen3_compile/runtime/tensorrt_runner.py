@@ -17,6 +17,7 @@ from qwen3_compile.build.trt_import import import_tensorrt
 from qwen3_compile.errors import BadInputError, CheckFailedError
 from qwen3_compile.export.graph import past_names, present_names
 from qwen3_compile.manifest import MANIFEST, read_manifest
+from qwen3_compile.runtime.base import empty_kv_cache, graph_feeds
 
 PLAN_FILE = "model.plan"
 
@@ -64,8 +65,7 @@ class TensorRTRunner:
         self.active_profile = 0
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
-        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
-        return [empty] * (2 * self.num_layers)
+        return empty_kv_cache(batch, self.num_layers, self.kv_heads, self.head_dim, self.kv_dtype)
 
     def forward(
         self,
@@ -86,10 +86,7 @@ class TensorRTRunner:
         if index != self.active_profile:
             self.runner.set_profile(index)
             self.active_profile = index
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        for i in range(self.num_layers):
-            key, value = past_names(i)
-            feeds[key], feeds[value] = cache[2 * i], cache[2 * i + 1]
+        feeds = graph_feeds(input_ids, attention_mask, position_ids, cache)
         outputs = self.runner.infer(feeds)
         present = [outputs[name] for i in range(self.num_layers) for name in present_names(i)]
         return np.asarray(outputs["logits"], dtype=np.float32), present
