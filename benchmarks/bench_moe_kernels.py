@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -165,7 +166,16 @@ def bench_tokens(T: int, weights: dict, bw: float, mm: float, reps: int) -> list
         calls = forward_calls(xs, ls, outs, ws, (w1, w2, s1, s2))
         ms = time_graph(calls, reps)
         calls[0]()
-        add(f"qmoe {kind}", ms, distinct * expert_bytes[kind], outs[0])
+        path = kmoe.resolve_path(xs[0], ls[0], w1, K, s1)
+        add(f"qmoe {kind} ({path})", ms, distinct * expert_bytes[kind], outs[0])
+        if path == "wgmma":  # the portable tensor-core kernel on the same inputs, same run
+            os.environ["QMOE_WGMMA"] = "0"
+            try:
+                ms = time_graph(calls, reps)
+                calls[0]()
+            finally:
+                os.environ.pop("QMOE_WGMMA")
+            add(f"qmoe {kind} (mma_sync)", ms, distinct * expert_bytes[kind], outs[0])
 
     def naive():
         return torch_loop_moe(xs[0], ls[0], gate_up, down, K)
@@ -186,6 +196,7 @@ def bench_tokens(T: int, weights: dict, bw: float, mm: float, reps: int) -> list
 VARIANTS = {  # environment knobs of the library (read at each call), for A/B timings in one run
     "default": {},
     "no PDL": {"QMOE_PDL": "0"},
+    "mma.sync instead of wgmma": {"QMOE_WGMMA": "0"},
     "stages: routing only": {"QMOE_STAGES": "1"},
     "stages: + gate_up": {"QMOE_STAGES": "2"},
     "stages: + down": {"QMOE_STAGES": "3"},
@@ -194,11 +205,11 @@ VARIANTS = {  # environment knobs of the library (read at each call), for A/B ti
 }
 # Variants that change nothing at some sizes are skipped there.
 VARIANT_TOKENS = {name: (1,) for name in VARIANTS if name.startswith(("general path", "single-token"))}
+VARIANT_TOKENS["mma.sync instead of wgmma"] = (512, 2048)
 
 
 def bench_variants(weights: dict, reps: int) -> list[dict]:
     """qmoe bf16 under each variant knob, plus a per-kernel time breakdown from the profiler."""
-    import os
 
     gate_up, down = weights["bf16"][:2]
     rows = []

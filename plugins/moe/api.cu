@@ -31,12 +31,23 @@ int cuda_status(cudaError_t e) { return e == cudaSuccess ? QMOE_OK : QMOE_ERR_CU
 
 bool is_act(int d) { return d == QMOE_F16 || d == QMOE_BF16; }
 
-// Tokens per expert at or below which the GEMV path (weights streamed once) beats the tensor cores.
-bool use_gemv(const qmoe_problem& p) {
-  if (p.path == QMOE_PATH_GEMV) return true;
-  if (p.path == QMOE_PATH_MMA) return false;
+// The concrete expert kernel: GEMV at or below 4 pairs an expert (weights streamed once beat the tensor
+// cores there), else wgmma on SM 9.0 with 16-bit weights, else mma.sync. QMOE_WGMMA=0 (benchmarking) turns
+// the automatic choice of wgmma off.
+int resolve_path(const qmoe_problem& p) {
+  const bool wgmma_ok = p.weight_dtype != QMOE_I8 && qmoe::wgmma_supported();
+  switch (p.path) {
+    case QMOE_PATH_GEMV:
+    case QMOE_PATH_MMA_SYNC:
+      return p.path;
+    case QMOE_PATH_WGMMA:
+      return wgmma_ok ? QMOE_PATH_WGMMA : -QMOE_ERR_UNSUPPORTED;
+    default:
+      break;
+  }
   const long long pairs = (long long)p.num_tokens * p.top_k;
-  return pairs <= 4LL * p.num_experts;
+  if (p.path == QMOE_PATH_AUTO && pairs <= 4LL * p.num_experts) return QMOE_PATH_GEMV;
+  return wgmma_ok && qmoe::env_int("QMOE_WGMMA", 1) != 0 ? QMOE_PATH_WGMMA : QMOE_PATH_MMA_SYNC;
 }
 
 }  // namespace
@@ -71,7 +82,7 @@ int qmoe_check_problem(const qmoe_problem* p) {
   if (p->weight_dtype == QMOE_I8 && p->scale_dtype != QMOE_F32 && p->scale_dtype != QMOE_F16)
     return QMOE_ERR_INVALID_ARG;
   if (p->logits_dtype != QMOE_F32 && !is_act(p->logits_dtype)) return QMOE_ERR_INVALID_ARG;
-  if (p->path < QMOE_PATH_AUTO || p->path > QMOE_PATH_MMA) return QMOE_ERR_INVALID_ARG;
+  if (p->path < QMOE_PATH_AUTO || p->path > QMOE_PATH_WGMMA) return QMOE_ERR_INVALID_ARG;
   if (p->num_experts > qmoe::kMaxExperts || p->top_k > p->num_experts || p->top_k > qmoe::kMaxTopK)
     return QMOE_ERR_UNSUPPORTED;
   if (p->hidden % 128 != 0 || p->inter % 64 != 0) return QMOE_ERR_UNSUPPORTED;
@@ -94,9 +105,16 @@ int qmoe_route(const qmoe_problem* p, const void* logits, int32_t* topk_ids, flo
   return cuda_status(qmoe::launch_router(*p, logits, topk_ids, topk_weights, static_cast<cudaStream_t>(stream)));
 }
 
+int qmoe_resolve_path(const qmoe_problem* p) {
+  const int st = qmoe_check_problem(p);
+  return st != QMOE_OK ? -st : resolve_path(*p);
+}
+
 int qmoe_forward(const qmoe_problem* p, const qmoe_tensors* t, void* stream) {
   int st = qmoe_check_problem(p);
   if (st != QMOE_OK) return st;
+  const int path = resolve_path(*p);
+  if (path < 0) return -path;
   if (!t || !t->x || !t->logits || !t->gate_up || !t->down || !t->out) return QMOE_ERR_INVALID_ARG;
   const bool i8 = p->weight_dtype == QMOE_I8;
   if (i8 && (!t->gate_up_scale || !t->down_scale)) return QMOE_ERR_INVALID_ARG;
@@ -107,8 +125,8 @@ int qmoe_forward(const qmoe_problem* p, const qmoe_tensors* t, void* stream) {
 
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   Workspace ws = qmoe::layout_workspace(*p, t->workspace);
-  const bool gemv = use_gemv(*p);
-  ws.tile_m = qmoe::kMmaBlockM;
+  const bool gemv = path == QMOE_PATH_GEMV;
+  ws.tile_m = path == QMOE_PATH_WGMMA ? qmoe::kWgTileTokens : qmoe::kMmaBlockM;
   // QMOE_STAGES=n runs only the first n stages (1 routing, 2 + gate_up, 3 + down, 4 + combine): for
   // timing stages by difference. The output is incomplete below 4.
   const int stages = qmoe::env_int("QMOE_STAGES", 4);
@@ -127,8 +145,9 @@ int qmoe_forward(const qmoe_problem* p, const qmoe_tensors* t, void* stream) {
     if (!fuse) err = qmoe::launch_router(*p, t->logits, ws.topk_ids, ws.topk_w, s);
     if (err == cudaSuccess) err = qmoe::launch_dispatch(*p, t->logits, ws, fuse, s);
     if (err == cudaSuccess && stages >= 2) {
-      err = gemv ? qmoe::launch_experts_gemv(*p, tt, ws, s, stages >= 3)
-                 : qmoe::launch_experts_mma(*p, tt, ws, s, stages >= 3);
+      if (gemv) err = qmoe::launch_experts_gemv(*p, tt, ws, s, stages >= 3);
+      else if (path == QMOE_PATH_WGMMA) err = qmoe::launch_experts_wgmma(*p, tt, ws, s, stages >= 3);
+      else err = qmoe::launch_experts_mma(*p, tt, ws, s, stages >= 3);
     }
     if (err == cudaSuccess && stages >= 4) err = qmoe::launch_combine(*p, ws, t->out, s);
   }

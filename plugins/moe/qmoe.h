@@ -38,8 +38,16 @@ extern "C" {
 
 enum qmoe_dtype { QMOE_F32 = 0, QMOE_F16 = 1, QMOE_BF16 = 2, QMOE_I8 = 3 };
 
-/* Expert-compute path: AUTO picks GEMV (memory-bound, few tokens per expert) or MMA (tensor cores). */
-enum qmoe_path { QMOE_PATH_AUTO = 0, QMOE_PATH_GEMV = 1, QMOE_PATH_MMA = 2 };
+/* Expert-compute path: AUTO picks GEMV (memory-bound, few tokens per expert) or MMA (tensor cores).
+   MMA is WGMMA on SM 9.0 for 16-bit weights and MMA_SYNC otherwise; MMA_SYNC and WGMMA force one kernel
+   (WGMMA: QMOE_ERR_UNSUPPORTED off SM 9.0 or with INT8 weights). qmoe_resolve_path names the one that runs. */
+enum qmoe_path {
+  QMOE_PATH_AUTO = 0,
+  QMOE_PATH_GEMV = 1,
+  QMOE_PATH_MMA = 2,
+  QMOE_PATH_MMA_SYNC = 3, /* mma.sync grouped GEMM, every architecture */
+  QMOE_PATH_WGMMA = 4     /* Hopper wgmma grouped GEMM (built as sm_90a) */
+};
 
 enum qmoe_status {
   QMOE_OK = 0,
@@ -92,6 +100,10 @@ QMOE_API int qmoe_workspace_size(const qmoe_problem* p, size_t* bytes);
 /* Router only: topk_ids [T,k] int32 and topk_weights [T,k] fp32 from logits [T,E]. */
 QMOE_API int qmoe_route(const qmoe_problem* p, const void* logits, int32_t* topk_ids, float* topk_weights,
                void* stream);
+
+/* The expert-compute kernel qmoe_forward would run for this problem on the current device:
+   QMOE_PATH_GEMV, QMOE_PATH_MMA_SYNC or QMOE_PATH_WGMMA (negative: -status when the problem is refused). */
+QMOE_API int qmoe_resolve_path(const qmoe_problem* p);
 
 /* The whole MoE block: router, dispatch, grouped SwiGLU experts, weighted combine. */
 QMOE_API int qmoe_forward(const qmoe_problem* p, const qmoe_tensors* t, void* stream);

@@ -14,6 +14,8 @@ namespace qmoe {
 
 // Smallest rows per tile of the tensor-core path: sizes the tile map (a call may use 64 or 128).
 constexpr int kMmaBlockM = 64;
+// Tokens per tile of the Hopper wgmma path (experts_wgmma.cu): up to wgmma's largest N.
+constexpr int kWgTileTokens = 256;
 constexpr int kMaxExperts = 256;
 constexpr int kMaxTopK = 32;
 // At or below this many tokens the router runs inside the (single-block) dispatch kernel.
@@ -182,6 +184,10 @@ cudaError_t launch_experts_gemv(const qmoe_problem& p, const qmoe_tensors& t, co
                                 cudaStream_t s, bool with_down = true);
 cudaError_t launch_experts_mma(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
                                cudaStream_t s, bool with_down = true);
+// Hopper (SM 9.0, built as sm_90a) tensor-core path for 16-bit weights; needs ws.tile_m == kWgTileTokens.
+bool wgmma_supported();
+cudaError_t launch_experts_wgmma(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
+                                 cudaStream_t s, bool with_down = true);
 cudaError_t launch_combine(const qmoe_problem& p, const Workspace& ws, void* out, cudaStream_t s);
 // T == 1 on the GEMV path: routing inside both kernels, combine fused into the down kernel
 // (experts_token1.cu). with_down = false stops after gate_up.

@@ -28,8 +28,15 @@ NVCC_FLAGS: tuple[str, ...] = (
     "-lineinfo",
 )
 
-_SOURCES = ("api.cu", "route.cu", "experts_gemv.cu", "experts_token1.cu", "experts_mma.cu")
-_HEADERS = ("qmoe.h", "qmoe_internal.cuh", "route_core.cuh", "gemv_core.cuh")
+_SOURCES = (
+    "api.cu",
+    "route.cu",
+    "experts_gemv.cu",
+    "experts_token1.cu",
+    "experts_mma.cu",
+    "experts_wgmma.cu",
+)
+_HEADERS = ("qmoe.h", "qmoe_internal.cuh", "route_core.cuh", "gemv_core.cuh", "wgmma_ops.cuh")
 
 
 class KernelBuildError(RuntimeError):
@@ -86,10 +93,16 @@ def nvcc_version(nvcc: str) -> str:
     return out.strip().splitlines()[-1]
 
 
+# Architectures built with their arch-specific feature set: SM 9.0's prefill kernel needs wgmma (sm_90a).
+ARCH_SPECIFIC = {"90": "90a"}
+
+
 def gencode_flags(archs: tuple[str, ...], ptx: bool = True) -> list[str]:
-    """SASS for every arch, plus PTX of the newest so later GPUs can JIT it."""
-    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    if ptx and archs:
+    """SASS for every arch (sm_90 as sm_90a), plus PTX of the newest so later GPUs can JIT it."""
+    named = [ARCH_SPECIFIC.get(a, a) for a in archs]
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in named]
+    # Arch-specific code (sm_90a) cannot run on later GPUs: no PTX when it is the newest.
+    if ptx and archs and max(archs, key=int) not in ARCH_SPECIFIC:
         newest = max(archs, key=int)
         flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
     return flags

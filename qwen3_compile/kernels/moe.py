@@ -17,7 +17,10 @@ import torch
 from .build import build_library
 
 QMOE_F32, QMOE_F16, QMOE_BF16, QMOE_I8 = 0, 1, 2, 3
-PATHS = {"auto": 0, "gemv": 1, "mma": 2}
+# "mma": the tensor cores (wgmma on SM 9.0 for 16-bit weights, else mma.sync);
+# "mma_sync" and "wgmma" force one kernel.
+PATHS = {"auto": 0, "gemv": 1, "mma": 2, "mma_sync": 3, "wgmma": 4}
+PATH_NAMES = {v: k for k, v in PATHS.items()}
 _DTYPE_CODE = {
     torch.float32: QMOE_F32,
     torch.float16: QMOE_F16,
@@ -88,6 +91,7 @@ def load_library(path: str | None = None) -> ctypes.CDLL:
         ctypes.c_void_p,
     ]
     lib.qmoe_forward.argtypes = [ctypes.POINTER(_Problem), ctypes.POINTER(_Tensors), ctypes.c_void_p]
+    lib.qmoe_resolve_path.argtypes = [ctypes.POINTER(_Problem)]
     return lib
 
 
@@ -129,6 +133,24 @@ def _problem(x, logits, gate_up, top_k, normalize, scale, path) -> _Problem:
         normalize=int(normalize),
         path=PATHS[path],
     )
+
+
+def resolve_path(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    gate_up: torch.Tensor,
+    top_k: int,
+    gate_up_scale: torch.Tensor | None = None,
+    path: str = "auto",
+    library: str | None = None,
+) -> str:
+    """The expert kernel `moe_forward` would run on the current GPU: "gemv", "mma_sync" or "wgmma"."""
+    lib = load_library(library)
+    prob = _problem(x, router_logits, gate_up, top_k, True, gate_up_scale, path)
+    got = lib.qmoe_resolve_path(ctypes.byref(prob))
+    if got < 0:
+        _check(lib, -got, f"qmoe_resolve_path({path})")
+    return PATH_NAMES[got]
 
 
 def workspace_bytes(problem: _Problem, lib: ctypes.CDLL | None = None) -> int:

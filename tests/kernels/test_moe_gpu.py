@@ -67,11 +67,31 @@ def check_close(out, ref, dtype, what=""):
     return rel.item()
 
 
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def expect_path(kmoe, x, logits, gu, k, gs, path):
+    """The kernel that runs: "wgmma" where asked for (or chosen by "mma") on SM 9.0 with 16-bit weights, and
+    a clear refusal where wgmma cannot run. Returns False when the case cannot run on this GPU."""
+    if path not in ("mma", "wgmma"):
+        return True
+    int8 = gs is not None
+    if path == "wgmma" and (int8 or not HOPPER):
+        with pytest.raises(kmoe.QmoeError, match="unsupported"):
+            kmoe.resolve_path(x, logits, gu, k, gs, path)
+        return False
+    want = "wgmma" if HOPPER and not int8 else "mma_sync"
+    assert kmoe.resolve_path(x, logits, gu, k, gs, path) == want
+    return True
+
+
 def run_case(kmoe, gen, T, E, k, dtype, wkind, path, H=256, inter=192, logits=None, normalize=True):
     x = torch.randn(T, H, generator=gen, device="cuda").to(dtype)
     if logits is None:
         logits = torch.randn(T, E, generator=gen, device="cuda")
     gu, dn, gs, ds = make_weights(gen, E, H, inter, dtype, wkind)
+    if not expect_path(kmoe, x, logits, gu, k, gs, path):
+        return None, None, None
     out = torch.full((T, H), float("nan"), dtype=dtype, device="cuda")
     got, routing = kmoe.moe_forward(
         x, logits, gu, dn, k, normalize, gs, ds, path=path, out=out, return_routing=True
@@ -85,7 +105,7 @@ def run_case(kmoe, gen, T, E, k, dtype, wkind, path, H=256, inter=192, logits=No
     return got, routing, rel
 
 
-@pytest.mark.parametrize("path", ["auto", "gemv", "mma"])
+@pytest.mark.parametrize("path", ["auto", "gemv", "mma", "mma_sync", "wgmma"])
 @pytest.mark.parametrize("wkind", ["float", "int8_f32s", "int8_f16s"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("k", [2, 8])
@@ -96,7 +116,7 @@ def test_forward_matches_reference(kmoe, gen, T, E, k, dtype, wkind, path):
 
 
 @pytest.mark.parametrize("pdl", ["1", "0"])
-@pytest.mark.parametrize("path", ["gemv", "mma"])
+@pytest.mark.parametrize("path", ["gemv", "mma_sync", "wgmma"])
 @pytest.mark.parametrize("T", [1, 64, 2048])
 def test_qwen3_30b_a3b_shapes(kmoe, gen, monkeypatch, T, path, pdl):
     monkeypatch.setenv("QMOE_PDL", pdl)  # programmatic dependent launch on and off
@@ -111,7 +131,7 @@ def test_int8_qwen3_30b_a3b_shapes(kmoe, gen, dtype, path):
 
 @pytest.mark.parametrize(("H", "inter"), [(128, 64), (384, 320), (512, 128), (768, 256)])
 def test_other_shapes(kmoe, gen, H, inter):
-    for path in ("gemv", "mma"):
+    for path in ("gemv", "mma_sync", "wgmma"):
         run_case(kmoe, gen, 1000, 16, 4, torch.bfloat16, "float", path, H=H, inter=inter)
 
 
@@ -150,24 +170,30 @@ def test_router_ties_follow_torch_topk(kmoe, gen, E, k):
     torch.testing.assert_close(w[0], torch.full((k,), 1.0 / k, device="cuda"))
 
 
-@pytest.mark.parametrize("path", ["gemv", "mma"])
+@pytest.mark.parametrize("path", ["gemv", "mma_sync", "wgmma"])
 def test_experts_without_tokens(kmoe, gen, path):
     T, E, k = 64, 128, 2
     logits = torch.randn(T, E, generator=gen, device="cuda")
     logits[:, 1::2] = -1e4  # odd experts never chosen
     _, routing, _ = run_case(kmoe, gen, T, E, k, torch.bfloat16, "float", path, logits=logits)
+    if routing is None:
+        pytest.skip(f"{path} does not run on this GPU (refusal checked)")
     counts = routing.expert_offsets.diff()
     assert (counts[1::2] == 0).all() and counts.sum() == T * k
 
 
 @pytest.mark.parametrize("wkind", ["float", "int8_f32s"])
-@pytest.mark.parametrize("path", ["gemv", "mma"])
-@pytest.mark.parametrize("T", [7, 2048])
+@pytest.mark.parametrize("path", ["gemv", "mma_sync", "wgmma"])
+@pytest.mark.parametrize("T", [7, 255, 257, 2048])
 def test_all_tokens_to_one_expert(kmoe, gen, T, path, wkind):
+    """One expert with every token. On the wgmma path: tiles of exactly 256 tokens (2048), a full tile and a
+    1-token tile (257), a tile with 15 padded token columns (255)."""
     E, k = 128, 2
     logits = torch.randn(T, E, generator=gen, device="cuda")
     logits[:, 77] += 100.0  # every token's first choice is expert 77
     _, routing, _ = run_case(kmoe, gen, T, E, k, torch.bfloat16, wkind, path, logits=logits)
+    if routing is None:
+        pytest.skip(f"{path} does not run on this GPU with {wkind} weights (refusal checked)")
     assert routing.expert_offsets.diff()[77].item() == T
 
 

@@ -1,0 +1,263 @@
+// Prefill path on Hopper (sm_90a): grouped GEMM with wgmma, operands swapped. A block's 128 weight rows are
+// wgmma's M (two warpgroups of 64 rows) and the expert's tokens are N (16..256, fixed per tile), so a block
+// reads its slab of an expert's weights once for all of that expert's tokens (an expert with more than
+// kWgTileTokens tokens becomes further tiles) and pads at most 15 token columns, where the mma.sync tiles
+// re-read each slab per 64 tokens and pad up to 63 token rows. K advances 64 at a time through a cp.async
+// pipeline into shared memory laid out in the 128-byte swizzle that wgmma reads through descriptors (the
+// tokens are gathered rows, which the tensor-copy engine cannot fetch on sm_90). Gate and up rows of the
+// same columns sit in the two warpgroups; the epilogue meets them in shared memory and writes h, or y,
+// through a transposing shared-memory tile with 16-byte stores. 16-bit weights only (INT8 stays on mma.sync).
+#include "qmoe_internal.cuh"
+#include "wgmma_ops.cuh"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "build SM 9.0 as sm_90a (-gencode=arch=compute_90a,code=sm_90a): the prefill kernel needs wgmma"
+#endif
+
+namespace qmoe {
+
+bool wgmma_supported() {
+  static const bool ok = [] {
+    int dev = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return false;
+    return major == 9 && minor == 0;  // wgmma is sm_90a only (Blackwell has tcgen05 instead)
+  }();
+  return ok;
+}
+
+namespace {
+
+constexpr int kRows = 128;     // weight rows a block (two warpgroups x m64)
+constexpr int kBK = 64;        // K a stage: one 128-byte swizzle row of 16-bit values
+constexpr int kThreads = 256;  // two warpgroups; every thread loads, each warpgroup issues its own wgmma
+
+template <int BN_, int STAGES_>
+struct WgCfg {
+  static constexpr int BN = BN_, kStages = STAGES_;
+  static constexpr int kA = kRows * 128, kB = BN * 128, kStage = kA + kB;  // bytes
+  static constexpr int kBytes = kStages * kStage + 1024;                   // + slack to align to 1024
+  static constexpr int kBChunks = BN * 8 / kThreads;                       // 16-byte token chunks a thread
+  static_assert(kBChunks >= 1 && BN % 16 == 0 && BN <= 256, "token tile");
+  static_assert(kStages >= 3, "the pipeline loads kStages - 2 stages ahead");
+  // Epilogue scratch, inside the (then idle) pipeline buffers.
+  static_assert((BN / 2) * 128 * 4 + BN * 72 * 2 <= kStages * kStage, "gate_up epilogue");
+  static_assert(BN * 136 * 2 <= kStages * kStage, "down epilogue");
+};
+using WgDefault = WgCfg<kWgTileTokens, 4>;
+
+struct WgArgs {
+  const void* act;     // gate_up: x [T, H] gathered through perm_pair; down: h [P, I]
+  const void* weight;  // [E, rows_total, K]
+  void* out;           // gate_up: h [P, I]; down: y [P, H]
+  const int32_t* perm_pair;
+  const int32_t* offsets;
+  const int32_t* tile_map;
+  const int32_t* meta;
+  int top_k, K, I, H, n_rb;
+};
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Generic-proxy writes (cp.async) become visible to the async proxy (wgmma) after this and a barrier.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Keeps the compiler from moving accumulator accesses across a wgmma wait.
+template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+#endif
+
+template <typename T, bool kGateUp, typename C>
+__global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(WgArgs a) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BN = C::BN, kStages = C::kStages;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  pdl_wait();
+  const int tile = blockIdx.x / a.n_rb, rb = blockIdx.x % a.n_rb;
+  if (tile >= a.meta[1]) return;
+  const int4 tm = reinterpret_cast<const int4*>(a.tile_map)[tile];
+  const int e = tm.x, row0 = tm.y;
+  const int n = min(BN, a.offsets[e + 1] - row0);  // tokens of this tile
+  const int n16 = (n + 15) >> 4;                     // wgmma N / 16
+  const int K = a.K, KB = K / kBK;
+  const int rows_total = kGateUp ? 2 * a.I : a.H;
+  const int tid = threadIdx.x, wg = tid >> 7, t = tid & 127, warp = (tid >> 5) & 3, lane = tid & 31;
+  const T* act = static_cast<const T*>(a.act);
+  const T* wbase = static_cast<const T*>(a.weight) + size_t(e) * rows_total * K;
+
+  const uint32_t raw = smem_u32(smem_raw), base = (raw + 1023u) & ~1023u;
+  unsigned char* gbase = smem_raw + (base - raw);
+
+  // This thread's 16-byte chunks: 4 of the weight tile, kBChunks of the token tile (fixed rows, advancing k).
+  const T* a_src[4];
+  uint32_t a_dst[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int c = tid + i * kThreads, r = c >> 3, kc = c & 7;
+    // gate_up: rows 0..63 are gate rows j, 64..127 the up rows of the same j; down: 128 output rows.
+    const int wrow = kGateUp ? (r < 64 ? rb * 64 + r : a.I + rb * 64 + (r - 64)) : rb * kRows + r;
+    a_src[i] = wbase + size_t(wrow) * K + kc * 8;
+    a_dst[i] = uint32_t(r * 128 + ((kc ^ (r & 7)) << 4));
+  }
+  const T* b_src[C::kBChunks];
+  uint32_t b_dst[C::kBChunks];
+  uint32_t b_load = 0, b_valid = 0;  // bit i: chunk i is inside the N rows / holds a real token
+#pragma unroll
+  for (int i = 0; i < C::kBChunks; ++i) {
+    const int c = tid + i * kThreads, r = c >> 3, kc = c & 7;
+    int src_row = 0;
+    if (r < n) src_row = kGateUp ? a.perm_pair[row0 + r] / a.top_k : row0 + r;
+    b_src[i] = act + size_t(src_row) * K + kc * 8;
+    b_dst[i] = uint32_t(r * 128 + ((kc ^ (r & 7)) << 4));
+    b_load |= uint32_t(r < n16 * 16) << i;
+    b_valid |= uint32_t(r < n) << i;
+  }
+  auto load_stage = [&](int s, int kb) {
+    const uint32_t sa = base + s * C::kStage, sb = sa + C::kA;
+    const int k0 = kb * kBK;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) cp_async16(sa + a_dst[i], a_src[i] + k0, true);
+#pragma unroll
+    for (int i = 0; i < C::kBChunks; ++i) {
+      // Pad rows (n <= r < 16*n16) are zero-filled: their columns are computed and never stored.
+      if ((b_load >> i) & 1) cp_async16(sb + b_dst[i], b_src[i] + k0, (b_valid >> i) & 1);
+    }
+  };
+
+  float acc[BN / 2];
+#pragma unroll
+  for (int s = 0; s < kStages - 2; ++s) {
+    if (s < KB) load_stage(s, s);
+    cp_async_commit();
+  }
+  for (int kb = 0; kb < KB; ++kb) {
+    cp_async_wait<kStages - 3>();  // this thread's chunks of stage kb have landed
+    fence_proxy_async();
+    // After this barrier every thread's chunks of stage kb are visible to wgmma, and both warpgroups have
+    // retired the wgmma of stage kb-2 (wait<1> below), so its buffer can be refilled.
+    __syncthreads();
+    {
+      const int nk = kb + kStages - 2;
+      if (nk < KB) load_stage(nk % kStages, nk);
+      cp_async_commit();
+    }
+    const uint32_t sa = base + (kb % kStages) * C::kStage + wg * 64 * 128, sb = base + (kb % kStages) * C::kStage + C::kA;
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kBK / 16; ++ks) {
+      wgmma_ss_n<T>(n16, acc, sw128_desc(sa + ks * 32), sw128_desc(sb + ks * 32), (kb | ks) != 0);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+  }
+  wgmma_wait<0>();
+  fence_regs(acc);
+  cp_async_wait<0>();
+  __syncthreads();  // the pipeline buffers are free for the epilogue
+
+  // Accumulator element 4*j + q: weight row 16*warp + lane/4 + 8*(q/2) of the warpgroup's 64, token column
+  // 8*j + 2*(lane%4) + q%2.
+  T* out = static_cast<T*>(a.out);
+  if (kGateUp) {
+    float* up = reinterpret_cast<float*>(gbase);                   // [BN/2][128]: warpgroup 1's registers
+    T* hs = reinterpret_cast<T*>(gbase + (BN / 2) * 128 * 4);      // [BN tokens][64 + 8 pad]
+    if (wg == 1) {
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i)
+        if (i < n16 * 8) up[i * 128 + t] = acc[i];
+    }
+    __syncthreads();
+    if (wg == 0) {
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) {
+        if (i < n16 * 8) {
+          const int j = i >> 2, q = i & 3;
+          const int row = warp * 16 + (lane >> 2) + 8 * (q >> 1), col = j * 8 + 2 * (lane & 3) + (q & 1);
+          hs[col * 72 + row] = from_float<T>(silu(acc[i]) * up[i * 128 + t]);
+        }
+      }
+    }
+    __syncthreads();
+    for (int c = tid; c < n * 8; c += kThreads) {
+      const int tok = c >> 3, ch = c & 7;
+      *reinterpret_cast<uint4*>(out + size_t(row0 + tok) * a.I + rb * 64 + ch * 8) =
+          *reinterpret_cast<const uint4*>(hs + tok * 72 + ch * 8);
+    }
+  } else {
+    T* ys = reinterpret_cast<T*>(gbase);  // [BN tokens][128 + 8 pad]
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) {
+      if (i < n16 * 8) {
+        const int j = i >> 2, q = i & 3;
+        const int row = wg * 64 + warp * 16 + (lane >> 2) + 8 * (q >> 1), col = j * 8 + 2 * (lane & 3) + (q & 1);
+        ys[col * 136 + row] = from_float<T>(acc[i]);
+      }
+    }
+    __syncthreads();
+    for (int c = tid; c < n * 16; c += kThreads) {
+      const int tok = c >> 4, ch = c & 15;
+      *reinterpret_cast<uint4*>(out + size_t(row0 + tok) * a.H + rb * kRows + ch * 8) =
+          *reinterpret_cast<const uint4*>(ys + tok * 136 + ch * 8);
+    }
+  }
+  pdl_launch_dependents();
+#endif
+}
+
+template <typename T, bool kGateUp, typename C>
+cudaError_t launch_one(WgArgs a, int grid_tiles, cudaStream_t s) {
+  constexpr int smem = C::kBytes;
+  static const cudaError_t attr_err =
+      cudaFuncSetAttribute(wgmma_kernel<T, kGateUp, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (attr_err != cudaSuccess) return attr_err;
+  a.n_rb = kGateUp ? a.I / 64 : a.H / kRows;
+  return launch(wgmma_kernel<T, kGateUp, C>, dim3(grid_tiles * a.n_rb), dim3(kThreads), smem, s, a);
+}
+
+template <typename T>
+cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, cudaStream_t s,
+                         bool with_down) {
+  WgArgs a{};
+  a.perm_pair = ws.perm_pair;
+  a.offsets = ws.offsets;
+  a.tile_map = ws.tile_map;
+  a.meta = ws.meta;
+  a.top_k = p.top_k;
+  a.I = p.inter;
+  a.H = p.hidden;
+  const int P = p.num_tokens * p.top_k;
+  // Tiles of kWgTileTokens: at most P / tile full ones plus one partial per expert that has tokens.
+  const int grid_tiles = P / kWgTileTokens + (p.num_experts < P ? p.num_experts : P);
+  a.act = t.x;
+  a.weight = t.gate_up;
+  a.out = ws.h;
+  a.K = p.hidden;
+  cudaError_t err = launch_one<T, true, WgDefault>(a, grid_tiles, s);
+  if (err != cudaSuccess || !with_down) return err;
+  a.act = ws.h;
+  a.weight = t.down;
+  a.out = ws.y;
+  a.K = p.inter;
+  return launch_one<T, false, WgDefault>(a, grid_tiles, s);
+}
+
+}  // namespace
+
+cudaError_t launch_experts_wgmma(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
+                                 cudaStream_t s, bool with_down) {
+  if (p.weight_dtype == QMOE_I8) return cudaErrorNotSupported;
+  return p.act_dtype == QMOE_F16 ? launch_typed<__half>(p, t, ws, s, with_down)
+                                 : launch_typed<__nv_bfloat16>(p, t, ws, s, with_down);
+}
+
+}  // namespace qmoe
