@@ -197,6 +197,7 @@ VARIANTS = {  # environment knobs of the library (read at each call), for A/B ti
     "default": {},
     "no PDL": {"QMOE_PDL": "0"},
     "mma.sync instead of wgmma": {"QMOE_WGMMA": "0"},
+    **{f"wgmma, {n}-token tiles": {"QMOE_WG_TILE": str(n)} for n in (64, 128, 192, 256)},
     "stages: routing only": {"QMOE_STAGES": "1"},
     "stages: + gate_up": {"QMOE_STAGES": "2"},
     "stages: + down": {"QMOE_STAGES": "3"},
@@ -205,7 +206,7 @@ VARIANTS = {  # environment knobs of the library (read at each call), for A/B ti
 }
 # Variants that change nothing at some sizes are skipped there.
 VARIANT_TOKENS = {name: (1,) for name in VARIANTS if name.startswith(("general path", "single-token"))}
-VARIANT_TOKENS["mma.sync instead of wgmma"] = (512, 2048)
+VARIANT_TOKENS.update({name: (512, 2048) for name in VARIANTS if "wgmma" in name})
 
 
 def bench_variants(weights: dict, reps: int) -> list[dict]:

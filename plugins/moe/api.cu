@@ -126,7 +126,7 @@ int qmoe_forward(const qmoe_problem* p, const qmoe_tensors* t, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   Workspace ws = qmoe::layout_workspace(*p, t->workspace);
   const bool gemv = path == QMOE_PATH_GEMV;
-  ws.tile_m = path == QMOE_PATH_WGMMA ? qmoe::kWgTileTokens : qmoe::kMmaBlockM;
+  ws.tile_m = path == QMOE_PATH_WGMMA ? qmoe::wgmma_tile_tokens(*p) : qmoe::kMmaBlockM;
   // QMOE_STAGES=n runs only the first n stages (1 routing, 2 + gate_up, 3 + down, 4 + combine): for
   // timing stages by difference. The output is incomplete below 4.
   const int stages = qmoe::env_int("QMOE_STAGES", 4);

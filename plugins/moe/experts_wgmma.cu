@@ -1,7 +1,7 @@
 // Prefill path on Hopper (sm_90a): grouped GEMM with wgmma, operands swapped. A block's 128 weight rows are
 // wgmma's M (two warpgroups of 64 rows) and the expert's tokens are N (16..256, fixed per tile), so a block
 // reads its slab of an expert's weights once for all of that expert's tokens (an expert with more than
-// kWgTileTokens tokens becomes further tiles) and pads at most 15 token columns, where the mma.sync tiles
+// a tile's width of tokens becomes further tiles) and pads at most 15 token columns, where the mma.sync tiles
 // re-read each slab per 64 tokens and pad up to 63 token rows. K advances 64 at a time through a cp.async
 // pipeline into shared memory laid out in the 128-byte swizzle that wgmma reads through descriptors (the
 // tokens are gathered rows, which the tensor-copy engine cannot fetch on sm_90). Gate and up rows of the
@@ -45,7 +45,12 @@ struct WgCfg {
   static_assert((BN / 2) * 128 * 4 + BN * 72 * 2 <= kStages * kStage, "gate_up epilogue");
   static_assert(BN * 136 * 2 <= kStages * kStage, "down epilogue");
 };
-using WgDefault = WgCfg<kWgTileTokens, 4>;
+// Token tiles sized to the call (more shared memory left for stages in flight when tiles are narrow):
+// stages = (227 KB - 1 KB) / (16 KB + BN * 128 B).
+using Wg64 = WgCfg<64, 9>;
+using Wg128 = WgCfg<128, 7>;
+using Wg192 = WgCfg<192, 5>;
+using Wg256 = WgCfg<256, 4>;
 
 struct WgArgs {
   const void* act;     // gate_up: x [T, H] gathered through perm_pair; down: h [P, I]
@@ -155,7 +160,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(WgArgs a) {
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kBK / 16; ++ks) {
-      wgmma_ss_n<T>(n16, acc, sw128_desc(sa + ks * 32), sw128_desc(sb + ks * 32), (kb | ks) != 0);
+      wgmma_ss_n<BN, T>(n16, acc, sw128_desc(sa + ks * 32), sw128_desc(sb + ks * 32), (kb | ks) != 0);
     }
     wgmma_commit();
     wgmma_wait<1>();
@@ -224,9 +229,9 @@ cudaError_t launch_one(WgArgs a, int grid_tiles, cudaStream_t s) {
   return launch(wgmma_kernel<T, kGateUp, C>, dim3(grid_tiles * a.n_rb), dim3(kThreads), smem, s, a);
 }
 
-template <typename T>
-cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, cudaStream_t s,
-                         bool with_down) {
+template <typename T, typename C>
+cudaError_t launch_cfg(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, cudaStream_t s,
+                       bool with_down) {
   WgArgs a{};
   a.perm_pair = ws.perm_pair;
   a.offsets = ws.offsets;
@@ -236,22 +241,49 @@ cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Wor
   a.I = p.inter;
   a.H = p.hidden;
   const int P = p.num_tokens * p.top_k;
-  // Tiles of kWgTileTokens: at most P / tile full ones plus one partial per expert that has tokens.
-  const int grid_tiles = P / kWgTileTokens + (p.num_experts < P ? p.num_experts : P);
+  // At most P / BN full tiles plus one partial tile per expert that has tokens.
+  const int grid_tiles = P / C::BN + (p.num_experts < P ? p.num_experts : P);
   a.act = t.x;
   a.weight = t.gate_up;
   a.out = ws.h;
   a.K = p.hidden;
-  cudaError_t err = launch_one<T, true, WgDefault>(a, grid_tiles, s);
+  cudaError_t err = launch_one<T, true, C>(a, grid_tiles, s);
   if (err != cudaSuccess || !with_down) return err;
   a.act = ws.h;
   a.weight = t.down;
   a.out = ws.y;
   a.K = p.inter;
-  return launch_one<T, false, WgDefault>(a, grid_tiles, s);
+  return launch_one<T, false, C>(a, grid_tiles, s);
+}
+
+template <typename T>
+cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, cudaStream_t s,
+                         bool with_down) {
+  switch (ws.tile_m) {
+    case 64:
+      return launch_cfg<T, Wg64>(p, t, ws, s, with_down);
+    case 128:
+      return launch_cfg<T, Wg128>(p, t, ws, s, with_down);
+    case 192:
+      return launch_cfg<T, Wg192>(p, t, ws, s, with_down);
+    case 256:
+      return launch_cfg<T, Wg256>(p, t, ws, s, with_down);
+    default:
+      return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace
+
+int wgmma_tile_tokens(const qmoe_problem& p) {
+  const int forced = env_int("QMOE_WG_TILE", 0);  // benchmarking: 64, 128, 192 or 256
+  if (forced == 64 || forced == 128 || forced == 192 || forced == 256) return forced;
+  // The narrowest tile that holds a typical expert's tokens (mean + 25 %) in one piece: a wider one
+  // would cost pipeline depth, a narrower one a second pass over the expert's weights.
+  const long long mean = (long long)p.num_tokens * p.top_k / p.num_experts;
+  const long long want = mean + mean / 4;
+  return want <= 64 ? 64 : want <= 128 ? 128 : want <= 192 ? 192 : 256;
+}
 
 cudaError_t launch_experts_wgmma(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
                                  cudaStream_t s, bool with_down) {

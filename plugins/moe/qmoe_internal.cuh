@@ -14,8 +14,6 @@ namespace qmoe {
 
 // Smallest rows per tile of the tensor-core path: sizes the tile map (a call may use 64 or 128).
 constexpr int kMmaBlockM = 64;
-// Tokens per tile of the Hopper wgmma path (experts_wgmma.cu): up to wgmma's largest N.
-constexpr int kWgTileTokens = 256;
 constexpr int kMaxExperts = 256;
 constexpr int kMaxTopK = 32;
 // At or below this many tokens the router runs inside the (single-block) dispatch kernel.
@@ -184,8 +182,10 @@ cudaError_t launch_experts_gemv(const qmoe_problem& p, const qmoe_tensors& t, co
                                 cudaStream_t s, bool with_down = true);
 cudaError_t launch_experts_mma(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
                                cudaStream_t s, bool with_down = true);
-// Hopper (SM 9.0, built as sm_90a) tensor-core path for 16-bit weights; needs ws.tile_m == kWgTileTokens.
+// Hopper (SM 9.0, built as sm_90a) tensor-core path for 16-bit weights; needs ws.tile_m ==
+// wgmma_tile_tokens(p) (64, 128, 192 or 256 tokens a tile).
 bool wgmma_supported();
+int wgmma_tile_tokens(const qmoe_problem& p);
 cudaError_t launch_experts_wgmma(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
                                  cudaStream_t s, bool with_down = true);
 cudaError_t launch_combine(const qmoe_problem& p, const Workspace& ws, void* out, cudaStream_t s);

@@ -202,25 +202,27 @@ template <> __device__ __forceinline__ void wgmma_ss<256, __half>(float* d, uint
                : "l"(a), "l"(b), "r"(acc));
 }
 
-// The m64nNk16 shape with N = 16 * n16 (1 <= n16 <= 16): a uniform branch, N is fixed per tile.
-template <typename T> __device__ __forceinline__ void wgmma_ss_n(int n16, float* d, uint64_t a, uint64_t b, int acc) {
+// The m64nNk16 shape with N = 16 * n16 <= MAX_N (d holds MAX_N / 2 floats): a uniform branch, N is
+// fixed per tile. Shapes wider than d are not instantiated.
+template <int MAX_N, typename T>
+__device__ __forceinline__ void wgmma_ss_n(int n16, float* d, uint64_t a, uint64_t b, int acc) {
   switch (n16) {
-    case 1: wgmma_ss<16, T>(d, a, b, acc); break;
-    case 2: wgmma_ss<32, T>(d, a, b, acc); break;
-    case 3: wgmma_ss<48, T>(d, a, b, acc); break;
-    case 4: wgmma_ss<64, T>(d, a, b, acc); break;
-    case 5: wgmma_ss<80, T>(d, a, b, acc); break;
-    case 6: wgmma_ss<96, T>(d, a, b, acc); break;
-    case 7: wgmma_ss<112, T>(d, a, b, acc); break;
-    case 8: wgmma_ss<128, T>(d, a, b, acc); break;
-    case 9: wgmma_ss<144, T>(d, a, b, acc); break;
-    case 10: wgmma_ss<160, T>(d, a, b, acc); break;
-    case 11: wgmma_ss<176, T>(d, a, b, acc); break;
-    case 12: wgmma_ss<192, T>(d, a, b, acc); break;
-    case 13: wgmma_ss<208, T>(d, a, b, acc); break;
-    case 14: wgmma_ss<224, T>(d, a, b, acc); break;
-    case 15: wgmma_ss<240, T>(d, a, b, acc); break;
-    case 16: wgmma_ss<256, T>(d, a, b, acc); break;
+    case 1: if constexpr (16 <= MAX_N) wgmma_ss<16, T>(d, a, b, acc); break;
+    case 2: if constexpr (32 <= MAX_N) wgmma_ss<32, T>(d, a, b, acc); break;
+    case 3: if constexpr (48 <= MAX_N) wgmma_ss<48, T>(d, a, b, acc); break;
+    case 4: if constexpr (64 <= MAX_N) wgmma_ss<64, T>(d, a, b, acc); break;
+    case 5: if constexpr (80 <= MAX_N) wgmma_ss<80, T>(d, a, b, acc); break;
+    case 6: if constexpr (96 <= MAX_N) wgmma_ss<96, T>(d, a, b, acc); break;
+    case 7: if constexpr (112 <= MAX_N) wgmma_ss<112, T>(d, a, b, acc); break;
+    case 8: if constexpr (128 <= MAX_N) wgmma_ss<128, T>(d, a, b, acc); break;
+    case 9: if constexpr (144 <= MAX_N) wgmma_ss<144, T>(d, a, b, acc); break;
+    case 10: if constexpr (160 <= MAX_N) wgmma_ss<160, T>(d, a, b, acc); break;
+    case 11: if constexpr (176 <= MAX_N) wgmma_ss<176, T>(d, a, b, acc); break;
+    case 12: if constexpr (192 <= MAX_N) wgmma_ss<192, T>(d, a, b, acc); break;
+    case 13: if constexpr (208 <= MAX_N) wgmma_ss<208, T>(d, a, b, acc); break;
+    case 14: if constexpr (224 <= MAX_N) wgmma_ss<224, T>(d, a, b, acc); break;
+    case 15: if constexpr (240 <= MAX_N) wgmma_ss<240, T>(d, a, b, acc); break;
+    case 16: if constexpr (256 <= MAX_N) wgmma_ss<256, T>(d, a, b, acc); break;
     default: break;
   }
 }

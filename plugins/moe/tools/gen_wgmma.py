@@ -31,11 +31,14 @@ def wrapper(n: int, ctype: str, ptx: str) -> str:
 
 def dispatcher() -> str:
     cases = "\n".join(
-        f"    case {n // STEP}: wgmma_ss<{n}, T>(d, a, b, acc); break;" for n in range(STEP, MAX_N + 1, STEP)
+        f"    case {n // STEP}: if constexpr ({n} <= MAX_N) wgmma_ss<{n}, T>(d, a, b, acc); break;"
+        for n in range(STEP, MAX_N + 1, STEP)
     )
     return (
-        "// The m64nNk16 shape with N = 16 * n16 (1 <= n16 <= 16): a uniform branch, N is fixed per tile.\n"
-        "template <typename T> __device__ __forceinline__ void wgmma_ss_n(int n16, float* d, uint64_t a, uint64_t b, int acc) {\n"
+        "// The m64nNk16 shape with N = 16 * n16 <= MAX_N (d holds MAX_N / 2 floats): a uniform branch, N is\n"
+        "// fixed per tile. Shapes wider than d are not instantiated.\n"
+        "template <int MAX_N, typename T>\n"
+        "__device__ __forceinline__ void wgmma_ss_n(int n16, float* d, uint64_t a, uint64_t b, int acc) {\n"
         f"  switch (n16) {{\n{cases}\n    default: break;\n  }}\n}}\n"
     )
 
