@@ -168,14 +168,16 @@ def bench_tokens(T: int, weights: dict, bw: float, mm: float, reps: int) -> list
         calls[0]()
         path = kmoe.resolve_path(xs[0], ls[0], w1, K, s1)
         add(f"qmoe {kind} ({path})", ms, distinct * expert_bytes[kind], outs[0])
-        if path == "wgmma":  # the portable tensor-core kernel on the same inputs, same run
-            os.environ["QMOE_WGMMA"] = "0"
+        other = {"wgmma": "mma_sync", "mma_sync": "wgmma"}.get(path)
+        if other and s1 is None and torch.cuda.get_device_capability() == (9, 0):
+            # The other tensor-core kernel on the same inputs, same run (QMOE_WGMMA overrides the rule).
+            os.environ["QMOE_WGMMA"] = "1" if other == "wgmma" else "0"
             try:
                 ms = time_graph(calls, reps)
                 calls[0]()
             finally:
                 os.environ.pop("QMOE_WGMMA")
-            add(f"qmoe {kind} (mma_sync)", ms, distinct * expert_bytes[kind], outs[0])
+            add(f"qmoe {kind} ({other})", ms, distinct * expert_bytes[kind], outs[0])
 
     def naive():
         return torch_loop_moe(xs[0], ls[0], gate_up, down, K)
@@ -196,8 +198,9 @@ def bench_tokens(T: int, weights: dict, bw: float, mm: float, reps: int) -> list
 VARIANTS = {  # environment knobs of the library (read at each call), for A/B timings in one run
     "default": {},
     "no PDL": {"QMOE_PDL": "0"},
-    "mma.sync instead of wgmma": {"QMOE_WGMMA": "0"},
-    **{f"wgmma, {n}-token tiles": {"QMOE_WG_TILE": str(n)} for n in (64, 128, 192, 256)},
+    "mma.sync (QMOE_WGMMA=0)": {"QMOE_WGMMA": "0"},
+    "wgmma (QMOE_WGMMA=1)": {"QMOE_WGMMA": "1"},
+    **{f"wgmma, {n}-token tiles": {"QMOE_WGMMA": "1", "QMOE_WG_TILE": str(n)} for n in (64, 128, 192, 256)},
     "stages: routing only": {"QMOE_STAGES": "1"},
     "stages: + gate_up": {"QMOE_STAGES": "2"},
     "stages: + down": {"QMOE_STAGES": "3"},

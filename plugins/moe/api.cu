@@ -32,8 +32,8 @@ int cuda_status(cudaError_t e) { return e == cudaSuccess ? QMOE_OK : QMOE_ERR_CU
 bool is_act(int d) { return d == QMOE_F16 || d == QMOE_BF16; }
 
 // The concrete expert kernel: GEMV at or below 4 pairs an expert (weights streamed once beat the tensor
-// cores there), else wgmma on SM 9.0 with 16-bit weights, else mma.sync. QMOE_WGMMA=0 (benchmarking) turns
-// the automatic choice of wgmma off.
+// cores there), else wgmma on SM 9.0 with 16-bit weights where it measured faster (about 96 or more tokens
+// an expert), else mma.sync. QMOE_WGMMA=0/1 (benchmarking) overrides the measured rule.
 int resolve_path(const qmoe_problem& p) {
   const bool wgmma_ok = p.weight_dtype != QMOE_I8 && qmoe::wgmma_supported();
   switch (p.path) {
@@ -47,7 +47,9 @@ int resolve_path(const qmoe_problem& p) {
   }
   const long long pairs = (long long)p.num_tokens * p.top_k;
   if (p.path == QMOE_PATH_AUTO && pairs <= 4LL * p.num_experts) return QMOE_PATH_GEMV;
-  return wgmma_ok && qmoe::env_int("QMOE_WGMMA", 1) != 0 ? QMOE_PATH_WGMMA : QMOE_PATH_MMA_SYNC;
+  const int knob = qmoe::env_int("QMOE_WGMMA", -1);  // benchmarking: 0 never, 1 always, unset: measured rule
+  const bool want = knob < 0 ? qmoe::wgmma_preferred(p) : knob != 0;
+  return wgmma_ok && want ? QMOE_PATH_WGMMA : QMOE_PATH_MMA_SYNC;
 }
 
 }  // namespace

@@ -158,10 +158,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(WgArgs a) {
     }
     const uint32_t sa = base + (kb % kStages) * C::kStage + wg * 64 * 128, sb = base + (kb % kStages) * C::kStage + C::kA;
     wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kBK / 16; ++ks) {
-      wgmma_ss_n<BN, T>(n16, acc, sw128_desc(sa + ks * 32), sw128_desc(sb + ks * 32), (kb | ks) != 0);
-    }
+    wgmma_k64_n<BN, T>(n16, acc, sw128_desc(sa), sw128_desc(sb), kb != 0);
     wgmma_commit();
     wgmma_wait<1>();
   }
@@ -274,6 +271,12 @@ cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Wor
 }
 
 }  // namespace
+
+bool wgmma_preferred(const qmoe_problem& p) {
+  // Measured on the H200 (NOTES.md, run 13): at 32 tokens an expert (30B-A3B, T=512) mma.sync's smaller
+  // tiles stream the weights faster (346 vs 365 us); at 128 (T=2048) wgmma wins (605-618 vs 654-692 us).
+  return (long long)p.num_tokens * p.top_k >= 96LL * p.num_experts;
+}
 
 int wgmma_tile_tokens(const qmoe_problem& p) {
   const int forced = env_int("QMOE_WG_TILE", 0);  // benchmarking: 64, 128, 192 or 256

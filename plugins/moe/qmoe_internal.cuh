@@ -185,6 +185,8 @@ cudaError_t launch_experts_mma(const qmoe_problem& p, const qmoe_tensors& t, con
 // Hopper (SM 9.0, built as sm_90a) tensor-core path for 16-bit weights; needs ws.tile_m ==
 // wgmma_tile_tokens(p) (64, 128, 192 or 256 tokens a tile).
 bool wgmma_supported();
+// Whether QMOE_PATH_AUTO / _MMA take wgmma for this problem (where it measured faster than mma.sync).
+bool wgmma_preferred(const qmoe_problem& p);
 int wgmma_tile_tokens(const qmoe_problem& p);
 cudaError_t launch_experts_wgmma(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
                                  cudaStream_t s, bool with_down = true);

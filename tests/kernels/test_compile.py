@@ -64,6 +64,20 @@ def check_abi_without_gpu(path):
     ]:
         assert lib.qmoe_check_problem(ctypes.byref(moe._Problem(**{**good, **change}))) == status, change
     assert b"unsupported shape" in lib.qmoe_error_string(2)
+    # Path resolution without a GPU: GEMV at <= 4 pairs an expert, else mma.sync (wgmma needs SM 9.0);
+    # forcing wgmma is refused with QMOE_ERR_UNSUPPORTED (as -2), a bad problem with its status negated.
+    lib.qmoe_resolve_path.argtypes = [ctypes.POINTER(moe._Problem)]
+    paths = moe.PATHS
+    for change, want in [
+        ({}, paths["mma_sync"]),
+        ({"num_tokens": 64}, paths["gemv"]),
+        ({"num_tokens": 64, "path": paths["mma"]}, paths["mma_sync"]),
+        ({"path": paths["gemv"]}, paths["gemv"]),
+        ({"path": paths["wgmma"]}, -2),
+        ({"hidden": 2000}, -2),
+        ({"path": 7}, -1),
+    ]:
+        assert lib.qmoe_resolve_path(ctypes.byref(moe._Problem(**{**good, **change}))) == want, change
     # The TensorRT plugins' workspace formula (trt_contract) mirrors the library's, plus 256 for alignment.
     from qwen3_compile.kernels import trt_contract
 
