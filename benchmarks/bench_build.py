@@ -20,12 +20,11 @@ sys.path.insert(0, str(HERE))
 from bench_export import _run_child, markdown_table  # noqa: E402
 
 _BUILD = """
-import json, resource, sys
+import json, sys
 from qwen3_compile.build import BuildOptions, build_engine
 built = build_engine(sys.argv[1], BuildOptions(sys.argv[3], max_seq=int(sys.argv[4])), sys.argv[2])
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"build_s": built.build_seconds, "plan_mb": built.plan_bytes / 1e6,
-                  "moe": built.moe_lowering, "peak_rss_mb": rss}))
+                  "moe": built.moe_lowering, "peak_rss_mb": peak_rss_mb()}))
 """
 
 COLUMNS = [

@@ -17,13 +17,13 @@ sys.path.insert(0, str(HERE))
 from bench_export import _run_child, markdown_table  # noqa: E402
 
 _BUNDLE = """
-import json, resource, sys, time
+import json, sys, time
 from qwen3_compile.bundle import bundle_artifact
 start = time.perf_counter()
 result = bundle_artifact(sys.argv[1], sys.argv[2], sys.argv[3])
 print(json.dumps({"seconds": time.perf_counter() - start, "mb": result.bytes / 1e6,
                   "files": len(result.manifest["files"]), "moe": result.manifest["moe"]["lowering"],
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_rss_mb()}))
 """
 
 COLUMNS = [

@@ -28,29 +28,42 @@ HERE = Path(__file__).resolve().parent
 OPTIMUM_VENV = HERE / ".venv-optimum"
 OPTIMUM_REQS = ["torch==2.13.0", "optimum-onnx[onnxruntime]==0.1.0", "transformers>=4.57,<4.58"]
 
+# Prepended to every child's code (here, bench_quantize, bench_build, bench_bundle, bench_quantize_scale,
+# bench_scale): the child's own peak RSS. VmHWM belongs to the address space, which exec replaces;
+# resource.getrusage's ru_maxrss does not restart at exec, so a child started from a parent holding N MB
+# reports at least N MB.
+CHILD_PRELUDE = """
+def peak_rss_mb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+"""
+
 # Runs in a child process: export and report the child's own peak RSS.
 _OURS = """
-import json, resource, sys, time
+import json, sys, time
 from qwen3_compile.export.stage import ExportOptions, export_onnx
 start = time.perf_counter()
 model, out, target, layers = sys.argv[1:5]
 export_onnx(model, out, ExportOptions(target=target or None), num_layers=int(layers) or None)
 print(json.dumps({"seconds": time.perf_counter() - start,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_rss_mb()}))
 """
 _OPTIMUM = """
-import json, resource, sys, time
+import json, sys, time
 from optimum.exporters.onnx import main_export
 start = time.perf_counter()
 main_export(sys.argv[1], output=sys.argv[2], task="text-generation-with-past", device="cpu")
 print(json.dumps({"seconds": time.perf_counter() - start,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_rss_mb()}))
 """
 
 
 def _run_child(python: str, code: str, *args: str) -> dict:
+    """Run `code` (which may call peak_rss_mb()) in a child; its last stdout line, parsed as JSON."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([python, "-c", code, *args], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [python, "-c", CHILD_PRELUDE + code, *args], capture_output=True, text=True, env=env
+    )
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -21,12 +21,12 @@ sys.path.insert(0, str(HERE))
 from bench_export import _run_child, graph_stats, markdown_table, time_runner  # noqa: E402
 
 _QUANTIZE = """
-import json, resource, sys, time
+import json, sys, time
 from qwen3_compile.quantize.stage import quantize_artifact
 start = time.perf_counter()
 quantize_artifact(sys.argv[1], sys.argv[2], sys.argv[3], target=sys.argv[4] or None)
 print(json.dumps({"seconds": time.perf_counter() - start,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_rss_mb()}))
 """
 
 

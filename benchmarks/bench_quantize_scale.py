@@ -22,14 +22,14 @@ sys.path.insert(0, str(HERE))
 from bench_export import _run_child, markdown_table  # noqa: E402
 
 _QUANTIZE = """
-import json, resource, sys, time
+import json, sys, time
 from qwen3_compile.quantize.stage import quantize_artifact
 start = time.perf_counter()
 result = quantize_artifact(sys.argv[1], "int8-sq", sys.argv[2], samples=int(sys.argv[3]))
 print(json.dumps({"seconds": time.perf_counter() - start,
                   "calibrate_s": result.manifest["timings_s"].get("calibrate"),
                   "tokens": result.manifest["calibration"]["tokens"],
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_rss_mb()}))
 """
 
 COLUMNS = [

@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from bench_export import markdown_table  # noqa: E402
+from bench_export import CHILD_PRELUDE, markdown_table  # noqa: E402
 
 GB = 1e9
 TORCH = "torch.onnx.export (dynamo)"
@@ -41,9 +41,8 @@ from qwen3_compile.export.stage import ExportOptions, export_onnx
 from qwen3_compile.progress import LineProgress
 start = time.perf_counter()
 artifact = export_onnx(sys.argv[1], sys.argv[2], ExportOptions(dtype=sys.argv[3]), progress=LineProgress())
-hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print(json.dumps({"seconds": time.perf_counter() - start, "timings": artifact.manifest["timings_s"],
-                  "vm_hwm_mb": hwm / 1024}))
+                  "vm_hwm_mb": peak_rss_mb()}))
 """
 # plain torch.onnx.export (dynamo, transformers' batched_mm experts: the grouped_mm and eager expert
 # implementations do not export) of the model transformers loads from the same checkpoint
@@ -64,8 +63,7 @@ class Logits(torch.nn.Module):
 ids = torch.randint(0, 151643, (1, 8))
 torch.onnx.export(Logits(model).eval(), (ids, torch.ones_like(ids)), sys.argv[2] + "/model.onnx",
                   dynamo=True, external_data=True)
-hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(json.dumps({"seconds": time.perf_counter() - start, "vm_hwm_mb": hwm / 1024}))
+print(json.dumps({"seconds": time.perf_counter() - start, "vm_hwm_mb": peak_rss_mb()}))
 """
 _WRITE = """
 import json, sys
@@ -84,7 +82,9 @@ def run_child(code: str, *args: str, log: Path) -> dict:
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(HERE.parent))
     start = time.perf_counter()
     with log.open("w") as err, log.with_suffix(".out").open("w+") as out:
-        proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=out, stderr=err, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD_PRELUDE + code, *args], stdout=out, stderr=err, env=env
+        )
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
