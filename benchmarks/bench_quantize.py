@@ -4,8 +4,9 @@
 
 Rows per model: the fp32 and fp16 exports; int8-wo (canonical QDQ and lowered for ORT, where INT8
 experts run as QMoE); int8-sq and fp8 (W8A8: calibration included in the quantize time; MoE experts run
-densely through the QuantizedExpertDispatch function body on ORT); fp8 runs at ORT_ENABLE_BASIC as its
-manifest asks. Each quantization runs in its own process so its peak RSS is its own.
+densely through the QuantizedExpertDispatch function body on ORT). Each artifact runs at the ONNX Runtime
+optimisation level its manifest records (`ort_optimization`: fp8 asks for ORT_ENABLE_BASIC). Each
+quantization runs in its own process, which reports its own peak RSS.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ print(json.dumps({"seconds": time.perf_counter() - start,
 
 def bench(model: str, work: Path) -> list[dict]:
     from qwen3_compile.export.stage import ExportOptions, export_onnx
-    from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
+    from qwen3_compile.generation.artifact import load_ort_runner
+    from qwen3_compile.manifest import read_manifest
 
     fp32 = export_onnx(model, work / "fp32").directory
     fp16 = export_onnx(model, work / "fp16", ExportOptions(dtype="fp16")).directory
@@ -61,11 +63,9 @@ def bench(model: str, work: Path) -> list[dict]:
             }
         )
     for row in rows:
-        if "error" not in row:
-            level = "basic" if row["artifact"].startswith("fp8") else "all"
-            row |= graph_stats(row["path"] / "model.onnx") | time_runner(
-                OrtRunner(row["path"] / "model.onnx", optimization=level)
-            )
+        if "error" not in row:  # the optimisation level the manifest asks for (fp8: basic)
+            runner = load_ort_runner(row["path"], read_manifest(row["path"]))
+            row |= graph_stats(row["path"] / "model.onnx") | time_runner(runner)
     return rows
 
 
