@@ -140,7 +140,6 @@ def _copy_device_files(staging: Path, target: Target) -> None:
         text = device.joinpath(name).read_text()
         if name == "build_plugin.sh":
             text = text.replace("@SM_ARCH@", target.sm.replace(".", ""))
-            text = text.replace('$(dirname "${BASH_SOURCE[0]}")/..', '$(dirname "${BASH_SOURCE[0]}")')
         (staging / name).write_text(text)
         (staging / name).chmod(0o755 if name in EXECUTABLES else 0o644)
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
+import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -116,4 +119,85 @@ def test_device_files_do_not_import_qwen3_compile(name):
         "trt_backend",
     }
     assert imported <= allowed, imported - allowed
-    assert "qwen3_compile" not in json.dumps(sorted(imported))
+
+
+def test_build_plugin_script_builds_in_its_own_folder(tmp_path):
+    """The bundle ships build_plugin.sh at its root: the sources and the build folder are beside it."""
+    (tmp_path / "build_plugin.sh").write_text((DEVICE / "build_plugin.sh").read_text())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "cmake").write_text('#!/bin/sh\necho "cmake $*"\n')
+    (bin_dir / "cmake").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    run = subprocess.run(
+        ["bash", str(tmp_path / "build_plugin.sh"), "87", "/trt/include"],
+        cwd=bin_dir,  # not the script's folder: the paths come from the script's location
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    here = tmp_path.resolve()
+    assert f"-S {here}/plugins/moe -B {here}/build/plugin -DQMOE_ARCHS=87" in run.stdout
+    assert f"--build {here}/build/plugin --target qmoe_trt_plugin" in run.stdout
+    assert f"built {here}/build/plugin/libqmoe_trt_plugin.so" in run.stdout
+
+
+class _StopAfterPlugin(Exception):
+    pass
+
+
+class _Logger:
+    INFO = WARNING = 0
+
+    def __init__(self, level):
+        pass
+
+
+def test_build_engine_loads_the_plugin_as_the_runner_does(tmp_path, monkeypatch):
+    """build_engine.py loads the MoE plugin through trt_backend.load_plugin: --plugin overrides the
+    manifest's path; a missing library names the script that builds it."""
+    loaded: list[str] = []
+
+    def builder(logger):
+        raise _StopAfterPlugin  # the plugin is loaded; the rest needs a real TensorRT
+
+    trt = types.SimpleNamespace(
+        __version__="10.3",
+        Logger=_Logger,
+        init_libnvinfer_plugins=lambda logger, namespace: True,
+        get_plugin_registry=lambda: types.SimpleNamespace(load_library=loaded.append),
+        Builder=builder,
+    )
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", sys.dont_write_bytecode)
+    monkeypatch.delenv("QWEN3_MOE_PLUGIN", raising=False)
+    for name in ("trt_backend", "bundle_files"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    spec = importlib.util.spec_from_file_location("bundle_build_engine", DEVICE / "build_engine.py")
+    build_engine = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_engine)
+    library = "build/plugin/libqmoe_trt_plugin.so"
+    manifest = {"moe": {"lowering": "plugin", "plugin_library": library}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    output = tmp_path / "engine" / "model.plan"
+
+    with pytest.raises(
+        SystemExit, match=r"libqmoe_trt_plugin.so is missing: run `bash build_plugin.sh` first"
+    ):
+        build_engine.build(tmp_path, output, None, None, True)
+    assert loaded == []
+    (tmp_path / library).parent.mkdir(parents=True)
+    (tmp_path / library).write_bytes(b"")
+    with pytest.raises(_StopAfterPlugin):
+        build_engine.build(tmp_path, output, None, None, True)
+    assert loaded == [str(tmp_path / library)]
+    override = tmp_path / "other.so"
+    with pytest.raises(SystemExit, match="other.so is missing"):
+        build_engine.build(tmp_path, output, override, None, True)
+    override.write_bytes(b"")
+    with pytest.raises(_StopAfterPlugin):
+        build_engine.build(tmp_path, output, override, None, True)
+    assert loaded == [str(tmp_path / library), str(override)]

@@ -29,21 +29,16 @@ def build(
     import tensorrt as trt
 
     manifest = read_manifest(bundle)
-    if not skip_checks:
-        from trt_backend import CudaRuntime
+    from trt_backend import CudaRuntime, load_plugin
 
+    if not skip_checks:
         problems = check_compatibility(manifest, trt.__version__, CudaRuntime().compute_capability())
         if problems:
             print("error: " + "; ".join(problems) + " (--skip-checks to build anyway)", file=sys.stderr)
             return 1
     logger = trt.Logger(trt.Logger.INFO)
     trt.init_libnvinfer_plugins(logger, "")
-    if manifest["moe"]["lowering"] == "plugin":
-        library = plugin or bundle / manifest["moe"]["plugin_library"]
-        if not library.is_file():
-            print(f"error: {library} is missing: run `bash scripts/build_plugin.sh` first", file=sys.stderr)
-            return 1
-        trt.get_plugin_registry().load_library(str(library))
+    load_plugin(trt, bundle, manifest, plugin)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
@@ -75,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parent
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=here / "engine" / "model.plan")
-    parser.add_argument("--plugin", type=Path, help="MoE plugin library (default: the manifest's path)")
+    parser.add_argument(
+        "--plugin",
+        type=Path,
+        help="MoE plugin library (default: $QWEN3_MOE_PLUGIN, else the manifest's path)",
+    )
     parser.add_argument("--workspace-gb", type=float, help="builder workspace limit")
     parser.add_argument("--skip-checks", action="store_true", help="build without the version/SM check")
     args = parser.parse_args(argv)

@@ -60,13 +60,15 @@ class CudaRuntime:
         return f"{major.value}.{minor.value}"
 
 
-def load_plugin(trt, bundle: Path, manifest: dict) -> None:
-    """The MoE plugin library (built by scripts/build_plugin.sh) when the graph has the plugin node."""
+def load_plugin(trt, bundle: Path, manifest: dict, library: Path | None = None) -> None:
+    """The MoE plugin library (built by build_plugin.sh) when the graph has the plugin node: `library`
+    when given, else $QWEN3_MOE_PLUGIN, else the manifest's path in the bundle."""
     if manifest["moe"]["lowering"] != "plugin":
         return
-    library = Path(os.environ.get("QWEN3_MOE_PLUGIN", bundle / manifest["moe"]["plugin_library"]))
+    if library is None:
+        library = Path(os.environ.get("QWEN3_MOE_PLUGIN", bundle / manifest["moe"]["plugin_library"]))
     if not library.is_file():
-        raise SystemExit(f"error: {library} is missing: run `bash scripts/build_plugin.sh` first")
+        raise SystemExit(f"error: {library} is missing: run `bash build_plugin.sh` first")
     trt.get_plugin_registry().load_library(str(library))
 
 
