@@ -12,16 +12,18 @@ int env_int(const char* name, int fallback) {
   return (v && *v) ? std::atoi(v) : fallback;
 }
 
-bool pdl_enabled() {
-  if (env_int("QMOE_PDL", 1) == 0) return false;
-  static const bool on = [] {
-    int dev = 0, major = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) return false;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-    return major >= 9;
+int device_sm() {
+  static const int sm = [] {
+    int dev = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return 0;
+    if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return 0;
+    return 10 * major + minor;
   }();
-  return on;
+  return sm;
 }
+
+bool pdl_enabled() { return env_int("QMOE_PDL", 1) != 0 && device_sm() >= 90; }
 
 }  // namespace qmoe
 

@@ -147,12 +147,9 @@ cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Wor
 
 cudaError_t launch_experts_gemv(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
                                cudaStream_t s, bool with_down) {
-  const bool i8 = p.weight_dtype == QMOE_I8;
-  if (p.act_dtype == QMOE_F16) {
-    return i8 ? launch_typed<__half, int8_t>(p, t, ws, s, with_down) : launch_typed<__half, __half>(p, t, ws, s, with_down);
-  }
-  return i8 ? launch_typed<__nv_bfloat16, int8_t>(p, t, ws, s, with_down)
-            : launch_typed<__nv_bfloat16, __nv_bfloat16>(p, t, ws, s, with_down);
+  return with_dtypes(p, [&](auto act, auto weight) {
+    return launch_typed<decltype(act), decltype(weight)>(p, t, ws, s, with_down);
+  });
 }
 
 }  // namespace qmoe

@@ -25,19 +25,6 @@ using CfgSmall = Cfg<64, 128, 64, 2, 2, 3>;
 // (Measured and dropped, NOTES.md: 64x256 with 1x4 warps of 64x64, 128x256 with 2x4 warps, 128x128 with
 // 2x4 warps of 64x32; all slower on the H200 than this tile at T=512 and T=2048.)
 
-struct MmaArgs {
-  const void* act;     // gate_up: x [T, H] gathered through perm_pair; down: h [P, I]
-  const void* weight;  // [E, rows_total, K]
-  const void* scale;   // [E, rows_total] or NULL
-  int scale_dtype;
-  void* out;           // gate_up: h [P, I]; down: y [P, H]
-  const int32_t* perm_pair;
-  const int32_t* offsets;
-  const int32_t* tile_map;
-  const int32_t* meta;
-  int top_k, K, I, H, n_tiles;
-};
-
 __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2,
                                             uint32_t& r3) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -82,17 +69,17 @@ struct Smem {
 };
 
 template <typename T, bool kInt8, bool kGateUp, typename C>
-__global__ void __launch_bounds__(C::kThreads) mma_kernel(MmaArgs a) {
+__global__ void __launch_bounds__(C::kThreads) mma_kernel(GemmArgs a) {
   constexpr int BM = C::BM, BN = C::BN, BK = C::BK, CPR = C::CPR, kStages = C::kStages;
   constexpr int kThreads = C::kThreads, WTM = C::WTM, WTN = C::WTN, MI = C::MI, NI = C::NI;
   using SM = Smem<C, kInt8>;
   extern __shared__ __align__(128) unsigned char smem[];
   pdl_wait();
-  const int tile = blockIdx.x / a.n_tiles;
+  const int tile = blockIdx.x / a.n_col_tiles;
   if (tile >= a.meta[1]) return;
   const int4 tm = reinterpret_cast<const int4*>(a.tile_map)[tile];
   const int e = tm.x, first = tm.z, mt = tm.w;
-  const int local = blockIdx.x - first * a.n_tiles;
+  const int local = blockIdx.x - first * a.n_col_tiles;
   const int n_tile = local / mt, m_idx = local % mt;
   const int row0 = a.offsets[e] + m_idx * BM;
   const int rows_valid = min(BM, a.offsets[e + 1] - row0);
@@ -277,54 +264,32 @@ __global__ void __launch_bounds__(C::kThreads) mma_kernel(MmaArgs a) {
 }
 
 template <typename T, bool kInt8, bool kGateUp, typename C>
-cudaError_t launch_one(MmaArgs a, int max_tiles, cudaStream_t s) {
+cudaError_t launch_one(GemmArgs a, int grid_tiles, cudaStream_t s) {
   constexpr int smem = Smem<C, kInt8>::kBytes;
   // Raise the dynamic shared-memory limit once per process (not inside every call, which may be
   // captured into a CUDA graph). The attribute belongs to the function on the current device.
   static const cudaError_t attr_err =
       cudaFuncSetAttribute(mma_kernel<T, kInt8, kGateUp, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (attr_err != cudaSuccess) return attr_err;
-  a.n_tiles = kGateUp ? a.I / (C::BN / 2) : a.H / C::BN;
-  return launch(mma_kernel<T, kInt8, kGateUp, C>, dim3(max_tiles * a.n_tiles), dim3(C::kThreads), smem, s, a);
+  a.n_col_tiles = kGateUp ? a.I / (C::BN / 2) : a.H / C::BN;
+  return launch(mma_kernel<T, kInt8, kGateUp, C>, dim3(grid_tiles * a.n_col_tiles), dim3(C::kThreads), smem, s, a);
 }
 
 template <typename T, bool kInt8>
 cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, cudaStream_t s,
                          bool with_down) {
-  MmaArgs a{};
-  a.perm_pair = ws.perm_pair;
-  a.offsets = ws.offsets;
-  a.tile_map = ws.tile_map;
-  a.meta = ws.meta;
-  a.top_k = p.top_k;
-  a.I = p.inter;
-  a.H = p.hidden;
-  a.scale_dtype = p.scale_dtype;
-  a.act = t.x;
-  a.weight = t.gate_up;
-  a.scale = t.gate_up_scale;
-  a.out = ws.h;
-  a.K = p.hidden;
-  cudaError_t err = launch_one<T, kInt8, true, CfgSmall>(a, ws.max_tiles, s);
+  cudaError_t err = launch_one<T, kInt8, true, CfgSmall>(gemm_args(p, t, ws, true), ws.max_tiles, s);
   if (err != cudaSuccess || !with_down) return err;
-
-  a.act = ws.h;
-  a.weight = t.down;
-  a.scale = t.down_scale;
-  a.out = ws.y;
-  a.K = p.inter;
-  return launch_one<T, kInt8, false, CfgSmall>(a, ws.max_tiles, s);
+  return launch_one<T, kInt8, false, CfgSmall>(gemm_args(p, t, ws, false), ws.max_tiles, s);
 }
 
 }  // namespace
 
 cudaError_t launch_experts_mma(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
                                cudaStream_t s, bool with_down) {
-  const bool i8 = p.weight_dtype == QMOE_I8;
-  if (p.act_dtype == QMOE_F16) {
-    return i8 ? launch_typed<__half, true>(p, t, ws, s, with_down) : launch_typed<__half, false>(p, t, ws, s, with_down);
-  }
-  return i8 ? launch_typed<__nv_bfloat16, true>(p, t, ws, s, with_down) : launch_typed<__nv_bfloat16, false>(p, t, ws, s, with_down);
+  return with_dtypes(p, [&](auto act, auto weight) {
+    return launch_typed<decltype(act), std::is_same<decltype(weight), int8_t>::value>(p, t, ws, s, with_down);
+  });
 }
 
 }  // namespace qmoe

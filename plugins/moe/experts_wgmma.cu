@@ -16,16 +16,8 @@
 
 namespace qmoe {
 
-bool wgmma_supported() {
-  static const bool ok = [] {
-    int dev = 0, major = 0, minor = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) return false;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-    if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return false;
-    return major == 9 && minor == 0;  // wgmma is sm_90a only (Blackwell has tcgen05 instead)
-  }();
-  return ok;
-}
+// wgmma is sm_90a only (Blackwell has tcgen05 instead).
+bool wgmma_supported() { return device_sm() == 90; }
 
 namespace {
 
@@ -52,17 +44,6 @@ using Wg128 = WgCfg<128, 7>;
 using Wg192 = WgCfg<192, 5>;
 using Wg256 = WgCfg<256, 4>;
 
-struct WgArgs {
-  const void* act;     // gate_up: x [T, H] gathered through perm_pair; down: h [P, I]
-  const void* weight;  // [E, rows_total, K]
-  void* out;           // gate_up: h [P, I]; down: y [P, H]
-  const int32_t* perm_pair;
-  const int32_t* offsets;
-  const int32_t* tile_map;
-  const int32_t* meta;
-  int top_k, K, I, H, n_rb;
-};
-
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
 __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
@@ -83,12 +64,12 @@ template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #endif
 
 template <typename T, bool kGateUp, typename C>
-__global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(WgArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(GemmArgs a) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BN = C::BN, kStages = C::kStages;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   pdl_wait();
-  const int tile = blockIdx.x / a.n_rb, rb = blockIdx.x % a.n_rb;
+  const int tile = blockIdx.x / a.n_col_tiles, rb = blockIdx.x % a.n_col_tiles;
   if (tile >= a.meta[1]) return;
   const int4 tm = reinterpret_cast<const int4*>(a.tile_map)[tile];
   const int e = tm.x, row0 = tm.y;
@@ -217,40 +198,22 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(WgArgs a) {
 }
 
 template <typename T, bool kGateUp, typename C>
-cudaError_t launch_one(WgArgs a, int grid_tiles, cudaStream_t s) {
+cudaError_t launch_one(GemmArgs a, int grid_tiles, cudaStream_t s) {
   constexpr int smem = C::kBytes;
   static const cudaError_t attr_err =
       cudaFuncSetAttribute(wgmma_kernel<T, kGateUp, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (attr_err != cudaSuccess) return attr_err;
-  a.n_rb = kGateUp ? a.I / 64 : a.H / kRows;
-  return launch(wgmma_kernel<T, kGateUp, C>, dim3(grid_tiles * a.n_rb), dim3(kThreads), smem, s, a);
+  a.n_col_tiles = kGateUp ? a.I / 64 : a.H / kRows;
+  return launch(wgmma_kernel<T, kGateUp, C>, dim3(grid_tiles * a.n_col_tiles), dim3(kThreads), smem, s, a);
 }
 
 template <typename T, typename C>
 cudaError_t launch_cfg(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, cudaStream_t s,
                        bool with_down) {
-  WgArgs a{};
-  a.perm_pair = ws.perm_pair;
-  a.offsets = ws.offsets;
-  a.tile_map = ws.tile_map;
-  a.meta = ws.meta;
-  a.top_k = p.top_k;
-  a.I = p.inter;
-  a.H = p.hidden;
-  const int P = p.num_tokens * p.top_k;
-  // At most P / BN full tiles plus one partial tile per expert that has tokens.
-  const int grid_tiles = P / C::BN + (p.num_experts < P ? p.num_experts : P);
-  a.act = t.x;
-  a.weight = t.gate_up;
-  a.out = ws.h;
-  a.K = p.hidden;
-  cudaError_t err = launch_one<T, true, C>(a, grid_tiles, s);
+  const int grid_tiles = max_tiles(p, C::BN);
+  cudaError_t err = launch_one<T, true, C>(gemm_args(p, t, ws, true), grid_tiles, s);
   if (err != cudaSuccess || !with_down) return err;
-  a.act = ws.h;
-  a.weight = t.down;
-  a.out = ws.y;
-  a.K = p.inter;
-  return launch_one<T, false, C>(a, grid_tiles, s);
+  return launch_one<T, false, C>(gemm_args(p, t, ws, false), grid_tiles, s);
 }
 
 template <typename T>
@@ -290,9 +253,8 @@ int wgmma_tile_tokens(const qmoe_problem& p) {
 
 cudaError_t launch_experts_wgmma(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
                                  cudaStream_t s, bool with_down) {
-  if (p.weight_dtype == QMOE_I8) return cudaErrorNotSupported;
-  return p.act_dtype == QMOE_F16 ? launch_typed<__half>(p, t, ws, s, with_down)
-                                 : launch_typed<__nv_bfloat16>(p, t, ws, s, with_down);
+  if (p.weight_dtype == QMOE_I8) return cudaErrorNotSupported;  // resolve_path never sends INT8 here
+  return with_dtypes(p, [&](auto act, auto) { return launch_typed<decltype(act)>(p, t, ws, s, with_down); });
 }
 
 }  // namespace qmoe

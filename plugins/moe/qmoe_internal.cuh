@@ -120,6 +120,17 @@ cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
 
 // Small integer knobs read once from the environment (for benchmarking variants).
 int env_int(const char* name, int fallback);
+// The current device's SM version as 10 * major + minor (0 without a device), queried once per process.
+int device_sm();
+
+// Calls f(Act{}, Weight{}) with the problem's activation type (__half or __nv_bfloat16) and weight type (the
+// activation type, or int8_t): one place that turns the dtype codes into template arguments.
+template <typename F>
+cudaError_t with_dtypes(const qmoe_problem& p, F&& f) {
+  const bool i8 = p.weight_dtype == QMOE_I8;
+  if (p.act_dtype == QMOE_F16) return i8 ? f(__half{}, int8_t{}) : f(__half{}, __half{});
+  return i8 ? f(__nv_bfloat16{}, int8_t{}) : f(__nv_bfloat16{}, __nv_bfloat16{});
+}
 
 // ---------------------------------------------------------------------------------------------
 // Workspace: device pointers carved out of one buffer. Offsets are 256-byte aligned.
@@ -135,21 +146,22 @@ struct Workspace {
   void* h;                // [P, I]  act dtype
   void* y;                // [P, H]  act dtype (unweighted expert outputs, permuted order)
   int32_t max_tiles;
-  int32_t tile_m;         // rows of an MMA tile (64 or 128), chosen per call
+  int32_t tile_m;         // rows (tokens) of a tensor-core tile, chosen per call: 64 (mma.sync), 64..256 (wgmma)
   size_t bytes;
 };
 
 inline size_t align256(size_t v) { return (v + 255) & ~size_t(255); }
 
-inline int max_mma_tiles(const qmoe_problem& p) {
+// Upper bound on the tiles of tile_m rows: every full tile, plus one partial tile per expert with tokens.
+inline int max_tiles(const qmoe_problem& p, int tile_m) {
   const int P = p.num_tokens * p.top_k;
-  return P / kMmaBlockM + (p.num_experts < P ? p.num_experts : P);
+  return P / tile_m + (p.num_experts < P ? p.num_experts : P);
 }
 
 inline Workspace layout_workspace(const qmoe_problem& p, void* base) {
   Workspace w{};
   const size_t P = size_t(p.num_tokens) * p.top_k, E = p.num_experts;
-  w.max_tiles = max_mma_tiles(p);
+  w.max_tiles = max_tiles(p, kMmaBlockM);  // the smallest tile: bounds every call's tile map
   w.tile_m = kMmaBlockM;
   char* b = static_cast<char*>(base);
   size_t off = 0;
@@ -170,6 +182,40 @@ inline Workspace layout_workspace(const qmoe_problem& p, void* base) {
   w.y = take(P * p.hidden * 2);
   w.bytes = off;
   return w;
+}
+
+// One grouped-GEMM launch of a tensor-core path (mma.sync or wgmma): gate_up reads x gathered through perm_pair
+// and writes h [P, I]; down reads h and writes y [P, H] (permuted order). n_col_tiles: blocks across the
+// output columns of one token tile, set by the launcher from its tile width.
+struct GemmArgs {
+  const void* act;
+  const void* weight;  // [E, rows_total, K]
+  const void* scale;   // [E, rows_total] (INT8 weights) or NULL
+  int scale_dtype;
+  void* out;
+  const int32_t* perm_pair;
+  const int32_t* offsets;
+  const int32_t* tile_map;
+  const int32_t* meta;
+  int top_k, K, I, H, n_col_tiles;
+};
+
+inline GemmArgs gemm_args(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, bool gate_up) {
+  GemmArgs a{};
+  a.perm_pair = ws.perm_pair;
+  a.offsets = ws.offsets;
+  a.tile_map = ws.tile_map;
+  a.meta = ws.meta;
+  a.top_k = p.top_k;
+  a.I = p.inter;
+  a.H = p.hidden;
+  a.scale_dtype = p.scale_dtype;
+  a.act = gate_up ? t.x : ws.h;
+  a.weight = gate_up ? t.gate_up : t.down;
+  a.scale = gate_up ? t.gate_up_scale : t.down_scale;
+  a.out = gate_up ? ws.h : ws.y;
+  a.K = gate_up ? p.hidden : p.inter;
+  return a;
 }
 
 // ---------------------------------------------------------------------------------------------
