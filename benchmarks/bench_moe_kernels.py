@@ -264,7 +264,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--variants", action="store_true", help="A/B the library's variant knobs")
     ap.add_argument("--only-variants", action="store_true", help="skip the main table")
-    ap.add_argument("--profile-t1", type=int, default=0, help="only run N single-token calls (under ncu)")
+    ap.add_argument("--profile", type=int, default=0, help="only run N calls of --profile-tokens (under ncu)")
+    ap.add_argument("--profile-tokens", type=int, default=1, help="tokens a call for --profile")
     args = ap.parse_args()
     reps = 10 if args.quick else 30
     torch.manual_seed(0)
@@ -285,10 +286,11 @@ def main() -> None:
     dq, ds = kmoe.quantize_int8(down)
 
     weights = {"bf16": (gate_up, down, None, None), "int8": (gq, dq, gs, ds)}
-    if args.profile_t1:
-        for _ in range(args.profile_t1):
-            x = torch.randn(1, H, device="cuda").to(torch.bfloat16)
-            kmoe.moe_forward(x, torch.randn(1, E, device="cuda").to(torch.bfloat16), gate_up, down, K, True)
+    if args.profile:
+        T = args.profile_tokens
+        for _ in range(args.profile):
+            x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
+            kmoe.moe_forward(x, torch.randn(T, E, device="cuda").to(torch.bfloat16), gate_up, down, K, True)
         torch.cuda.synchronize()
         return
     rows = []
