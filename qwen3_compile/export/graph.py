@@ -3,7 +3,7 @@ decode, MoE as one `qwen3_compile::ExpertDispatch` node per layer."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any
 
 import onnx
@@ -22,7 +22,7 @@ from qwen3_compile.export.layers import (
     self_attention,
     sparse_moe,
 )
-from qwen3_compile.export.weights import EMBEDDINGS, StateDictSource, WeightSource, weight_groups
+from qwen3_compile.export.weights import EMBEDDINGS, WeightSource, weight_groups
 from qwen3_compile.models.config import Qwen3Arch
 
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
@@ -39,19 +39,6 @@ def present_names(layer: int) -> tuple[str, str]:
 def layer_output_name(layer: int) -> str:
     """The tensor holding decoder layer `layer`'s output (validation bisects on these names)."""
     return f"layers.{layer}/residual_mlp/out"
-
-
-def build_graph(
-    arch: Qwen3Arch,
-    state: MutableMapping[str, torch.Tensor],
-    dtype: torch.dtype = torch.float32,
-    opset: int = 21,
-    consume: bool = False,
-    weight_sink: Any = None,
-) -> onnx.ModelProto:
-    """The whole model from weights in memory (experts fused [E,2I,H] / [E,H,I]); `consume` empties
-    `state` as the weights are written."""
-    return build_layered_graph(arch, StateDictSource(state, consume), dtype, opset, weight_sink)
 
 
 def decoder_layer(

@@ -14,7 +14,7 @@ norm and `lm_head`. A weight source hands over one group's tensors at a time, so
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -113,14 +113,13 @@ def _skipped(b: GraphBuilder, plan: WeightPlan, export_dtype: torch.dtype) -> bo
 
 
 class StateDictSource:
-    """Weights in memory (fused expert layout); `consume` drops each tensor once written."""
+    """Weights in memory (fused expert layout)."""
 
-    def __init__(self, state: MutableMapping[str, torch.Tensor], consume: bool = False):
-        self.state, self.consume = state, consume
+    def __init__(self, state: Mapping[str, torch.Tensor]):
+        self.state = state
 
     def emit(self, b: GraphBuilder, plan: WeightPlan, export_dtype: torch.dtype) -> None:
-        tensor = self.state.pop(plan.source) if self.consume else self.state[plan.source]
-        b.weight(plan.name, _converted(tensor, plan, export_dtype))
+        b.weight(plan.name, _converted(self.state[plan.source], plan, export_dtype))
 
     def end_group(self) -> None:
         pass

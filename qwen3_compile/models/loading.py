@@ -148,22 +148,6 @@ def build_reference_model(
     return model.eval()
 
 
-def load_weights(
-    source: ModelSource,
-    dtype: torch.dtype | None = None,
-    allow_nonfinite: bool = False,
-    progress: Progress = NO_PROGRESS,
-) -> dict[str, torch.Tensor]:
-    """MODEL's weights (experts fused), without building a model: what the exporter consumes."""
-    if source.checkpoint is not None:
-        return load_state_dict(
-            source.checkpoint, dtype=dtype, allow_nonfinite=allow_nonfinite, progress=progress
-        )
-    with progress.stage(f"random weights ({source.spec})", total=None):
-        state = random_state_dict(source.arch, source.preset.seed, source.preset.outliers)
-    return state if dtype is None else {k: v.to(dtype) for k, v in state.items()}
-
-
 def load_model(
     spec: str | Path | ModelSource,
     *,
