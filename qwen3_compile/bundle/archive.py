@@ -8,8 +8,10 @@ Extraction is `device/bundle_files.safe_extract` (the device runs the same code)
 from __future__ import annotations
 
 import gzip
+import hashlib
 import tarfile
 from pathlib import Path
+from typing import BinaryIO
 
 from qwen3_compile.bundle.device.bundle_files import safe_extract  # noqa: F401  (re-exported)
 
@@ -22,10 +24,25 @@ def folder_files(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
-def write_reproducible_tar(folder: Path, output: Path) -> None:
-    """Write `folder`'s files to `output` (.tar.gz) reproducibly."""
+class _HashingWriter:
+    """A binary file that hashes the bytes written through it (the archive is not read back to hash it)."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw, self.digest = raw, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+def write_reproducible_tar(folder: Path, output: Path) -> str:
+    """Write `folder`'s files to `output` (.tar.gz) reproducibly; returns the archive's sha256 (hex)."""
     with open(output, "wb") as raw:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=GZIP_LEVEL, mtime=0) as gz:
+        hashing = _HashingWriter(raw)
+        with gzip.GzipFile(filename="", mode="wb", fileobj=hashing, compresslevel=GZIP_LEVEL, mtime=0) as gz:
             with tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 dirs_written: set[str] = set()
                 for name in folder_files(folder):
@@ -41,6 +58,7 @@ def write_reproducible_tar(folder: Path, output: Path) -> None:
                     info.size = path.stat().st_size
                     with open(path, "rb") as f:
                         tar.addfile(info, f)
+    return hashing.digest.hexdigest()
 
 
 def _info(name: str, kind: bytes, mode: int) -> tarfile.TarInfo:

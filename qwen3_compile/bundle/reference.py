@@ -24,8 +24,9 @@ SMOKE_TOKENS = 16
 MODES = {"thinking": True, "non-thinking": False}
 
 
-def require_validation(artifact: Path) -> dict[str, Any]:
-    """The artifact's passing validation report (report.json), or a BadInputError/CheckFailedError."""
+def require_validation(artifact: Path, model_sha256: str | None = None) -> dict[str, Any]:
+    """The artifact's passing validation report (report.json), or a BadInputError/CheckFailedError.
+    `model_sha256`: the artifact's model.onnx hash when the caller has it (else computed here if needed)."""
     path = artifact / REPORT_DIR / "report.json"
     fix = (
         f"run `qwen3-compile validate {artifact} --reference MODEL` (MODEL: the checkpoint or preset it was "
@@ -42,7 +43,9 @@ def require_validation(artifact: Path) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise BadInputError(f"the report is not valid JSON ({err.msg}).", file=path, fix=fix) from None
     recorded = report.get("model_sha256")
-    if recorded and (artifact / "model.onnx").is_file() and sha256_file(artifact / "model.onnx") != recorded:
+    if recorded and model_sha256 is None and (artifact / "model.onnx").is_file():
+        model_sha256 = sha256_file(artifact / "model.onnx")
+    if recorded and model_sha256 is not None and model_sha256 != recorded:
         raise BadInputError(
             "the validation report was made for a different model.onnx (sha256 differs).",
             file=path,
@@ -74,9 +77,12 @@ def validation_record(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def smoke_reference(artifact: Path, manifest: dict[str, Any], steps: int = SMOKE_TOKENS) -> dict[str, Any]:
+def smoke_reference(
+    artifact: Path, manifest: dict[str, Any], steps: int = SMOKE_TOKENS, model_sha256: str | None = None
+) -> dict[str, Any]:
     """Greedy tokens of the validated artifact (its canonical graph, the one validation measured) on ONNX
-    Runtime CPU for SMOKE_PROMPT in both reasoning modes, ending after the first stop token."""
+    Runtime CPU for SMOKE_PROMPT in both reasoning modes, ending after the first stop token.
+    `model_sha256`: the artifact's model.onnx hash when the caller has it (else computed here)."""
     import onnxruntime
 
     from qwen3_compile.generation.artifact import RUNNER_LOADERS
@@ -99,11 +105,12 @@ def smoke_reference(artifact: Path, manifest: dict[str, Any], steps: int = SMOKE
         tokens = [int(t) for t in out.tokens[0]]
         stop = next((i for i, t in enumerate(tokens) if t in STOP_IDS), None)
         modes[mode] = {"prompt_ids": ids, "tokens": tokens if stop is None else tokens[: stop + 1]}
+    model_sha256 = model_sha256 or sha256_file(artifact / "model.onnx")
     return {
         "prompt": SMOKE_PROMPT,
         "max_new_tokens": steps,
         "decoding": "greedy",
-        "source": f"the artifact's model.onnx (sha256 {sha256_file(artifact / 'model.onnx')[:16]}...) on "
+        "source": f"the artifact's model.onnx (sha256 {model_sha256[:16]}...) on "
         f"onnxruntime {onnxruntime.__version__} CPU",
         "modes": modes,
     }

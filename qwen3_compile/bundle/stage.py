@@ -236,6 +236,7 @@ def _manifest(
     profiles: list[dict],
     report: dict[str, Any],
     smoke: dict[str, Any] | None,
+    model_sha256: str,
 ) -> dict[str, Any]:
     """The bundle's manifest, less the file list (added once every file is written)."""
     source = build_input.manifest
@@ -248,7 +249,7 @@ def _manifest(
             "stage": source.get("stage"),
             "label": build_input.label,
             "dtype": build_input.dtype,
-            "model_sha256": sha256_file(build_input.model_path),
+            "model_sha256": model_sha256,
         },
         "architecture": source.get("architecture"),
         "recipe": source.get("recipe"),
@@ -303,11 +304,17 @@ def bundle_artifact(
         )
     context = max_seq or min(build_input.arch.max_position_embeddings, DEFAULT_CONTEXT)
     plan = check_bundle_target(build_input, deploy, context)
-    report = require_validation(artifact)
+    # hashed once, for the report's check, the smoke reference and the manifest
+    model_sha256 = sha256_file(build_input.model_path)
+    report = require_validation(artifact, model_sha256)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     with progress.stage("bundle", total=4, unit="steps") as advance:
-        smoke = smoke_reference(artifact, build_input.manifest, smoke_tokens) if smoke_tokens else None
+        smoke = (
+            smoke_reference(artifact, build_input.manifest, smoke_tokens, model_sha256)
+            if smoke_tokens
+            else None
+        )
         seconds["smoke_reference"], clock = round(time.perf_counter() - clock, 3), time.perf_counter()
         advance(1)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -326,7 +333,9 @@ def bundle_artifact(
                 p.to_dict()
                 for p in generation_profiles(_graph_inputs(staging / "model" / "model.onnx"), 1, context)
             ]
-            manifest = _manifest(artifact, build_input, deploy, plan, lowered, profiles, report, smoke)
+            manifest = _manifest(
+                artifact, build_input, deploy, plan, lowered, profiles, report, smoke, model_sha256
+            )
             (staging / "README.md").write_text(_readme(manifest, plan))
             manifest["files"] = {
                 name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
@@ -337,8 +346,8 @@ def bundle_artifact(
             manifest = json.loads(text)  # what the file says (lists, not tuples)
             advance(1)
             partial = Path(tmp) / "bundle.tar.gz"
-            write_reproducible_tar(staging, partial)
+            archive_sha256 = write_reproducible_tar(staging, partial)
             os.replace(partial, output)
             seconds["write"] = round(time.perf_counter() - clock, 3)
             advance(1)
-    return Bundle(output, manifest, output.stat().st_size, sha256_file(output), seconds)
+    return Bundle(output, manifest, output.stat().st_size, archive_sha256, seconds)

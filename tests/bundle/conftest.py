@@ -29,6 +29,7 @@ class Bundled:
     archive: Path  # its bundle for jetson-agx-orin
     manifest: dict
     seconds: dict
+    sha256: str  # the archive's, as bundle_artifact reported it
 
 
 @pytest.fixture(scope="session")
@@ -57,4 +58,4 @@ def bundled(validated_int8_sq, tmp_path_factory) -> Bundled:
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-moe-int8-sq-agx-orin.tar.gz"
     result = bundle_artifact(validated_int8_sq, "jetson-agx-orin", out)
-    return Bundled(validated_int8_sq, out, result.manifest, result.seconds)
+    return Bundled(validated_int8_sq, out, result.manifest, result.seconds, result.sha256)

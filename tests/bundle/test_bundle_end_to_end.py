@@ -24,6 +24,7 @@ from click.testing import CliRunner
 from qwen3_compile.bundle.archive import FIXED_MTIME, safe_extract
 from qwen3_compile.bundle.verify import verify_bundle
 from qwen3_compile.cli import main
+from qwen3_compile.manifest import sha256_file
 
 BLOCK_PACKAGE = "import runpy, sys; sys.modules['qwen3_compile'] = None; sys.argv = sys.argv[1:]; " + (
     "runpy.run_path(sys.argv[0], run_name='__main__')"
@@ -115,6 +116,7 @@ def test_same_inputs_give_the_same_bytes(bundled, tmp_path):
 
     again = bundle_artifact(bundled.artifact, "jetson-agx-orin", tmp_path / "again.tar.gz")
     assert again.path.read_bytes() == bundled.archive.read_bytes()
+    assert again.sha256 == bundled.sha256 == sha256_file(bundled.archive)  # hashed as it was written
     raw = bundled.archive.read_bytes()
     assert raw[4:8] == b"\0\0\0\0"  # gzip header mtime
     with tarfile.open(bundled.archive) as tar:
@@ -137,6 +139,9 @@ def test_manifest_records_memory_plan_tools_and_hashes(bundled):
     assert m["memory"]["weights"] == stored == m["memory"]["weights_stored"]
     assert m["memory"]["kv_cache"] == 2 * 2 * 2 * 16 * 4 * 4096  # K+V, layers, kv heads, head_dim, fp32, ctx
     assert m["memory"]["total"] == expected.total and m["memory"]["fits"]
+    model_sha256 = sha256_file(bundled.artifact / "model.onnx")
+    assert m["artifact"]["model_sha256"] == model_sha256
+    assert f"(sha256 {model_sha256[:16]}...)" in m["smoke_reference"]["source"]
     assert {"onnx", "onnxruntime", "qwen3-compile", "python"} <= set(m["tools"])
     assert len(m["warnings"]) == 2 and "fp32 export" in m["warnings"][0] and "densely" in m["warnings"][1]
     assert m["target"]["sm"] == "8.7" and m["target"]["min_tensorrt"] == "10.3"

@@ -56,8 +56,6 @@ def test_external_data_artifact_bundles_and_runs(validated_int8_sq, tmp_path):
         "--max-new-tokens", str(smoke["max_new_tokens"]), "-p", smoke["prompt"],
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
-    reference = json.loads((validated_int8_sq / "validation" / "report.json").read_text())
-    assert reference["passed"]
     inline = bundle_artifact(validated_int8_sq, "jetson-agx-orin", tmp_path / "inline.tar.gz").manifest
     # the same weights, stored externally: the same smoke tokens, and the runner reproduces them
     assert smoke["modes"] == inline["smoke_reference"]["modes"]
