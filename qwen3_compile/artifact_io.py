@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,11 +40,17 @@ def atomic_output_dir(out_dir: Path, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, out_dir)
+
+
+def replace_dir(src: Path, dest: Path) -> None:
+    """Rename the complete folder `src` to `dest`. An existing `dest` is renamed aside first and removed
+    only once `src` is in place: a crash leaves the old folder or the new one, never a half-written one."""
     old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-        out_dir.rename(old)
-    tmp.rename(out_dir)
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        dest.rename(old)
+    src.rename(dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

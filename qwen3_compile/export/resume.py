@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qwen3_compile.artifact_io import replace_dir
 from qwen3_compile.errors import BadInputError
 
 JOURNAL_FILE = "export-journal.json"
@@ -125,18 +126,11 @@ def resumable_output_dir(
             shutil.rmtree(partial, ignore_errors=True)
         raise
     journal.remove()  # normally done by the stage before it hashes the folder into its manifest
-    old = None
-    if output.exists():
-        if not force:  # checked before the work started; someone created it meanwhile
-            raise BadInputError(
-                "the output directory appeared while exporting.",
-                file=output,
-                field="--output",
-                fix=f"move it away; the finished export is in {partial}.",
-            )
-        old = output.with_name(f".{output.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        output.rename(old)
-    partial.rename(output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if output.exists() and not force:  # checked before the work started; someone created it meanwhile
+        raise BadInputError(
+            "the output directory appeared while exporting.",
+            file=output,
+            field="--output",
+            fix=f"move it away; the finished export is in {partial}.",
+        )
+    replace_dir(partial, output)
