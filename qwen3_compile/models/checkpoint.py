@@ -235,11 +235,35 @@ def refuse_nonfinite(ckpt: Checkpoint, nonfinite: list[str]) -> None:
         )
 
 
-def scan_nonfinite(ckpt: Checkpoint, progress: Progress = NO_PROGRESS) -> list[str]:
-    """Names of tensors holding NaN or Inf, reading every weight once."""
+# exponent bits of each float format: all ones means Inf or NaN
+_EXPONENT = {"bfloat16": ("uint16", 0x7F80), "float16": ("uint16", 0x7C00), "float32": ("uint32", 0x7F800000)}
+_NONFINITE_CHUNK = 1 << 24  # values tested at a time: bounds the temporaries of a large tensor
+
+
+def has_nonfinite(tensor: torch.Tensor) -> bool:
+    """NaN or Inf anywhere, from the exponent bits (torch.isfinite on bf16 runs at ~50M values/s on
+    CPU, 20x slower than this; it made the finite check the export's bottleneck). Other dtypes go
+    through torch.isfinite."""
+    import numpy as np
     import torch
 
-    return [n for n, t in iter_tensors(ckpt, progress, "check weights") if not bool(torch.isfinite(t).all())]
+    spec = _EXPONENT.get(str(tensor.dtype).removeprefix("torch."))
+    if spec is None:
+        return not bool(torch.isfinite(tensor).all())
+    uint, mask = spec
+    t = tensor.detach().contiguous().cpu()
+    signed = torch.int16 if t.element_size() == 2 else torch.int32
+    bits = t.view(signed).numpy().reshape(-1).view(uint)
+    mask = np.asarray(mask, dtype=uint)
+    return any(
+        bool(((bits[i : i + _NONFINITE_CHUNK] & mask) == mask).any())
+        for i in range(0, bits.size, _NONFINITE_CHUNK)
+    )
+
+
+def scan_nonfinite(ckpt: Checkpoint, progress: Progress = NO_PROGRESS) -> list[str]:
+    """Names of tensors holding NaN or Inf, reading every weight once."""
+    return [n for n, t in iter_tensors(ckpt, progress, "check weights") if has_nonfinite(t)]
 
 
 def load_state_dict(
@@ -249,12 +273,10 @@ def load_state_dict(
     progress: Progress = NO_PROGRESS,
 ) -> dict[str, torch.Tensor]:
     """All weights, experts fused as [E, 2I, H] / [E, H, I], checked for NaN/Inf."""
-    import torch
-
     state: dict[str, torch.Tensor] = {}
     nonfinite: list[str] = []
     for name, t in iter_tensors(ckpt, progress, "load weights"):
-        if not allow_nonfinite and not bool(torch.isfinite(t).all()):
+        if not allow_nonfinite and has_nonfinite(t):
             nonfinite.append(name)
         state[name] = t.to(dtype) if dtype is not None else t
     if not allow_nonfinite:

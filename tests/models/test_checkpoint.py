@@ -149,6 +149,24 @@ def test_nonfinite_weights_refused_unless_allowed(checkpoint_copy, value):
     assert not torch.isfinite(loaded.model.model.layers[1].mlp.experts.gate_up_proj).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int32])
+def test_has_nonfinite_agrees_with_torch_in_every_chunk(dtype, monkeypatch):
+    """The exponent-bit check equals torch.isfinite, wherever the value sits (chunk boundaries included,
+    strided tensors too); dtypes without a bit pattern go through torch.isfinite."""
+    from qwen3_compile.models import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_NONFINITE_CHUNK", 100)
+    floating = dtype.is_floating_point
+    values = [float("nan"), float("inf"), -float("inf"), torch.finfo(dtype).max, 0.0] if floating else [7]
+    for value in values:
+        for index in (0, 99, 100, 2047):
+            block = torch.randn(64, 32).to(dtype)
+            block.view(-1)[index] = value
+            for tensor in (block, block.t()):
+                expected = not bool(torch.isfinite(tensor).all())
+                assert checkpoint.has_nonfinite(tensor) == expected, (dtype, value, index)
+
+
 def test_bin_only_checkpoint(checkpoint_copy):
     ckpt = checkpoint_copy("tiny-dense")
     (ckpt / "model.safetensors").rename(ckpt / "pytorch_model.bin")
