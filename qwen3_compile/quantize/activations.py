@@ -20,10 +20,9 @@ from onnx import helper, numpy_helper
 from qwen3_compile.custom_ops import DOMAIN, EXPERT_DISPATCH, QUANTIZED_EXPERT_DISPATCH, function
 from qwen3_compile.export.graph import past_names
 from qwen3_compile.quantize.calibrate import CalibrationStats
-from qwen3_compile.quantize.weights import QUANT_MAX, checkpoint_name
+from qwen3_compile.quantize.weights import QUANT_MAX, dequantized_source
 
 _ZERO = {"int8": np.zeros((), np.int8), "fp8": np.zeros((), ml_dtypes.float8_e4m3fn)}
-_SUFFIX = ".dequantized"
 
 
 def _scale(amax: float, dtype: str, float_dtype: np.dtype) -> np.ndarray:
@@ -74,16 +73,16 @@ def insert_activation_qdq(
     counts = {"activation_pairs": 0, "quantized_expert_dispatch": 0, "kv_cache_pairs": 0}
     rewired: dict[int, tuple[int, str]] = {}  # node index -> (input slot, activation)
     for index, node in enumerate(model.graph.node):
-        if act_dtype and node.op_type == "MatMul" and node.input[1].endswith(_SUFFIX):
-            weight = checkpoint_name(node.input[1].removesuffix(_SUFFIX))
+        if act_dtype and node.op_type == "MatMul" and dequantized_source(node.input[1]):
+            weight = dequantized_source(node.input[1])
             plan.observe(node.input[0], float(stats.act_amax(weight).max()), act_dtype)
             rewired[index] = (0, node.input[0])
         elif (
             act_dtype
             and (node.domain, node.op_type) == (DOMAIN, EXPERT_DISPATCH)
-            and node.input[2].endswith(_SUFFIX)
+            and dequantized_source(node.input[2])
         ):
-            gate_up, down = (checkpoint_name(v.removesuffix(_SUFFIX)) for v in node.input[2:4])
+            gate_up, down = (dequantized_source(v) for v in node.input[2:4])
             plan.observe(node.input[0], float(stats.act_amax(gate_up).max()), act_dtype)
             rewired[index] = (0, node.input[0])
             # the intermediate is quantized inside the node, with one range shared by all experts

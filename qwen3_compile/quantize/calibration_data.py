@@ -99,7 +99,9 @@ def load_calibration(
     else:
         entries = [{"text": p.strip()} for p in text.split("\n\n") if p.strip()]
     sequences = []
-    for entry in entries:
+    for entry in entries:  # every line was validated above; render only until `samples` are taken
+        if len(sequences) >= samples:
+            break
         for ids in _render(tokenizer, entry):
             if len(ids) >= 2 and len(sequences) < samples:
                 sequences.append(ids[:max_tokens])

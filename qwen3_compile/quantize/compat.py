@@ -13,12 +13,8 @@ def _sm(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in str(version).split("."))
 
 
-def _precisions(recipe: QuantRecipe) -> list[str]:
-    return [recipe.precision] + ([recipe.kv_cache.dtype] if recipe.kv_cache else [])
-
-
 def recipe_fits_target(recipe: QuantRecipe, target: Target) -> bool:
-    return set(_precisions(recipe)) <= set(target.precisions) and _sm(target.sm) >= _sm(recipe.min_sm)
+    return set(recipe.precisions) <= set(target.precisions) and _sm(target.sm) >= _sm(recipe.min_sm)
 
 
 def fitting_recipes(target: Target) -> list[str]:
@@ -30,7 +26,7 @@ def check_recipe_target(recipe: QuantRecipe, target: Target) -> None:
     """Raise a BadInputError naming the recipes that do fit when `recipe` cannot run on `target`."""
     if recipe_fits_target(recipe, target):
         return
-    missing = [p for p in _precisions(recipe) if p not in target.precisions]
+    missing = [p for p in recipe.precisions if p not in target.precisions]
     why = (
         f"{' and '.join(missing)} is not among its precisions ({', '.join(target.precisions)})"
         if missing

@@ -96,9 +96,12 @@ class QuantRecipe:
     source: str = field(default="", compare=False)
 
     @property
-    def precision(self) -> str:
-        """What a deployment target must support (`precisions` in recipes/targets/*.toml)."""
-        return self.weights.dtype
+    def precisions(self) -> tuple[str, ...]:
+        """What a deployment target must support (`precisions` in recipes/targets/*.toml): the weights',
+        the activations' and the KV cache's number formats, in that order, without repeats."""
+        parts = [self.weights.dtype]
+        parts += [spec.dtype for spec in (self.activations, self.kv_cache) if spec is not None]
+        return tuple(dict.fromkeys(parts))
 
     @property
     def needs_calibration(self) -> bool:

@@ -19,7 +19,7 @@ from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.quantize.calibrate import CalibrationStats
 from qwen3_compile.quantize.recipe import QuantRecipe
 from qwen3_compile.quantize.weight_store import WeightStore
-from qwen3_compile.quantize.weights import Transform
+from qwen3_compile.quantize.weights import Transform, checkpoint_name
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def smoothquant_transforms(
     summary = {}
     for layer in range(arch.num_layers):
         for group in smooth_groups(arch, layer):
-            names = [r.removesuffix(".T") for r in group.readers]
+            names = [checkpoint_name(r) for r in group.readers]
             if not all(recipe.select.selects(n) for n in names):
                 continue
             act = np.max([stats.act_amax(n) for n in names], axis=0)

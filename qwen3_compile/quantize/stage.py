@@ -116,15 +116,16 @@ def _check_stats(stats: CalibrationStats, recipe: QuantRecipe, tensors: list[Qua
     ]
 
 
-def _check_target(recipe: QuantRecipe, target: str | None) -> str | None:
-    """`ort` is a lowering; any other name is a deployment target the recipe must fit (checked now)."""
+def _check_target(recipe: QuantRecipe, target: str | None) -> tuple[str | None, str | None]:
+    """(lowering, deployment target): `ort` is a lowering; any other name is a deployment target the recipe
+    must fit (checked now)."""
     if target is None or target in LOWERING_TARGETS:
-        return target
+        return target, None
     from qwen3_compile.quantize.compat import check_recipe_target
     from qwen3_compile.targets import get_target
 
     check_recipe_target(recipe, get_target(target))
-    return None
+    return None, target
 
 
 def quantize_artifact(
@@ -143,8 +144,7 @@ def quantize_artifact(
     manifest = read_manifest(artifact)
     recipe = recipe if isinstance(recipe, QuantRecipe) else load_recipe(recipe)
     _check_input(artifact, manifest, recipe)
-    deploy_target = target if target not in (None, *LOWERING_TARGETS) else None
-    target = _check_target(recipe, target)
+    target, deploy_target = _check_target(recipe, target)
     arch = Qwen3Arch.from_config_file(artifact / "config.json")
     timings = Timings()
     with timings.stage("load"):  # the graph only: weights are read one tensor at a time
@@ -222,12 +222,8 @@ def quantize_artifact(
                 "smoothquant": smoothing,
                 "warnings": warnings,
                 # ORT CPU computes FP8 QDQ MatMuls wrongly above ENABLE_BASIC (DESIGN.md section 3)
-                "ort_optimization": "basic" if "fp8" in (recipe.weights.dtype, _kv(recipe)) else "all",
+                "ort_optimization": "basic" if "fp8" in recipe.precisions else "all",
                 "lowering": lowering,
             },
         )
     return QuantizedArtifact(Path(output), recipe, tensors, written, warnings)
-
-
-def _kv(recipe: QuantRecipe) -> str | None:
-    return recipe.kv_cache.dtype if recipe.kv_cache else None

@@ -21,7 +21,7 @@ import onnx
 from onnx import helper
 
 from qwen3_compile.quantize.recipe import QuantRecipe
-from qwen3_compile.quantize.weight_store import InlineSink, WeightStore
+from qwen3_compile.quantize.weight_store import WeightStore
 
 INT8_MAX = 127.0
 FP8_E4M3_MAX = 448.0
@@ -66,8 +66,16 @@ def checkpoint_name(initializer: str) -> str:
     return initializer.removesuffix(".T")
 
 
+_DEQUANTIZED = ".dequantized"
+
+
 def dequantized_name(initializer: str) -> str:
-    return initializer + ".dequantized"
+    return initializer + _DEQUANTIZED
+
+
+def dequantized_source(name: str) -> str | None:
+    """The checkpoint name behind a `dequantized_name` output, or None for any other tensor."""
+    return checkpoint_name(name.removesuffix(_DEQUANTIZED)) if name.endswith(_DEQUANTIZED) else None
 
 
 def _selected(proto: onnx.TensorProto, recipe: QuantRecipe) -> bool:
@@ -82,14 +90,13 @@ def _selected(proto: onnx.TensorProto, recipe: QuantRecipe) -> bool:
 def quantize_weights(
     model: onnx.ModelProto,
     recipe: QuantRecipe,
-    store: WeightStore | None = None,
-    sink=None,
-    transforms: dict[str, Transform] | None = None,
+    store: WeightStore,
+    sink,
+    transforms: dict[str, Transform],
 ) -> list[QuantizedTensor]:
-    """Rewrite `model` in place; returns what was quantized (nothing for the fp16 baseline)."""
-    store = store or WeightStore(model, base_dir=None)
-    sink = sink or InlineSink()
-    transforms = transforms or {}
+    """Rewrite `model` in place; returns what was quantized (nothing for the fp16 baseline). Tensors that
+    `store` reads from external data are written through `sink` (the store is then streamed, and so is the
+    sink: `open_sink`)."""
     graph = model.graph
     done: list[QuantizedTensor] = []
     replace: dict[str, str] = {}
@@ -100,7 +107,7 @@ def quantize_weights(
         if not selected:
             if transform is not None:
                 keep.append(sink.add(name, transform(store.array(name))))
-            elif store.is_external(name) and not isinstance(sink, InlineSink):
+            elif store.is_external(name):
                 keep.append(sink.add(name, store.array(name)))  # copied through, one tensor at a time
             else:
                 keep.append(proto)

@@ -84,7 +84,7 @@ def test_int8_wo_on_fp16_export_keeps_fp16_scales(tmp_path):
         q = numpy_helper.to_array(weights[stored + ".q"]).astype(np.float32)
         s = numpy_helper.to_array(scale).astype(np.float32)
         s = s[None, :] if w.ndim == 2 else s
-        assert np.abs(q * s - w).max() <= 0.51 * s.max() + 1e-3
+        assert (np.abs(q * s - w) <= 0.51 * s + 1e-3).all()  # half a step of its own row's scale
 
 
 def test_int8_experts_lower_to_qmoe(exports, tmp_path):

@@ -5,6 +5,7 @@ the fp32 reference, SmoothQuant against naive W8A8 on a model with massive activ
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -20,7 +21,7 @@ from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.models.loading import load_model
 from qwen3_compile.quantize.calibrate import calibrate
 from qwen3_compile.quantize.calibration_data import load_calibration
-from qwen3_compile.quantize.recipe import QuantRecipe, load_recipe, with_kv_cache
+from qwen3_compile.quantize.recipe import ActivationSpec, QuantRecipe, load_recipe, with_kv_cache
 from qwen3_compile.quantize.stage import _check_stats, quantize_artifact
 from qwen3_compile.runtime.base import left_padded_batch
 from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
@@ -234,6 +235,10 @@ def test_recipe_target_mismatch_names_fitting_recipes(exports, tmp_path):
     kv8 = with_kv_cache(load_recipe("int8-wo"), "fp8")
     with pytest.raises(BadInputError) as info:  # an FP8 KV cache needs FP8 too
         quantize_artifact(exports["tiny-dense"], kv8, tmp_path / "out", target="jetson-orin-nano")
+    assert "fp8" in info.value.message
+    fp8_acts = replace(load_recipe("int8-sq"), activations=ActivationSpec(dtype="fp8"))  # FP8 activations too
+    with pytest.raises(BadInputError) as info:
+        quantize_artifact(exports["tiny-dense"], fp8_acts, tmp_path / "out", target="jetson-orin-nano")
     assert "fp8" in info.value.message
     assert not (tmp_path / "out").exists()
 
