@@ -10,6 +10,7 @@ from typing import Any
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.manifest import MANIFEST, read_manifest
 from qwen3_compile.models.config import Qwen3Arch
+from qwen3_compile.quantize.compat import check_recipe_target, sm_tuple
 from qwen3_compile.quantize.recipe import QuantRecipe
 from qwen3_compile.targets import Target
 
@@ -28,13 +29,6 @@ class BuildInput:
     @property
     def model_path(self) -> Path:
         return self.directory / MODEL_FILE
-
-    @property
-    def precision(self) -> str | None:
-        """What the target must support; None for an fp32 export (a parity build, runs anywhere)."""
-        if self.recipe is not None:
-            return self.recipe.weights.dtype
-        return None if self.dtype == "fp32" else "fp16"
 
     @property
     def label(self) -> str:
@@ -70,31 +64,12 @@ def read_build_input(artifact: str | Path) -> BuildInput:
     return BuildInput(directory, manifest, arch, options.get("dtype", "fp32"), recipe)
 
 
-def _sm(version: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in version.split("."))
-
-
 def check_target_supports(build_input: BuildInput, target: Target) -> None:
     """Recipe/target (or export dtype/target) mismatch -> BadInputError before any work."""
-    recipe = build_input.recipe
-    if recipe is not None:
-        try:  # the quantize stage's own check, where this version has it
-            from qwen3_compile.quantize.compat import check_recipe_target
-        except ImportError:
-            check_recipe_target = None
-        if check_recipe_target is not None:
-            check_recipe_target(recipe, target)
-            return
-        if recipe.weights.dtype not in target.precisions or _sm(target.sm) < _sm(recipe.min_sm):
-            raise BadInputError(
-                f"recipe '{recipe.name}' ({recipe.weights.dtype}, SM >= {recipe.min_sm}) cannot run on "
-                f"{target.name} (SM {target.sm}, precisions {', '.join(target.precisions)}).",
-                file=build_input.directory / MANIFEST,
-                field="recipe",
-                fix=f"quantize with a recipe whose precision is one of {', '.join(target.precisions)}.",
-            )
+    if build_input.recipe is not None:
+        check_recipe_target(build_input.recipe, target)
         return
-    if build_input.dtype == "bf16" and _sm(target.sm) < (8, 0):
+    if build_input.dtype == "bf16" and sm_tuple(target.sm) < (8, 0):
         raise BadInputError(
             f"bf16 needs SM >= 8.0; {target.name} is SM {target.sm}.",
             file=build_input.directory / MANIFEST,

@@ -9,12 +9,13 @@ from qwen3_compile.quantize.recipe import QuantRecipe, builtin_recipes, load_rec
 from qwen3_compile.targets import Target
 
 
-def _sm(version: str) -> tuple[int, ...]:
+def sm_tuple(version: str) -> tuple[int, ...]:
+    """'8.7' -> (8, 7), for comparing SM versions."""
     return tuple(int(part) for part in str(version).split("."))
 
 
 def recipe_fits_target(recipe: QuantRecipe, target: Target) -> bool:
-    return set(recipe.precisions) <= set(target.precisions) and _sm(target.sm) >= _sm(recipe.min_sm)
+    return set(recipe.precisions) <= set(target.precisions) and sm_tuple(target.sm) >= sm_tuple(recipe.min_sm)
 
 
 def fitting_recipes(target: Target) -> list[str]:

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
+from qwen3_compile.build.trt_import import flavour
 from qwen3_compile.errors import BadInputError
 
 BACKENDS = ("ort", "tensorrt", "tensorrt-rtx")
-_INSTALL = {
-    "tensorrt": "install TensorRT for your GPU (pip install tensorrt on a machine NVIDIA's index serves, or "
-    "JetPack's python3-libnvinfer on Jetson)",
-    "tensorrt-rtx": "pip install 'qwen3-compile[rtx]' (tensorrt-rtx-cu13)",
-}
-_MODULE = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
 
 
 def artifact_runner(artifact: Path, manifest: dict, backend: str):
@@ -36,9 +30,10 @@ def artifact_runner(artifact: Path, manifest: dict, backend: str):
                 fix="pass a folder written by `qwen3-compile export`, `quantize` or `compile`.",
             )
         return loader(artifact, manifest)
-    if importlib.util.find_spec(_MODULE[backend]) is None:
+    trt = flavour(backend)  # module names and install hints live with the TensorRT import (build/)
+    if not trt.available():
         raise BadInputError(
-            f"the {backend} backend is not installed.", field="--backend", fix=_INSTALL[backend] + "."
+            f"the {backend} backend is not installed.", field="--backend", fix=trt.install + "."
         )
     # TensorRT backends run plans written by `qwen3-compile build` for that flavour
     built_with = (manifest.get("tensorrt") or {}).get("flavour")

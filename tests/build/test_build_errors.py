@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from qwen3_compile.build import BuildOptions, build_engine, trt_import
+from qwen3_compile.build import stage as build_stage
 from qwen3_compile.build.inputs import check_target_supports, read_build_input
 from qwen3_compile.cli import main
 from qwen3_compile.errors import BadInputError
@@ -60,7 +61,8 @@ def test_fp8_recipe_on_orin_fails_before_work(artifacts, tmp_path):
 
 
 def test_model_that_does_not_fit_names_the_numbers(artifacts, tmp_path, monkeypatch):
-    monkeypatch.setattr(trt_import, "import_tensorrt", lambda *a, **k: pytest.fail("imported TensorRT"))
+    # build/stage.py binds import_tensorrt at import time: patch the name it calls
+    monkeypatch.setattr(build_stage, "import_tensorrt", lambda *a, **k: pytest.fail("imported TensorRT"))
     source = artifacts.export("tiny-moe")
     result = _build(
         source, "--target", "jetson-orin-nano", "--max-batch", 16, "--max-seq", 4096, "-o", tmp_path / "e"

@@ -14,7 +14,7 @@ import pytest
 
 from qwen3_compile.build import BuildOptions, build_engine
 from qwen3_compile.build.inputs import check_target_supports, read_build_input
-from qwen3_compile.quantize.recipe import builtin_recipes, load_recipe
+from qwen3_compile.quantize.compat import fitting_recipes
 from qwen3_compile.targets import get_target
 
 if os.environ.get("QWEN3_COMPILE_REQUIRE_RTX") == "1" and importlib.util.find_spec("tensorrt_rtx") is None:
@@ -25,19 +25,13 @@ pytestmark = pytest.mark.skipif(
 TARGET = "rtx-blackwell"
 
 
-def _rtx_recipes() -> list[str]:
-    """Built-in recipes the RTX target supports (fp16, int8 weight-only, fp8, ...): its precisions and SM."""
-    target = get_target(TARGET)
-    sm = tuple(int(p) for p in target.sm.split("."))
-    recipes = [load_recipe(name) for name in sorted(builtin_recipes())]
-    return [
-        r.name
-        for r in recipes
-        if r.weights.dtype in target.precisions and sm >= tuple(int(p) for p in r.min_sm.split("."))
-    ]
-
-
-INPUTS = ["export:fp32", "export:fp16", "export:bf16", *(f"recipe:{r}" for r in _rtx_recipes())]
+# every built-in recipe the RTX target can run (its precisions and SM)
+INPUTS = [
+    "export:fp32",
+    "export:fp16",
+    "export:bf16",
+    *(f"recipe:{r}" for r in fitting_recipes(get_target(TARGET))),
+]
 
 
 def _input(artifacts, preset, kind):
