@@ -55,6 +55,18 @@ def replace_dir(src: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def copy_side_files(src_dir: Path, dst_dir: Path, *, skip: tuple[str, ...]) -> list[str]:
+    """Copy the regular files directly in `src_dir` (tokenizer, configs, ...) to `dst_dir`, except those
+    whose names start with one of `skip` (e.g. `("model.onnx", "manifest.json")`: the graph, its data
+    files, the manifest); folders are not copied. Returns the copied names, sorted."""
+    copied = []
+    for side in sorted(Path(src_dir).iterdir()):
+        if side.is_file() and not side.name.startswith(skip):
+            shutil.copyfile(side, Path(dst_dir) / side.name)
+            copied.append(side.name)
+    return copied
+
+
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     """Save `model`; above the protobuf limit, weights go to one external `<name>.data` file.
 

@@ -25,6 +25,7 @@ from typing import Any
 import onnx
 
 from qwen3_compile import __version__
+from qwen3_compile.artifact_io import copy_side_files
 from qwen3_compile.build.inputs import MODEL_FILE, BuildInput, read_build_input
 from qwen3_compile.build.lowering import LoweredModel, MoeChoice, choose_moe_lowering, lower_for_build
 from qwen3_compile.build.profiles import InputSpec, generation_profiles
@@ -211,9 +212,7 @@ def _readme(manifest: dict[str, Any], plan: BundlePlan) -> str:
 def _copy_side_files(staging: Path, artifact: Path, target: Target, plugin: bool) -> None:
     """Everything but the graph: tokenizer/config, reference functions, the report, device scripts,
     plugin sources (plugin graphs only)."""
-    for side in sorted(artifact.iterdir()):
-        if side.is_file() and not side.name.startswith(_SKIP_SIDE):
-            shutil.copyfile(side, staging / "model" / side.name)
+    copy_side_files(artifact, staging / "model", skip=_SKIP_SIDE)
     (staging / "reference").mkdir()
     graphs = resources.files("qwen3_compile").joinpath("graphs")
     for name in ("expert_dispatch.onnxtxt", "quantized_expert_dispatch.onnxtxt"):

@@ -153,6 +153,9 @@ def test_manifest_records_memory_plan_tools_and_hashes(bundled):
     assert {"runner.py", "build_engine.py", "bundle_files.py", "README.md", "model/tokenizer.json"} <= set(
         m["files"]
     )
+    # the artifact's side files ship beside the graph; its calibration statistics and manifest do not
+    assert (bundled.artifact / "calibration.safetensors").is_file()
+    assert not {"model/calibration.safetensors", "model/manifest.json"} & set(m["files"])
     report = json.loads((bundled.artifact / "validation" / "report.json").read_text())
     assert m["validation"]["summary"] == report["summary"] and m["validation"]["gates"] == report["gates"]
 

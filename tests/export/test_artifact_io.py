@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwen3_compile.artifact_io import atomic_output_dir, replace_dir
+from qwen3_compile.artifact_io import atomic_output_dir, copy_side_files, replace_dir
 from qwen3_compile.errors import BadInputError
 
 
@@ -41,3 +41,23 @@ def test_atomic_output_dir_replaces_only_when_complete(tmp_path):
     with atomic_output_dir(out, force=True) as tmp:
         (tmp / "model.onnx").write_text("second")
     assert _tree(out) == {"model.onnx": "second"} and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_copy_side_files_skips_by_name_prefix_and_leaves_folders(tmp_path):
+    src, dst = tmp_path / "artifact", tmp_path / "out"
+    (src / "validation").mkdir(parents=True)
+    (src / "validation" / "report.json").write_text("{}")
+    names = ["model.onnx", "model.onnx.data", "manifest.json", "calibration.safetensors", "config.json"]
+    for name in [*names, "tokenizer.json"]:
+        (src / name).write_text(name)
+    dst.mkdir()
+    copied = copy_side_files(src, dst, skip=("model.onnx", "manifest.json", "calibration.safetensors"))
+    assert copied == ["config.json", "tokenizer.json"]
+    assert _tree(dst) == {"config.json": "config.json", "tokenizer.json": "tokenizer.json"}
+    again = tmp_path / "again"
+    again.mkdir()
+    assert copy_side_files(src, again, skip=("model.onnx", "manifest.json")) == [
+        "calibration.safetensors",
+        "config.json",
+        "tokenizer.json",
+    ]
