@@ -40,7 +40,6 @@ def fingerprint(record: dict[str, Any]) -> str:
 class ExportJournal:
     folder: Path
     fingerprint: str
-    data_file: str
     offsets: list[int] = field(default_factory=list)  # data-file bytes after each finished group
 
     @property
@@ -54,6 +53,11 @@ class ExportJournal:
     @property
     def resume_offset(self) -> int:
         return self.offsets[-1] if self.offsets else 0
+
+    def layers_done(self, num_layers: int) -> int:
+        """Decoder layers among the finished groups (group 0 is the embeddings, the last the final norm
+        and lm_head)."""
+        return min(max(self.groups_done - 1, 0), num_layers)
 
     def record(self, offset: int) -> None:
         """Group `groups_done` is written and synced: say so, atomically."""
@@ -104,7 +108,7 @@ class ExportJournal:
                 file=data_path,
                 fix="drop --resume to start over.",
             )
-        return cls(folder, fingerprint, data_file, offsets)
+        return cls(folder, fingerprint, offsets)
 
 
 @contextmanager
@@ -118,7 +122,7 @@ def resumable_output_dir(
     if journal is None:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        journal = ExportJournal(partial, fingerprint, data_file)
+        journal = ExportJournal(partial, fingerprint)
     try:
         yield journal
     except BaseException:

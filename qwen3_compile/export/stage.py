@@ -160,7 +160,7 @@ def _resume_hint(err: Exception, journal: ExportJournal | None, num_layers: int)
     """The error, telling how to continue where a journaled export stopped."""
     if journal is None or not journal.groups_done:
         return err
-    layers = min(max(journal.groups_done - 1, 0), num_layers)
+    layers = journal.layers_done(num_layers)
     hint = (
         f"Then rerun the same export with --resume: {journal.folder} keeps the {layers} finished "
         f"layer(s) of {num_layers}."
@@ -225,7 +225,9 @@ def export_onnx(
         if weights is None:
             weights = _weight_source(source, allow_nonfinite)
         try:
-            graph, report = _build(source.arch, weights, options, tmp, journal, streamed, timings, progress)
+            graph, report = _build(
+                source.arch, weights, options, tmp, journal, (resume_from, done), streamed, timings, progress
+            )
         except (Qwen3CompileError, OSError) as err:
             hinted = _resume_hint(err, journal, arch.num_layers)
             if hinted is err:
@@ -265,17 +267,20 @@ def _build(
     options: ExportOptions,
     tmp: Path,
     journal: ExportJournal | None,
+    resumed: tuple[int, int],
     streamed: bool,
     timings: Timings,
     progress: Progress,
 ) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
-    """Weights and graph, layer by layer (journaled when `journal`), then the optional lowering."""
+    """Weights and graph, layer by layer (journaled when `journal`), then the optional lowering.
+    `resumed`: (data-file bytes, weight groups) the journal held when the export started; those groups
+    are replayed, not written again."""
     from qwen3_compile.export.graph import build_layered_graph
     from qwen3_compile.lower import lower
 
-    resume_from, done = (journal.resume_offset, journal.groups_done) if journal else (0, 0)
+    resume_from, done = resumed
     sink = ExternalDataWriter(tmp / f"{MODEL_FILE}.data", resume_from) if streamed else None
-    layers_done = min(max(done - 1, 0), arch.num_layers)
+    layers_done = journal.layers_done(arch.num_layers) if journal else 0
     label = "export layers" + (f" (resumed after {layers_done})" if done else "")
 
     def on_group(group: int, advance: Callable[[int], None]) -> None:
