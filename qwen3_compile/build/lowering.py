@@ -94,19 +94,6 @@ class LoweredModel:
     moe: MoeChoice  # what the graph got: a lowering whose rule declined every node falls back to dense
 
 
-def _primary_declines(model: onnx.ModelProto, lowering: str, base_dir: Path) -> dict[str, str]:
-    """Why the lowering's own rule (not the dense fallback) declines each MoE node."""
-    from qwen3_compile.lower import RULE_SETS
-    from qwen3_compile.lower.rules import GraphView
-
-    if lowering == "dense":
-        return {}
-    rule = RULE_SETS[RULE_SET[lowering]][0]()
-    view = GraphView(model, base_dir)
-    reasons = {n.name: rule.check(view, n) for n in model.graph.node if n.domain == "qwen3_compile"}
-    return {name: why for name, why in reasons.items() if why is not None}
-
-
 def _effective(choice: MoeChoice, declines: dict[str, str], total: int) -> MoeChoice:
     if not declines:
         return choice
@@ -150,9 +137,6 @@ def lower_for_build(
     rules += [r() for r in RULE_SETS["trt-last-logits"]] if last_logits else []
     if not rules:
         return LoweredModel(model_path, {"applied": {}, "declined": {}}, _histogram(model), choice)
-    declines = (
-        {} if choice.lowering == "none" else _primary_declines(model, choice.lowering, model_path.parent)
-    )
     total = sum(n.domain == "qwen3_compile" for n in model.graph.node)
     external = {
         e.value
@@ -184,7 +168,11 @@ def lower_for_build(
             file=model_path,
             fix="report this with the artifact's manifest.json; --moe-lowering dense avoids the MoE rules.",
         ) from None
-    moe = choice if choice.lowering == "none" else _effective(choice, declines, total)
+    if choice.lowering in ("none", "dense"):
+        moe = choice
+    else:  # the lowering's own rule (not the dense fallback): why it declined each MoE node
+        declines = report.declined_nodes.get(RULE_SETS[RULE_SET[choice.lowering]][0].name, {})
+        moe = _effective(choice, declines, total)
     return LoweredModel(scratch / "model.onnx", report.to_dict(), _histogram(model), moe)
 
 

@@ -71,6 +71,9 @@ class RewriteReport:
     applied: dict[str, int]
     # rule name -> reasons it declined nodes of the op it targets that no other rule rewrote
     declined: dict[str, list[str]]
+    # rule name -> {node name: why} for every node of its op it declined, including those a later rule
+    # then rewrote (a fallback): what a caller needs to say which lowering each node got
+    declined_nodes: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"applied": self.applied, "declined": self.declined}
@@ -163,4 +166,5 @@ def apply_rules(
         rule: [f"{n.name}: {why}" for n, why in items if (n.name, n.domain, n.op_type) in remaining]
         for rule, items in declined.items()
     }
-    return RewriteReport(dict(applied), {rule: items for rule, items in unlowered.items() if items})
+    every = {rule: {n.name: why for n, why in items} for rule, items in declined.items()}
+    return RewriteReport(dict(applied), {rule: items for rule, items in unlowered.items() if items}, every)
