@@ -21,6 +21,7 @@ from qwen3_compile import __version__
 from qwen3_compile.errors import BadInputError
 
 MANIFEST = "manifest.json"
+CALIBRATION_FILE = "calibration.safetensors"  # a quantized artifact's calibration statistics
 SCHEMA_VERSION = 1
 _TOOLS = (
     "torch",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwen3_compile.artifact_io import atomic_output_dir
+from qwen3_compile.artifact_io import atomic_output_dir, copy_side_files
 from qwen3_compile.build.engine import build_plan
 from qwen3_compile.build.inputs import MODEL_FILE, check_target_supports, read_build_input
 from qwen3_compile.build.log import build_log
@@ -25,7 +25,7 @@ from qwen3_compile.build.network import load_plugin_libraries, parse_onnx
 from qwen3_compile.build.profiles import InputSpec, generation_profiles
 from qwen3_compile.build.trt_import import import_tensorrt
 from qwen3_compile.errors import Qwen3CompileError
-from qwen3_compile.manifest import MANIFEST, Timings, sha256_file, write_manifest
+from qwen3_compile.manifest import CALIBRATION_FILE, MANIFEST, Timings, sha256_file, write_manifest
 from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.targets import get_target
 
@@ -150,9 +150,8 @@ def build_engine(
                 del parsed  # the parser's copy of the weights: not needed to write the plan
                 with timings.stage("write"):
                     (tmp / PLAN_FILE).write_bytes(plan.data)
-                    for side in sorted(build_input.directory.iterdir()):
-                        if side.is_file() and not side.name.startswith((MODEL_FILE, MANIFEST)):
-                            shutil.copyfile(side, tmp / side.name)
+                    # tokenizer and configs; not the graph, its data, the manifest or calibration data
+                    copy_side_files(build_input.directory, tmp, skip=(MODEL_FILE, MANIFEST, CALIBRATION_FILE))
                 log.note(f"wrote {PLAN_FILE}: {plan.nbytes} bytes")
         except (Qwen3CompileError, KeyboardInterrupt) as err:
             _keep_log(tmp, output, err)

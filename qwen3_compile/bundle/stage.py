@@ -41,7 +41,7 @@ from qwen3_compile.bundle.reference import (
     validation_record,
 )
 from qwen3_compile.errors import BadInputError
-from qwen3_compile.manifest import MANIFEST, sha256_file, tool_versions
+from qwen3_compile.manifest import CALIBRATION_FILE, MANIFEST, sha256_file, tool_versions
 from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.sizing import GB
 from qwen3_compile.targets import Target, get_target, target_to_dict
@@ -51,7 +51,7 @@ DEFAULT_CONTEXT = 4096
 PLUGIN_LIBRARY = "build/plugin/libqmoe_trt_plugin.so"  # where build_plugin.sh puts it
 EXECUTABLES = ("runner.py", "build_engine.py", "build_plugin.sh")
 DEVICE_SCRIPTS = ("runner.py", "trt_backend.py", "build_engine.py", "bundle_files.py", "build_plugin.sh")
-_SKIP_SIDE = (MODEL_FILE, MANIFEST, "calibration.safetensors")
+_SKIP_SIDE = (MODEL_FILE, MANIFEST, CALIBRATION_FILE)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ summary go into the manifest (`validate` holds the artifact to the recipe's gate
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,17 @@ from typing import Any
 import numpy as np
 import onnx
 
-from qwen3_compile.artifact_io import atomic_output_dir, save_onnx
+from qwen3_compile.artifact_io import atomic_output_dir, copy_side_files, save_onnx
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.export.stage import MODEL_FILE
-from qwen3_compile.manifest import MANIFEST, Timings, read_manifest, sha256_file, write_manifest
+from qwen3_compile.manifest import (
+    CALIBRATION_FILE,
+    MANIFEST,
+    Timings,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
 from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.quantize.activations import insert_activation_qdq
@@ -31,7 +37,6 @@ from qwen3_compile.quantize.smoothquant import smoothquant_transforms
 from qwen3_compile.quantize.weight_store import InlineSink, WeightStore, open_sink
 from qwen3_compile.quantize.weights import QuantizedTensor, quantize_weights
 
-CALIBRATION_FILE = "calibration.safetensors"
 LOWERING_TARGETS = ("ort",)
 
 
@@ -193,9 +198,7 @@ def quantize_artifact(
         sink.close()
         with timings.stage("write"):
             save_onnx(model, tmp / MODEL_FILE)
-            for side in sorted(artifact.iterdir()):
-                if side.is_file() and not side.name.startswith((MODEL_FILE, MANIFEST, CALIBRATION_FILE)):
-                    shutil.copyfile(side, tmp / side.name)
+            copy_side_files(artifact, tmp, skip=(MODEL_FILE, MANIFEST, CALIBRATION_FILE))
             if stats is not None:
                 stats.save(tmp / CALIBRATION_FILE)
         inputs = {
