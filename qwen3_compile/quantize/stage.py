@@ -34,7 +34,7 @@ from qwen3_compile.quantize.calibrate import CalibrationStats, calibrate
 from qwen3_compile.quantize.calibration_data import load_calibration
 from qwen3_compile.quantize.recipe import QuantRecipe, load_recipe
 from qwen3_compile.quantize.smoothquant import smoothquant_transforms
-from qwen3_compile.quantize.weight_store import InlineSink, WeightStore, open_sink
+from qwen3_compile.quantize.weight_store import WeightStore, open_sink
 from qwen3_compile.quantize.weights import QuantizedTensor, quantize_weights
 
 LOWERING_TARGETS = ("ort",)
@@ -191,10 +191,7 @@ def quantize_artifact(
             from qwen3_compile.lower import lower
 
             with timings.stage("lower"):
-                streamed = not isinstance(sink, InlineSink)
-                lowering = lower(
-                    model, target, tmp if streamed else None, sink if streamed else None
-                ).to_dict()
+                lowering = lower(model, target, tmp, sink).to_dict()  # the sink decides inline or external
         sink.close()
         with timings.stage("write"):
             save_onnx(model, tmp / MODEL_FILE)

@@ -13,30 +13,29 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qwen3_compile.export.external_data import ExternalDataWriter, external_array
+from qwen3_compile.export.external_data import ExternalDataWriter
+from qwen3_compile.lower.rules import GraphView
 
 
-class WeightStore:
-    def __init__(self, model: onnx.ModelProto, base_dir: Path):
-        self.protos = {t.name: t for t in model.graph.initializer}
-        self.base_dir = base_dir
+class WeightStore(GraphView):
+    """The lowering rules' view of the initializers, plus what quantizing asks of it: whether the tensors
+    live in external data, and a KeyError (not None) for a name that is not an initializer."""
 
     def __contains__(self, name: str) -> bool:
-        return name in self.protos
+        return name in self.initializers
 
     def is_external(self, name: str) -> bool:
-        return self.protos[name].data_location == onnx.TensorProto.EXTERNAL
+        return self.initializers[name].data_location == onnx.TensorProto.EXTERNAL
 
     def array(self, name: str) -> np.ndarray:
         """The tensor's values: a read-only memory map for external data, else decoded from the proto."""
-        proto = self.protos[name]
-        if proto.data_location == onnx.TensorProto.EXTERNAL:
-            return external_array(proto, self.base_dir)
-        return numpy_helper.to_array(proto)
+        if name not in self.initializers:
+            raise KeyError(name)
+        return super().array(name)
 
     @property
     def streamed(self) -> bool:
-        return any(self.is_external(n) for n in self.protos)
+        return any(self.is_external(n) for n in self.initializers)
 
 
 class InlineSink:
