@@ -1,6 +1,7 @@
 """Real-width builds (slow): Qwen3-30B-A3B's MoE layer (2048 hidden, 128 experts x 768, top-8) lowered to the
-qmoe plugin node, and a Qwen3-0.6B slice, both built by TensorRT-RTX on the CPU. Measured here: 30B-A3B
-1-layer fp16 slice, 2.3 GB of weights -> 3.2 GB plan in ~11 s of build, 8.9 GB peak RSS."""
+qmoe plugin node, and a Qwen3-0.6B slice, both built by TensorRT-RTX on the CPU. Sizes, times and peak RSS
+of these builds: `python3 benchmarks/bench_build.py --models qwen3-30b-a3b --layers 1,2 --inputs fp16-export`
+(README, TensorRT engines)."""
 
 from __future__ import annotations
 
