@@ -201,6 +201,10 @@ VARIANTS = {  # environment knobs of the library (read at each call), for A/B ti
     "mma.sync (QMOE_WGMMA=0)": {"QMOE_WGMMA": "0"},
     "wgmma (QMOE_WGMMA=1)": {"QMOE_WGMMA": "1"},
     **{f"wgmma, {n}-token tiles": {"QMOE_WGMMA": "1", "QMOE_WG_TILE": str(n)} for n in (64, 128, 192, 256)},
+    "single-block dispatch (QMOE_DISPATCH=1)": {"QMOE_DISPATCH": "1"},
+    "stages: routing only, single-block dispatch": {"QMOE_STAGES": "1", "QMOE_DISPATCH": "1"},
+    "grid-wide dispatch (QMOE_FUSED_ROUTER_MAX=0)": {"QMOE_FUSED_ROUTER_MAX": "0"},
+    "stages: routing only, grid-wide dispatch": {"QMOE_STAGES": "1", "QMOE_FUSED_ROUTER_MAX": "0"},
     "stages: routing only": {"QMOE_STAGES": "1"},
     "stages: + gate_up": {"QMOE_STAGES": "2"},
     "stages: + down": {"QMOE_STAGES": "3"},
@@ -209,7 +213,8 @@ VARIANTS = {  # environment knobs of the library (read at each call), for A/B ti
 }
 # Variants that change nothing at some sizes are skipped there.
 VARIANT_TOKENS = {name: (1,) for name in VARIANTS if name.startswith(("general path", "single-token"))}
-VARIANT_TOKENS.update({name: (512, 2048) for name in VARIANTS if "wgmma" in name})
+VARIANT_TOKENS.update({name: (512, 2048) for name in VARIANTS if "wgmma" in name or "single-block" in name})
+VARIANT_TOKENS.update({name: (16,) for name in VARIANTS if "grid-wide" in name})
 
 
 def bench_variants(weights: dict, reps: int) -> list[dict]:

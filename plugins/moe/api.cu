@@ -145,9 +145,7 @@ int qmoe_forward(const qmoe_problem* p, const qmoe_tensors* t, void* stream) {
   if (token1) {
     if (stages >= 2) err = qmoe::launch_token1(*p, tt, ws, s, stages >= 3);
   } else {
-    const bool fuse = p->num_tokens <= qmoe::kFusedRouterMaxTokens;
-    if (!fuse) err = qmoe::launch_router(*p, t->logits, ws.topk_ids, ws.topk_w, s);
-    if (err == cudaSuccess) err = qmoe::launch_dispatch(*p, t->logits, ws, fuse, s);
+    err = qmoe::launch_routing(*p, t->logits, ws, s);
     if (err == cudaSuccess && stages >= 2) {
       if (gemv) err = qmoe::launch_experts_gemv(*p, tt, ws, s, stages >= 3);
       else if (path == QMOE_PATH_WGMMA) err = qmoe::launch_experts_wgmma(*p, tt, ws, s, stages >= 3);

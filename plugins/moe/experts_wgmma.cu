@@ -22,16 +22,16 @@ bool wgmma_supported() { return device_sm() == 90; }
 namespace {
 
 constexpr int kRows = 128;     // weight rows a block (two warpgroups x m64)
-constexpr int kBK = 64;        // K a stage: one 128-byte swizzle row of 16-bit values
+// K a stage: one 128-byte swizzle row of 16-bit values (used only in the sm_90a device code).
+[[maybe_unused]] constexpr int kBK = 64;
 constexpr int kThreads = 256;  // two warpgroups; every thread loads, each warpgroup issues its own wgmma
 
 template <int BN_, int STAGES_>
 struct WgCfg {
   static constexpr int BN = BN_, kStages = STAGES_;
   static constexpr int kA = kRows * 128, kB = BN * 128, kStage = kA + kB;  // bytes
-  static constexpr int kBytes = kStages * kStage + 1024;                   // + slack to align to 1024
-  static constexpr int kBChunks = BN * 8 / kThreads;                       // 16-byte token chunks a thread
-  static_assert(kBChunks >= 1 && BN % 16 == 0 && BN <= 256, "token tile");
+  static constexpr int kBytes = kStages * kStage + 1024;  // + slack to align to 1024
+  static_assert(BN % 16 == 0 && BN <= 256, "token tile");
   static_assert(kStages >= 3, "the pipeline loads kStages - 2 stages ahead");
   // Epilogue scratch, inside the (then idle) pipeline buffers.
   static_assert((BN / 2) * 128 * 4 + BN * 72 * 2 <= kStages * kStage, "gate_up epilogue");
@@ -63,97 +63,19 @@ template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 }
 #endif
 
-template <typename T, bool kGateUp, typename C>
-__global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(GemmArgs a) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int BN = C::BN, kStages = C::kStages;
-  extern __shared__ __align__(1024) unsigned char smem_raw[];
-  pdl_wait();
-  const int tile = blockIdx.x / a.n_col_tiles, rb = blockIdx.x % a.n_col_tiles;
-  if (tile >= a.meta[1]) return;
-  const int4 tm = reinterpret_cast<const int4*>(a.tile_map)[tile];
-  const int e = tm.x, row0 = tm.y;
-  const int n = min(BN, a.offsets[e + 1] - row0);  // tokens of this tile
-  const int n16 = (n + 15) >> 4;                     // wgmma N / 16
-  const int K = a.K, KB = K / kBK;
-  const int rows_total = kGateUp ? 2 * a.I : a.H;
-  const int tid = threadIdx.x, wg = tid >> 7, t = tid & 127, warp = (tid >> 5) & 3, lane = tid & 31;
-  const T* act = static_cast<const T*>(a.act);
-  const T* wbase = static_cast<const T*>(a.weight) + size_t(e) * rows_total * K;
-
-  const uint32_t raw = smem_u32(smem_raw), base = (raw + 1023u) & ~1023u;
-  unsigned char* gbase = smem_raw + (base - raw);
-
-  // This thread's 16-byte chunks: 4 of the weight tile, kBChunks of the token tile (fixed rows, advancing k).
-  const T* a_src[4];
-  uint32_t a_dst[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int c = tid + i * kThreads, r = c >> 3, kc = c & 7;
-    // gate_up: rows 0..63 are gate rows j, 64..127 the up rows of the same j; down: 128 output rows.
-    const int wrow = kGateUp ? (r < 64 ? rb * 64 + r : a.I + rb * 64 + (r - 64)) : rb * kRows + r;
-    a_src[i] = wbase + size_t(wrow) * K + kc * 8;
-    a_dst[i] = uint32_t(r * 128 + ((kc ^ (r & 7)) << 4));
-  }
-  const T* b_src[C::kBChunks];
-  uint32_t b_dst[C::kBChunks];
-  uint32_t b_load = 0, b_valid = 0;  // bit i: chunk i is inside the N rows / holds a real token
-#pragma unroll
-  for (int i = 0; i < C::kBChunks; ++i) {
-    const int c = tid + i * kThreads, r = c >> 3, kc = c & 7;
-    int src_row = 0;
-    if (r < n) src_row = kGateUp ? a.perm_pair[row0 + r] / a.top_k : row0 + r;
-    b_src[i] = act + size_t(src_row) * K + kc * 8;
-    b_dst[i] = uint32_t(r * 128 + ((kc ^ (r & 7)) << 4));
-    b_load |= uint32_t(r < n16 * 16) << i;
-    b_valid |= uint32_t(r < n) << i;
-  }
-  auto load_stage = [&](int s, int kb) {
-    const uint32_t sa = base + s * C::kStage, sb = sa + C::kA;
-    const int k0 = kb * kBK;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) cp_async16(sa + a_dst[i], a_src[i] + k0, true);
-#pragma unroll
-    for (int i = 0; i < C::kBChunks; ++i) {
-      // Pad rows (n <= r < 16*n16) are zero-filled: their columns are computed and never stored.
-      if ((b_load >> i) & 1) cp_async16(sb + b_dst[i], b_src[i] + k0, (b_valid >> i) & 1);
-    }
-  };
-
-  float acc[BN / 2];
-#pragma unroll
-  for (int s = 0; s < kStages - 2; ++s) {
-    if (s < KB) load_stage(s, s);
-    cp_async_commit();
-  }
-  for (int kb = 0; kb < KB; ++kb) {
-    cp_async_wait<kStages - 3>();  // this thread's chunks of stage kb have landed
-    fence_proxy_async();
-    // After this barrier every thread's chunks of stage kb are visible to wgmma, and both warpgroups have
-    // retired the wgmma of stage kb-2 (wait<1> below), so its buffer can be refilled.
-    __syncthreads();
-    {
-      const int nk = kb + kStages - 2;
-      if (nk < KB) load_stage(nk % kStages, nk);
-      cp_async_commit();
-    }
-    const uint32_t sa = base + (kb % kStages) * C::kStage + wg * 64 * 128, sb = base + (kb % kStages) * C::kStage + C::kA;
-    wgmma_fence();
-    wgmma_k64_n<BN, T>(n16, acc, sw128_desc(sa), sw128_desc(sb), kb != 0);
-    wgmma_commit();
-    wgmma_wait<1>();
-  }
-  wgmma_wait<0>();
-  fence_regs(acc);
-  cp_async_wait<0>();
-  __syncthreads();  // the pipeline buffers are free for the epilogue
-
-  // Accumulator element 4*j + q: weight row 16*warp + lane/4 + 8*(q/2) of the warpgroup's 64, token column
-  // 8*j + 2*(lane%4) + q%2.
+// Epilogue of a tile, by the block's threads (warpgroup tid / 128 holds weight rows 64 * (tid / 128) ..); the
+// pipeline buffers at gbase are free.
+// Accumulator element 4*j + q: weight row 16*warp + lane/4 + 8*(q/2) of the warpgroup's 64, token column
+// 8*j + 2*(lane%4) + q%2.
+template <typename T, bool kGateUp, int BN>
+__device__ __forceinline__ void store_tile(const GemmArgs& a, float (&acc)[BN / 2], unsigned char* gbase, int tid,
+                                           int row0, int rb, int n, int n16) {
+  const int wg = tid >> 7, t = tid & 127, warp = (tid >> 5) & 3, lane = tid & 31;
   T* out = static_cast<T*>(a.out);
   if (kGateUp) {
-    float* up = reinterpret_cast<float*>(gbase);                   // [BN/2][128]: warpgroup 1's registers
-    T* hs = reinterpret_cast<T*>(gbase + (BN / 2) * 128 * 4);      // [BN tokens][64 + 8 pad]
+    float* up = reinterpret_cast<float*>(gbase);               // [BN/2][128]: warpgroup 1's registers
+    T* hs = reinterpret_cast<T*>(gbase + (BN / 2) * 128 * 4);  // [BN tokens][64 + 8 pad]
     if (wg == 1) {
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i)
@@ -193,6 +115,119 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(GemmArgs a) {
           *reinterpret_cast<const uint4*>(ys + tok * 136 + ch * 8);
     }
   }
+}
+
+// Where a block's work lies: tile `tile` of the tile map, 64 (gate_up) or 128 (down) output columns `rb`.
+struct TileCoords {
+  int e, row0, rb, n, n16;  // expert, first permuted row, column block, tokens, wgmma N / 16
+};
+
+// The 16-byte cp.async chunks one thread copies for every K stage: its share of the 128 weight rows and of the
+// BN token rows (fixed rows, advancing k), written in the 128-byte swizzle.
+template <typename T, bool kGateUp, int BN>
+struct StageLoader {
+  static constexpr int kA = kRows * 8 / kThreads, kB = BN * 8 / kThreads;  // chunks a thread a stage
+  static_assert(kA >= 1 && kB >= 1, "every thread copies weights and tokens");
+  const T* a_src[kA];
+  const T* b_src[kB];
+  uint32_t a_dst[kA], b_dst[kB];
+  uint32_t b_load = 0, b_valid = 0;  // bit i: chunk i is inside the N rows / holds a real token
+
+  __device__ __forceinline__ StageLoader(const GemmArgs& a, const TileCoords& c, int tid) {
+    const int K = a.K, rows_total = kGateUp ? 2 * a.I : a.H;
+    const T* wbase = static_cast<const T*>(a.weight) + size_t(c.e) * rows_total * K;
+#pragma unroll
+    for (int i = 0; i < kA; ++i) {
+      const int ch = tid + i * kThreads, r = ch >> 3, kc = ch & 7;
+      // gate_up: rows 0..63 are gate rows j, 64..127 the up rows of the same j; down: 128 output rows.
+      const int wrow = kGateUp ? (r < 64 ? c.rb * 64 + r : a.I + c.rb * 64 + (r - 64)) : c.rb * kRows + r;
+      a_src[i] = wbase + size_t(wrow) * K + kc * 8;
+      a_dst[i] = uint32_t(r * 128 + ((kc ^ (r & 7)) << 4));
+    }
+    const T* act = static_cast<const T*>(a.act);
+#pragma unroll
+    for (int i = 0; i < kB; ++i) {
+      const int ch = tid + i * kThreads, r = ch >> 3, kc = ch & 7;
+      int src_row = 0;
+      if (r < c.n) src_row = kGateUp ? a.perm_pair[c.row0 + r] / a.top_k : c.row0 + r;
+      b_src[i] = act + size_t(src_row) * K + kc * 8;
+      b_dst[i] = uint32_t(r * 128 + ((kc ^ (r & 7)) << 4));
+      b_load |= uint32_t(r < c.n16 * 16) << i;
+      b_valid |= uint32_t(r < c.n) << i;
+    }
+  }
+  // Stage kb into the stage buffer at sa (weights) / sa + kRows * 128 (tokens).
+  __device__ __forceinline__ void load(uint32_t sa, int kb) const {
+    const uint32_t sb = sa + kRows * 128;
+    const int k0 = kb * kBK;
+#pragma unroll
+    for (int i = 0; i < kA; ++i) cp_async16(sa + a_dst[i], a_src[i] + k0, true);
+#pragma unroll
+    for (int i = 0; i < kB; ++i) {
+      // Pad rows (n <= r < 16*n16) are zero-filled: their columns are computed and never stored.
+      if ((b_load >> i) & 1) cp_async16(sb + b_dst[i], b_src[i] + k0, (b_valid >> i) & 1);
+    }
+  }
+};
+
+// Reads the block's tile; false when the block has no tile (the grid is sized for the worst case).
+template <int BN>
+__device__ __forceinline__ bool tile_coords(const GemmArgs& a, TileCoords& c) {
+  const int tile = blockIdx.x / a.n_col_tiles;
+  if (tile >= a.meta[1]) return false;
+  const int4 tm = reinterpret_cast<const int4*>(a.tile_map)[tile];
+  c.e = tm.x;
+  c.row0 = tm.y;
+  c.rb = blockIdx.x % a.n_col_tiles;
+  c.n = min(BN, a.offsets[c.e + 1] - c.row0);
+  c.n16 = (c.n + 15) >> 4;
+  return true;
+}
+#endif
+
+template <typename T, bool kGateUp, typename C>
+__global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(GemmArgs a) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BN = C::BN, kStages = C::kStages;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  pdl_wait();
+  TileCoords c;
+  if (!tile_coords<BN>(a, c)) return;
+  const int KB = a.K / kBK;
+  const int tid = threadIdx.x, wg = tid >> 7;
+  const uint32_t raw = smem_u32(smem_raw), base = (raw + 1023u) & ~1023u;
+  unsigned char* gbase = smem_raw + (base - raw);
+  const StageLoader<T, kGateUp, BN> loader(a, c, tid);
+
+  float acc[BN / 2];
+#pragma unroll
+  for (int s = 0; s < kStages - 2; ++s) {
+    if (s < KB) loader.load(base + s * C::kStage, s);
+    cp_async_commit();
+  }
+  for (int kb = 0; kb < KB; ++kb) {
+    cp_async_wait<kStages - 3>();  // this thread's chunks of stage kb have landed
+    fence_proxy_async();
+    // After this barrier every thread's chunks of stage kb are visible to wgmma, and both warpgroups have
+    // retired the wgmma of stage kb-2 (wait<1> below), so its buffer can be refilled.
+    __syncthreads();
+    {
+      const int nk = kb + kStages - 2;
+      if (nk < KB) loader.load(base + (nk % kStages) * C::kStage, nk);
+      cp_async_commit();
+    }
+    const uint32_t sa = base + (kb % kStages) * C::kStage;
+    wgmma_fence();
+    wgmma_k64_n<BN, T>(c.n16, acc, sw128_desc(sa + wg * 64 * 128), sw128_desc(sa + C::kA), kb != 0);
+    wgmma_commit();
+    wgmma_wait<1>();
+  }
+  wgmma_wait<0>();
+  fence_regs(acc);
+  cp_async_wait<0>();
+  __syncthreads();  // the pipeline buffers are free for the epilogue
+
+  store_tile<T, kGateUp, BN>(a, acc, gbase, tid, c.row0, c.rb, c.n, c.n16);
   pdl_launch_dependents();
 #endif
 }

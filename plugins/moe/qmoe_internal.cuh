@@ -143,6 +143,7 @@ struct Workspace {
   int32_t* perm_pair;     // [P]   pair index of each permuted row
   int32_t* pair_pos;      // [P]   permuted row of each pair
   int32_t* tile_map;      // [max_tiles * 4]: expert, m_start (row), first tile of expert, tiles of expert
+  int32_t* block_counts;  // [E, routing_blocks]: pairs of each router block in each expert, then its start
   void* h;                // [P, I]  act dtype
   void* y;                // [P, H]  act dtype (unweighted expert outputs, permuted order)
   int32_t max_tiles;
@@ -157,6 +158,9 @@ inline int max_tiles(const qmoe_problem& p, int tile_m) {
   const int P = p.num_tokens * p.top_k;
   return P / tile_m + (p.num_experts < P ? p.num_experts : P);
 }
+
+// Router blocks of the many-token dispatch (route.cu).
+int routing_blocks(const qmoe_problem& p);
 
 inline Workspace layout_workspace(const qmoe_problem& p, void* base) {
   Workspace w{};
@@ -178,6 +182,7 @@ inline Workspace layout_workspace(const qmoe_problem& p, void* base) {
   w.perm_pair = reinterpret_cast<int32_t*>(take(P * 4));
   w.pair_pos = reinterpret_cast<int32_t*>(take(P * 4));
   w.tile_map = reinterpret_cast<int32_t*>(take(size_t(w.max_tiles) * 4 * 4));
+  w.block_counts = reinterpret_cast<int32_t*>(take(E * routing_blocks(p) * 4));
   w.h = take(P * p.inter * 2);
   w.y = take(P * p.hidden * 2);
   w.bytes = off;
@@ -223,6 +228,8 @@ inline GemmArgs gemm_args(const qmoe_problem& p, const qmoe_tensors& t, const Wo
 cudaError_t launch_router(const qmoe_problem& p, const void* logits, int32_t* ids, float* w, cudaStream_t s);
 cudaError_t launch_dispatch(const qmoe_problem& p, const void* logits, const Workspace& ws, bool fuse_router,
                             cudaStream_t s);
+// Routing and dispatch of a forward call: fills topk ids/weights, offsets, meta, the tile map and the permutation.
+cudaError_t launch_routing(const qmoe_problem& p, const void* logits, const Workspace& ws, cudaStream_t s);
 // with_down = false stops after the gate_up GEMM (stage timing only).
 cudaError_t launch_experts_gemv(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
                                 cudaStream_t s, bool with_down = true);

@@ -16,6 +16,64 @@ __global__ void __launch_bounds__(256) router_kernel(const L* __restrict__ logit
   route_token(logits + size_t(t) * E, E, k, normalize != 0, ids + size_t(t) * k, weights + size_t(t) * k);
 }
 
+// Across experts, by one warp (8 consecutive experts a lane): offs[e] holds expert e's count on entry and its
+// first permuted row on return (offs[E]: the total); tile_start[e] the expert's first tile of ws.tile_m rows.
+// Publishes offsets, the active-expert list and meta (active experts, tiles).
+__device__ __forceinline__ void scan_experts(const Workspace& ws, int E, int* offs, int* tile_start) {
+  const int lane = threadIdx.x & 31;
+  constexpr int kPer = kMaxExperts / 32;
+  int c[kPer], sum_c = 0, sum_t = 0, sum_a = 0;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int e = lane * kPer + i;
+    c[i] = e < E ? offs[e] : 0;
+    sum_c += c[i];
+    sum_t += (c[i] + ws.tile_m - 1) / ws.tile_m;
+    sum_a += c[i] > 0;
+  }
+  int ic = sum_c, it = sum_t, ia = sum_a;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int vc = __shfl_up_sync(0xffffffffu, ic, o), vt = __shfl_up_sync(0xffffffffu, it, o);
+    const int va = __shfl_up_sync(0xffffffffu, ia, o);
+    if (lane >= o) {
+      ic += vc;
+      it += vt;
+      ia += va;
+    }
+  }
+  int run_c = ic - sum_c, run_t = it - sum_t, run_a = ia - sum_a;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int e = lane * kPer + i;
+    if (e < E) {
+      offs[e] = run_c;
+      tile_start[e] = run_t;
+      ws.offsets[e] = run_c;
+      if (c[i] > 0) ws.active[run_a++] = e;
+    }
+    run_c += c[i];
+    run_t += (c[i] + ws.tile_m - 1) / ws.tile_m;
+  }
+  if (lane == 31) {
+    offs[E] = run_c;
+    tile_start[E] = run_t;
+    ws.offsets[E] = run_c;
+    ws.meta[0] = ia;
+    ws.meta[1] = run_t;
+  }
+}
+
+// The tensor-core paths' tile map from the expert offsets and tile starts, by the whole block.
+__device__ __forceinline__ void write_tile_map(const Workspace& ws, int E, const int* offs, const int* tile_start) {
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    const int first = tile_start[e], n = tile_start[e + 1] - first;
+    for (int m = 0; m < n; ++m) {
+      reinterpret_cast<int4*>(ws.tile_map)[first + m] = make_int4(e, offs[e] + m * ws.tile_m, first, n);
+    }
+  }
+}
+
 // One block of NW warps. Counts per expert, the exclusive prefix sum, the active-expert list, the tile
 // map of the tensor-core path (ws.tile_m rows a tile), and a stable permutation: within an expert, pairs
 // keep their (token, slot) order. Warp w owns a contiguous segment of the pairs: pass 1 counts its
@@ -77,58 +135,10 @@ __global__ void __launch_bounds__(NW * 32) dispatch_kernel(const L* __restrict__
   }
   __syncthreads();
 
-  // Across experts (warp 0, 8 consecutive experts a lane): offsets, tile starts, active list.
-  if (warp == 0) {
-    constexpr int kPer = kMaxExperts / 32;
-    int c[kPer], sum_c = 0, sum_t = 0, sum_a = 0;
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const int e = lane * kPer + i;
-      c[i] = e < E ? offs[e] : 0;
-      sum_c += c[i];
-      sum_t += (c[i] + ws.tile_m - 1) / ws.tile_m;
-      sum_a += c[i] > 0;
-    }
-    int ic = sum_c, it = sum_t, ia = sum_a;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int vc = __shfl_up_sync(0xffffffffu, ic, o), vt = __shfl_up_sync(0xffffffffu, it, o);
-      const int va = __shfl_up_sync(0xffffffffu, ia, o);
-      if (lane >= o) {
-        ic += vc;
-        it += vt;
-        ia += va;
-      }
-    }
-    int run_c = ic - sum_c, run_t = it - sum_t, run_a = ia - sum_a;
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const int e = lane * kPer + i;
-      if (e < E) {
-        offs[e] = run_c;
-        tile_start[e] = run_t;
-        ws.offsets[e] = run_c;
-        if (c[i] > 0) ws.active[run_a++] = e;
-      }
-      run_c += c[i];
-      run_t += (c[i] + ws.tile_m - 1) / ws.tile_m;
-    }
-    if (lane == 31) {
-      offs[E] = run_c;
-      tile_start[E] = run_t;
-      ws.offsets[E] = run_c;
-      ws.meta[0] = ia;
-      ws.meta[1] = run_t;
-    }
-  }
+  if (warp == 0) scan_experts(ws, E, offs, tile_start);
   __syncthreads();
-
-  for (int e = tid; e < E; e += blockDim.x) {
-    const int first = tile_start[e], n = tile_start[e + 1] - first;
-    for (int m = 0; m < n; ++m) {
-      reinterpret_cast<int4*>(ws.tile_map)[first + m] = make_int4(e, offs[e] + m * ws.tile_m, first, n);
-    }
-  }
+  write_tile_map(ws, E, offs, tile_start);
+  __syncthreads();
 
   // Pass 2: place this warp's pairs; wcnt[warp][e] runs from the warp's first row in expert e.
   for (int b = p_begin; b < p_end; b += 32 * kBatch) {
@@ -152,6 +162,94 @@ __global__ void __launch_bounds__(NW * 32) dispatch_kernel(const L* __restrict__
       __syncwarp();
     }
   }
+}
+
+// Dispatch for many tokens in three grid-wide steps instead of one block (the single block measured ~38 us at
+// T=2048: NOTES.md, run 15). Router blocks own kTokPerBlock tokens each, so a block's pairs are a contiguous
+// range, and the permutation stays stable (pair order within an expert) by construction:
+//   1. route_count: route the block's tokens, count its pairs per expert -> counts[e * NB + b];
+//   2. scan (one block): per expert, the exclusive scan over blocks (in place), then the expert offsets and
+//      the tile map;
+//   3. place: a pair's row = its expert's offset + its block's start in the expert + its rank in the block.
+constexpr int kTokPerBlock = 8;  // one warp a token
+
+template <typename L>
+__global__ void __launch_bounds__(256) route_count_kernel(const L* __restrict__ logits, int T, int E, int k,
+                                                          int normalize, Workspace ws) {
+  __shared__ int cnt[kMaxExperts];
+  pdl_wait();
+  pdl_launch_dependents();
+  const int NB = gridDim.x, b = blockIdx.x, t = b * kTokPerBlock + (threadIdx.x >> 5);
+  for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
+  if (t < T) {
+    route_token(logits + size_t(t) * E, E, k, normalize != 0, ws.topk_ids + size_t(t) * k,
+                ws.topk_w + size_t(t) * k);
+  }
+  __syncthreads();  // the block's ids are written (global writes are visible within the block after this)
+  const int p0 = b * kTokPerBlock * k, p1 = min(T * k, p0 + kTokPerBlock * k);
+  for (int p = p0 + threadIdx.x; p < p1; p += blockDim.x) atomicAdd(&cnt[ws.topk_ids[p]], 1);
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x) ws.block_counts[size_t(e) * NB + b] = cnt[e];
+}
+
+__global__ void __launch_bounds__(1024) dispatch_scan_kernel(int E, int NB, Workspace ws) {
+  __shared__ int offs[kMaxExperts + 1];
+  __shared__ int tile_start[kMaxExperts + 1];
+  pdl_wait();
+  pdl_launch_dependents();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  // Per expert, the exclusive scan over the router blocks, in place, 8 chunks of 32 blocks a pass: the 8
+  // coalesced loads and the 8 warp scans are independent of each other (one memory latency a pass).
+  constexpr int kChunks = 8;
+  for (int e = warp; e < E; e += nw) {
+    int* row = ws.block_counts + size_t(e) * NB;
+    int run = 0;
+    for (int c0 = 0; c0 < NB; c0 += 32 * kChunks) {
+      int v[kChunks], incl[kChunks];
+#pragma unroll
+      for (int u = 0; u < kChunks; ++u) {
+        const int b = c0 + 32 * u + lane;
+        v[u] = b < NB ? row[b] : 0;
+        incl[u] = v[u];
+      }
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+#pragma unroll
+        for (int u = 0; u < kChunks; ++u) {
+          const int t = __shfl_up_sync(0xffffffffu, incl[u], o);
+          if (lane >= o) incl[u] += t;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kChunks; ++u) {
+        const int b = c0 + 32 * u + lane;
+        if (b < NB) row[b] = run + incl[u] - v[u];
+        run += __shfl_sync(0xffffffffu, incl[u], 31);
+      }
+    }
+    if (lane == 0) offs[e] = run;
+  }
+  __syncthreads();
+  if (warp == 0) scan_experts(ws, E, offs, tile_start);
+  __syncthreads();
+  write_tile_map(ws, E, offs, tile_start);
+}
+
+__global__ void __launch_bounds__(256) place_kernel(int T, int k, Workspace ws) {
+  __shared__ int ids[kTokPerBlock * kMaxTopK];
+  pdl_wait();
+  pdl_launch_dependents();
+  const int NB = gridDim.x, b = blockIdx.x, i = threadIdx.x;
+  const int p0 = b * kTokPerBlock * k, n = min(T * k, p0 + kTokPerBlock * k) - p0;
+  if (i < n) ids[i] = ws.topk_ids[p0 + i];
+  __syncthreads();
+  if (i >= n) return;
+  const int e = ids[i];
+  int rank = 0;  // earlier pairs of this block in the same expert
+  for (int j = 0; j < i; ++j) rank += ids[j] == e;
+  const int pos = ws.offsets[e] + ws.block_counts[size_t(e) * NB + b] + rank;
+  ws.perm_pair[pos] = p0 + i;
+  ws.pair_pos[p0 + i] = pos;
 }
 
 // out[t] = sum_j w[t,j] * y[pos(t,j)], j in slot order, fp32 accumulation. 8 elements a thread.
@@ -224,6 +322,36 @@ cudaError_t launch_dispatch(const qmoe_problem& p, const void* logits, const Wor
                             cudaStream_t s) {
   // 32 warps: measured faster than 8 at every T on the H200 (NOTES.md, run 5).
   return launch_dispatch_nw<32>(p, logits, ws, fuse_router ? 1 : 0, s);
+}
+
+int routing_blocks(const qmoe_problem& p) { return (p.num_tokens + kTokPerBlock - 1) / kTokPerBlock; }
+
+cudaError_t launch_routing(const qmoe_problem& p, const void* logits, const Workspace& ws, cudaStream_t s) {
+  // Few tokens: one block routes and dispatches (one launch). Many: the three grid-wide steps, unless
+  // QMOE_DISPATCH=1 (benchmarking) asks for the router kernel + the single-block dispatch.
+  if (p.num_tokens <= env_int("QMOE_FUSED_ROUTER_MAX", kFusedRouterMaxTokens)) return launch_dispatch(p, logits, ws, true, s);
+  if (env_int("QMOE_DISPATCH", 3) == 1) {
+    const cudaError_t err = launch_router(p, logits, ws.topk_ids, ws.topk_w, s);
+    return err != cudaSuccess ? err : launch_dispatch(p, logits, ws, false, s);
+  }
+  const int NB = routing_blocks(p);
+  cudaError_t err;
+  switch (p.logits_dtype) {
+    case QMOE_F32:
+      err = launch(route_count_kernel<float>, dim3(NB), dim3(256), 0, s, static_cast<const float*>(logits),
+                   p.num_tokens, p.num_experts, p.top_k, p.normalize, ws);
+      break;
+    case QMOE_F16:
+      err = launch(route_count_kernel<__half>, dim3(NB), dim3(256), 0, s, static_cast<const __half*>(logits),
+                   p.num_tokens, p.num_experts, p.top_k, p.normalize, ws);
+      break;
+    default:
+      err = launch(route_count_kernel<__nv_bfloat16>, dim3(NB), dim3(256), 0, s,
+                   static_cast<const __nv_bfloat16*>(logits), p.num_tokens, p.num_experts, p.top_k, p.normalize, ws);
+  }
+  if (err == cudaSuccess) err = launch(dispatch_scan_kernel, dim3(1), dim3(1024), 0, s, p.num_experts, NB, ws);
+  if (err == cudaSuccess) err = launch(place_kernel, dim3(NB), dim3(256), 0, s, p.num_tokens, p.top_k, ws);
+  return err;
 }
 
 cudaError_t launch_combine(const qmoe_problem& p, const Workspace& ws, void* out, cudaStream_t s) {

@@ -75,7 +75,8 @@ def workspace_bytes(num_tokens: int, num_experts: int, top_k: int, hidden: int, 
     """
     P, E = num_tokens * top_k, num_experts
     max_tiles = P // 64 + min(E, P)
-    # ids, weights, offsets, meta, active, perm_pair, pair_pos, tile map, h, y
+    routing_blocks = (num_tokens + 7) // 8  # route.cu: kTokPerBlock tokens a router block
+    # ids, weights, offsets, meta, active, perm_pair, pair_pos, tile map, per-block expert counts, h, y
     parts = [
         P * 4,
         P * 4,
@@ -85,6 +86,7 @@ def workspace_bytes(num_tokens: int, num_experts: int, top_k: int, hidden: int, 
         P * 4,
         P * 4,
         max_tiles * 16,
+        E * routing_blocks * 4,
         P * inter * 2,
         P * hidden * 2,
     ]

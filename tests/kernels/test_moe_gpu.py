@@ -199,8 +199,16 @@ def test_all_tokens_to_one_expert(kmoe, gen, T, path, wkind):
     assert routing.expert_offsets.diff()[77].item() == T
 
 
-@pytest.mark.parametrize(("T", "E", "k"), [(7, 16, 2), (64, 256, 8), (2048, 128, 8), (3000, 128, 8)])
-def test_dispatch_is_a_stable_permutation(kmoe, gen, T, E, k):
+@pytest.mark.parametrize(
+    ("T", "E", "k"), [(7, 16, 2), (64, 256, 8), (65, 16, 2), (2048, 128, 8), (3000, 128, 8), (301, 256, 32)]
+)
+@pytest.mark.parametrize("dispatch", ["default", "single-block", "grid-wide"])
+def test_dispatch_is_a_stable_permutation(kmoe, gen, monkeypatch, T, E, k, dispatch):
+    # default: one fused block up to 64 tokens, the three grid-wide kernels above; the knobs force either.
+    if dispatch == "single-block":
+        monkeypatch.setenv("QMOE_DISPATCH", "1")
+    if dispatch == "grid-wide":
+        monkeypatch.setenv("QMOE_FUSED_ROUTER_MAX", "0")
     _, routing, _ = run_case(kmoe, gen, T, E, k, torch.bfloat16, "float", "auto")
     ids = routing.topk_ids.long().flatten()
     perm = routing.permuted_pairs.long()
