@@ -201,6 +201,15 @@ VARIANTS = {  # environment knobs of the library (read at each call), for A/B ti
     "mma.sync (QMOE_WGMMA=0)": {"QMOE_WGMMA": "0"},
     "wgmma (QMOE_WGMMA=1)": {"QMOE_WGMMA": "1"},
     **{f"wgmma, {n}-token tiles": {"QMOE_WGMMA": "1", "QMOE_WG_TILE": str(n)} for n in (64, 128, 192, 256)},
+    "wgmma, 128 weight rows a block (QMOE_WG_ROWS=128)": {"QMOE_WGMMA": "1", "QMOE_WG_ROWS": "128"},
+    **{
+        f"wgmma, {n}-token tiles, 128 weight rows": {
+            "QMOE_WGMMA": "1",
+            "QMOE_WG_TILE": str(n),
+            "QMOE_WG_ROWS": "128",
+        }
+        for n in (64, 192)
+    },
     "single-block dispatch (QMOE_DISPATCH=1)": {"QMOE_DISPATCH": "1"},
     "stages: routing only, single-block dispatch": {"QMOE_STAGES": "1", "QMOE_DISPATCH": "1"},
     "grid-wide dispatch (QMOE_FUSED_ROUTER_MAX=0)": {"QMOE_FUSED_ROUTER_MAX": "0"},

@@ -21,28 +21,35 @@ bool wgmma_supported() { return device_sm() == 90; }
 
 namespace {
 
-constexpr int kRows = 128;     // weight rows a block (two warpgroups x m64)
 // K a stage: one 128-byte swizzle row of 16-bit values (used only in the sm_90a device code).
 [[maybe_unused]] constexpr int kBK = 64;
 constexpr int kThreads = 256;  // two warpgroups; every thread loads, each warpgroup issues its own wgmma
 
-template <int BN_, int STAGES_>
+// ROWS weight rows a block (128: each warpgroup one m64 tile; 256: two), BN tokens a tile, STAGES K stages in
+// shared memory.
+template <int BN_, int STAGES_, int ROWS_ = 128>
 struct WgCfg {
-  static constexpr int BN = BN_, kStages = STAGES_;
+  static constexpr int BN = BN_, kStages = STAGES_, kRows = ROWS_;
+  static constexpr int kHalves = kRows / 128;                              // m64 tiles a warpgroup
   static constexpr int kA = kRows * 128, kB = BN * 128, kStage = kA + kB;  // bytes
-  static constexpr int kBytes = kStages * kStage + 1024;  // + slack to align to 1024
-  static_assert(BN % 16 == 0 && BN <= 256, "token tile");
+  static constexpr int kBytes = kStages * kStage + 1024;                   // + slack to align to 1024
+  static_assert(BN % 16 == 0 && BN <= 256 && (kRows == 128 || kRows == 256), "tile");
   static_assert(kStages >= 3, "the pipeline loads kStages - 2 stages ahead");
   // Epilogue scratch, inside the (then idle) pipeline buffers.
-  static_assert((BN / 2) * 128 * 4 + BN * 72 * 2 <= kStages * kStage, "gate_up epilogue");
-  static_assert(BN * 136 * 2 <= kStages * kStage, "down epilogue");
+  static_assert(kHalves * (BN / 2) * 128 * 4 + BN * (kRows / 2 + 8) * 2 <= kStages * kStage, "gate_up epilogue");
+  static_assert(BN * (kRows + 8) * 2 <= kStages * kStage, "down epilogue");
+  static_assert(kBytes <= 227 * 1024, "shared memory");
 };
 // Token tiles sized to the call (more shared memory left for stages in flight when tiles are narrow):
-// stages = (227 KB - 1 KB) / (16 KB + BN * 128 B).
+// stages = (227 KB - 1 KB) / (ROWS * 128 B + BN * 128 B).
 using Wg64 = WgCfg<64, 9>;
 using Wg128 = WgCfg<128, 7>;
 using Wg192 = WgCfg<192, 5>;
 using Wg256 = WgCfg<256, 4>;
+// 256 weight rows a block: each token tile is read by half as many blocks (NOTES.md, run 15).
+using Wg64Tall = WgCfg<64, 5, 256>;
+using Wg128Tall = WgCfg<128, 4, 256>;
+using Wg192Tall = WgCfg<192, 4, 256>;
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
@@ -64,108 +71,125 @@ template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #endif
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// Epilogue of a tile, by the block's threads (warpgroup tid / 128 holds weight rows 64 * (tid / 128) ..); the
-// pipeline buffers at gbase are free.
-// Accumulator element 4*j + q: weight row 16*warp + lane/4 + 8*(q/2) of the warpgroup's 64, token column
-// 8*j + 2*(lane%4) + q%2.
-template <typename T, bool kGateUp, int BN>
-__device__ __forceinline__ void store_tile(const GemmArgs& a, float (&acc)[BN / 2], unsigned char* gbase, int tid,
-                                           int row0, int rb, int n, int n16) {
+// Epilogue of a tile, by the block's threads; the pipeline buffers at gbase are free. Warpgroup wg holds weight
+// rows wg * ROWS/2 .. as kHalves m64 tiles; for gate_up, warpgroup 0 holds the gate rows and warpgroup 1 the up
+// rows of the same ROWS/2 columns. Accumulator element 4*j + q of tile h: weight row h*64 + 16*warp + lane/4 +
+// 8*(q/2) of the warpgroup's rows, token column 8*j + 2*(lane%4) + q%2.
+template <typename T, bool kGateUp, typename C>
+__device__ __forceinline__ void store_tile(const GemmArgs& a, float (&acc)[C::kHalves][C::BN / 2], unsigned char* gbase,
+                                           int tid, int row0, int rb, int n, int n16) {
+  constexpr int BN = C::BN, kHalves = C::kHalves, kHalf = C::kRows / 2;
   const int wg = tid >> 7, t = tid & 127, warp = (tid >> 5) & 3, lane = tid & 31;
   T* out = static_cast<T*>(a.out);
   if (kGateUp) {
-    float* up = reinterpret_cast<float*>(gbase);               // [BN/2][128]: warpgroup 1's registers
-    T* hs = reinterpret_cast<T*>(gbase + (BN / 2) * 128 * 4);  // [BN tokens][64 + 8 pad]
+    float* up = reinterpret_cast<float*>(gbase);                             // [kHalves * BN/2][128]: warpgroup 1's
+    T* hs = reinterpret_cast<T*>(gbase + kHalves * (BN / 2) * 128 * 4);      // [BN tokens][ROWS/2 + 8 pad]
     if (wg == 1) {
 #pragma unroll
-      for (int i = 0; i < BN / 2; ++i)
-        if (i < n16 * 8) up[i * 128 + t] = acc[i];
+      for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i)
+          if (i < n16 * 8) up[(h * (BN / 2) + i) * 128 + t] = acc[h][i];
     }
     __syncthreads();
     if (wg == 0) {
 #pragma unroll
-      for (int i = 0; i < BN / 2; ++i) {
-        if (i < n16 * 8) {
-          const int j = i >> 2, q = i & 3;
-          const int row = warp * 16 + (lane >> 2) + 8 * (q >> 1), col = j * 8 + 2 * (lane & 3) + (q & 1);
-          hs[col * 72 + row] = from_float<T>(silu(acc[i]) * up[i * 128 + t]);
+      for (int h = 0; h < kHalves; ++h) {
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) {
+          if (i < n16 * 8) {
+            const int j = i >> 2, q = i & 3;
+            const int row = h * 64 + warp * 16 + (lane >> 2) + 8 * (q >> 1), col = j * 8 + 2 * (lane & 3) + (q & 1);
+            hs[col * (kHalf + 8) + row] = from_float<T>(silu(acc[h][i]) * up[(h * (BN / 2) + i) * 128 + t]);
+          }
         }
       }
     }
     __syncthreads();
-    for (int c = tid; c < n * 8; c += kThreads) {
-      const int tok = c >> 3, ch = c & 7;
-      *reinterpret_cast<uint4*>(out + size_t(row0 + tok) * a.I + rb * 64 + ch * 8) =
-          *reinterpret_cast<const uint4*>(hs + tok * 72 + ch * 8);
+    constexpr int kChunks = kHalf / 8;  // 16-byte chunks of a token's h columns
+    for (int c = tid; c < n * kChunks; c += kThreads) {
+      const int tok = c / kChunks, ch = c % kChunks;
+      *reinterpret_cast<uint4*>(out + size_t(row0 + tok) * a.I + rb * kHalf + ch * 8) =
+          *reinterpret_cast<const uint4*>(hs + tok * (kHalf + 8) + ch * 8);
     }
   } else {
-    T* ys = reinterpret_cast<T*>(gbase);  // [BN tokens][128 + 8 pad]
+    T* ys = reinterpret_cast<T*>(gbase);  // [BN tokens][ROWS + 8 pad]
 #pragma unroll
-    for (int i = 0; i < BN / 2; ++i) {
-      if (i < n16 * 8) {
-        const int j = i >> 2, q = i & 3;
-        const int row = wg * 64 + warp * 16 + (lane >> 2) + 8 * (q >> 1), col = j * 8 + 2 * (lane & 3) + (q & 1);
-        ys[col * 136 + row] = from_float<T>(acc[i]);
+    for (int h = 0; h < kHalves; ++h) {
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) {
+        if (i < n16 * 8) {
+          const int j = i >> 2, q = i & 3;
+          const int row = wg * kHalf + h * 64 + warp * 16 + (lane >> 2) + 8 * (q >> 1);
+          const int col = j * 8 + 2 * (lane & 3) + (q & 1);
+          ys[col * (C::kRows + 8) + row] = from_float<T>(acc[h][i]);
+        }
       }
     }
     __syncthreads();
-    for (int c = tid; c < n * 16; c += kThreads) {
-      const int tok = c >> 4, ch = c & 15;
-      *reinterpret_cast<uint4*>(out + size_t(row0 + tok) * a.H + rb * kRows + ch * 8) =
-          *reinterpret_cast<const uint4*>(ys + tok * 136 + ch * 8);
+    constexpr int kChunks = C::kRows / 8;
+    for (int c = tid; c < n * kChunks; c += kThreads) {
+      const int tok = c / kChunks, ch = c % kChunks;
+      *reinterpret_cast<uint4*>(out + size_t(row0 + tok) * a.H + rb * C::kRows + ch * 8) =
+          *reinterpret_cast<const uint4*>(ys + tok * (C::kRows + 8) + ch * 8);
     }
   }
 }
 
-// Where a block's work lies: tile `tile` of the tile map, 64 (gate_up) or 128 (down) output columns `rb`.
+// Where a block's work lies: tile `tile` of the tile map, column block `rb` (ROWS/2 columns of h for gate_up,
+// ROWS of y for down).
 struct TileCoords {
   int e, row0, rb, n, n16;  // expert, first permuted row, column block, tokens, wgmma N / 16
 };
 
-// The 16-byte cp.async chunks one thread copies for every K stage: its share of the 128 weight rows and of the
-// BN token rows (fixed rows, advancing k), written in the 128-byte swizzle.
-template <typename T, bool kGateUp, int BN>
+// The 16-byte cp.async chunks one thread copies for every K stage: its share of the ROWS weight rows and of the
+// BN token rows (fixed rows, advancing k), written in the 128-byte swizzle. A thread's weight rows are
+// r0 + 32 i (i < kA), so one base pointer and a stride address them; the token rows are gathered.
+template <typename T, bool kGateUp, typename C>
 struct StageLoader {
-  static constexpr int kA = kRows * 8 / kThreads, kB = BN * 8 / kThreads;  // chunks a thread a stage
+  static constexpr int kA = C::kRows * 8 / kThreads, kB = C::BN * 8 / kThreads;  // chunks a thread a stage
+  static constexpr int kRowStep = kThreads / 8;                                // rows between a thread's chunks
   static_assert(kA >= 1 && kB >= 1, "every thread copies weights and tokens");
-  const T* a_src[kA];
+  const T* a_src;           // chunk 0 of the weights at k = 0
+  size_t a_step, a_up;      // elements from chunk i to i + 1; extra offset of the up rows (gate_up, i >= kA/2)
+  uint32_t a_dst, b_dst;    // chunk 0's shared-memory offsets (chunk i: + i * kRowStep rows of 128 bytes)
   const T* b_src[kB];
-  uint32_t a_dst[kA], b_dst[kB];
   uint32_t b_load = 0, b_valid = 0;  // bit i: chunk i is inside the N rows / holds a real token
 
   __device__ __forceinline__ StageLoader(const GemmArgs& a, const TileCoords& c, int tid) {
-    const int K = a.K, rows_total = kGateUp ? 2 * a.I : a.H;
-    const T* wbase = static_cast<const T*>(a.weight) + size_t(c.e) * rows_total * K;
-#pragma unroll
-    for (int i = 0; i < kA; ++i) {
-      const int ch = tid + i * kThreads, r = ch >> 3, kc = ch & 7;
-      // gate_up: rows 0..63 are gate rows j, 64..127 the up rows of the same j; down: 128 output rows.
-      const int wrow = kGateUp ? (r < 64 ? c.rb * 64 + r : a.I + c.rb * 64 + (r - 64)) : c.rb * kRows + r;
-      a_src[i] = wbase + size_t(wrow) * K + kc * 8;
-      a_dst[i] = uint32_t(r * 128 + ((kc ^ (r & 7)) << 4));
-    }
+    const int K = a.K, rows_total = kGateUp ? 2 * a.I : a.H, r0 = tid >> 3, kc = tid & 7;
+    constexpr int kHalf = C::kRows / 2;
+    // gate_up: rows 0..ROWS/2-1 are gate rows j, the rest the up rows of the same j; down: ROWS output rows.
+    const int wrow0 = kGateUp ? c.rb * kHalf + r0 : c.rb * C::kRows + r0;
+    a_src = static_cast<const T*>(a.weight) + (size_t(c.e) * rows_total + wrow0) * K + kc * 8;
+    a_step = size_t(kRowStep) * K;
+    a_up = kGateUp ? size_t(a.I - kHalf) * K : 0;
+    a_dst = uint32_t(r0 * 128 + ((kc ^ (r0 & 7)) << 4));  // r & 7 == r0 & 7 for every chunk
+    b_dst = a_dst;
     const T* act = static_cast<const T*>(a.act);
 #pragma unroll
     for (int i = 0; i < kB; ++i) {
-      const int ch = tid + i * kThreads, r = ch >> 3, kc = ch & 7;
+      const int r = r0 + i * kRowStep;
       int src_row = 0;
       if (r < c.n) src_row = kGateUp ? a.perm_pair[c.row0 + r] / a.top_k : c.row0 + r;
       b_src[i] = act + size_t(src_row) * K + kc * 8;
-      b_dst[i] = uint32_t(r * 128 + ((kc ^ (r & 7)) << 4));
       b_load |= uint32_t(r < c.n16 * 16) << i;
       b_valid |= uint32_t(r < c.n) << i;
     }
   }
-  // Stage kb into the stage buffer at sa (weights) / sa + kRows * 128 (tokens).
+  // Stage kb into the stage buffer at sa (weights) / sa + ROWS * 128 (tokens).
   __device__ __forceinline__ void load(uint32_t sa, int kb) const {
-    const uint32_t sb = sa + kRows * 128;
+    const uint32_t sb = sa + C::kA;
     const int k0 = kb * kBK;
 #pragma unroll
-    for (int i = 0; i < kA; ++i) cp_async16(sa + a_dst[i], a_src[i] + k0, true);
+    for (int i = 0; i < kA; ++i) {
+      const T* src = a_src + k0 + i * a_step + (i >= kA / 2 ? a_up : 0);
+      cp_async16(sa + a_dst + i * kRowStep * 128, src, true);
+    }
 #pragma unroll
     for (int i = 0; i < kB; ++i) {
       // Pad rows (n <= r < 16*n16) are zero-filled: their columns are computed and never stored.
-      if ((b_load >> i) & 1) cp_async16(sb + b_dst[i], b_src[i] + k0, (b_valid >> i) & 1);
+      if ((b_load >> i) & 1) cp_async16(sb + b_dst + i * kRowStep * 128, b_src[i] + k0, (b_valid >> i) & 1);
     }
   }
 };
@@ -197,9 +221,9 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(GemmArgs a) {
   const int tid = threadIdx.x, wg = tid >> 7;
   const uint32_t raw = smem_u32(smem_raw), base = (raw + 1023u) & ~1023u;
   unsigned char* gbase = smem_raw + (base - raw);
-  const StageLoader<T, kGateUp, BN> loader(a, c, tid);
+  const StageLoader<T, kGateUp, C> loader(a, c, tid);
 
-  float acc[BN / 2];
+  float acc[C::kHalves][BN / 2];
 #pragma unroll
   for (int s = 0; s < kStages - 2; ++s) {
     if (s < KB) loader.load(base + s * C::kStage, s);
@@ -218,16 +242,21 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(GemmArgs a) {
     }
     const uint32_t sa = base + (kb % kStages) * C::kStage;
     wgmma_fence();
-    wgmma_k64_n<BN, T>(c.n16, acc, sw128_desc(sa + wg * 64 * 128), sw128_desc(sa + C::kA), kb != 0);
+#pragma unroll
+    for (int h = 0; h < C::kHalves; ++h) {
+      const uint32_t rows = (wg * C::kHalves + h) * 64;  // this m64 tile's first weight row in the stage
+      wgmma_k64_n<BN, T>(c.n16, acc[h], sw128_desc(sa + rows * 128), sw128_desc(sa + C::kA), kb != 0);
+    }
     wgmma_commit();
     wgmma_wait<1>();
   }
   wgmma_wait<0>();
-  fence_regs(acc);
+#pragma unroll
+  for (int h = 0; h < C::kHalves; ++h) fence_regs(acc[h]);
   cp_async_wait<0>();
   __syncthreads();  // the pipeline buffers are free for the epilogue
 
-  store_tile<T, kGateUp, BN>(a, acc, gbase, tid, c.row0, c.rb, c.n, c.n16);
+  store_tile<T, kGateUp, C>(a, acc, gbase, tid, c.row0, c.rb, c.n, c.n16);
   pdl_launch_dependents();
 #endif
 }
@@ -238,7 +267,7 @@ cudaError_t launch_one(GemmArgs a, int grid_tiles, cudaStream_t s) {
   static const cudaError_t attr_err =
       cudaFuncSetAttribute(wgmma_kernel<T, kGateUp, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (attr_err != cudaSuccess) return attr_err;
-  a.n_col_tiles = kGateUp ? a.I / 64 : a.H / kRows;
+  a.n_col_tiles = kGateUp ? a.I / (C::kRows / 2) : a.H / C::kRows;
   return launch(wgmma_kernel<T, kGateUp, C>, dim3(grid_tiles * a.n_col_tiles), dim3(kThreads), smem, s, a);
 }
 
@@ -254,13 +283,16 @@ cudaError_t launch_cfg(const qmoe_problem& p, const qmoe_tensors& t, const Works
 template <typename T>
 cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, cudaStream_t s,
                          bool with_down) {
+  // 256 weight rows a block where the shape divides and the accumulators fit (tiles up to 192 tokens);
+  // QMOE_WG_ROWS=128 (benchmarking) keeps 128.
+  const bool tall = p.inter % 128 == 0 && p.hidden % 256 == 0 && env_int("QMOE_WG_ROWS", 256) == 256;
   switch (ws.tile_m) {
     case 64:
-      return launch_cfg<T, Wg64>(p, t, ws, s, with_down);
+      return tall ? launch_cfg<T, Wg64Tall>(p, t, ws, s, with_down) : launch_cfg<T, Wg64>(p, t, ws, s, with_down);
     case 128:
-      return launch_cfg<T, Wg128>(p, t, ws, s, with_down);
+      return tall ? launch_cfg<T, Wg128Tall>(p, t, ws, s, with_down) : launch_cfg<T, Wg128>(p, t, ws, s, with_down);
     case 192:
-      return launch_cfg<T, Wg192>(p, t, ws, s, with_down);
+      return tall ? launch_cfg<T, Wg192Tall>(p, t, ws, s, with_down) : launch_cfg<T, Wg192>(p, t, ws, s, with_down);
     case 256:
       return launch_cfg<T, Wg256>(p, t, ws, s, with_down);
     default:

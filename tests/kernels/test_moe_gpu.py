@@ -125,6 +125,16 @@ def test_qwen3_30b_a3b_shapes(kmoe, gen, monkeypatch, T, path, pdl):
     run_case(kmoe, gen, T, 128, 8, torch.bfloat16, "float", path, H=2048, inter=768)
 
 
+@pytest.mark.parametrize("rows", ["128", "256"])
+@pytest.mark.parametrize("tile", ["64", "128", "192", "256"])
+def test_wgmma_tile_configs(kmoe, gen, monkeypatch, tile, rows):
+    # Every token-tile width with 128 and 256 weight rows a block (256-token tiles always use 128 rows);
+    # 1500 tokens put 60-140 tokens on an expert, so the narrow tiles split experts.
+    monkeypatch.setenv("QMOE_WG_TILE", tile)
+    monkeypatch.setenv("QMOE_WG_ROWS", rows)
+    run_case(kmoe, gen, 1500, 128, 8, torch.float16, "float", "wgmma", H=2048, inter=768)
+
+
 @pytest.mark.parametrize("path", ["gemv", "mma"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_int8_qwen3_30b_a3b_shapes(kmoe, gen, dtype, path):
