@@ -21,9 +21,10 @@ class FakeCuda:
 
     def __init__(self):
         self.buffers: dict[int, bytearray] = {}
-        self.next, self.stream = 1 << 40, 7
+        self.next, self.stream, self.mallocs = 1 << 40, 7, 0
 
     def malloc(self, nbytes: int) -> int:
+        self.mallocs += 1
         ptr, self.next = self.next, self.next + (1 << 32)
         self.buffers[ptr] = bytearray(max(nbytes, 1))
         return ptr

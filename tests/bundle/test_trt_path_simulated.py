@@ -1,7 +1,8 @@
 """The runner's TensorRT path against a simulated TensorRT runtime and CUDA memory (fake_tensorrt.py): the
 profile chosen per call, shapes inside it, the KV cache moved between calls on the "device", the last
-logits row copied back, no buffer leaked. Its greedy tokens equal the validated reference's. This checks
-the runner's bookkeeping only; TensorRT itself is not involved (no engine can run here)."""
+logits row copied back, device buffers allocated once (not per step) and none leaked. Its greedy tokens
+equal the validated reference's. This checks the runner's bookkeeping only; TensorRT itself is not
+involved (no engine can run here)."""
 
 from __future__ import annotations
 
@@ -61,7 +62,10 @@ def test_trt_path_bookkeeping_reproduces_the_reference_tokens(bundled, built_by,
     expected = ["prefill", "decode"] if built_by == "build_engine" else ["chunked"]
     assert used == expected  # switched once per phase, then kept
     layers = manifest["architecture"]["num_hidden_layers"]
-    assert len(cuda.buffers) == 2 * layers  # only the KV cache is still allocated
+    # Allocated once, whatever the number of steps: 3 inputs, two buffers per KV tensor, the logits; all
+    # freed by close() at the end (a double free or an unknown pointer raises in FakeCuda.free).
+    assert cuda.mallocs == 3 + 2 * 2 * layers + 1
+    assert not cuda.buffers
     kv_len = len(result["prompt_ids"]) + len(result["generated_ids"]) - 1
     key = context.shapes["past_key_values.0.key"]
     assert key[2] == kv_len - 1  # the last call's past: every token but the one it fed

@@ -254,6 +254,8 @@ def chat(args: argparse.Namespace) -> int:
     result = generate(
         backend, prompt_ids, args.max_new_tokens, lambda x: choose_token(x, greedy, args.think, rng), on_token
     )
+    if hasattr(backend, "close"):
+        backend.close()
     ids = [t for t in result["generated_ids"] if t not in STOP_IDS]
     end = len(ids) - 1 - ids[::-1].index(THINK_END) if THINK_END in ids else -1
     reasoning = [t for t in ids[: max(end, 0)] if t != THINK_START]

@@ -95,6 +95,12 @@ class TensorRTBackend:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
+        expected = {
+            "logits",
+            *(n.replace("past_key_values.", "present.") for n in self.inputs if "past" in n),
+        }
+        if set(self.outputs) != expected:
+            raise SystemExit(f"error: the engine's outputs {sorted(self.outputs)} are not logits + present.*")
         self.layers = sum(n.startswith("past_key_values.") for n in self.inputs) // 2
         key = self.engine.get_tensor_shape("past_key_values.0.key")
         self.kv_shape = (key[1], key[3])  # heads, head_dim
@@ -103,10 +109,35 @@ class TensorRTBackend:
             {n: tuple(self.engine.get_tensor_profile_shape(n, i))[0::2] for n in self.inputs}
             for i in range(self.engine.num_optimization_profiles)
         ]
-        self.past, self.past_len = {}, 0
-        for i in range(self.layers):
-            for kv in ("key", "value"):
-                self.past[f"past_key_values.{i}.{kv}"] = self.cuda.malloc(1)
+        # Device memory is allocated here, once, at the largest shapes the profiles admit: a cudaMalloc and
+        # cudaFree (which waits for the device) per tensor and token would cost more than a decode step.
+        # Each KV tensor has two buffers: a call reads its past from one and writes its present into the
+        # other, and the next call swaps them. The logits buffer grows when a call needs more.
+        self.host_inputs = ("input_ids", "attention_mask", "position_ids")
+        self.buffers = {n: self.cuda.malloc(self._largest_bytes(n)) for n in self.host_inputs}
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        kv_tokens = max(r[self.past_names[0]][1][2] + r["input_ids"][1][1] for r in self.profiles)
+        kv_bytes = self._bytes(self.past_names[0], (1, key[1], kv_tokens, key[3]))
+        self.kv = {n: [self.cuda.malloc(kv_bytes), self.cuda.malloc(kv_bytes)] for n in self.past_names}
+        self.kv_bytes, self.side, self.past_len = kv_bytes, 0, 0
+        self.logits_buffer, self.logits_bytes = None, 0
+
+    def _bytes(self, name: str, shape: tuple) -> int:
+        dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
+        return int(np.prod(shape)) * dtype.itemsize
+
+    def _largest_bytes(self, name: str) -> int:
+        """Bytes of input `name` at the largest shape any optimisation profile admits."""
+        return max(self._bytes(name, ranges[name][1]) for ranges in self.profiles)
+
+    def close(self) -> None:
+        """Frees the device buffers (the process exit would too)."""
+        pointers = [*self.buffers.values(), *(p for pair in self.kv.values() for p in pair)]
+        if self.logits_buffer is not None:
+            pointers.append(self.logits_buffer)
+        for ptr in pointers:
+            self.cuda.free(ptr)
+        self.buffers, self.kv, self.logits_buffer = {}, {}, None
 
     def _profile_for(self, shapes: dict[str, tuple]) -> int:
         """The first of the engine's profiles whose ranges admit these input shapes."""
@@ -122,43 +153,41 @@ class TensorRTBackend:
         heads, head_dim = self.kv_shape
         host = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         shapes = {n: a.shape for n, a in host.items()}
-        shapes |= {n: (1, heads, self.past_len, head_dim) for n in self.past}
+        shapes |= {n: (1, heads, self.past_len, head_dim) for n in self.past_names}
         index = self._profile_for(shapes)
         if index != self.profile:
             self.context.set_optimization_profile_async(index, self.cuda.stream)
             self.profile = index
-        temporary = []
         for name, shape in shapes.items():
             self.context.set_input_shape(name, shape)
+        staged = []  # the host arrays must live until their copies ran (the sync below)
         for name, array in host.items():
             array = np.ascontiguousarray(
                 array.astype(np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name))))
             )
-            ptr = self.cuda.malloc(array.nbytes)
-            self.cuda.copy(ptr, array.ctypes.data, array.nbytes, self.cuda.H2D)
-            self.context.set_tensor_address(name, ptr)
-            temporary.append((ptr, array))  # the host array must live until the copy ran
-        for name, ptr in self.past.items():
-            self.context.set_tensor_address(name, ptr)
-        present = {}
-        for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
-            present[name] = (self.cuda.malloc(int(np.prod(shape)) * dtype.itemsize), shape, dtype)
-            self.context.set_tensor_address(name, present[name][0])
+            self.cuda.copy(self.buffers[name], array.ctypes.data, array.nbytes, self.cuda.H2D)
+            self.context.set_tensor_address(name, self.buffers[name])
+            staged.append(array)
+        for name in self.past_names:
+            past, present = self.kv[name][self.side], self.kv[name][1 - self.side]
+            self.context.set_tensor_address(name, past)
+            self.context.set_tensor_address(name.replace("past_key_values.", "present."), present)
+        shape = tuple(self.context.get_tensor_shape("logits"))
+        nbytes = self._bytes("logits", shape)
+        if nbytes > self.logits_bytes:
+            if self.logits_buffer is not None:
+                self.cuda.free(self.logits_buffer)
+            self.logits_buffer, self.logits_bytes = self.cuda.malloc(nbytes), nbytes
+        self.context.set_tensor_address("logits", self.logits_buffer)
         if not self.context.execute_async_v3(self.cuda.stream):
             raise RuntimeError("TensorRT execution failed")
-        ptr, shape, dtype = present.pop("logits")
+        dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype("logits")))
         vocab = shape[-1]
         last = np.empty(vocab, dtype)
         offset = (int(np.prod(shape)) - vocab) * dtype.itemsize  # the last row of [1, S, V] (or [1, 1, V])
-        self.cuda.copy(last.ctypes.data, ptr + offset, last.nbytes, self.cuda.D2H)
+        self.cuda.copy(last.ctypes.data, self.logits_buffer + offset, last.nbytes, self.cuda.D2H)
         self.cuda.sync()
-        for p, _ in temporary:
-            self.cuda.free(p)
-        self.cuda.free(ptr)
-        for name, old in self.past.items():
-            self.cuda.free(old)
-            self.past[name] = present[name.replace("past_key_values.", "present.")][0]
+        del staged
+        self.side = 1 - self.side  # this call's present is the next call's past
         self.past_len += ids.shape[1]
         return last.astype(np.float32)
