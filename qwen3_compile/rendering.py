@@ -68,7 +68,7 @@ def render_inspect(report: ModelReport) -> None:
     console.print(arch)
 
     fits = Table(
-        title=f"Target fit: weights + KV cache at {report.context} tokens + activations",
+        title=f"Target fit: weights + KV cache (past + present) at {report.context} tokens + activations",
         caption="GB left free (+) or missing (-) after the target's reserved memory; "
         "n/a: the target cannot run that precision",
     )

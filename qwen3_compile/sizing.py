@@ -74,6 +74,11 @@ def weight_bytes(arch: Qwen3Arch, precision: str) -> int:
     return rest + quant + scales
 
 
+# A call of the exported graph reads past_key_values.* and writes present.* (the past plus the new positions)
+# into separate buffers, so whoever runs it holds two copies of the cache during a call.
+KV_COPIES = 2
+
+
 def kv_bytes_per_token(arch: Qwen3Arch, kv_dtype: str = "fp16") -> int:
     return 2 * arch.num_layers * arch.kv_dim * _KV_BYTES[kv_dtype]
 
@@ -125,7 +130,7 @@ def plan_memory(
         context,
         batch,
         weight_bytes(arch, precision),
-        batch * context * kv_bytes_per_token(arch, kv_dtype),
+        KV_COPIES * batch * context * kv_bytes_per_token(arch, kv_dtype),
         batch * activation_bytes(arch, chunk, context),
     )
 

@@ -58,5 +58,5 @@ def test_30b_a3b_fits_where_expected():
     assert fits["jetson-agx-orin"].headroom_gb["fp8"] is None  # Orin has no FP8
     assert fits["h200"].best == "fp16"
     plan = plan_memory(arch, "int8", context=4096)
-    assert plan.kv_cache == 4096 * 48 * 2 * 4 * 128 * 2
+    assert plan.kv_cache == 2 * 4096 * 48 * 2 * 4 * 128 * 2  # past + present copies
     assert get_target("jetson-orin-nano").usable_gb < plan.total / 1e9

@@ -2,9 +2,9 @@
 
 Weights are the bytes of the artifact's initializers as they are stored (an fp32 export builds an fp32
 engine; a QDQ artifact keeps its INT8/FP8 weights), the KV cache is sized at --max-batch x --max-seq
-in the graph's cache type, and activations are the peak of one layer for the largest prefill plus the
-fp32 logits of every position (the validation graph) or of the last one (`--logits last`, see
-`sizing.activation_bytes`).
+in the graph's cache type, twice (a call reads past_key_values.* and writes present.*), and activations
+are the peak of one layer for the largest prefill plus the fp32 logits of every position (the validation
+graph) or of the last one (`--logits last`, see `sizing.activation_bytes`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.models.config import Qwen3Arch
-from qwen3_compile.sizing import GB, activation_bytes, kv_bytes_per_token
+from qwen3_compile.sizing import GB, KV_COPIES, activation_bytes, kv_bytes_per_token
 from qwen3_compile.targets import Target
 
 
@@ -38,8 +38,8 @@ class EngineMemory:
 
     def describe(self) -> str:
         return (
-            f"weights {self.weights / GB:.2f} GB + KV cache {self.kv_cache / GB:.2f} GB + activations "
-            f"{self.activations / GB:.2f} GB = {self.total / GB:.2f} GB against "
+            f"weights {self.weights / GB:.2f} GB + KV cache (past + present) {self.kv_cache / GB:.2f} GB "
+            f"+ activations {self.activations / GB:.2f} GB = {self.total / GB:.2f} GB against "
             f"{self.usable / GB:.2f} GB usable"
         )
 
@@ -60,7 +60,7 @@ def plan_engine_memory(
     all_logits: bool = True,
 ) -> EngineMemory:
     # kv_bytes: bytes per cached element (4 for an fp32 graph, 2 for fp16)
-    kv = max_batch * max_seq * kv_bytes_per_token(arch, "fp16") // 2 * kv_bytes
+    kv = KV_COPIES * max_batch * max_seq * kv_bytes_per_token(arch, "fp16") // 2 * kv_bytes
     layer = activation_bytes(arch, max_seq, max_seq) - arch.vocab_size * 4  # its logits: last token only
     logits = (max_seq if all_logits else 1) * arch.vocab_size * 4
     return EngineMemory(weights, kv, max_batch * (layer + logits), int(target.usable_gb * GB))

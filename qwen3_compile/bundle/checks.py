@@ -104,9 +104,9 @@ def check_bundle_target(build_input: BuildInput, target: Target, context: int) -
     elsewhere = what_fits(arch, context)
     raise BadInputError(
         f"the model does not fit {target.name} ({target.description}): in {plan.precision} it needs "
-        f"{mem.total / GB:.1f} GB (weights {mem.weights / GB:.1f} GB + KV cache {mem.kv_cache / GB:.2f} GB "
-        f"at {context} tokens + activations {mem.activations / GB:.2f} GB) against {mem.usable / GB:.1f} GB "
-        f"usable, {(mem.total - mem.usable) / GB:.1f} GB short"
+        f"{mem.total / GB:.1f} GB (weights {mem.weights / GB:.1f} GB + KV cache (past + present) "
+        f"{mem.kv_cache / GB:.2f} GB at {context} tokens + activations {mem.activations / GB:.2f} GB) "
+        f"against {mem.usable / GB:.1f} GB usable, {(mem.total - mem.usable) / GB:.1f} GB short"
         + (f" (on {target.name}: {'; '.join(here)})" if here else "")
         + ".",
         field="--target",

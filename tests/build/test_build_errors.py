@@ -69,9 +69,10 @@ def test_model_that_does_not_fit_names_the_numbers(artifacts, tmp_path, monkeypa
     )
     assert result.exit_code == 2, result.output
     # independent arithmetic: 16 sequences x 4096 positions of fp32 logits over the 151936-token vocabulary
-    # alone are 39.8 GB; the KV cache is 2 layers x K/V x 2 heads x 16 dims x 4 bytes per position
-    kv = 16 * 4096 * 2 * 2 * 2 * 16 * 4
-    assert f"KV cache {kv / 1e9:.2f} GB" in result.output
+    # alone are 39.8 GB; the KV cache is 2 layers x K/V x 2 heads x 16 dims x 4 bytes per position, twice
+    # (past and present)
+    kv = 2 * 16 * 4096 * 2 * 2 * 2 * 16 * 4
+    assert f"KV cache (past + present) {kv / 1e9:.2f} GB" in result.output
     assert "against 6.00 GB usable" in result.output and "--max-batch 16 --max-seq 4096" in result.output
     weights = sum(f.stat().st_size for f in source.glob("model.onnx*"))
     assert f"weights {weights / 1e9:.2f} GB" in result.output

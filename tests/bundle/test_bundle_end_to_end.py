@@ -137,7 +137,8 @@ def test_manifest_records_memory_plan_tools_and_hashes(bundled):
     stored = (bundled.artifact / "model.onnx").stat().st_size
     expected = plan_engine_memory(arch, target, stored, 1, 4096, 4, all_logits=False)
     assert m["memory"]["weights"] == stored == m["memory"]["weights_stored"]
-    assert m["memory"]["kv_cache"] == 2 * 2 * 2 * 16 * 4 * 4096  # K+V, layers, kv heads, head_dim, fp32, ctx
+    # past + present copies x K+V x layers x kv heads x head_dim x fp32 x ctx
+    assert m["memory"]["kv_cache"] == 2 * 2 * 2 * 2 * 16 * 4 * 4096
     assert m["memory"]["total"] == expected.total and m["memory"]["fits"]
     model_sha256 = sha256_file(bundled.artifact / "model.onnx")
     assert m["artifact"]["model_sha256"] == model_sha256

@@ -47,9 +47,11 @@ def test_30b_a3b_int8_on_orin_nano_is_refused_with_its_size_and_what_fits(tmp_pa
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
     weights = weight_bytes(arch, "int8")  # from the architecture alone (sizing.py; 31.3 GB, see README)
-    kv = 4096 * kv_bytes_per_token(arch, "fp16")
+    kv = 2 * 4096 * kv_bytes_per_token(arch, "fp16")  # past + present copies
     assert round(weights / GB, 1) == 31.3
-    assert f"weights {weights / GB:.1f} GB + KV cache {kv / GB:.2f} GB at 4096 tokens" in text
+    assert (
+        f"weights {weights / GB:.1f} GB + KV cache (past + present) {kv / GB:.2f} GB at 4096 tokens" in text
+    )
     need = float(text.split("it needs ")[1].split(" GB")[0])
     assert need >= round((weights + kv) / GB, 1)
     assert "against 6.0 GB usable" in text and f"{need - 6.0:.1f} GB short" in text
