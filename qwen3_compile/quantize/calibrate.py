@@ -110,18 +110,43 @@ def _pair_norm_amax(x) -> float:
     return float((x[..., :half].square() + x[..., half:].square()).sqrt().max())
 
 
-def _expert_stats(stats: LayerStats, prefix: str, experts, hidden, top_k_index) -> None:
+def _observing_experts(experts, stats: LayerStats, prefix: str):
+    """A forward for transformers' eager `Qwen3MoeExperts` that records the expert statistics on its way:
+    the same operations in the same order (experts ascending, each expert's pairs in (slot, token) order,
+    `index_add_` into zeros), so the layer's output is unchanged, while every expert's SwiGLU product is
+    computed once (a separate statistics pass would compute gate_up a second time: 2/3 of the FLOPs)."""
     import torch
 
-    num_experts = experts.gate_up_proj.shape[0]
-    counts = torch.bincount(top_k_index.reshape(-1), minlength=num_experts).numpy()
-    stats.expert_tokens = counts if stats.expert_tokens is None else stats.expert_tokens + counts
-    routed = (top_k_index[..., None] == torch.arange(num_experts)).any(dim=1)  # [N, E]
-    stats.observe(prefix + "experts.gate_up_proj", hidden[routed.any(dim=1)])
-    for e in torch.nonzero(routed.any(dim=0)).flatten().tolist():
-        x = hidden[routed[:, e]]
-        gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
-        stats.observe(prefix + "experts.down_proj", torch.nn.functional.silu(gate) * up)
+    def forward(hidden_states, top_k_index, top_k_weights):
+        num_experts = experts.gate_up_proj.shape[0]
+        counts = torch.bincount(top_k_index.reshape(-1), minlength=num_experts).numpy()
+        stats.expert_tokens = counts if stats.expert_tokens is None else stats.expert_tokens + counts
+        stats.observe(prefix + "experts.gate_up_proj", hidden_states)  # every token goes to k experts
+        out = torch.zeros_like(hidden_states)
+        by_slot = top_k_index.T  # [k, N]
+        for e in np.flatnonzero(counts).tolist():
+            top_k_pos, token_idx = torch.where(by_slot == e)
+            gate, up = torch.nn.functional.linear(hidden_states[token_idx], experts.gate_up_proj[e]).chunk(
+                2, dim=-1
+            )
+            product = experts.act_fn(gate) * up
+            stats.observe(prefix + "experts.down_proj", product)
+            y = torch.nn.functional.linear(product, experts.down_proj[e])
+            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, top_k_pos, None]).to(out.dtype))
+        return out
+
+    return forward
+
+
+class _Patched:
+    """Undoes an instance attribute set over a module's method (the hooks' `remove()` interface)."""
+
+    def __init__(self, module, name: str, value):
+        self.module, self.name = module, name
+        setattr(module, name, value)
+
+    def remove(self) -> None:
+        delattr(self.module, self.name)
 
 
 def _hooks(layer, index: int, arch: Qwen3Arch, stats: LayerStats) -> list:
@@ -149,14 +174,9 @@ def _hooks(layer, index: int, arch: Qwen3Arch, stats: LayerStats) -> list:
         attn.v_proj.register_forward_hook(values),
     ]
     if arch.is_moe:
-
-        def route(module, args, kwargs):
-            hidden, top_k_index = args[0], args[1] if len(args) > 1 else kwargs["top_k_index"]
-            _expert_stats(stats, p + "mlp.", module, hidden, top_k_index)
-
         handles += [
             mlp.gate.register_forward_pre_hook(observe_input(p + "mlp.gate.weight")),
-            mlp.experts.register_forward_pre_hook(route, with_kwargs=True),
+            _Patched(mlp.experts, "forward", _observing_experts(mlp.experts, stats, p + "mlp.")),
         ]
     else:
         handles += [
