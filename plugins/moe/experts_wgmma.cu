@@ -1,12 +1,14 @@
-// Prefill path on Hopper (sm_90a): grouped GEMM with wgmma, operands swapped. A block's 128 weight rows are
-// wgmma's M (two warpgroups of 64 rows) and the expert's tokens are N (16..256, fixed per tile), so a block
-// reads its slab of an expert's weights once for all of that expert's tokens (an expert with more than
-// a tile's width of tokens becomes further tiles) and pads at most 15 token columns, where the mma.sync tiles
-// re-read each slab per 64 tokens and pad up to 63 token rows. K advances 64 at a time through a cp.async
-// pipeline into shared memory laid out in the 128-byte swizzle that wgmma reads through descriptors (the
-// tokens are gathered rows, which the tensor-copy engine cannot fetch on sm_90). Gate and up rows of the
-// same columns sit in the two warpgroups; the epilogue meets them in shared memory and writes h, or y,
-// through a transposing shared-memory tile with 16-byte stores. 16-bit weights only (INT8 stays on mma.sync).
+// Prefill path on Hopper (sm_90a): grouped GEMM with wgmma, operands swapped. A block's weight rows are
+// wgmma's M (256 where the shape divides: each of the two warpgroups issues two m64 tiles; else 128: one) and
+// the expert's tokens are N (16..256, fixed per tile), so a block reads its slab of an expert's weights once
+// for all of that expert's tokens (an expert with more than a tile's width of tokens becomes further tiles)
+// and pads at most 15 token columns, where the mma.sync tiles re-read each slab per 64 tokens and pad up to
+// 63 token rows. The taller block halves how many blocks read each token tile through L2 (NOTES.md, run 16).
+// K advances 64 at a time through a cp.async pipeline into shared memory laid out in the 128-byte swizzle that
+// wgmma reads through descriptors (the tokens are gathered rows, which the tensor-copy engine cannot fetch on
+// sm_90). Gate and up rows of the same columns sit in the two warpgroups; the epilogue meets them in shared
+// memory and writes h, or y, through a transposing shared-memory tile with 16-byte stores. 16-bit weights
+// only (INT8 stays on mma.sync).
 #include "qmoe_internal.cuh"
 #include "wgmma_ops.cuh"
 
