@@ -147,6 +147,7 @@ class _Patched:
 
     def remove(self) -> None:
         delattr(self.module, self.name)
+        self.module = None  # the caller may keep this handle past the layer: it must not keep the weights
 
 
 def _hooks(layer, index: int, arch: Qwen3Arch, stats: LayerStats) -> list:
