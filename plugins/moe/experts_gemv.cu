@@ -13,22 +13,9 @@ constexpr int kMaxTok = 4;    // tokens per pass over the rows
 // (Measured slower, NOTES.md: an L2 prefetch of the warp's rows at kernel start; issuing the first
 // weight loads before staging the tokens, which doubled the registers.)
 
-struct GemvArgs {
-  const void* act;        // gate_up: x [T, H]; down: h [P, I]
-  const void* weight;     // gate_up [E, 2I, H] or down [E, H, I]
-  const void* scale;      // [E, rows] or NULL
-  int scale_dtype;
-  void* out;              // gate_up: h [P, I]; down: y [P, H]
-  const int32_t* perm_pair;
-  const int32_t* offsets;
-  const int32_t* active;
-  const int32_t* meta;
-  int top_k, K, I, H;
-};
-
 // kGateUp: rows j, j+1 of gate and of up -> h[:, j:j+2] = silu(gate) * up.  Else: 4 rows of down -> y.
 template <typename T, typename W, bool kGateUp>
-__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
+__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemmArgs a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);
   pdl_wait();
@@ -100,7 +87,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
 }
 
 template <typename T, typename W, bool kGateUp>
-cudaError_t launch_one(const GemvArgs& a, int grid_x, int grid_y, cudaStream_t s) {
+cudaError_t launch_one(const GemmArgs& a, int grid_x, int grid_y, cudaStream_t s) {
   const size_t smem = size_t(kMaxTok) * a.K * sizeof(T);
   if (smem > 48 * 1024) {  // only for hidden > 6144
     cudaError_t err =
@@ -115,30 +102,12 @@ cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Wor
                          bool with_down) {
   const int P = p.num_tokens * p.top_k;
   const int max_active = p.num_experts < P ? p.num_experts : P;
-  GemvArgs a{};
-  a.perm_pair = ws.perm_pair;
-  a.offsets = ws.offsets;
-  a.active = ws.active;
-  a.meta = ws.meta;
-  a.top_k = p.top_k;
-  a.I = p.inter;
-  a.H = p.hidden;
-  a.scale_dtype = p.scale_dtype;
-
-  a.act = t.x;
-  a.weight = t.gate_up;
-  a.scale = t.gate_up_scale;
-  a.out = ws.h;
-  a.K = p.hidden;
+  GemmArgs a = gemm_args(p, t, ws, true);
   constexpr int kJPerBlock = kWarps * kRowIters * 2;
   cudaError_t err = launch_one<T, W, true>(a, p.inter / kJPerBlock, max_active, s);
   if (err != cudaSuccess || !with_down) return err;
 
-  a.act = ws.h;
-  a.weight = t.down;
-  a.scale = t.down_scale;
-  a.out = ws.y;
-  a.K = p.inter;
+  a = gemm_args(p, t, ws, false);
   constexpr int kRowsPerBlock = kWarps * kRowIters * kRows;
   return launch_one<T, W, false>(a, p.hidden / kRowsPerBlock, max_active, s);
 }

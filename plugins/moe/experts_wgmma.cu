@@ -73,15 +73,24 @@ template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #endif
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Where accumulator element i of m64 tile h sits: weight row (within the warpgroup's rows) and token column.
+// Element 4*j + q: row h*64 + 16*warp + lane/4 + 8*(q/2), column 8*j + 2*(lane%4) + q%2.
+struct AccCoord {
+  int row, col;
+};
+__device__ __forceinline__ AccCoord acc_coord(int h, int i, int tid) {
+  const int j = i >> 2, q = i & 3, warp = (tid >> 5) & 3, lane = tid & 31;
+  return {h * 64 + warp * 16 + (lane >> 2) + 8 * (q >> 1), j * 8 + 2 * (lane & 3) + (q & 1)};
+}
+
 // Epilogue of a tile, by the block's threads; the pipeline buffers at gbase are free. Warpgroup wg holds weight
 // rows wg * ROWS/2 .. as kHalves m64 tiles; for gate_up, warpgroup 0 holds the gate rows and warpgroup 1 the up
-// rows of the same ROWS/2 columns. Accumulator element 4*j + q of tile h: weight row h*64 + 16*warp + lane/4 +
-// 8*(q/2) of the warpgroup's rows, token column 8*j + 2*(lane%4) + q%2.
+// rows of the same ROWS/2 columns.
 template <typename T, bool kGateUp, typename C>
 __device__ __forceinline__ void store_tile(const GemmArgs& a, float (&acc)[C::kHalves][C::BN / 2], unsigned char* gbase,
                                            int tid, int row0, int rb, int n, int n16) {
   constexpr int BN = C::BN, kHalves = C::kHalves, kHalf = C::kRows / 2;
-  const int wg = tid >> 7, t = tid & 127, warp = (tid >> 5) & 3, lane = tid & 31;
+  const int wg = tid >> 7, t = tid & 127;
   T* out = static_cast<T*>(a.out);
   if (kGateUp) {
     float* up = reinterpret_cast<float*>(gbase);                             // [kHalves * BN/2][128]: warpgroup 1's
@@ -100,9 +109,8 @@ __device__ __forceinline__ void store_tile(const GemmArgs& a, float (&acc)[C::kH
 #pragma unroll
         for (int i = 0; i < BN / 2; ++i) {
           if (i < n16 * 8) {
-            const int j = i >> 2, q = i & 3;
-            const int row = h * 64 + warp * 16 + (lane >> 2) + 8 * (q >> 1), col = j * 8 + 2 * (lane & 3) + (q & 1);
-            hs[col * (kHalf + 8) + row] = from_float<T>(silu(acc[h][i]) * up[(h * (BN / 2) + i) * 128 + t]);
+            const AccCoord at = acc_coord(h, i, tid);
+            hs[at.col * (kHalf + 8) + at.row] = from_float<T>(silu(acc[h][i]) * up[(h * (BN / 2) + i) * 128 + t]);
           }
         }
       }
@@ -121,10 +129,8 @@ __device__ __forceinline__ void store_tile(const GemmArgs& a, float (&acc)[C::kH
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) {
         if (i < n16 * 8) {
-          const int j = i >> 2, q = i & 3;
-          const int row = wg * kHalf + h * 64 + warp * 16 + (lane >> 2) + 8 * (q >> 1);
-          const int col = j * 8 + 2 * (lane & 3) + (q & 1);
-          ys[col * (C::kRows + 8) + row] = from_float<T>(acc[h][i]);
+          const AccCoord at = acc_coord(h, i, tid);
+          ys[at.col * (C::kRows + 8) + wg * kHalf + at.row] = from_float<T>(acc[h][i]);
         }
       }
     }
@@ -154,7 +160,7 @@ struct StageLoader {
   static_assert(kA >= 1 && kB >= 1, "every thread copies weights and tokens");
   const T* a_src;           // chunk 0 of the weights at k = 0
   size_t a_step, a_up;      // elements from chunk i to i + 1; extra offset of the up rows (gate_up, i >= kA/2)
-  uint32_t a_dst, b_dst;    // chunk 0's shared-memory offsets (chunk i: + i * kRowStep rows of 128 bytes)
+  uint32_t dst;             // chunk 0's offset in the weight and the token tile (chunk i: + i * kRowStep rows)
   const T* b_src[kB];
   uint32_t b_load = 0, b_valid = 0;  // bit i: chunk i is inside the N rows / holds a real token
 
@@ -166,8 +172,7 @@ struct StageLoader {
     a_src = static_cast<const T*>(a.weight) + (size_t(c.e) * rows_total + wrow0) * K + kc * 8;
     a_step = size_t(kRowStep) * K;
     a_up = kGateUp ? size_t(a.I - kHalf) * K : 0;
-    a_dst = uint32_t(r0 * 128 + ((kc ^ (r0 & 7)) << 4));  // r & 7 == r0 & 7 for every chunk
-    b_dst = a_dst;
+    dst = uint32_t(r0 * 128 + ((kc ^ (r0 & 7)) << 4));  // r & 7 == r0 & 7 for every chunk
     const T* act = static_cast<const T*>(a.act);
 #pragma unroll
     for (int i = 0; i < kB; ++i) {
@@ -186,12 +191,12 @@ struct StageLoader {
 #pragma unroll
     for (int i = 0; i < kA; ++i) {
       const T* src = a_src + k0 + i * a_step + (i >= kA / 2 ? a_up : 0);
-      cp_async16(sa + a_dst + i * kRowStep * 128, src, true);
+      cp_async16(sa + dst + i * kRowStep * 128, src, true);
     }
 #pragma unroll
     for (int i = 0; i < kB; ++i) {
       // Pad rows (n <= r < 16*n16) are zero-filled: their columns are computed and never stored.
-      if ((b_load >> i) & 1) cp_async16(sb + b_dst + i * kRowStep * 128, b_src[i] + k0, (b_valid >> i) & 1);
+      if ((b_load >> i) & 1) cp_async16(sb + dst + i * kRowStep * 128, b_src[i] + k0, (b_valid >> i) & 1);
     }
   }
 };

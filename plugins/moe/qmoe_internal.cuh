@@ -118,7 +118,8 @@ cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
-// Small integer knobs read once from the environment (for benchmarking variants).
+// Small integer knobs from the environment (benchmarking variants), read at each call: the benchmark switches
+// them within one process.
 int env_int(const char* name, int fallback);
 // The current device's SM version as 10 * major + minor (0 without a device), queried once per process.
 int device_sm();
@@ -189,9 +190,10 @@ inline Workspace layout_workspace(const qmoe_problem& p, void* base) {
   return w;
 }
 
-// One grouped-GEMM launch of a tensor-core path (mma.sync or wgmma): gate_up reads x gathered through perm_pair
-// and writes h [P, I]; down reads h and writes y [P, H] (permuted order). n_col_tiles: blocks across the
-// output columns of one token tile, set by the launcher from its tile width.
+// One grouped launch of an expert kernel (GEMV, mma.sync or wgmma): gate_up reads x gathered through perm_pair
+// and writes h [P, I]; down reads h and writes y [P, H] (permuted order). The GEMV path walks `active`, the
+// tensor-core paths `tile_map`; n_col_tiles: blocks across the output columns of one token tile, set by the
+// tensor-core launchers from their tile width.
 struct GemmArgs {
   const void* act;
   const void* weight;  // [E, rows_total, K]
@@ -201,6 +203,7 @@ struct GemmArgs {
   const int32_t* perm_pair;
   const int32_t* offsets;
   const int32_t* tile_map;
+  const int32_t* active;
   const int32_t* meta;
   int top_k, K, I, H, n_col_tiles;
 };
@@ -210,6 +213,7 @@ inline GemmArgs gemm_args(const qmoe_problem& p, const qmoe_tensors& t, const Wo
   a.perm_pair = ws.perm_pair;
   a.offsets = ws.offsets;
   a.tile_map = ws.tile_map;
+  a.active = ws.active;
   a.meta = ws.meta;
   a.top_k = p.top_k;
   a.I = p.inter;

@@ -1,9 +1,13 @@
 // Router (softmax + top-k), dispatch (counts, prefix sum, stable permutation) and weighted combine.
+#include <type_traits>
+
 #include "qmoe_internal.cuh"
 #include "route_core.cuh"
 
 namespace qmoe {
 namespace {
+
+constexpr int kTokPerBlock = 8;  // router blocks: 256 threads, one warp a token
 
 template <typename L>
 __global__ void __launch_bounds__(256) router_kernel(const L* __restrict__ logits, int T, int E, int k,
@@ -11,7 +15,7 @@ __global__ void __launch_bounds__(256) router_kernel(const L* __restrict__ logit
                                                      float* __restrict__ weights) {
   pdl_wait();
   pdl_launch_dependents();
-  const int t = blockIdx.x * 8 + (threadIdx.x >> 5);
+  const int t = blockIdx.x * kTokPerBlock + (threadIdx.x >> 5);
   if (t >= T) return;
   route_token(logits + size_t(t) * E, E, k, normalize != 0, ids + size_t(t) * k, weights + size_t(t) * k);
 }
@@ -171,7 +175,6 @@ __global__ void __launch_bounds__(NW * 32) dispatch_kernel(const L* __restrict__
 //   2. scan (one block): per expert, the exclusive scan over blocks (in place), then the expert offsets and
 //      the tile map;
 //   3. place: a pair's row = its expert's offset + its block's start in the expert + its rank in the block.
-constexpr int kTokPerBlock = 8;  // one warp a token
 
 template <typename L>
 __global__ void __launch_bounds__(256) route_count_kernel(const L* __restrict__ logits, int T, int E, int k,
@@ -284,44 +287,39 @@ __global__ void __launch_bounds__(256) combine_kernel(const T* __restrict__ y, c
 
 }  // namespace
 
-cudaError_t launch_router(const qmoe_problem& p, const void* logits, int32_t* ids, float* w, cudaStream_t s) {
-  const dim3 grid((p.num_tokens + 7) / 8);
+namespace {
+// Calls f(logits) with the router logits typed by the problem's logits dtype: one place that turns the dtype
+// code into the kernels' template argument.
+template <typename F>
+cudaError_t with_logits(const qmoe_problem& p, const void* logits, F&& f) {
   switch (p.logits_dtype) {
     case QMOE_F32:
-      return launch(router_kernel<float>, grid, dim3(256), 0, s, static_cast<const float*>(logits), p.num_tokens, p.num_experts,
-                                                p.top_k, p.normalize, ids, w);
+      return f(static_cast<const float*>(logits));
     case QMOE_F16:
-      return launch(router_kernel<__half>, grid, dim3(256), 0, s, static_cast<const __half*>(logits), p.num_tokens,
-                                                 p.num_experts, p.top_k, p.normalize, ids, w);
+      return f(static_cast<const __half*>(logits));
     default:
-      return launch(router_kernel<__nv_bfloat16>, grid, dim3(256), 0, s, static_cast<const __nv_bfloat16*>(logits), p.num_tokens,
-                                                        p.num_experts, p.top_k, p.normalize, ids, w);
+      return f(static_cast<const __nv_bfloat16*>(logits));
   }
-  return cudaGetLastError();
 }
+}  // namespace
 
-template <int NW>
-cudaError_t launch_dispatch_nw(const qmoe_problem& p, const void* logits, const Workspace& ws, int f,
-                               cudaStream_t s) {
-  const dim3 grid(1), block(NW * 32);
-  switch (p.logits_dtype) {
-    case QMOE_F32:
-      return launch(dispatch_kernel<float, NW>, grid, block, 0, s, static_cast<const float*>(logits),
-                    p.num_tokens, p.num_experts, p.top_k, p.normalize, f, ws);
-    case QMOE_F16:
-      return launch(dispatch_kernel<__half, NW>, grid, block, 0, s, static_cast<const __half*>(logits),
-                    p.num_tokens, p.num_experts, p.top_k, p.normalize, f, ws);
-    default:
-      return launch(dispatch_kernel<__nv_bfloat16, NW>, grid, block, 0, s,
-                    static_cast<const __nv_bfloat16*>(logits), p.num_tokens, p.num_experts, p.top_k,
-                    p.normalize, f, ws);
-  }
+cudaError_t launch_router(const qmoe_problem& p, const void* logits, int32_t* ids, float* w, cudaStream_t s) {
+  return with_logits(p, logits, [&](auto typed) {
+    using L = std::remove_cv_t<std::remove_pointer_t<decltype(typed)>>;
+    return launch(router_kernel<L>, dim3(routing_blocks(p)), dim3(256), 0, s, typed, p.num_tokens, p.num_experts,
+                  p.top_k, p.normalize, ids, w);
+  });
 }
 
 cudaError_t launch_dispatch(const qmoe_problem& p, const void* logits, const Workspace& ws, bool fuse_router,
                             cudaStream_t s) {
   // 32 warps: measured faster than 8 at every T on the H200 (NOTES.md, run 5).
-  return launch_dispatch_nw<32>(p, logits, ws, fuse_router ? 1 : 0, s);
+  constexpr int kWarps = 32;
+  return with_logits(p, logits, [&](auto typed) {
+    using L = std::remove_cv_t<std::remove_pointer_t<decltype(typed)>>;
+    return launch(dispatch_kernel<L, kWarps>, dim3(1), dim3(kWarps * 32), 0, s, typed, p.num_tokens, p.num_experts,
+                  p.top_k, p.normalize, fuse_router ? 1 : 0, ws);
+  });
 }
 
 int routing_blocks(const qmoe_problem& p) { return (p.num_tokens + kTokPerBlock - 1) / kTokPerBlock; }
@@ -335,20 +333,11 @@ cudaError_t launch_routing(const qmoe_problem& p, const void* logits, const Work
     return err != cudaSuccess ? err : launch_dispatch(p, logits, ws, false, s);
   }
   const int NB = routing_blocks(p);
-  cudaError_t err;
-  switch (p.logits_dtype) {
-    case QMOE_F32:
-      err = launch(route_count_kernel<float>, dim3(NB), dim3(256), 0, s, static_cast<const float*>(logits),
-                   p.num_tokens, p.num_experts, p.top_k, p.normalize, ws);
-      break;
-    case QMOE_F16:
-      err = launch(route_count_kernel<__half>, dim3(NB), dim3(256), 0, s, static_cast<const __half*>(logits),
-                   p.num_tokens, p.num_experts, p.top_k, p.normalize, ws);
-      break;
-    default:
-      err = launch(route_count_kernel<__nv_bfloat16>, dim3(NB), dim3(256), 0, s,
-                   static_cast<const __nv_bfloat16*>(logits), p.num_tokens, p.num_experts, p.top_k, p.normalize, ws);
-  }
+  cudaError_t err = with_logits(p, logits, [&](auto typed) {
+    using L = std::remove_cv_t<std::remove_pointer_t<decltype(typed)>>;
+    return launch(route_count_kernel<L>, dim3(NB), dim3(256), 0, s, typed, p.num_tokens, p.num_experts, p.top_k,
+                  p.normalize, ws);
+  });
   if (err == cudaSuccess) err = launch(dispatch_scan_kernel, dim3(1), dim3(1024), 0, s, p.num_experts, NB, ws);
   if (err == cudaSuccess) err = launch(place_kernel, dim3(NB), dim3(256), 0, s, p.num_tokens, p.top_k, ws);
   return err;
