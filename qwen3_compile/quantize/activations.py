@@ -73,8 +73,7 @@ def insert_activation_qdq(
     counts = {"activation_pairs": 0, "quantized_expert_dispatch": 0, "kv_cache_pairs": 0}
     rewired: dict[int, tuple[int, str]] = {}  # node index -> (input slot, activation)
     for index, node in enumerate(model.graph.node):
-        if act_dtype and node.op_type == "MatMul" and dequantized_source(node.input[1]):
-            weight = dequantized_source(node.input[1])
+        if act_dtype and node.op_type == "MatMul" and (weight := dequantized_source(node.input[1])):
             plan.observe(node.input[0], float(stats.act_amax(weight).max()), act_dtype)
             rewired[index] = (0, node.input[0])
         elif (

@@ -113,18 +113,20 @@ class TensorRTBackend:
         # cudaFree (which waits for the device) per tensor and token would cost more than a decode step.
         # Each KV tensor has two buffers: a call reads its past from one and writes its present into the
         # other, and the next call swaps them. The logits buffer grows when a call needs more.
-        self.host_inputs = ("input_ids", "attention_mask", "position_ids")
-        self.buffers = {n: self.cuda.malloc(self._largest_bytes(n)) for n in self.host_inputs}
+        host_inputs = ("input_ids", "attention_mask", "position_ids")
+        self.buffers = {n: self.cuda.malloc(self._largest_bytes(n)) for n in host_inputs}
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
         kv_tokens = max(r[self.past_names[0]][1][2] + r["input_ids"][1][1] for r in self.profiles)
         kv_bytes = self._bytes(self.past_names[0], (1, key[1], kv_tokens, key[3]))
         self.kv = {n: [self.cuda.malloc(kv_bytes), self.cuda.malloc(kv_bytes)] for n in self.past_names}
-        self.kv_bytes, self.side, self.past_len = kv_bytes, 0, 0
+        self.side, self.past_len = 0, 0
         self.logits_buffer, self.logits_bytes = None, 0
 
+    def _dtype(self, name: str) -> np.dtype:
+        return np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
+
     def _bytes(self, name: str, shape: tuple) -> int:
-        dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
-        return int(np.prod(shape)) * dtype.itemsize
+        return int(np.prod(shape)) * self._dtype(name).itemsize
 
     def _largest_bytes(self, name: str) -> int:
         """Bytes of input `name` at the largest shape any optimisation profile admits."""
@@ -162,9 +164,7 @@ class TensorRTBackend:
             self.context.set_input_shape(name, shape)
         staged = []  # the host arrays must live until their copies ran (the sync below)
         for name, array in host.items():
-            array = np.ascontiguousarray(
-                array.astype(np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name))))
-            )
+            array = np.ascontiguousarray(array.astype(self._dtype(name)))
             self.cuda.copy(self.buffers[name], array.ctypes.data, array.nbytes, self.cuda.H2D)
             self.context.set_tensor_address(name, self.buffers[name])
             staged.append(array)
@@ -181,13 +181,12 @@ class TensorRTBackend:
         self.context.set_tensor_address("logits", self.logits_buffer)
         if not self.context.execute_async_v3(self.cuda.stream):
             raise RuntimeError("TensorRT execution failed")
-        dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype("logits")))
+        dtype = self._dtype("logits")
         vocab = shape[-1]
         last = np.empty(vocab, dtype)
         offset = (int(np.prod(shape)) - vocab) * dtype.itemsize  # the last row of [1, S, V] (or [1, 1, V])
         self.cuda.copy(last.ctypes.data, self.logits_buffer + offset, last.nbytes, self.cuda.D2H)
-        self.cuda.sync()
-        del staged
+        self.cuda.sync()  # the staged host arrays may go now
         self.side = 1 - self.side  # this call's present is the next call's past
         self.past_len += ids.shape[1]
         return last.astype(np.float32)
