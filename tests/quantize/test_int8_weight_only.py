@@ -87,31 +87,12 @@ def test_int8_wo_on_fp16_export_keeps_fp16_scales(tmp_path):
         assert (np.abs(q * s - w) <= 0.51 * s + 1e-3).all()  # half a step of its own row's scale
 
 
-def _routing_margins(model_path, tmp_path, feeds: dict, top_k: int) -> np.ndarray:
-    """Per layer and token, the gap between the k-th and (k+1)-th router logit in the canonical graph (the
-    logits feeding each dispatch node, exposed as extra outputs): where it is tiny, two correct
-    implementations may pick different experts."""
-    import onnxruntime as ort
-
-    model = onnx.load(model_path)
-    names = [n.input[1] for n in model.graph.node if n.op_type.endswith("ExpertDispatch")]
-    model.graph.output.extend(
-        onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names
-    )
-    probe = tmp_path / "probe.onnx"
-    onnx.save(model, probe)
-    logits = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"]).run(names, feeds)
-    ranked = [-np.sort(-x.reshape(-1, x.shape[-1]), axis=-1) for x in logits]
-    return np.stack([r[:, top_k - 1] - r[:, top_k] for r in ranked])  # [layers, tokens]
-
-
 def test_int8_experts_lower_to_qmoe(exports, tmp_path):
     """--target ort: INT8 experts become com.microsoft::QMoE (uint8 = q + 128, fp32 row scales) and
-    compute what the canonical QDQ graph computes. Fresh random prompts, redrawn while some real token's
-    routing is a near tie in any layer (QMoE's own softmax/top-k may then choose the other expert, which
-    no tolerance covers)."""
-    from qwen3_compile.models.config import Qwen3Arch
-    from qwen3_compile.runtime.base import graph_feeds, left_padded_batch
+    compute what the canonical QDQ graph computes. One intra-op thread: ORT 1.32's QMoE takes a different
+    numeric path for some tokens at 2 threads (measured: 1 random batch in 60 had one token's MoE output off
+    by 1.6e-3 at 2 threads, exact at 1 and 4), which is ORT's kernel, not the lowering under test."""
+    from qwen3_compile.runtime.base import left_padded_batch
     from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
 
     canonical = quantize_artifact(exports["tiny-moe"], "int8-wo", tmp_path / "canonical")
@@ -119,22 +100,15 @@ def test_int8_experts_lower_to_qmoe(exports, tmp_path):
     ops = [n.op_type for n in onnx.load(lowered.directory / "model.onnx").graph.node]
     assert ops.count("QMoE") == 2 and "ExpertDispatch" not in ops
     assert lowered.manifest["lowering"]["applied"] == {"quantized_expert_dispatch_to_ort_qmoe": 2}
-    top_k = Qwen3Arch.from_config_file(canonical.directory / "config.json").top_k
-    runners = [OrtRunner(a.directory / "model.onnx") for a in (canonical, lowered)]
     rng = np.random.default_rng()
-    for _ in range(50):
-        batch = left_padded_batch([rng.integers(0, 151643, n).tolist() for n in (11, 5)], 0)
-        feeds = graph_feeds(
-            batch.input_ids, batch.attention_mask, batch.position_ids, runners[0].empty_cache(2)
+    batch = left_padded_batch([rng.integers(0, 151643, 11).tolist(), rng.integers(0, 151643, 5).tolist()], 0)
+    outputs = []
+    for artifact in (canonical, lowered):
+        runner = OrtRunner(artifact.directory / "model.onnx", threads=1)
+        outputs.append(
+            runner.forward(batch.input_ids, batch.attention_mask, batch.position_ids, runner.empty_cache(2))[
+                0
+            ]
         )
-        margins = _routing_margins(canonical.directory / "model.onnx", tmp_path, feeds, top_k)
-        if margins[:, batch.attention_mask.reshape(-1).astype(bool)].min() > 1e-3:
-            break
-    else:
-        pytest.fail("50 random batches all had a routing near tie")
-    outputs = [
-        r.forward(batch.input_ids, batch.attention_mask, batch.position_ids, r.empty_cache(2))[0]
-        for r in runners
-    ]
     real = batch.attention_mask.astype(bool)
     np.testing.assert_allclose(outputs[1][real], outputs[0][real], atol=1e-4, rtol=1e-4)
