@@ -89,9 +89,10 @@ def test_int8_wo_on_fp16_export_keeps_fp16_scales(tmp_path):
 
 def test_int8_experts_lower_to_qmoe(exports, tmp_path):
     """--target ort: INT8 experts become com.microsoft::QMoE (uint8 = q + 128, fp32 row scales) and
-    compute what the canonical QDQ graph computes. One intra-op thread: ORT 1.32's QMoE takes a different
-    numeric path for some tokens at 2 threads (measured: 1 random batch in 60 had one token's MoE output off
-    by 1.6e-3 at 2 threads, exact at 1 and 4), which is ORT's kernel, not the lowering under test."""
+    compute what the canonical QDQ graph computes. Both run at ORT's "basic" optimisation level: at "all"
+    ORT fuses the two graphs' shared attention and norm nodes differently, which moved one token's logits by
+    up to 0.045 in about 1 random batch in 60 (0 in 60 at "basic" and "disabled", same batches): ORT's
+    fusion choices, not the lowering under test."""
     from qwen3_compile.runtime.base import left_padded_batch
     from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
 
@@ -104,7 +105,7 @@ def test_int8_experts_lower_to_qmoe(exports, tmp_path):
     batch = left_padded_batch([rng.integers(0, 151643, 11).tolist(), rng.integers(0, 151643, 5).tolist()], 0)
     outputs = []
     for artifact in (canonical, lowered):
-        runner = OrtRunner(artifact.directory / "model.onnx", threads=1)
+        runner = OrtRunner(artifact.directory / "model.onnx", optimization="basic")
         outputs.append(
             runner.forward(batch.input_ids, batch.attention_mask, batch.position_ids, runner.empty_cache(2))[
                 0
