@@ -90,9 +90,9 @@ def test_int8_wo_on_fp16_export_keeps_fp16_scales(tmp_path):
 def test_int8_experts_lower_to_qmoe(exports, tmp_path):
     """--target ort: INT8 experts become com.microsoft::QMoE (uint8 = q + 128, fp32 row scales) and
     compute what the canonical QDQ graph computes. Both run at ORT's "basic" optimisation level: at "all"
-    ORT fuses the two graphs' shared attention and norm nodes differently, which moved one token's logits by
-    up to 0.045 in about 1 random batch in 60 (0 in 60 at "basic" and "disabled", same batches): ORT's
-    fusion choices, not the lowering under test."""
+    (ORT's extended graph optimisations, applied to two different graphs) one token's logits moved by up to
+    0.045 in about 1 random batch in 60, and by nothing at "basic" or "disabled" on the same batches: ORT's
+    optimiser, not the lowering under test."""
     from qwen3_compile.runtime.base import left_padded_batch
     from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
 
