@@ -265,6 +265,7 @@ def _manifest(
         "logits": "last",
         "profiles": profiles,
         "ort_optimization": source.get("ort_optimization", "all"),
+        "ort_session_config": source.get("ort_session_config", {}),
         "validation": validation_record(report),
         "smoke_reference": smoke,
         "warnings": _warnings(build_input, lowered.moe.lowering),

@@ -45,8 +45,9 @@ def load_ort_runner(folder: Path, manifest: dict[str, Any]) -> CausalLMRunner:
             field="backend",
             fix="pip install onnxruntime (or onnxruntime-gpu).",
         ) from None
-    # FP8 graphs ask for ENABLE_BASIC: ORT CPU's higher levels compute FP8 QDQ MatMuls wrongly
-    return OrtRunner(model, optimization=manifest.get("ort_optimization", "all"))
+    from qwen3_compile.runtime.ort_settings import ort_optimization, ort_session_config
+
+    return OrtRunner(model, ort_optimization(manifest), session_config=ort_session_config(manifest))
 
 
 def load_tensorrt_runner(folder: Path, manifest: dict[str, Any]) -> CausalLMRunner:

@@ -36,6 +36,7 @@ from qwen3_compile.quantize.recipe import QuantRecipe, load_recipe
 from qwen3_compile.quantize.smoothquant import smoothquant_transforms
 from qwen3_compile.quantize.weight_store import WeightStore, open_sink
 from qwen3_compile.quantize.weights import QuantizedTensor, quantize_weights
+from qwen3_compile.runtime.ort_settings import QUANTIZED_SESSION_CONFIG
 
 LOWERING_TARGETS = ("ort",)
 
@@ -221,8 +222,9 @@ def quantize_artifact(
                 "calibration": calibration,
                 "smoothquant": smoothing,
                 "warnings": warnings,
-                # ORT CPU computes FP8 QDQ MatMuls wrongly above ENABLE_BASIC (DESIGN.md section 3)
+                # how ORT must run this graph (runtime/ort_settings.py says why)
                 "ort_optimization": "basic" if "fp8" in recipe.precisions else "all",
+                "ort_session_config": dict(QUANTIZED_SESSION_CONFIG),
                 "lowering": lowering,
             },
         )

@@ -8,6 +8,7 @@ import numpy as np
 
 from qwen3_compile.export.graph import past_names, present_names
 from qwen3_compile.runtime.base import empty_kv_cache, graph_feeds
+from qwen3_compile.runtime.ort_settings import session_options
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -19,17 +20,12 @@ class OrtRunner:
         optimization: str = "all",
         threads: int | None = None,
         providers: list[str] | None = None,
+        session_config: dict[str, str] | None = None,
     ):
+        """`optimization` and `session_config`: what the artifact's manifest records (ort_settings.py)."""
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = {
-            "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[optimization]
-        if threads:
-            options.intra_op_num_threads = threads
+        options = session_options(optimization, session_config, threads)
         self.session = ort.InferenceSession(
             str(model_path), options, providers=providers or ["CPUExecutionProvider"]
         )

@@ -17,6 +17,7 @@ import torch
 
 from qwen3_compile.export.graph import layer_output_name, past_names
 from qwen3_compile.models.loading import LoadedModel
+from qwen3_compile.runtime.ort_settings import manifest_session_options
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,13 @@ def reference_layer_outputs(loaded: LoadedModel, prompts: list[list[int]]) -> li
     return [np.concatenate(captured[i]) for i in range(len(layers))]
 
 
-def artifact_layer_outputs(model_path: Path, num_layers: int, prompts: list[list[int]]) -> list[np.ndarray]:
+def artifact_layer_outputs(
+    model_path: Path, num_layers: int, prompts: list[list[int]], manifest: dict
+) -> list[np.ndarray]:
+    """Each layer's output on ORT, the session set up as the manifest records (runtime/ort_settings.py)."""
+    import onnxruntime as ort
     from polygraphy.backend.onnx import ModifyOutputs, OnnxFromPath, SaveOnnx
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.WARNING  # its per-step INFO lines would drown our progress output
@@ -69,7 +74,10 @@ def artifact_layer_outputs(model_path: Path, num_layers: int, prompts: list[list
             str(marked),
             external_data_path="model.onnx.data" if large else None,
         )()
-        runner = OnnxrtRunner(SessionFromOnnx(str(marked)))
+        session = ort.InferenceSession(
+            str(marked), manifest_session_options(manifest), providers=["CPUExecutionProvider"]
+        )
+        runner = OnnxrtRunner(session)
         outputs: list[list[np.ndarray]] = [[] for _ in names]
         with runner:
             past = runner.get_input_metadata(use_numpy_dtypes=False)[past_names(0)[0]]
@@ -89,10 +97,10 @@ def artifact_layer_outputs(model_path: Path, num_layers: int, prompts: list[list
 
 
 def bisect_layers(
-    loaded: LoadedModel, model_path: Path, prompts: list[list[int]], tolerance: float
+    loaded: LoadedModel, model_path: Path, prompts: list[list[int]], tolerance: float, manifest: dict
 ) -> Bisection:
     reference = reference_layer_outputs(loaded, prompts)
-    artifact = artifact_layer_outputs(model_path, len(reference), prompts)
+    artifact = artifact_layer_outputs(model_path, len(reference), prompts, manifest)
     errors = [
         float(np.linalg.norm(a - r) / (np.linalg.norm(r) + 1e-30))
         for r, a in zip(reference, artifact, strict=True)

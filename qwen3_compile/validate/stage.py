@@ -216,7 +216,9 @@ def validate_artifact(
     if bisect and backend == "ort":
         probes = [c.ids for c in cases if c.category != "long-context"][:2]
         with progress.stage("bisect layers", total=None):
-            bisection = bisect_layers(loaded, artifact / "model.onnx", probes, gates.layer_tolerance)
+            bisection = bisect_layers(
+                loaded, artifact / "model.onnx", probes, gates.layer_tolerance, manifest
+            )
     report = ValidationReport(str(artifact), str(reference), backend, gates, gates_source, results, bisection)
     model_hash = (manifest.get("outputs", {}).get("model.onnx") or {}).get("sha256")
     report = dataclasses.replace(report, model_sha256=model_hash)
