@@ -1,12 +1,14 @@
 """Quantization benchmark: quantize time and peak RSS, ONNX Runtime CPU decode per recipe, one run.
 
-    python3 benchmarks/bench_quantize.py [--models tiny-moe,tiny-dense]
+    python3 benchmarks/bench_quantize.py [--models tiny-moe,tiny-dense] [--layers N]
 
 Rows per model: the fp32 and fp16 exports; int8-wo (canonical QDQ and lowered for ORT, where INT8
 experts run as QMoE); int8-sq and fp8 (W8A8: calibration included in the quantize time; MoE experts run
 densely through the QuantizedExpertDispatch function body on ORT). Each artifact runs at the ONNX Runtime
-optimisation level its manifest records (`ort_optimization`: fp8 asks for ORT_ENABLE_BASIC). Each
-quantization runs in its own process, which reports its own peak RSS.
+optimisation level and session config its manifest records (`ort_optimization`: fp8 asks for
+ORT_ENABLE_BASIC; `ort_session_config`: the QDQ graph run as written). Two more rows run int8-wo and int8-sq
+as `quantize --ort-qdq fused` records it (ORT's int8 fusions), side by side. Each quantization runs in its own
+process, which reports its own peak RSS.
 """
 
 from __future__ import annotations
@@ -31,20 +33,25 @@ print(json.dumps({"seconds": time.perf_counter() - start,
 """
 
 
-def bench(model: str, work: Path) -> list[dict]:
+def bench(model: str, work: Path, layers: int | None = None) -> list[dict]:
     from qwen3_compile.export.stage import ExportOptions, export_onnx
     from qwen3_compile.generation.artifact import load_ort_runner
     from qwen3_compile.manifest import read_manifest
+    from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
+    from qwen3_compile.runtime.ort_settings import ORT_QDQ
 
-    fp32 = export_onnx(model, work / "fp32").directory
-    fp16 = export_onnx(model, work / "fp16", ExportOptions(dtype="fp16")).directory
+    fp32 = export_onnx(model, work / "fp32", num_layers=layers).directory
+    fp16 = export_onnx(model, work / "fp16", ExportOptions(dtype="fp16"), num_layers=layers).directory
+    name = model if layers is None else f"{model} ({layers} layers)"
     rows = [
         {
-            "model": model,
+            "model": name,
             "artifact": "fp32 export (ORT MoE lowering)",
-            "path": export_onnx(model, work / "fp32-ort", ExportOptions(target="ort")).directory,
+            "path": export_onnx(
+                model, work / "fp32-ort", ExportOptions(target="ort"), num_layers=layers
+            ).directory,
         },
-        {"model": model, "artifact": "fp16 export (canonical)", "path": fp16},
+        {"model": name, "artifact": "fp16 export (canonical)", "path": fp16},
     ]
     recipes = (
         ("int8-wo", "", "int8-wo (canonical QDQ)"),
@@ -56,16 +63,25 @@ def bench(model: str, work: Path) -> list[dict]:
         out = work / f"{recipe}-{target or 'canonical'}"
         rows.append(
             {
-                "model": model,
+                "model": name,
                 "artifact": label,
                 "path": out,
                 **_run_child(sys.executable, _QUANTIZE, str(fp32), recipe, str(out), target),
             }
         )
+    for label in ("int8-wo (canonical QDQ)", "int8-sq (SmoothQuant W8A8)"):
+        row = next(row for row in rows if row["artifact"] == label)
+        fused = {"artifact": f"{label}, --ort-qdq fused", "fused": True}
+        same = {k: v for k, v in row.items() if k not in ("seconds", "peak_rss_mb")}  # one quantization
+        rows.insert(rows.index(row) + 1, same | fused)
     for row in rows:
-        if "error" not in row:  # the optimisation level the manifest asks for (fp8: basic)
+        if "error" in row:
+            continue
+        if row.get("fused"):  # what `quantize --ort-qdq fused` would record (same graph and weights)
+            runner = OrtRunner(row["path"] / "model.onnx", session_config=ORT_QDQ["fused"])
+        else:  # as the manifest asks (fp8: basic; quantized: the QDQ graph as written)
             runner = load_ort_runner(row["path"], read_manifest(row["path"]))
-            row |= graph_stats(row["path"] / "model.onnx") | time_runner(runner)
+        row |= graph_stats(row["path"] / "model.onnx") | time_runner(runner)
     return rows
 
 
@@ -85,11 +101,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", default="tiny-moe,tiny-dense")
+    parser.add_argument("--layers", type=int, default=None, help="export only the first N decoder layers")
     args = parser.parse_args()
     rows = []
     for model in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            rows += bench(model, Path(tmp))
+            rows += bench(model, Path(tmp), args.layers)
     print(markdown_table(rows, QUANTIZE_COLUMNS))
 
 

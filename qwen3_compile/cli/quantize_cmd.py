@@ -29,6 +29,15 @@ from qwen3_compile.cli.common import emit_json, stage_command
     help="`ort`: lower INT8 weight-only experts to com.microsoft::QMoE. A deployment target name "
     "(e.g. jetson-agx-orin): check that the recipe runs there before any work.",
 )
+@click.option(
+    "--ort-qdq",
+    type=click.Choice(["reference", "fused"]),
+    default="reference",
+    show_default=True,
+    help="How ONNX Runtime runs the QDQ graph, recorded in the manifest (validate and run follow it): "
+    "reference runs it as written (the recipe's numbers; weights held in float); fused keeps INT8 weights "
+    "int8 in memory through ORT's fusions, which also quantize weight-only MatMuls' activations.",
+)
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @stage_command
 def quantize_command(
@@ -39,6 +48,7 @@ def quantize_command(
     kv_cache: str | None,
     output: Path,
     target: str | None,
+    ort_qdq: str,
     force: bool,
     as_json: bool,
 ) -> None:
@@ -62,6 +72,7 @@ def quantize_command(
         calib=calib,
         samples=samples,
         progress=default_progress(not as_json),
+        ort_qdq=ort_qdq,
     )
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)

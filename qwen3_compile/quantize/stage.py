@@ -36,7 +36,7 @@ from qwen3_compile.quantize.recipe import QuantRecipe, load_recipe
 from qwen3_compile.quantize.smoothquant import smoothquant_transforms
 from qwen3_compile.quantize.weight_store import WeightStore, open_sink
 from qwen3_compile.quantize.weights import QuantizedTensor, quantize_weights
-from qwen3_compile.runtime.ort_settings import QUANTIZED_SESSION_CONFIG
+from qwen3_compile.runtime.ort_settings import ORT_QDQ
 
 LOWERING_TARGETS = ("ort",)
 
@@ -143,9 +143,18 @@ def quantize_artifact(
     calib: str | Path | None = None,
     samples: int | None = None,
     progress: Progress = NO_PROGRESS,
+    ort_qdq: str = "reference",
 ) -> QuantizedArtifact:
     """Quantize an fp32 or fp16 canonical export. `target` is `ort` (lower the result: INT8 weight-only
-    experts to QMoE) or a deployment target (the recipe must fit it: checked before any work)."""
+    experts to QMoE) or a deployment target (the recipe must fit it: checked before any work).
+    `ort_qdq`: how ONNX Runtime runs the QDQ graph, recorded in the manifest: `reference` (as written, the
+    recipe's numbers) or `fused` (ORT's int8 fusions: runtime/ort_settings.py)."""
+    if ort_qdq not in ORT_QDQ:
+        raise BadInputError(
+            f"unknown ONNX Runtime QDQ mode {ort_qdq!r}.",
+            field="--ort-qdq",
+            fix=f"choose one of {', '.join(ORT_QDQ)}.",
+        )
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
     recipe = recipe if isinstance(recipe, QuantRecipe) else load_recipe(recipe)
@@ -224,7 +233,7 @@ def quantize_artifact(
                 "warnings": warnings,
                 # how ORT must run this graph (runtime/ort_settings.py says why)
                 "ort_optimization": "basic" if "fp8" in recipe.precisions else "all",
-                "ort_session_config": dict(QUANTIZED_SESSION_CONFIG),
+                "ort_session_config": dict(ORT_QDQ[ort_qdq]),
                 "lowering": lowering,
             },
         )

@@ -3,12 +3,16 @@ on an artifact (validation, bisection, generation, the bundled runner) takes its
 
 - `ort_optimization`: FP8 QDQ graphs ask for ENABLE_BASIC; ORT CPU computes FP8 QDQ MatMuls wrongly at
   the higher levels (DESIGN.md section 3).
-- `ort_session_config`: session config entries. Quantized artifacts pin
-  `session.qdq_matmulnbits_accuracy_level` to 1 (fp32 activations): at ENABLE_ALL ORT fuses each INT8
-  DequantizeLinear -> MatMul into MatMulNBits at accuracy level 4 by default, which quantizes the
-  activations to int8 as well, so a weight-only recipe would run as W8A8 and move logits by up to 0.045 on
-  tiny-moe (tests/quantize/test_int8_weight_only.py). The recipe, not ORT's default, decides which
-  activations are quantized.
+- `ort_session_config`: session config entries, chosen by `quantize --ort-qdq`:
+  - `reference` (the default): `session.disable_quant_qdq=1`, ORT runs the QDQ graph as written. Weights are
+    dequantized once at load and held in float, so the numbers are the recipe's own. Without it, at
+    ENABLE_ALL ORT fuses each INT8 DequantizeLinear -> MatMul into MatMulNBits at accuracy level 4, which
+    quantizes the activations to int8 as well: a weight-only recipe ran as W8A8 (tiny-moe int8-wo: mean KL
+    0.0109 against 0.0056).
+  - `fused`: ORT's QDQ fusions with MatMulNBits at accuracy level 4, stated explicitly: INT8 weights stay
+    int8 in memory, weight-only MatMuls quantize their activations per block.
+  Measured side by side on ORT CPU (README, Quantization): `reference` also decodes faster there, at the
+  cost of float weights in memory.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ from __future__ import annotations
 from typing import Any
 
 LEVELS = ("disabled", "basic", "all")
-# What the quantize stage records; an artifact without it runs at ORT's defaults.
-QUANTIZED_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
+# What the quantize stage records per --ort-qdq; an artifact without a record runs at ORT's defaults.
+ORT_QDQ = {
+    "reference": {"session.disable_quant_qdq": "1"},
+    "fused": {"session.qdq_matmulnbits_accuracy_level": "4"},
+}
 
 
 def ort_optimization(manifest: dict[str, Any]) -> str:

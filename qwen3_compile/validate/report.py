@@ -29,6 +29,15 @@ def render_markdown(data: dict) -> str:
         f"modes: {', '.join(data['modes'])}. Gates: {data['gates_source']}.",
         "",
     ]
+    settings = data.get("backend_settings") or {}
+    if settings:
+        config = ", ".join(f"`{k}={v}`" for k, v in settings.get("session_config", {}).items())
+        lines += [
+            f"ONNX Runtime ran it at optimisation level `{settings['optimization']}`"
+            + (f" with {config}" if config else "")
+            + " (from the artifact's manifest).",
+            "",
+        ]
     if data["failures"]:
         lines += ["## Failures", "", *[f"- {f}" for f in data["failures"]], ""]
     lines += [

@@ -16,6 +16,7 @@ from qwen3_compile.manifest import read_manifest
 from qwen3_compile.models.loading import LoadedModel, load_model, resolve_model
 from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.runtime.base import generate, left_padded_batch
+from qwen3_compile.runtime.ort_settings import ort_optimization, ort_session_config
 from qwen3_compile.runtime.torch_reference import TorchRunner
 from qwen3_compile.tokenizer import ENDOFTEXT_ID, load_tokenizer
 from qwen3_compile.validate.backends import artifact_runner
@@ -71,6 +72,7 @@ class ValidationReport:
     directory: Path | None = None
     model_sha256: str | None = None  # of the validated graph (from the artifact's manifest), so a report
     # copied next to another model is recognised as someone else's
+    backend_settings: dict[str, Any] = field(default_factory=dict)  # how the backend ran it (ORT's session)
 
     @property
     def passed(self) -> bool:
@@ -90,6 +92,7 @@ class ValidationReport:
             "model_sha256": self.model_sha256,
             "reference": self.reference,
             "backend": self.backend,
+            "backend_settings": self.backend_settings,
             "passed": self.passed,
             "failures": self.failures,
             "gates": self.gates.to_dict(),
@@ -221,7 +224,12 @@ def validate_artifact(
             )
     report = ValidationReport(str(artifact), str(reference), backend, gates, gates_source, results, bisection)
     model_hash = (manifest.get("outputs", {}).get("model.onnx") or {}).get("sha256")
-    report = dataclasses.replace(report, model_sha256=model_hash)
+    settings = (
+        {"optimization": ort_optimization(manifest), "session_config": ort_session_config(manifest)}
+        if backend == "ort"
+        else {}
+    )
+    report = dataclasses.replace(report, model_sha256=model_hash, backend_settings=settings)
     report = dataclasses.replace(report, failures=_evaluate(report))
     out = Path(output) if output is not None else artifact / "validation"
     with atomic_output_dir(out, force=True) as tmp:

@@ -50,6 +50,9 @@ def test_int8_wo_meets_recipe_gates(preset, exports, tmp_path):
         assert scale.shape == (16, 64, 1)  # one scale per expert and output row
     report = validate_artifact(tmp_path / "q", preset, decode_steps=8, long_context_tokens=0, bisect=False)
     assert report.gates_source == "recipe int8-wo"
+    recorded = json.loads((report.directory / "report.json").read_text())["backend_settings"]
+    assert recorded == {"optimization": "all", "session_config": manifest["ort_session_config"]}
+    assert "session.disable_quant_qdq=1" in (report.directory / "report.md").read_text()
     assert report.passed, report.failures
     assert {"thinking", "non-thinking"} <= set(report.modes)
 
@@ -89,8 +92,8 @@ def test_int8_wo_on_fp16_export_keeps_fp16_scales(tmp_path):
 
 def test_int8_experts_lower_to_qmoe(exports, tmp_path):
     """--target ort: INT8 experts become com.microsoft::QMoE (uint8 = q + 128, fp32 row scales) and
-    compute what the canonical QDQ graph computes, both run as their manifests say (ENABLE_ALL, fp32
-    activations in MatMulNBits: runtime/ort_settings.py)."""
+    compute what the canonical QDQ graph computes, both run as their manifests say (ENABLE_ALL, the QDQ
+    graph as written: runtime/ort_settings.py)."""
     from qwen3_compile.runtime.base import left_padded_batch
     from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
     from qwen3_compile.runtime.ort_settings import ort_optimization, ort_session_config

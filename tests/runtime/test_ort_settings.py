@@ -1,22 +1,26 @@
 """Quantized artifacts record how ONNX Runtime must run them, and every session the toolchain opens on one
-follows the record: at ENABLE_ALL, ORT fuses INT8 DequantizeLinear -> MatMul into MatMulNBits, by default at
-accuracy level 4 (int8 activations), which would run a weight-only recipe as W8A8."""
+follows the record. By default (`--ort-qdq reference`) ORT runs the QDQ graph as written; left to itself at
+ENABLE_ALL it fuses INT8 DequantizeLinear -> MatMul into MatMulNBits at accuracy level 4 (int8 activations),
+which would run a weight-only recipe as W8A8."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import onnx
 import onnxruntime as ort
 import pytest
 
+from qwen3_compile.errors import BadInputError
 from qwen3_compile.export.stage import ExportOptions, export_onnx
 from qwen3_compile.generation.artifact import load_ort_runner
 from qwen3_compile.quantize.stage import quantize_artifact
 from qwen3_compile.runtime.ort_settings import manifest_session_options, session_options
 
-KEY = "session.qdq_matmulnbits_accuracy_level"
+KEY = "session.disable_quant_qdq"
+ACCURACY = "session.qdq_matmulnbits_accuracy_level"
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +41,34 @@ def _matmulnbits_levels(model: Path, options: ort.SessionOptions, out: Path) -> 
     ]
 
 
-def test_manifest_pins_fp32_activations_where_ort_would_quantize_them(int8_wo, tmp_path):
+def test_reference_runs_the_qdq_graph_as_written_where_ort_would_fuse_it(int8_wo, tmp_path):
     assert int8_wo.manifest["ort_optimization"] == "all"
     assert int8_wo.manifest["ort_session_config"] == {KEY: "1"}
     model = int8_wo.directory / "model.onnx"
-    pinned = _matmulnbits_levels(model, manifest_session_options(int8_wo.manifest), tmp_path / "pinned.onnx")
+    recorded = _matmulnbits_levels(model, manifest_session_options(int8_wo.manifest), tmp_path / "ref.onnx")
     default = _matmulnbits_levels(model, session_options("all"), tmp_path / "default.onnx")
-    # every projection of tiny-dense's 2 layers (q, k, v, o, gate, up, down) is fused either way
-    assert len(pinned) == len(default) == 14
-    assert set(pinned) == {1}
-    assert set(default) != {1}  # ORT's own default quantizes the activations: the reason for the pin
+    assert recorded == []
+    # ORT left to itself fuses every projection of tiny-dense's 2 layers (q, k, v, o, gate, up, down)
+    assert len(default) == 14
+
+
+def test_fused_is_recorded_and_followed(int8_wo, tmp_path):
+    from click.testing import CliRunner
+
+    from qwen3_compile.cli import main
+
+    export = int8_wo.directory.parent / "export"
+    out = tmp_path / "fused"
+    args = ["quantize", str(export), "--recipe", "int8-wo", "--ort-qdq", "fused", "-o", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["ort_session_config"] == {ACCURACY: "4"}
+    levels = _matmulnbits_levels(out / "model.onnx", manifest_session_options(manifest), tmp_path / "o.onnx")
+    assert levels == [4] * 14
+    with pytest.raises(BadInputError, match="--ort-qdq"):
+        quantize_artifact(export, "int8-wo", tmp_path / "bad", ort_qdq="int4")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_generation_and_bundle_runners_open_sessions_as_the_manifest_says(int8_wo):
@@ -56,7 +78,6 @@ def test_generation_and_bundle_runners_open_sessions_as_the_manifest_says(int8_w
 
 def test_bundled_runner_applies_the_recorded_session_config(int8_wo, tmp_path, monkeypatch):
     """The runner that ships in bundles (it cannot import qwen3_compile) reads the same manifest fields."""
-    import json
     import shutil
 
     device = Path(__file__).parents[2] / "qwen3_compile" / "bundle" / "device"
