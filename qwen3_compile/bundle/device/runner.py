@@ -160,7 +160,7 @@ class OrtBackend:
         manifest = read_manifest(bundle)
         if manifest.get("ort_optimization") == "basic":  # FP8 QDQ on ORT CPU (DESIGN.md section 3)
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        # e.g. fp32 activations where ORT would fuse INT8 weights into MatMulNBits at its int8 accuracy level
+        # quantize --ort-qdq: run the QDQ graph as written (reference) or through ORT's int8 fusions (fused)
         for key, value in (manifest.get("ort_session_config") or {}).items():
             options.add_session_config_entry(str(key), str(value))
         # written beside model.onnx so its external data (if any) resolves; removed once loaded
