@@ -46,22 +46,6 @@ def smooth_groups(arch: Qwen3Arch, layer: int) -> list[SmoothGroup]:
     return [attn, mlp]
 
 
-class RecordingReader:
-    """Wraps the weight lookup that calibration reads each layer through: as the smoothed projections go by,
-    their |W| maxima per input channel are kept, so `smoothquant_transforms` need not read them again."""
-
-    def __init__(self, read, arch: Qwen3Arch):
-        self.read = read
-        self.readers = {r for i in range(arch.num_layers) for g in smooth_groups(arch, i) for r in g.readers}
-        self.input_axis_absmax: dict[str, np.ndarray] = {}
-
-    def __call__(self, name: str) -> np.ndarray:
-        array = self.read(name)
-        if name in self.readers:
-            self.input_axis_absmax[name] = _input_axis_absmax(array)
-        return array
-
-
 def _input_axis_absmax(weights: np.ndarray) -> np.ndarray:
     """|W| max per input channel: [in, out] linear (axis 0) or [E, rows, in] experts (last axis, one
     expert at a time)."""
@@ -88,17 +72,11 @@ def smoothing_scales(act_amax: np.ndarray, weight_amax: np.ndarray, alpha: float
 
 
 def smoothquant_transforms(
-    store: WeightStore,
-    arch: Qwen3Arch,
-    recipe: QuantRecipe,
-    stats: CalibrationStats,
-    recorded: dict[str, np.ndarray] | None = None,
+    store: WeightStore, arch: Qwen3Arch, recipe: QuantRecipe, stats: CalibrationStats
 ) -> tuple[dict[str, Transform], dict[str, dict]]:
-    """Smoothing scales per group, as value transforms for `quantize_weights`: norm / s, readers * s along
-    their input axis. The readers' |W| maxima come from `recorded` (a RecordingReader's, taken while
-    calibration read them) or are read one weight at a time. `stats` ranges become those of X / s and
-    `stats.smoothing` keeps each s. Returns the transforms and per-group summaries."""
-    recorded = recorded or {}
+    """Smoothing scales per group (weights read one at a time), as value transforms for
+    `quantize_weights`: norm / s, readers * s along their input axis. `stats` ranges become those of
+    X / s and `stats.smoothing` keeps each s. Returns the transforms and per-group summaries."""
     alpha = recipe.smoothquant.alpha
     transforms: dict[str, Transform] = {}
     summary = {}
@@ -108,10 +86,7 @@ def smoothquant_transforms(
             if not all(recipe.select.selects(n) for n in names):
                 continue
             act = np.max([stats.act_amax(n) for n in names], axis=0)
-            w_amax = np.max(
-                [recorded[r] if r in recorded else _input_axis_absmax(store.array(r)) for r in group.readers],
-                axis=0,
-            )
+            w_amax = np.max([_input_axis_absmax(store.array(r)) for r in group.readers], axis=0)
             s = smoothing_scales(act, w_amax.astype(np.float64), alpha)
             transforms[group.norm] = partial(_divide, s=s)
             for name in group.readers + group.compensated:

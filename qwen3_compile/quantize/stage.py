@@ -33,7 +33,7 @@ from qwen3_compile.quantize.activations import insert_activation_qdq
 from qwen3_compile.quantize.calibrate import CalibrationStats, calibrate
 from qwen3_compile.quantize.calibration_data import load_calibration
 from qwen3_compile.quantize.recipe import QuantRecipe, load_recipe
-from qwen3_compile.quantize.smoothquant import RecordingReader, smoothquant_transforms
+from qwen3_compile.quantize.smoothquant import smoothquant_transforms
 from qwen3_compile.quantize.weight_store import WeightStore, open_sink
 from qwen3_compile.quantize.weights import QuantizedTensor, quantize_weights
 from qwen3_compile.runtime.ort_settings import ORT_QDQ
@@ -166,8 +166,6 @@ def quantize_artifact(
         model = onnx.load(str(artifact / MODEL_FILE), load_external_data=False)
         store = WeightStore(model, artifact)
     stats, calibration, warnings = None, None, []
-    # SmoothQuant's weight maxima are taken as calibration reads each layer: one read of those weights
-    reader = RecordingReader(store.array, arch) if recipe.smoothquant is not None else None
     if recipe.needs_calibration:
         from qwen3_compile.tokenizer import load_tokenizer
 
@@ -176,15 +174,14 @@ def quantize_artifact(
             texts = load_calibration(
                 load_tokenizer(artifact), calib, samples or spec.samples, spec.max_tokens
             )
-            stats = calibrate(arch, reader or store.array, texts, progress)
+            stats = calibrate(arch, store.array, texts, progress)
         calibration = stats.summary()
     with atomic_output_dir(Path(output), force) as tmp:
         sink = open_sink(store, tmp / f"{MODEL_FILE}.data")
         smoothing, transforms = None, {}
         with timings.stage("quantize"):
             if recipe.smoothquant is not None:
-                recorded = reader.input_axis_absmax
-                transforms, smoothing = smoothquant_transforms(store, arch, recipe, stats, recorded)
+                transforms, smoothing = smoothquant_transforms(store, arch, recipe, stats)
             tensors = quantize_weights(model, recipe, store, sink, transforms)
             if not tensors and recipe.weights.dtype != "fp16":
                 raise BadInputError(

@@ -343,26 +343,3 @@ def test_w8a8_on_fp16_export_is_typed_fp16(recipe, tmp_path):
         result.directory, "tiny-moe", decode_steps=4, long_context_tokens=0, bisect=False
     )
     assert report.gates_source == f"recipe {recipe}+kv-fp8" and report.passed, report.failures
-
-
-@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
-def test_smoothed_weights_are_read_by_calibration_and_quantization_only(
-    preset, exports, tmp_path, monkeypatch
-):
-    """SmoothQuant takes its |W| maxima while calibration reads each layer (RecordingReader): each smoothed
-    projection is read twice in all (calibration, quantization), not a third time for the maxima. The
-    graphs' numbers are checked against torch fake-quant by test_w8a8_graph_equals_torch_fake_quant."""
-    from collections import Counter
-
-    from qwen3_compile.quantize import smoothquant
-    from qwen3_compile.quantize.weight_store import WeightStore
-
-    reads, real = Counter(), WeightStore.array
-    monkeypatch.setattr(WeightStore, "array", lambda self, name: reads.update([name]) or real(self, name))
-    result = quantize_artifact(exports[preset], "int8-sq", tmp_path / "q", samples=4)
-    assert result.manifest["smoothquant"]
-    arch = Qwen3Arch.from_config_file(exports[preset] / "config.json")
-    readers = {
-        r for i in range(arch.num_layers) for g in smoothquant.smooth_groups(arch, i) for r in g.readers
-    }
-    assert readers and {reads[r] for r in readers} == {2}
