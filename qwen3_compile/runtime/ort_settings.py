@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-LEVELS = ("disabled", "basic", "all")
+LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "all": "ORT_ENABLE_ALL"}
 # What the quantize stage records per --ort-qdq; an artifact without a record runs at ORT's defaults.
 ORT_QDQ = {
     "reference": {"session.disable_quant_qdq": "1"},
@@ -41,13 +41,9 @@ def session_options(
     import onnxruntime as ort
 
     if optimization not in LEVELS:
-        raise ValueError(f"ORT optimization level {optimization!r} is not one of {LEVELS}")
+        raise ValueError(f"ORT optimization level {optimization!r} is not one of {list(LEVELS)}")
     options = ort.SessionOptions()
-    options.graph_optimization_level = {
-        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[optimization]
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[optimization])
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
     if threads:

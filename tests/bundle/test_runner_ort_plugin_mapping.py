@@ -6,7 +6,6 @@ float64 numpy MoE."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +17,14 @@ from onnx import TensorProto, helper, numpy_helper
 from qwen3_compile.custom_ops import function
 from qwen3_compile.lower import lower
 
-DEVICE = Path(__file__).parents[2] / "qwen3_compile" / "bundle" / "device"
+from .device_files import DEVICE, load_device_module
+
 GRAPHS = Path(__file__).parents[2] / "graphs"
 N, H, E, INTER, K = 5, 128, 8, 64, 2
 
 
 def load_runner():
-    spec = importlib.util.spec_from_file_location("bundle_runner", DEVICE / "runner.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_device_module(DEVICE / "runner.py", "bundle_runner")
 
 
 def moe_layer(int8: bool, rng: np.random.Generator):

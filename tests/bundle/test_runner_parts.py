@@ -5,7 +5,6 @@ import nothing of qwen3_compile."""
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,7 +17,8 @@ import pytest
 
 from qwen3_compile.tokenizer import load_tokenizer, packaged_tokenizer_dir, render_chat
 
-DEVICE = Path(__file__).parents[2] / "qwen3_compile" / "bundle" / "device"
+from .device_files import DEVICE, load_device_module
+
 MESSAGES = [
     [{"role": "user", "content": "Why is the sky blue?"}],
     [
@@ -30,10 +30,32 @@ MESSAGES = [
 
 @pytest.fixture(scope="module")
 def runner():
-    spec = importlib.util.spec_from_file_location("bundle_runner_parts", DEVICE / "runner.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_device_module(DEVICE / "runner.py", "bundle_runner_parts")
+
+
+def test_ort_backend_applies_the_recorded_session_config(runner, tmp_path, monkeypatch):
+    """The bundled runner opens its ORT session as the manifest records (quantize --ort-qdq), like
+    qwen3_compile/runtime/ort_settings.py does for the toolchain's own sessions."""
+    import onnxruntime as ort
+
+    from qwen3_compile.export.stage import ExportOptions, export_onnx
+    from qwen3_compile.quantize.stage import quantize_artifact
+
+    export_onnx("tiny-dense", tmp_path / "export", ExportOptions())
+    quantized = quantize_artifact(tmp_path / "export", "int8-wo", tmp_path / "bundle" / "model")
+    (tmp_path / "bundle" / "reference").mkdir()
+    config = quantized.manifest["ort_session_config"]
+    assert config == {"session.disable_quant_qdq": "1"}
+    manifest = {"ort_optimization": "all", "ort_session_config": config}
+    (tmp_path / "bundle" / "manifest.json").write_text(json.dumps(manifest))
+    opened, real = [], ort.InferenceSession
+    monkeypatch.setattr(
+        ort,
+        "InferenceSession",
+        lambda path, options, **kw: opened.append(options) or real(path, options, **kw),
+    )
+    runner.OrtBackend(tmp_path / "bundle")
+    assert [o.get_session_config_entry("session.disable_quant_qdq") for o in opened] == ["1"]
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +198,7 @@ def test_build_engine_loads_the_plugin_as_the_runner_does(tmp_path, monkeypatch)
     monkeypatch.delenv("QWEN3_MOE_PLUGIN", raising=False)
     for name in ("trt_backend", "bundle_files"):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    spec = importlib.util.spec_from_file_location("bundle_build_engine", DEVICE / "build_engine.py")
-    build_engine = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build_engine)
+    build_engine = load_device_module(DEVICE / "build_engine.py", "bundle_build_engine")
     library = "build/plugin/libqmoe_trt_plugin.so"
     manifest = {"moe": {"lowering": "plugin", "plugin_library": library}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))

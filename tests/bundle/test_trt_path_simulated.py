@@ -6,7 +6,6 @@ involved (no engine can run here)."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import sys
@@ -17,6 +16,7 @@ import pytest
 
 from qwen3_compile.bundle.archive import safe_extract
 
+from .device_files import load_device_module
 from .fake_tensorrt import FakeCuda, fake_tensorrt_module
 
 
@@ -38,9 +38,7 @@ def test_trt_path_bookkeeping_reproduces_the_reference_tokens(bundled, built_by,
     monkeypatch.syspath_prepend(str(folder))
     for name in ("runner", "trt_backend", "bundle_files"):  # the bundle's own copies
         monkeypatch.delitem(sys.modules, name, raising=False)
-    spec = importlib.util.spec_from_file_location("runner", folder / "runner.py")
-    runner = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runner)
+    runner = load_device_module(folder / "runner.py", "runner")
     monkeypatch.setattr(sys.modules["trt_backend"], "CudaRuntime", lambda: cuda)
 
     smoke = manifest["smoke_reference"]

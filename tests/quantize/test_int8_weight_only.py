@@ -94,9 +94,8 @@ def test_int8_experts_lower_to_qmoe(exports, tmp_path):
     """--target ort: INT8 experts become com.microsoft::QMoE (uint8 = q + 128, fp32 row scales) and
     compute what the canonical QDQ graph computes, both run as their manifests say (ENABLE_ALL, the QDQ
     graph as written: runtime/ort_settings.py)."""
+    from qwen3_compile.generation.artifact import load_ort_runner
     from qwen3_compile.runtime.base import left_padded_batch
-    from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
-    from qwen3_compile.runtime.ort_settings import ort_optimization, ort_session_config
 
     canonical = quantize_artifact(exports["tiny-moe"], "int8-wo", tmp_path / "canonical")
     lowered = quantize_artifact(exports["tiny-moe"], "int8-wo", tmp_path / "ort", target="ort")
@@ -107,11 +106,7 @@ def test_int8_experts_lower_to_qmoe(exports, tmp_path):
     batch = left_padded_batch([rng.integers(0, 151643, 11).tolist(), rng.integers(0, 151643, 5).tolist()], 0)
     outputs = []
     for artifact in (canonical, lowered):
-        runner = OrtRunner(
-            artifact.directory / "model.onnx",
-            ort_optimization(artifact.manifest),
-            session_config=ort_session_config(artifact.manifest),
-        )
+        runner = load_ort_runner(artifact.directory, artifact.manifest)
         outputs.append(
             runner.forward(batch.input_ids, batch.attention_mask, batch.position_ids, runner.empty_cache(2))[
                 0

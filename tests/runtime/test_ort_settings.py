@@ -5,7 +5,6 @@ which would run a weight-only recipe as W8A8."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -71,30 +70,8 @@ def test_fused_is_recorded_and_followed(int8_wo, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_generation_and_bundle_runners_open_sessions_as_the_manifest_says(int8_wo):
+def test_generation_runner_opens_its_session_as_the_manifest_says(int8_wo):
+    """`run`, validation and the QMoE test open sessions through load_ort_runner; the bundled runner has its
+    own test (tests/bundle/test_runner_parts.py)."""
     runner = load_ort_runner(int8_wo.directory, int8_wo.manifest)
     assert runner.session.get_session_options().get_session_config_entry(KEY) == "1"
-
-
-def test_bundled_runner_applies_the_recorded_session_config(int8_wo, tmp_path, monkeypatch):
-    """The runner that ships in bundles (it cannot import qwen3_compile) reads the same manifest fields."""
-    import shutil
-
-    device = Path(__file__).parents[2] / "qwen3_compile" / "bundle" / "device"
-    spec = importlib.util.spec_from_file_location("bundle_runner_settings", device / "runner.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    bundle = tmp_path / "bundle"
-    shutil.copytree(int8_wo.directory, bundle / "model")
-    (bundle / "reference").mkdir()
-    manifest = {"ort_optimization": "all", "ort_session_config": int8_wo.manifest["ort_session_config"]}
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
-    opened = []
-    real = ort.InferenceSession
-    monkeypatch.setattr(
-        ort,
-        "InferenceSession",
-        lambda path, options, **kw: opened.append(options) or real(path, options, **kw),
-    )
-    module.OrtBackend(bundle)
-    assert [o.get_session_config_entry(KEY) for o in opened] == ["1"]
