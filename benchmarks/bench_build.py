@@ -31,7 +31,7 @@ print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 """
 _BUILD = """
 import json, sys
-from qwen3_compile.build import BuildOptions, build_engine
+from qwen3_compile.engine import BuildOptions, build_engine
 built = build_engine(sys.argv[1], BuildOptions(sys.argv[3], max_seq=int(sys.argv[4])), sys.argv[2])
 print(json.dumps({"build_s": built.build_seconds, "plan_mb": built.plan_bytes / 1e6,
                   "moe": built.moe_lowering, "peak_rss_mb": peak_rss_mb()}))

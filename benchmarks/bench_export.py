@@ -89,7 +89,7 @@ def save_checkpoint(model: str, layers: int | None, folder: Path) -> None:
 
 def time_runner(runner, prompt_len: int = 128, decode: int = 64, repeats: int = 5) -> dict:
     """Median prefill latency, and greedy decode throughput timed over the decode steps alone."""
-    from qwen3_compile.runtime.base import left_padded_batch
+    from qwen3_compile.backends.base import left_padded_batch
 
     rng = np.random.default_rng(0)
     batch = left_padded_batch([rng.integers(0, 151643, prompt_len).tolist()], 0)
@@ -120,9 +120,9 @@ def graph_stats(path: Path) -> dict:
 
 
 def bench_model(model: str, layers: int | None, use_optimum: bool, work: Path) -> list[dict]:
+    from qwen3_compile.backends.onnxruntime.runner import OrtRunner
+    from qwen3_compile.backends.torch_reference import TorchRunner
     from qwen3_compile.models.loading import load_model
-    from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
-    from qwen3_compile.runtime.torch_reference import TorchRunner
 
     label = model if layers is None else f"{model} ({layers} layers)"
     rows = []

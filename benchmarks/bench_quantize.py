@@ -34,11 +34,11 @@ print(json.dumps({"seconds": time.perf_counter() - start,
 
 
 def bench(model: str, work: Path, layers: int | None = None) -> list[dict]:
+    from qwen3_compile.backends.onnxruntime.loader import load_ort_runner
+    from qwen3_compile.backends.onnxruntime.runner import OrtRunner
+    from qwen3_compile.backends.onnxruntime.settings import ORT_QDQ
     from qwen3_compile.export.stage import ExportOptions, export_onnx
-    from qwen3_compile.generation.artifact import load_ort_runner
-    from qwen3_compile.manifest import read_manifest
-    from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
-    from qwen3_compile.runtime.ort_settings import ORT_QDQ
+    from qwen3_compile.storage.manifest import read_manifest
 
     fp32 = export_onnx(model, work / "fp32", num_layers=layers).directory
     fp16 = export_onnx(model, work / "fp16", ExportOptions(dtype="fp16"), num_layers=layers).directory

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from qwen3_compile.runtime.base import CausalLMRunner, Generation, generate, left_padded_batch
+from qwen3_compile.backends.base import CausalLMRunner, Generation, generate, left_padded_batch
 from qwen3_compile.tokenizer import ENDOFTEXT_ID, render_chat
 
 PARITY_PROMPTS: list[list[dict[str, str]]] = [

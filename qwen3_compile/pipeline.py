@@ -11,13 +11,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwen3_compile.backends.onnxruntime.runner import OrtRunner
+from qwen3_compile.backends.torch_reference import TorchRunner
 from qwen3_compile.export.stage import ExportedArtifact, ExportOptions, export_onnx
 from qwen3_compile.models.loading import load_model
 from qwen3_compile.parity import ParityGates, ParityReport, check_parity, parity_prompts
 from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.quantize.stage import QuantizedArtifact, quantize_artifact
-from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
-from qwen3_compile.runtime.torch_reference import TorchRunner
 from qwen3_compile.tokenizer import load_tokenizer
 from qwen3_compile.validate.stage import ValidationReport, validate_artifact
 
@@ -132,7 +132,7 @@ ENGINE_TARGET = "rtx-blackwell"  # TensorRT-RTX builds it on any machine, no GPU
 def _build_engine(artifacts: dict[str, ExportedArtifact], run_dir: Path, progress: Progress) -> dict:
     if importlib.util.find_spec("tensorrt_rtx") is None:
         return {"skipped": "TensorRT-RTX is not installed (pip install 'qwen3-compile[rtx]')"}
-    from qwen3_compile.build import BuildOptions, build_engine
+    from qwen3_compile.engine import BuildOptions, build_engine
 
     built = build_engine(
         artifacts["canonical"].directory,

@@ -12,7 +12,7 @@ from qwen3_compile.errors import BadInputError
 
 PRECISIONS = ("fp16", "fp8", "int8", "int4")
 TENSORRT_FLAVOURS = ("tensorrt", "tensorrt-rtx")
-# how an ExpertDispatch node reaches TensorRT (see qwen3_compile/build/lowering.py):
+# how an ExpertDispatch node reaches TensorRT (see qwen3_compile/lower/for_tensorrt.py):
 # trt_moe: routing in-graph + TRT_MoE (IMoELayer); plugin: the project's CUDA plugin; dense: every expert
 MOE_LOWERINGS = ("trt_moe", "plugin", "dense")
 # decomposed: past/present concatenated, attention as MatMul/Softmax (what the export writes)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qwen3_compile.build.inputs import BuildInput, check_target_supports
-from qwen3_compile.build.memory import EngineMemory, plan_engine_memory, stored_weight_bytes
 from qwen3_compile.bundle.jetson import JETSON_TARGETS
+from qwen3_compile.engine.inputs import BuildInput, check_target_supports
+from qwen3_compile.engine.memory import EngineMemory, plan_engine_memory, stored_weight_bytes
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.sizing import GB, weight_bytes

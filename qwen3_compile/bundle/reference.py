@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen3_compile.errors import BadInputError, CheckFailedError
-from qwen3_compile.manifest import MANIFEST, sha256_file
+from qwen3_compile.storage.manifest import sha256_file
 
 REPORT_DIR = "validation"
 REPORT_FILES = ("report.json", "report.md")
@@ -83,20 +83,12 @@ def smoke_reference(
     """Greedy tokens of the validated artifact (its canonical graph, the one validation measured) on ONNX
     Runtime CPU for SMOKE_PROMPT in both reasoning modes, ending after the first stop token.
     `model_sha256`: the artifact's model.onnx hash when the caller has it (else computed here)."""
-    import onnxruntime
-
-    from qwen3_compile.generation.artifact import RUNNER_LOADERS
-    from qwen3_compile.runtime.base import generate, left_padded_batch
+    from qwen3_compile.backends.base import generate, left_padded_batch
+    from qwen3_compile.backends.registry import open_runner
+    from qwen3_compile.storage.manifest import tool_versions
     from qwen3_compile.tokenizer import ENDOFTEXT_ID, STOP_IDS, load_tokenizer, render_chat
 
-    loader = RUNNER_LOADERS.get(manifest.get("stage"))
-    if loader is None:
-        raise BadInputError(
-            f"no ONNX Runtime loader for a '{manifest.get('stage')}' artifact.",
-            file=artifact / MANIFEST,
-            field="stage",
-        )
-    runner = loader(artifact, manifest)
+    runner = open_runner(artifact, manifest, "ort")
     tokenizer = load_tokenizer(artifact)
     modes = {}
     for mode, thinking in MODES.items():
@@ -111,6 +103,6 @@ def smoke_reference(
         "max_new_tokens": steps,
         "decoding": "greedy",
         "source": f"the artifact's model.onnx (sha256 {model_sha256[:16]}...) on "
-        f"onnxruntime {onnxruntime.__version__} CPU",
+        f"onnxruntime {tool_versions().get('onnxruntime', '?')} CPU",
         "modes": modes,
     }

@@ -25,10 +25,6 @@ from typing import Any
 import onnx
 
 from qwen3_compile import __version__
-from qwen3_compile.artifact_io import copy_side_files
-from qwen3_compile.build.inputs import MODEL_FILE, BuildInput, read_build_input
-from qwen3_compile.build.lowering import LoweredModel, MoeChoice, choose_moe_lowering, lower_for_build
-from qwen3_compile.build.profiles import InputSpec, generation_profiles
 from qwen3_compile.bundle.archive import folder_files, write_reproducible_tar
 from qwen3_compile.bundle.checks import BundlePlan, check_bundle_target
 from qwen3_compile.bundle.reference import (
@@ -40,10 +36,14 @@ from qwen3_compile.bundle.reference import (
     smoke_reference,
     validation_record,
 )
+from qwen3_compile.engine.inputs import MODEL_FILE, BuildInput, read_build_input
+from qwen3_compile.engine.profiles import InputSpec, generation_profiles
 from qwen3_compile.errors import BadInputError
-from qwen3_compile.manifest import CALIBRATION_FILE, MANIFEST, sha256_file, tool_versions
+from qwen3_compile.lower.for_tensorrt import LoweredModel, MoeChoice, choose_moe_lowering, lower_for_build
 from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.sizing import GB
+from qwen3_compile.storage.artifact_dir import copy_side_files
+from qwen3_compile.storage.manifest import CALIBRATION_FILE, MANIFEST, sha256_file, tool_versions
 from qwen3_compile.targets import Target, get_target, target_to_dict
 
 BUNDLE_FORMAT = 1

@@ -59,7 +59,7 @@ def build_command(
 
     RTX targets build with TensorRT-RTX (pip install 'qwen3-compile[rtx]'; no GPU needed to build);
     Jetson, H100/H200 and DGX Spark targets need standard TensorRT on the build machine."""
-    from qwen3_compile.build import BuildOptions, build_engine
+    from qwen3_compile.engine import BuildOptions, build_engine
     from qwen3_compile.progress import default_progress
 
     options = BuildOptions(

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwen3_compile.artifact_io import replace_dir
 from qwen3_compile.errors import BadInputError
+from qwen3_compile.storage.artifact_dir import replace_dir
 
 JOURNAL_FILE = "export-journal.json"
 JOURNAL_VERSION = 1

@@ -13,17 +13,18 @@ from typing import Any
 
 import onnx
 
-from qwen3_compile import __version__, artifact_io
-from qwen3_compile.artifact_io import atomic_output_dir, save_onnx
+from qwen3_compile import __version__
 from qwen3_compile.errors import BadInputError, Qwen3CompileError
-from qwen3_compile.export.external_data import ExternalDataWriter
 from qwen3_compile.export.resume import ExportJournal, fingerprint, resumable_output_dir
 from qwen3_compile.export.side_files import write_side_files
 from qwen3_compile.export.weights import WeightSource
-from qwen3_compile.manifest import Timings, sha256_file, write_manifest
 from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.models.loading import LoadedModel, ModelSource, resolve_model
 from qwen3_compile.progress import NO_PROGRESS, Progress
+from qwen3_compile.storage import artifact_dir
+from qwen3_compile.storage.artifact_dir import atomic_output_dir, save_onnx
+from qwen3_compile.storage.external_data import ExternalDataWriter
+from qwen3_compile.storage.manifest import Timings, sha256_file, write_manifest
 
 DTYPES = ("fp32", "fp16", "bf16")
 MIN_OPSET, MAX_OPSET = 18, 24
@@ -210,7 +211,7 @@ def export_onnx(
         )
     dtype = options.torch_dtype()
     arch = source.arch
-    streamed = external_bytes(weight_groups(arch), dtype) > artifact_io.EXTERNAL_DATA_THRESHOLD
+    streamed = external_bytes(weight_groups(arch), dtype) > artifact_dir.EXTERNAL_DATA_THRESHOLD
     data_file = f"{MODEL_FILE}.data"
     if streamed and weights is None:  # a source we can read again: journaled, resumable
         folder = resumable_output_dir(

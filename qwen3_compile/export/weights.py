@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Protocol
 
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.export.builder import GraphBuilder
-from qwen3_compile.export.external_data import MIN_EXTERNAL_BYTES, raw_view
 from qwen3_compile.models.checkpoint import has_nonfinite
 from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.models.safetensors_index import ShardReader, TensorEntry
 from qwen3_compile.models.tensors import ExpertLayout, layer_shapes, per_expert_names
+from qwen3_compile.storage.external_data import MIN_EXTERNAL_BYTES, raw_view
 
 if TYPE_CHECKING:
     import torch
@@ -80,7 +80,7 @@ def weight_groups(arch: Qwen3Arch) -> list[list[WeightPlan]]:
 
 def external_bytes(groups: list[list[WeightPlan]], export_dtype: torch.dtype) -> int:
     """Bytes the groups take in the external-data file (with alignment padding, an upper bound)."""
-    from qwen3_compile.export.external_data import ALIGNMENT
+    from qwen3_compile.storage.external_data import ALIGNMENT
 
     sizes = [p.nbytes(export_dtype) for g in groups for p in g]
     return sum(n + ALIGNMENT for n in sizes if n >= MIN_EXTERNAL_BYTES)

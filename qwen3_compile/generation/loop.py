@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qwen3_compile.backends.base import CausalLMRunner
 from qwen3_compile.errors import CheckFailedError
-from qwen3_compile.runtime.base import CausalLMRunner
 from qwen3_compile.tokenizer import STOP_IDS
 
 # Full-logit graphs return [S, 151936] fp32 per prefill: 512 positions are 311 MB

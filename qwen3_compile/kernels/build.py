@@ -139,35 +139,10 @@ def build_library(
 
     All architectures go through one nvcc invocation (`--threads` compiles them in parallel).
     """
-    return _build("libqmoe", (), archs, cache_dir, nvcc, threads, force)
+    return compile_library("libqmoe", (), archs, cache_dir, nvcc, threads, force)
 
 
-def build_trt_plugin(
-    tensorrt_include: Path | str,
-    archs: tuple[str, ...] | None = None,
-    cache_dir: Path | None = None,
-    nvcc: str | None = None,
-    threads: int | None = None,
-    force: bool = False,
-) -> BuiltLibrary:
-    """Compile the TensorRT plugin library (`plugins/moe/trt/qmoe_trt_plugin.cpp` + the kernels, one .so
-    with the `getCreators` entry point) against the TensorRT headers in `tensorrt_include`.
-
-    The headers are not part of this project: point at a TensorRT install's `include/` (or a checkout of
-    github.com/NVIDIA/TensorRT's `include/`). The library needs no TensorRT library to link.
-    """
-    inc = Path(tensorrt_include)
-    if not (inc / "NvInferRuntime.h").is_file():
-        raise KernelBuildError(f"no NvInferRuntime.h in {inc}: pass the TensorRT include folder")
-    version = (inc / "NvInferVersion.h").read_bytes() if (inc / "NvInferVersion.h").is_file() else b""
-    extra = ("-isystem", str(inc))
-    return _build("libqmoe_trt_plugin", extra, archs, cache_dir, nvcc, threads, force, _TRT_SOURCES, version)
-
-
-_TRT_SOURCES = ("trt/qmoe_trt_plugin.cpp",)
-
-
-def _build(
+def compile_library(
     stem: str,
     extra_flags: tuple[str, ...],
     archs: tuple[str, ...] | None,

@@ -7,7 +7,6 @@ from pathlib import Path
 import onnx
 
 from qwen3_compile.errors import BadInputError
-from qwen3_compile.export.external_data import ExternalDataWriter
 from qwen3_compile.lower.ort_moe import ExpertDispatchToOrtMoE
 from qwen3_compile.lower.ort_qmoe import QuantizedExpertDispatchToOrtQMoE
 from qwen3_compile.lower.rules import RewriteReport, RewriteRule, apply_rules
@@ -15,6 +14,7 @@ from qwen3_compile.lower.trt_dense_moe import ExpertDispatchToDenseExperts
 from qwen3_compile.lower.trt_last_logits import LastPositionLogits
 from qwen3_compile.lower.trt_moe import ExpertDispatchToTrtMoE
 from qwen3_compile.lower.trt_plugin_moe import ExpertDispatchToQwen3MoePlugin
+from qwen3_compile.storage.external_data import ExternalDataWriter
 
 # target -> ordered rules. The canonical graph (no target) keeps ExpertDispatch with its function body.
 RULE_SETS: dict[str, list[type[RewriteRule]]] = {

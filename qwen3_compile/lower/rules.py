@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qwen3_compile.export.external_data import ExternalDataWriter, external_array
+from qwen3_compile.storage.external_data import ExternalDataWriter, external_array
 
 
 @dataclass

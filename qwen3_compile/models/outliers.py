@@ -55,11 +55,3 @@ def with_outliers(
     elif role == "reader":  # the input axis is the last one for linear and fused expert weights
         tensor[..., list(outliers.channels)] /= outliers.scale
     return tensor
-
-
-def add_activation_outliers(
-    state: dict[str, torch.Tensor], arch: Qwen3Arch, outliers: ActivationOutliers = ActivationOutliers()
-) -> None:
-    """Rewrite a whole state dict in place."""
-    for name, tensor in state.items():
-        with_outliers(arch, name, tensor, outliers)

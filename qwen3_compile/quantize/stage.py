@@ -16,17 +16,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from qwen3_compile.artifact_io import atomic_output_dir, copy_side_files, save_onnx
+from qwen3_compile.backends.onnxruntime.settings import ORT_QDQ
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.export.stage import MODEL_FILE
-from qwen3_compile.manifest import (
-    CALIBRATION_FILE,
-    MANIFEST,
-    Timings,
-    read_manifest,
-    sha256_file,
-    write_manifest,
-)
 from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.quantize.activations import insert_activation_qdq
@@ -36,7 +28,15 @@ from qwen3_compile.quantize.recipe import QuantRecipe, load_recipe
 from qwen3_compile.quantize.smoothquant import smoothquant_transforms
 from qwen3_compile.quantize.weight_store import WeightStore, open_sink
 from qwen3_compile.quantize.weights import QuantizedTensor, quantize_weights
-from qwen3_compile.runtime.ort_settings import ORT_QDQ
+from qwen3_compile.storage.artifact_dir import atomic_output_dir, copy_side_files, save_onnx
+from qwen3_compile.storage.manifest import (
+    CALIBRATION_FILE,
+    MANIFEST,
+    Timings,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
 
 LOWERING_TARGETS = ("ort",)
 
@@ -148,7 +148,7 @@ def quantize_artifact(
     """Quantize an fp32 or fp16 canonical export. `target` is `ort` (lower the result: INT8 weight-only
     experts to QMoE) or a deployment target (the recipe must fit it: checked before any work).
     `ort_qdq`: how ONNX Runtime runs the QDQ graph, recorded in the manifest: `reference` (as written, the
-    recipe's numbers) or `fused` (ORT's int8 fusions: runtime/ort_settings.py)."""
+    recipe's numbers) or `fused` (ORT's int8 fusions: backends/onnxruntime/settings.py)."""
     if ort_qdq not in ORT_QDQ:
         raise BadInputError(
             f"unknown ONNX Runtime QDQ mode {ort_qdq!r}.",
@@ -231,7 +231,7 @@ def quantize_artifact(
                 "calibration": calibration,
                 "smoothquant": smoothing,
                 "warnings": warnings,
-                # how ORT must run this graph (runtime/ort_settings.py says why)
+                # how ORT must run this graph (backends/onnxruntime/settings.py says why)
                 "ort_optimization": "basic" if "fp8" in recipe.precisions else "all",
                 "ort_session_config": dict(ORT_QDQ[ort_qdq]),
                 "lowering": lowering,

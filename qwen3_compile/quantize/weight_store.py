@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qwen3_compile.export.external_data import ExternalDataWriter
 from qwen3_compile.lower.rules import GraphView
+from qwen3_compile.storage.external_data import ExternalDataWriter
 
 
 class WeightStore(GraphView):

@@ -10,16 +10,16 @@ from typing import Any
 
 import numpy as np
 
-from qwen3_compile.artifact_io import atomic_output_dir
+from qwen3_compile.backends.base import generate, left_padded_batch
+from qwen3_compile.backends.onnxruntime.settings import ort_optimization, ort_session_config
+from qwen3_compile.backends.registry import open_runner
+from qwen3_compile.backends.torch_reference import TorchRunner
 from qwen3_compile.errors import BadInputError
-from qwen3_compile.manifest import read_manifest
 from qwen3_compile.models.loading import LoadedModel, load_model, resolve_model
 from qwen3_compile.progress import NO_PROGRESS, Progress
-from qwen3_compile.runtime.base import generate, left_padded_batch
-from qwen3_compile.runtime.ort_settings import ort_optimization, ort_session_config
-from qwen3_compile.runtime.torch_reference import TorchRunner
+from qwen3_compile.storage.artifact_dir import atomic_output_dir
+from qwen3_compile.storage.manifest import read_manifest
 from qwen3_compile.tokenizer import ENDOFTEXT_ID, load_tokenizer
-from qwen3_compile.validate.backends import artifact_runner
 from qwen3_compile.validate.bisect import Bisection, bisect_layers
 from qwen3_compile.validate.gates import Gates, gates_for
 from qwen3_compile.validate.metrics import PositionMetrics, Summary, compare_logits, summarise
@@ -192,7 +192,7 @@ def validate_artifact(
 
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
-    candidate = artifact_runner(artifact, manifest, backend)
+    candidate = open_runner(artifact, manifest, backend)
     loaded = reference if isinstance(reference, LoadedModel) else None
     source = loaded.source if loaded else resolve_model(reference, num_layers)
     reference = source.spec

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from qwen3_compile.bundle.archive import FIXED_MTIME, safe_extract
 from qwen3_compile.bundle.verify import verify_bundle
 from qwen3_compile.cli import main
-from qwen3_compile.manifest import sha256_file
+from qwen3_compile.storage.manifest import sha256_file
 
 BLOCK_PACKAGE = "import runpy, sys; sys.modules['qwen3_compile'] = None; sys.argv = sys.argv[1:]; " + (
     "runpy.run_path(sys.argv[0], run_name='__main__')"
@@ -44,9 +44,9 @@ def run_bundled_runner(folder, *args: str) -> subprocess.CompletedProcess:
 
 def reference_greedy(artifact, thinking: bool, steps: int) -> tuple[list[int], list[int]]:
     """(prompt ids, greedy tokens) of the artifact's own graph on ONNX Runtime, stopping after a stop id."""
+    from qwen3_compile.backends.base import generate, left_padded_batch
+    from qwen3_compile.backends.onnxruntime.runner import OrtRunner
     from qwen3_compile.bundle.reference import SMOKE_PROMPT
-    from qwen3_compile.runtime.base import generate, left_padded_batch
-    from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
     from qwen3_compile.tokenizer import ENDOFTEXT_ID, STOP_IDS, load_tokenizer, render_chat
 
     ids = render_chat(load_tokenizer(artifact), [{"role": "user", "content": SMOKE_PROMPT}], thinking)
@@ -128,7 +128,7 @@ def test_same_inputs_give_the_same_bytes(bundled, tmp_path):
 
 
 def test_manifest_records_memory_plan_tools_and_hashes(bundled):
-    from qwen3_compile.build.memory import plan_engine_memory
+    from qwen3_compile.engine.memory import plan_engine_memory
     from qwen3_compile.models.presets import get_preset
     from qwen3_compile.targets import get_target
 

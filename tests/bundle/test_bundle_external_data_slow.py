@@ -11,7 +11,7 @@ import shutil
 import onnx
 import pytest
 
-from qwen3_compile.manifest import sha256_file
+from qwen3_compile.storage.manifest import sha256_file
 
 from .test_bundle_end_to_end import run_bundled_runner
 

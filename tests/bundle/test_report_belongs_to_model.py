@@ -10,7 +10,7 @@ import pytest
 from qwen3_compile.bundle.reference import require_validation
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.export.stage import export_onnx
-from qwen3_compile.manifest import sha256_file
+from qwen3_compile.storage.manifest import sha256_file
 from qwen3_compile.validate.stage import validate_artifact
 
 

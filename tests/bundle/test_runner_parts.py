@@ -35,7 +35,7 @@ def runner():
 
 def test_ort_backend_applies_the_recorded_session_config(runner, tmp_path, monkeypatch):
     """The bundled runner opens its ORT session as the manifest records (quantize --ort-qdq), like
-    qwen3_compile/runtime/ort_settings.py does for the toolchain's own sessions."""
+    qwen3_compile/backends/onnxruntime/settings.py does for the toolchain's own sessions."""
     import onnxruntime as ort
 
     from qwen3_compile.export.stage import ExportOptions, export_onnx

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from qwen3_compile.artifact_io import atomic_output_dir, copy_side_files, replace_dir
 from qwen3_compile.errors import BadInputError
+from qwen3_compile.storage.artifact_dir import atomic_output_dir, copy_side_files, replace_dir
 
 
 def _tree(folder):

@@ -12,7 +12,8 @@ import pytest
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.export import stage as export_stage
 from qwen3_compile.export.stage import ExportOptions, export_onnx
-from qwen3_compile.signatures import graph_signature
+
+from .signatures import graph_signature
 
 GOLDEN = Path(__file__).resolve().parents[2] / "graphs" / "signatures"
 UPDATE = os.environ.get("QWEN3_COMPILE_UPDATE_GOLDENS") == "1"
@@ -125,9 +126,9 @@ def test_external_data_export_runs(loaded_presets, tmp_path, monkeypatch):
     """Above the protobuf limit weights go to model.onnx.data; forced here on a tiny model."""
     import numpy as np
 
-    from qwen3_compile import artifact_io
-    from qwen3_compile.runtime.base import left_padded_batch
-    from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
+    from qwen3_compile.backends.base import left_padded_batch
+    from qwen3_compile.backends.onnxruntime.runner import OrtRunner
+    from qwen3_compile.storage import artifact_dir as artifact_io
 
     inline = export_onnx(loaded_presets["tiny-moe"], tmp_path / "inline", ExportOptions(target="ort"))
     monkeypatch.setattr(artifact_io, "EXTERNAL_DATA_THRESHOLD", 0)
@@ -135,7 +136,7 @@ def test_external_data_export_runs(loaded_presets, tmp_path, monkeypatch):
     assert (external.directory / "model.onnx.data").stat().st_size > 70e6
     assert (external.directory / "model.onnx").stat().st_size < 1e6
     # the experts' gate_up replaced by the ORT rewrite is compacted away: the file holds live tensors only
-    from qwen3_compile.export.external_data import ALIGNMENT, live_bytes
+    from qwen3_compile.storage.external_data import ALIGNMENT, live_bytes
 
     model = onnx.load(external.model_path, load_external_data=False)
     size = (external.directory / "model.onnx.data").stat().st_size

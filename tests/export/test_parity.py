@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from qwen3_compile.backends.base import Batch, left_padded_batch
+from qwen3_compile.backends.onnxruntime.runner import OrtRunner
+from qwen3_compile.backends.torch_reference import TorchRunner
 from qwen3_compile.export.stage import ExportOptions, export_onnx
 from qwen3_compile.parity import ParityGates, check_parity, parity_prompts
-from qwen3_compile.runtime.base import Batch, left_padded_batch
-from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
-from qwen3_compile.runtime.torch_reference import TorchRunner
 from qwen3_compile.tokenizer import load_tokenizer
 from qwen3_compile.validate.prompt_suite import load_prompt_entries, render_suite
 
@@ -122,7 +122,7 @@ def test_fp16_export(preset, loaded_presets, tmp_path, prompts):
 
 def test_reference_runner_matches_transformers_generate(loaded_presets):
     """Our greedy driver reproduces transformers' own generate() (guards the parity harness itself)."""
-    from qwen3_compile.runtime.base import generate
+    from qwen3_compile.backends.base import generate
 
     loaded = loaded_presets["tiny-dense"]
     prompt = np.random.default_rng().integers(0, 151643, 12).tolist()

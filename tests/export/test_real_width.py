@@ -11,11 +11,11 @@ import shutil
 
 import pytest
 
+from qwen3_compile.backends.onnxruntime.runner import OrtRunner
+from qwen3_compile.backends.torch_reference import TorchRunner
 from qwen3_compile.export.stage import ExportOptions, disk_needed, export_onnx
 from qwen3_compile.models.loading import load_model, resolve_model
 from qwen3_compile.parity import ParityGates, check_parity, parity_prompts, reference_run
-from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
-from qwen3_compile.runtime.torch_reference import TorchRunner
 from qwen3_compile.tokenizer import load_tokenizer
 
 

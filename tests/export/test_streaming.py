@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwen3_compile import artifact_io
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.export import stage as export_stage
 from qwen3_compile.export import weights as export_weights
@@ -20,6 +19,7 @@ from qwen3_compile.export.resume import JOURNAL_FILE, partial_dir
 from qwen3_compile.export.stage import ExportOptions, export_onnx
 from qwen3_compile.models.loading import load_model
 from qwen3_compile.progress import Progress
+from qwen3_compile.storage import artifact_dir as artifact_io
 
 LAYERS = 4
 FILES = ("model.onnx", "model.onnx.data", "config.json", "generation_config.json", "tokenizer.json")

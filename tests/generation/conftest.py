@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qwen3_compile.backends import registry
 from qwen3_compile.export.stage import ExportOptions, export_onnx
 from qwen3_compile.generation import artifact as artifact_module
 from qwen3_compile.models.loading import load_model
@@ -69,7 +70,8 @@ def scripted_artifact(tmp_path, monkeypatch):
         runners.append(ScriptedRunner(json.loads((folder / "script.json").read_text())))
         return runners[-1]
 
-    monkeypatch.setitem(artifact_module.RUNNER_LOADERS, SCRIPTED_STAGE, load)
+    monkeypatch.setitem(registry.BACKENDS, SCRIPTED_STAGE, load)
+    monkeypatch.setitem(registry.STAGE_BACKENDS, SCRIPTED_STAGE, SCRIPTED_STAGE)
 
     def make(script: list[int], max_positions: int | None = None) -> Path:
         folder = tmp_path / f"scripted-{len(list(tmp_path.iterdir()))}"

@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import pytest
 
+from qwen3_compile.backends.base import generate, left_padded_batch
+from qwen3_compile.backends.onnxruntime.runner import OrtRunner
 from qwen3_compile.export.stage import ExportOptions, export_onnx
 from qwen3_compile.lower import lower
-from qwen3_compile.runtime.base import generate, left_padded_batch
-from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import numpy as np
 import onnx
 import pytest
 
+from qwen3_compile.backends.base import left_padded_batch
+from qwen3_compile.backends.onnxruntime.runner import OrtRunner
 from qwen3_compile.export.stage import ExportOptions, export_onnx
 from qwen3_compile.lower import lower
-from qwen3_compile.runtime.base import left_padded_batch
-from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
 
 
 @pytest.mark.parametrize("preset, dtype", [("tiny-dense", "fp32"), ("tiny-moe", "fp16")])

@@ -93,9 +93,9 @@ def test_int8_wo_on_fp16_export_keeps_fp16_scales(tmp_path):
 def test_int8_experts_lower_to_qmoe(exports, tmp_path):
     """--target ort: INT8 experts become com.microsoft::QMoE (uint8 = q + 128, fp32 row scales) and
     compute what the canonical QDQ graph computes, both run as their manifests say (ENABLE_ALL, the QDQ
-    graph as written: runtime/ort_settings.py)."""
-    from qwen3_compile.generation.artifact import load_ort_runner
-    from qwen3_compile.runtime.base import left_padded_batch
+    graph as written: backends/onnxruntime/settings.py)."""
+    from qwen3_compile.backends.base import left_padded_batch
+    from qwen3_compile.backends.onnxruntime.loader import load_ort_runner
 
     canonical = quantize_artifact(exports["tiny-moe"], "int8-wo", tmp_path / "canonical")
     lowered = quantize_artifact(exports["tiny-moe"], "int8-wo", tmp_path / "ort", target="ort")

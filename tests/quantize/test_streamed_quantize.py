@@ -7,11 +7,11 @@ import numpy as np
 import onnx
 import pytest
 
-from qwen3_compile import artifact_io
+from qwen3_compile.backends.base import left_padded_batch
+from qwen3_compile.backends.onnxruntime.runner import OrtRunner
 from qwen3_compile.export.stage import export_onnx
 from qwen3_compile.quantize.stage import quantize_artifact
-from qwen3_compile.runtime.base import left_padded_batch
-from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
+from qwen3_compile.storage import artifact_dir as artifact_io
 
 
 def _logits(directory, batch) -> np.ndarray:

@@ -14,6 +14,8 @@ import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
 
+from qwen3_compile.backends.base import left_padded_batch
+from qwen3_compile.backends.onnxruntime.runner import OrtRunner
 from qwen3_compile.cli import main
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.export.stage import ExportOptions, export_onnx
@@ -23,8 +25,6 @@ from qwen3_compile.quantize.calibrate import calibrate
 from qwen3_compile.quantize.calibration_data import load_calibration
 from qwen3_compile.quantize.recipe import ActivationSpec, QuantRecipe, load_recipe, with_kv_cache
 from qwen3_compile.quantize.stage import _check_stats, quantize_artifact
-from qwen3_compile.runtime.base import left_padded_batch
-from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
 from qwen3_compile.tokenizer import load_tokenizer
 from qwen3_compile.validate.stage import validate_artifact
 

@@ -14,10 +14,11 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from qwen3_compile.build import BuildOptions, build_engine, trt_import
-from qwen3_compile.build import stage as build_stage
-from qwen3_compile.build.inputs import check_target_supports, read_build_input
+from qwen3_compile.backends.tensorrt import shim as trt_import
 from qwen3_compile.cli import main
+from qwen3_compile.engine import BuildOptions, build_engine
+from qwen3_compile.engine import stage as build_stage
+from qwen3_compile.engine.inputs import check_target_supports, read_build_input
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.progress import Progress
 from qwen3_compile.targets import get_target

@@ -15,18 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwen3_compile.artifact_io import atomic_output_dir, copy_side_files
-from qwen3_compile.build.engine import build_plan
-from qwen3_compile.build.inputs import MODEL_FILE, check_target_supports, read_build_input
-from qwen3_compile.build.log import build_log
-from qwen3_compile.build.lowering import check_requested_lowering, choose_moe_lowering, lower_for_build
-from qwen3_compile.build.memory import check_fits, plan_engine_memory, stored_weight_bytes
-from qwen3_compile.build.network import load_plugin_libraries, parse_onnx
-from qwen3_compile.build.profiles import InputSpec, generation_profiles
-from qwen3_compile.build.trt_import import import_tensorrt
+from qwen3_compile.backends.tensorrt.shim import import_tensorrt
+from qwen3_compile.engine.inputs import MODEL_FILE, check_target_supports, read_build_input
+from qwen3_compile.engine.log import build_log
+from qwen3_compile.engine.memory import check_fits, plan_engine_memory, stored_weight_bytes
+from qwen3_compile.engine.network import load_plugin_libraries, parse_onnx
+from qwen3_compile.engine.plan import build_plan
+from qwen3_compile.engine.profiles import InputSpec, generation_profiles
 from qwen3_compile.errors import Qwen3CompileError
-from qwen3_compile.manifest import CALIBRATION_FILE, MANIFEST, Timings, sha256_file, write_manifest
+from qwen3_compile.lower.for_tensorrt import check_requested_lowering, choose_moe_lowering, lower_for_build
 from qwen3_compile.progress import NO_PROGRESS, Progress
+from qwen3_compile.storage.artifact_dir import atomic_output_dir, copy_side_files
+from qwen3_compile.storage.manifest import CALIBRATION_FILE, MANIFEST, Timings, sha256_file, write_manifest
 from qwen3_compile.targets import get_target
 
 PLAN_FILE = "model.plan"

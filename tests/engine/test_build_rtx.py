@@ -12,8 +12,8 @@ import os
 import onnx
 import pytest
 
-from qwen3_compile.build import BuildOptions, build_engine
-from qwen3_compile.build.inputs import check_target_supports, read_build_input
+from qwen3_compile.engine import BuildOptions, build_engine
+from qwen3_compile.engine.inputs import check_target_supports, read_build_input
 from qwen3_compile.quantize.compat import fitting_recipes
 from qwen3_compile.targets import get_target
 
@@ -81,7 +81,7 @@ def test_ada_build_targets_sm89(artifacts, tmp_path):
 def test_lowered_onnx_passes_checker_and_shape_inference(artifacts, tmp_path):
     """The graph every target's lowerings hand the parser (what build writes to its scratch folder), on a MoE
     the plugin takes (128 wide), with full and last-position logits."""
-    from qwen3_compile.build.lowering import MoeChoice, lower_for_build
+    from qwen3_compile.lower.for_tensorrt import MoeChoice, lower_for_build
     from qwen3_compile.targets import all_targets
 
     lowerings = {lowering for target in all_targets().values() for lowering in target.moe_lowerings}

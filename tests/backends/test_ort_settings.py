@@ -12,11 +12,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from qwen3_compile.backends.onnxruntime.loader import load_ort_runner
+from qwen3_compile.backends.onnxruntime.settings import manifest_session_options, session_options
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.export.stage import ExportOptions, export_onnx
-from qwen3_compile.generation.artifact import load_ort_runner
 from qwen3_compile.quantize.stage import quantize_artifact
-from qwen3_compile.runtime.ort_settings import manifest_session_options, session_options
 
 KEY = "session.disable_quant_qdq"
 ACCURACY = "session.qdq_matmulnbits_accuracy_level"

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from qwen3_compile.errors import BadInputError
-from qwen3_compile.manifest import MANIFEST, read_manifest
 from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.quantize.compat import check_recipe_target, sm_tuple
 from qwen3_compile.quantize.recipe import QuantRecipe
+from qwen3_compile.storage.manifest import MANIFEST, read_manifest
 from qwen3_compile.targets import Target
 
 MODEL_FILE = "model.onnx"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen3_compile.backends.base import empty_kv_cache, graph_feeds
+from qwen3_compile.backends.onnxruntime.settings import session_options
 from qwen3_compile.export.graph import past_names, present_names
-from qwen3_compile.runtime.base import empty_kv_cache, graph_feeds
-from qwen3_compile.runtime.ort_settings import session_options
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 

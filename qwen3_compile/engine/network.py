@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from qwen3_compile.build.log import BuildLog, trt_logger
+from qwen3_compile.engine.log import BuildLog, trt_logger
 from qwen3_compile.errors import BadInputError
-from qwen3_compile.manifest import sha256_file
+from qwen3_compile.storage.manifest import sha256_file
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ from types import ModuleType
 
 import onnx
 
-from qwen3_compile.artifact_io import save_onnx
-from qwen3_compile.build.trt_import import version_tuple
+from qwen3_compile.backends.tensorrt.shim import version_tuple
 from qwen3_compile.errors import BadInputError, CheckFailedError
 from qwen3_compile.models.config import Qwen3Arch
+from qwen3_compile.storage.artifact_dir import save_onnx
 from qwen3_compile.targets import MOE_LOWERINGS, Target
 
 # MoE lowering -> rule set in qwen3_compile.lower.RULE_SETS
@@ -128,9 +128,9 @@ def lower_for_build(
     """The graph the parser reads: `model_path` itself when nothing is rewritten, else a lowered copy in
     `scratch` whose external data points at the artifact's (linked, not copied) plus a file of new weights.
     `last_logits`: the deployment graph's logits, last position only."""
-    from qwen3_compile.export.external_data import ExternalDataWriter
     from qwen3_compile.lower import RULE_SETS
     from qwen3_compile.lower.rules import apply_rules
+    from qwen3_compile.storage.external_data import ExternalDataWriter
 
     model = onnx.load(str(model_path), load_external_data=False)
     rules = [] if choice.lowering == "none" else [r() for r in RULE_SETS[RULE_SET[choice.lowering]]]

@@ -13,8 +13,8 @@ import shutil
 import numpy as np
 import pytest
 
+from qwen3_compile.backends.registry import open_runner
 from qwen3_compile.errors import BadInputError
-from qwen3_compile.validate.backends import artifact_runner
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def export_dir(tmp_path_factory):
 
 
 def test_runner_refuses_non_engine_folders(export_dir):
-    from qwen3_compile.runtime.tensorrt_runner import TensorRTRunner
+    from qwen3_compile.backends.tensorrt.runner import TensorRTRunner
 
     manifest = json.loads((export_dir / "manifest.json").read_text())
     with pytest.raises(BadInputError, match="'export' artifact"):
@@ -38,12 +38,12 @@ def test_runner_refuses_non_engine_folders(export_dir):
 def test_validate_backend_needs_an_engine_of_its_flavour(export_dir, tmp_path):
     manifest = json.loads((export_dir / "manifest.json").read_text())
     with pytest.raises(BadInputError, match="engines built for it by `qwen3-compile build`"):
-        artifact_runner(export_dir, manifest, "tensorrt-rtx")
+        open_runner(export_dir, manifest, "tensorrt-rtx")
     fake = tmp_path / "engine"
     shutil.copytree(export_dir, fake)
     built = manifest | {"stage": "build", "tensorrt": {"flavour": "tensorrt"}}
     with pytest.raises(BadInputError, match="built with tensorrt"):
-        artifact_runner(fake, built, "tensorrt-rtx")
+        open_runner(fake, built, "tensorrt-rtx")
 
 
 def _gpu_target():
@@ -66,10 +66,10 @@ def _gpu_target():
 
 @pytest.mark.gpu
 def test_engine_matches_onnxruntime(export_dir, tmp_path):
-    from qwen3_compile.build import BuildOptions, build_engine
-    from qwen3_compile.runtime.base import generate, left_padded_batch
-    from qwen3_compile.runtime.onnxruntime_runner import OrtRunner
-    from qwen3_compile.runtime.tensorrt_runner import TensorRTRunner
+    from qwen3_compile.backends.base import generate, left_padded_batch
+    from qwen3_compile.backends.onnxruntime.runner import OrtRunner
+    from qwen3_compile.backends.tensorrt.runner import TensorRTRunner
+    from qwen3_compile.engine import BuildOptions, build_engine
 
     target = _gpu_target()
     built = build_engine(export_dir, BuildOptions(target.name, max_batch=2, max_seq=256), tmp_path / "engine")

@@ -75,7 +75,7 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     """
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         # weights were streamed to the data file while building: drop what rewrites replaced, then save
-        from qwen3_compile.export.external_data import compact
+        from qwen3_compile.storage.external_data import compact
 
         compact(model, path.parent, path.name + ".data")
         onnx.save_model(model, str(path))

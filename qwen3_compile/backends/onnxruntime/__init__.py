@@ -1,0 +1,1 @@
+"""ONNX Runtime: session settings (what an artifact's manifest asks for) and the runner."""

@@ -1,0 +1,53 @@
+"""Open an ONNX artifact folder (export, quantize, or lowered for ONNX Runtime) as an `OrtRunner`, with the
+session settings its manifest records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qwen3_compile.backends.base import CausalLMRunner
+from qwen3_compile.errors import BadInputError
+
+MODEL_FILE = "model.onnx"
+# stages whose folder holds a graph ONNX Runtime runs as is (a `lower` folder only when lowered for ORT)
+ORT_STAGES = ("export", "quantize", "lower")
+
+
+def check_runs_on_ort(folder: Path, manifest: dict[str, Any]) -> None:
+    stage = manifest.get("stage")
+    lowered_for = (manifest.get("lowering") or {}).get("for")
+    if stage not in ORT_STAGES or (stage == "lower" and lowered_for != "ort"):
+        what = f"lowered for {lowered_for}" if stage == "lower" else f"a '{stage}' artifact"
+        raise BadInputError(
+            f"ONNX Runtime runs export, quantize and `lower --for ort` folders; this one is {what}.",
+            file=folder / "manifest.json",
+            field="stage",
+            fix="pass a folder written by `qwen3-compile export`, `quantize`, `lower --for ort` or "
+            "`compile`.",
+        )
+
+
+def load_ort_runner(folder: Path, manifest: dict[str, Any], device: str = "cpu") -> CausalLMRunner:
+    """The folder's model.onnx on ONNX Runtime, run as its manifest records."""
+    check_runs_on_ort(folder, manifest)
+    model = folder / MODEL_FILE
+    if not model.is_file():
+        listed = MODEL_FILE in manifest.get("outputs", {})
+        raise BadInputError(
+            f"the artifact has no {MODEL_FILE}{' although its manifest lists it' if listed else ''}.",
+            file=model,
+            field=f"outputs.{MODEL_FILE}",
+            fix="re-run the stage that wrote this folder (`qwen3-compile export`, `quantize` or `compile`).",
+        )
+    try:
+        from qwen3_compile.backends.onnxruntime.runner import OrtRunner
+    except ImportError:
+        raise BadInputError(
+            "ONNX Runtime is not installed.",
+            field="backend",
+            fix="pip install onnxruntime (or onnxruntime-gpu).",
+        ) from None
+    from qwen3_compile.backends.onnxruntime.settings import ort_optimization, ort_session_config
+
+    return OrtRunner(model, ort_optimization(manifest), session_config=ort_session_config(manifest))

@@ -1,0 +1,1 @@
+"""How artifacts live on disk: folders written atomically, ONNX external data, manifests."""
