@@ -30,8 +30,8 @@ def main() -> None:
 
     import onnxruntime as ort
 
-    from qwen3_compile.export.graph import past_names
     from qwen3_compile.export.stage import ExportOptions, export_onnx
+    from qwen3_compile.graph_contract import past_names
 
     with tempfile.TemporaryDirectory() as tmp:
         artifact = export_onnx(

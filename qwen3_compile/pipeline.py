@@ -1,8 +1,8 @@
-"""`compile`: the whole pipeline on one model. Today: export -> ONNX Runtime lowering -> parity of both
-graphs against PyTorch -> full validation of the ORT graph (prompt suite in both reasoning modes, long
-context, layer bisection) -> SmoothQuant W8A8 (`int8-sq`, calibrated layer by layer) validated against
-its recipe's gates -> a TensorRT-RTX engine of the canonical graph when TensorRT-RTX is installed
-(skipped with the reason otherwise)."""
+"""`compile`: the whole pipeline on one model. Today: export -> lowering for ONNX Runtime (`lower`) ->
+parity of both graphs against PyTorch -> full validation of the ORT graph (prompt suite in both reasoning
+modes, long context, layer bisection) -> SmoothQuant W8A8 (`int8-sq`, calibrated layer by layer)
+validated against its recipe's gates -> a TensorRT-RTX engine of the canonical graph when TensorRT-RTX is
+installed (skipped with the reason otherwise)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from qwen3_compile.backends.onnxruntime.runner import OrtRunner
 from qwen3_compile.backends.torch_reference import TorchRunner
 from qwen3_compile.export.stage import ExportedArtifact, ExportOptions, export_onnx
+from qwen3_compile.lower.stage import LoweredArtifact, lower_artifact
 from qwen3_compile.models.loading import load_model
 from qwen3_compile.parity import ParityGates, ParityReport, check_parity, parity_prompts
 from qwen3_compile.progress import NO_PROGRESS, Progress
@@ -25,7 +26,7 @@ from qwen3_compile.validate.stage import ValidationReport, validate_artifact
 @dataclass(frozen=True)
 class CompileResult:
     directory: Path
-    artifacts: dict[str, ExportedArtifact]  # "canonical", "ort"
+    artifacts: dict[str, ExportedArtifact | LoweredArtifact]  # "canonical", "ort"
     parity: dict[str, ParityReport]
     validation: ValidationReport
     quantized: QuantizedArtifact
@@ -45,7 +46,7 @@ class CompileResult:
             "directory": str(self.directory),
             "passed": self.passed,
             "artifacts": {
-                k: {"path": str(a.model_path), "op_histogram": a.op_histogram, "lowering": a.lowering}
+                k: {"path": str(a.model_path), "op_histogram": a.op_histogram, "lowering": _lowering(a)}
                 for k, a in self.artifacts.items()
             },
             "parity": {k: p.to_dict() for k, p in self.parity.items()},
@@ -84,10 +85,11 @@ def compile_model(
     name = Path(model).name if Path(model).exists() else model
     run_dir = Path(output_root) / (name if num_layers is None else f"{name}-{num_layers}l")
     loaded = load_model(model, num_layers=num_layers, progress=progress)
+    canonical = export_onnx(loaded, run_dir / "onnx", ExportOptions(), force=True, progress=progress)
     artifacts = {
-        "canonical": export_onnx(loaded, run_dir / "onnx", ExportOptions(), force=True, progress=progress),
-        "ort": export_onnx(
-            loaded, run_dir / "onnx-ort", ExportOptions(target="ort"), force=True, progress=progress
+        "canonical": canonical,
+        "ort": lower_artifact(
+            canonical.directory, run_dir / "onnx-ort", "ort", force=True, progress=progress
         ),
     }
     tokenizer = load_tokenizer(loaded.source.tokenizer_dir)
@@ -102,7 +104,7 @@ def compile_model(
                 prompts,
                 modes,
                 decode_steps,
-                ParityGates.for_dtype(artifact.options.dtype),
+                ParityGates.for_dtype(canonical.options.dtype),
             )
             advance(1)
     validation = validate_artifact(
@@ -129,7 +131,13 @@ MAIN_RECIPE = "int8-sq"  # the recipe that exercises the most: calibration, Smoo
 ENGINE_TARGET = "rtx-blackwell"  # TensorRT-RTX builds it on any machine, no GPU needed
 
 
-def _build_engine(artifacts: dict[str, ExportedArtifact], run_dir: Path, progress: Progress) -> dict:
+def _lowering(artifact: ExportedArtifact | LoweredArtifact) -> dict | None:
+    return artifact.report if isinstance(artifact, LoweredArtifact) else None
+
+
+def _build_engine(
+    artifacts: dict[str, ExportedArtifact | LoweredArtifact], run_dir: Path, progress: Progress
+) -> dict:
     if importlib.util.find_spec("tensorrt_rtx") is None:
         return {"skipped": "TensorRT-RTX is not installed (pip install 'qwen3-compile[rtx]')"}
     from qwen3_compile.engine import BuildOptions, build_engine

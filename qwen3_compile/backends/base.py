@@ -105,7 +105,7 @@ def graph_feeds(
     input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: list[np.ndarray]
 ) -> dict[str, np.ndarray]:
     """The graph contract's inputs: ids, mask, positions and `past_key_values.{i}.key|value`."""
-    from qwen3_compile.export.graph import past_names
+    from qwen3_compile.graph_contract import past_names
 
     feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
     for i in range(len(cache) // 2):

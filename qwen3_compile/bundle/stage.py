@@ -25,6 +25,7 @@ from typing import Any
 import onnx
 
 from qwen3_compile import __version__
+from qwen3_compile.backends.tensorrt.profiles import InputSpec, generation_profiles
 from qwen3_compile.bundle.archive import folder_files, write_reproducible_tar
 from qwen3_compile.bundle.checks import BundlePlan, check_bundle_target
 from qwen3_compile.bundle.reference import (
@@ -37,7 +38,6 @@ from qwen3_compile.bundle.reference import (
     validation_record,
 )
 from qwen3_compile.engine.inputs import MODEL_FILE, BuildInput, read_build_input
-from qwen3_compile.engine.profiles import InputSpec, generation_profiles
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.lower.for_tensorrt import LoweredModel, MoeChoice, choose_moe_lowering, lower_for_build
 from qwen3_compile.progress import NO_PROGRESS, Progress

@@ -14,6 +14,7 @@ from qwen3_compile.cli.bundle_cmd import bundle_command, verify_bundle_command
 from qwen3_compile.cli.compile_cmd import compile_command
 from qwen3_compile.cli.export_cmd import export_command
 from qwen3_compile.cli.inspect_cmd import inspect_command
+from qwen3_compile.cli.lower_cmd import lower_command
 from qwen3_compile.cli.quantize_cmd import quantize_command
 from qwen3_compile.cli.run_cmd import run_command
 from qwen3_compile.cli.validate_cmd import validate_command
@@ -34,6 +35,7 @@ for command in (
     export_command,
     compile_command,
     quantize_command,
+    lower_command,
     validate_command,
     run_command,
     build_command,

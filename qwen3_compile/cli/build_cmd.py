@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
-from qwen3_compile.cli.common import emit_json, stage_command
+from qwen3_compile.cli.common import emit_json, stage_command, target_option
 
 
 @click.command("build")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--target", required=True, help="Deployment target from recipes/targets/ (e.g. rtx-blackwell).")
+@target_option(required=True)
 @click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--max-seq", type=click.IntRange(min=2), help="Context (default: max positions, <= 4096).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output directory.")

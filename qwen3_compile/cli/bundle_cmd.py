@@ -7,12 +7,12 @@ from pathlib import Path
 import click
 
 from qwen3_compile.bundle.jetson import JETSON_TARGETS
-from qwen3_compile.cli.common import emit_json, stage_command
+from qwen3_compile.cli.common import emit_json, stage_command, target_option
 
 
 @click.command("bundle")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--target", required=True, type=click.Choice(JETSON_TARGETS), help="The Jetson to deploy on.")
+@target_option(required=True, only=JETSON_TARGETS, help="The Jetson to deploy on.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="FILE.tar.gz to write.")
 @click.option("--max-seq", type=click.IntRange(min=2), help="Context of the engine (default: <= 4096).")
 @click.option(

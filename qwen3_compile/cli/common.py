@@ -46,3 +46,48 @@ def layers_option(fn: Callable) -> Callable:
         type=click.IntRange(min=1),
         help="Presets only: instantiate with this many layers at full width.",
     )(fn)
+
+
+# runtimes that `--target` once named, before lowering became its own command
+_RUNTIME_NAMES = {"ort": "ort", "onnxruntime": "ort", "tensorrt": "tensorrt", "trt": "tensorrt"}
+
+
+class DeploymentTarget(click.Choice):
+    """A deployment device from recipes/targets/*.toml; a runtime name gets the command that lowers for it."""
+
+    name = "target"
+
+    def __init__(self, only: tuple[str, ...] | None = None):
+        from qwen3_compile.targets import all_targets
+
+        super().__init__(only or tuple(all_targets()))
+
+    def convert(self, value, param, ctx):
+        if value in _RUNTIME_NAMES:
+            self.fail(
+                f"'{value}' is a runtime, not a deployment device. Lowering for a runtime is its own "
+                f"command: `qwen3-compile lower ARTIFACT --for {_RUNTIME_NAMES[value]} -o DIR`.",
+                param,
+                ctx,
+            )
+        return super().convert(value, param, ctx)
+
+
+def target_option(required: bool = False, only: tuple[str, ...] | None = None, help: str = "") -> Callable:
+    """`--target DEVICE`, the same option on every command: a deployment device, never a runtime."""
+    return click.option(
+        "--target",
+        type=DeploymentTarget(only),
+        required=required,
+        help=help or "Deployment device (recipes/targets/*.toml).",
+    )
+
+
+def removed_option(name: str, replacement: str) -> Callable:
+    """A flag that no longer exists: hidden, and exit 2 naming what replaced it."""
+
+    def refuse(ctx: click.Context, param: click.Parameter, value) -> None:
+        if value is not None:
+            raise click.UsageError(f"{name} was removed: {replacement}", ctx)
+
+    return click.option(name, hidden=True, expose_value=False, callback=refuse)

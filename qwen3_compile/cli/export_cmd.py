@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from qwen3_compile.cli.common import emit_json, layers_option, stage_command
+from qwen3_compile.cli.common import emit_json, layers_option, removed_option, stage_command
 
 
 @click.command("export")
@@ -19,10 +19,10 @@ from qwen3_compile.cli.common import emit_json, layers_option, stage_command
     type=click.IntRange(min=1),
     help="Context limit recorded in the artifact (default: the model's).",
 )
-@click.option(
+@removed_option(
     "--target",
-    type=click.Choice(["ort"]),
-    help="Lower the canonical graph for a backend (ort: ExpertDispatch -> com.microsoft::MoE).",
+    "export writes the canonical graph; `qwen3-compile lower EXPORT_DIR --for ort -o DIR` lowers it for "
+    "ONNX Runtime.",
 )
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--allow-nonfinite", is_flag=True, help="Export weights containing NaN/Inf.")
@@ -39,7 +39,6 @@ def export_command(
     dtype: str,
     opset: int,
     max_positions: int | None,
-    target: str | None,
     force: bool,
     allow_nonfinite: bool,
     resume: bool,
@@ -62,7 +61,7 @@ def export_command(
         artifact = export_onnx(
             model,
             output,
-            ExportOptions(dtype, opset, max_positions, target),
+            ExportOptions(dtype, opset, max_positions),
             num_layers=layers,
             force=force,
             allow_nonfinite=allow_nonfinite,
@@ -79,13 +78,9 @@ def export_command(
                 "directory": str(artifact.directory),
                 "model": str(artifact.model_path),
                 "op_histogram": artifact.op_histogram,
-                "lowering": artifact.lowering,
                 "timings_s": artifact.manifest["timings_s"],
             }
         )
         return
     nodes = sum(artifact.op_histogram.values())
-    click.echo(
-        f"wrote {artifact.model_path} ({nodes} nodes, {dtype}, opset {opset}"
-        f"{', lowered for ' + target if target else ''})"
-    )
+    click.echo(f"wrote {artifact.model_path} ({nodes} nodes, {dtype}, opset {opset})")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from qwen3_compile.cli.common import emit_json, stage_command
+from qwen3_compile.cli.common import emit_json, stage_command, target_option
 
 
 @click.command("quantize")
@@ -24,11 +24,7 @@ from qwen3_compile.cli.common import emit_json, stage_command
     "--kv-cache", type=click.Choice(["fp8"]), help="Quantize the KV cache (E4M3, calibrated scales)."
 )
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output directory.")
-@click.option(
-    "--target",
-    help="`ort`: lower INT8 weight-only experts to com.microsoft::QMoE. A deployment target name "
-    "(e.g. jetson-agx-orin): check that the recipe runs there before any work.",
-)
+@target_option(help="Deployment device the recipe must run on (checked before any work).")
 @click.option(
     "--ort-qdq",
     type=click.Choice(["reference", "fused"]),

@@ -40,6 +40,14 @@ def read_build_input(artifact: str | Path) -> BuildInput:
     manifest = read_manifest(directory)
     where = directory / MANIFEST
     stage = manifest.get("stage")
+    if stage == "lower":
+        source = (manifest.get("inputs") or {}).get("artifact", "the export or quantize folder")
+        raise BadInputError(
+            "build lowers the canonical graph for its target itself; this folder is already lowered.",
+            file=where,
+            field="stage",
+            fix=f"build the folder it was lowered from ({source}).",
+        )
     if stage not in BUILDABLE_STAGES or not (directory / MODEL_FILE).exists():
         raise BadInputError(
             f"build takes an exported or quantized artifact; this is a '{stage}' artifact"
@@ -50,13 +58,6 @@ def read_build_input(artifact: str | Path) -> BuildInput:
             fix="run `qwen3-compile export MODEL -o DIR` (then optionally `quantize`) and build that folder.",
         )
     options = manifest.get("options", {})
-    if options.get("target"):
-        raise BadInputError(
-            f"the artifact is lowered for '{options['target']}' (ONNX Runtime ops TensorRT cannot parse).",
-            file=where,
-            field="options.target",
-            fix="build the canonical artifact (no --target at export/quantize); build lowers it per target.",
-        )
     arch = Qwen3Arch.from_hf_dict(manifest.get("architecture") or {}, source=where)
     recipe = None
     if stage == "quantize":

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from qwen3_compile.backends.tensorrt.profiles import ShapeProfile
 from qwen3_compile.engine.log import BuildLog
 from qwen3_compile.engine.network import ParsedNetwork
-from qwen3_compile.engine.profiles import ShapeProfile
 from qwen3_compile.errors import CheckFailedError
 from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.targets import Target

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qwen3_compile.backends.tensorrt.profiles import InputSpec, generation_profiles
 from qwen3_compile.backends.tensorrt.shim import import_tensorrt
 from qwen3_compile.engine.inputs import MODEL_FILE, check_target_supports, read_build_input
 from qwen3_compile.engine.log import build_log
 from qwen3_compile.engine.memory import check_fits, plan_engine_memory, stored_weight_bytes
 from qwen3_compile.engine.network import load_plugin_libraries, parse_onnx
 from qwen3_compile.engine.plan import build_plan
-from qwen3_compile.engine.profiles import InputSpec, generation_profiles
 from qwen3_compile.errors import Qwen3CompileError
 from qwen3_compile.lower.for_tensorrt import check_requested_lowering, choose_moe_lowering, lower_for_build
 from qwen3_compile.progress import NO_PROGRESS, Progress

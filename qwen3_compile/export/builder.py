@@ -15,17 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-# torch dtype name -> ONNX element type
-ONNX_DTYPES = {
-    "float32": TensorProto.FLOAT,
-    "float16": TensorProto.FLOAT16,
-    "bfloat16": TensorProto.BFLOAT16,
-    "int64": TensorProto.INT64,
-    "int32": TensorProto.INT32,
-    "int8": TensorProto.INT8,
-    "uint8": TensorProto.UINT8,
-    "bool": TensorProto.BOOL,
-}
+from qwen3_compile.graph_contract import ONNX_DTYPES
 
 
 def tensor_proto(name: str, tensor: Any) -> TensorProto:

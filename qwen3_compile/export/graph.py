@@ -12,7 +12,7 @@ from onnx import TensorProto
 
 from qwen3_compile import __version__
 from qwen3_compile.custom_ops import EXPERT_DISPATCH, function
-from qwen3_compile.export.builder import ONNX_DTYPES, GraphBuilder
+from qwen3_compile.export.builder import GraphBuilder
 from qwen3_compile.export.layers import (
     AttentionInputs,
     attention_bias,
@@ -23,22 +23,16 @@ from qwen3_compile.export.layers import (
     sparse_moe,
 )
 from qwen3_compile.export.weights import EMBEDDINGS, WeightSource, weight_groups
+from qwen3_compile.graph_contract import (
+    BATCH,
+    ONNX_DTYPES,
+    PAST,
+    SEQ,
+    TOTAL,
+    past_names,
+    present_names,
+)
 from qwen3_compile.models.config import Qwen3Arch
-
-BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
-
-
-def past_names(layer: int) -> tuple[str, str]:
-    return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
-
-
-def present_names(layer: int) -> tuple[str, str]:
-    return f"present.{layer}.key", f"present.{layer}.value"
-
-
-def layer_output_name(layer: int) -> str:
-    """The tensor holding decoder layer `layer`'s output (validation bisects on these names)."""
-    return f"layers.{layer}/residual_mlp/out"
 
 
 def decoder_layer(

@@ -22,7 +22,7 @@ from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.models.loading import LoadedModel, ModelSource, resolve_model
 from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.storage import artifact_dir
-from qwen3_compile.storage.artifact_dir import atomic_output_dir, save_onnx
+from qwen3_compile.storage.artifact_dir import atomic_output_dir, check_not_an_input, save_onnx
 from qwen3_compile.storage.external_data import ExternalDataWriter
 from qwen3_compile.storage.manifest import Timings, sha256_file, write_manifest
 
@@ -37,7 +37,6 @@ class ExportOptions:
     dtype: str = "fp32"
     opset: int = DEFAULT_OPSET
     max_positions: int | None = None  # default: the model's own maximum
-    target: str | None = None  # None: the canonical graph; "ort": lowered for ONNX Runtime
 
     def torch_dtype(self):
         import torch
@@ -50,7 +49,6 @@ class ExportedArtifact:
     directory: Path
     options: ExportOptions
     op_histogram: dict[str, int]
-    lowering: dict[str, Any] | None
     manifest: dict[str, Any] = field(repr=False)
 
     @property
@@ -70,14 +68,6 @@ def check_options(source: ModelSource, options: ExportOptions) -> int:
             f"opset {options.opset} is not supported.",
             field="--opset",
             fix=f"use an opset from {MIN_OPSET} to {newest} (default {DEFAULT_OPSET}).",
-        )
-    if options.target == "ort" and source.arch.is_moe and options.dtype != "fp32":
-        raise BadInputError(
-            f"ONNX Runtime's MoE kernel runs fp32 experts only; --dtype {options.dtype} "
-            f"cannot be lowered for --target ort.",
-            field="--dtype",
-            fix="export with --dtype fp32 for ONNX Runtime (quantize later with a recipe), "
-            "or drop --target to keep the canonical graph.",
         )
     limit = source.arch.max_position_embeddings
     max_positions = options.max_positions or limit
@@ -122,17 +112,11 @@ def _fingerprint(source: ModelSource, options: ExportOptions, max_positions: int
 
 
 def disk_needed(source: ModelSource, options: ExportOptions) -> int:
-    """Bytes of free disk the export needs at its peak (external data; --target ort adds the rewritten
-    experts and the compacted copy of the file)."""
+    """Bytes of free disk the export needs at its peak (the external data, the graph, side files)."""
     from qwen3_compile.export.weights import external_bytes, weight_groups
 
     groups = weight_groups(source.arch)
     data = external_bytes(groups, options.torch_dtype())
-    if options.target == "ort" and source.arch.is_moe:
-        experts = external_bytes(
-            [[p for g in groups for p in g if p.source.endswith("gate_up_proj")]], options.torch_dtype()
-        )
-        data = 2 * data + 2 * experts
     return data + (1 << 20)  # model.onnx, side files
 
 
@@ -185,7 +169,7 @@ def export_onnx(
     progress: Progress = NO_PROGRESS,
     resume: bool = False,
 ) -> ExportedArtifact:
-    """Export MODEL to `output`/model.onnx (canonical graph, or lowered for `options.target`).
+    """Export MODEL to `output`/model.onnx: the canonical graph (`lower` rewrites it per runtime).
 
     Weights are written layer by layer as the graph is built: from a checkpoint they stream from the
     safetensors files (one layer in memory at a time), from a preset they are generated per tensor, from
@@ -202,6 +186,8 @@ def export_onnx(
         weights = None
     max_positions = check_options(source, options)
     output = Path(output)
+    if source.checkpoint is not None:
+        check_not_an_input(output, [source.checkpoint.directory], "-o")
     if output.exists() and not force:  # checked again atomically; fail before any work
         raise BadInputError(
             "the output directory already exists.",
@@ -226,7 +212,7 @@ def export_onnx(
         if weights is None:
             weights = _weight_source(source, allow_nonfinite)
         try:
-            graph, report = _build(
+            graph = _build(
                 source.arch, weights, options, tmp, journal, (resume_from, done), streamed, timings, progress
             )
         except (Qwen3CompileError, OSError) as err:
@@ -254,12 +240,11 @@ def export_onnx(
             timings,
             {
                 "op_histogram": histogram,
-                "lowering": report,
                 "architecture": arch.to_hf_dict(),
                 "resumed_after_groups": done,
             },
         )
-    return ExportedArtifact(output, options, histogram, report, manifest)
+    return ExportedArtifact(output, options, histogram, manifest)
 
 
 def _build(
@@ -272,12 +257,11 @@ def _build(
     streamed: bool,
     timings: Timings,
     progress: Progress,
-) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
-    """Weights and graph, layer by layer (journaled when `journal`), then the optional lowering.
+) -> onnx.ModelProto:
+    """Weights and graph, layer by layer (journaled when `journal`).
     `resumed`: (data-file bytes, weight groups) the journal held when the export started; those groups
     are replayed, not written again."""
     from qwen3_compile.export.graph import build_layered_graph
-    from qwen3_compile.lower import lower
 
     resume_from, done = resumed
     sink = ExternalDataWriter(tmp / f"{MODEL_FILE}.data", resume_from) if streamed else None
@@ -305,11 +289,7 @@ def _build(
                 )
             finally:
                 weights.end_group()
-        report = None
-        if options.target is not None:  # an interrupted lowering resumes after the last layer
-            with timings.stage("lower"):
-                report = lower(graph, options.target, tmp, sink).to_dict()
     finally:
         if sink is not None:
             sink.close()
-    return graph, report
+    return graph

@@ -104,7 +104,7 @@ def _skipped(b: GraphBuilder, plan: WeightPlan, export_dtype: torch.dtype) -> bo
     sink, nbytes = b.weight_sink, plan.nbytes(export_dtype)
     if sink is None or nbytes < MIN_EXTERNAL_BYTES or sink.offset >= sink.resume_from:
         return False
-    from qwen3_compile.export.builder import ONNX_DTYPES
+    from qwen3_compile.graph_contract import ONNX_DTYPES
 
     elem_type = ONNX_DTYPES[str(plan.dtype(export_dtype)).removeprefix("torch.")]
     proto, at = sink.reserve(plan.name, elem_type, plan.dims, nbytes)
@@ -184,7 +184,7 @@ class CheckpointSource:
             tensor = torch.cat(rows).reshape(plan.shape)
             b.weight(plan.name, _converted(tensor, plan, export_dtype))
             return
-        from qwen3_compile.export.builder import ONNX_DTYPES
+        from qwen3_compile.graph_contract import ONNX_DTYPES
 
         dtype = plan.dtype(export_dtype)
         proto, at = b.weight_sink.reserve(

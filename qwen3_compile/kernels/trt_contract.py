@@ -20,6 +20,8 @@ PLUGIN_NAMESPACE = "qwen3_compile"
 #: ONNX domain of the node. TensorRT's parser looks plugins up by op_type alone; the domain only keeps the
 #: node out of the default opset for other tools.
 NODE_DOMAIN = "trt.plugins"
+# what an engine's manifest records when its plugin layers call back into the project's Python plugin
+PYTHON_PLUGIN = "python:qwen3_compile.kernels.trt_python_plugin"
 
 INPUTS = ("hidden", "router_logits", "gate_up_weight", "down_weight", "gate_up_scale", "down_scale")
 OUTPUTS = ("output",)

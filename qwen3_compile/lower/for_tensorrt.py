@@ -6,7 +6,6 @@ takes the first one it can use here and records the others with the reason they 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -15,14 +14,14 @@ import onnx
 
 from qwen3_compile.backends.tensorrt.shim import version_tuple
 from qwen3_compile.errors import BadInputError, CheckFailedError
+from qwen3_compile.kernels.trt_contract import PYTHON_PLUGIN
+from qwen3_compile.lower.files import op_histogram, rewrite_file
 from qwen3_compile.models.config import Qwen3Arch
-from qwen3_compile.storage.artifact_dir import save_onnx
 from qwen3_compile.targets import MOE_LOWERINGS, Target
 
 # MoE lowering -> rule set in qwen3_compile.lower.RULE_SETS
 RULE_SET = {"trt_moe": "trt-moe", "plugin": "trt-plugin", "dense": "trt-dense"}
 TRT_MOE_MIN_TENSORRT = "10.16"  # IMoELayer, SM 10.x/11.x
-PYTHON_PLUGIN = "python:qwen3_compile.kernels.trt_python_plugin"
 
 
 @dataclass(frozen=True)
@@ -105,75 +104,38 @@ def _effective(choice: MoeChoice, declines: dict[str, str], total: int) -> MoeCh
     return MoeChoice("dense", choice.skipped | {choice.lowering: f"declined every MoE node: {first}"})
 
 
-def _histogram(model: onnx.ModelProto) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
-        counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items()))
-
-
-def _link(source: Path, link: Path) -> None:
-    """Make the artifact's data file visible beside the lowered graph without copying it: a hard link
-    where both are on one file system, else a symbolic link."""
-    try:
-        os.link(source, link)
-    except OSError:
-        os.symlink(source.resolve(), link)
-
-
 def lower_for_build(
-    model_path: Path, choice: MoeChoice, scratch: Path, last_logits: bool = False
+    model_path: Path, choice: MoeChoice, scratch: Path, last_logits: bool = False, *, keep_input: bool = True
 ) -> LoweredModel:
-    """The graph the parser reads: `model_path` itself when nothing is rewritten, else a lowered copy in
-    `scratch` whose external data points at the artifact's (linked, not copied) plus a file of new weights.
-    `last_logits`: the deployment graph's logits, last position only."""
+    """The graph the parser reads: `model_path` itself when nothing is rewritten (`keep_input`), else a
+    lowered copy in `scratch` whose external data links to the artifact's, plus a file of new weights.
+    `last_logits`: the deployment graph's logits, last position only. `keep_input=False` (the lower
+    stage's own folder): always write the copy, its data hard-linked or copied, never symlinked."""
     from qwen3_compile.lower import RULE_SETS
-    from qwen3_compile.lower.rules import apply_rules
-    from qwen3_compile.storage.external_data import ExternalDataWriter
 
-    model = onnx.load(str(model_path), load_external_data=False)
     rules = [] if choice.lowering == "none" else [r() for r in RULE_SETS[RULE_SET[choice.lowering]]]
     rules += [r() for r in RULE_SETS["trt-last-logits"]] if last_logits else []
-    if not rules:
-        return LoweredModel(model_path, {"applied": {}, "declined": {}}, _histogram(model), choice)
-    total = sum(n.domain == "qwen3_compile" for n in model.graph.node)
-    external = {
-        e.value
-        for t in model.graph.initializer
-        if t.data_location == onnx.TensorProto.EXTERNAL
-        for e in t.external_data
-        if e.key == "location"
-    }
-    for location in external:
-        _link(model_path.parent / location, scratch / location)
-    if external:  # weights stay on disk; rules read them memory-mapped
-        sink = ExternalDataWriter(scratch / "model.lowered.data")
-        try:
-            report = apply_rules(model, rules, model_path.parent, sink)
-        finally:
-            sink.close()
-        onnx.save_model(model, str(scratch / "model.onnx"))
-    else:
-        report = apply_rules(model, rules)
-        save_onnx(model, scratch / "model.onnx")
+    if not rules and keep_input:
+        model = onnx.load(str(model_path), load_external_data=False)
+        return LoweredModel(model_path, {"applied": {}, "declined": {}}, op_histogram(model), choice)
+    total = _moe_nodes(model_path)
     try:
-        if external:  # onnx's checker refuses linked data files ("symlink/hardlink attack"): check shapes
-            onnx.shape_inference.infer_shapes(model, strict_mode=True)
-        else:
-            onnx.checker.check_model(str(scratch / "model.onnx"))
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        graph = rewrite_file(model_path, rules, scratch, symlink_ok=keep_input, what=f"{choice.lowering} MoE")
+    except CheckFailedError as err:
         raise CheckFailedError(
-            f"the lowering ({choice.lowering} MoE) produced an invalid graph: {err}",
-            file=model_path,
-            fix="report this with the artifact's manifest.json; --moe-lowering dense avoids the MoE rules.",
+            err.problem, file=err.file, fix=f"{err.fix} --moe-lowering dense avoids the MoE rules."
         ) from None
     if choice.lowering in ("none", "dense"):
         moe = choice
     else:  # the lowering's own rule (not the dense fallback): why it declined each MoE node
-        declines = report.declined_nodes.get(RULE_SETS[RULE_SET[choice.lowering]][0].name, {})
+        declines = graph.report.declined_nodes.get(RULE_SETS[RULE_SET[choice.lowering]][0].name, {})
         moe = _effective(choice, declines, total)
-    return LoweredModel(scratch / "model.onnx", report.to_dict(), _histogram(model), moe)
+    return LoweredModel(graph.path, graph.report.to_dict(), graph.op_histogram, moe)
+
+
+def _moe_nodes(model_path: Path) -> int:
+    model = onnx.load(str(model_path), load_external_data=False)
+    return sum(n.domain == "qwen3_compile" for n in model.graph.node)
 
 
 def check_requested_lowering(lowered: LoweredModel, requested: str | None) -> None:

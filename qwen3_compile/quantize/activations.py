@@ -18,7 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qwen3_compile.custom_ops import DOMAIN, EXPERT_DISPATCH, QUANTIZED_EXPERT_DISPATCH, function
-from qwen3_compile.export.graph import past_names
+from qwen3_compile.graph_contract import past_names
 from qwen3_compile.quantize.calibrate import CalibrationStats
 from qwen3_compile.quantize.weights import QUANT_MAX, dequantized_source
 

@@ -2,7 +2,7 @@
 
 Order: check the recipe against the deployment target; calibrate layer by layer when the recipe
 quantizes activations or the KV cache; fold SmoothQuant scales; quantize weights; insert activation and
-KV-cache Q/DQ; optionally lower for ONNX Runtime. The recipe, its accuracy gates and the calibration
+KV-cache Q/DQ. The recipe, its accuracy gates and the calibration
 summary go into the manifest (`validate` holds the artifact to the recipe's gates); the ranges go to
 `calibration.safetensors`.
 """
@@ -28,7 +28,12 @@ from qwen3_compile.quantize.recipe import QuantRecipe, load_recipe
 from qwen3_compile.quantize.smoothquant import smoothquant_transforms
 from qwen3_compile.quantize.weight_store import WeightStore, open_sink
 from qwen3_compile.quantize.weights import QuantizedTensor, quantize_weights
-from qwen3_compile.storage.artifact_dir import atomic_output_dir, copy_side_files, save_onnx
+from qwen3_compile.storage.artifact_dir import (
+    atomic_output_dir,
+    check_not_an_input,
+    copy_side_files,
+    save_onnx,
+)
 from qwen3_compile.storage.manifest import (
     CALIBRATION_FILE,
     MANIFEST,
@@ -37,8 +42,6 @@ from qwen3_compile.storage.manifest import (
     sha256_file,
     write_manifest,
 )
-
-LOWERING_TARGETS = ("ort",)
 
 
 @dataclass(frozen=True)
@@ -66,13 +69,6 @@ def _check_input(artifact: Path, manifest: dict, recipe: QuantRecipe) -> None:
             fix="run `qwen3-compile export MODEL -o DIR` and quantize DIR.",
         )
     options = manifest.get("options", {})
-    if options.get("target"):
-        raise BadInputError(
-            f"the artifact is already lowered for '{options['target']}'.",
-            file=artifact / MANIFEST,
-            field="options.target",
-            fix="quantize the canonical export (no --target).",
-        )
     dtype = options.get("dtype")
     if dtype not in ("fp32", "fp16"):
         raise BadInputError(
@@ -122,16 +118,14 @@ def _check_stats(stats: CalibrationStats, recipe: QuantRecipe, tensors: list[Qua
     ]
 
 
-def _check_target(recipe: QuantRecipe, target: str | None) -> tuple[str | None, str | None]:
-    """(lowering, deployment target): `ort` is a lowering; any other name is a deployment target the recipe
-    must fit (checked now)."""
-    if target is None or target in LOWERING_TARGETS:
-        return target, None
+def _check_target(recipe: QuantRecipe, target: str | None) -> None:
+    """The recipe must run on the deployment target (checked before any work)."""
+    if target is None:
+        return
     from qwen3_compile.quantize.compat import check_recipe_target
     from qwen3_compile.targets import get_target
 
     check_recipe_target(recipe, get_target(target))
-    return None, target
 
 
 def quantize_artifact(
@@ -145,8 +139,8 @@ def quantize_artifact(
     progress: Progress = NO_PROGRESS,
     ort_qdq: str = "reference",
 ) -> QuantizedArtifact:
-    """Quantize an fp32 or fp16 canonical export. `target` is `ort` (lower the result: INT8 weight-only
-    experts to QMoE) or a deployment target (the recipe must fit it: checked before any work).
+    """Quantize an fp32 or fp16 canonical export. `target`: a deployment device the recipe must fit
+    (checked before any work); lowering for a runtime is the `lower` stage's.
     `ort_qdq`: how ONNX Runtime runs the QDQ graph, recorded in the manifest: `reference` (as written, the
     recipe's numbers) or `fused` (ORT's int8 fusions: backends/onnxruntime/settings.py)."""
     if ort_qdq not in ORT_QDQ:
@@ -159,7 +153,8 @@ def quantize_artifact(
     manifest = read_manifest(artifact)
     recipe = recipe if isinstance(recipe, QuantRecipe) else load_recipe(recipe)
     _check_input(artifact, manifest, recipe)
-    target, deploy_target = _check_target(recipe, target)
+    check_not_an_input(Path(output), [artifact])
+    _check_target(recipe, target)
     arch = Qwen3Arch.from_config_file(artifact / "config.json")
     timings = Timings()
     with timings.stage("load"):  # the graph only: weights are read one tensor at a time
@@ -196,12 +191,6 @@ def quantize_artifact(
                 kv_dtype = recipe.kv_cache.dtype if recipe.kv_cache else None
                 float_dtype = np.float16 if manifest["options"]["dtype"] == "fp16" else np.float32
                 calibration |= insert_activation_qdq(model, stats, act_dtype, kv_dtype, float_dtype)
-        lowering = None
-        if target is not None:
-            from qwen3_compile.lower import lower
-
-            with timings.stage("lower"):
-                lowering = lower(model, target, tmp, sink).to_dict()  # the sink decides inline or external
         sink.close()
         with timings.stage("write"):
             save_onnx(model, tmp / MODEL_FILE)
@@ -222,7 +211,7 @@ def quantize_artifact(
             tmp,
             "quantize",
             inputs,
-            manifest.get("options", {}) | {"target": target, "deploy_target": deploy_target},
+            manifest.get("options", {}) | {"target": target},
             timings,
             {
                 "architecture": manifest.get("architecture"),
@@ -234,7 +223,6 @@ def quantize_artifact(
                 # how ORT must run this graph (backends/onnxruntime/settings.py says why)
                 "ort_optimization": "basic" if "fp8" in recipe.precisions else "all",
                 "ort_session_config": dict(ORT_QDQ[ort_qdq]),
-                "lowering": lowering,
             },
         )
     return QuantizedArtifact(Path(output), recipe, tensors, written, warnings)

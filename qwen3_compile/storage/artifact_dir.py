@@ -23,6 +23,22 @@ EXTERNAL_MIN_BYTES = 1024
 EXTERNAL_ALIGNMENT = 4096
 
 
+def check_not_an_input(output: Path, inputs: list[Path], option: str = "--output") -> None:
+    """No stage writes into, replaces or deletes one of its inputs: `output` may not be an input folder,
+    lie inside one, or contain one."""
+    out = Path(output).resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if out == source or source.is_relative_to(out) or out.is_relative_to(source):
+            raise BadInputError(
+                f"the output folder {'is' if out == source else 'overlaps'} an input ({given}); writing "
+                "there would change or delete the input.",
+                file=output,
+                field=option,
+                fix="choose an output folder outside the input folders.",
+            )
+
+
 @contextmanager
 def atomic_output_dir(out_dir: Path, force: bool) -> Iterator[Path]:
     out_dir = Path(out_dir)

@@ -24,7 +24,7 @@ _CHUNK = 64 << 20
 
 def raw_view(tensor: Any) -> tuple[memoryview, int, list[int]]:
     """(bytes view without a copy where possible, ONNX element type, dims) of a torch tensor or array."""
-    from qwen3_compile.export.builder import ONNX_DTYPES
+    from qwen3_compile.graph_contract import ONNX_DTYPES
 
     if hasattr(tensor, "detach"):
         import torch

@@ -110,3 +110,42 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             file=path,
             fix="re-run the stage that wrote this artifact.",
         ) from None
+
+
+def verify_outputs(folder: Path, manifest: dict[str, Any], hashed: tuple[str, ...]) -> None:
+    """The files a stage is about to read are the ones its manifest lists: each of `hashed` by sha256, every
+    other listed file by size (hashing a multi-GB data file would cost more than the stage)."""
+    listed = manifest.get("outputs")
+    if not isinstance(listed, dict):
+        raise BadInputError(
+            "the manifest lists no outputs.", file=Path(folder) / MANIFEST, field="outputs", fix=_REDO
+        )
+    for name, record in listed.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            raise BadInputError(
+                f"{name} is listed in the manifest but missing.",
+                file=path,
+                field=f"outputs.{name}",
+                fix=_REDO,
+            )
+        if path.stat().st_size != record.get("bytes") or (
+            name in hashed and sha256_file(path) != record.get("sha256")
+        ):
+            raise BadInputError(
+                f"{name} is not the file its manifest lists (changed or damaged since it was written).",
+                file=path,
+                field=f"outputs.{name}.sha256",
+                fix=_REDO,
+            )
+    for name in hashed:
+        if name not in listed:
+            raise BadInputError(
+                f"the manifest does not list {name}.",
+                file=Path(folder) / MANIFEST,
+                field="outputs",
+                fix=_REDO,
+            )
+
+
+_REDO = "re-run the stage that wrote this folder; never edit an artifact in place."

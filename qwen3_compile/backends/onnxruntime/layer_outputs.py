@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen3_compile.backends.onnxruntime.settings import manifest_session_options
-from qwen3_compile.export.graph import layer_output_name, past_names
+from qwen3_compile.graph_contract import layer_output_name, past_names
 
 
 def artifact_layer_outputs(

@@ -8,7 +8,7 @@ import numpy as np
 
 from qwen3_compile.backends.base import empty_kv_cache, graph_feeds
 from qwen3_compile.backends.onnxruntime.settings import session_options
-from qwen3_compile.export.graph import past_names, present_names
+from qwen3_compile.graph_contract import past_names, present_names
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 

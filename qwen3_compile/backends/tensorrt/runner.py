@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from qwen3_compile.backends.base import empty_kv_cache, graph_feeds
+from qwen3_compile.backends.tensorrt.profiles import profile_index, profiles_from_manifest
 from qwen3_compile.backends.tensorrt.shim import import_tensorrt
-from qwen3_compile.engine.profiles import profile_index, profiles_from_manifest
 from qwen3_compile.errors import BadInputError, CheckFailedError
-from qwen3_compile.export.graph import past_names, present_names
-from qwen3_compile.lower.for_tensorrt import PYTHON_PLUGIN
+from qwen3_compile.graph_contract import past_names, present_names
+from qwen3_compile.kernels.trt_contract import PYTHON_PLUGIN
 from qwen3_compile.storage.manifest import MANIFEST, read_manifest
 
 PLAN_FILE = "model.plan"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwen3_compile.engine.profiles import (
+from qwen3_compile.backends.tensorrt.profiles import (
     InputSpec,
     generation_profiles,
     profile_index,

@@ -1,0 +1,170 @@
+"""The `lower` stage: an export or quantize folder rewritten for one runtime (and, for TensorRT, one
+deployment target) into a new artifact folder with its own manifest.
+
+- `ort`: ExpertDispatch -> `com.microsoft::MoE` (float experts), QuantizedExpertDispatch -> `QMoE` (INT8
+  weight-only experts); nodes a rule declines keep their reference body, with the reason recorded.
+- `tensorrt`: the target's MoE lowering (its `moe_lowerings` order, TRT_MoE / plugin / dense), chosen for
+  the TensorRT installed here, else for the target's minimum TensorRT (as a bundle does).
+`build` and `bundle` call the same rules on their own scratch copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qwen3_compile.errors import BadInputError
+from qwen3_compile.lower.files import rewrite_file
+from qwen3_compile.lower.for_tensorrt import MoeChoice, choose_moe_lowering, lower_for_build
+from qwen3_compile.models.config import Qwen3Arch
+from qwen3_compile.progress import NO_PROGRESS, Progress
+from qwen3_compile.storage.artifact_dir import atomic_output_dir, check_not_an_input, copy_side_files
+from qwen3_compile.storage.manifest import (
+    CALIBRATION_FILE,
+    MANIFEST,
+    Timings,
+    read_manifest,
+    sha256_file,
+    verify_outputs,
+    write_manifest,
+)
+from qwen3_compile.targets import Target, get_target
+
+MODEL_FILE = "model.onnx"
+RUNTIMES = ("ort", "tensorrt")
+LOWERABLE_STAGES = ("export", "quantize")
+# what a lowered folder carries over from its source's manifest: how to run and judge the same weights
+CARRIED = ("architecture", "recipe", "quantization", "calibration", "ort_optimization", "ort_session_config")
+
+
+@dataclass(frozen=True)
+class LoweredArtifact:
+    directory: Path
+    runtime: str
+    target: str | None
+    report: dict[str, Any]
+    op_histogram: dict[str, int]
+    moe: MoeChoice | None  # the TensorRT MoE lowering; None for ONNX Runtime
+    manifest: dict[str, Any] = field(repr=False)
+
+    @property
+    def model_path(self) -> Path:
+        return self.directory / MODEL_FILE
+
+
+def _read_source(artifact: Path) -> dict[str, Any]:
+    manifest = read_manifest(artifact)
+    stage = manifest.get("stage")
+    if stage == "lower":
+        source = (manifest.get("inputs") or {}).get("artifact", "its source folder")
+        raise BadInputError(
+            "this folder is already lowered; lowering starts from the canonical graph.",
+            file=artifact / MANIFEST,
+            field="stage",
+            fix=f"lower the export or quantize folder it came from ({source}).",
+        )
+    if stage not in LOWERABLE_STAGES:
+        raise BadInputError(
+            f"lower takes an export or quantize folder; this is a '{stage}' artifact.",
+            file=artifact / MANIFEST,
+            field="stage",
+            fix="run `qwen3-compile export MODEL -o DIR` (then optionally `quantize`) and lower that folder.",
+        )
+    verify_outputs(artifact, manifest, (MODEL_FILE,))
+    return manifest
+
+
+def _tensorrt_choice(arch: Qwen3Arch, target: Target, requested: str | None) -> MoeChoice:
+    """The build's choice where the target's TensorRT is installed; else the choice for a device running
+    the target's minimum TensorRT, the plugin being a library built there (what a bundle ships)."""
+    from qwen3_compile.backends.tensorrt.shim import flavour, import_tensorrt
+
+    if flavour(target.tensorrt).available():
+        trt = import_tensorrt(target.tensorrt, target.min_tensorrt, purpose=f"target {target.name}")
+        return choose_moe_lowering(arch, target, trt, requested)
+    oldest = types.SimpleNamespace(__name__="tensorrt", __version__=target.min_tensorrt)
+    choice = choose_moe_lowering(arch, target, oldest, requested, (Path("libqmoe_trt_plugin.so"),))
+    why = f" (chosen for {target.name}'s minimum TensorRT {target.min_tensorrt}; none is installed here)"
+    return dataclasses.replace(choice, skipped={k: v + why for k, v in choice.skipped.items()})
+
+
+def _lower(
+    runtime: str, choice: MoeChoice | None, model_path: Path, out_dir: Path
+) -> tuple[dict, dict, MoeChoice | None]:
+    """(rewrite report, op histogram, the MoE lowering the graph got) of the lowered copy in `out_dir`."""
+    if runtime == "ort":
+        from qwen3_compile.lower import RULE_SETS
+
+        graph = rewrite_file(model_path, [rule() for rule in RULE_SETS["ort"]], out_dir, what="ort")
+        return graph.report.to_dict(), graph.op_histogram, None
+    lowered = lower_for_build(model_path, choice, out_dir, keep_input=False)
+    return lowered.report, lowered.op_histogram, lowered.moe
+
+
+def lower_artifact(
+    artifact: str | Path,
+    output: str | Path,
+    runtime: str,
+    *,
+    target: str | None = None,
+    moe_lowering: str | None = None,
+    force: bool = False,
+    progress: Progress = NO_PROGRESS,
+) -> LoweredArtifact:
+    """Write `output`: the graph of `artifact` (an export or quantize folder) lowered for `runtime`."""
+    artifact, output = Path(artifact), Path(output)
+    if runtime not in RUNTIMES:
+        raise BadInputError(
+            f"unknown runtime '{runtime}'.", field="--for", fix=f"use one of: {', '.join(RUNTIMES)}."
+        )
+    if runtime == "tensorrt" and target is None:
+        raise BadInputError(
+            "a TensorRT lowering depends on the device (its MoE lowering and TensorRT version).",
+            field="--target",
+            fix="name the deployment target, e.g. --target jetson-agx-orin.",
+        )
+    if moe_lowering is not None and runtime != "tensorrt":
+        raise BadInputError(
+            "--moe-lowering chooses among TensorRT's MoE lowerings.",
+            field="--moe-lowering",
+            fix="drop it, or lower with --for tensorrt --target DEVICE.",
+        )
+    chosen_target = get_target(target) if target else None
+    check_not_an_input(output, [artifact])
+    manifest = _read_source(artifact)
+    arch = Qwen3Arch.from_hf_dict(manifest.get("architecture") or {}, source=artifact / MANIFEST)
+    choice = _tensorrt_choice(arch, chosen_target, moe_lowering) if runtime == "tensorrt" else None
+    timings = Timings()
+    with atomic_output_dir(output, force) as tmp:
+        with timings.stage("lower"), progress.stage(f"lower for {runtime}", total=None):
+            report, histogram, moe = _lower(runtime, choice, artifact / MODEL_FILE, tmp)
+        copy_side_files(artifact, tmp, skip=(MODEL_FILE, MANIFEST, CALIBRATION_FILE))
+        lowering = {
+            "for": runtime,
+            "target": target,
+            "moe": dataclasses.asdict(moe) if moe else None,
+            **report,
+        }
+        record = write_manifest(
+            tmp,
+            "lower",
+            {
+                "artifact": str(artifact),
+                "stage": manifest["stage"],
+                "manifest_sha256": sha256_file(artifact / MANIFEST),
+                "model_sha256": manifest["outputs"][MODEL_FILE]["sha256"],
+            },
+            {
+                **(manifest.get("options") or {}),
+                "for": runtime,
+                "target": target,
+                "moe_lowering": moe_lowering,
+            },
+            timings,
+            {key: manifest[key] for key in CARRIED if key in manifest}
+            | {"op_histogram": histogram, "lowering": lowering},
+        )
+    return LoweredArtifact(output, runtime, target, lowering, histogram, moe, record)
