@@ -30,13 +30,13 @@ def main() -> None:
 
     import onnxruntime as ort
 
-    from qwen3_compile.export.stage import ExportOptions, export_onnx
+    from qwen3_compile.export.stage import export_onnx
     from qwen3_compile.graph_contract import past_names
+    from qwen3_compile.lower.stage import lower_artifact
 
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = export_onnx(
-            args.model, Path(tmp) / "ort", ExportOptions(target="ort"), num_layers=args.layers
-        )
+        canonical = export_onnx(args.model, Path(tmp) / "canonical", num_layers=args.layers)
+        artifact = lower_artifact(canonical.directory, Path(tmp) / "ort", "ort")
         options = ort.SessionOptions()
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")

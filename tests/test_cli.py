@@ -95,19 +95,36 @@ def test_help_is_fast_and_lazy():
     assert out.stdout.strip() == "False"
 
 
-def test_export_command(tmp_path):
+def test_export_then_lower_commands(tmp_path):
     out = tmp_path / "exp"
-    result = run("export", "tiny-moe", "-o", str(out), "--target", "ort", "--json")
+    result = run("export", "tiny-moe", "-o", str(out), "--json")
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
-    assert data["op_histogram"]["com.microsoft::MoE"] == 2
+    assert json.loads(result.output)["op_histogram"]["qwen3_compile::ExpertDispatch"] == 2
     again = run("export", "tiny-moe", "-o", str(out))
     assert again.exit_code == 2 and "--force" in again.output
+    lowered = run("lower", str(out), "--for", "ort", "-o", str(tmp_path / "ort"), "--json")
+    assert lowered.exit_code == 0, lowered.output
+    data = json.loads(lowered.output)
+    assert data["op_histogram"]["com.microsoft::MoE"] == 2 and data["applied"]
+    assert json.loads((tmp_path / "ort" / "manifest.json").read_text())["stage"] == "lower"
+    into_input = run("lower", str(out), "--for", "ort", "-o", str(out), "--force")
+    assert into_input.exit_code == 2 and "input" in into_input.output
+    assert (out / "model.onnx").is_file()  # the input survived
 
 
-def test_export_bad_combination_exit_2(tmp_path):
-    result = run("export", "tiny-moe", "-o", str(tmp_path / "x"), "--dtype", "bf16", "--target", "ort")
-    assert result.exit_code == 2 and "fp32" in result.output
+def test_removed_target_flags_name_the_lower_command(tmp_path):
+    """`export --target ort` and `quantize --target ort` lowered before `lower` existed: exit 2 naming it."""
+    export = run("export", "tiny-moe", "-o", str(tmp_path / "x"), "--target", "ort")
+    assert export.exit_code == 2 and "qwen3-compile lower" in export.output
+    assert not (tmp_path / "x").exists()
+    quantize = run(
+        "quantize", str(tmp_path), "--recipe", "int8-wo", "-o", str(tmp_path / "q"), "--target", "ort"
+    )
+    assert quantize.exit_code == 2 and "lower ARTIFACT --for ort" in quantize.output
+    unknown = run("build", str(tmp_path), "--target", "jetson-nano-2", "-o", str(tmp_path / "e"))
+    assert unknown.exit_code == 2 and "jetson-orin-nano" in unknown.output  # the choices are listed
+    tensorrt_needs_device = run("lower", str(tmp_path), "--for", "tensorrt", "-o", str(tmp_path / "t"))
+    assert tensorrt_needs_device.exit_code == 2 and "--target" in tensorrt_needs_device.output
 
 
 def test_compile_main_job(tmp_path):

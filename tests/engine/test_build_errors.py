@@ -99,13 +99,12 @@ def test_standard_tensorrt_target_without_tensorrt(artifacts, tmp_path):
 
 
 def test_lowered_or_foreign_artifacts_refused(artifacts, tmp_path):
-    lowered = tmp_path / "ort"
-    shutil.copytree(artifacts.export("tiny-dense"), lowered)
-    manifest = json.loads((lowered / "manifest.json").read_text())
-    manifest["options"]["target"] = "ort"
-    (lowered / "manifest.json").write_text(json.dumps(manifest))
+    from qwen3_compile.lower.stage import lower_artifact
+
+    lowered = lower_artifact(artifacts.export("tiny-dense"), tmp_path / "ort", "ort").directory
     result = _build(lowered, "--target", "rtx-ada", "-o", tmp_path / "e")
-    assert result.exit_code == 2 and "options.target" in result.output
+    assert result.exit_code == 2 and "already lowered" in result.output
+    assert str(artifacts.export("tiny-dense")) in result.output  # names the folder to build instead
     (lowered / "manifest.json").write_text(json.dumps({"stage": "validate"}))
     result = _build(lowered, "--target", "rtx-ada", "-o", tmp_path / "e")
     assert result.exit_code == 2 and "'validate' artifact" in result.output

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from qwen3_compile.export.stage import ExportOptions, export_onnx
+from qwen3_compile.export.stage import export_onnx
+from qwen3_compile.lower.stage import lower_artifact
 from qwen3_compile.models.loading import load_model
 
 
@@ -13,10 +14,10 @@ def loaded_presets():
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, loaded_presets):
-    """(preset, graph kind) -> ExportedArtifact; graph kind is 'canonical' or 'ort'."""
+    """(preset, graph kind) -> the export ('canonical') or its `lower --for ort` copy ('ort')."""
     root = tmp_path_factory.mktemp("exports")
     out = {}
     for name, loaded in loaded_presets.items():
         out[name, "canonical"] = export_onnx(loaded, root / name / "canonical")
-        out[name, "ort"] = export_onnx(loaded, root / name / "ort", ExportOptions(target="ort"))
+        out[name, "ort"] = lower_artifact(out[name, "canonical"].directory, root / name / "ort", "ort")
     return out

@@ -90,7 +90,6 @@ def test_side_files_and_manifest(exported):
         (ExportOptions(opset=17), "--opset"),
         (ExportOptions(opset=99), "--opset"),
         (ExportOptions(max_positions=10**6), "--max-positions"),
-        (ExportOptions(dtype="fp16", target="ort"), "--dtype"),
     ],
 )
 def test_bad_options_refused_before_work(options, field, tmp_path):
@@ -128,19 +127,22 @@ def test_external_data_export_runs(loaded_presets, tmp_path, monkeypatch):
 
     from qwen3_compile.backends.base import left_padded_batch
     from qwen3_compile.backends.onnxruntime.runner import OrtRunner
+    from qwen3_compile.lower.stage import lower_artifact
     from qwen3_compile.storage import artifact_dir as artifact_io
-
-    inline = export_onnx(loaded_presets["tiny-moe"], tmp_path / "inline", ExportOptions(target="ort"))
-    monkeypatch.setattr(artifact_io, "EXTERNAL_DATA_THRESHOLD", 0)
-    external = export_onnx(loaded_presets["tiny-moe"], tmp_path / "external", ExportOptions(target="ort"))
-    assert (external.directory / "model.onnx.data").stat().st_size > 70e6
-    assert (external.directory / "model.onnx").stat().st_size < 1e6
-    # the experts' gate_up replaced by the ORT rewrite is compacted away: the file holds live tensors only
     from qwen3_compile.storage.external_data import ALIGNMENT, live_bytes
 
-    model = onnx.load(external.model_path, load_external_data=False)
-    size = (external.directory / "model.onnx.data").stat().st_size
+    canonical = export_onnx(loaded_presets["tiny-moe"], tmp_path / "inline-canonical")
+    inline = lower_artifact(canonical.directory, tmp_path / "inline", "ort")
+    monkeypatch.setattr(artifact_io, "EXTERNAL_DATA_THRESHOLD", 0)
+    streamed = export_onnx(loaded_presets["tiny-moe"], tmp_path / "external-canonical")
+    assert (streamed.directory / "model.onnx").stat().st_size < 1e6
+    model = onnx.load(streamed.model_path, load_external_data=False)
+    size = (streamed.directory / "model.onnx.data").stat().st_size
+    assert size > 70e6  # the file holds the live tensors only, each aligned
     assert live_bytes(model) <= size <= live_bytes(model) + ALIGNMENT * len(model.graph.initializer)
+    external = lower_artifact(streamed.directory, tmp_path / "external", "ort")
+    # the lowered copy keeps the export's data file and adds the rewritten experts beside it
+    assert (external.directory / "model.lowered.data").stat().st_size > 10e6
     batch = left_padded_batch([np.random.default_rng().integers(0, 151643, 9).tolist()], 0)
     outputs = []
     for artifact in (inline, external):

@@ -206,12 +206,12 @@ def test_not_enough_disk_refused_before_writing(layered_checkpoint, tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
-def test_disk_needed_counts_the_ort_rewrite(layered_checkpoint):
+def test_disk_needed_is_the_weights(layered_checkpoint):
     source = export_stage.resolve_model(layered_checkpoint)
-    canonical = export_stage.disk_needed(source, ExportOptions())
-    ort = export_stage.disk_needed(source, ExportOptions(target="ort"))
-    gate_up = LAYERS * 16 * 64 * 64 * 4  # [E, 2I, H] fp32 per layer
-    assert ort - canonical == pytest.approx(canonical - (1 << 20) + 2 * gate_up, rel=0.001)
+    fp32 = export_stage.disk_needed(source, ExportOptions())
+    bf16 = export_stage.disk_needed(source, ExportOptions(dtype="bf16"))
+    assert fp32 - (1 << 20) == pytest.approx(2 * (bf16 - (1 << 20)), rel=0.001)
+    assert fp32 > source.arch.num_layers * 16 * 3 * 64 * 64 * 4  # at least every expert in fp32
 
 
 def test_cli_resume(layered_checkpoint, streamed, tmp_path):

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from qwen3_compile.backends import registry
-from qwen3_compile.export.stage import ExportOptions, export_onnx
+from qwen3_compile.export.stage import export_onnx
 from qwen3_compile.generation import artifact as artifact_module
+from qwen3_compile.lower.stage import lower_artifact
 from qwen3_compile.models.loading import load_model
 
 VOCAB = 151936
@@ -25,7 +26,8 @@ def run_presets(tmp_path_factory):
     out = {}
     for name in ("tiny-dense", "tiny-moe"):
         loaded = load_model(name)
-        out[name] = loaded, export_onnx(loaded, root / name, ExportOptions(target="ort")).directory
+        canonical = export_onnx(loaded, root / name / "canonical").directory
+        out[name] = loaded, lower_artifact(canonical, root / name / "ort", "ort").directory
     return out
 
 

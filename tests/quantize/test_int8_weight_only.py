@@ -12,6 +12,7 @@ from onnx import numpy_helper
 
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.export.stage import ExportOptions, export_onnx
+from qwen3_compile.lower.stage import lower_artifact
 from qwen3_compile.quantize.stage import quantize_artifact
 from qwen3_compile.quantize.weights import quantize_int8
 from qwen3_compile.validate.stage import validate_artifact
@@ -58,10 +59,10 @@ def test_int8_wo_meets_recipe_gates(preset, exports, tmp_path):
 
 
 def test_refuses_lowered_or_bf16_exports(exports, tmp_path):
-    lowered = export_onnx("tiny-moe", tmp_path / "ort", ExportOptions(target="ort")).directory
+    lowered = lower_artifact(exports["tiny-moe"], tmp_path / "ort", "ort").directory
     with pytest.raises(BadInputError) as info:
         quantize_artifact(lowered, "int8-wo", tmp_path / "out")
-    assert info.value.field == "options.target"
+    assert info.value.field == "stage" and "'lower'" in info.value.problem
     bf16 = export_onnx("tiny-dense", tmp_path / "bf16", ExportOptions(dtype="bf16")).directory
     with pytest.raises(BadInputError) as info:
         quantize_artifact(bf16, "int8-wo", tmp_path / "out")
@@ -91,14 +92,14 @@ def test_int8_wo_on_fp16_export_keeps_fp16_scales(tmp_path):
 
 
 def test_int8_experts_lower_to_qmoe(exports, tmp_path):
-    """--target ort: INT8 experts become com.microsoft::QMoE (uint8 = q + 128, fp32 row scales) and
+    """`lower --for ort`: INT8 experts become com.microsoft::QMoE (uint8 = q + 128, fp32 row scales) and
     compute what the canonical QDQ graph computes, both run as their manifests say (ENABLE_ALL, the QDQ
     graph as written: backends/onnxruntime/settings.py)."""
     from qwen3_compile.backends.base import left_padded_batch
     from qwen3_compile.backends.onnxruntime.loader import load_ort_runner
 
     canonical = quantize_artifact(exports["tiny-moe"], "int8-wo", tmp_path / "canonical")
-    lowered = quantize_artifact(exports["tiny-moe"], "int8-wo", tmp_path / "ort", target="ort")
+    lowered = lower_artifact(canonical.directory, tmp_path / "ort", "ort")
     ops = [n.op_type for n in onnx.load(lowered.directory / "model.onnx").graph.node]
     assert ops.count("QMoE") == 2 and "ExpertDispatch" not in ops
     assert lowered.manifest["lowering"]["applied"] == {"quantized_expert_dispatch_to_ort_qmoe": 2}

@@ -10,6 +10,7 @@ import pytest
 from qwen3_compile.backends.base import left_padded_batch
 from qwen3_compile.backends.onnxruntime.runner import OrtRunner
 from qwen3_compile.export.stage import export_onnx
+from qwen3_compile.lower.stage import lower_artifact
 from qwen3_compile.quantize.stage import quantize_artifact
 from qwen3_compile.storage import artifact_dir as artifact_io
 
@@ -26,8 +27,11 @@ def test_streamed_quantize_equals_in_memory(recipe, target, tmp_path, monkeypatc
         patch.setattr(artifact_io, "EXTERNAL_DATA_THRESHOLD", 0)
         external = export_onnx("tiny-moe", tmp_path / "external").directory
     assert (external / "model.onnx.data").exists() and not (inline / "model.onnx.data").exists()
-    a = quantize_artifact(inline, recipe, tmp_path / "qa", target=target, samples=8)
-    b = quantize_artifact(external, recipe, tmp_path / "qb", target=target, samples=8)
+    a = quantize_artifact(inline, recipe, tmp_path / "qa", samples=8)
+    b = quantize_artifact(external, recipe, tmp_path / "qb", samples=8)
+    if target is not None:  # the lowered copy of an external-data artifact keeps its data external
+        a = lower_artifact(a.directory, tmp_path / "la", target)
+        b = lower_artifact(b.directory, tmp_path / "lb", target)
     assert (b.directory / "model.onnx.data").stat().st_size > 10e6  # the weights went out as data
     proto = onnx.load(str(b.directory / "model.onnx"), load_external_data=False)
     assert sum(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer) > 10

@@ -14,7 +14,8 @@ from onnx import numpy_helper
 
 from qwen3_compile.cli import main
 from qwen3_compile.errors import BadInputError
-from qwen3_compile.export.stage import ExportOptions, export_onnx
+from qwen3_compile.export.stage import export_onnx
+from qwen3_compile.lower.stage import lower_artifact
 from qwen3_compile.tokenizer import EMPTY_THINK_BLOCK
 from qwen3_compile.validate.stage import validate_artifact
 
@@ -35,8 +36,9 @@ def few_prompts(tmp_path):
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    return export_onnx(
-        "tiny-moe", tmp_path_factory.mktemp("val") / "ort", ExportOptions(target="ort")
+    root = tmp_path_factory.mktemp("val")
+    return lower_artifact(
+        export_onnx("tiny-moe", root / "canonical").directory, root / "ort", "ort"
     ).directory
 
 
