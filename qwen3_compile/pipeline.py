@@ -19,6 +19,7 @@ from qwen3_compile.models.loading import load_model
 from qwen3_compile.parity import ParityGates, ParityReport, check_parity, parity_prompts
 from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.quantize.stage import QuantizedArtifact, quantize_artifact
+from qwen3_compile.schema import encode
 from qwen3_compile.tokenizer import load_tokenizer
 from qwen3_compile.validate.stage import ValidationReport, validate_artifact
 
@@ -59,7 +60,7 @@ class CompileResult:
                 "path": str(self.quantized.directory / "model.onnx"),
                 "recipe": self.quantized.recipe.name,
                 "weight_ratio_vs_fp16": self.quantized.weight_ratio,
-                "calibration": self.quantized.manifest.get("calibration"),
+                "calibration": self.quantized.manifest.calibration,
                 "validation": {
                     "passed": self.quantized_validation.passed,
                     "failures": self.quantized_validation.failures,
@@ -132,7 +133,7 @@ ENGINE_TARGET = "rtx-blackwell"  # TensorRT-RTX builds it on any machine, no GPU
 
 
 def _lowering(artifact: ExportedArtifact | LoweredArtifact) -> dict | None:
-    return artifact.report if isinstance(artifact, LoweredArtifact) else None
+    return encode(artifact.report) if isinstance(artifact, LoweredArtifact) else None
 
 
 def _build_engine(

@@ -131,7 +131,7 @@ def render_compile(result: CompileResult) -> None:
     q, qv = result.quantized, result.quantized_validation
     console.print(
         f"{q.recipe.name:>10}: {q.directory / 'model.onnx'} ({q.weight_ratio:.2f}x of fp16 for the quantized "
-        f"weights, calibrated on {q.manifest['calibration']['tokens']} tokens); "
+        f"weights, calibrated on {q.manifest.calibration['tokens']} tokens); "
         f"validation ({qv.gates_source}): "
         f"{'[green]pass' if qv.passed else '[red]FAIL: ' + '; '.join(qv.failures)}[/], mean KL "
         f"{qv.summary('prefill').mean_kl:.4f}, top-1 {qv.summary('prefill').top1:.2%}"

@@ -6,14 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 from qwen3_compile.backends.base import CausalLMRunner
 from qwen3_compile.backends.onnxruntime.loader import load_ort_runner
 from qwen3_compile.backends.tensorrt.loader import load_tensorrt_runner
 from qwen3_compile.errors import BadInputError
+from qwen3_compile.storage.manifests import EngineManifest, Manifest
 
-RunnerLoader = Callable[[Path, dict[str, Any]], CausalLMRunner]
+RunnerLoader = Callable[[Path, Manifest], CausalLMRunner]
 
 BACKENDS: dict[str, RunnerLoader] = {
     "ort": load_ort_runner,
@@ -24,20 +24,19 @@ BACKENDS: dict[str, RunnerLoader] = {
 STAGE_BACKENDS: dict[str, str] = {"export": "ort", "quantize": "ort", "lower": "ort", "build": "tensorrt"}
 
 
-def default_backend(manifest: dict[str, Any]) -> str | None:
-    if manifest.get("stage") == "build":
-        return (manifest.get("tensorrt") or {}).get("flavour", "tensorrt")
-    return STAGE_BACKENDS.get(manifest.get("stage"))
+def default_backend(manifest: Manifest) -> str | None:
+    if isinstance(manifest, EngineManifest):
+        return manifest.tensorrt.flavour
+    return STAGE_BACKENDS.get(manifest.stage)
 
 
-def open_runner(folder: Path, manifest: dict[str, Any], backend: str | None = None) -> CausalLMRunner:
+def open_runner(folder: Path, manifest: Manifest, backend: str | None = None) -> CausalLMRunner:
     """A runner for the artifact in `folder` on `backend` (default: the one its stage runs on)."""
     chosen = backend or default_backend(manifest)
     if chosen is None:
-        stage = manifest.get("stage")
-        what = f"a '{stage}' artifact cannot be run" if stage else "the manifest names no stage"
         raise BadInputError(
-            f"{what}: runnable stages are {', '.join(sorted(STAGE_BACKENDS))}.",
+            f"a '{manifest.stage}' artifact cannot be run: runnable stages are "
+            f"{', '.join(sorted(STAGE_BACKENDS))}.",
             file=Path(folder) / "manifest.json",
             field="stage",
             fix="pass a folder written by `qwen3-compile export`, `quantize`, `lower`, `build` or `compile`.",

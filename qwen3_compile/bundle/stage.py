@@ -25,6 +25,7 @@ from typing import Any
 import onnx
 
 from qwen3_compile import __version__
+from qwen3_compile.backends.onnxruntime.settings import ort_optimization, ort_session_config
 from qwen3_compile.backends.tensorrt.profiles import InputSpec, generation_profiles
 from qwen3_compile.bundle.archive import folder_files, write_reproducible_tar
 from qwen3_compile.bundle.checks import BundlePlan, check_bundle_target
@@ -44,6 +45,7 @@ from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.sizing import GB
 from qwen3_compile.storage.artifact_dir import copy_side_files
 from qwen3_compile.storage.manifest import CALIBRATION_FILE, MANIFEST, sha256_file, tool_versions
+from qwen3_compile.storage.manifests import ExportManifest, QuantizeManifest
 from qwen3_compile.targets import Target, get_target, target_to_dict
 
 BUNDLE_FORMAT = 1
@@ -110,14 +112,11 @@ def _place(source: Path, dest: Path) -> None:
         shutil.copyfile(source, dest)
 
 
-def _model_name(manifest: dict[str, Any]) -> str | None:
+def _model_name(manifest: ExportManifest | QuantizeManifest) -> str | None:
     """The preset or checkpoint an artifact came from (an export's inputs, or a quantize's source's)."""
-    inputs = manifest.get("inputs") or {}
-    while inputs:
-        if inputs.get("model"):
-            return Path(str(inputs["model"])).name
-        inputs = inputs.get("source") or {}
-    return None
+    inputs = manifest.inputs if isinstance(manifest, ExportManifest) else manifest.inputs.source or {}
+    model = inputs.get("model")
+    return Path(str(model)).name if model else None
 
 
 def _trtexec(profiles: list[dict], plugin: bool) -> str:
@@ -245,13 +244,13 @@ def _manifest(
         "artifact": {
             "folder": artifact.name,
             "model": _model_name(source) or artifact.name,
-            "stage": source.get("stage"),
+            "stage": source.stage,
             "label": build_input.label,
             "dtype": build_input.dtype,
             "model_sha256": model_sha256,
         },
-        "architecture": source.get("architecture"),
-        "recipe": source.get("recipe"),
+        "architecture": source.architecture,
+        "recipe": getattr(source, "recipe", None),
         "target": target_to_dict(target),
         "tools": tool_versions(),
         "memory": plan.to_dict(),
@@ -264,8 +263,8 @@ def _manifest(
         "op_histogram": lowered.op_histogram,
         "logits": "last",
         "profiles": profiles,
-        "ort_optimization": source.get("ort_optimization", "all"),
-        "ort_session_config": source.get("ort_session_config", {}),
+        "ort_optimization": ort_optimization(source),
+        "ort_session_config": ort_session_config(source),
         "validation": validation_record(report),
         "smoke_reference": smoke,
         "warnings": _warnings(build_input, lowered.moe.lowering),

@@ -72,6 +72,8 @@ def build_command(
         optimization_level=opt_level,
         logits=logits,
     )
+    from qwen3_compile.schema import encode
+
     result = build_engine(artifact, options, output, force=force, progress=default_progress(not as_json))
     manifest = result.manifest
     if as_json:
@@ -81,17 +83,17 @@ def build_command(
                 "plan": str(result.plan_path),
                 "bytes": result.plan_bytes,
                 "build_s": result.build_seconds,
-                "target": manifest["target"],
-                "tensorrt": manifest["tensorrt"],
-                "moe": manifest["moe"],
-                "memory": manifest["memory"],
+                "target": encode(manifest.target),
+                "tensorrt": encode(manifest.tensorrt),
+                "moe": encode(manifest.moe),
+                "memory": encode(manifest.memory),
             }
         )
         return
-    trt = manifest["tensorrt"]
+    trt = manifest.tensorrt
     click.echo(
-        f"wrote {result.plan_path}: {result.plan_bytes / 1e6:.1f} MB for {manifest['target']['name']} "
-        f"(SM {manifest['target']['sm']}) with {trt['module']} {trt['version']} "
+        f"wrote {result.plan_path}: {result.plan_bytes / 1e6:.1f} MB for {manifest.target.name} "
+        f"(SM {manifest.target.sm}) with {trt.module} {trt.version} "
         f"in {result.build_seconds:.1f} s; "
         f"MoE lowering: {result.moe_lowering}; build log: {result.directory / 'build.log'}"
     )

@@ -78,7 +78,7 @@ def export_command(
                 "directory": str(artifact.directory),
                 "model": str(artifact.model_path),
                 "op_histogram": artifact.op_histogram,
-                "timings_s": artifact.manifest["timings_s"],
+                "timings_s": artifact.manifest.timings_s,
             }
         )
         return

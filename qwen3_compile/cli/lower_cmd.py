@@ -59,17 +59,17 @@ def lower_command(
                 "directory": str(result.directory),
                 "for": result.runtime,
                 "target": result.target,
-                "applied": result.report["applied"],
-                "declined": result.report["declined"],
+                "applied": result.report.applied,
+                "declined": result.report.declined,
                 "moe_lowering": result.moe.lowering if result.moe else None,
                 "op_histogram": result.op_histogram,
             }
         )
         return
-    applied = ", ".join(f"{rule} x{n}" for rule, n in result.report["applied"].items()) or "no rewrite"
+    applied = ", ".join(f"{rule} x{n}" for rule, n in result.report.applied.items()) or "no rewrite"
     click.echo(
         f"wrote {result.model_path} (lowered for {runtime}{' / ' + target if target else ''}: {applied})"
     )
-    for rule, reasons in result.report["declined"].items():
+    for rule, reasons in result.report.declined.items():
         for reason in reasons:
             click.echo(f"  {rule} declined {reason}", err=True)

@@ -55,6 +55,7 @@ def quantize_command(
     from qwen3_compile.progress import default_progress
     from qwen3_compile.quantize.recipe import load_recipe, with_kv_cache
     from qwen3_compile.quantize.stage import quantize_artifact
+    from qwen3_compile.schema import encode
 
     chosen = load_recipe(recipe)
     if kv_cache:
@@ -72,21 +73,21 @@ def quantize_command(
     )
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
-    stats = result.manifest["quantization"]
+    stats = result.manifest.quantization
     if as_json:
         emit_json(
             {
                 "directory": str(result.directory),
                 "recipe": result.recipe.to_dict(),
-                **stats,
+                **encode(stats),
                 "weight_ratio_vs_fp16": result.weight_ratio,
-                "calibration": result.manifest.get("calibration"),
+                "calibration": result.manifest.calibration,
                 "warnings": result.warnings,
             }
         )
         return
     click.echo(
         f"wrote {result.directory / 'model.onnx'}: recipe {result.recipe.name}, "
-        f"{stats['quantized_tensors']} weight tensors quantized, {stats['float_bytes'] / 1e6:.1f} MB fp32 -> "
-        f"{stats['quantized_bytes'] / 1e6:.1f} MB ({result.weight_ratio:.2f}x of fp16)"
+        f"{stats.quantized_tensors} weight tensors quantized, {stats.float_bytes / 1e6:.1f} MB fp32 -> "
+        f"{stats.quantized_bytes / 1e6:.1f} MB ({result.weight_ratio:.2f}x of fp16)"
     )

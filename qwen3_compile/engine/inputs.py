@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.quantize.compat import check_recipe_target, sm_tuple
 from qwen3_compile.quantize.recipe import QuantRecipe
-from qwen3_compile.storage.manifest import MANIFEST, read_manifest
+from qwen3_compile.storage.manifest import MANIFEST, read_manifest, verify_outputs
+from qwen3_compile.storage.manifests import ExportManifest, LowerManifest, QuantizeManifest
 from qwen3_compile.targets import Target
 
 MODEL_FILE = "model.onnx"
@@ -21,7 +21,7 @@ BUILDABLE_STAGES = ("export", "quantize")
 @dataclass(frozen=True)
 class BuildInput:
     directory: Path
-    manifest: dict[str, Any]
+    manifest: ExportManifest | QuantizeManifest
     arch: Qwen3Arch
     dtype: str  # the export's float type: fp32, fp16, bf16
     recipe: QuantRecipe | None
@@ -39,30 +39,28 @@ def read_build_input(artifact: str | Path) -> BuildInput:
     directory = Path(artifact)
     manifest = read_manifest(directory)
     where = directory / MANIFEST
-    stage = manifest.get("stage")
-    if stage == "lower":
-        source = (manifest.get("inputs") or {}).get("artifact", "the export or quantize folder")
+    stage = manifest.stage
+    if isinstance(manifest, LowerManifest):
+        source = manifest.inputs.artifact
         raise BadInputError(
             "build lowers the canonical graph for its target itself; this folder is already lowered.",
             file=where,
             field="stage",
             fix=f"build the folder it was lowered from ({source}).",
         )
-    if stage not in BUILDABLE_STAGES or not (directory / MODEL_FILE).exists():
+    if stage not in BUILDABLE_STAGES:
         raise BadInputError(
-            f"build takes an exported or quantized artifact; this is a '{stage}' artifact"
-            + ("" if (directory / MODEL_FILE).exists() else f" without {MODEL_FILE}")
-            + ".",
+            f"build takes an exported or quantized artifact; this is a '{stage}' artifact.",
             file=where,
             field="stage",
             fix="run `qwen3-compile export MODEL -o DIR` (then optionally `quantize`) and build that folder.",
         )
-    options = manifest.get("options", {})
-    arch = Qwen3Arch.from_hf_dict(manifest.get("architecture") or {}, source=where)
+    verify_outputs(directory, manifest, (MODEL_FILE,))
+    arch = Qwen3Arch.from_hf_dict(manifest.architecture, source=where)
     recipe = None
-    if stage == "quantize":
-        recipe = QuantRecipe.from_dict(manifest.get("recipe") or {}, source=f"{where} (recipe)")
-    return BuildInput(directory, manifest, arch, options.get("dtype", "fp32"), recipe)
+    if isinstance(manifest, QuantizeManifest):
+        recipe = QuantRecipe.from_dict(manifest.recipe, source=f"{where} (recipe)")
+    return BuildInput(directory, manifest, arch, manifest.options.dtype, recipe)
 
 
 def check_target_supports(build_input: BuildInput, target: Target) -> None:

@@ -8,6 +8,7 @@ no folder and copies its log next to where the folder would have been.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -27,6 +28,16 @@ from qwen3_compile.lower.for_tensorrt import check_requested_lowering, choose_mo
 from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.storage.artifact_dir import atomic_output_dir, copy_side_files
 from qwen3_compile.storage.manifest import CALIBRATION_FILE, MANIFEST, Timings, sha256_file, write_manifest
+from qwen3_compile.storage.manifests import (
+    EngineManifest,
+    EngineOptions,
+    MemoryRecord,
+    MoeRecord,
+    PlanRecord,
+    SourceRecord,
+    TargetRecord,
+    TensorRTRecord,
+)
 from qwen3_compile.targets import get_target
 
 PLAN_FILE = "model.plan"
@@ -64,7 +75,7 @@ class BuildOptions:
 @dataclass(frozen=True)
 class BuiltEngine:
     directory: Path
-    manifest: dict[str, Any] = field(repr=False)
+    manifest: EngineManifest = field(repr=False)
 
     @property
     def plan_path(self) -> Path:
@@ -72,15 +83,15 @@ class BuiltEngine:
 
     @property
     def plan_bytes(self) -> int:
-        return self.manifest["engine"]["bytes"]
+        return self.manifest.engine.bytes
 
     @property
     def build_seconds(self) -> float:
-        return self.manifest["engine"]["build_s"]
+        return self.manifest.engine.build_s
 
     @property
     def moe_lowering(self) -> str:
-        return self.manifest["moe"]["lowering"]
+        return self.manifest.moe.lowering
 
 
 def default_timing_cache(flavour: str, version: str, sm: str) -> Path:
@@ -156,37 +167,43 @@ def build_engine(
         except (Qwen3CompileError, KeyboardInterrupt) as err:
             _keep_log(tmp, output, err)
             raise
-        record = {
-            "architecture": build_input.manifest.get("architecture"),
-            "recipe": build_input.manifest.get("recipe"),
-            "tensorrt": {"flavour": target.tensorrt, "module": trt.__name__, "version": trt.__version__},
-            "target": {"name": target.name, "sm": target.sm, "description": target.description},
-            "profiles": [p.to_dict() for p in profiles],
-            "moe": {
-                "lowering": lowered.moe.lowering,
-                "skipped": lowered.moe.skipped,
-                "plugin": lowered.moe.plugin,
-            },
-            "attention": target.attention,
-            "lowering": lowered.report,
-            "op_histogram": lowered.op_histogram,
-            "plugins": plugin_hashes,
-            "memory": memory.to_dict(),
-            "timing_cache": str(timing_cache) if timing_cache else None,
-            "engine": {"file": PLAN_FILE, "bytes": plan.nbytes, "build_s": round(plan.seconds, 3)},
-        }
+        source = build_input.manifest
         manifest = write_manifest(
             tmp,
-            "build",
-            {
-                "artifact": str(build_input.directory),
-                "stage": build_input.manifest.get("stage"),
-                "model_sha256": sha256_file(build_input.model_path),
-                "source": build_input.manifest.get("inputs"),
-            },
-            build_input.manifest.get("options", {}) | options.to_dict() | {"max_seq": max_seq},
+            EngineManifest,
             timings,
-            record,
+            inputs=SourceRecord(
+                artifact=str(build_input.directory),
+                stage=source.stage,
+                model_sha256=source.outputs[MODEL_FILE].sha256,
+                manifest_sha256=sha256_file(build_input.directory / MANIFEST),
+                source=source.inputs if source.stage == "export" else source.inputs.source,
+            ),
+            options=EngineOptions(
+                dtype=source.options.dtype,
+                opset=source.options.opset,
+                max_positions=source.options.max_positions,
+                target=options.target,
+                max_batch=options.max_batch,
+                max_seq=max_seq,
+                moe_lowering=options.moe_lowering,
+                plugins=tuple(str(p) for p in options.plugins),
+                logits=options.logits,
+                optimization_level=options.optimization_level,
+            ),
+            architecture=source.architecture,
+            recipe=getattr(source, "recipe", None),
+            tensorrt=TensorRTRecord(flavour=target.tensorrt, module=trt.__name__, version=trt.__version__),
+            target=TargetRecord(name=target.name, sm=target.sm, description=target.description),
+            profiles=tuple(p.to_dict() for p in profiles),
+            moe=MoeRecord(**dataclasses.asdict(lowered.moe)),
+            attention=target.attention,
+            lowering=lowered.report,
+            op_histogram=lowered.op_histogram,
+            plugins=plugin_hashes,
+            memory=MemoryRecord(**memory.to_dict()),
+            timing_cache=str(timing_cache) if timing_cache else None,
+            engine=PlanRecord(file=PLAN_FILE, bytes=plan.nbytes, build_s=round(plan.seconds, 3)),
         )
     return BuiltEngine(output, manifest)
 

@@ -25,6 +25,7 @@ from qwen3_compile.storage import artifact_dir
 from qwen3_compile.storage.artifact_dir import atomic_output_dir, check_not_an_input, save_onnx
 from qwen3_compile.storage.external_data import ExternalDataWriter
 from qwen3_compile.storage.manifest import Timings, sha256_file, write_manifest
+from qwen3_compile.storage.manifests import ExportManifest, GraphOptions
 
 DTYPES = ("fp32", "fp16", "bf16")
 MIN_OPSET, MAX_OPSET = 18, 24
@@ -49,7 +50,7 @@ class ExportedArtifact:
     directory: Path
     options: ExportOptions
     op_histogram: dict[str, int]
-    manifest: dict[str, Any] = field(repr=False)
+    manifest: ExportManifest = field(repr=False)
 
     @property
     def model_path(self) -> Path:
@@ -234,15 +235,13 @@ def export_onnx(
             write_side_files(tmp, arch, max_positions, source.tokenizer_dir)
         manifest = write_manifest(
             tmp,
-            "export",
-            _input_record(source),
-            asdict(options) | {"max_positions": max_positions},
+            ExportManifest,
             timings,
-            {
-                "op_histogram": histogram,
-                "architecture": arch.to_hf_dict(),
-                "resumed_after_groups": done,
-            },
+            inputs=_input_record(source),
+            options=GraphOptions(dtype=options.dtype, opset=options.opset, max_positions=max_positions),
+            op_histogram=histogram,
+            architecture=arch.to_hf_dict(),
+            resumed_after_groups=done,
         )
     return ExportedArtifact(output, options, histogram, manifest)
 

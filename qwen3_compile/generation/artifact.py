@@ -6,7 +6,6 @@ manifest's stage runs on. Callers (the decode loop, `run`) only see `CausalLMRun
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from qwen3_compile.backends.base import CausalLMRunner
 from qwen3_compile.backends.registry import open_runner
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.storage.manifest import MANIFEST, read_manifest
+from qwen3_compile.storage.manifests import Manifest
 
 EXPORT_MODEL_FILE = "model.onnx"  # the graph file of export, quantize and lower folders
 _PASS_EXPORT = (
@@ -25,14 +25,14 @@ _PASS_EXPORT = (
 @dataclass(frozen=True)
 class ChatArtifact:
     folder: Path
-    manifest: dict[str, Any] = field(repr=False)
+    manifest: Manifest = field(repr=False)
     runner: CausalLMRunner
     tokenizer: Any = field(repr=False)
     max_positions: int | None  # context limit recorded at export
 
     @property
     def stage(self) -> str:
-        return self.manifest["stage"]
+        return self.manifest.stage
 
 
 def _check_folder(folder: Path) -> None:
@@ -60,11 +60,9 @@ def _check_folder(folder: Path) -> None:
         )
 
 
-def _max_positions(folder: Path, manifest: dict[str, Any]) -> int | None:
-    limit = manifest.get("options", {}).get("max_positions")
-    if limit is None and (folder / "config.json").is_file():
-        limit = json.loads((folder / "config.json").read_text()).get("max_position_embeddings")
-    return int(limit) if limit else None
+def _max_positions(manifest: Manifest) -> int | None:
+    """The context limit recorded at export, carried by every stage after it."""
+    return getattr(getattr(manifest, "options", None), "max_positions", None)
 
 
 def open_chat_artifact(folder: str | Path) -> ChatArtifact:
@@ -75,4 +73,4 @@ def open_chat_artifact(folder: str | Path) -> ChatArtifact:
     _check_folder(folder)
     manifest = read_manifest(folder)
     runner = open_runner(folder, manifest)
-    return ChatArtifact(folder, manifest, runner, load_tokenizer(folder), _max_positions(folder, manifest))
+    return ChatArtifact(folder, manifest, runner, load_tokenizer(folder), _max_positions(manifest))

@@ -14,7 +14,6 @@ import dataclasses
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.lower.files import rewrite_file
@@ -31,13 +30,20 @@ from qwen3_compile.storage.manifest import (
     verify_outputs,
     write_manifest,
 )
+from qwen3_compile.storage.manifests import (
+    ExportManifest,
+    LoweringRecord,
+    LowerManifest,
+    LowerOptions,
+    MoeRecord,
+    QuantizeManifest,
+    SourceRecord,
+)
 from qwen3_compile.targets import Target, get_target
 
 MODEL_FILE = "model.onnx"
 RUNTIMES = ("ort", "tensorrt")
 LOWERABLE_STAGES = ("export", "quantize")
-# what a lowered folder carries over from its source's manifest: how to run and judge the same weights
-CARRIED = ("architecture", "recipe", "quantization", "calibration", "ort_optimization", "ort_session_config")
 
 
 @dataclass(frozen=True)
@@ -45,21 +51,21 @@ class LoweredArtifact:
     directory: Path
     runtime: str
     target: str | None
-    report: dict[str, Any]
+    report: LoweringRecord
     op_histogram: dict[str, int]
     moe: MoeChoice | None  # the TensorRT MoE lowering; None for ONNX Runtime
-    manifest: dict[str, Any] = field(repr=False)
+    manifest: LowerManifest = field(repr=False)
 
     @property
     def model_path(self) -> Path:
         return self.directory / MODEL_FILE
 
 
-def _read_source(artifact: Path) -> dict[str, Any]:
+def _read_source(artifact: Path) -> ExportManifest | QuantizeManifest:
     manifest = read_manifest(artifact)
-    stage = manifest.get("stage")
-    if stage == "lower":
-        source = (manifest.get("inputs") or {}).get("artifact", "its source folder")
+    stage = manifest.stage
+    if isinstance(manifest, LowerManifest):
+        source = manifest.inputs.artifact
         raise BadInputError(
             "this folder is already lowered; lowering starts from the canonical graph.",
             file=artifact / MANIFEST,
@@ -135,36 +141,47 @@ def lower_artifact(
     chosen_target = get_target(target) if target else None
     check_not_an_input(output, [artifact])
     manifest = _read_source(artifact)
-    arch = Qwen3Arch.from_hf_dict(manifest.get("architecture") or {}, source=artifact / MANIFEST)
+    arch = Qwen3Arch.from_hf_dict(manifest.architecture, source=artifact / MANIFEST)
     choice = _tensorrt_choice(arch, chosen_target, moe_lowering) if runtime == "tensorrt" else None
     timings = Timings()
     with atomic_output_dir(output, force) as tmp:
         with timings.stage("lower"), progress.stage(f"lower for {runtime}", total=None):
             report, histogram, moe = _lower(runtime, choice, artifact / MODEL_FILE, tmp)
         copy_side_files(artifact, tmp, skip=(MODEL_FILE, MANIFEST, CALIBRATION_FILE))
-        lowering = {
-            "for": runtime,
-            "target": target,
-            "moe": dataclasses.asdict(moe) if moe else None,
-            **report,
-        }
+        lowering = LoweringRecord(
+            runtime=runtime,
+            target=target,
+            moe=MoeRecord(**dataclasses.asdict(moe)) if moe else None,
+            applied=report["applied"],
+            declined={rule: tuple(reasons) for rule, reasons in report["declined"].items()},
+        )
+        quantized = isinstance(manifest, QuantizeManifest)
         record = write_manifest(
             tmp,
-            "lower",
-            {
-                "artifact": str(artifact),
-                "stage": manifest["stage"],
-                "manifest_sha256": sha256_file(artifact / MANIFEST),
-                "model_sha256": manifest["outputs"][MODEL_FILE]["sha256"],
-            },
-            {
-                **(manifest.get("options") or {}),
-                "for": runtime,
-                "target": target,
-                "moe_lowering": moe_lowering,
-            },
+            LowerManifest,
             timings,
-            {key: manifest[key] for key in CARRIED if key in manifest}
-            | {"op_histogram": histogram, "lowering": lowering},
+            inputs=SourceRecord(
+                artifact=str(artifact),
+                stage=manifest.stage,
+                model_sha256=manifest.outputs[MODEL_FILE].sha256,
+                manifest_sha256=sha256_file(artifact / MANIFEST),
+                source=manifest.inputs if isinstance(manifest, ExportManifest) else manifest.inputs.source,
+            ),
+            options=LowerOptions(
+                dtype=manifest.options.dtype,
+                opset=manifest.options.opset,
+                max_positions=manifest.options.max_positions,
+                runtime=runtime,
+                target=target,
+                moe_lowering=moe_lowering,
+            ),
+            architecture=manifest.architecture,
+            op_histogram=histogram,
+            lowering=lowering,
+            recipe=manifest.recipe if quantized else None,
+            quantization=manifest.quantization if quantized else None,
+            calibration=manifest.calibration if quantized else None,
+            ort_optimization=manifest.ort_optimization if quantized else "all",
+            ort_session_config=manifest.ort_session_config if quantized else {},
         )
     return LoweredArtifact(output, runtime, target, lowering, histogram, moe, record)

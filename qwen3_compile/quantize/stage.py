@@ -9,9 +9,8 @@ summary go into the manifest (`validate` holds the artifact to the recipe's gate
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -40,7 +39,15 @@ from qwen3_compile.storage.manifest import (
     Timings,
     read_manifest,
     sha256_file,
+    verify_outputs,
     write_manifest,
+)
+from qwen3_compile.storage.manifests import (
+    AnyManifest,
+    QuantizationTotals,
+    QuantizeManifest,
+    QuantizeOptions,
+    SourceRecord,
 )
 
 
@@ -49,7 +56,7 @@ class QuantizedArtifact:
     directory: Path
     recipe: QuantRecipe
     tensors: list[QuantizedTensor]
-    manifest: dict[str, Any] = field(repr=False)
+    manifest: QuantizeManifest = field(repr=False)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -60,16 +67,16 @@ class QuantizedArtifact:
         )
 
 
-def _check_input(artifact: Path, manifest: dict, recipe: QuantRecipe) -> None:
-    if manifest.get("stage") != "export" or not (artifact / MODEL_FILE).exists():
+def _check_input(artifact: Path, manifest: AnyManifest, recipe: QuantRecipe) -> None:
+    if manifest.stage != "export":
         raise BadInputError(
-            f"quantize takes an exported artifact; this is a '{manifest.get('stage')}' artifact.",
+            f"quantize takes an exported artifact; this is a '{manifest.stage}' artifact.",
             file=artifact / MANIFEST,
             field="stage",
             fix="run `qwen3-compile export MODEL -o DIR` and quantize DIR.",
         )
-    options = manifest.get("options", {})
-    dtype = options.get("dtype")
+    verify_outputs(artifact, manifest, (MODEL_FILE,))
+    dtype = manifest.options.dtype
     if dtype not in ("fp32", "fp16"):
         raise BadInputError(
             f"quantize reads fp32 or fp16 exports; this one is {dtype}.",
@@ -189,7 +196,7 @@ def quantize_artifact(
                 warnings = _check_stats(stats, recipe, tensors)
                 act_dtype = recipe.activations.dtype if recipe.activations else None
                 kv_dtype = recipe.kv_cache.dtype if recipe.kv_cache else None
-                float_dtype = np.float16 if manifest["options"]["dtype"] == "fp16" else np.float32
+                float_dtype = np.float16 if manifest.options.dtype == "fp16" else np.float32
                 calibration |= insert_activation_qdq(model, stats, act_dtype, kv_dtype, float_dtype)
         sink.close()
         with timings.stage("write"):
@@ -197,32 +204,30 @@ def quantize_artifact(
             copy_side_files(artifact, tmp, skip=(MODEL_FILE, MANIFEST, CALIBRATION_FILE))
             if stats is not None:
                 stats.save(tmp / CALIBRATION_FILE)
-        inputs = {
-            "artifact": str(artifact),
-            "model_sha256": sha256_file(artifact / MODEL_FILE),
-            "source": manifest.get("inputs"),
-        }
-        quantization = {
-            "quantized_tensors": len(tensors),
-            "float_bytes": sum(t.float_bytes for t in tensors),
-            "quantized_bytes": sum(t.quantized_bytes for t in tensors),
-        }
         written = write_manifest(
             tmp,
-            "quantize",
-            inputs,
-            manifest.get("options", {}) | {"target": target},
+            QuantizeManifest,
             timings,
-            {
-                "architecture": manifest.get("architecture"),
-                "recipe": recipe.to_dict(),
-                "quantization": quantization,
-                "calibration": calibration,
-                "smoothquant": smoothing,
-                "warnings": warnings,
-                # how ORT must run this graph (backends/onnxruntime/settings.py says why)
-                "ort_optimization": "basic" if "fp8" in recipe.precisions else "all",
-                "ort_session_config": dict(ORT_QDQ[ort_qdq]),
-            },
+            inputs=SourceRecord(
+                artifact=str(artifact),
+                stage="export",
+                model_sha256=manifest.outputs[MODEL_FILE].sha256,
+                manifest_sha256=sha256_file(artifact / MANIFEST),
+                source=manifest.inputs,
+            ),
+            options=QuantizeOptions(**asdict(manifest.options), target=target),
+            architecture=manifest.architecture,
+            recipe=recipe.to_dict(),
+            quantization=QuantizationTotals(
+                quantized_tensors=len(tensors),
+                float_bytes=sum(t.float_bytes for t in tensors),
+                quantized_bytes=sum(t.quantized_bytes for t in tensors),
+            ),
+            calibration=calibration,
+            smoothquant=smoothing,
+            warnings=tuple(warnings),
+            # how ORT must run this graph (backends/onnxruntime/settings.py says why)
+            ort_optimization="basic" if "fp8" in recipe.precisions else "all",
+            ort_session_config=dict(ORT_QDQ[ort_qdq]),
         )
     return QuantizedArtifact(Path(output), recipe, tensors, written, warnings)

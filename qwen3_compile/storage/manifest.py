@@ -15,14 +15,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from qwen3_compile import __version__
 from qwen3_compile.errors import BadInputError
+from qwen3_compile.schema import decode, encode
+from qwen3_compile.storage.manifests import ARTIFACT_KINDS, AnyManifest, FileRecord, Manifest
+
+M = TypeVar("M", bound=Manifest)
 
 MANIFEST = "manifest.json"
 CALIBRATION_FILE = "calibration.safetensors"  # a quantized artifact's calibration statistics
-SCHEMA_VERSION = 1
 _TOOLS = (
     "torch",
     "transformers",
@@ -66,60 +69,49 @@ class Timings:
             self.seconds[name] = round(time.perf_counter() - start, 3)
 
 
-def write_manifest(
-    folder: Path,
-    stage: str,
-    inputs: dict[str, Any],
-    options: dict[str, Any],
-    timings: Timings,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Hash every file in `folder` and write the manifest next to them."""
+def write_manifest(folder: Path, kind: type[M], timings: Timings, **fields: Any) -> M:
+    """Hash every file in `folder`, then write the `kind` manifest listing them next to them."""
     outputs = {
-        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        p.name: FileRecord(sha256=sha256_file(p), bytes=p.stat().st_size)
         for p in sorted(folder.iterdir())
         if p.is_file() and p.name != MANIFEST
     }
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "stage": stage,
-        "inputs": inputs,
-        "options": options,
-        "tools": tool_versions(),
-        "outputs": outputs,
-        "timings_s": timings.seconds,
-        **(extra or {}),
-    }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    manifest = kind(tools=tool_versions(), outputs=outputs, timings_s=dict(timings.seconds), **fields)
+    (folder / MANIFEST).write_text(json.dumps(encode(manifest), indent=2, sort_keys=True) + "\n")
     return manifest
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
+def read_manifest(folder: Path) -> AnyManifest:
+    """The folder's manifest, decoded strictly into the class its `stage` names."""
     path = Path(folder) / MANIFEST
-    if not path.exists():
+    if not path.is_file():
         raise BadInputError(
             "the artifact has no manifest.json.",
             file=path,
-            fix="pass a folder written by qwen3-compile (export, quantize, build).",
+            fix="pass a folder written by qwen3-compile (export, quantize, lower, build).",
         )
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BadInputError(
-            f"manifest.json is not valid JSON ({err.msg}).",
-            file=path,
-            fix="re-run the stage that wrote this artifact.",
+            f"manifest.json is not valid JSON ({getattr(err, 'msg', err)}).", file=path, fix=_REDO
         ) from None
+    stage = data.get("stage") if isinstance(data, dict) else None
+    if stage not in ARTIFACT_KINDS:
+        raise BadInputError(
+            f"the manifest names {'stage ' + repr(stage) if stage else 'no stage'}, not an artifact "
+            "this toolchain reads.",
+            file=path,
+            field="stage",
+            fix=f"pass a folder written by one of: {', '.join(ARTIFACT_KINDS)}.",
+        )
+    return decode(ARTIFACT_KINDS[stage], data, file=path)
 
 
-def verify_outputs(folder: Path, manifest: dict[str, Any], hashed: tuple[str, ...]) -> None:
+def verify_outputs(folder: Path, manifest: Manifest, hashed: tuple[str, ...]) -> None:
     """The files a stage is about to read are the ones its manifest lists: each of `hashed` by sha256, every
     other listed file by size (hashing a multi-GB data file would cost more than the stage)."""
-    listed = manifest.get("outputs")
-    if not isinstance(listed, dict):
-        raise BadInputError(
-            "the manifest lists no outputs.", file=Path(folder) / MANIFEST, field="outputs", fix=_REDO
-        )
+    listed = manifest.outputs
     for name, record in listed.items():
         path = Path(folder) / name
         if not path.is_file():
@@ -129,9 +121,7 @@ def verify_outputs(folder: Path, manifest: dict[str, Any], hashed: tuple[str, ..
                 field=f"outputs.{name}",
                 fix=_REDO,
             )
-        if path.stat().st_size != record.get("bytes") or (
-            name in hashed and sha256_file(path) != record.get("sha256")
-        ):
+        if path.stat().st_size != record.bytes or (name in hashed and sha256_file(path) != record.sha256):
             raise BadInputError(
                 f"{name} is not the file its manifest lists (changed or damaged since it was written).",
                 file=path,

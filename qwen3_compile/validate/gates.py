@@ -32,11 +32,11 @@ DEFAULT_GATES = {
 }
 
 
-def gates_for(manifest: dict[str, Any]) -> tuple[Gates, str]:
+def gates_for(manifest) -> tuple[Gates, str]:
     """(gates, where they came from): the recipe's when the artifact was quantized, else by dtype."""
-    recipe = manifest.get("recipe") or {}
+    recipe = getattr(manifest, "recipe", None) or {}
     if "gates" in recipe:
         defaults = DEFAULT_GATES["fp16"].to_dict()
         return Gates.from_dict(defaults | recipe["gates"]), f"recipe {recipe.get('name', '?')}"
-    dtype = manifest.get("options", {}).get("dtype", "fp32")
+    dtype = manifest.options.dtype
     return DEFAULT_GATES.get(dtype, DEFAULT_GATES["fp16"]), f"defaults for {dtype}"

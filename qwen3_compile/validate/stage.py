@@ -18,7 +18,7 @@ from qwen3_compile.errors import BadInputError
 from qwen3_compile.models.loading import LoadedModel, load_model, resolve_model
 from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.storage.artifact_dir import atomic_output_dir
-from qwen3_compile.storage.manifest import read_manifest
+from qwen3_compile.storage.manifest import read_manifest, verify_outputs
 from qwen3_compile.tokenizer import ENDOFTEXT_ID, load_tokenizer
 from qwen3_compile.validate.bisect import Bisection, bisect_layers
 from qwen3_compile.validate.gates import Gates, gates_for
@@ -108,9 +108,9 @@ class ValidationReport:
         }
 
 
-def _check_reference(manifest: dict, reference_arch, artifact: Path, reference: str) -> None:
+def _check_reference(manifest, reference_arch, artifact: Path, reference: str) -> None:
     """The artifact's architecture (from its manifest) must be the reference's."""
-    recorded = manifest.get("architecture") or {}
+    recorded = manifest.architecture
     expected = reference_arch.to_hf_dict()
     for key in sorted(set(recorded) | set(expected)):
         if key == "max_position_embeddings":
@@ -192,6 +192,8 @@ def validate_artifact(
 
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
+    graph_file = "model.onnx" if "model.onnx" in manifest.outputs else "model.plan"
+    verify_outputs(artifact, manifest, (graph_file,))
     candidate = open_runner(artifact, manifest, backend)
     loaded = reference if isinstance(reference, LoadedModel) else None
     source = loaded.source if loaded else resolve_model(reference, num_layers)
@@ -200,7 +202,7 @@ def validate_artifact(
     gates, gates_source = gates_for(manifest)
     tokenizer = load_tokenizer(artifact)
     cases = render_suite(tokenizer, load_prompt_entries(prompts))
-    max_positions = manifest.get("options", {}).get("max_positions") or source.arch.max_position_embeddings
+    max_positions = manifest.options.max_positions
     long_tokens = (
         min(max_positions - decode_steps - 1, LONG_CONTEXT_CAP)
         if long_context_tokens is None
@@ -223,7 +225,7 @@ def validate_artifact(
                 loaded, artifact / "model.onnx", probes, gates.layer_tolerance, manifest
             )
     report = ValidationReport(str(artifact), str(reference), backend, gates, gates_source, results, bisection)
-    model_hash = (manifest.get("outputs", {}).get("model.onnx") or {}).get("sha256")
+    model_hash = manifest.outputs[graph_file].sha256  # checked against the file before the run
     settings = (
         {"optimization": ort_optimization(manifest), "session_config": ort_session_config(manifest)}
         if backend == "ort"

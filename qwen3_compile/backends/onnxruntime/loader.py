@@ -4,19 +4,19 @@ session settings its manifest records."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from qwen3_compile.backends.base import CausalLMRunner
 from qwen3_compile.errors import BadInputError
+from qwen3_compile.storage.manifests import LowerManifest, Manifest
 
 MODEL_FILE = "model.onnx"
 # stages whose folder holds a graph ONNX Runtime runs as is (a `lower` folder only when lowered for ORT)
 ORT_STAGES = ("export", "quantize", "lower")
 
 
-def check_runs_on_ort(folder: Path, manifest: dict[str, Any]) -> None:
-    stage = manifest.get("stage")
-    lowered_for = (manifest.get("lowering") or {}).get("for")
+def check_runs_on_ort(folder: Path, manifest: Manifest) -> None:
+    stage = manifest.stage
+    lowered_for = manifest.lowering.runtime if isinstance(manifest, LowerManifest) else None
     if stage not in ORT_STAGES or (stage == "lower" and lowered_for != "ort"):
         what = f"lowered for {lowered_for}" if stage == "lower" else f"a '{stage}' artifact"
         raise BadInputError(
@@ -28,12 +28,12 @@ def check_runs_on_ort(folder: Path, manifest: dict[str, Any]) -> None:
         )
 
 
-def load_ort_runner(folder: Path, manifest: dict[str, Any], device: str = "cpu") -> CausalLMRunner:
+def load_ort_runner(folder: Path, manifest: Manifest) -> CausalLMRunner:
     """The folder's model.onnx on ONNX Runtime, run as its manifest records."""
     check_runs_on_ort(folder, manifest)
     model = folder / MODEL_FILE
     if not model.is_file():
-        listed = MODEL_FILE in manifest.get("outputs", {})
+        listed = MODEL_FILE in manifest.outputs
         raise BadInputError(
             f"the artifact has no {MODEL_FILE}{' although its manifest lists it' if listed else ''}.",
             file=model,

@@ -27,12 +27,13 @@ ORT_QDQ = {
 }
 
 
-def ort_optimization(manifest: dict[str, Any]) -> str:
-    return manifest.get("ort_optimization", "all")
+def ort_optimization(manifest) -> str:
+    """What the artifact records (quantize and lower manifests); an export runs at ORT's default."""
+    return getattr(manifest, "ort_optimization", "all")
 
 
-def ort_session_config(manifest: dict[str, Any]) -> dict[str, str]:
-    return {str(k): str(v) for k, v in (manifest.get("ort_session_config") or {}).items()}
+def ort_session_config(manifest) -> dict[str, str]:
+    return dict(getattr(manifest, "ort_session_config", {}))
 
 
 def session_options(

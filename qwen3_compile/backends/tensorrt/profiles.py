@@ -99,12 +99,12 @@ def profile_index(profiles: list[ShapeProfile], batch: int, seq: int, past: int)
     )
 
 
-def profiles_from_manifest(manifest: dict) -> list[ShapeProfile]:
+def profiles_from_manifest(manifest) -> list[ShapeProfile]:
     """The profiles a build recorded (in engine order)."""
     return [
         ShapeProfile(
             p["name"],
             {k: (tuple(v["min"]), tuple(v["opt"]), tuple(v["max"])) for k, v in p["shapes"].items()},
         )
-        for p in manifest["profiles"]
+        for p in manifest.profiles
     ]

@@ -18,25 +18,26 @@ from qwen3_compile.errors import BadInputError, CheckFailedError
 from qwen3_compile.graph_contract import past_names, present_names
 from qwen3_compile.kernels.trt_contract import PYTHON_PLUGIN
 from qwen3_compile.storage.manifest import MANIFEST, read_manifest
+from qwen3_compile.storage.manifests import EngineManifest
 
 PLAN_FILE = "model.plan"
 
 
 class TensorRTRunner:
-    def __init__(self, engine_dir: str | Path, manifest: dict | None = None):
+    def __init__(self, engine_dir: str | Path, manifest: EngineManifest | None = None):
         engine_dir = Path(engine_dir)
         manifest = manifest or read_manifest(engine_dir)
-        if manifest.get("stage") != "build" or not (engine_dir / PLAN_FILE).is_file():
+        if not isinstance(manifest, EngineManifest) or not (engine_dir / PLAN_FILE).is_file():
             raise BadInputError(
                 f"a TensorRT runner needs a folder written by `qwen3-compile build`; this is a "
-                f"'{manifest.get('stage')}' artifact.",
+                f"'{manifest.stage}' artifact.",
                 file=engine_dir / MANIFEST,
                 field="stage",
                 fix="run `qwen3-compile build ARTIFACT --target T -o DIR` and pass DIR.",
             )
-        self.flavour = manifest["tensorrt"]["flavour"]
+        self.flavour = manifest.tensorrt.flavour
         trt = import_tensorrt(self.flavour, purpose=f"running {engine_dir}")
-        if (manifest.get("moe") or {}).get("plugin") == PYTHON_PLUGIN:
+        if manifest.moe.plugin == PYTHON_PLUGIN:
             # the engine's Qwen3MoE layers call back into this Python plugin: register it before loading
             from qwen3_compile.kernels.trt_python_plugin import register
 
@@ -46,18 +47,18 @@ class TensorRTRunner:
 
         self.name = f"{self.flavour}:{engine_dir.name}"
         self.profiles = profiles_from_manifest(manifest)
-        self.max_seq = int(manifest["options"]["max_seq"])
-        self.num_layers = int(manifest["architecture"]["num_hidden_layers"])
+        self.max_seq = manifest.options.max_seq
+        self.num_layers = int(manifest.architecture["num_hidden_layers"])
         _, heads, _, head_dim = self.profiles[0].shapes[past_names(0)[0]][0]
         self.kv_heads, self.head_dim = heads, head_dim
         self.runner = TrtRunner(EngineFromBytes(BytesFromPath(str(engine_dir / PLAN_FILE))))
         try:
             self.runner.activate()
         except Exception as err:  # PolygraphyException: no CUDA device, another SM, another TensorRT
-            target, trt = manifest["target"], manifest["tensorrt"]
+            target, trt = manifest.target, manifest.tensorrt
             raise CheckFailedError(
-                f"{self.flavour} could not load the engine ({err}); it was built for {target['name']} "
-                f"(SM {target['sm']}) with {trt['module']} {trt['version']}.",
+                f"{self.flavour} could not load the engine ({err}); it was built for {target.name} "
+                f"(SM {target.sm}) with {trt.module} {trt.version}.",
                 file=engine_dir / PLAN_FILE,
                 fix="run it on a GPU of that SM with that TensorRT, or rebuild it for this machine's target.",
             ) from None

@@ -1,0 +1,205 @@
+"""What each artifact folder's `manifest.json` holds, one frozen dataclass per artifact kind.
+
+Written and read through the strict decoder (`qwen3_compile.schema`) that recipes and targets use: an
+unknown key, a wrong type or a non-finite number is an exit-2 error naming the file and the field. Free-form
+records (the Hugging Face config, calibration summaries, rewrite reports) stay JSON mappings, typed as
+such. `read_manifest(folder)` picks the class from the `stage` field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SCHEMA_VERSION = 1
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileRecord:
+    sha256: str
+    bytes: int = field(metadata={"min": 0})
+
+
+@dataclass(frozen=True, kw_only=True)
+class GraphOptions:
+    """How the graph was exported; every stage after export carries them forward."""
+
+    dtype: Literal["fp32", "fp16", "bf16"]
+    opset: int = field(metadata={"min": 1})
+    max_positions: int = field(metadata={"min": 1})
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceRecord:
+    """The artifact a derived one was made from, and the hashes it had when it was read."""
+
+    artifact: str
+    stage: Literal["export", "quantize"]
+    model_sha256: str
+    manifest_sha256: str | None = None
+    source: Json | None = None  # the source's own inputs (the model it came from)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """Fields every manifest has; `outputs` lists every file of the folder with its hash."""
+
+    stage: str
+    schema_version: int = field(default=SCHEMA_VERSION, metadata={"min": 1, "max": SCHEMA_VERSION})
+    tools: dict[str, str]
+    outputs: dict[str, FileRecord]
+    timings_s: dict[str, float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportManifest(Manifest):
+    stage: Literal["export"] = "export"
+    inputs: Json  # a preset (name, seed, layers) or a checkpoint (folder, file hashes)
+    options: GraphOptions
+    architecture: Json  # the Hugging Face config the graph implements
+    op_histogram: dict[str, int]
+    resumed_after_groups: int = field(default=0, metadata={"min": 0})
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeOptions(GraphOptions):
+    target: str | None = None  # the deployment device the recipe was checked against
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizationTotals:
+    quantized_tensors: int = field(metadata={"min": 0})
+    float_bytes: int = field(metadata={"min": 0})
+    quantized_bytes: int = field(metadata={"min": 0})
+
+
+OrtLevel = Literal["disabled", "basic", "all"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeManifest(Manifest):
+    stage: Literal["quantize"] = "quantize"
+    inputs: SourceRecord
+    options: QuantizeOptions
+    architecture: Json
+    recipe: Json  # QuantRecipe.to_dict(); decoded by QuantRecipe.from_dict where a stage needs it
+    quantization: QuantizationTotals
+    calibration: Json | None = None
+    smoothquant: Json | None = None
+    warnings: tuple[str, ...] = ()
+    # how ONNX Runtime must run the graph (backends/onnxruntime/settings.py says why)
+    ort_optimization: OrtLevel = "all"
+    ort_session_config: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoeRecord:
+    lowering: str  # trt_moe, plugin, dense; "none" for dense models
+    skipped: dict[str, str] = field(default_factory=dict)  # preferred lowerings not used, and why
+    plugin: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoweringRecord:
+    runtime: Literal["ort", "tensorrt"]
+    target: str | None = None
+    moe: MoeRecord | None = None
+    applied: dict[str, int] = field(default_factory=dict)  # rule -> rewrites
+    declined: dict[str, tuple[str, ...]] = field(default_factory=dict)  # rule -> why nodes stayed
+
+
+@dataclass(frozen=True, kw_only=True)
+class LowerOptions(GraphOptions):
+    runtime: Literal["ort", "tensorrt"]
+    target: str | None = None
+    moe_lowering: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LowerManifest(Manifest):
+    stage: Literal["lower"] = "lower"
+    inputs: SourceRecord
+    options: LowerOptions
+    architecture: Json
+    op_histogram: dict[str, int]
+    lowering: LoweringRecord
+    # carried from a quantized source: how to judge and run the same weights
+    recipe: Json | None = None
+    quantization: QuantizationTotals | None = None
+    calibration: Json | None = None
+    ort_optimization: OrtLevel = "all"
+    ort_session_config: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineOptions(GraphOptions):
+    target: str
+    max_batch: int = field(metadata={"min": 1})
+    max_seq: int = field(metadata={"min": 2})
+    moe_lowering: str | None = None
+    plugins: tuple[str, ...] = ()
+    logits: Literal["all", "last"] = "all"
+    optimization_level: int | None = field(default=None, metadata={"min": 0, "max": 5})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorRTRecord:
+    flavour: Literal["tensorrt", "tensorrt-rtx"]
+    module: str
+    version: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetRecord:
+    name: str
+    sm: str
+    description: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanRecord:
+    file: str
+    bytes: int = field(metadata={"min": 0})
+    build_s: float = field(metadata={"min": 0})
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryRecord:
+    """Bytes the engine needs at its largest profile, and what the target leaves usable."""
+
+    weights: int = field(metadata={"min": 0})
+    kv_cache: int = field(metadata={"min": 0})
+    activations: int = field(metadata={"min": 0})
+    usable: int = field(metadata={"min": 0})
+    total: int = field(metadata={"min": 0})
+    fits: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineManifest(Manifest):
+    stage: Literal["build"] = "build"
+    inputs: SourceRecord
+    options: EngineOptions
+    architecture: Json
+    recipe: Json | None = None
+    tensorrt: TensorRTRecord
+    target: TargetRecord
+    profiles: tuple[Json, ...]
+    moe: MoeRecord
+    attention: str
+    lowering: Json
+    op_histogram: dict[str, int]
+    plugins: dict[str, str] = field(default_factory=dict)  # library path -> sha256
+    memory: MemoryRecord
+    timing_cache: str | None = None
+    engine: PlanRecord
+
+
+ARTIFACT_KINDS: dict[str, type[Manifest]] = {
+    "export": ExportManifest,
+    "quantize": QuantizeManifest,
+    "lower": LowerManifest,
+    "build": EngineManifest,
+}
+AnyManifest = ExportManifest | QuantizeManifest | LowerManifest | EngineManifest
