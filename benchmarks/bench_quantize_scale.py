@@ -27,8 +27,8 @@ from qwen3_compile.quantize.stage import quantize_artifact
 start = time.perf_counter()
 result = quantize_artifact(sys.argv[1], "int8-sq", sys.argv[2], samples=int(sys.argv[3]))
 print(json.dumps({"seconds": time.perf_counter() - start,
-                  "calibrate_s": result.manifest["timings_s"].get("calibrate"),
-                  "tokens": result.manifest["calibration"]["tokens"],
+                  "calibrate_s": result.manifest.timings_s.get("calibrate"),
+                  "tokens": result.manifest.calibration["tokens"],
                   "peak_rss_mb": peak_rss_mb()}))
 """
 

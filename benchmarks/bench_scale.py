@@ -41,7 +41,7 @@ from qwen3_compile.export.stage import ExportOptions, export_onnx
 from qwen3_compile.progress import LineProgress
 start = time.perf_counter()
 artifact = export_onnx(sys.argv[1], sys.argv[2], ExportOptions(dtype=sys.argv[3]), progress=LineProgress())
-print(json.dumps({"seconds": time.perf_counter() - start, "timings": artifact.manifest["timings_s"],
+print(json.dumps({"seconds": time.perf_counter() - start, "timings": artifact.manifest.timings_s,
                   "vm_hwm_mb": peak_rss_mb()}))
 """
 # plain torch.onnx.export (dynamo, transformers' batched_mm experts: the grouped_mm and eager expert

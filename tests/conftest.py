@@ -39,6 +39,28 @@ def saved_checkpoints(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="session")
+def reseal():
+    """reseal(folder): rewrite the folder's manifest `outputs` for its files as they are now. Tests that
+    damage an artifact's graph on purpose (to check what validation or quantization then finds) stand in
+    for a producer that wrote wrong numbers; a folder edited after the fact is refused on its hashes."""
+    import json
+
+    from qwen3_compile.storage.manifest import sha256_file
+
+    def seal(folder: Path) -> Path:
+        path = Path(folder) / "manifest.json"
+        manifest = json.loads(path.read_text())
+        manifest["outputs"] = {
+            name: {"sha256": sha256_file(Path(folder) / name), "bytes": (Path(folder) / name).stat().st_size}
+            for name in manifest["outputs"]
+        }
+        path.write_text(json.dumps(manifest))
+        return Path(folder)
+
+    return seal
+
+
 @pytest.fixture
 def checkpoint_copy(saved_checkpoints, tmp_path):
     """A fresh, writable copy of a saved checkpoint that a test may damage."""

@@ -5,7 +5,6 @@ which would run a weight-only recipe as W8A8."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import onnx
@@ -17,6 +16,7 @@ from qwen3_compile.backends.onnxruntime.settings import manifest_session_options
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.export.stage import ExportOptions, export_onnx
 from qwen3_compile.quantize.stage import quantize_artifact
+from qwen3_compile.storage.manifest import read_manifest
 
 KEY = "session.disable_quant_qdq"
 ACCURACY = "session.qdq_matmulnbits_accuracy_level"
@@ -41,8 +41,8 @@ def _matmulnbits_levels(model: Path, options: ort.SessionOptions, out: Path) -> 
 
 
 def test_reference_runs_the_qdq_graph_as_written_where_ort_would_fuse_it(int8_wo, tmp_path):
-    assert int8_wo.manifest["ort_optimization"] == "all"
-    assert int8_wo.manifest["ort_session_config"] == {KEY: "1"}
+    assert int8_wo.manifest.ort_optimization == "all"
+    assert int8_wo.manifest.ort_session_config == {KEY: "1"}
     model = int8_wo.directory / "model.onnx"
     recorded = _matmulnbits_levels(model, manifest_session_options(int8_wo.manifest), tmp_path / "ref.onnx")
     default = _matmulnbits_levels(model, session_options("all"), tmp_path / "default.onnx")
@@ -61,8 +61,8 @@ def test_fused_is_recorded_and_followed(int8_wo, tmp_path):
     args = ["quantize", str(export), "--recipe", "int8-wo", "--ort-qdq", "fused", "-o", str(out)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["ort_session_config"] == {ACCURACY: "4"}
+    manifest = read_manifest(out)
+    assert manifest.ort_session_config == {ACCURACY: "4"}
     levels = _matmulnbits_levels(out / "model.onnx", manifest_session_options(manifest), tmp_path / "o.onnx")
     assert levels == [4] * 14
     with pytest.raises(BadInputError, match="--ort-qdq"):

@@ -7,14 +7,13 @@ happen."""
 from __future__ import annotations
 
 import importlib.util
-import json
-import shutil
 
 import numpy as np
 import pytest
 
 from qwen3_compile.backends.registry import open_runner
 from qwen3_compile.errors import BadInputError
+from qwen3_compile.storage.manifest import read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +28,53 @@ def export_dir(tmp_path_factory):
 def test_runner_refuses_non_engine_folders(export_dir):
     from qwen3_compile.backends.tensorrt.runner import TensorRTRunner
 
-    manifest = json.loads((export_dir / "manifest.json").read_text())
     with pytest.raises(BadInputError, match="'export' artifact"):
-        TensorRTRunner(export_dir, manifest)
+        TensorRTRunner(export_dir, read_manifest(export_dir))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="needs tensorrt_rtx")
 def test_validate_backend_needs_an_engine_of_its_flavour(export_dir, tmp_path):
-    manifest = json.loads((export_dir / "manifest.json").read_text())
+    manifest = read_manifest(export_dir)
     with pytest.raises(BadInputError, match="engines built for it by `qwen3-compile build`"):
         open_runner(export_dir, manifest, "tensorrt-rtx")
-    fake = tmp_path / "engine"
-    shutil.copytree(export_dir, fake)
-    built = manifest | {"stage": "build", "tensorrt": {"flavour": "tensorrt"}}
+    built_elsewhere = _engine_manifest(manifest, flavour="tensorrt")
     with pytest.raises(BadInputError, match="built with tensorrt"):
-        open_runner(fake, built, "tensorrt-rtx")
+        open_runner(tmp_path, built_elsewhere, "tensorrt-rtx")
+
+
+def _engine_manifest(export, flavour: str):
+    """An engine manifest for `export`'s graph as a build for `flavour` would record it (no plan needed:
+    the refusal comes first)."""
+    from qwen3_compile.storage.manifests import (
+        EngineManifest,
+        EngineOptions,
+        MemoryRecord,
+        MoeRecord,
+        PlanRecord,
+        SourceRecord,
+        TargetRecord,
+        TensorRTRecord,
+    )
+
+    return EngineManifest(
+        tools={},
+        outputs={},
+        timings_s={},
+        inputs=SourceRecord(artifact="export", stage="export", model_sha256="0" * 64),
+        options=EngineOptions(
+            dtype="fp16", opset=21, max_positions=4096, target="h200", max_batch=1, max_seq=128
+        ),
+        architecture=export.architecture,
+        tensorrt=TensorRTRecord(flavour=flavour, module=flavour.replace("-", "_"), version="10.16"),
+        target=TargetRecord(name="h200", sm="9.0", description="H200"),
+        profiles=(),
+        moe=MoeRecord(lowering="none"),
+        attention="decomposed",
+        lowering={},
+        op_histogram={},
+        memory=MemoryRecord(weights=0, kv_cache=0, activations=0, usable=1, total=0, fits=True),
+        engine=PlanRecord(file="model.plan", bytes=0, build_s=0.0),
+    )
 
 
 def _gpu_target():

@@ -8,7 +8,7 @@ from qwen3_compile.backends.tensorrt.profiles import (
     InputSpec,
     generation_profiles,
     profile_index,
-    profiles_from_manifest,
+    profiles_from_records,
 )
 from qwen3_compile.errors import BadInputError
 
@@ -60,7 +60,7 @@ def test_profile_choice():
 
 def test_round_trip_through_manifest():
     profiles = generation_profiles(INPUTS, 2, 64)
-    assert profiles_from_manifest({"profiles": [p.to_dict() for p in profiles]}) == profiles
+    assert profiles_from_records([p.to_dict() for p in profiles]) == profiles
 
 
 def test_refuses_tiny_limits_and_foreign_inputs():

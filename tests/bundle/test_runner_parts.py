@@ -44,7 +44,7 @@ def test_ort_backend_applies_the_recorded_session_config(runner, tmp_path, monke
     export_onnx("tiny-dense", tmp_path / "export", ExportOptions())
     quantized = quantize_artifact(tmp_path / "export", "int8-wo", tmp_path / "bundle" / "model")
     (tmp_path / "bundle" / "reference").mkdir()
-    config = quantized.manifest["ort_session_config"]
+    config = quantized.manifest.ort_session_config
     assert config == {"session.disable_quant_qdq": "1"}
     manifest = {"ort_optimization": "all", "ort_session_config": config}
     (tmp_path / "bundle" / "manifest.json").write_text(json.dumps(manifest))

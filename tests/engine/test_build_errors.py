@@ -107,11 +107,11 @@ def test_lowered_or_foreign_artifacts_refused(artifacts, tmp_path):
     assert str(artifacts.export("tiny-dense")) in result.output  # names the folder to build instead
     (lowered / "manifest.json").write_text(json.dumps({"stage": "validate"}))
     result = _build(lowered, "--target", "rtx-ada", "-o", tmp_path / "e")
-    assert result.exit_code == 2 and "'validate' artifact" in result.output
+    assert result.exit_code == 2 and "'validate'" in result.output and "field 'stage'" in result.output
 
 
 @needs_rtx
-def test_parser_error_names_node_and_op(artifacts, tmp_path):
+def test_parser_error_names_node_and_op(artifacts, tmp_path, reseal):
     broken = tmp_path / "broken"
     shutil.copytree(artifacts.export("tiny-dense", "fp16"), broken)
     model = onnx.load(str(broken / "model.onnx"))
@@ -119,6 +119,7 @@ def test_parser_error_names_node_and_op(artifacts, tmp_path):
     node.op_type, node.domain = "FancySoftmax", "com.example"
     model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
     onnx.save(model, str(broken / "model.onnx"))
+    reseal(broken)
     result = _build(broken, "--target", "rtx-blackwell", "--max-seq", 64, "-o", tmp_path / "e")
     assert result.exit_code == 2, result.output
     assert f"node '{node.name}' (op FancySoftmax)" in result.output

@@ -75,7 +75,7 @@ def test_builds_plan_with_log_and_manifest(artifacts, preset, kind, tmp_path):
 def test_ada_build_targets_sm89(artifacts, tmp_path):
     source = artifacts.export("tiny-moe", "fp16")
     built = build_engine(source, BuildOptions("rtx-ada", max_seq=128), tmp_path / "e")
-    assert built.manifest["target"]["sm"] == "8.9" and built.moe_lowering == "dense"
+    assert built.manifest.target.sm == "8.9" and built.moe_lowering == "dense"
 
 
 def test_lowered_onnx_passes_checker_and_shape_inference(artifacts, tmp_path):
@@ -163,8 +163,8 @@ def test_deployment_graph_with_last_position_logits(artifacts, tmp_path):
     source = artifacts.export("tiny-moe", "fp16")
     full = build_engine(source, BuildOptions(TARGET, max_seq=1024), tmp_path / "all")
     last = build_engine(source, BuildOptions(TARGET, max_seq=1024, logits="last"), tmp_path / "last")
-    assert last.manifest["options"]["logits"] == "last" and last.moe_lowering == "dense"
-    assert last.manifest["lowering"]["applied"]["last_position_logits"] == 1
+    assert last.manifest.options.logits == "last" and last.moe_lowering == "dense"
+    assert last.manifest.lowering["applied"]["last_position_logits"] == 1
     # activations: 1024 positions of fp32 logits over the 151936-token vocabulary become one
-    saved = full.manifest["memory"]["activations"] - last.manifest["memory"]["activations"]
+    saved = full.manifest.memory.activations - last.manifest.memory.activations
     assert saved == (1024 - 1) * 151936 * 4

@@ -64,13 +64,20 @@ def test_export_is_byte_deterministic(loaded_presets, tmp_path):
 
 
 def test_side_files_and_manifest(exported):
-    folder = exported["tiny-moe", "ort"].directory
+    folder = exported["tiny-moe", "canonical"].directory
     config = json.loads((folder / "config.json").read_text())
     assert config["num_experts"] == config["num_local_experts"] == 16
     assert config["rope_parameters"]["rope_theta"] == config["rope_theta"] == 1e6
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["stage"] == "export" and manifest["options"]["target"] == "ort"
-    assert manifest["lowering"]["applied"] == {"expert_dispatch_to_ort_moe": 2}
+    assert manifest["stage"] == "export" and manifest["options"] == {
+        "dtype": "fp32",
+        "opset": 21,
+        "max_positions": 4096,
+    }
+    lowered = json.loads((exported["tiny-moe", "ort"].directory / "manifest.json").read_text())
+    assert lowered["stage"] == "lower" and lowered["lowering"]["runtime"] == "ort"
+    assert lowered["lowering"]["applied"] == {"expert_dispatch_to_ort_moe": 2}
+    assert lowered["inputs"]["model_sha256"] == manifest["outputs"]["model.onnx"]["sha256"]
     assert set(manifest["outputs"]) >= {
         "model.onnx",
         "config.json",
@@ -142,7 +149,8 @@ def test_external_data_export_runs(loaded_presets, tmp_path, monkeypatch):
     assert live_bytes(model) <= size <= live_bytes(model) + ALIGNMENT * len(model.graph.initializer)
     external = lower_artifact(streamed.directory, tmp_path / "external", "ort")
     # the lowered copy keeps the export's data file and adds the rewritten experts beside it
-    assert (external.directory / "model.lowered.data").stat().st_size > 10e6
+    assert (external.directory / "model.onnx.data").stat().st_size == size
+    assert (external.directory / "model.lowered.data").stat().st_size > 0
     batch = left_padded_batch([np.random.default_rng().integers(0, 151643, 9).tolist()], 0)
     outputs = []
     for artifact in (inline, external):

@@ -139,7 +139,7 @@ def test_interrupted_export_resumes_byte_identical(
     monkeypatch.setattr(export_weights.ShardReader, "read_rows", spy)
     resumed = export_onnx(layered_checkpoint, out, ExportOptions(dtype="bf16"), resume=True)
     _same_files(whole.directory, resumed.directory)
-    assert resumed.manifest["resumed_after_groups"] == 1 + fail_after
+    assert resumed.manifest.resumed_after_groups == 1 + fail_after
     # finished layers are replayed without reading their weights (tiny inline norms aside)
     big_reads = {n for n in read if "norm" not in n}
     assert not any(f"layers.{i}." in n for n in big_reads for i in range(fail_after))
@@ -157,7 +157,7 @@ def test_resume_refuses_other_options(layered_checkpoint, streamed, tmp_path):
     assert info.value.file == str(partial_dir(out))
     # without --resume the stale partial export is discarded and the export starts over
     fresh = export_onnx(layered_checkpoint, out, ExportOptions(dtype="fp16"))
-    assert fresh.manifest["resumed_after_groups"] == 0
+    assert fresh.manifest.resumed_after_groups == 0
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
@@ -185,7 +185,7 @@ def test_shard_damaged_mid_stream_then_resume(layered_checkpoint, streamed, tmp_
 
     shard.write_bytes(backup)  # the user restores the file
     resumed = export_onnx(ckpt, out, resume=True)
-    assert resumed.manifest["resumed_after_groups"] == 3
+    assert resumed.manifest.resumed_after_groups == 3
     _same_files(export_onnx(ckpt, tmp_path / "whole").directory, resumed.directory)
 
 
@@ -210,7 +210,7 @@ def test_disk_needed_is_the_weights(layered_checkpoint):
     source = export_stage.resolve_model(layered_checkpoint)
     fp32 = export_stage.disk_needed(source, ExportOptions())
     bf16 = export_stage.disk_needed(source, ExportOptions(dtype="bf16"))
-    assert fp32 - (1 << 20) == pytest.approx(2 * (bf16 - (1 << 20)), rel=0.001)
+    assert bf16 < fp32 <= 2 * bf16  # halved, but for what stays fp32 (the MoE router)
     assert fp32 > source.arch.num_layers * 16 * 3 * 64 * 64 * 4  # at least every expert in fp32
 
 

@@ -4,6 +4,7 @@ emits a fixed token sequence (to test stopping, streaming and the reasoning spli
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from qwen3_compile.export.stage import export_onnx
 from qwen3_compile.generation import artifact as artifact_module
 from qwen3_compile.lower.stage import lower_artifact
 from qwen3_compile.models.loading import load_model
+from qwen3_compile.storage import manifests
 
 VOCAB = 151936
 SCRIPTED_STAGE = "scripted-test"
@@ -63,6 +65,19 @@ class ScriptedRunner:
         return logits, cache + seq
 
 
+@dataclass(frozen=True, kw_only=True)
+class ScriptedOptions:
+    max_positions: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScriptedManifest:
+    """The manifest of a scripted artifact: a stage of its own and, optionally, a context limit."""
+
+    stage: str
+    options: ScriptedOptions = ScriptedOptions()
+
+
 @pytest.fixture
 def scripted_artifact(tmp_path, monkeypatch):
     """factory(script, max_positions=None) -> a folder whose manifest stage runs a ScriptedRunner."""
@@ -74,6 +89,7 @@ def scripted_artifact(tmp_path, monkeypatch):
 
     monkeypatch.setitem(registry.BACKENDS, SCRIPTED_STAGE, load)
     monkeypatch.setitem(registry.STAGE_BACKENDS, SCRIPTED_STAGE, SCRIPTED_STAGE)
+    monkeypatch.setitem(manifests.ARTIFACT_KINDS, SCRIPTED_STAGE, ScriptedManifest)
 
     def make(script: list[int], max_positions: int | None = None) -> Path:
         folder = tmp_path / f"scripted-{len(list(tmp_path.iterdir()))}"

@@ -35,7 +35,7 @@ def test_streamed_quantize_equals_in_memory(recipe, target, tmp_path, monkeypatc
     assert (b.directory / "model.onnx.data").stat().st_size > 10e6  # the weights went out as data
     proto = onnx.load(str(b.directory / "model.onnx"), load_external_data=False)
     assert sum(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer) > 10
-    assert a.manifest["calibration"] == b.manifest["calibration"]
+    assert a.manifest.calibration == b.manifest.calibration
     rng = np.random.default_rng()
     batch = left_padded_batch([rng.integers(0, 151643, 7).tolist(), rng.integers(0, 151643, 3).tolist()], 0)
     np.testing.assert_array_equal(_logits(a.directory, batch), _logits(b.directory, batch))

@@ -128,10 +128,10 @@ def test_w8a8_graph_equals_torch_fake_quant(preset, recipe, quantized):
         assert np.abs(want - fp32).max() > 0.05
     graph = onnx.load(str(artifact.directory / "model.onnx")).graph
     ops = [n.op_type for n in graph.node]
-    assert ops.count("QuantizeLinear") == artifact.manifest["calibration"]["activation_pairs"] > 0
+    assert ops.count("QuantizeLinear") == artifact.manifest.calibration["activation_pairs"] > 0
     if preset == "tiny-moe":
         assert ops.count("QuantizedExpertDispatch") == 2 and "ExpertDispatch" not in ops
-    assert artifact.manifest["ort_optimization"] == ("basic" if dtype == "fp8" else "all")
+    assert artifact.manifest.ort_optimization == ("basic" if dtype == "fp8" else "all")
 
 
 @pytest.mark.parametrize("recipe", ["int8-sq", "fp8"])
@@ -140,7 +140,7 @@ def test_w8a8_meets_recipe_gates(preset, recipe, quantized):
     artifact = quantized[(preset, recipe)]
     assert artifact.weight_ratio <= 0.55
     assert (artifact.directory / "calibration.safetensors").is_file()
-    calibration = artifact.manifest["calibration"]
+    calibration = artifact.manifest.calibration
     assert calibration["tokens"] > 1000 and calibration["sequences"] == 40
     if preset == "tiny-moe":
         assert calibration["experts_reached"] == [16, 16]
@@ -155,7 +155,7 @@ def test_w8a8_meets_recipe_gates(preset, recipe, quantized):
 def test_fp16_baseline_meets_gates(preset, tmp_path):
     half = export_onnx(preset, tmp_path / "fp16", ExportOptions(dtype="fp16")).directory
     result = quantize_artifact(half, "fp16", tmp_path / "q")
-    assert result.tensors == [] and result.manifest["recipe"]["name"] == "fp16"
+    assert result.tensors == [] and result.manifest.recipe["name"] == "fp16"
     report = validate_artifact(result.directory, preset, decode_steps=8, long_context_tokens=0, bisect=False)
     assert report.gates_source == "recipe fp16" and report.passed, report.failures
 
@@ -202,8 +202,8 @@ def test_smoothquant_recovers_massive_activation_channels(tmp_path):
 def test_fp8_kv_cache_holds_e4m3_values(exports, tmp_path):
     recipe = with_kv_cache(load_recipe("int8-wo"), "fp8")
     result = quantize_artifact(exports["tiny-moe"], recipe, tmp_path / "kv", samples=8)
-    assert result.manifest["calibration"]["kv_cache_pairs"] == 4
-    assert result.manifest["ort_optimization"] == "basic"
+    assert result.manifest.calibration["kv_cache_pairs"] == 4
+    assert result.manifest.ort_optimization == "basic"
     weights = _initializers(result.directory)
     graph = onnx.load(str(result.directory / "model.onnx")).graph
     producer = {o: n for n in graph.node for o in n.output}
@@ -219,7 +219,7 @@ def test_fp8_kv_cache_holds_e4m3_values(exports, tmp_path):
         values = torch.from_numpy(cache / scale)  # on the E4M3 grid, up to fp32 rounding of q * scale / scale
         np.testing.assert_allclose(values.to(torch.float8_e4m3fn).float().numpy(), values.numpy(), rtol=1e-6)
         assert len(np.unique(values.numpy().round(3))) <= 253
-    kv_amax = result.manifest["calibration"]["kv_amax"]
+    kv_amax = result.manifest.calibration["kv_amax"]
     assert all(k > 0 and v > 0 for k, v in kv_amax)
     report = validate_artifact(
         result.directory, "tiny-moe", decode_steps=8, long_context_tokens=0, bisect=False
@@ -262,7 +262,7 @@ def test_bad_calibration_files(exports, tmp_path, content, name, words):
 
 
 @pytest.mark.parametrize("value, words", [(np.nan, "NaN"), (0.0, "only zeros")])
-def test_degenerate_statistics_are_refused(exports, tmp_path, value, words):
+def test_degenerate_statistics_are_refused(exports, tmp_path, value, words, reseal):
     """A norm weight of NaN (an --allow-nonfinite export) or zeros gives ranges no scale can come from:
     refused, naming the layer and the weight."""
     import shutil
@@ -274,6 +274,7 @@ def test_degenerate_statistics_are_refused(exports, tmp_path, value, words):
         if t.name == "model.layers.1.post_attention_layernorm.weight":
             t.CopyFrom(numpy_helper.from_array(np.full(t.dims, value, np.float32), t.name))
     onnx.save(model, str(broken / "model.onnx"))
+    reseal(broken)
     with pytest.raises(BadInputError) as info:
         quantize_artifact(broken, "int8-sq", tmp_path / "out", samples=4)
     assert "layer 1" in info.value.message and words in info.value.message

@@ -42,8 +42,9 @@ def artifact(tmp_path_factory):
     ).directory
 
 
-def damaged_copy(artifact, tmp_path, edit):
-    """A copy of the artifact with `edit(name -> array)` applied to its initializers."""
+def damaged_copy(artifact, tmp_path, edit, reseal):
+    """A copy of the artifact with `edit(name -> array)` applied to its initializers (manifest resealed:
+    a producer that wrote wrong weights)."""
     out = tmp_path / "damaged"
     shutil.copytree(artifact, out)
     model = onnx.load(out / "model.onnx")
@@ -51,7 +52,7 @@ def damaged_copy(artifact, tmp_path, edit):
     for name, array in edit({n: numpy_helper.to_array(t) for n, t in weights.items()}).items():
         weights[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
     onnx.save(model, out / "model.onnx")
-    return out
+    return reseal(out)
 
 
 def test_exported_artifact_passes(artifact, tmp_path):
@@ -77,7 +78,7 @@ def test_exported_artifact_passes(artifact, tmp_path):
     assert "non-thinking" in (tmp_path / "report" / "report.md").read_text()
 
 
-def test_perturbed_weights_fail_at_their_layer(artifact, tmp_path, few_prompts):
+def test_perturbed_weights_fail_at_their_layer(artifact, tmp_path, few_prompts, reseal):
     rng = np.random.default_rng()
 
     def perturb(weights):
@@ -87,7 +88,7 @@ def test_perturbed_weights_fail_at_their_layer(artifact, tmp_path, few_prompts):
         return {"model.layers.1.self_attn.o_proj.weight.T": w}
 
     report = validate_artifact(
-        damaged_copy(artifact, tmp_path, perturb), "tiny-moe", output=tmp_path / "r", **FAST
+        damaged_copy(artifact, tmp_path, perturb, reseal), "tiny-moe", output=tmp_path / "r", **FAST
     )
     assert not report.passed
     assert report.bisection.first_diverging_layer == 1
@@ -99,7 +100,7 @@ def test_perturbed_weights_fail_at_their_layer(artifact, tmp_path, few_prompts):
     )
 
 
-def test_swapped_expert_fails_at_layer_0(artifact, tmp_path, few_prompts):
+def test_swapped_expert_fails_at_layer_0(artifact, tmp_path, few_prompts, reseal):
     def swap(weights):
         out = {}
         for name in (
@@ -111,7 +112,7 @@ def test_swapped_expert_fails_at_layer_0(artifact, tmp_path, few_prompts):
             out[name] = w
         return out
 
-    damaged = damaged_copy(artifact, tmp_path, swap)
+    damaged = damaged_copy(artifact, tmp_path, swap, reseal)
     result = CliRunner().invoke(
         main,
         [

@@ -13,6 +13,7 @@ the three. Three profiles cover generation up to `max_seq` tokens:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from qwen3_compile.errors import BadInputError
@@ -99,12 +100,12 @@ def profile_index(profiles: list[ShapeProfile], batch: int, seq: int, past: int)
     )
 
 
-def profiles_from_manifest(manifest) -> list[ShapeProfile]:
-    """The profiles a build recorded (in engine order)."""
+def profiles_from_records(records: Sequence[dict]) -> list[ShapeProfile]:
+    """The profiles a build recorded (`EngineManifest.profiles`, in engine order)."""
     return [
         ShapeProfile(
             p["name"],
             {k: (tuple(v["min"]), tuple(v["opt"]), tuple(v["max"])) for k, v in p["shapes"].items()},
         )
-        for p in manifest.profiles
+        for p in records
     ]

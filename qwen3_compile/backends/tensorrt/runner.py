@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen3_compile.backends.base import empty_kv_cache, graph_feeds
-from qwen3_compile.backends.tensorrt.profiles import profile_index, profiles_from_manifest
+from qwen3_compile.backends.tensorrt.profiles import profile_index, profiles_from_records
 from qwen3_compile.backends.tensorrt.shim import import_tensorrt
 from qwen3_compile.errors import BadInputError, CheckFailedError
 from qwen3_compile.graph_contract import past_names, present_names
@@ -46,7 +46,7 @@ class TensorRTRunner:
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
         self.name = f"{self.flavour}:{engine_dir.name}"
-        self.profiles = profiles_from_manifest(manifest)
+        self.profiles = profiles_from_records(manifest.profiles)
         self.max_seq = manifest.options.max_seq
         self.num_layers = int(manifest.architecture["num_hidden_layers"])
         _, heads, _, head_dim = self.profiles[0].shapes[past_names(0)[0]][0]
