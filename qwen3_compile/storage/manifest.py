@@ -31,7 +31,6 @@ _TOOLS = (
     "transformers",
     "onnx",
     "onnxruntime",
-    "onnxscript",
     "safetensors",
     "tensorrt",
     "tensorrt_rtx",
