@@ -42,10 +42,11 @@ from qwen3_compile.engine.inputs import MODEL_FILE, BuildInput, read_build_input
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.lower.for_tensorrt import LoweredModel, MoeChoice, choose_moe_lowering, lower_for_build
 from qwen3_compile.progress import NO_PROGRESS, Progress
+from qwen3_compile.schema import decode
 from qwen3_compile.sizing import GB
 from qwen3_compile.storage.artifact_dir import copy_side_files
 from qwen3_compile.storage.manifest import CALIBRATION_FILE, MANIFEST, sha256_file, tool_versions
-from qwen3_compile.storage.manifests import ExportManifest, QuantizeManifest
+from qwen3_compile.storage.manifests import BundleManifest, ExportManifest, QuantizeManifest
 from qwen3_compile.targets import Target, get_target, target_to_dict
 
 BUNDLE_FORMAT = 1
@@ -59,7 +60,7 @@ _SKIP_SIDE = (MODEL_FILE, MANIFEST, CALIBRATION_FILE)
 @dataclass(frozen=True)
 class Bundle:
     path: Path
-    manifest: dict[str, Any] = field(repr=False)
+    manifest: BundleManifest = field(repr=False)
     bytes: int
     sha256: str
     seconds: dict[str, float]
@@ -342,7 +343,7 @@ def bundle_artifact(
             }
             text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
             (staging / MANIFEST).write_text(text)
-            manifest = json.loads(text)  # what the file says (lists, not tuples)
+            manifest = decode(BundleManifest, json.loads(text), file=staging / MANIFEST)
             advance(1)
             partial = Path(tmp) / "bundle.tar.gz"
             archive_sha256 = write_reproducible_tar(staging, partial)

@@ -20,12 +20,14 @@ from qwen3_compile.bundle.device.bundle_files import (
     safe_extract,
 )
 from qwen3_compile.errors import BadInputError, CheckFailedError
+from qwen3_compile.schema import decode
+from qwen3_compile.storage.manifests import BundleManifest
 
 
 @dataclass(frozen=True)
 class VerifiedBundle:
     path: Path
-    manifest: dict[str, Any] = field(repr=False)
+    manifest: BundleManifest = field(repr=False)
     files: int
     checked_trt: str | None
     checked_sm: str | None
@@ -74,4 +76,5 @@ def verify_bundle(path: str | Path, trt_version: str | None = None, sm: str | No
             field="target",
             fix=f"make a bundle for this device's target (the bundle is for {manifest['target']['name']}).",
         )
-    return VerifiedBundle(path, manifest, len(manifest["files"]), trt_version, sm)
+    typed = decode(BundleManifest, manifest, file=path)
+    return VerifiedBundle(path, typed, len(typed.files), trt_version, sm)

@@ -51,6 +51,8 @@ def bundle_command(
         force=force,
         progress=default_progress(not as_json),
     )
+    from qwen3_compile.schema import encode
+
     m = result.manifest
     if as_json:
         emit_json(
@@ -59,25 +61,25 @@ def bundle_command(
                 "bytes": result.bytes,
                 "sha256": result.sha256,
                 "seconds": result.seconds,
-                "target": m["target"]["name"],
-                "moe": m["moe"],
-                "memory": m["memory"],
-                "files": len(m["files"]),
-                "smoke_reference": m["smoke_reference"],
-                "warnings": m["warnings"],
+                "target": m.target.name,
+                "moe": encode(m.moe),
+                "memory": encode(m.memory),
+                "files": len(m.files),
+                "smoke_reference": m.smoke_reference,
+                "warnings": list(m.warnings),
             }
         )
         return
-    mem = m["memory"]
+    mem = m.memory
     click.echo(
-        f"wrote {result.path}: {result.bytes / 1e6:.1f} MB, {len(m['files'])} files, sha256 {result.sha256}\n"
-        f"  {m['artifact']['label']} for {m['target']['name']} (SM {m['target']['sm']}, TensorRT >= "
-        f"{m['target']['min_tensorrt']}); MoE lowering: {m['moe']['lowering']}\n"
-        f"  memory at {mem['context']} tokens: {mem['total'] / GB:.2f} GB of "
-        f"{mem['usable'] / GB:.1f} GB usable\n"
+        f"wrote {result.path}: {result.bytes / 1e6:.1f} MB, {len(m.files)} files, sha256 {result.sha256}\n"
+        f"  {m.artifact.label} for {m.target.name} (SM {m.target.sm}, TensorRT >= "
+        f"{m.target.min_tensorrt}); MoE lowering: {m.moe.lowering}\n"
+        f"  memory at {mem.context} tokens: {mem.total / GB:.2f} GB of "
+        f"{mem.usable / GB:.1f} GB usable\n"
         f"  next: copy it to the device, `python3 runner.py unpack` or tar -xzf, then see its README.md"
     )
-    for warning in m["warnings"]:
+    for warning in m.warnings:
         click.secho(f"warning: {warning}", err=True, fg="yellow")
 
 
@@ -93,14 +95,14 @@ def verify_bundle_command(bundle: Path, trt_version: str | None, sm: str | None,
     from qwen3_compile.bundle import verify_bundle
 
     result = verify_bundle(bundle, trt_version, sm)
-    target = result.manifest["target"]
+    target = result.manifest.target
     if as_json:
         emit_json(
             {
                 "bundle": str(result.path),
                 "ok": True,
                 "files": result.files,
-                "target": target["name"],
+                "target": target.name,
                 "checked": {"tensorrt": result.checked_trt, "sm": result.checked_sm},
             }
         )
@@ -109,7 +111,7 @@ def verify_bundle_command(bundle: Path, trt_version: str | None, sm: str | None,
         f"{what} {value} ok" for what, value in (("TensorRT", trt_version), ("SM", sm)) if value is not None
     )
     click.echo(
-        f"ok: {result.files} files match the manifest; target {target['name']} (SM {target['sm']}, "
-        f"TensorRT >= {target['min_tensorrt']})"
+        f"ok: {result.files} files match the manifest; target {target.name} (SM {target.sm}, "
+        f"TensorRT >= {target.min_tensorrt})"
         + (f"; {checked}" if checked else "; device compatibility not checked")
     )

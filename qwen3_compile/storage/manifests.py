@@ -203,3 +203,73 @@ ARTIFACT_KINDS: dict[str, type[Manifest]] = {
     "build": EngineManifest,
 }
 AnyManifest = ExportManifest | QuantizeManifest | LowerManifest | EngineManifest
+
+
+@dataclass(frozen=True, kw_only=True)
+class BundledArtifact:
+    folder: str
+    model: str
+    stage: Literal["export", "quantize"]
+    label: str
+    dtype: Literal["fp32", "fp16", "bf16"]
+    model_sha256: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class BundleMemory(MemoryRecord):
+    precision: str
+    context: int = field(metadata={"min": 1})
+    batch: int = field(metadata={"min": 1})
+    weights_stored: int = field(metadata={"min": 0})
+    weights_architecture: int = field(metadata={"min": 0})
+
+
+@dataclass(frozen=True, kw_only=True)
+class BundleMoe:
+    lowering: str
+    skipped: dict[str, str] = field(default_factory=dict)
+    plugin_library: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class BundleTarget:
+    """The deployment target as the bundle records it (recipes/targets/*.toml's fields)."""
+
+    name: str
+    description: str
+    sm: str
+    memory_gb: float
+    reserved_gb: float
+    unified_memory: bool
+    tensorrt: Literal["tensorrt", "tensorrt-rtx"]
+    min_tensorrt: str
+    precisions: tuple[str, ...]
+    moe_lowerings: tuple[str, ...]
+    attention: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class BundleManifest:
+    """A Jetson bundle's manifest.json. The device scripts inside the bundle read the same file with their
+    own small reader (they cannot import this package)."""
+
+    format: int = field(metadata={"min": 1, "max": 1})
+    stage: Literal["bundle"] = "bundle"
+    artifact: BundledArtifact
+    architecture: Json
+    recipe: Json | None = None
+    target: BundleTarget
+    tools: dict[str, str]
+    memory: BundleMemory
+    moe: BundleMoe
+    lowering: Json
+    op_histogram: dict[str, int]
+    logits: Literal["last"]
+    profiles: tuple[Json, ...]
+    ort_optimization: OrtLevel = "all"
+    ort_session_config: dict[str, str] = field(default_factory=dict)
+    validation: Json
+    smoke_reference: Json | None = None
+    warnings: tuple[str, ...] = ()
+    trtexec: str
+    files: dict[str, FileRecord]

@@ -55,7 +55,9 @@ def validated_int8_sq(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def bundled(validated_int8_sq, tmp_path_factory) -> Bundled:
     from qwen3_compile.bundle import bundle_artifact
+    from qwen3_compile.schema import encode
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-moe-int8-sq-agx-orin.tar.gz"
     result = bundle_artifact(validated_int8_sq, "jetson-agx-orin", out)
-    return Bundled(validated_int8_sq, out, result.manifest, result.seconds, result.sha256)
+    # the manifest as the device reads it (JSON), not the toolchain's typed view
+    return Bundled(validated_int8_sq, out, encode(result.manifest), result.seconds, result.sha256)
