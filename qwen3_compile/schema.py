@@ -3,14 +3,15 @@
 `decode(cls, data, file=...)` turns JSON/TOML data into a frozen dataclass by its type hints and refuses,
 naming the file and the dotted field, anything the class does not describe: an unknown or missing key, a
 wrong type (a string where a list is expected, a bool where a number is), a NaN or infinite number, a value
-outside a field's `min`/`max` metadata or not among its `Literal` choices. `encode(obj)` is its inverse
-(tuples as lists), so `decode(type(x), encode(x)) == x`.
+outside a field's `min`/`max` metadata, not matching its `pattern` or not among its `Literal` choices.
+`encode(obj)` is its inverse (tuples as lists), so `decode(type(x), encode(x)) == x`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from functools import cache
@@ -116,6 +117,8 @@ def _scalar(tp: type, value: Any, file, path: str, meta: typing.Mapping[str, Any
             f"from {low}" if high is None else f"up to {high}" if low is None else f"from {low} to {high}"
         )
         raise _fail(f"{value!r} is out of range.", file, path, f"use a value {bounds}.")
+    if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
+        raise _fail(f"{value!r} is not of the form {meta['pattern']}.", file, path, "see the other files.")
     if "choices" in meta and value not in meta["choices"]:
         raise _fail(f"{value!r} is not allowed.", file, path, f"use one of: {', '.join(meta['choices'])}.")
     return value

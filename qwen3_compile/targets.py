@@ -1,37 +1,38 @@
-"""Deployment targets: devices described as data in `recipes/targets/*.toml`, decoded via an allow-list."""
+"""Deployment targets: devices described as data in `recipes/targets/*.toml`, decoded strictly (schema.py)."""
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
+from typing import Literal, get_args
 
 from qwen3_compile.errors import BadInputError
+from qwen3_compile.schema import decode, encode
 
-PRECISIONS = ("fp16", "fp8", "int8", "int4")
-TENSORRT_FLAVOURS = ("tensorrt", "tensorrt-rtx")
+Precision = Literal["fp16", "fp8", "int8", "int4"]
 # how an ExpertDispatch node reaches TensorRT (see qwen3_compile/lower/for_tensorrt.py):
 # trt_moe: routing in-graph + TRT_MoE (IMoELayer); plugin: the project's CUDA plugin; dense: every expert
-MOE_LOWERINGS = ("trt_moe", "plugin", "dense")
-# decomposed: past/present concatenated, attention as MatMul/Softmax (what the export writes)
-ATTENTION_FORMS = ("decomposed",)
+MoeLowering = Literal["trt_moe", "plugin", "dense"]
+PRECISIONS = get_args(Precision)
+MOE_LOWERINGS = get_args(MoeLowering)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Target:
     name: str
     description: str
-    sm: str
-    memory_gb: float
-    reserved_gb: float
+    sm: str = field(metadata={"pattern": r"\d+\.\d+"})
+    memory_gb: float = field(metadata={"min": 0.5, "max": 4096})
+    reserved_gb: float = field(metadata={"min": 0, "max": 4096})
     unified_memory: bool
-    tensorrt: str
-    min_tensorrt: str
-    precisions: tuple[str, ...]
-    moe_lowerings: tuple[str, ...]
-    attention: str
+    tensorrt: Literal["tensorrt", "tensorrt-rtx"]
+    min_tensorrt: str = field(metadata={"pattern": r"\d+(\.\d+)*"})
+    precisions: tuple[Precision, ...]
+    moe_lowerings: tuple[MoeLowering, ...]
+    # decomposed: past/present concatenated, attention as MatMul/Softmax (what the export writes)
+    attention: Literal["decomposed"]
 
     @property
     def compute_capability(self) -> tuple[int, int]:
@@ -44,46 +45,32 @@ class Target:
 
 
 def _decode(raw: dict, source: str) -> Target:
-    fields = {f.name for f in dataclasses.fields(Target)}
-    unknown = set(raw) - fields
-    missing = fields - set(raw)
-    if unknown or missing:
-        raise BadInputError(
-            f"unknown keys {sorted(unknown)} / missing keys {sorted(missing)}.",
-            file=source,
-            fix=f"a target file has exactly these keys: {', '.join(sorted(fields))}.",
-        )
-    for key, allowed in (
-        ("precisions", PRECISIONS),
-        ("tensorrt", TENSORRT_FLAVOURS),
-        ("moe_lowerings", MOE_LOWERINGS),
-        ("attention", ATTENTION_FORMS),
-    ):
-        values = raw[key] if isinstance(raw[key], list) else [raw[key]]
-        bad = [v for v in values if v not in allowed]
-        if bad or not values:
+    target = decode(Target, raw, file=source)
+    for key in ("precisions", "moe_lowerings"):
+        if not getattr(target, key):
             raise BadInputError(
-                f"unsupported value(s) {bad or values}.",
-                file=source,
-                field=key,
-                fix=f"{key} from {', '.join(allowed)}.",
+                "the list is empty.", file=source, field=key, fix=f"list at least one {key[:-1]}."
             )
-    if "dense" not in raw["moe_lowerings"]:
+    if "dense" not in target.moe_lowerings:
         raise BadInputError(
             "'dense' must stay in the list: it is the lowering that needs nothing from the target.",
             file=source,
             field="moe_lowerings",
             fix='end the list with "dense".',
         )
-    return Target(
-        **{**raw, "precisions": tuple(raw["precisions"]), "moe_lowerings": tuple(raw["moe_lowerings"])}
-    )
+    if target.reserved_gb >= target.memory_gb:
+        raise BadInputError(
+            f"reserved_gb {target.reserved_gb} leaves nothing of memory_gb {target.memory_gb}.",
+            file=source,
+            field="reserved_gb",
+            fix="reserve less than the device's memory.",
+        )
+    return target
 
 
 def target_to_dict(target: Target) -> dict:
     """The TOML fields of `target` (round-trips through `_decode`)."""
-    data = dataclasses.asdict(target)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+    return encode(target)
 
 
 @cache

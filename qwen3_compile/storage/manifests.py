@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from qwen3_compile.targets import Target
+
 SCHEMA_VERSION = 1
 Json = dict[str, Any]
 
@@ -232,23 +234,6 @@ class BundleMoe:
 
 
 @dataclass(frozen=True, kw_only=True)
-class BundleTarget:
-    """The deployment target as the bundle records it (recipes/targets/*.toml's fields)."""
-
-    name: str
-    description: str
-    sm: str
-    memory_gb: float
-    reserved_gb: float
-    unified_memory: bool
-    tensorrt: Literal["tensorrt", "tensorrt-rtx"]
-    min_tensorrt: str
-    precisions: tuple[str, ...]
-    moe_lowerings: tuple[str, ...]
-    attention: str
-
-
-@dataclass(frozen=True, kw_only=True)
 class BundleManifest:
     """A Jetson bundle's manifest.json. The device scripts inside the bundle read the same file with their
     own small reader (they cannot import this package)."""
@@ -258,7 +243,7 @@ class BundleManifest:
     artifact: BundledArtifact
     architecture: Json
     recipe: Json | None = None
-    target: BundleTarget
+    target: Target  # recipes/targets/*.toml's fields
     tools: dict[str, str]
     memory: BundleMemory
     moe: BundleMoe

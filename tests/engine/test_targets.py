@@ -68,11 +68,18 @@ def test_unknown_target_lists_valid_ones():
 @pytest.mark.parametrize(
     "change, field",
     [
-        ({"moe_lowerings": ["plugin", "magic"]}, "moe_lowerings"),
+        ({"moe_lowerings": ["plugin", "magic"]}, "moe_lowerings[1]"),
         ({"moe_lowerings": ["plugin"]}, "moe_lowerings"),  # dense must stay as the last resort
         ({"attention": "paged"}, "attention"),
         ({"tensorrt": "tensorrt-llm"}, "tensorrt"),
-        ({"precisions": ["fp16", "nvfp4"]}, "precisions"),
+        ({"precisions": ["fp16", "nvfp4"]}, "precisions[1]"),
+        ({"precisions": "fp16"}, "precisions"),  # a string is not a list
+        ({"precisions": []}, "precisions"),
+        ({"memory_gb": float("nan")}, "memory_gb"),
+        ({"memory_gb": -8}, "memory_gb"),
+        ({"reserved_gb": 24.0}, "reserved_gb"),  # nothing left
+        ({"sm": "ada"}, "sm"),
+        ({"unified_memory": "yes"}, "unified_memory"),
     ],
 )
 def test_allow_list(change, field):
@@ -84,6 +91,10 @@ def test_allow_list(change, field):
 
 def test_unknown_and_missing_keys():
     raw = target_to_dict(get_target("rtx-ada"))
-    del raw["attention"]
-    with pytest.raises(BadInputError, match=r"unknown keys \['kv'\] / missing keys \['attention'\]"):
+    with pytest.raises(BadInputError, match="unknown key 'kv'") as info:
         _decode(raw | {"kv": "paged"}, "bad.toml")
+    assert info.value.field == "kv" and "attention" in info.value.fix  # the keys it takes are listed
+    del raw["attention"]
+    with pytest.raises(BadInputError, match="required key is missing") as info:
+        _decode(raw, "bad.toml")
+    assert info.value.field == "attention"
