@@ -41,9 +41,9 @@ def _name(tp: Any) -> str:
     if origin in (types.UnionType, typing.Union):
         return " or ".join(_name(a) for a in typing.get_args(tp))
     if origin in (list, tuple):
-        return f"a list of {_name(typing.get_args(tp)[0])}"
+        return f"a list, each item {_name(typing.get_args(tp)[0])}"
     if origin is dict:
-        return f"a table of {_name(typing.get_args(tp)[1])}"
+        return f"a table, each value {_name(typing.get_args(tp)[1])}"
     if dataclasses.is_dataclass(tp):
         return "a table"
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, str(tp))
@@ -84,7 +84,7 @@ def _value(tp: Any, value: Any, file, path: str, meta: typing.Mapping[str, Any])
         return value
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
-            raise _fail(f"{value!r} is not a list.", file, path, f"give {_name(tp)}, e.g. [...].")
+            raise _fail(f"{value!r} is not a list.", file, path, f"give {_name(tp)}, e.g. [...]")
         items = [_value(args[0], v, file, f"{path}[{i}]", {}) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
@@ -129,7 +129,7 @@ def decode(cls: type[T], data: Any, *, file: str | Path | None = None, path: str
     where = path or "the top level"
     if not isinstance(data, dict):
         raise _fail(f"{where} is not a table.", file, path, f"give a table with {_keys(cls)}.")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in _data_fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         key = f"{path}.{unknown[0]}" if path else unknown[0]
@@ -146,8 +146,13 @@ def decode(cls: type[T], data: Any, *, file: str | Path | None = None, path: str
     return cls(**values)
 
 
+def _data_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields a file holds: not those marked `internal` (e.g. where a recipe was read from)."""
+    return [f for f in dataclasses.fields(cls) if f.init and not f.metadata.get("internal")]
+
+
 def _keys(cls: type) -> str:
-    return ", ".join(f.name for f in dataclasses.fields(cls) if f.init)
+    return ", ".join(f.name for f in _data_fields(cls))
 
 
 def encode(obj: Any, drop_none: bool = False) -> Any:
@@ -156,8 +161,8 @@ def encode(obj: Any, drop_none: bool = False) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {
             f.name: encode(getattr(obj, f.name), drop_none)
-            for f in dataclasses.fields(obj)
-            if f.init and not (drop_none and getattr(obj, f.name) is None)
+            for f in _data_fields(type(obj))
+            if not (drop_none and getattr(obj, f.name) is None)
         }
     if isinstance(obj, list | tuple):
         return [encode(v, drop_none) for v in obj]

@@ -44,7 +44,21 @@ def test_unknown_recipe_lists_valid_ones():
         ({"weights": {"dtype": "int8", "bits": 8}}, "weights.bits"),
         ({"colour": "blue"}, "colour"),
         ({"version": 9}, "version"),
-        ({"weights": {"dtype": "int2"}}, "weights"),
+        ({"weights": {"dtype": "int2"}}, "weights.dtype"),
+        # hostile values an allow-list of names let through
+        ({"gates": {"max_mean_kl": float("nan"), "min_top1": 0.9}}, "gates.max_mean_kl"),
+        ({"gates": {"max_mean_kl": float("inf"), "min_top1": 0.9}}, "gates.max_mean_kl"),
+        ({"gates": {"max_mean_kl": -0.1, "min_top1": 0.9}}, "gates.max_mean_kl"),
+        ({"gates": {"max_mean_kl": 0.1, "min_top1": 1.5}}, "gates.min_top1"),
+        ({"select": {"include": "q_proj"}}, "select.include"),  # a string read as a list of characters
+        ({"select": {"include": ["q_proj", "(unclosed"]}}, "select.include[1]"),
+        ({"calibration": {"samples": 1e9}}, "calibration.samples"),
+        ({"calibration": {"samples": 1_000_000_000}}, "calibration.samples"),
+        ({"calibration": {"samples": True}}, "calibration.samples"),
+        ({"calibration": {"max_tokens": 1}}, "calibration.max_tokens"),
+        ({"activations": {"dtype": "int8"}, "smoothquant": {"alpha": 1.5}}, "smoothquant.alpha"),
+        ({"smoothquant": {"alpha": 0.5}}, "smoothquant"),  # SmoothQuant without W8A8
+        ({"version": "1"}, "version"),
     ],
 )
 def test_bad_recipe_fields(edit, field):
