@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from qwen3_compile.errors import BadInputError, CheckFailedError
+from qwen3_compile.schema import decode
 from qwen3_compile.storage.manifest import sha256_file
+from qwen3_compile.storage.manifests import ValidationRecord
 
 REPORT_DIR = "validation"
 REPORT_FILES = ("report.json", "report.md")
@@ -24,7 +26,7 @@ SMOKE_TOKENS = 16
 MODES = {"thinking": True, "non-thinking": False}
 
 
-def require_validation(artifact: Path, model_sha256: str | None = None) -> dict[str, Any]:
+def require_validation(artifact: Path, model_sha256: str | None = None) -> ValidationRecord:
     """The artifact's passing validation report (report.json), or a BadInputError/CheckFailedError.
     `model_sha256`: the artifact's model.onnx hash when the caller has it (else computed here if needed)."""
     path = artifact / REPORT_DIR / "report.json"
@@ -39,10 +41,10 @@ def require_validation(artifact: Path, model_sha256: str | None = None) -> dict[
             fix=fix,
         )
     try:
-        report = json.loads(path.read_text())
+        report = decode(ValidationRecord, json.loads(path.read_text()), file=path)
     except json.JSONDecodeError as err:
         raise BadInputError(f"the report is not valid JSON ({err.msg}).", file=path, fix=fix) from None
-    recorded = report.get("model_sha256")
+    recorded = report.model_sha256
     if recorded and model_sha256 is None and (artifact / "model.onnx").is_file():
         model_sha256 = sha256_file(artifact / "model.onnx")
     if recorded and model_sha256 is not None and model_sha256 != recorded:
@@ -52,8 +54,8 @@ def require_validation(artifact: Path, model_sha256: str | None = None) -> dict[
             field="model_sha256",
             fix=fix,
         )
-    if not report.get("passed"):
-        failures = "; ".join(report.get("failures") or ["no verdict recorded"])
+    if not report.passed:
+        failures = "; ".join(report.failures or ["no verdict recorded"])
         raise CheckFailedError(
             f"the artifact failed validation ({failures}); a bundle ships only what passed.",
             file=path,
@@ -63,17 +65,17 @@ def require_validation(artifact: Path, model_sha256: str | None = None) -> dict[
     return report
 
 
-def validation_record(report: dict[str, Any]) -> dict[str, Any]:
+def validation_record(report: ValidationRecord) -> dict[str, Any]:
     """What the bundle manifest keeps of the report (the full report ships in validation/)."""
     return {
-        "passed": report["passed"],
-        "backend": report.get("backend"),
-        "reference": report.get("reference"),
-        "modes": report.get("modes"),
-        "gates": report.get("gates"),
-        "gates_source": report.get("gates_source"),
-        "summary": report.get("summary"),
-        "cases": len(report.get("cases", [])),
+        "passed": report.passed,
+        "backend": report.backend,
+        "reference": report.reference,
+        "modes": list(report.modes),
+        "gates": report.gates,
+        "gates_source": report.gates_source,
+        "summary": report.summary,
+        "cases": len(report.cases),
     }
 
 

@@ -46,7 +46,7 @@ from qwen3_compile.schema import decode
 from qwen3_compile.sizing import GB
 from qwen3_compile.storage.artifact_dir import copy_side_files
 from qwen3_compile.storage.manifest import CALIBRATION_FILE, MANIFEST, sha256_file, tool_versions
-from qwen3_compile.storage.manifests import BundleManifest, ExportManifest, QuantizeManifest
+from qwen3_compile.storage.manifests import BundleManifest, ExportManifest, QuantizeManifest, ValidationRecord
 from qwen3_compile.targets import Target, get_target, target_to_dict
 
 BUNDLE_FORMAT = 1
@@ -233,7 +233,7 @@ def _manifest(
     plan: BundlePlan,
     lowered: LoweredModel,
     profiles: list[dict],
-    report: dict[str, Any],
+    report: ValidationRecord,
     smoke: dict[str, Any] | None,
     model_sha256: str,
 ) -> dict[str, Any]:

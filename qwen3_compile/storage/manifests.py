@@ -258,3 +258,22 @@ class BundleManifest:
     warnings: tuple[str, ...] = ()
     trtexec: str
     files: dict[str, FileRecord]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidationRecord:
+    """A validation folder's report.json: the verdict, the gates it was held to, and what was measured."""
+
+    artifact: str
+    model_sha256: str | None = None  # of the validated graph: a report beside another model is refused
+    reference: str
+    backend: str
+    backend_settings: Json  # how the backend ran the artifact (ORT's session options)
+    passed: bool
+    failures: tuple[str, ...]
+    gates: dict[str, float | None]
+    gates_source: str
+    modes: tuple[str, ...]
+    summary: Json
+    bisection: Json | None = None
+    cases: tuple[Json, ...]

@@ -6,12 +6,15 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qwen3_compile.schema import decode, encode
+from qwen3_compile.storage.manifests import ValidationRecord
+
 if TYPE_CHECKING:
     from qwen3_compile.validate.stage import ValidationReport
 
 
 def write_report(report: ValidationReport, folder: Path) -> None:
-    data = report.to_dict()
+    data = encode(decode(ValidationRecord, report.to_dict(), file=folder / "report.json"))  # the file's shape
     (folder / "report.json").write_text(json.dumps(data, indent=2) + "\n")
     (folder / "report.md").write_text(render_markdown(data))
     plot_positions(data, folder / "per_position.png")

@@ -23,7 +23,7 @@ def test_report_records_and_bundle_checks_the_model_hash(tmp_path):
     )
     report = json.loads((artifact / "validation" / "report.json").read_text())
     assert report["model_sha256"] == sha256_file(artifact / "model.onnx")
-    assert require_validation(artifact)["passed"]
+    assert require_validation(artifact).passed
     with (artifact / "model.onnx").open("ab") as f:  # a different model next to the old report
         f.write(b"\0")
     with pytest.raises(BadInputError) as info:
