@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from qwen3_compile.schema import decode, encode
 from qwen3_compile.storage.manifests import ValidationRecord
+from qwen3_compile.validate.plots import plot_layers, plot_positions, plot_prompts
 
 if TYPE_CHECKING:
     from qwen3_compile.validate.stage import ValidationReport
@@ -17,6 +18,7 @@ def write_report(report: ValidationReport, folder: Path) -> None:
     data = encode(decode(ValidationRecord, report.to_dict(), file=folder / "report.json"))  # the file's shape
     (folder / "report.json").write_text(json.dumps(data, indent=2) + "\n")
     (folder / "report.md").write_text(render_markdown(data))
+    plot_prompts(data, folder / "per_prompt.png")
     plot_positions(data, folder / "per_position.png")
     if data["bisection"]:
         plot_layers(data["bisection"], folder / "per_layer.png")
@@ -90,56 +92,9 @@ def render_markdown(data: dict) -> str:
         lines += [f"| {i} | {e:.3g} |" for i, e in enumerate(b["layer_errors"])]
     lines += [
         "",
-        "Plots: `per_position.png` (KL and top-1 per position), `per_layer.png` (layer errors).",
+        "Plots: `per_prompt.png` (mean KL per prompt and mode, with the gate), `per_position.png` (the "
+        "distribution of per-position KL; top-1 agreement along the sequence), `per_layer.png` (layer "
+        "errors).",
         "",
     ]
     return "\n".join(lines)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_positions(data: dict, path: Path) -> None:
-    plt = _pyplot()
-    fig, (ax_kl, ax_top1) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
-    for c in data["cases"]:
-        kl = [max(v, 1e-12) for v in c["kl_per_position"]]
-        x = range(c["first_position"], c["first_position"] + len(kl))
-        style = "-" if c["mode"] == "thinking" else "--"
-        ax_kl.plot(x, kl, style, linewidth=0.8, label=f"{c['name']} ({c['mode']})")
-        ax_top1.plot(x, [float(v) for v in c["top1_per_position"]], style, linewidth=0.8)
-    ax_kl.set_yscale("log")
-    ax_kl.set_ylabel("KL(reference || artifact)")
-    ax_kl.axhline(data["gates"]["max_mean_kl"], color="red", linewidth=0.8, label="gate (mean)")
-    ax_top1.set_ylabel("top-1 agrees")
-    ax_top1.set_xlabel("token position (prompt, then teacher-forced decode)")
-    ax_top1.set_xscale("symlog", linthresh=256)
-    ax_top1.set_ylim(-0.1, 1.1)
-    ax_kl.legend(fontsize=6, ncol=2)
-    fig.suptitle(f"{'PASS' if data['passed'] else 'FAIL'}: {data['artifact']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_layers(bisection: dict, path: Path) -> None:
-    plt = _pyplot()
-    errors = [max(e, 1e-12) for e in bisection["layer_errors"]]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    first = bisection["first_diverging_layer"]
-    colors = ["tab:red" if first is not None and i >= first else "tab:blue" for i in range(len(errors))]
-    ax.bar(range(len(errors)), errors, color=colors)
-    ax.axhline(bisection["tolerance"], color="red", linewidth=0.8, label="tolerance")
-    ax.set_yscale("log")
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("relative error of the layer output")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -73,7 +73,7 @@ def test_exported_artifact_passes(artifact, tmp_path):
     for case in report.cases:
         if case.case.mode == "non-thinking":
             assert case.case.ids[-4:] == EMPTY_THINK_BLOCK
-    for name in ("report.md", "per_position.png", "per_layer.png"):
+    for name in ("report.md", "per_prompt.png", "per_position.png", "per_layer.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
     assert "non-thinking" in (tmp_path / "report" / "report.md").read_text()
 
