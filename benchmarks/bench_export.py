@@ -130,7 +130,8 @@ def bench_model(model: str, layers: int | None, use_optimum: bool, work: Path) -
 
     label = model if layers is None else f"{model} ({layers} layers)"
     rows = []
-    for target, name in (("ort", "qwen3-compile (export + lower --for ort)"), ("", "qwen3-compile (canonical)")):
+    pipelines = (("ort", "qwen3-compile (export + lower --for ort)"), ("", "qwen3-compile (canonical)"))
+    for target, name in pipelines:
         out = work / f"ours-{target or 'canonical'}"
         export = _run_child(sys.executable, _OURS, model, str(out), target, str(layers or 0))
         row = {"model": label, "pipeline": name, **export}
