@@ -125,8 +125,10 @@ def graph_stats(path: Path) -> dict:
 
 def bench_model(model: str, layers: int | None, use_optimum: bool, work: Path) -> list[dict]:
     from qwen3_compile.backends.onnxruntime.runner import OrtRunner
+    from qwen3_compile.backends.registry import open_runner
     from qwen3_compile.backends.torch_reference import TorchRunner
     from qwen3_compile.models.loading import load_model
+    from qwen3_compile.storage.manifest import read_manifest
 
     label = model if layers is None else f"{model} ({layers} layers)"
     rows = []
@@ -136,7 +138,8 @@ def bench_model(model: str, layers: int | None, use_optimum: bool, work: Path) -
         export = _run_child(sys.executable, _OURS, model, str(out), target, str(layers or 0))
         row = {"model": label, "pipeline": name, **export}
         if "error" not in export:
-            row |= graph_stats(out / "model.onnx") | time_runner(OrtRunner(out / "model.onnx"))
+            runner = open_runner(out, read_manifest(out))  # as validate and run open it
+            row |= graph_stats(out / "model.onnx") | time_runner(runner)
         rows.append(row)
     if use_optimum:
         ckpt = work / "checkpoint"

@@ -38,9 +38,9 @@ print(json.dumps({"seconds": time.perf_counter() - start,
 
 
 def bench(model: str, work: Path, layers: int | None = None) -> list[dict]:
-    from qwen3_compile.backends.onnxruntime.loader import load_ort_runner
     from qwen3_compile.backends.onnxruntime.runner import OrtRunner
     from qwen3_compile.backends.onnxruntime.settings import ORT_QDQ
+    from qwen3_compile.backends.registry import open_runner
     from qwen3_compile.export.stage import ExportOptions, export_onnx
     from qwen3_compile.lower.stage import lower_artifact
     from qwen3_compile.storage.manifest import read_manifest
@@ -83,7 +83,7 @@ def bench(model: str, work: Path, layers: int | None = None) -> list[dict]:
         if row.get("fused"):  # what `quantize --ort-qdq fused` would record (same graph and weights)
             runner = OrtRunner(row["path"] / "model.onnx", session_config=ORT_QDQ["fused"])
         else:  # as the manifest asks (fp8: basic; quantized: the QDQ graph as written)
-            runner = load_ort_runner(row["path"], read_manifest(row["path"]))
+            runner = open_runner(row["path"], read_manifest(row["path"]))
         row |= graph_stats(row["path"] / "model.onnx") | time_runner(runner)
     return rows
 
