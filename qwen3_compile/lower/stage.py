@@ -11,6 +11,8 @@ deployment target) into a new artifact folder with its own manifest.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +85,25 @@ def _read_source(artifact: Path) -> ExportManifest | QuantizeManifest:
     return manifest
 
 
+def _check_disk(artifact: Path, output: Path, manifest: ExportManifest | QuantizeManifest) -> None:
+    """The lowered folder needs at most the rewritten experts (no larger than the graph's data) and, where
+    the source's data cannot be hard-linked (another file system), a copy of it."""
+    parent = output.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    data = sum(r.bytes for name, r in manifest.outputs.items() if name.startswith(MODEL_FILE))
+    needed = data if os.stat(parent).st_dev == os.stat(artifact).st_dev else 2 * data
+    free = shutil.disk_usage(parent).free
+    if needed > free:
+        raise BadInputError(
+            f"not enough free disk: lowering needs up to {needed / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB are free.",
+            file=parent,
+            field="--output",
+            fix="free disk space, or lower onto the artifact's own disk (its weights are then linked).",
+        )
+
+
 def _tensorrt_choice(arch: Qwen3Arch, target: Target, requested: str | None) -> MoeChoice:
     """The build's choice where the target's TensorRT is installed; else the choice for a device running
     the target's minimum TensorRT, the plugin being a library built there (what a bundle ships)."""
@@ -141,6 +162,7 @@ def lower_artifact(
     chosen_target = get_target(target) if target else None
     check_not_an_input(output, [artifact])
     manifest = _read_source(artifact)
+    _check_disk(artifact, output, manifest)
     arch = Qwen3Arch.from_hf_dict(manifest.architecture, source=artifact / MANIFEST)
     choice = _tensorrt_choice(arch, chosen_target, moe_lowering) if runtime == "tensorrt" else None
     timings = Timings()
