@@ -127,6 +127,7 @@ def test_removed_target_flags_name_the_lower_command(tmp_path):
     assert tensorrt_needs_device.exit_code == 2 and "--target" in tensorrt_needs_device.output
 
 
+@pytest.mark.slow  # the whole pipeline, about a minute; CI also runs it as the README's first command
 def test_compile_main_job(tmp_path):
     result = run(
         "compile", "-o", str(tmp_path), "--decode-steps", "4", "--long-context-tokens", "300", "--json"
