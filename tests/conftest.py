@@ -23,6 +23,129 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+class Artifacts:
+    """The suite's artifacts, each made once per session on first use and shared READ-ONLY: a test that
+    edits files copies them first (`artifact_copy`). At the end of the session every shared folder is checked
+    against its manifest, so a test that changed one fails loudly."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.made: dict[tuple[str, str], Path] = {}
+        self.results: dict[tuple[str, str], object] = {}  # the stage's typed result, where a test wants it
+        self.models: dict[str, object] = {}
+
+    def loaded(self, preset: str):
+        """The preset as transformers' model (the PyTorch reference), loaded once."""
+        if preset not in self.models:
+            from qwen3_compile.models.loading import load_model
+
+            self.models[preset] = load_model(preset)
+        return self.models[preset]
+
+    def exported(self, preset: str, dtype: str = "fp32"):
+        """`export_onnx`'s ExportedArtifact (from the loaded model: the same bytes as from the preset)."""
+        key = (preset, dtype)
+        if key not in self.made:
+            from qwen3_compile.export.stage import ExportOptions, export_onnx
+
+            source = self.loaded(preset) if dtype == "fp32" else preset
+            self.results[key] = export_onnx(source, self.root / preset / dtype, ExportOptions(dtype=dtype))
+            self.made[key] = self.results[key].directory
+        return self.results[key]
+
+    def export(self, preset: str, dtype: str = "fp32") -> Path:
+        return self.exported(preset, dtype).directory
+
+    def lowered(self, preset: str, runtime: str = "ort"):
+        """`lower --for ort` of the fp32 export: a LoweredArtifact."""
+        key = (preset, f"lower:{runtime}")
+        if key not in self.made:
+            from qwen3_compile.lower.stage import lower_artifact
+
+            self.results[key] = lower_artifact(
+                self.export(preset), self.root / preset / f"lower-{runtime}", runtime
+            )
+            self.made[key] = self.results[key].directory
+        return self.results[key]
+
+    def quantized_artifact(self, preset: str, recipe: str):
+        """`quantize_artifact`'s QuantizedArtifact for a built-in recipe."""
+        self.quantized(preset, recipe)
+        return self.results[(preset, f"recipe:{recipe}")]
+
+    def check_unchanged(self) -> list[str]:
+        """Shared folders whose files no longer match their manifest."""
+        from qwen3_compile.errors import BadInputError
+        from qwen3_compile.storage.manifest import read_manifest, verify_outputs
+
+        changed = []
+        for folder in self.made.values():
+            try:
+                manifest = read_manifest(folder)
+                verify_outputs(folder, manifest, tuple(manifest.outputs))
+            except BadInputError as err:
+                changed.append(f"{folder}: {err.message}")
+        return changed
+
+    def plugin_sized_moe(self, dtype: str = "fp16") -> Path:
+        """An export of a small MoE whose shapes the qmoe kernels support (hidden 128, experts 8 x 64, top-2):
+        tiny-moe's 64-wide layers are below the kernels' minimum, so its builds fall back to dense."""
+        key = ("moe-128", dtype)
+        if key not in self.made:
+            import dataclasses
+
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            from qwen3_compile.export.stage import ExportOptions, export_onnx
+            from qwen3_compile.models.presets import get_preset
+
+            arch = dataclasses.replace(
+                get_preset("tiny-moe").arch, hidden_size=128, moe_intermediate_size=64, num_experts=8, top_k=2
+            )
+            torch.manual_seed(0)
+            checkpoint = self.root / "moe-128-checkpoint"
+            AutoModelForCausalLM.from_config(arch.to_transformers_config()).save_pretrained(checkpoint)
+            out = self.root / "moe-128" / dtype
+            export_onnx(str(checkpoint), out, ExportOptions(dtype=dtype))
+            self.made[key] = out
+        return self.made[key]
+
+    def quantized(self, preset: str, recipe: str) -> Path:
+        key = (preset, f"recipe:{recipe}")
+        if key not in self.made:
+            from qwen3_compile.quantize.recipe import load_recipe
+            from qwen3_compile.quantize.stage import quantize_artifact
+
+            out = self.root / preset / f"q-{recipe}"
+            # the fp16 baseline recipe reads fp16 exports, quantizing recipes fp32 ones
+            source = self.export(preset, "fp16" if load_recipe(recipe).weights.dtype == "fp16" else "fp32")
+            self.results[key] = quantize_artifact(source, recipe, out)
+            self.made[key] = out
+        return self.made[key]
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory):
+    """The shared, read-only artifacts of the tiny presets (see `Artifacts`)."""
+    shared = Artifacts(tmp_path_factory.mktemp("shared-artifacts"))
+    yield shared
+    changed = shared.check_unchanged()
+    assert not changed, "a test modified a shared artifact (copy it first): " + "; ".join(changed)
+
+
+@pytest.fixture
+def artifact_copy(tmp_path):
+    """artifact_copy(folder) -> a writable copy of a shared artifact folder, for a test that edits it."""
+
+    def copy(folder: Path) -> Path:
+        dst = tmp_path / f"copy-{Path(folder).name}"
+        shutil.copytree(folder, dst)
+        return dst
+
+    return copy
+
+
 @pytest.fixture(scope="session")
 def saved_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """tiny-dense and tiny-moe written with save_pretrained, single-file and sharded."""

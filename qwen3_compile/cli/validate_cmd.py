@@ -67,13 +67,11 @@ def validate_command(
     if as_json:
         emit_json(report.to_dict() | {"directory": str(report.directory)})
     else:
-        summary = report.to_dict()["summary"]
-        p, d = summary["prefill"], summary["decode"]
+        p, d = report.summary("prefill"), report.summary("decode")
         click.echo(
             f"{'PASS' if report.passed else 'FAIL'} ({report.gates_source}): prefill mean KL "
-            f"{p['mean_kl']:.3g}, top-1 {p['top1']:.2%}; decode mean KL {d['mean_kl']:.3g}, top-1 "
-            f"{d['top1']:.2%}; greedy match "
-            f"{summary['greedy_match_fraction']:.1%}; modes {', '.join(report.modes)}"
+            f"{p.mean_kl:.3g}, top-1 {p.top1:.2%}; decode mean KL {d.mean_kl:.3g}, top-1 "
+            f"{d.top1:.2%}; greedy match {report.greedy_match_fraction:.1%}; modes {', '.join(report.modes)}"
         )
         for failure in report.failures:
             click.echo(f"  - {failure}")

@@ -14,7 +14,6 @@ import pytest
 from qwen3_compile.backends.onnxruntime.loader import load_ort_runner
 from qwen3_compile.backends.onnxruntime.settings import manifest_session_options, session_options
 from qwen3_compile.errors import BadInputError
-from qwen3_compile.export.stage import ExportOptions, export_onnx
 from qwen3_compile.quantize.stage import quantize_artifact
 from qwen3_compile.storage.manifest import read_manifest
 
@@ -23,10 +22,8 @@ ACCURACY = "session.qdq_matmulnbits_accuracy_level"
 
 
 @pytest.fixture(scope="module")
-def int8_wo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ort-settings")
-    export_onnx("tiny-dense", root / "export", ExportOptions())
-    return quantize_artifact(root / "export", "int8-wo", root / "int8-wo")
+def int8_wo(artifacts):
+    return artifacts.quantized_artifact("tiny-dense", "int8-wo")
 
 
 def _matmulnbits_levels(model: Path, options: ort.SessionOptions, out: Path) -> list[int]:
@@ -51,12 +48,12 @@ def test_reference_runs_the_qdq_graph_as_written_where_ort_would_fuse_it(int8_wo
     assert len(default) == 14
 
 
-def test_fused_is_recorded_and_followed(int8_wo, tmp_path):
+def test_fused_is_recorded_and_followed(int8_wo, artifacts, tmp_path):
     from click.testing import CliRunner
 
     from qwen3_compile.cli import main
 
-    export = int8_wo.directory.parent / "export"
+    export = artifacts.export("tiny-dense")
     out = tmp_path / "fused"
     args = ["quantize", str(export), "--recipe", "int8-wo", "--ort-qdq", "fused", "-o", str(out)]
     result = CliRunner().invoke(main, args)

@@ -17,12 +17,8 @@ from qwen3_compile.storage.manifest import read_manifest
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    from qwen3_compile.export.stage import ExportOptions, export_onnx
-
-    return export_onnx(
-        "tiny-dense", tmp_path_factory.mktemp("trt-runner") / "fp16", ExportOptions(dtype="fp16")
-    ).directory
+def export_dir(artifacts):
+    return artifacts.export("tiny-dense", "fp16")
 
 
 def test_runner_refuses_non_engine_folders(export_dir):

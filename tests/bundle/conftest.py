@@ -33,16 +33,16 @@ class Bundled:
 
 
 @pytest.fixture(scope="session")
-def validated_int8_sq(tmp_path_factory) -> Path:
-    """tiny-moe fp32 export -> int8-sq -> validate. fp32, not fp16: the int8-sq artifact of an fp16 export
-    does not load in ONNX Runtime (QuantizeLinear gets an fp16 input and an fp32 scale; see the report)."""
-    from qwen3_compile.export.stage import ExportOptions, export_onnx
-    from qwen3_compile.quantize.stage import quantize_artifact
+def validated_int8_sq(artifacts, tmp_path_factory) -> Path:
+    """tiny-moe fp32 export -> int8-sq (the shared one, copied: validation writes its report into the folder)
+    -> validate. fp32, not fp16: the int8-sq artifact of an fp16 export does not load in ONNX Runtime
+    (QuantizeLinear gets an fp16 input and an fp32 scale)."""
+    import shutil
+
     from qwen3_compile.validate.stage import validate_artifact
 
     root = tmp_path_factory.mktemp("bundle-inputs")
-    export_onnx("tiny-moe", root / "export", ExportOptions(dtype="fp32"))
-    quantize_artifact(root / "export", "int8-sq", root / "int8-sq")
+    shutil.copytree(artifacts.quantized("tiny-moe", "int8-sq"), root / "int8-sq")
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
     report = validate_artifact(

@@ -11,10 +11,7 @@ import numpy as np
 import pytest
 
 from qwen3_compile.backends import registry
-from qwen3_compile.export.stage import export_onnx
 from qwen3_compile.generation import artifact as artifact_module
-from qwen3_compile.lower.stage import lower_artifact
-from qwen3_compile.models.loading import load_model
 from qwen3_compile.storage import manifests
 
 VOCAB = 151936
@@ -22,15 +19,12 @@ SCRIPTED_STAGE = "scripted-test"
 
 
 @pytest.fixture(scope="session")
-def run_presets(tmp_path_factory):
-    """preset -> (LoadedModel reference, exported ORT artifact folder)."""
-    root = tmp_path_factory.mktemp("run-artifacts")
-    out = {}
-    for name in ("tiny-dense", "tiny-moe"):
-        loaded = load_model(name)
-        canonical = export_onnx(loaded, root / name / "canonical").directory
-        out[name] = loaded, lower_artifact(canonical, root / name / "ort", "ort").directory
-    return out
+def run_presets(artifacts):
+    """preset -> (LoadedModel reference, its `lower --for ort` folder); shared, read-only."""
+    return {
+        name: (artifacts.loaded(name), artifacts.lowered(name).directory)
+        for name in ("tiny-dense", "tiny-moe")
+    }
 
 
 @pytest.fixture(scope="session")

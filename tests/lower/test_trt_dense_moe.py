@@ -8,13 +8,12 @@ import pytest
 
 from qwen3_compile.backends.base import generate, left_padded_batch
 from qwen3_compile.backends.onnxruntime.runner import OrtRunner
-from qwen3_compile.export.stage import ExportOptions, export_onnx
 from qwen3_compile.lower import lower
 
 
 @pytest.fixture(scope="module")
-def moe_export(tmp_path_factory):
-    return export_onnx("tiny-moe", tmp_path_factory.mktemp("dense-moe") / "fp32", ExportOptions())
+def moe_export(artifacts):
+    return artifacts.exported("tiny-moe")
 
 
 def _lowered(model_path, tmp_path):

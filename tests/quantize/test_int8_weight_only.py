@@ -19,9 +19,8 @@ from qwen3_compile.validate.stage import validate_artifact
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    root = tmp_path_factory.mktemp("q")
-    return {name: export_onnx(name, root / name).directory for name in ("tiny-dense", "tiny-moe")}
+def exports(artifacts):
+    return {name: artifacts.export(name) for name in ("tiny-dense", "tiny-moe")}
 
 
 def test_quantize_int8_is_symmetric_per_channel():

@@ -34,16 +34,14 @@ PRESETS = ("tiny-dense", "tiny-moe")
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    root = tmp_path_factory.mktemp("w8a8")
-    return {name: export_onnx(name, root / name).directory for name in PRESETS}
+def exports(artifacts):
+    return {name: artifacts.export(name) for name in PRESETS}
 
 
 @pytest.fixture(scope="module")
-def quantized(exports, tmp_path_factory):
-    root = tmp_path_factory.mktemp("w8a8q")
+def quantized(artifacts):
     return {
-        (preset, recipe): quantize_artifact(exports[preset], recipe, root / f"{preset}-{recipe}")
+        (preset, recipe): artifacts.quantized_artifact(preset, recipe)
         for preset in PRESETS
         for recipe in ("int8-sq", "fp8")
     }

@@ -14,8 +14,6 @@ from onnx import numpy_helper
 
 from qwen3_compile.cli import main
 from qwen3_compile.errors import BadInputError
-from qwen3_compile.export.stage import export_onnx
-from qwen3_compile.lower.stage import lower_artifact
 from qwen3_compile.tokenizer import EMPTY_THINK_BLOCK
 from qwen3_compile.validate.stage import validate_artifact
 
@@ -35,11 +33,8 @@ def few_prompts(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    root = tmp_path_factory.mktemp("val")
-    return lower_artifact(
-        export_onnx("tiny-moe", root / "canonical").directory, root / "ort", "ort"
-    ).directory
+def artifact(artifacts):
+    return artifacts.lowered("tiny-moe").directory
 
 
 def damaged_copy(artifact, tmp_path, edit, reseal):
