@@ -134,7 +134,7 @@ def test_w8a8_graph_equals_torch_fake_quant(preset, recipe, quantized):
 
 @pytest.mark.parametrize("recipe", ["int8-sq", "fp8"])
 @pytest.mark.parametrize("preset", PRESETS)
-def test_w8a8_meets_recipe_gates(preset, recipe, quantized):
+def test_w8a8_meets_recipe_gates(preset, recipe, quantized, tmp_path):
     artifact = quantized[(preset, recipe)]
     assert artifact.weight_ratio <= 0.55
     assert (artifact.directory / "calibration.safetensors").is_file()
@@ -142,8 +142,8 @@ def test_w8a8_meets_recipe_gates(preset, recipe, quantized):
     assert calibration["tokens"] > 1000 and calibration["sequences"] == 40
     if preset == "tiny-moe":
         assert calibration["experts_reached"] == [16, 16]
-    report = validate_artifact(
-        artifact.directory, preset, decode_steps=8, long_context_tokens=0, bisect=False
+    report = validate_artifact(  # the report goes to tmp_path: the artifact is shared
+        artifact.directory, preset, decode_steps=8, long_context_tokens=0, bisect=False, output=tmp_path / "v"
     )
     assert report.gates_source == f"recipe {recipe}"
     assert report.passed, report.failures
