@@ -76,8 +76,10 @@ def write_manifest(folder: Path, kind: type[M], timings: Timings, **fields: Any)
         if p.is_file() and p.name != MANIFEST
     }
     manifest = kind(tools=tool_versions(), outputs=outputs, timings_s=dict(timings.seconds), **fields)
-    (folder / MANIFEST).write_text(json.dumps(encode(manifest), indent=2, sort_keys=True) + "\n")
-    return manifest
+    text = json.dumps(encode(manifest), indent=2, sort_keys=True) + "\n"
+    (folder / MANIFEST).write_text(text)
+    # what the file says (lists where the stage had tuples): equal to what a later stage reads back
+    return decode(kind, json.loads(text), file=folder / MANIFEST)
 
 
 def read_manifest(folder: Path) -> AnyManifest:

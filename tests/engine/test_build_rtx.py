@@ -15,6 +15,8 @@ import pytest
 from qwen3_compile.engine import BuildOptions, build_engine
 from qwen3_compile.engine.inputs import check_target_supports, read_build_input
 from qwen3_compile.quantize.compat import fitting_recipes
+from qwen3_compile.schema import encode
+from qwen3_compile.storage.manifest import read_manifest
 from qwen3_compile.targets import get_target
 
 if os.environ.get("QWEN3_COMPILE_REQUIRE_RTX") == "1" and importlib.util.find_spec("tensorrt_rtx") is None:
@@ -49,6 +51,7 @@ def test_builds_plan_with_log_and_manifest(artifacts, preset, kind, tmp_path):
 
     plan = (out / "model.plan").read_bytes()
     manifest = json.loads((out / "manifest.json").read_text())
+    assert read_manifest(out) == built.manifest and encode(built.manifest) == manifest  # typed round trip
     assert len(plan) == built.plan_bytes == manifest["outputs"]["model.plan"]["bytes"] > 1_000_000
     assert hashlib.sha256(plan).hexdigest() == manifest["outputs"]["model.plan"]["sha256"]
     assert manifest["stage"] == "build"
