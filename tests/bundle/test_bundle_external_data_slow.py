@@ -11,6 +11,7 @@ import shutil
 import onnx
 import pytest
 
+from qwen3_compile.schema import encode
 from qwen3_compile.storage.manifest import sha256_file
 
 from .test_bundle_end_to_end import run_bundled_runner
@@ -18,7 +19,7 @@ from .test_bundle_end_to_end import run_bundled_runner
 pytestmark = pytest.mark.slow
 
 
-def test_external_data_artifact_bundles_and_runs(validated_int8_sq, tmp_path):
+def test_external_data_artifact_bundles_and_runs(validated_int8_sq, tmp_path, reseal):
     from qwen3_compile.bundle import bundle_artifact
     from qwen3_compile.bundle.archive import safe_extract
 
@@ -35,6 +36,7 @@ def test_external_data_artifact_bundles_and_runs(validated_int8_sq, tmp_path):
     assert (artifact / "model.onnx.data").stat().st_size > 0.9 * (
         validated_int8_sq / "model.onnx"
     ).stat().st_size
+    reseal(artifact)  # a producer that wrote external data: the manifest lists the files as they are
     # re-saving changed model.onnx's bytes, not its values: stamp the report with the new graph's hash (a
     # report whose hash does not match is refused, see test_report_belongs_to_model.py)
     report_path = artifact / "validation" / "report.json"
@@ -43,7 +45,7 @@ def test_external_data_artifact_bundles_and_runs(validated_int8_sq, tmp_path):
     report_path.write_text(json.dumps(report))
 
     result = bundle_artifact(artifact, "jetson-agx-orin", tmp_path / "b.tar.gz")
-    m = result.manifest
+    m = encode(result.manifest)  # as the device reads it
     data_files = sorted(n for n in m["files"] if n.startswith("model/model.") and n.endswith(".data"))
     assert "model/model.onnx.data" in data_files
     folder = tmp_path / "device"
@@ -56,7 +58,9 @@ def test_external_data_artifact_bundles_and_runs(validated_int8_sq, tmp_path):
         "--max-new-tokens", str(smoke["max_new_tokens"]), "-p", smoke["prompt"],
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
-    inline = bundle_artifact(validated_int8_sq, "jetson-agx-orin", tmp_path / "inline.tar.gz").manifest
+    inline = encode(
+        bundle_artifact(validated_int8_sq, "jetson-agx-orin", tmp_path / "inline.tar.gz").manifest
+    )
     # the same weights, stored externally: the same smoke tokens, and the runner reproduces them
     assert smoke["modes"] == inline["smoke_reference"]["modes"]
     assert json.loads(run.stdout)["generated_ids"] == smoke["modes"]["non-thinking"]["tokens"]

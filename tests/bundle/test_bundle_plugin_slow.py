@@ -52,9 +52,10 @@ def validated_moe128(tmp_path_factory):
 def test_plugin_bundle_runs_on_ort_through_the_reference_function(validated_moe128, target, tmp_path):
     from qwen3_compile.bundle import bundle_artifact, verify_bundle
     from qwen3_compile.bundle.archive import safe_extract
+    from qwen3_compile.schema import encode
 
     result = bundle_artifact(validated_moe128, target, tmp_path / "b.tar.gz")
-    m = result.manifest
+    m = encode(result.manifest)  # as the device reads it
     assert (
         m["moe"]["lowering"] == "plugin"
         and m["moe"]["plugin_library"] == "build/plugin/libqmoe_trt_plugin.so"
