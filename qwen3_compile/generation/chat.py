@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.generation.artifact import ChatArtifact, open_chat_artifact
@@ -123,3 +124,40 @@ def chat(
         text(parsed.reasoning_ids),
         text(parsed.content_ids),
     )
+
+
+MAX_PROMPT_BYTES = 16 * 2**20  # far beyond any context window (262,144 tokens is ~1 MB of text)
+
+
+def read_prompt_file(path: Path) -> str:
+    """A user message from a file, or stdin for '-': UTF-8, at most MAX_PROMPT_BYTES, not empty."""
+    import sys
+
+    name = "stdin" if str(path) == "-" else str(path)
+    try:
+        if str(path) == "-":
+            data = sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)
+        else:
+            if not Path(path).is_file():  # a FIFO or device would block or never end
+                raise BadInputError(
+                    "is not a regular file.", file=name, fix="pass a text file, or '-' for stdin."
+                )
+            with open(path, "rb") as f:
+                data = f.read(MAX_PROMPT_BYTES + 1)
+    except OSError as err:
+        raise BadInputError(
+            f"cannot be read: {err.strerror}.", file=name, fix="pass a readable text file."
+        ) from None
+    if len(data) > MAX_PROMPT_BYTES:
+        raise BadInputError(
+            f"is larger than {MAX_PROMPT_BYTES // 2**20} MiB.", file=name, fix="pass a shorter prompt."
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadInputError(
+            f"is not UTF-8 text (byte {err.start}).", file=name, fix="save the prompt as UTF-8."
+        ) from None
+    if not text.strip():
+        raise BadInputError("is empty.", file=name, fix="write the user message into it.")
+    return text
