@@ -82,7 +82,7 @@ def test_our_config_is_read_correctly_by_transformers(tmp_path):
         ({"hidden_size": "2048"}, "hidden_size"),
         ({"num_key_value_heads": 5}, "num_key_value_heads"),
         ({"mlp_only_layers": [0]}, "mlp_only_layers / decoder_sparse_step"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_parameters.rope_type"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.rope_type"),
         ({"num_hidden_layers": None}, "num_hidden_layers"),
         ({"num_experts_per_tok": 200}, "num_experts_per_tok"),
     ],
