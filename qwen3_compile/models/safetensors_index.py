@@ -38,7 +38,7 @@ DTYPE_BYTES = {
     "F8_E5M2": 1,
 }
 FLOAT_DTYPES = ("F32", "F16", "BF16")
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
 
 @dataclass(frozen=True)
@@ -128,10 +128,13 @@ def _entry(name: str, info: Any, path: Path, data_start: int, size: int) -> Tens
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise refuse(f"has unknown dtype {dtype!r}.")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise refuse(f"has shape {shape!r}; a shape is a list of non-negative integers.")
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 1 << 64 for d in shape):
+        raise refuse(f"has shape {shape!r}; a shape is a list of non-negative 64-bit integers.")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
         raise refuse(f"has data_offsets {offsets!r}; they are two integers [begin, end].")
+    # the loader multiplies dims left to right in 64 bits: [2**32, 2**32, 0] overflows there, not here
+    if any(math.prod(shape[: i + 1]) >= 1 << 64 for i in range(len(shape))):
+        raise refuse(f"has shape {shape!r}, whose element count overflows 64 bits.")
     begin, end = offsets
     expected = math.prod(shape) * DTYPE_BYTES[dtype]
     if begin < 0 or end - begin != expected:
