@@ -1,7 +1,9 @@
 """Reading safetensors headers without reading tensor data, and checking them against the file.
 
 We parse the header ourselves (8-byte little-endian length, then JSON) so a truncated or corrupt file
-is reported with the tensor and byte offsets involved, before any weights are touched. Loading a whole
+is reported with the tensor and byte offsets involved, before any weights are touched. The checks are
+the safetensors library's own (typed entries, 64-bit shapes, tensors tiling the data area exactly), so
+what we accept it loads; files are opened only when regular (models/files.py). Loading a whole
 state dict goes through the `safetensors` library (memory-mapped); the exporter streams tensors in row
 blocks through `ShardReader` (positioned reads into a small buffer: a memory map of a file that shrinks
 mid-stream kills the process with SIGBUS, a short read is an error we can name). Nothing here
