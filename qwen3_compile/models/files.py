@@ -26,8 +26,10 @@ _SPECIAL = (
     (stat.S_ISSOCK, "a socket"),
     (stat.S_ISDIR, "a directory"),
 )
-SPECIAL_FIX = "replace it with the real file: qwen3-compile reads regular files only (a pipe or device "
-SPECIAL_FIX += "would block it or never end)."
+SPECIAL_FIX = (
+    "replace it with the real file: qwen3-compile reads regular files only (a pipe or device would block "
+    "it or never end)."
+)
 
 
 def _kind(mode: int) -> str | None:
