@@ -44,7 +44,12 @@ from qwen3_compile.lower.for_tensorrt import LoweredModel, MoeChoice, choose_moe
 from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.schema import decode
 from qwen3_compile.sizing import GB
-from qwen3_compile.storage.artifact_dir import copy_side_files
+from qwen3_compile.storage.artifact_dir import (
+    check_not_an_input,
+    copy_side_files,
+    held,
+    remove_stale_partials,
+)
 from qwen3_compile.storage.manifest import CALIBRATION_FILE, MANIFEST, sha256_file, tool_versions
 from qwen3_compile.storage.manifests import BundleManifest, ExportManifest, QuantizeManifest, ValidationRecord
 from qwen3_compile.targets import Target, get_target, target_to_dict
@@ -287,6 +292,14 @@ def bundle_artifact(
     `smoke_tokens`: greedy tokens of the artifact on ONNX Runtime CPU to record per reasoning mode (0: none;
     a large MoE's canonical graph computes every expert on the CPU, minutes per token)."""
     artifact, output = Path(artifact), Path(output)
+    check_not_an_input(output, [artifact])
+    if output.is_dir() or output.is_symlink():
+        raise BadInputError(
+            "is a folder or a link; a bundle is one .tar.gz file.",
+            file=output,
+            field="--output",
+            fix="name a file, for example OUT.tar.gz.",
+        )
     if output.exists() and not force:
         raise BadInputError(
             "the output file already exists.",
@@ -294,6 +307,11 @@ def bundle_artifact(
             field="--output",
             fix="pass --force to replace it.",
         )
+    remove_stale_partials(output)
+    return _bundle(artifact, output, target, max_seq, smoke_tokens, progress)
+
+
+def _bundle(artifact: Path, output: Path, target: str, max_seq, smoke_tokens: int, progress) -> Bundle:
     build_input = read_build_input(artifact)
     deploy = get_target(target)
     if deploy.tensorrt != "tensorrt":
@@ -318,7 +336,10 @@ def bundle_artifact(
         seconds["smoke_reference"], clock = round(time.perf_counter() - clock, 3), time.perf_counter()
         advance(1)
         output.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as tmp:
+        with (
+            tempfile.TemporaryDirectory(prefix=f".{output.name}.partial-", dir=output.parent) as tmp,
+            held(tmp),
+        ):
             staging, scratch = Path(tmp) / "bundle", Path(tmp) / "lowered"
             (staging / "model").mkdir(parents=True)
             scratch.mkdir()

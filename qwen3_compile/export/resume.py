@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen3_compile.errors import BadInputError
-from qwen3_compile.storage.artifact_dir import replace_dir
+from qwen3_compile.storage.artifact_dir import held, remove_stale_partials, replace_dir
 
 JOURNAL_FILE = "export-journal.json"
 JOURNAL_VERSION = 2  # 2: a sha256 per group
@@ -151,25 +151,29 @@ def resumable_output_dir(
     output: Path, force: bool, resume: bool, fingerprint: str, data_file: str
 ) -> Iterator[ExportJournal]:
     """Build in the partial folder (the journal's `folder`), rename it to `output` when complete. On
-    failure the folder is kept if any group finished, so `--resume` can continue."""
+    failure the folder is kept if any group finished, so `--resume` can continue. The run holds the
+    folder (an flock), so a second run of the same output neither resumes nor discards it meanwhile."""
     partial = partial_dir(output)
-    journal = ExportJournal.load(partial, fingerprint, data_file) if resume and partial.exists() else None
-    if journal is None:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        journal = ExportJournal(partial, fingerprint, data_file)
-    try:
-        yield journal
-    except BaseException:
-        if not journal.groups_done:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
-    journal.remove()  # normally done by the stage before it hashes the folder into its manifest
-    if output.exists() and not force:  # checked before the work started; someone created it meanwhile
-        raise BadInputError(
-            "the output directory appeared while exporting.",
-            file=output,
-            field="--output",
-            fix=f"move it away; the finished export is in {partial}.",
-        )
-    replace_dir(partial, output)
+    remove_stale_partials(output)
+    partial.mkdir(parents=True, exist_ok=True)
+    with held(partial):
+        journal = ExportJournal.load(partial, fingerprint, data_file) if resume else None
+        if journal is None:
+            for entry in partial.iterdir():  # start over (the folder itself stays: we hold it)
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            journal = ExportJournal(partial, fingerprint, data_file)
+        try:
+            yield journal
+        except BaseException:
+            if not journal.groups_done:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
+        journal.remove()  # normally done by the stage before it hashes the folder into its manifest
+        if output.exists() and not force:  # checked before the work started; someone created it meanwhile
+            raise BadInputError(
+                "the output directory appeared while exporting.",
+                file=output,
+                field="--output",
+                fix=f"move it away; the finished export is in {partial}.",
+            )
+        replace_dir(partial, output)
