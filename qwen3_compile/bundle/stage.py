@@ -22,8 +22,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from qwen3_compile import __version__
 from qwen3_compile.backends.onnxruntime.settings import ort_optimization, ort_session_config
 from qwen3_compile.backends.tensorrt.profiles import InputSpec, generation_profiles
@@ -48,6 +46,7 @@ from qwen3_compile.storage.artifact_dir import (
     check_not_an_input,
     copy_side_files,
     held,
+    load_graph,
     remove_stale_partials,
 )
 from qwen3_compile.storage.manifest import CALIBRATION_FILE, MANIFEST, sha256_file, tool_versions
@@ -82,7 +81,7 @@ def bundle_moe_choice(build_input: BuildInput, target: Target) -> MoeChoice:
 
 
 def _graph_inputs(model_path: Path) -> list[InputSpec]:
-    graph = onnx.load(str(model_path), load_external_data=False).graph
+    graph = load_graph(model_path).graph
     return [
         InputSpec(
             i.name,

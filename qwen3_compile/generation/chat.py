@@ -133,31 +133,24 @@ def read_prompt_file(path: Path) -> str:
     """A user message from a file, or stdin for '-': UTF-8, at most MAX_PROMPT_BYTES, not empty."""
     import sys
 
-    name = "stdin" if str(path) == "-" else str(path)
-    try:
-        if str(path) == "-":
-            data = sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)
-        else:
-            if not Path(path).is_file():  # a FIFO or device would block or never end
-                raise BadInputError(
-                    "is not a regular file.", file=name, fix="pass a text file, or '-' for stdin."
-                )
-            with open(path, "rb") as f:
-                data = f.read(MAX_PROMPT_BYTES + 1)
-    except OSError as err:
-        raise BadInputError(
-            f"cannot be read: {err.strerror}.", file=name, fix="pass a readable text file."
-        ) from None
-    if len(data) > MAX_PROMPT_BYTES:
-        raise BadInputError(
-            f"is larger than {MAX_PROMPT_BYTES // 2**20} MiB.", file=name, fix="pass a shorter prompt."
+    from qwen3_compile.storage.user_files import read_text
+
+    too_long = "pass a shorter prompt."
+    if str(path) == "-":
+        name, data = "stdin", sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)
+        if len(data) > MAX_PROMPT_BYTES:
+            raise BadInputError(f"is larger than {MAX_PROMPT_BYTES} bytes.", file=name, fix=too_long)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise BadInputError(
+                f"is not UTF-8 text (byte {err.start}).", file=name, fix="send the prompt as UTF-8."
+            ) from None
+    else:
+        name, text = (
+            str(path),
+            read_text(Path(path), MAX_PROMPT_BYTES, "pass an existing text file.", too_long),
         )
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise BadInputError(
-            f"is not UTF-8 text (byte {err.start}).", file=name, fix="save the prompt as UTF-8."
-        ) from None
     if not text.strip():
         raise BadInputError("is empty.", file=name, fix="write the user message into it.")
     return text

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.models.config import Qwen3Arch
-from qwen3_compile.models.files import MAX_INDEX_BYTES, check_folder, check_regular, read_json_object
 from qwen3_compile.models.safetensors_index import FLOAT_DTYPES, TensorEntry, read_header
 from qwen3_compile.models.tensors import (
     ExpertLayout,
@@ -27,6 +26,7 @@ from qwen3_compile.models.tensors import (
     per_expert_names,
 )
 from qwen3_compile.progress import NO_PROGRESS, Progress
+from qwen3_compile.storage.user_files import MAX_INDEX_BYTES, check_folder, check_regular, read_json_object
 
 if TYPE_CHECKING:
     import torch

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qwen3_compile.errors import BadInputError
-from qwen3_compile.models.files import MAX_CONFIG_BYTES, read_json_object
 from qwen3_compile.schema import decode
+from qwen3_compile.storage.user_files import MAX_CONFIG_BYTES, read_json_object
 
 DENSE_MODEL_TYPE = "qwen3"
 MOE_MODEL_TYPE = "qwen3_moe"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qwen3_compile.errors import BadInputError
-from qwen3_compile.models.files import check_regular, open_regular, parse_json_object
+from qwen3_compile.storage.user_files import check_regular, open_regular, parse_json_object
 
 if TYPE_CHECKING:
     import torch

@@ -121,6 +121,28 @@ def replace_dir(src: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def load_graph(path: Path, load_external_data: bool = False) -> onnx.ModelProto:
+    """An artifact's ONNX graph; bytes that are not one (damaged, or a file swapped in with a resealed
+    manifest) are bad input naming the file, not a protobuf traceback."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(path), load_external_data=load_external_data)
+    except (DecodeError, ValueError, RuntimeError) as err:
+        raise BadInputError(
+            f"the file is not a readable ONNX model ({err}).",
+            file=path,
+            fix="re-run the stage that wrote this folder; never edit an artifact in place.",
+        ) from None
+    if not model.graph.node:
+        raise BadInputError(
+            "the file holds no graph (an empty or foreign protobuf).",
+            file=path,
+            fix="re-run the stage that wrote this folder; never edit an artifact in place.",
+        )
+    return model
+
+
 def copy_side_files(src_dir: Path, dst_dir: Path, *, skip: tuple[str, ...]) -> list[str]:
     """Copy the regular files directly in `src_dir` (tokenizer, configs, ...) to `dst_dir`, except those
     whose names start with one of `skip` (e.g. `("model.onnx", "manifest.json")`: the graph, its data

@@ -21,6 +21,7 @@ from qwen3_compile import __version__
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.schema import decode, encode
 from qwen3_compile.storage.manifests import ARTIFACT_KINDS, AnyManifest, FileRecord, Manifest
+from qwen3_compile.storage.user_files import read_text
 
 M = TypeVar("M", bound=Manifest)
 
@@ -82,6 +83,9 @@ def write_manifest(folder: Path, kind: type[M], timings: Timings, **fields: Any)
     return decode(kind, json.loads(text), file=folder / MANIFEST)
 
 
+MAX_MANIFEST_BYTES = 64 << 20  # a real-width bundle's manifest is tens of kB
+
+
 def read_manifest(folder: Path) -> AnyManifest:
     """The folder's manifest, decoded strictly into the class its `stage` names."""
     path = Path(folder) / MANIFEST
@@ -92,7 +96,7 @@ def read_manifest(folder: Path) -> AnyManifest:
             fix="pass a folder written by qwen3-compile (export, quantize, lower, build).",
         )
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path, MAX_MANIFEST_BYTES, _REDO, _REDO))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BadInputError(
             f"manifest.json is not valid JSON ({getattr(err, 'msg', err)}).", file=path, fix=_REDO
@@ -106,7 +110,29 @@ def read_manifest(folder: Path) -> AnyManifest:
             field="stage",
             fix=f"pass a folder written by one of: {', '.join(ARTIFACT_KINDS)}.",
         )
-    return decode(ARTIFACT_KINDS[stage], data, file=path)
+    manifest = decode(ARTIFACT_KINDS[stage], data, file=path)
+    for name in manifest.outputs:
+        check_member_name(name, path, f"outputs.{name}")
+    return manifest
+
+
+def check_member_name(name: str, manifest: Path, field: str) -> None:
+    """A file a manifest lists is a plain relative path inside its folder: nothing absolute, no `..`, no
+    backslash or NUL, no empty or `.` parts (so `folder / name` can never leave the folder)."""
+    parts = name.split("/")
+    if (
+        not name
+        or name.startswith("/")
+        or "\\" in name
+        or "\0" in name
+        or any(part in ("", ".", "..") for part in parts)
+    ):
+        raise BadInputError(
+            f"lists {name!r}, which is not a plain relative path inside the artifact folder.",
+            file=manifest,
+            field=field,
+            fix=_REDO,
+        )
 
 
 def verify_outputs(folder: Path, manifest: Manifest, hashed: tuple[str, ...]) -> None:

@@ -1,4 +1,5 @@
-"""Opening the files of a checkpoint a user hands us: regular files only, JSON strictly and size-capped.
+"""Opening the files a user hands us (checkpoints, recipes, calibration and prompt files, manifests): regular
+files only, size-capped before reading, text as strict UTF-8, JSON strictly.
 
 A named pipe, device or socket called config.json or model.safetensors (or a link to one) blocks
 `open` or streams forever, so we refuse it before opening, open without blocking, and check the opened
@@ -78,6 +79,24 @@ def open_regular(path: Path, missing_fix: str) -> BinaryIO:
         os.close(fd)
         raise
     return os.fdopen(fd, "rb")  # O_NONBLOCK does nothing to reads of a regular file
+
+
+def read_text(path: Path, max_bytes: int, missing_fix: str, fix: str) -> str:
+    """The UTF-8 text of `path`, refusing files over `max_bytes` before reading them."""
+    with open_regular(path, missing_fix) as f:
+        raw = f.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise BadInputError(
+            f"the file is larger than the {max_bytes} bytes such a file can need.", file=path, fix=fix
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadInputError(
+            f"the file is not UTF-8 text (byte {err.start} is 0x{raw[err.start]:02x}).",
+            file=path,
+            fix="save it as UTF-8 text.",
+        ) from None
 
 
 def read_json_object(path: Path, max_bytes: int, missing_fix: str, fix: str) -> dict[str, Any]:
