@@ -441,7 +441,7 @@ def _unblock_later(path: Path) -> threading.Timer:
 def test_open_rechecks_the_opened_file(tmp_path, monkeypatch):
     """The path checked as regular, then a pipe by the time it is opened: O_NONBLOCK keeps open from
     waiting for a writer, fstat refuses it."""
-    from qwen3_compile.models import files
+    from qwen3_compile.storage import user_files as files
 
     regular, pipe = tmp_path / "regular", tmp_path / "model.safetensors"
     regular.write_bytes(b"x")
