@@ -79,11 +79,18 @@ def write_archive(path: Path, entries: list[Entry], manifest: dict | None = None
     return path
 
 
-def write_bomb(path: Path, declared: int, before: list[Entry], manifest: dict | None) -> Path:
-    """A .tar.gz of about declared/1000 bytes holding a member of `declared` zero bytes: gzip members
-    may be concatenated, so one compressed MiB of zeros repeated expands to `declared` bytes."""
+def write_bomb(
+    path: Path, declared: int, before: list[Entry], manifest: dict | None, pax: bool = False
+) -> Path:
+    """A .tar.gz of about declared/1000 bytes holding a member of `declared` zero bytes (`pax`: a PAX
+    header that size, which tarfile would read into memory at once): gzip members may be concatenated, so
+    one compressed MiB of zeros repeated expands to `declared` bytes."""
     assert declared % (1 << 20) == 0
     head = tar_bytes([*before, Entry("model/model.onnx.data", size=declared)], manifest)
+    if pax:
+        info = tarfile.TarInfo("PaxHeaders/model.onnx.data")
+        info.type, info.size = tarfile.XHDTYPE, declared
+        head = tar_bytes(before, manifest)[: -2 * tarfile.BLOCKSIZE] + info.tobuf(tarfile.USTAR_FORMAT)
     mib = gzip.compress(b"\0" * (1 << 20), compresslevel=9)
     with open(path, "wb") as f:
         f.write(gzip.compress(head))

@@ -128,7 +128,7 @@ GIB = 1 << 30
 
 
 @pytest.mark.parametrize(
-    "case", ["unlisted", "size-differs", "over-file-limit", "over-total-limit", "manifest-last"]
+    "case", ["unlisted", "size-differs", "over-file-limit", "over-total-limit", "manifest-last", "pax-header"]
 )
 def test_a_2mb_archive_declaring_2gb_is_refused_before_writing(case, sandbox):
     """The reported bomb: 2 MB of gzip that expands to 2 GiB. Refused from the manifest and the member's
@@ -141,9 +141,12 @@ def test_a_2mb_archive_declaring_2gb_is_refused_before_writing(case, sandbox):
         "over-file-limit": {"format": 1, "files": {**records(GOOD), **listed}},
         "over-total-limit": {"format": 1, "files": {**records(GOOD), **listed}},
         "manifest-last": None,
+        "pax-header": MANIFEST,
     }[case]
     options = {"over-file-limit": ("--max-file-size", "1G"), "over-total-limit": ("--max-total-size", "2G")}
-    archive = write_bomb(sandbox.parent / "bomb.tar.gz", 2 * GIB, GOOD_ENTRIES, manifest)
+    archive = write_bomb(
+        sandbox.parent / "bomb.tar.gz", 2 * GIB, GOOD_ENTRIES, manifest, case == "pax-header"
+    )
     assert archive.stat().st_size < 4 << 20
     why = {
         "unlisted": "not listed in the manifest",
@@ -151,6 +154,7 @@ def test_a_2mb_archive_declaring_2gb_is_refused_before_writing(case, sandbox):
         "over-file-limit": "over the per-file limit",
         "over-total-limit": "over the limit",
         "manifest-last": "manifest.json must be the archive's first member",
+        "pax-header": "bytes of metadata",
     }[case]
     start = time.perf_counter()
     assert_archive_refused(archive, sandbox, why, options=options.get(case, ()))
