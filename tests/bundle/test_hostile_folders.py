@@ -1,6 +1,7 @@
 """An extracted bundle (by `tar -xzf`, or an old `unpack` that left its folder) is checked without following
 links: `verify-bundle DIR` and `runner.py check` refuse links and special files anywhere in it and manifest
-paths outside it, and `build_engine.py` refuses to build before it could write through a link."""
+paths outside it; `build_engine.py` and `runner.py chat` refuse to start, before they could read or write
+through a link."""
 
 from __future__ import annotations
 
@@ -78,6 +79,10 @@ def test_links_and_special_files_in_a_folder_are_refused(case, extracted):
     assert_clean_refusal(run.stderr, run.returncode, name)
     # refused before TensorRT is imported (there is none here) and before anything is written
     run = run_device(extracted / "build_engine.py")
+    assert_clean_refusal(run.stderr, run.returncode, name)
+    run = run_device(
+        extracted / "runner.py", "chat", "--backend", "ort", "-p", "Hi"
+    )  # writes a scratch graph
     assert_clean_refusal(run.stderr, run.returncode, name)
     assert tree(outside) == before
 

@@ -35,6 +35,7 @@ from bundle_files import (  # noqa: E402
     parse_size,
     read_manifest,
     safe_extract,
+    tree_files,
 )
 from trt_backend import TensorRTBackend  # noqa: E402  (imports tensorrt only when used)
 
@@ -231,9 +232,10 @@ def generate(backend, prompt_ids: list[int], max_new: int, choose, on_token, chu
 
 
 def chat(args: argparse.Namespace) -> int:
+    bundle = Path(args.bundle)
+    tree_files(bundle)  # no link or special file: nothing below reads or writes through one (lstat only)
     from tokenizers import Tokenizer
 
-    bundle = Path(args.bundle)
     tokenizer = Tokenizer.from_file(str(bundle / "model" / "tokenizer.json"))
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}
