@@ -262,7 +262,8 @@ def _read_first_manifest(tar: tarfile.TarFile, limits: Limits) -> tuple[tarfile.
         raise BundleError(
             "manifest.json must be the archive's first member, a regular file",
             file=first.name if first else None,
-            fix=_FIX_REMAKE.replace(".", " (bundles made before the manifest went first are refused)."),
+            fix="make the bundle again with `qwen3-compile bundle` (bundles made before the manifest went "
+            "first are refused; `tar -xzf` and `runner.py check` still read them).",
         )
     if first.size > MAX_MANIFEST_BYTES:
         raise BundleError(f"larger than {MAX_MANIFEST_BYTES} bytes", file=MANIFEST)
