@@ -9,7 +9,6 @@ import click
 from qwen3_compile.bundle.device.bundle_files import MAX_FILE_BYTES, MAX_FILES, MAX_TOTAL_BYTES, parse_size
 from qwen3_compile.bundle.jetson import JETSON_TARGETS
 from qwen3_compile.cli.common import emit_json, stage_command, target_option
-from qwen3_compile.errors import Qwen3CompileError
 
 
 @click.command("bundle")
@@ -130,13 +129,7 @@ def verify_bundle_command(
     from qwen3_compile.bundle import verify_bundle
     from qwen3_compile.bundle.device.bundle_files import Limits
 
-    try:
-        result = verify_bundle(bundle, trt_version, sm, Limits(max_total_size, max_file_size, max_files))
-    except Qwen3CompileError as err:
-        if as_json:  # the error as an object on stdout; stage_command still prints it and sets the exit code
-            error = {"problem": err.problem, "file": err.file, "field": err.field, "fix": err.fix}
-            emit_json({"bundle": str(bundle), "ok": False, "exit_code": err.exit_code, "error": error})
-        raise
+    result = verify_bundle(bundle, trt_version, sm, Limits(max_total_size, max_file_size, max_files))
     target = result.manifest.target
     if as_json:
         emit_json(

@@ -216,9 +216,8 @@ def test_verify_bundle_json_prints_an_error_object(sandbox):
     result = verify_cli(archive, "--json")
     assert result.exit_code == 2 and "Traceback" not in result.output
     data = json.loads(result.stdout)
-    assert data["ok"] is False and data["exit_code"] == 2 and data["bundle"] == str(archive)
-    assert data["error"]["file"] == str(archive) and data["error"]["field"] == "x"
-    assert "symbolic link" in data["error"]["problem"] and "qwen3-compile bundle" in data["error"]["fix"]
+    assert data["exit_code"] == 2 and data["file"] == str(archive) and data["field"] == "x"
+    assert "symbolic link" in data["error"] and "qwen3-compile bundle" in data["fix"]
 
 
 def test_a_python_without_extraction_filters_is_refused(sandbox, monkeypatch):
