@@ -307,10 +307,6 @@ def bundle_artifact(
             fix="pass --force to replace it.",
         )
     remove_stale_partials(output)
-    return _bundle(artifact, output, target, max_seq, smoke_tokens, progress)
-
-
-def _bundle(artifact: Path, output: Path, target: str, max_seq, smoke_tokens: int, progress) -> Bundle:
     build_input = read_build_input(artifact)
     deploy = get_target(target)
     if deploy.tensorrt != "tensorrt":

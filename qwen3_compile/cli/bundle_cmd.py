@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -91,23 +92,18 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
         raise click.BadParameter(f"{value!r} is not a size such as 200G, 512M or 1000000.") from None
 
 
+def _size_limit(flag: str, default: int, help: str) -> Callable:
+    """A byte limit given as 200G, 512M or plain bytes."""
+    return click.option(flag, default=f"{default >> 30}G", show_default=True, callback=_size, help=help)
+
+
 @click.command("verify-bundle")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--trt-version", help="The device's TensorRT version (checked against the target's minimum).")
 @click.option("--sm", help="The device GPU's compute capability, e.g. 8.7 (must equal the target's).")
-@click.option(
-    "--max-total-size",
-    default=f"{MAX_TOTAL_BYTES >> 30}G",
-    show_default=True,
-    callback=_size,
-    help="Refuse a bundle whose files add up to more.",
-)
-@click.option(
-    "--max-file-size",
-    default=f"{MAX_FILE_BYTES >> 30}G",
-    show_default=True,
-    callback=_size,
-    help="Refuse a bundle with a larger file (the weights are one file).",
+@_size_limit("--max-total-size", MAX_TOTAL_BYTES, "Refuse a bundle whose files add up to more.")
+@_size_limit(
+    "--max-file-size", MAX_FILE_BYTES, "Refuse a bundle with a larger file (the weights are one file)."
 )
 @click.option(
     "--max-files", type=click.IntRange(min=1), default=MAX_FILES, show_default=True, help="Refuse more files."

@@ -39,6 +39,20 @@ def os_error(err: OSError) -> Qwen3CompileError:
     )
 
 
+def as_error(err: BaseException) -> Qwen3CompileError:
+    """Any failure as the error users see: ours as raised, OS errors naming the file, the rest an
+    'internal error' line (the traceback only with --debug)."""
+    if isinstance(err, Qwen3CompileError):
+        return err
+    if isinstance(err, OSError):
+        return os_error(err)
+    if isinstance(err, KeyboardInterrupt):
+        return _Interrupted("interrupted.")
+    return Qwen3CompileError(
+        f"internal error: {type(err).__name__}: {err}", fix="run again with --debug and report the traceback."
+    )
+
+
 def stage_command(fn: Callable) -> Callable:
     """Adds --json and --debug, and turns library errors into a message and an exit code; with --json the
     error is also a JSON object on stdout. Nothing reaches the user as a traceback without --debug."""
@@ -51,24 +65,12 @@ def stage_command(fn: Callable) -> Callable:
     def wrapper(*args, as_json: bool, debug: bool, **kwargs):
         try:
             return fn(*args, as_json=as_json, **kwargs)
-        except Exception as err:
-            if debug:
+        except click.ClickException:
+            raise  # usage errors: CommandGroup prints them
+        except (Exception, KeyboardInterrupt) as err:
+            if debug and not isinstance(err, KeyboardInterrupt):
                 raise
-            if isinstance(err, Qwen3CompileError):
-                _fail(err, as_json)
-            if isinstance(err, OSError):
-                _fail(os_error(err), as_json)
-            if isinstance(err, click.ClickException):
-                raise
-            _fail(
-                Qwen3CompileError(
-                    f"internal error: {type(err).__name__}: {err}",
-                    fix="run again with --debug and report the traceback.",
-                ),
-                as_json,
-            )
-        except KeyboardInterrupt:
-            _fail(_Interrupted("interrupted."), as_json)
+            _fail(as_error(err), as_json)
 
     return wrapper
 
@@ -87,7 +89,11 @@ class CommandGroup(click.Group):
             return super().main(args=argv, prog_name=prog_name, standalone_mode=False, **extra)
         except click.ClickException as err:
             if "--json" in argv:
-                emit_json({"error": err.format_message(), "exit_code": err.exit_code})
+                param = getattr(err, "param", None)
+                emit_json(
+                    {"error": err.format_message(), "exit_code": err.exit_code, "file": None}
+                    | {"field": param.opts[0] if param is not None and param.opts else None, "fix": None}
+                )
             err.show()
             sys.exit(err.exit_code)
         except click.exceptions.Abort:

@@ -133,24 +133,15 @@ def read_prompt_file(path: Path) -> str:
     """A user message from a file, or stdin for '-': UTF-8, at most MAX_PROMPT_BYTES, not empty."""
     import sys
 
-    from qwen3_compile.storage.user_files import read_text
+    from qwen3_compile.storage.user_files import decode_text, read_capped, read_text
 
     too_long = "pass a shorter prompt."
     if str(path) == "-":
-        name, data = "stdin", sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)
-        if len(data) > MAX_PROMPT_BYTES:
-            raise BadInputError(f"is larger than {MAX_PROMPT_BYTES} bytes.", file=name, fix=too_long)
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise BadInputError(
-                f"is not UTF-8 text (byte {err.start}).", file=name, fix="send the prompt as UTF-8."
-            ) from None
+        name = "stdin"
+        text = decode_text(read_capped(sys.stdin.buffer, MAX_PROMPT_BYTES, name, too_long), name)
     else:
-        name, text = (
-            str(path),
-            read_text(Path(path), MAX_PROMPT_BYTES, "pass an existing text file.", too_long),
-        )
+        name = str(path)
+        text = read_text(Path(path), MAX_PROMPT_BYTES, "pass an existing text file.", too_long)
     if not text.strip():
         raise BadInputError("is empty.", file=name, fix="write the user message into it.")
     return text

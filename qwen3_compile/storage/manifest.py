@@ -95,12 +95,10 @@ def read_manifest(folder: Path) -> AnyManifest:
             file=path,
             fix="pass a folder written by qwen3-compile (export, quantize, lower, build).",
         )
-    try:
+    try:  # Python's json reads NaN; the strict decoder below refuses it naming the field
         data = json.loads(read_text(path, MAX_MANIFEST_BYTES, _REDO, _REDO))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BadInputError(
-            f"manifest.json is not valid JSON ({getattr(err, 'msg', err)}).", file=path, fix=_REDO
-        ) from None
+    except json.JSONDecodeError as err:
+        raise BadInputError(f"manifest.json is not valid JSON ({err.msg}).", file=path, fix=_REDO) from None
     stage = data.get("stage") if isinstance(data, dict) else None
     if stage not in ARTIFACT_KINDS:
         raise BadInputError(
@@ -135,10 +133,10 @@ def check_member_name(name: str, manifest: Path, field: str) -> None:
         )
 
 
-def verify_outputs(folder: Path, manifest: Manifest, hashed: tuple[str, ...]) -> None:
+def verify_outputs(folder: Path, manifest: Manifest, required: tuple[str, ...]) -> None:
     """The files a stage is about to read are the ones its manifest lists, every one by size and sha256
     (external data included: hashing reads at ~1-2 GB/s, far less than any stage costs; a data file damaged
-    with its size kept would otherwise give wrong numbers with exit 0). `hashed` must be listed."""
+    with its size kept would otherwise give wrong numbers with exit 0). `required` must be listed."""
     listed = manifest.outputs
     for name, record in listed.items():
         path = Path(folder) / name
@@ -156,7 +154,7 @@ def verify_outputs(folder: Path, manifest: Manifest, hashed: tuple[str, ...]) ->
                 field=f"outputs.{name}.sha256",
                 fix=_REDO,
             )
-    for name in hashed:
+    for name in required:
         if name not in listed:
             raise BadInputError(
                 f"the manifest does not list {name}.",

@@ -81,36 +81,49 @@ def open_regular(path: Path, missing_fix: str) -> BinaryIO:
     return os.fdopen(fd, "rb")  # O_NONBLOCK does nothing to reads of a regular file
 
 
-def read_text(path: Path, max_bytes: int, missing_fix: str, fix: str) -> str:
-    """The UTF-8 text of `path`, refusing files over `max_bytes` before reading them."""
-    with open_regular(path, missing_fix) as f:
-        raw = f.read(max_bytes + 1)
+def read_capped(stream: BinaryIO, max_bytes: int, name: str | Path, fix: str) -> bytes:
+    """At most `max_bytes` from `stream` (a file or stdin); more is refused without reading it all."""
+    raw = stream.read(max_bytes + 1)
     if len(raw) > max_bytes:
         raise BadInputError(
-            f"the file is larger than the {max_bytes} bytes such a file can need.", file=path, fix=fix
+            f"the file is larger than the {max_bytes} bytes such a file can need.", file=name, fix=fix
         )
+    return raw
+
+
+def decode_text(raw: bytes, name: str | Path) -> str:
+    """`raw` as strict UTF-8 text."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise BadInputError(
             f"the file is not UTF-8 text (byte {err.start} is 0x{raw[err.start]:02x}).",
-            file=path,
+            file=name,
             fix="save it as UTF-8 text.",
         ) from None
 
 
-def read_json_object(path: Path, max_bytes: int, missing_fix: str, fix: str) -> dict[str, Any]:
-    """The JSON object in `path`, refusing files over `max_bytes` before reading them."""
+def read_bytes(path: Path, max_bytes: int, missing_fix: str, fix: str) -> bytes:
+    """The bytes of the regular file `path`, refusing files over `max_bytes` before reading them."""
     with open_regular(path, missing_fix) as f:
         size = os.fstat(f.fileno()).st_size
-        raw = f.read(max_bytes + 1) if size <= max_bytes else b""
-    if size > max_bytes or len(raw) > max_bytes:
-        raise BadInputError(
-            f"the file is {max(size, len(raw))} bytes, more than the {max_bytes} such a file can need.",
-            file=path,
-            fix=fix,
-        )
-    return parse_json_object(raw, path, "the file", fix)
+        if size > max_bytes:
+            raise BadInputError(
+                f"the file is {size} bytes, more than the {max_bytes} such a file can need.",
+                file=path,
+                fix=fix,
+            )
+        return read_capped(f, max_bytes, path, fix)  # it may have grown since
+
+
+def read_text(path: Path, max_bytes: int, missing_fix: str, fix: str) -> str:
+    """The UTF-8 text of the regular file `path`, at most `max_bytes`."""
+    return decode_text(read_bytes(path, max_bytes, missing_fix, fix), path)
+
+
+def read_json_object(path: Path, max_bytes: int, missing_fix: str, fix: str) -> dict[str, Any]:
+    """The JSON object in the regular file `path`, at most `max_bytes`, parsed strictly."""
+    return parse_json_object(read_bytes(path, max_bytes, missing_fix, fix), path, "the file", fix)
 
 
 class _Refused(ValueError):

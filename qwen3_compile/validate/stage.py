@@ -129,21 +129,6 @@ def _check_reference(manifest, reference_arch, artifact: Path, reference: str) -
             )
 
 
-def _report_folder(artifact: Path, output, reference) -> Path:
-    """Where the report goes: never over the artifact or the reference checkpoint, nor inside them except
-    in the artifact's report slot."""
-    slot = (artifact / "validation").resolve()
-    if output is None:
-        return slot
-    out = Path(output).resolve()
-    if out != slot:
-        inputs = [artifact] + (
-            [Path(reference)] if isinstance(reference, (str, Path)) and Path(reference).is_dir() else []
-        )
-        check_not_an_input(out, inputs)
-    return out
-
-
 def _run_case(reference, candidate, case: PromptCase, steps: int) -> CaseResult:
     batch = left_padded_batch([case.ids], ENDOFTEXT_ID)
     # long prompts are prefilled in chunks; their comparison covers the last chunk (the large positions)
@@ -212,9 +197,13 @@ def validate_artifact(
     from qwen3_compile.validate.report import write_report
 
     artifact = Path(artifact)
-    out = _report_folder(artifact, output, reference)
-    if output is None or out == (artifact / "validation").resolve():
+    slot = (artifact / "validation").resolve()  # the artifact's own report: each validation replaces it
+    out = slot if output is None else Path(output).resolve()
+    if out == slot:
         force = True
+    else:  # never over, inside or around the artifact or the reference checkpoint
+        given = [Path(reference)] if isinstance(reference, (str, Path)) and Path(reference).is_dir() else []
+        check_not_an_input(out, [artifact, *given])
     refuse_existing(out, force)
     manifest = read_manifest(artifact)
     graph_file = "model.onnx" if "model.onnx" in manifest.outputs else "model.plan"
