@@ -13,6 +13,7 @@ from pathlib import Path
 
 from qwen3_compile.backends.onnxruntime.runner import OrtRunner
 from qwen3_compile.backends.torch_reference import TorchRunner
+from qwen3_compile.environment import environment
 from qwen3_compile.export.stage import ExportedArtifact, ExportOptions, export_onnx
 from qwen3_compile.lower.stage import LoweredArtifact, lower_artifact
 from qwen3_compile.models.loading import load_model
@@ -70,6 +71,7 @@ class CompileResult:
                 },
             },
             "engine": self.engine,
+            "environment": environment(),
         }
 
 

@@ -93,6 +93,8 @@ def render_compile(result: CompileResult) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from qwen3_compile.environment import environment
+
     console = Console()
     table = Table(title=f"Parity against PyTorch (fp32), {result.directory}")
     for column in ("graph", "MoE node", "prefill |err|", "top-1", "decode |err|", "greedy =", "result"):
@@ -120,6 +122,9 @@ def render_compile(result: CompileResult) -> None:
         f"left-padded batch, {first.prefill_positions} prefill positions), {first.decode_steps} greedy "
         "decode steps."
     )
+    env = environment()
+    packages = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if k != "qwen3-compile")
+    console.print(f"Computed with {packages} on {env['processor']} ({env['machine']}).")
     for key, artifact in result.artifacts.items():
         console.print(f"{key:>10}: {artifact.model_path}")
     v = result.validation

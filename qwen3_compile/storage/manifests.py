@@ -277,3 +277,4 @@ class ValidationRecord:
     summary: Json
     bisection: Json | None = None
     cases: tuple[Json, ...]
+    environment: Json | None = None  # Python, processor and package versions it was computed with

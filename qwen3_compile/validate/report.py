@@ -43,6 +43,13 @@ def render_markdown(data: dict) -> str:
             + " (from the artifact's manifest).",
             "",
         ]
+    env = data.get("environment")
+    if env:
+        packages = ", ".join(f"{k} {v}" for k, v in env["packages"].items())
+        lines += [
+            f"Computed with Python {env['python']} on {env['processor']} ({env['machine']}): {packages}.",
+            "",
+        ]
     if data["failures"]:
         lines += ["## Failures", "", *[f"- {f}" for f in data["failures"]], ""]
     lines += [

@@ -14,6 +14,7 @@ from qwen3_compile.backends.base import generate, left_padded_batch
 from qwen3_compile.backends.onnxruntime.settings import ort_optimization, ort_session_config
 from qwen3_compile.backends.registry import open_runner
 from qwen3_compile.backends.torch_reference import TorchRunner
+from qwen3_compile.environment import environment
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.models.loading import LoadedModel, load_model, resolve_model
 from qwen3_compile.progress import NO_PROGRESS, Progress
@@ -109,6 +110,7 @@ class ValidationReport:
             },
             "bisection": self.bisection.to_dict() if self.bisection else None,
             "cases": [c.to_dict() for c in self.cases],
+            "environment": environment(),
         }
 
 

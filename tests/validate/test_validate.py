@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
@@ -70,7 +71,10 @@ def test_exported_artifact_passes(artifact, tmp_path):
             assert case.case.ids[-4:] == EMPTY_THINK_BLOCK
     for name in ("report.md", "per_prompt.png", "per_position.png", "per_layer.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
-    assert "non-thinking" in (tmp_path / "report" / "report.md").read_text()
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "non-thinking" in markdown
+    assert data["environment"]["packages"]["onnxruntime"] == onnxruntime.__version__
+    assert f"onnxruntime {onnxruntime.__version__}" in markdown
 
 
 def test_perturbed_weights_fail_at_their_layer(artifact, tmp_path, few_prompts, reseal):
