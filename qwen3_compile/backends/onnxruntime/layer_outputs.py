@@ -1,11 +1,15 @@
-"""Every decoder layer's output of an ONNX artifact on ONNX Runtime, for layer bisection: the layers' output
-tensors (`layers.{i}/residual_mlp/out`) are marked as graph outputs through Polygraphy's loaders. The
-session runs on the device the validated backend runs on (`ort`: CPU, `ort-cuda`: CUDA), with the same
-settings (settings.py)."""
+"""Intermediate tensors of an ONNX artifact on ONNX Runtime, for layer bisection: every decoder layer's
+output (`layers.{i}/residual_mlp/out`), or any named tensors (a MoE layer's router logits), marked as graph
+outputs. The session runs on the device the validated backend runs on (`ort`: CPU, `ort-cuda`: CUDA), with
+the artifact's recorded settings (settings.py).
+
+The marked graph is the artifact's graph proto without its weights: ORT reads the weights from the
+artifact's own external-data file (`session.model_external_initializers_file_folder_path`), so bisecting a
+model of tens of GB copies none of them.
+"""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,63 +21,63 @@ from qwen3_compile.backends.onnxruntime.settings import (
 )
 from qwen3_compile.graph_contract import layer_output_name, past_names
 
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
+
 
 def artifact_layer_outputs(
     model_path: Path, num_layers: int, prompts: list[list[int]], manifest: dict, device: str = "cpu"
 ) -> list[np.ndarray]:
     """Each layer's output on ORT, its session set up as the manifest records (settings.py)."""
     names = [layer_output_name(i) for i in range(num_layers)]
-    found = artifact_tensors(model_path, names, num_layers, prompts, manifest, device)
+    found = artifact_tensors(model_path, names, prompts, manifest, device)
     return [found[name] for name in names]
+
+
+def marked_session(
+    model_path: Path, names: list[str], options, device: str = "cpu", cuda_options: dict | None = None
+):
+    """A session on the artifact's graph whose outputs are exactly `names` (any tensors of the graph)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    del model.graph.output[:]
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)  # ORT infers the types
+    options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(Path(model_path).parent.resolve()))
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=execution_providers(device, cuda_options)
+    )
+    check_session_device(session, device, model_path)
+    return session
 
 
 def artifact_tensors(
     model_path: Path,
     names: list[str],
-    num_layers: int,
     prompts: list[list[int]],
     manifest: dict,
     device: str = "cpu",
     cuda_options: dict[str, str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The named intermediate tensors of a prefill of each prompt (batch 1), as fp32, concatenated over
-    the prompts along the first axis (positions for [1, S, ...] tensors, tokens for [S, ...] ones)."""
-    import onnxruntime as ort
-    from polygraphy.backend.onnx import ModifyOutputs, OnnxFromPath, SaveOnnx
-    from polygraphy.backend.onnxrt import OnnxrtRunner
-    from polygraphy.logger import G_LOGGER
-
-    G_LOGGER.module_severity = G_LOGGER.WARNING  # its per-step INFO lines would drown our progress output
-
-    with tempfile.TemporaryDirectory() as tmp:
-        marked = Path(tmp) / "model.onnx"
-        large = sum(p.stat().st_size for p in model_path.parent.glob("model.onnx*")) > 1_800_000_000
-        SaveOnnx(
-            ModifyOutputs(OnnxFromPath(str(model_path)), outputs=names),
-            str(marked),
-            external_data_path="model.onnx.data" if large else None,
-        )()
-        session = ort.InferenceSession(
-            str(marked),
-            manifest_session_options(manifest),
-            providers=execution_providers(device, cuda_options),
-        )
-        check_session_device(session, device, model_path)
-        runner = OnnxrtRunner(session)
-        outputs: dict[str, list[np.ndarray]] = {name: [] for name in names}
-        with runner:
-            past = runner.get_input_metadata(use_numpy_dtypes=False)[past_names(0)[0]]
-            empty = np.zeros((1, past.shape[1], 0, past.shape[3]), dtype=past.dtype.numpy())
-            for ids in prompts:
-                n = len(ids)
-                feeds = {
-                    "input_ids": np.array([ids], dtype=np.int64),
-                    "attention_mask": np.ones((1, n), dtype=np.int64),
-                    "position_ids": np.arange(n, dtype=np.int64)[None],
-                }
-                feeds |= {name: empty for i in range(num_layers) for name in past_names(i)}
-                result = runner.infer(feeds)
-                for name in names:
-                    value = np.asarray(result[name], dtype=np.float32)
-                    outputs[name].append(value[0] if value.shape[0] == 1 and value.ndim == 3 else value)
+    """The named tensors of a prefill of each prompt (batch 1, no past), as fp32, concatenated over the
+    prompts along the positions ([1, S, ...] tensors lose the batch axis; [S, ...] ones keep their shape)."""
+    session = marked_session(model_path, names, manifest_session_options(manifest), device, cuda_options)
+    inputs = {i.name: i for i in session.get_inputs()}
+    past = inputs[past_names(0)[0]]
+    if past.type not in _NUMPY_TYPES:
+        raise ValueError(f"intermediate tensors of a {past.type} KV-cache graph are not supported")
+    empty = np.zeros((1, past.shape[1], 0, past.shape[3]), dtype=_NUMPY_TYPES[past.type])
+    outputs: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for ids in prompts:
+        n = len(ids)
+        feeds = {
+            "input_ids": np.array([ids], dtype=np.int64),
+            "attention_mask": np.ones((1, n), dtype=np.int64),
+            "position_ids": np.arange(n, dtype=np.int64)[None],
+        }
+        feeds |= {name: empty for name in inputs if name.startswith("past_key_values.")}
+        for name, value in zip(names, session.run(names, feeds), strict=True):
+            value = np.asarray(value, dtype=np.float32)
+            outputs[name].append(value[0] if value.ndim == 3 and value.shape[0] == 1 else value)
     return {name: np.concatenate(o) for name, o in outputs.items()}
