@@ -80,8 +80,9 @@ class OrtRunner:
             return empty_kv_cache(batch, self.num_layers, self.kv_heads, self.head_dim, self.kv_dtype)
         import onnxruntime as ort
 
+        # zero-length: nothing to copy, so it is made in host memory whatever the device (ORT moves it)
         empty = ort.OrtValue.ortvalue_from_shape_and_type(
-            [batch, self.kv_heads, 0, self.head_dim], _ONNX_TYPES[self.kv_type], self.device, 0
+            [batch, self.kv_heads, 0, self.head_dim], _ONNX_TYPES[self.kv_type], "cpu", 0
         )
         return [empty] * (2 * self.num_layers)
 
