@@ -372,7 +372,7 @@ def diag_torch(work: Path, model: str, variant: str, refs: References) -> dict:
 
 def diag(work: Path, results: Results, artifacts: list[str]) -> None:
     refs = References(work)
-    for model in sorted({ARTIFACTS[a].model for a in artifacts}, key=lambda m: m == "slice"):
+    for model in sorted({ARTIFACTS[a].model for a in artifacts}, key=lambda m: m != "slice"):
         # PyTorch's own variants first: what fp16 and TF32 do to the reference itself
         for variant in TORCH_VARIANTS[1:]:
             guarded(results, ["diag", f"torch-{model}", variant], diag_torch, work, model, variant, refs)
@@ -554,20 +554,16 @@ def main() -> None:
     prepared = [a for a in ARTIFACTS if (work / a / "manifest.json").exists()]
     chosen = args.artifacts.split(",") if args.artifacts else prepared
     chosen = [a for a in chosen if a in prepared]
-    parts = args.parts.split(",")
-    if "diag" in parts:
-        diag(work, results, [a for a in chosen if ARTIFACTS[a].dtype != "bf16"])
-    if "bench" in parts:
-        bench(work, results, chosen, args.steps)
-    if "validate-tiny" in parts:
-        validate_tiny(work, results, out, [a for a in chosen if ARTIFACTS[a].model != "slice"])
-    if "validate-slice" in parts:
-        validate_slice(
-            work,
-            results,
-            [a for a in ("slice-fp32-ort", "slice-fp16", "slice-fp32") if a in chosen],
-            args.long_context_tokens,
-        )
+    for part in args.parts.split(","):  # in the order given
+        if part == "diag":
+            diag(work, results, [a for a in chosen if ARTIFACTS[a].dtype != "bf16"])
+        elif part == "bench":
+            bench(work, results, chosen, args.steps)
+        elif part == "validate-tiny":
+            validate_tiny(work, results, out, [a for a in chosen if ARTIFACTS[a].model != "slice"])
+        elif part == "validate-slice":
+            slices = [a for a in ("slice-fp32-ort", "slice-fp16", "slice-fp32") if a in chosen]
+            validate_slice(work, results, slices, args.long_context_tokens)
     log("measure finished")
 
 
