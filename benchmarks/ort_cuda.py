@@ -61,7 +61,13 @@ ARTIFACTS = {
 }
 MODELS = {"tiny-dense": ("tiny-dense", None), "tiny-moe": ("tiny-moe", None), "slice": (SLICE, 2)}
 TORCH_VARIANTS = ("cpu-fp32", "cuda-fp32", "cuda-fp32-tf32", "cuda-fp16")
-ORT_CONFIGS = {"ort-cpu": ("cpu", "0"), "ort-cuda": ("cuda", "0"), "ort-cuda-tf32": ("cuda", "1")}
+# name -> (device, use_tf32, graph optimization level; None: the artifact's recorded one)
+ORT_CONFIGS = {
+    "ort-cpu": ("cpu", "0", None),
+    "ort-cuda": ("cuda", "0", None),
+    "ort-cuda-tf32": ("cuda", "1", None),
+    "ort-cuda-basic": ("cuda", "0", "basic"),  # ORT's fusions (RMSNorm, GELU/SiLU, ...) off
+}
 
 
 def log(*args) -> None:
@@ -125,13 +131,13 @@ def probes(model: str) -> list[list[int]]:
 # ---------------------------------------------------------------- prepare
 
 
-def export_all(work: Path, with_slice: bool) -> dict:
+def export_all(work: Path, with_slice: bool, only: list[str] | None = None) -> dict:
     from qwen3_compile.export.stage import ExportOptions, export_onnx
     from qwen3_compile.lower.stage import lower_artifact
 
     done = {}
     for name, spec in ARTIFACTS.items():
-        if spec.model == "slice" and not with_slice:
+        if spec.model == "slice" and not with_slice or only and name not in only:
             continue
         folder = work / name
         if (folder / "manifest.json").exists():
@@ -228,8 +234,13 @@ def router_names(model_path: Path) -> list[str]:
     return [n.input[1] for n in graph.node if n.op_type in ("ExpertDispatch", "MoE", "QMoE")]
 
 
-def ort_capture(folder: Path, prompts, device: str, tf32: str) -> dict[str, np.ndarray]:
+def ort_capture(
+    folder: Path, prompts, device: str, tf32: str, optimization: str | None = None
+) -> dict[str, np.ndarray]:
+    from types import SimpleNamespace
+
     from qwen3_compile.backends.onnxruntime.layer_outputs import artifact_tensors
+    from qwen3_compile.backends.onnxruntime.settings import ort_session_config
     from qwen3_compile.graph_contract import layer_output_name
     from qwen3_compile.storage.manifest import read_manifest
 
@@ -237,11 +248,16 @@ def ort_capture(folder: Path, prompts, device: str, tf32: str) -> dict[str, np.n
     num_layers = int(manifest.architecture["num_hidden_layers"])
     routers = router_names(folder / "model.onnx")
     names = ["logits"] + [layer_output_name(i) for i in range(num_layers)] + routers
+    settings = manifest
+    if optimization is not None:
+        settings = SimpleNamespace(
+            ort_optimization=optimization, ort_session_config=ort_session_config(manifest)
+        )
     found = artifact_tensors(
         folder / "model.onnx",
         names,
         prompts,
-        manifest,
+        settings,
         device,
         {"use_tf32": tf32} if device == "cuda" else None,
     )
@@ -349,10 +365,11 @@ def _top_k(model: str) -> int | None:
     return arch.top_k if arch.is_moe else None
 
 
-def diag_one(work: Path, name: str, device: str, tf32: str, refs: References, cpu_logits: dict) -> dict:
+def diag_one(work: Path, name: str, config: tuple, refs: References, cpu_logits: dict) -> dict:
     spec = ARTIFACTS[name]
+    device = config[0]
     prompts = json.loads((work / f"probes-{spec.model}.json").read_text())
-    got = ort_capture(work / name, prompts, device, tf32)
+    got = ort_capture(work / name, prompts, *config)
     result = compare(refs(spec.model), got, _top_k(spec.model), [len(p) for p in prompts])
     if device == "cpu":
         cpu_logits[name] = got["logits"]
@@ -370,16 +387,21 @@ def diag_torch(work: Path, model: str, variant: str, refs: References) -> dict:
     return compare(refs(model), got, _top_k(model), [len(p) for p in prompts])
 
 
-def diag(work: Path, results: Results, artifacts: list[str]) -> None:
+def diag(work: Path, results: Results, artifacts: list[str], configs: list[str], tag: str = "") -> None:
     refs = References(work)
     for model in sorted({ARTIFACTS[a].model for a in artifacts}, key=lambda m: m != "slice"):
         # PyTorch's own variants first: what fp16 and TF32 do to the reference itself
-        for variant in TORCH_VARIANTS[1:]:
+        for variant in TORCH_VARIANTS[1:] if not tag else ():
             guarded(results, ["diag", f"torch-{model}", variant], diag_torch, work, model, variant, refs)
         for name in [a for a in artifacts if ARTIFACTS[a].model == model]:
             cpu_logits: dict = {}
-            for config, (device, tf32) in ORT_CONFIGS.items():
-                guarded(results, ["diag", name, config], diag_one, work, name, device, tf32, refs, cpu_logits)
+            for config in configs:
+                if ARTIFACTS[name].dtype == "bf16" and ORT_CONFIGS[config][0] == "cpu":
+                    continue
+                key = config + tag
+                guarded(
+                    results, ["diag", name, key], diag_one, work, name, ORT_CONFIGS[config], refs, cpu_logits
+                )
 
 
 # ---------------------------------------------------------------- bench
@@ -426,8 +448,12 @@ def bench(work: Path, results: Results, artifacts: list[str], steps: int) -> Non
 # ---------------------------------------------------------------- validate
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def validate_tiny(work: Path, results: Results, out: Path, artifacts: list[str]) -> None:
-    """The CLI, as a user runs it, several at once (3 CPU threads each for the PyTorch reference)."""
+    """The CLI, as a user runs it, several at once (3 CPU threads each for the PyTorch reference). They
+    run in this checkout (`python -m` puts the working directory first on the path)."""
     procs = {}
     env = os.environ | {"OMP_NUM_THREADS": "3"}
     for name in artifacts:
@@ -438,7 +464,9 @@ def validate_tiny(work: Path, results: Results, out: Path, artifacts: list[str])
         procs[name] = (
             cmd,
             time.perf_counter(),
-            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+            subprocess.Popen(
+                cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            ),
         )
     for name, (cmd, start, proc) in procs.items():
         stdout, stderr = proc.communicate()
@@ -459,7 +487,7 @@ def validate_tiny(work: Path, results: Results, out: Path, artifacts: list[str])
     cmd = [sys.executable, "-m", "qwen3_compile.cli", "run", str(work / "tiny-moe-fp16"), "--prompt"]
     cmd += ["Explain in two sentences why the sky is blue.", "--backend", "ort-cuda", "--greedy"]
     cmd += ["--max-new-tokens", "64", "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     entry = {"command": " ".join(cmd).replace(str(work), "W"), "exit_code": proc.returncode}
     try:
         entry |= {k: v for k, v in json.loads(proc.stdout).items() if k not in ("reasoning", "content")}
@@ -529,17 +557,20 @@ def main() -> None:
     parser.add_argument("--parts", default="diag,bench,validate-tiny,validate-slice")
     parser.add_argument("--artifacts", help="comma-separated subset (default: every prepared one)")
     parser.add_argument("--steps", type=int, default=128, help="bench: decode steps")
+    parser.add_argument("--configs", default="ort-cpu,ort-cuda,ort-cuda-tf32", help="diag: ORT settings")
+    parser.add_argument("--tag", default="", help="diag: suffix of the result keys (e.g. an env setting)")
     parser.add_argument("--long-context-tokens", type=int, default=1024, help="validate-slice")
     args = parser.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     if args.command == "prepare":
         results = Results(work / "prepare.json")
-        results.put(["exports"], export_all(work, args.slice))
-        results.put(
-            ["references"],
-            prepare_references(work, ["tiny-dense", "tiny-moe"] + (["slice"] if args.slice else [])),
-        )
+        only = args.artifacts.split(",") if args.artifacts else None
+        results.put(["exports"], export_all(work, args.slice, only))
+        models = ["tiny-dense", "tiny-moe"] + (["slice"] if args.slice else [])
+        if only:
+            models = [m for m in models if any(ARTIFACTS[a].model == m for a in only)]
+        results.put(["references"], prepare_references(work, models))
         log("prepare finished")
         (work / "prepare.done").write_text("ok")
         return
@@ -556,7 +587,13 @@ def main() -> None:
     chosen = [a for a in chosen if a in prepared]
     for part in args.parts.split(","):  # in the order given
         if part == "diag":
-            diag(work, results, [a for a in chosen if ARTIFACTS[a].dtype != "bf16"])
+            diag(
+                work,
+                results,
+                [a for a in chosen if ARTIFACTS[a].dtype != "bf16"],
+                args.configs.split(","),
+                args.tag,
+            )
         elif part == "bench":
             bench(work, results, chosen, args.steps)
         elif part == "validate-tiny":

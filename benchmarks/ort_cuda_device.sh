@@ -5,9 +5,9 @@
 # /root, so it survives between calls while the machine stays warm.
 #
 #   bash .ortgpu/src/benchmarks/ort_cuda_device.sh chunk N          # keep chunk N; first call: + start-prepare
-#   bash .ortgpu/src/benchmarks/ort_cuda_device.sh start-prepare    # exports + PyTorch references, background
+#   bash .ortgpu/src/benchmarks/ort_cuda_device.sh start-prepare [ARTIFACTS]  # exports + PyTorch refs, background
 #   bash .ortgpu/src/benchmarks/ort_cuda_device.sh install          # assemble and install onnxruntime-gpu
-#   bash .ortgpu/src/benchmarks/ort_cuda_device.sh measure PARTS [SECONDS] [ARTIFACTS]
+#   bash .ortgpu/src/benchmarks/ort_cuda_device.sh measure PARTS [SECONDS] [ARTIFACTS] [EXTRA ARGS...]
 set -u
 SRC=/root/src WORK=/root/work
 export PYTHONUNBUFFERED=1 PYTHONPATH=$SRC:/root/ortsite:/root/site
@@ -20,7 +20,7 @@ chunk)
     ;;
 start-prepare)
     python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site .ortgpu/whl/*.whl
-    setsid nohup python3 $SRC/benchmarks/ort_cuda.py prepare --work $WORK --slice \
+    setsid nohup python3 $SRC/benchmarks/ort_cuda.py prepare --work $WORK --slice ${2:+--artifacts "$2"} \
         >$WORK/prepare.log 2>&1 </dev/null &
     echo "prepare started: pid $!"
     ;;
@@ -38,8 +38,10 @@ pytest)
         grep -v '^\s*$' | tail -60)
     ;;
 measure)
-    timeout "${3:-540}" python3 $SRC/benchmarks/ort_cuda.py measure --work $WORK --out "$OUT" --parts "$2" \
-        ${4:+--artifacts "$4"} 2>&1 | tee "$OUT/measure-$2.log" | grep -v '^\s' | tail -40
+    parts=$2 seconds=${3:-540} artifacts=${4:-}
+    shift $(($# < 4 ? $# : 4))
+    timeout "$seconds" python3 $SRC/benchmarks/ort_cuda.py measure --work $WORK --out "$OUT" --parts "$parts" \
+        ${artifacts:+--artifacts "$artifacts"} "$@" 2>&1 | tee -a "$OUT/measure.log" | grep -v '^\s' | tail -25
     cp "$OUT/results.json" "$WORK/results-$(date +%s).json" 2>/dev/null
     (cd $WORK && tar czf "$OUT/validation-reports.tar.gz" --exclude='*.png' validation-* 2>/dev/null)
     ;;

@@ -13,15 +13,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from onnx import TensorProto
 
 from qwen3_compile.backends.onnxruntime.settings import (
     check_session_device,
     execution_providers,
     manifest_session_options,
 )
-from qwen3_compile.graph_contract import layer_output_name, past_names
+from qwen3_compile.graph_contract import layer_output_name
 
-_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_ONNX_TYPES = {
+    "tensor(float)": TensorProto.FLOAT,
+    "tensor(float16)": TensorProto.FLOAT16,
+    "tensor(bfloat16)": TensorProto.BFLOAT16,
+}
 EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
 
 
@@ -37,13 +42,18 @@ def artifact_layer_outputs(
 def marked_session(
     model_path: Path, names: list[str], options, device: str = "cpu", cuda_options: dict | None = None
 ):
-    """A session on the artifact's graph whose outputs are exactly `names` (any tensors of the graph)."""
+    """A session on the artifact's graph whose outputs are `names` (any tensors of the graph) cast to fp32,
+    each named `{name}/fp32` (numpy has no bf16)."""
     import onnx
     import onnxruntime as ort
 
     model = onnx.load(str(model_path), load_external_data=False)
     del model.graph.output[:]
-    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)  # ORT infers the types
+    for name in names:
+        model.graph.node.append(onnx.helper.make_node("Cast", [name], [f"{name}/fp32"], to=TensorProto.FLOAT))
+    model.graph.output.extend(
+        onnx.helper.make_tensor_value_info(f"{name}/fp32", TensorProto.FLOAT, None) for name in names
+    )
     options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(Path(model_path).parent.resolve()))
     session = ort.InferenceSession(
         model.SerializeToString(), options, providers=execution_providers(device, cuda_options)
@@ -61,23 +71,28 @@ def artifact_tensors(
     cuda_options: dict[str, str] | None = None,
 ) -> dict[str, np.ndarray]:
     """The named tensors of a prefill of each prompt (batch 1, no past), as fp32, concatenated over the
-    prompts along the positions ([1, S, ...] tensors lose the batch axis; [S, ...] ones keep their shape)."""
+    prompts along the positions ([1, S, ...] tensors lose the batch axis; [S, ...] ones keep their shape).
+    Fed through IO binding, so graphs with a bf16 KV cache work too (where the device runs them)."""
+    import onnxruntime as ort
+
     session = marked_session(model_path, names, manifest_session_options(manifest), device, cuda_options)
-    inputs = {i.name: i for i in session.get_inputs()}
-    past = inputs[past_names(0)[0]]
-    if past.type not in _NUMPY_TYPES:
-        raise ValueError(f"intermediate tensors of a {past.type} KV-cache graph are not supported")
-    empty = np.zeros((1, past.shape[1], 0, past.shape[3]), dtype=_NUMPY_TYPES[past.type])
+    pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
     outputs: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for ids in prompts:
         n = len(ids)
-        feeds = {
-            "input_ids": np.array([ids], dtype=np.int64),
-            "attention_mask": np.ones((1, n), dtype=np.int64),
-            "position_ids": np.arange(n, dtype=np.int64)[None],
-        }
-        feeds |= {name: empty for name in inputs if name.startswith("past_key_values.")}
-        for name, value in zip(names, session.run(names, feeds), strict=True):
-            value = np.asarray(value, dtype=np.float32)
+        binding = session.io_binding()
+        binding.bind_cpu_input("input_ids", np.array([ids], dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ones((1, n), dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.arange(n, dtype=np.int64)[None])
+        for past in pasts:
+            empty = ort.OrtValue.ortvalue_from_shape_and_type(
+                [1, past.shape[1], 0, past.shape[3]], _ONNX_TYPES[past.type]
+            )
+            binding.bind_ortvalue_input(past.name, empty)
+        for name in names:
+            binding.bind_output(f"{name}/fp32", "cpu")
+        session.run_with_iobinding(binding)
+        for name, value in zip(names, binding.get_outputs(), strict=True):
+            value = value.numpy()
             outputs[name].append(value[0] if value.ndim == 3 and value.shape[0] == 1 else value)
     return {name: np.concatenate(o) for name, o in outputs.items()}
