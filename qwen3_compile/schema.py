@@ -3,7 +3,8 @@
 `decode(cls, data, file=...)` turns JSON/TOML data into a frozen dataclass by its type hints and refuses,
 naming the file and the dotted field, anything the class does not describe: an unknown or missing key, a
 wrong type (a string where a list is expected, a bool where a number is), a NaN or infinite number, a value
-outside a field's `min`/`max` metadata, not matching its `pattern` or not among its `Literal` choices.
+outside a field's `min`/`max` (exclusive: `above`/`below`) metadata, not matching its `pattern` or not
+among its `Literal` choices.
 `encode(obj)` is its inverse (tuples as lists), so `decode(type(x), encode(x)) == x`.
 """
 
@@ -116,6 +117,10 @@ def _scalar(tp: type, value: Any, file, path: str, meta: typing.Mapping[str, Any
         bounds = (
             f"from {low}" if high is None else f"up to {high}" if low is None else f"from {low} to {high}"
         )
+        raise _fail(f"{value!r} is out of range.", file, path, f"use a value {bounds}.")
+    above, below = meta.get("above"), meta.get("below")  # exclusive bounds: eps in (0, 1), theta > 0
+    if (above is not None and not value > above) or (below is not None and not value < below):
+        bounds = " and ".join(f"{w} {b}" for w, b in (("above", above), ("below", below)) if b is not None)
         raise _fail(f"{value!r} is out of range.", file, path, f"use a value {bounds}.")
     if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
         raise _fail(f"{value!r} is not of the form {meta['pattern']}.", file, path, "see the other files.")

@@ -1,7 +1,8 @@
 """Reproducible .tar.gz: the same folder gives the same bytes.
 
-Entries sorted by path, regular files only (no links), fixed mtime, uid/gid 0 without names, modes 0644 or
-0755 (executables), ustar headers (no PAX timestamps), gzip with mtime 0, no file name and a fixed level.
+manifest.json first (extraction checks every later member against it from its header), then the entries
+sorted by path, regular files and folders only (no links), fixed mtime, uid/gid 0 without names, modes 0644
+or 0755 (executables), ustar headers (no PAX timestamps), gzip with mtime 0, no file name and a fixed level.
 Extraction is `device/bundle_files.safe_extract` (the device runs the same code).
 """
 
@@ -13,7 +14,7 @@ import tarfile
 from pathlib import Path
 from typing import BinaryIO
 
-from qwen3_compile.bundle.device.bundle_files import safe_extract  # noqa: F401  (re-exported)
+from qwen3_compile.bundle.device.bundle_files import MANIFEST, safe_extract  # noqa: F401  (re-exported)
 
 FIXED_MTIME = 1_700_000_000  # 2023-11-14: any constant; 0 upsets some tools
 GZIP_LEVEL = 1  # weights barely compress (72.5 vs 72.3 MB at level 6 on tiny-moe); level 1 is faster
@@ -45,7 +46,7 @@ def write_reproducible_tar(folder: Path, output: Path) -> str:
         with gzip.GzipFile(filename="", mode="wb", fileobj=hashing, compresslevel=GZIP_LEVEL, mtime=0) as gz:
             with tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 dirs_written: set[str] = set()
-                for name in folder_files(folder):
+                for name in sorted(folder_files(folder), key=lambda n: n != MANIFEST):  # manifest first
                     parts = name.split("/")[:-1]
                     for depth in range(1, len(parts) + 1):  # parent folders, once, before their files
                         parent = "/".join(parts[:depth])

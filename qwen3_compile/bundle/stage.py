@@ -22,8 +22,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from qwen3_compile import __version__
 from qwen3_compile.backends.onnxruntime.settings import ort_optimization, ort_session_config
 from qwen3_compile.backends.tensorrt.profiles import InputSpec, generation_profiles
@@ -44,7 +42,13 @@ from qwen3_compile.lower.for_tensorrt import LoweredModel, MoeChoice, choose_moe
 from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.schema import decode
 from qwen3_compile.sizing import GB
-from qwen3_compile.storage.artifact_dir import copy_side_files
+from qwen3_compile.storage.artifact_dir import (
+    check_not_an_input,
+    copy_side_files,
+    held,
+    load_graph,
+    remove_stale_partials,
+)
 from qwen3_compile.storage.manifest import CALIBRATION_FILE, MANIFEST, sha256_file, tool_versions
 from qwen3_compile.storage.manifests import BundleManifest, ExportManifest, QuantizeManifest, ValidationRecord
 from qwen3_compile.targets import Target, get_target, target_to_dict
@@ -77,7 +81,7 @@ def bundle_moe_choice(build_input: BuildInput, target: Target) -> MoeChoice:
 
 
 def _graph_inputs(model_path: Path) -> list[InputSpec]:
-    graph = onnx.load(str(model_path), load_external_data=False).graph
+    graph = load_graph(model_path).graph
     return [
         InputSpec(
             i.name,
@@ -287,6 +291,14 @@ def bundle_artifact(
     `smoke_tokens`: greedy tokens of the artifact on ONNX Runtime CPU to record per reasoning mode (0: none;
     a large MoE's canonical graph computes every expert on the CPU, minutes per token)."""
     artifact, output = Path(artifact), Path(output)
+    check_not_an_input(output, [artifact])
+    if output.is_dir() or output.is_symlink():
+        raise BadInputError(
+            "is a folder or a link; a bundle is one .tar.gz file.",
+            file=output,
+            field="--output",
+            fix="name a file, for example OUT.tar.gz.",
+        )
     if output.exists() and not force:
         raise BadInputError(
             "the output file already exists.",
@@ -294,6 +306,7 @@ def bundle_artifact(
             field="--output",
             fix="pass --force to replace it.",
         )
+    remove_stale_partials(output)
     build_input = read_build_input(artifact)
     deploy = get_target(target)
     if deploy.tensorrt != "tensorrt":
@@ -318,7 +331,10 @@ def bundle_artifact(
         seconds["smoke_reference"], clock = round(time.perf_counter() - clock, 3), time.perf_counter()
         advance(1)
         output.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as tmp:
+        with (
+            tempfile.TemporaryDirectory(prefix=f".{output.name}.partial-", dir=output.parent) as tmp,
+            held(tmp),
+        ):
             staging, scratch = Path(tmp) / "bundle", Path(tmp) / "lowered"
             (staging / "model").mkdir(parents=True)
             scratch.mkdir()

@@ -1,25 +1,28 @@
 """`verify-bundle`: a bundle's files against its manifest (sha256 and size of each, nothing missing or
-added) and, when given, a device's TensorRT version and SM against the bundle's target.
+added, no link or special file) and, when given, a device's TensorRT version and SM against the target.
 
-A .tar.gz is extracted into a temporary folder with the device's own safe extraction (absolute paths,
-`..` and links escaping the folder are refused before anything is written); a folder is checked in place.
+A .tar.gz is extracted into a temporary folder with the device's own safe extraction (bundle_files.py:
+the manifest first, every member checked from its header against it and the limits, nothing written
+outside, nothing left behind); a folder is checked in place without following links.
+Exit codes: 2 when the bundle is refused (unsafe or malformed), 1 when a file differs from its manifest.
 """
 
 from __future__ import annotations
 
-import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from qwen3_compile.bundle.device.bundle_files import (
+    DEFAULT_LIMITS,
     BundleError,
+    Limits,
     check_compatibility,
     check_files,
+    read_manifest,
     safe_extract,
 )
-from qwen3_compile.errors import BadInputError, CheckFailedError
+from qwen3_compile.errors import BadInputError, CheckFailedError, Qwen3CompileError
 from qwen3_compile.schema import decode
 from qwen3_compile.storage.manifests import BundleManifest
 
@@ -33,41 +36,31 @@ class VerifiedBundle:
     checked_sm: str | None
 
 
-def _checked(folder: Path, source: Path, device_outputs: bool) -> dict[str, Any]:
-    try:
-        return check_files(folder, device_outputs)
-    except BundleError as err:
-        raise CheckFailedError(
-            f"{err.file}: {err.problem}.",
-            file=source,
-            field=err.file,
-            fix="do not use this bundle: copy it again from where it was made, or make it again.",
-        ) from None
+def _as_error(err: BundleError, source: Path) -> Qwen3CompileError:
+    kind = BadInputError if err.exit_code == 2 else CheckFailedError
+    problem = f"{err.file}: {err.problem}." if err.file else f"{err.problem}."
+    return kind(problem, file=source, field=err.file, fix=err.fix)
 
 
-def verify_bundle(path: str | Path, trt_version: str | None = None, sm: str | None = None) -> VerifiedBundle:
-    """Raise CheckFailedError naming the first bad file, or the incompatibility; else the manifest."""
+def verify_bundle(
+    path: str | Path, trt_version: str | None = None, sm: str | None = None, limits: Limits = DEFAULT_LIMITS
+) -> VerifiedBundle:
+    """Raise BadInputError (refused) or CheckFailedError (a changed, missing or added file; the
+    incompatibility) naming the first bad file; else the typed manifest."""
     path = Path(path)
     if not path.exists():
         raise BadInputError(
             "the bundle does not exist.", file=path, fix="pass a .tar.gz written by `bundle`."
         )
-    if path.is_dir():
-        manifest = _checked(path, path, device_outputs=True)  # an extracted folder the device used
-    else:
-        with tempfile.TemporaryDirectory(prefix="qwen3-bundle-verify-") as tmp:
-            try:
-                safe_extract(path, tmp)
-            except BundleError as err:
-                raise CheckFailedError(
-                    f"{err.file}: {err.problem}.",
-                    file=path,
-                    field=err.file,
-                    fix="do not extract this archive; make the bundle again with `qwen3-compile bundle`.",
-                ) from None
-            except (tarfile.TarError, OSError, EOFError) as err:  # not a (complete) .tar.gz
-                raise BadInputError(f"cannot read the archive ({err}).", file=path) from None
-            manifest = _checked(Path(tmp), path, device_outputs=False)  # an archive: nothing prebuilt
+    try:
+        if path.is_dir():
+            manifest = check_files(path, device_outputs=True, limits=limits)  # a folder the device used
+        else:
+            with tempfile.TemporaryDirectory(prefix="qwen3-bundle-verify-") as tmp:
+                safe_extract(path, Path(tmp) / "bundle", limits)  # checks every file; nothing prebuilt
+                manifest = read_manifest(Path(tmp) / "bundle")
+    except BundleError as err:
+        raise _as_error(err, path) from None
     problems = check_compatibility(manifest, trt_version, sm)
     if problems:
         raise CheckFailedError(

@@ -11,6 +11,7 @@ import click
 from qwen3_compile import __version__
 from qwen3_compile.cli.build_cmd import build_command
 from qwen3_compile.cli.bundle_cmd import bundle_command, verify_bundle_command
+from qwen3_compile.cli.common import CommandGroup
 from qwen3_compile.cli.compile_cmd import compile_command
 from qwen3_compile.cli.export_cmd import export_command
 from qwen3_compile.cli.inspect_cmd import inspect_command
@@ -20,7 +21,9 @@ from qwen3_compile.cli.run_cmd import run_command
 from qwen3_compile.cli.validate_cmd import validate_command
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(
+    cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}
+)
 @click.version_option(__version__, prog_name="qwen3-compile")
 def main() -> None:
     """Compile Qwen3 dense and MoE checkpoints into validated ONNX / TensorRT deployment artifacts.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
+from qwen3_compile.bundle.device.bundle_files import MAX_FILE_BYTES, MAX_FILES, MAX_TOTAL_BYTES, parse_size
 from qwen3_compile.bundle.jetson import JETSON_TARGETS
 from qwen3_compile.cli.common import emit_json, stage_command, target_option
 
@@ -83,18 +85,47 @@ def bundle_command(
         click.secho(f"warning: {warning}", err=True, fg="yellow")
 
 
+def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a size such as 200G, 512M or 1000000.") from None
+
+
+def _size_limit(flag: str, default: int, help: str) -> Callable:
+    """A byte limit given as 200G, 512M or plain bytes."""
+    return click.option(flag, default=f"{default >> 30}G", show_default=True, callback=_size, help=help)
+
+
 @click.command("verify-bundle")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--trt-version", help="The device's TensorRT version (checked against the target's minimum).")
 @click.option("--sm", help="The device GPU's compute capability, e.g. 8.7 (must equal the target's).")
+@_size_limit("--max-total-size", MAX_TOTAL_BYTES, "Refuse a bundle whose files add up to more.")
+@_size_limit(
+    "--max-file-size", MAX_FILE_BYTES, "Refuse a bundle with a larger file (the weights are one file)."
+)
+@click.option(
+    "--max-files", type=click.IntRange(min=1), default=MAX_FILES, show_default=True, help="Refuse more files."
+)
 @stage_command
-def verify_bundle_command(bundle: Path, trt_version: str | None, sm: str | None, as_json: bool) -> None:
+def verify_bundle_command(
+    bundle: Path,
+    trt_version: str | None,
+    sm: str | None,
+    max_total_size: int,
+    max_file_size: int,
+    max_files: int,
+    as_json: bool,
+) -> None:
     """Check BUNDLE (a .tar.gz or an extracted folder): every file's sha256 against the manifest, no file
-    missing or added, safe extraction; with --trt-version / --sm, compatibility with the device.
-    Exit 1 naming the first bad file or the incompatibility."""
+    missing or added, no link or special file, safe extraction within the limits; with --trt-version /
+    --sm, compatibility with the device. Exit 2 when the bundle is refused (unsafe or malformed), 1 naming
+    the first changed, missing or added file or the incompatibility."""
     from qwen3_compile.bundle import verify_bundle
+    from qwen3_compile.bundle.device.bundle_files import Limits
 
-    result = verify_bundle(bundle, trt_version, sm)
+    result = verify_bundle(bundle, trt_version, sm, Limits(max_total_size, max_file_size, max_files))
     target = result.manifest.target
     if as_json:
         emit_json(

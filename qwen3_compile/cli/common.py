@@ -9,31 +9,96 @@ from collections.abc import Callable
 
 import click
 
-from qwen3_compile.errors import Qwen3CompileError
+from qwen3_compile.errors import BadInputError, Qwen3CompileError
 
 
-def _fail(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
+def error_object(err: Qwen3CompileError) -> dict:
+    """What `--json` prints on stdout when a command fails."""
+    return {
+        "error": err.message,
+        "exit_code": err.exit_code,
+        "file": err.file,
+        "field": err.field,
+        "fix": err.fix,
+    }
+
+
+def _fail(err: Qwen3CompileError, as_json: bool) -> None:
+    if as_json:
+        emit_json(error_object(err))
+    click.echo(f"error: {err.message}", err=True)
+    sys.exit(err.exit_code)
+
+
+def os_error(err: OSError) -> Qwen3CompileError:
+    """A file the command could not read or write (read-only folder, full disk, missing permission)."""
+    return BadInputError(
+        f"{err.strerror or err}.",
+        file=err.filename,
+        fix="check that the path exists, is writable and its disk has room (`df -h`), then run again.",
+    )
+
+
+def as_error(err: BaseException) -> Qwen3CompileError:
+    """Any failure as the error users see: ours as raised, OS errors naming the file, the rest an
+    'internal error' line (the traceback only with --debug)."""
+    if isinstance(err, Qwen3CompileError):
+        return err
+    if isinstance(err, OSError):
+        return os_error(err)
+    if isinstance(err, KeyboardInterrupt):
+        return _Interrupted("interrupted.")
+    return Qwen3CompileError(
+        f"internal error: {type(err).__name__}: {err}", fix="run again with --debug and report the traceback."
+    )
 
 
 def stage_command(fn: Callable) -> Callable:
-    """Adds --json and --debug, and turns library errors into a message and an exit code."""
+    """Adds --json and --debug, and turns library errors into a message and an exit code; with --json the
+    error is also a JSON object on stdout. Nothing reaches the user as a traceback without --debug."""
 
-    @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+    @click.option(
+        "--json", "as_json", is_flag=True, help="Print the result (or the error) as JSON on stdout."
+    )
     @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
     @functools.wraps(fn)
     def wrapper(*args, as_json: bool, debug: bool, **kwargs):
         try:
             return fn(*args, as_json=as_json, **kwargs)
-        except Qwen3CompileError as err:
-            if debug:
+        except click.ClickException:
+            raise  # usage errors: CommandGroup prints them
+        except (Exception, KeyboardInterrupt) as err:
+            if debug and not isinstance(err, KeyboardInterrupt):
                 raise
-            _fail(err.message, err.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted.", 130)
+            _fail(as_error(err), as_json)
 
     return wrapper
+
+
+class _Interrupted(Qwen3CompileError):
+    exit_code = 130
+
+
+class CommandGroup(click.Group):
+    """The command group: a usage error (unknown option, bad value) is also a JSON object on stdout when
+    the command line asks for --json, like every other failure."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            return super().main(args=argv, prog_name=prog_name, standalone_mode=False, **extra)
+        except click.ClickException as err:
+            if "--json" in argv:
+                param = getattr(err, "param", None)
+                emit_json(
+                    {"error": err.format_message(), "exit_code": err.exit_code, "file": None}
+                    | {"field": param.opts[0] if param is not None and param.opts else None, "fix": None}
+                )
+            err.show()
+            sys.exit(err.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
 
 
 def emit_json(data: dict) -> None:

@@ -7,10 +7,10 @@ from pathlib import Path
 import click
 
 from qwen3_compile.cli.common import BACKEND_CHOICES, emit_json, stage_command
+from qwen3_compile.errors import BadInputError
 
 
 def _sampling(thinking: bool, greedy: bool, temperature, top_p, top_k):
-    from qwen3_compile.errors import BadInputError
     from qwen3_compile.generation.sampling import GREEDY, SamplingConfig, default_sampling
 
     given = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
@@ -42,7 +42,12 @@ def _echo_piece(piece, state: dict) -> None:
 
 @click.command("run")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("-p", "--prompt", required=True, help="The user message.")
+@click.option("-p", "--prompt", help="The user message.")
+@click.option(
+    "--prompt-file",
+    type=click.Path(path_type=Path, allow_dash=True, dir_okay=False),
+    help="Read the user message from FILE (UTF-8; '-' reads stdin), for prompts too long for a command line.",
+)
 @click.option("--system", help="A system message before the prompt.")
 @click.option(
     "--think/--no-think",
@@ -78,7 +83,8 @@ def _echo_piece(piece, state: dict) -> None:
 @stage_command
 def run_command(
     artifact: Path,
-    prompt: str,
+    prompt: str | None,
+    prompt_file: Path | None,
     system: str | None,
     think: bool,
     max_new_tokens: int,
@@ -96,8 +102,14 @@ def run_command(
 
     Reasoning is printed dim on stderr under "thinking:", the answer on stdout; speed at the end.
     """
-    from qwen3_compile.generation.chat import ChatRequest, chat
+    from qwen3_compile.generation.chat import ChatRequest, chat, read_prompt_file
 
+    if (prompt is None) == (prompt_file is None):
+        raise BadInputError(
+            "give the user message once.", field="--prompt", fix="pass either -p TEXT or --prompt-file FILE."
+        )
+    if prompt_file is not None:
+        prompt = read_prompt_file(prompt_file)
     request = ChatRequest(
         prompt, think, system, max_new_tokens, _sampling(think, greedy, temperature, top_p, top_k), seed
     )

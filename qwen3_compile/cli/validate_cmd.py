@@ -37,6 +37,7 @@ from qwen3_compile.cli.common import BACKEND_CHOICES, emit_json, layers_option, 
     "-o", "--output", type=click.Path(path_type=Path), help="Report folder (default: ARTIFACT/validation)."
 )
 @click.option("--no-bisect", is_flag=True, help="Skip the per-layer bisection pass.")
+@click.option("--force", is_flag=True, help="Replace an existing -o folder (ARTIFACT/validation always is).")
 @layers_option
 @stage_command
 def validate_command(
@@ -48,6 +49,7 @@ def validate_command(
     long_context_tokens: int | None,
     output: Path | None,
     no_bisect: bool,
+    force: bool,
     layers: int | None,
     as_json: bool,
 ) -> None:
@@ -67,6 +69,7 @@ def validate_command(
         long_context_tokens=long_context_tokens,
         output=output,
         bisect=not no_bisect,
+        force=force,
         progress=default_progress(not as_json),
     )
     if as_json:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.generation.artifact import ChatArtifact, open_chat_artifact
@@ -125,3 +126,24 @@ def chat(
         text(parsed.reasoning_ids),
         text(parsed.content_ids),
     )
+
+
+MAX_PROMPT_BYTES = 16 * 2**20  # far beyond any context window (262,144 tokens is ~1 MB of text)
+
+
+def read_prompt_file(path: Path) -> str:
+    """A user message from a file, or stdin for '-': UTF-8, at most MAX_PROMPT_BYTES, not empty."""
+    import sys
+
+    from qwen3_compile.storage.user_files import decode_text, read_capped, read_text
+
+    too_long = "pass a shorter prompt."
+    if str(path) == "-":
+        name = "stdin"
+        text = decode_text(read_capped(sys.stdin.buffer, MAX_PROMPT_BYTES, name, too_long), name)
+    else:
+        name = str(path)
+        text = read_text(Path(path), MAX_PROMPT_BYTES, "pass an existing text file.", too_long)
+    if not text.strip():
+        raise BadInputError("is empty.", file=name, fix="write the user message into it.")
+    return text

@@ -13,7 +13,7 @@ import onnx
 
 from qwen3_compile.errors import CheckFailedError
 from qwen3_compile.lower.rules import RewriteReport, RewriteRule, apply_rules
-from qwen3_compile.storage.artifact_dir import save_onnx
+from qwen3_compile.storage.artifact_dir import load_graph, save_onnx
 from qwen3_compile.storage.external_data import ExternalDataWriter
 
 NEW_WEIGHTS_FILE = "model.lowered.data"
@@ -60,7 +60,7 @@ def rewrite_file(
     model_path: Path, rules: list[RewriteRule], out_dir: Path, *, symlink_ok: bool = False, what: str = ""
 ) -> RewrittenGraph:
     """`model_path` rewritten by `rules` as `out_dir/model.onnx` (the source is only read)."""
-    model = onnx.load(str(model_path), load_external_data=False)
+    model = load_graph(model_path)
     external = _external_files(model)
     for location in sorted(external):
         _place(model_path.parent / location, out_dir / location, symlink_ok)

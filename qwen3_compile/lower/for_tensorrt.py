@@ -10,13 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-import onnx
-
 from qwen3_compile.backends.tensorrt.shim import version_tuple
 from qwen3_compile.errors import BadInputError, CheckFailedError
 from qwen3_compile.kernels.trt_contract import PYTHON_PLUGIN
 from qwen3_compile.lower.files import op_histogram, rewrite_file
 from qwen3_compile.models.config import Qwen3Arch
+from qwen3_compile.storage.artifact_dir import load_graph
 from qwen3_compile.targets import MOE_LOWERINGS, Target
 
 # MoE lowering -> rule set in qwen3_compile.lower.RULE_SETS
@@ -116,7 +115,7 @@ def lower_for_build(
     rules = [] if choice.lowering == "none" else [r() for r in RULE_SETS[RULE_SET[choice.lowering]]]
     rules += [r() for r in RULE_SETS["trt-last-logits"]] if last_logits else []
     if not rules and keep_input:
-        model = onnx.load(str(model_path), load_external_data=False)
+        model = load_graph(model_path)
         return LoweredModel(model_path, {"applied": {}, "declined": {}}, op_histogram(model), choice)
     total = _moe_nodes(model_path)
     try:
@@ -134,7 +133,7 @@ def lower_for_build(
 
 
 def _moe_nodes(model_path: Path) -> int:
-    model = onnx.load(str(model_path), load_external_data=False)
+    model = load_graph(model_path)
     return sum(n.domain == "qwen3_compile" for n in model.graph.node)
 
 

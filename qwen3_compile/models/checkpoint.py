@@ -10,7 +10,6 @@ The exporter never loads a state dict: it reads the validated tensors in row blo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from qwen3_compile.models.tensors import (
     per_expert_names,
 )
 from qwen3_compile.progress import NO_PROGRESS, Progress
+from qwen3_compile.storage.user_files import MAX_INDEX_BYTES, check_folder, check_regular, read_json_object
 
 if TYPE_CHECKING:
     import torch
@@ -61,24 +61,51 @@ class Checkpoint:
         return {t.dtype for t in self.tensors.values()}
 
 
-def _weight_files(directory: Path) -> tuple[Path, ...]:
-    index = directory / INDEX_FILE
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+def _shard_index(index: Path) -> dict[str, str]:
+    """The index's weight_map (tensor -> shard file name). Shards must be plain file names beside the
+    index: a path elsewhere (absolute, `..`, a sub-folder) would make us read files outside the checkpoint."""
+    fix = "re-save the checkpoint with save_pretrained."
+    data = read_json_object(index, MAX_INDEX_BYTES, fix, fix)
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise BadInputError(
+            "the shard index needs a non-empty 'weight_map' object (tensor name -> shard file).",
+            file=index,
+            field="weight_map",
+            fix=fix,
+        )
+    for name, shard in weight_map.items():
+        if not _is_shard_name(shard):
             raise BadInputError(
-                "the shard index is not valid (needs a JSON object with 'weight_map').",
+                f"the index places tensor '{name}' in {shard!r}, which is not a shard file name: shards "
+                f"are plain '*.safetensors' file names in the checkpoint folder.",
                 file=index,
-                field="weight_map",
-                fix="re-save the checkpoint with save_pretrained.",
-            ) from None
+                field=f"weight_map.{name}",
+                fix="re-save the checkpoint with save_pretrained; qwen3-compile reads no files outside the "
+                "checkpoint folder.",
+            )
+    return weight_map
+
+
+def _is_shard_name(shard: object) -> bool:
+    """A plain '*.safetensors' file name: no folder part, not hidden, no NUL (which os calls refuse)."""
+    return (
+        isinstance(shard, str)
+        and shard == Path(shard).name
+        and shard.endswith(".safetensors")
+        and not shard.startswith(".")
+        and "\x00" not in shard
+    )
+
+
+def _weight_files(directory: Path, weight_map: dict[str, str] | None) -> tuple[Path, ...]:
+    if weight_map is not None:
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (directory / s).exists()]
         if missing:
             raise BadInputError(
                 f"{len(missing)} shard(s) listed in the index are missing: {', '.join(missing[:3])}.",
-                file=index,
+                file=directory / INDEX_FILE,
                 field="weight_map",
                 fix="copy the missing shard files into the checkpoint directory.",
             )
@@ -102,7 +129,9 @@ def _weight_files(directory: Path) -> tuple[Path, ...]:
     )
 
 
-def _read_all_headers(directory: Path, files: tuple[Path, ...]) -> dict[str, TensorEntry]:
+def _read_all_headers(
+    directory: Path, files: tuple[Path, ...], weight_map: dict[str, str] | None
+) -> dict[str, TensorEntry]:
     tensors: dict[str, TensorEntry] = {}
     for path in files:
         for name, entry in read_header(path).items():
@@ -113,17 +142,15 @@ def _read_all_headers(directory: Path, files: tuple[Path, ...]) -> dict[str, Ten
                     fix="re-save the checkpoint.",
                 )
             tensors[name] = entry
-    index = directory / INDEX_FILE
-    if index.exists():
-        for name, shard in json.loads(index.read_text())["weight_map"].items():
-            entry = tensors.get(name)
-            if entry is None or entry.file.name != shard:
-                raise BadInputError(
-                    f"the index places tensor '{name}' in {shard}, but it is not there.",
-                    file=index,
-                    field=f"weight_map.{name}",
-                    fix="re-save the checkpoint; the index and the shards disagree.",
-                )
+    for name, shard in (weight_map or {}).items():
+        entry = tensors.get(name)
+        if entry is None or entry.file.name != shard:
+            raise BadInputError(
+                f"the index places tensor '{name}' in {shard}, but it is not there.",
+                file=directory / INDEX_FILE,
+                field=f"weight_map.{name}",
+                fix="re-save the checkpoint; the index and the shards disagree.",
+            )
     return {n: t for n, t in tensors.items() if not n.endswith(IGNORED_SUFFIXES)}
 
 
@@ -195,9 +222,12 @@ def open_checkpoint(directory: str | Path) -> Checkpoint:
         raise BadInputError(
             "the directory is not readable.", file=directory, fix="check its permissions."
         ) from None
+    check_folder(directory)
     arch = Qwen3Arch.from_config_file(directory / "config.json")
-    files = _weight_files(directory)
-    tensors = _read_all_headers(directory, files)
+    index = directory / INDEX_FILE
+    weight_map = _shard_index(index) if index.exists() or index.is_symlink() else None
+    files = _weight_files(directory, weight_map)
+    tensors = _read_all_headers(directory, files, weight_map)
     layout = detect_expert_layout(set(tensors)) if arch.is_moe else ExpertLayout.FUSED
     _check_tensors(arch, tensors, layout, directory / "config.json")
     return Checkpoint(directory, arch, tensors, layout, files)
@@ -214,12 +244,15 @@ def iter_tensors(
         by_file.setdefault(entry.file, []).append(name)
     with progress.stage(stage, total=len(ckpt.tensors), unit="tensors") as advance:
         for path, names in by_file.items():
+            # safe_open takes a path, not a descriptor: a file swapped for a pipe since open_checkpoint
+            # would block it, so look again right before
             try:
+                check_regular(path)
                 with safe_open(str(path), framework="pt") as f:
                     for name in names:
                         yield name, f.get_tensor(name)
                         advance(1)
-            except SafetensorError as err:
+            except (SafetensorError, OSError) as err:
                 raise BadInputError(
                     f"cannot read the weights ({err}).", file=path, fix="re-download or re-save the file."
                 ) from None

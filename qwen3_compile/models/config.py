@@ -4,17 +4,22 @@ Config spellings differ by writer: transformers 5 writes `num_local_experts` and
 `rope_parameters: {rope_theta, rope_type}`; transformers 4.x and the published checkpoints write
 `num_experts` and `rope_theta`. We read both and refuse a config where the two disagree, because a
 reader that silently falls back to a default (rope_theta 10000) gives wrong logits with no error.
+
+`HFConfig` is config.json as we read it: every key we use, typed and ranged through the strict decoder
+(a bool is not a number, no NaN, positive sizes, eps in (0, 1), bounded so that a config cannot make us
+enumerate billions of tensors); `Qwen3Arch.check` then holds the fields to each other.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from qwen3_compile.errors import BadInputError
+from qwen3_compile.schema import decode
+from qwen3_compile.storage.user_files import MAX_CONFIG_BYTES, read_json_object
 
 DENSE_MODEL_TYPE = "qwen3"
 MOE_MODEL_TYPE = "qwen3_moe"
@@ -75,152 +80,63 @@ class Qwen3Arch:
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], source: str | Path = "config.json") -> Qwen3Arch:
-        reader = _ConfigReader(cfg, source)
-        model_type = reader.require("model_type", str)
+        model_type = cfg.get("model_type")
         if model_type not in (DENSE_MODEL_TYPE, MOE_MODEL_TYPE):
             raise BadInputError(
-                f"model_type '{model_type}' is not a Qwen3 model.",
+                f"model_type {model_type!r} is not a Qwen3 model.",
                 file=source,
                 field="model_type",
                 fix=f"point at a Qwen3 checkpoint (model_type '{DENSE_MODEL_TYPE}' or '{MOE_MODEL_TYPE}').",
             )
-        hidden = reader.require("hidden_size", int)
-        heads = reader.require("num_attention_heads", int)
-        kv_heads = reader.optional("num_key_value_heads", int, heads)
-        arch_kwargs: dict[str, Any] = dict(
-            vocab_size=reader.require("vocab_size", int),
-            hidden_size=hidden,
-            num_layers=reader.require("num_hidden_layers", int),
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=reader.optional("head_dim", int, hidden // heads),
-            max_position_embeddings=reader.require("max_position_embeddings", int),
-            rope_theta=reader.rope_theta(),
-            tie_word_embeddings=reader.optional("tie_word_embeddings", bool, False),
-            rms_norm_eps=reader.optional("rms_norm_eps", float, 1e-6),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_id=cfg.get("eos_token_id"),
-        )
-        if cfg.get("attention_bias"):
-            raise BadInputError(
-                "Qwen3 has no attention bias, this config sets attention_bias=true.",
-                file=source,
-                field="attention_bias",
-                fix="set it to false; a model with biases is not a Qwen3 model.",
-            )
-        if cfg.get("use_sliding_window"):
-            raise BadInputError(
-                "sliding-window attention is not supported.",
-                file=source,
-                field="use_sliding_window",
-                fix="set use_sliding_window to false.",
-            )
-        if model_type == MOE_MODEL_TYPE:
-            arch_kwargs.update(
-                num_experts=reader.num_experts(),
-                top_k=reader.require("num_experts_per_tok", int),
-                moe_intermediate_size=reader.require("moe_intermediate_size", int),
-                # the config class defaults to False but every real checkpoint sets True: read it.
-                norm_topk_prob=reader.optional("norm_topk_prob", bool, False),
-            )
-            if cfg.get("mlp_only_layers") or reader.optional("decoder_sparse_step", int, 1) != 1:
-                raise BadInputError(
-                    "this MoE config mixes dense and sparse layers; every Qwen3 MoE layer is sparse.",
-                    file=source,
-                    field="mlp_only_layers / decoder_sparse_step",
-                    fix="set mlp_only_layers to [] and decoder_sparse_step to 1.",
-                )
-        else:
-            arch_kwargs["intermediate_size"] = reader.require("intermediate_size", int)
-        arch = cls(**arch_kwargs)
-        arch.check(source)
+        _check_rope_type(cfg, source)
+        arch = cls(**decode(HFConfig, _our_keys(cfg), file=source).arch_fields(source))
+        arch._check_consistency(source)
         return arch
 
     @classmethod
     def from_config_file(cls, path: str | Path) -> Qwen3Arch:
         path = Path(path)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise BadInputError(
-                "config.json is missing.",
-                file=path,
-                fix="a Hugging Face checkpoint directory needs its config.json "
-                "(save the model with save_pretrained).",
-            ) from None
-        except OSError as err:
-            raise BadInputError(
-                f"cannot read the file ({err.strerror}).",
-                file=path,
-                fix="check the path and its permissions.",
-            ) from None
-        try:
-            cfg = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise BadInputError(
-                f"config.json is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}).",
-                file=path,
-                fix="repair or re-save the file.",
-            ) from None
-        if not isinstance(cfg, dict):
-            raise BadInputError(
-                "config.json must hold a JSON object.",
-                file=path,
-                fix="re-save the config with save_pretrained.",
-            )
+        cfg = read_json_object(
+            path,
+            MAX_CONFIG_BYTES,
+            missing_fix="a Hugging Face checkpoint directory needs its config.json "
+            "(save the model with save_pretrained).",
+            fix="repair the file or re-save the config with save_pretrained.",
+        )
         return cls.from_hf_dict(cfg, path)
 
     def check(self, source: str | Path = "config") -> None:
-        """Internal consistency of the numbers; named errors rather than a crash inside torch."""
-        positive = [
-            "vocab_size",
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "head_dim",
-            "max_position_embeddings",
-        ]
-        positive += (
-            ["num_experts", "top_k", "moe_intermediate_size"] if self.is_moe else ["intermediate_size"]
-        )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise BadInputError(
-                    f"{name} must be positive, got {getattr(self, name)}.",
-                    file=source,
-                    field=name,
-                    fix="correct the value in config.json.",
-                )
+        """Every field typed and in range (as config.json would say it), then consistent with the others."""
+        decode(HFConfig, _our_keys(self.to_hf_dict()), file=source)
+        self._check_consistency(source)
+
+    def _check_consistency(self, source: str | Path) -> None:
+        """The fields against each other: named errors rather than a crash inside torch."""
+
+        def refuse(key: str, problem: str, fix: str = "correct the value in config.json.") -> None:
+            raise BadInputError(problem, file=source, field=key, fix=fix)
+
         if self.num_heads % self.num_kv_heads:
-            raise BadInputError(
+            refuse(
+                "num_key_value_heads",
                 f"num_attention_heads ({self.num_heads}) is not a multiple of num_key_value_heads "
                 f"({self.num_kv_heads}).",
-                file=source,
-                field="num_key_value_heads",
-                fix="grouped-query attention needs heads to divide evenly into key/value groups.",
+                "grouped-query attention needs heads to divide evenly into key/value groups.",
             )
-        if self.head_dim % 2:
-            raise BadInputError(
-                f"head_dim must be even for rotary embeddings, got {self.head_dim}.",
-                file=source,
-                field="head_dim",
-                fix="correct head_dim in config.json.",
-            )
+        if self.head_dim < 2 or self.head_dim % 2:
+            refuse("head_dim", f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
         if self.is_moe and self.top_k > self.num_experts:
-            raise BadInputError(
+            refuse(
+                "num_experts_per_tok",
                 f"num_experts_per_tok ({self.top_k}) exceeds the number of experts ({self.num_experts}).",
-                file=source,
-                field="num_experts_per_tok",
-                fix="correct the value in config.json.",
             )
-        if self.rope_theta <= 0:
-            raise BadInputError(
-                f"rope_theta must be positive, got {self.rope_theta}.",
-                file=source,
-                field="rope_theta",
-                fix="correct the value in config.json.",
-            )
+        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+        if not eos:
+            refuse("eos_token_id", "an empty list of end-of-sequence ids.", "give the eos id, e.g. 151645.")
+        for name, ids in (("bos_token_id", [self.bos_token_id]), ("eos_token_id", eos)):
+            bad = [i for i in ids if i is not None and not 0 <= i < self.vocab_size]
+            if bad:
+                refuse(name, f"token id {bad[0]} is outside the vocabulary (0 to {self.vocab_size - 1}).")
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A config.json that both transformers 4.x and 5.x read correctly (both spellings written)."""
@@ -275,93 +191,170 @@ class Qwen3Arch:
         return config
 
 
-class _ConfigReader:
-    """Typed access to config.json fields with errors that name the field."""
+def _sizes(high: int, low: int = 1, default: Any = dataclasses.MISSING) -> Any:
+    return field(default=default, metadata={"min": low, "max": high})
 
-    def __init__(self, cfg: dict[str, Any], source: str | Path):
-        self.cfg = cfg
-        self.source = source
 
-    def _typed(self, key: str, value: Any, kind: type) -> Any:
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if not ok:
-            raise BadInputError(
-                f"expected {kind.__name__}, got {value!r}.",
-                file=self.source,
-                field=key,
-                fix=f"write '{key}' as a JSON {'number' if kind in (int, float) else kind.__name__}.",
+# bounds: far above every release (Qwen3-235B: 94 layers, 128 experts, hidden 4096), low enough that a
+# hostile config cannot make us enumerate billions of tensor names or overflow a shape
+_LAYERS, _HEADS, _WIDTH, _EXPERTS = 512, 1024, 1 << 20, 1024
+
+
+@dataclass(frozen=True)
+class RopeParameters:
+    """`rope_parameters` (transformers 5) or `rope_scaling` (4.x): only plain RoPE is supported."""
+
+    rope_theta: float | None = field(default=None, metadata={"above": 0, "max": 1e12})
+    rope_type: Literal["default"] | None = None
+    type: Literal["default"] | None = None  # the 4.x spelling of rope_type
+
+
+@dataclass(frozen=True)
+class HFConfig:
+    """The keys of config.json that we read, typed and ranged; `None` is "not set"."""
+
+    model_type: Literal["qwen3", "qwen3_moe"]
+    vocab_size: int = _sizes(1 << 22)
+    hidden_size: int = _sizes(1 << 16)
+    num_hidden_layers: int = _sizes(_LAYERS)
+    num_attention_heads: int = _sizes(_HEADS)
+    max_position_embeddings: int = _sizes(1 << 24)
+    num_key_value_heads: int | None = _sizes(_HEADS, default=None)
+    head_dim: int | None = _sizes(1024, low=2, default=None)
+    intermediate_size: int | None = _sizes(_WIDTH, default=None)
+    rope_theta: float | None = field(default=None, metadata={"above": 0, "max": 1e12})
+    rope_parameters: RopeParameters | None = None
+    rope_scaling: RopeParameters | None = None
+    rms_norm_eps: float = field(default=1e-6, metadata={"above": 0, "below": 1})
+    tie_word_embeddings: bool = False
+    hidden_act: Literal["silu"] = "silu"
+    attention_bias: bool = False
+    use_sliding_window: bool = False
+    sliding_window: int | None = _sizes(1 << 24, low=0, default=None)
+    max_window_layers: int | None = _sizes(1 << 16, low=0, default=None)
+    layer_types: list[Literal["full_attention"]] | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    # MoE
+    num_experts: int | None = _sizes(_EXPERTS, default=None)
+    num_local_experts: int | None = _sizes(_EXPERTS, default=None)
+    num_experts_per_tok: int | None = _sizes(_EXPERTS, default=None)
+    moe_intermediate_size: int | None = _sizes(_WIDTH, default=None)
+    norm_topk_prob: bool = False  # the config class's default; every real checkpoint sets True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+
+    def arch_fields(self, source: str | Path) -> dict[str, Any]:
+        """Qwen3Arch's fields: required keys per model type, the two spellings reconciled."""
+
+        def refuse(key: str, problem: str, fix: str) -> BadInputError:
+            return BadInputError(problem, file=source, field=key, fix=fix)
+
+        def need(key: str) -> Any:
+            value = getattr(self, key)
+            if value is None:
+                raise refuse(
+                    key,
+                    "a required field is missing.",
+                    f"add '{key}' to config.json (the published Qwen3 configs have it).",
+                )
+            return value
+
+        if self.attention_bias:
+            raise refuse(
+                "attention_bias",
+                "Qwen3 has no attention bias, this config sets attention_bias=true.",
+                "set it to false; a model with biases is not a Qwen3 model.",
             )
-        return value
-
-    def require(self, key: str, kind: type) -> Any:
-        if key not in self.cfg or self.cfg[key] is None:
-            raise BadInputError(
-                "a required field is missing.",
-                file=self.source,
-                field=key,
-                fix=f"add '{key}' to config.json (the published Qwen3 configs have it).",
+        if self.use_sliding_window:
+            raise refuse(
+                "use_sliding_window",
+                "sliding-window attention is not supported.",
+                "set use_sliding_window to false.",
             )
-        return self._typed(key, self.cfg[key], kind)
-
-    def optional(self, key: str, kind: type, default: Any) -> Any:
-        value = self.cfg.get(key)
-        return default if value is None else self._typed(key, value, kind)
-
-    def rope_theta(self) -> float:
-        flat = self.cfg.get("rope_theta")
-        params = self.cfg.get("rope_parameters") or self.cfg.get("rope_scaling") or {}
-        if not isinstance(params, dict):
-            raise BadInputError(
-                "expected an object.",
-                file=self.source,
-                field="rope_parameters",
-                fix='write rope_parameters as {"rope_theta": ..., "rope_type": "default"}.',
+        heads = self.num_attention_heads
+        arch: dict[str, Any] = dict(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=self.num_key_value_heads or heads,
+            head_dim=self.head_dim or self.hidden_size // heads,
+            max_position_embeddings=self.max_position_embeddings,
+            rope_theta=self._rope_theta(refuse),
+            tie_word_embeddings=self.tie_word_embeddings,
+            rms_norm_eps=self.rms_norm_eps,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+        )
+        if self.model_type == DENSE_MODEL_TYPE:
+            return arch | {"intermediate_size": need("intermediate_size")}
+        experts = {k: v for k in ("num_experts", "num_local_experts") if (v := getattr(self, k)) is not None}
+        if not experts:
+            raise refuse(
+                "num_experts",
+                "an MoE config needs the number of experts.",
+                'add "num_experts" (128 for Qwen3-30B-A3B).',
             )
-        nested = params.get("rope_theta")
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise BadInputError(
-                f"rope_type '{rope_type}' is not supported yet (only {', '.join(SUPPORTED_ROPE_TYPES)}).",
-                file=self.source,
-                field="rope_parameters.rope_type",
-                fix="remove the rope scaling block; Qwen3 2507 models reach 262144 positions without it.",
+        if len(set(experts.values())) > 1:
+            raise refuse(
+                "num_experts",
+                f"num_experts ({self.num_experts}) and num_local_experts ({self.num_local_experts}) "
+                "disagree.",
+                "make both the same value.",
             )
-        if flat is None and nested is None:
-            raise BadInputError(
+        if self.mlp_only_layers or self.decoder_sparse_step != 1:
+            raise refuse(
+                "mlp_only_layers / decoder_sparse_step",
+                "this MoE config mixes dense and sparse layers; every Qwen3 MoE layer is sparse.",
+                "set mlp_only_layers to [] and decoder_sparse_step to 1.",
+            )
+        return arch | dict(
+            num_experts=next(iter(experts.values())),
+            top_k=need("num_experts_per_tok"),
+            moe_intermediate_size=need("moe_intermediate_size"),
+            norm_topk_prob=self.norm_topk_prob,
+        )
+
+    def _rope_theta(self, refuse) -> float:
+        """One base from the flat and nested spellings; none is an error, not a silent 10000."""
+        found = {"rope_theta": self.rope_theta}
+        for key in ("rope_parameters", "rope_scaling"):
+            params = getattr(self, key)
+            found[f"{key}.rope_theta"] = params.rope_theta if params is not None else None
+        found = {k: v for k, v in found.items() if v is not None}
+        if not found:
+            raise refuse(
+                "rope_theta",
                 "no rope_theta found (neither 'rope_theta' nor 'rope_parameters.rope_theta').",
-                file=self.source,
-                field="rope_theta",
-                fix='add "rope_theta": 1000000 (Qwen3) or the value the model was trained with; '
+                'add "rope_theta": 1000000 (Qwen3) or the value the model was trained with; '
                 "a silent default of 10000 would give wrong logits.",
             )
-        if flat is not None and nested is not None and float(flat) != float(nested):
-            raise BadInputError(
-                f"rope_theta ({flat}) and rope_parameters.rope_theta ({nested}) disagree.",
-                file=self.source,
-                field="rope_theta",
-                fix="make both the model's trained value.",
-            )
-        value = flat if flat is not None else nested
-        return self._typed("rope_theta", value, float)
+        if len(set(found.values())) > 1:
+            said = " and ".join(f"{k} ({v})" for k, v in found.items())
+            raise refuse("rope_theta", f"{said} disagree.", "make both the model's trained value.")
+        return next(iter(found.values()))
 
-    def num_experts(self) -> int:
-        a = self.cfg.get("num_experts")
-        b = self.cfg.get("num_local_experts")
-        if a is None and b is None:
+
+_HF_KEYS = {f.name for f in dataclasses.fields(HFConfig)}
+
+
+def _our_keys(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The keys HFConfig reads; the others are left alone, and null is what writers put for "not set"."""
+    return {k: v for k, v in cfg.items() if k in _HF_KEYS and v is not None}
+
+
+def _check_rope_type(cfg: dict[str, Any], source: str | Path) -> None:
+    """Before decoding, so a scaled RoPE gets this message rather than 'unknown key factor'."""
+    for key in ("rope_parameters", "rope_scaling"):
+        params = cfg.get(key)
+        if not isinstance(params, dict):
+            continue
+        rope_type = params.get("rope_type") or params.get("type") or "default"
+        if rope_type not in SUPPORTED_ROPE_TYPES:
             raise BadInputError(
-                "an MoE config needs the number of experts.",
-                file=self.source,
-                field="num_experts",
-                fix='add "num_experts" (128 for Qwen3-30B-A3B).',
+                f"rope_type {rope_type!r} is not supported yet (only {', '.join(SUPPORTED_ROPE_TYPES)}).",
+                file=source,
+                field=f"{key}.rope_type",
+                fix="remove the rope scaling block; Qwen3 2507 models reach 262144 positions without it.",
             )
-        if a is not None and b is not None and a != b:
-            raise BadInputError(
-                f"num_experts ({a}) and num_local_experts ({b}) disagree.",
-                file=self.source,
-                field="num_experts",
-                fix="make both the same value.",
-            )
-        key = "num_experts" if a is not None else "num_local_experts"
-        return self._typed(key, a if a is not None else b, int)

@@ -1,7 +1,9 @@
 """Reading safetensors headers without reading tensor data, and checking them against the file.
 
 We parse the header ourselves (8-byte little-endian length, then JSON) so a truncated or corrupt file
-is reported with the tensor and byte offsets involved, before any weights are touched. Loading a whole
+is reported with the tensor and byte offsets involved, before any weights are touched. The checks are
+the safetensors library's own (typed entries, 64-bit shapes, tensors tiling the data area exactly), so
+what we accept it loads; files are opened only when regular (models/files.py). Loading a whole
 state dict goes through the `safetensors` library (memory-mapped); the exporter streams tensors in row
 blocks through `ShardReader` (positioned reads into a small buffer: a memory map of a file that shrinks
 mid-stream kills the process with SIGBUS, a short read is an error we can name). Nothing here
@@ -10,15 +12,15 @@ unpickles anything.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qwen3_compile.errors import BadInputError
+from qwen3_compile.storage.user_files import check_regular, open_regular, parse_json_object
 
 if TYPE_CHECKING:
     import torch
@@ -38,7 +40,7 @@ DTYPE_BYTES = {
     "F8_E5M2": 1,
 }
 FLOAT_DTYPES = ("F32", "F16", "BF16")
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
 
 @dataclass(frozen=True)
@@ -56,71 +58,98 @@ class TensorEntry:
         return self.end - self.begin
 
 
+HEADER_FIX = (
+    "the file is corrupt or not safetensors: re-download or re-save it (save_pretrained writes safetensors)."
+)
+
+
 def read_header(path: Path) -> dict[str, TensorEntry]:
     """All tensors described in one safetensors file, checked against the file's size."""
-    fix = "re-download or re-save the file (save_pretrained writes safetensors)."
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) < 8:
-                raise BadInputError(
-                    f"the file is {size} bytes, too short to be safetensors.", file=path, fix=fix
-                )
-            (header_len,) = struct.unpack("<Q", raw_len)
-            if header_len > min(size - 8, _MAX_HEADER_BYTES):
-                raise BadInputError(
-                    f"header length {header_len} does not fit in the {size}-byte file (truncated or not "
-                    f"safetensors).",
-                    file=path,
-                    fix=fix,
-                )
-            raw = f.read(header_len)
-    except FileNotFoundError:
-        raise BadInputError("the weight file is missing.", file=path, fix=fix) from None
-    except PermissionError:
-        raise BadInputError(
-            "the weight file is not readable.", file=path, fix="check the file's permissions."
-        ) from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise BadInputError(
-            "the safetensors header is not valid JSON (corrupt file).", file=path, fix=fix
-        ) from None
-    if not isinstance(header, dict):
-        raise BadInputError("the safetensors header is not a JSON object (corrupt file).", file=path, fix=fix)
-    data_start = 8 + header_len
-    data_size = size - data_start
-    entries: dict[str, TensorEntry] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
+    with open_regular(path, HEADER_FIX) as f:
+        size = os.fstat(f.fileno()).st_size
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
             raise BadInputError(
-                f"tensor '{name}' has a malformed header entry.", file=path, fix=fix
-            ) from None
-        if dtype not in DTYPE_BYTES:
-            raise BadInputError(f"tensor '{name}' has unknown dtype {dtype}.", file=path, fix=fix)
-        expected = math.prod(shape) * DTYPE_BYTES[dtype]
-        if end - begin != expected or begin < 0:
-            raise BadInputError(
-                f"tensor '{name}' ({dtype} {list(shape)}) should take {expected} bytes, the header says "
-                f"{end - begin} (corrupt header).",
-                file=path,
-                fix=fix,
+                f"the file is {size} bytes, too short to be safetensors.", file=path, fix=HEADER_FIX
             )
-        if end > data_size:
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > _MAX_HEADER_BYTES:
             raise BadInputError(
-                f"the file is truncated: tensor '{name}' ends at byte {data_start + end} but the file has "
-                f"{size} bytes.",
+                f"the header claims {header_len} bytes, more than the {_MAX_HEADER_BYTES} a header can need.",
                 file=path,
-                fix=fix,
+                fix=HEADER_FIX,
             )
-        entries[name] = TensorEntry(name, path, dtype, shape, data_start + begin, data_start + end)
-    return entries
+        if header_len > size - 8:
+            raise BadInputError(
+                f"header length {header_len} does not fit in the {size}-byte file (truncated or not "
+                f"safetensors).",
+                file=path,
+                fix=HEADER_FIX,
+            )
+        raw = f.read(header_len)
+    header = parse_json_object(raw, path, "the safetensors header", HEADER_FIX)
+    return parse_header(header, path, 8 + header_len, size)
+
+
+def parse_header(header: dict[str, Any], path: Path, data_start: int, size: int) -> dict[str, TensorEntry]:
+    """The header's tensors, which must tile the data area exactly (as the safetensors library requires)."""
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise BadInputError(
+            "__metadata__ must map names to strings.", file=path, field="__metadata__", fix=HEADER_FIX
+        )
+    entries = [
+        _entry(name, info, path, data_start, size) for name, info in header.items() if name != "__metadata__"
+    ]
+    end = data_start
+    for entry in sorted(entries, key=lambda e: (e.begin, e.end)):
+        if entry.begin != end:
+            problem = "overlaps another tensor" if entry.begin < end else f"leaves a gap at byte {end}"
+            raise BadInputError(
+                f"tensor '{entry.name}' (bytes {entry.begin}-{entry.end}) {problem} (corrupt header).",
+                file=path,
+                field=entry.name,
+                fix=HEADER_FIX,
+            )
+        end = entry.end
+    if end != size:
+        raise BadInputError(
+            f"the tensors end at byte {end}, the file has {size} bytes (trailing bytes: corrupt file).",
+            file=path,
+            fix=HEADER_FIX,
+        )
+    return {e.name: e for e in entries}
+
+
+def _entry(name: str, info: Any, path: Path, data_start: int, size: int) -> TensorEntry:
+    def refuse(problem: str) -> BadInputError:
+        return BadInputError(f"tensor '{name}' {problem}", file=path, field=name, fix=HEADER_FIX)
+
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise refuse("has a malformed header entry (needs exactly dtype, shape and data_offsets).")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        raise refuse(f"has unknown dtype {dtype!r}.")
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 1 << 64 for d in shape):
+        raise refuse(f"has shape {shape!r}; a shape is a list of non-negative 64-bit integers.")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise refuse(f"has data_offsets {offsets!r}; they are two integers [begin, end].")
+    # the loader multiplies dims left to right in 64 bits: [2**32, 2**32, 0] overflows there, not here
+    if any(math.prod(shape[: i + 1]) >= 1 << 64 for i in range(len(shape))):
+        raise refuse(f"has shape {shape!r}, whose element count overflows 64 bits.")
+    begin, end = offsets
+    expected = math.prod(shape) * DTYPE_BYTES[dtype]
+    if begin < 0 or end - begin != expected:
+        raise refuse(
+            f"({dtype} {shape}) should take {expected} bytes, the header says bytes {begin}-{end} "
+            f"(corrupt header)."
+        )
+    if data_start + end > size:
+        raise refuse(
+            f"is cut off: the file is truncated, the tensor ends at byte {data_start + end} but the file "
+            f"has {size} bytes."
+        )
+    return TensorEntry(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
 def torch_dtype(dtype: str) -> torch.dtype:
@@ -140,7 +169,13 @@ class ShardReader:
         fd = self._fds.get(entry.file)
         if fd is None:
             try:
-                fd = os.open(entry.file, os.O_RDONLY)
+                # O_NONBLOCK and fstat: a file swapped for a pipe since open_checkpoint must not block us
+                fd = os.open(entry.file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                try:
+                    check_regular(entry.file, os.fstat(fd))
+                except BadInputError:
+                    os.close(fd)
+                    raise
             except OSError as err:
                 raise BadInputError(
                     f"cannot read tensor '{entry.name}': the weight file {err.strerror.lower()} "

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen3_compile.errors import BadInputError
+from qwen3_compile.storage.user_files import read_text
 from qwen3_compile.tokenizer import render_chat
 
 # below this, per-tensor ranges are set by a handful of tokens: refuse rather than calibrate on noise
@@ -82,6 +83,9 @@ def _render(tokenizer, entry: dict) -> list[list[int]]:
     ]
 
 
+MAX_CALIBRATION_BYTES = 256 << 20  # far more text than `--samples` (at most 4096 sequences) can use
+
+
 def builtin_calibration_file() -> Path:
     return Path(str(resources.files("qwen3_compile.quantize").joinpath("calibration.jsonl")))
 
@@ -91,9 +95,7 @@ def load_calibration(
 ) -> CalibrationSet:
     """At most `samples` sequences of at most `max_tokens` tokens, from `path` or the built-in set."""
     path = Path(path) if path is not None else builtin_calibration_file()
-    if not path.is_file():
-        raise BadInputError("the calibration file does not exist.", file=path, fix="pass an existing file.")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, MAX_CALIBRATION_BYTES, "pass an existing file.", "pass a smaller calibration set.")
     if path.suffix == ".jsonl":
         entries = _entries_from_jsonl(path, text)
     else:

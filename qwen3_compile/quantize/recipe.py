@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args
 
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.schema import decode, encode
+from qwen3_compile.storage.user_files import read_text
 
 KvCacheDtype = Literal["fp8"]
 KV_CACHE_DTYPES = get_args(KvCacheDtype)
@@ -157,6 +158,9 @@ def builtin_recipes() -> dict[str, Path]:
     return {p.name.removesuffix(".toml"): Path(str(p)) for p in folder.iterdir() if p.name.endswith(".toml")}
 
 
+MAX_RECIPE_BYTES = 1 << 20
+
+
 def load_recipe(name_or_file: str | Path) -> QuantRecipe:
     """A built-in recipe by name, or a recipe TOML file."""
     builtin = builtin_recipes()
@@ -168,7 +172,11 @@ def load_recipe(name_or_file: str | Path) -> QuantRecipe:
             fix=f"use one of: {', '.join(sorted(builtin))}, or a recipe .toml file.",
         )
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(
+            read_text(
+                path, MAX_RECIPE_BYTES, "pass an existing recipe file.", "a recipe is a few kB of TOML."
+            )
+        )
     except tomllib.TOMLDecodeError as err:
         raise BadInputError(
             f"the recipe is not valid TOML ({err}).", file=path, fix="fix the TOML syntax."

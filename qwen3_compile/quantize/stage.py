@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from qwen3_compile.backends.onnxruntime.settings import ORT_QDQ
 from qwen3_compile.errors import BadInputError
@@ -31,6 +30,7 @@ from qwen3_compile.storage.artifact_dir import (
     atomic_output_dir,
     check_not_an_input,
     copy_side_files,
+    load_graph,
     save_onnx,
 )
 from qwen3_compile.storage.manifest import (
@@ -165,7 +165,7 @@ def quantize_artifact(
     arch = Qwen3Arch.from_config_file(artifact / "config.json")
     timings = Timings()
     with timings.stage("load"):  # the graph only: weights are read one tensor at a time
-        model = onnx.load(str(artifact / MODEL_FILE), load_external_data=False)
+        model = load_graph(artifact / MODEL_FILE)
         store = WeightStore(model, artifact)
     stats, calibration, warnings = None, None, []
     if recipe.needs_calibration:

@@ -1,11 +1,17 @@
 """Writing artifact folders atomically: build in a temporary sibling folder, rename when complete.
 
 A crash, a full disk or Ctrl-C leaves the previous folder (or nothing) behind, never a half-written
-model. `--force` replaces an existing folder only after the new one is complete.
+model. `--force` replaces an existing folder only after the new one is complete. A run killed outright
+(SIGKILL, power loss) leaves its hidden `.NAME.partial-*` folder; the next run of the same output removes
+it. Each run holds an flock on its own partial folder, so a live run's folder is never taken for a
+leftover.
 """
 
 from __future__ import annotations
 
+import fcntl
+import glob
+import os
 import shutil
 import tempfile
 import uuid
@@ -40,23 +46,67 @@ def check_not_an_input(output: Path, inputs: list[Path], option: str = "--output
 
 
 @contextmanager
+def held(folder: Path) -> Iterator[None]:
+    """An exclusive flock on the folder itself while it is being written. The kernel releases it when the
+    holder dies, however it dies, so a folder nobody holds is a leftover of a killed run."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadInputError(
+                "another qwen3-compile run is writing this output now.",
+                file=folder,
+                field="--output",
+                fix="wait for that run to finish, or choose another output.",
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Remove the `.NAME.partial-*` folders of killed runs of `out` (those no live run holds) and the
+    `.NAME.old-*` folders a rename left behind. Other outputs' leftovers are not ours to touch."""
+    out = Path(out)
+    name = glob.escape(out.name)
+    for stale in out.parent.glob(f".{name}.old-*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+    for stale in out.parent.glob(f".{name}.partial-*"):
+        try:
+            with held(stale):
+                shutil.rmtree(stale, ignore_errors=True)
+        except (BadInputError, OSError):
+            continue  # a live run's folder, or not a folder at all
+
+
+@contextmanager
 def atomic_output_dir(out_dir: Path, force: bool) -> Iterator[Path]:
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
+    refuse_existing(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        with held(tmp):
+            yield tmp
+            refuse_existing(out_dir, force)  # someone may have created it meanwhile
+            replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def refuse_existing(out_dir: Path, force: bool) -> None:
+    """Checked before the work starts, and again before the rename."""
+    if Path(out_dir).exists() and not force:
         raise BadInputError(
             "the output directory already exists.",
             file=out_dir,
             field="--output",
             fix="choose another directory or pass --force to replace it.",
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, out_dir)
 
 
 def replace_dir(src: Path, dest: Path) -> None:
@@ -69,6 +119,28 @@ def replace_dir(src: Path, dest: Path) -> None:
     src.rename(dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def load_graph(path: Path, load_external_data: bool = False) -> onnx.ModelProto:
+    """An artifact's ONNX graph; bytes that are not one (damaged, or a file swapped in with a resealed
+    manifest) are bad input naming the file, not a protobuf traceback."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(path), load_external_data=load_external_data)
+    except (DecodeError, ValueError, RuntimeError) as err:
+        raise BadInputError(
+            f"the file is not a readable ONNX model ({err}).",
+            file=path,
+            fix="re-run the stage that wrote this folder; never edit an artifact in place.",
+        ) from None
+    if not model.graph.node:
+        raise BadInputError(
+            "the file holds no graph (an empty or foreign protobuf).",
+            file=path,
+            fix="re-run the stage that wrote this folder; never edit an artifact in place.",
+        )
+    return model
 
 
 def copy_side_files(src_dir: Path, dst_dir: Path, *, skip: tuple[str, ...]) -> list[str]:

@@ -21,6 +21,7 @@ from qwen3_compile import __version__
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.schema import decode, encode
 from qwen3_compile.storage.manifests import ARTIFACT_KINDS, AnyManifest, FileRecord, Manifest
+from qwen3_compile.storage.user_files import read_text
 
 M = TypeVar("M", bound=Manifest)
 
@@ -82,6 +83,9 @@ def write_manifest(folder: Path, kind: type[M], timings: Timings, **fields: Any)
     return decode(kind, json.loads(text), file=folder / MANIFEST)
 
 
+MAX_MANIFEST_BYTES = 64 << 20  # a real-width bundle's manifest is tens of kB
+
+
 def read_manifest(folder: Path) -> AnyManifest:
     """The folder's manifest, decoded strictly into the class its `stage` names."""
     path = Path(folder) / MANIFEST
@@ -91,12 +95,10 @@ def read_manifest(folder: Path) -> AnyManifest:
             file=path,
             fix="pass a folder written by qwen3-compile (export, quantize, lower, build).",
         )
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BadInputError(
-            f"manifest.json is not valid JSON ({getattr(err, 'msg', err)}).", file=path, fix=_REDO
-        ) from None
+    try:  # Python's json reads NaN; the strict decoder below refuses it naming the field
+        data = json.loads(read_text(path, MAX_MANIFEST_BYTES, _REDO, _REDO))
+    except json.JSONDecodeError as err:
+        raise BadInputError(f"manifest.json is not valid JSON ({err.msg}).", file=path, fix=_REDO) from None
     stage = data.get("stage") if isinstance(data, dict) else None
     if stage not in ARTIFACT_KINDS:
         raise BadInputError(
@@ -106,12 +108,35 @@ def read_manifest(folder: Path) -> AnyManifest:
             field="stage",
             fix=f"pass a folder written by one of: {', '.join(ARTIFACT_KINDS)}.",
         )
-    return decode(ARTIFACT_KINDS[stage], data, file=path)
+    manifest = decode(ARTIFACT_KINDS[stage], data, file=path)
+    for name in manifest.outputs:
+        check_member_name(name, path, f"outputs.{name}")
+    return manifest
 
 
-def verify_outputs(folder: Path, manifest: Manifest, hashed: tuple[str, ...]) -> None:
-    """The files a stage is about to read are the ones its manifest lists: each of `hashed` by sha256, every
-    other listed file by size (hashing a multi-GB data file would cost more than the stage)."""
+def check_member_name(name: str, manifest: Path, field: str) -> None:
+    """A file a manifest lists is a plain relative path inside its folder: nothing absolute, no `..`, no
+    backslash or NUL, no empty or `.` parts (so `folder / name` can never leave the folder)."""
+    parts = name.split("/")
+    if (
+        not name
+        or name.startswith("/")
+        or "\\" in name
+        or "\0" in name
+        or any(part in ("", ".", "..") for part in parts)
+    ):
+        raise BadInputError(
+            f"lists {name!r}, which is not a plain relative path inside the artifact folder.",
+            file=manifest,
+            field=field,
+            fix=_REDO,
+        )
+
+
+def verify_outputs(folder: Path, manifest: Manifest, required: tuple[str, ...]) -> None:
+    """The files a stage is about to read are the ones its manifest lists, every one by size and sha256
+    (external data included: hashing reads at ~1-2 GB/s, far less than any stage costs; a data file damaged
+    with its size kept would otherwise give wrong numbers with exit 0). `required` must be listed."""
     listed = manifest.outputs
     for name, record in listed.items():
         path = Path(folder) / name
@@ -122,14 +147,14 @@ def verify_outputs(folder: Path, manifest: Manifest, hashed: tuple[str, ...]) ->
                 field=f"outputs.{name}",
                 fix=_REDO,
             )
-        if path.stat().st_size != record.bytes or (name in hashed and sha256_file(path) != record.sha256):
+        if path.stat().st_size != record.bytes or sha256_file(path) != record.sha256:
             raise BadInputError(
                 f"{name} is not the file its manifest lists (changed or damaged since it was written).",
                 file=path,
                 field=f"outputs.{name}.sha256",
                 fix=_REDO,
             )
-    for name in hashed:
+    for name in required:
         if name not in listed:
             raise BadInputError(
                 f"the manifest does not list {name}.",

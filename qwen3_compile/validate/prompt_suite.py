@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from qwen3_compile.errors import BadInputError
+from qwen3_compile.storage.user_files import read_text
 from qwen3_compile.tokenizer import render_chat
 
 MODES = ("thinking", "non-thinking")
@@ -55,6 +56,9 @@ def _parse_line(line: str, number: int, source: str) -> dict:
     return entry
 
 
+MAX_PROMPTS_BYTES = 64 << 20
+
+
 def load_prompt_entries(path: str | Path | None = None) -> list[dict]:
     """Entries from a JSONL file (one `{"messages": [...]}`, `{"prompt": "..."}` or string per line)."""
     if path is None:
@@ -64,7 +68,15 @@ def load_prompt_entries(path: str | Path | None = None) -> list[dict]:
         )
     else:
         try:
-            text, source = Path(path).read_text(), str(path)
+            text, source = (
+                read_text(
+                    Path(path),
+                    MAX_PROMPTS_BYTES,
+                    "pass an existing JSONL file to --prompts.",
+                    "pass a smaller prompt file.",
+                ),
+                str(path),
+            )
         except OSError as err:
             raise BadInputError(
                 f"cannot read the prompt file ({err.strerror}).",

@@ -17,7 +17,7 @@ from qwen3_compile.backends.torch_reference import TorchRunner
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.models.loading import LoadedModel, load_model, resolve_model
 from qwen3_compile.progress import NO_PROGRESS, Progress
-from qwen3_compile.storage.artifact_dir import atomic_output_dir
+from qwen3_compile.storage.artifact_dir import atomic_output_dir, check_not_an_input, refuse_existing
 from qwen3_compile.storage.manifest import read_manifest, verify_outputs
 from qwen3_compile.tokenizer import ENDOFTEXT_ID, load_tokenizer
 from qwen3_compile.validate.bisect import Bisection, bisect_layers
@@ -188,13 +188,23 @@ def validate_artifact(
     long_context_tokens: int | None = None,
     output: str | Path | None = None,
     bisect: bool = True,
+    force: bool = False,
     progress: Progress = NO_PROGRESS,
 ) -> ValidationReport:
     """Validate `artifact` (a folder with manifest.json) against `reference` (preset, checkpoint, or an
-    already loaded reference model)."""
+    already loaded reference model). The report goes to `output`, by default the artifact's own report
+    slot ARTIFACT/validation, which each validation replaces; any other existing folder needs `force`."""
     from qwen3_compile.validate.report import write_report
 
     artifact = Path(artifact)
+    slot = (artifact / "validation").resolve()  # the artifact's own report: each validation replaces it
+    out = slot if output is None else Path(output).resolve()
+    if out == slot:
+        force = True
+    else:  # never over, inside or around the artifact or the reference checkpoint
+        given = [Path(reference)] if isinstance(reference, (str, Path)) and Path(reference).is_dir() else []
+        check_not_an_input(out, [artifact, *given])
+    refuse_existing(out, force)
     manifest = read_manifest(artifact)
     graph_file = "model.onnx" if "model.onnx" in manifest.outputs else "model.plan"
     verify_outputs(artifact, manifest, (graph_file,))
@@ -243,7 +253,6 @@ def validate_artifact(
     )
     report = dataclasses.replace(report, model_sha256=model_hash, backend_settings=settings)
     report = dataclasses.replace(report, failures=_evaluate(report))
-    out = Path(output) if output is not None else artifact / "validation"
-    with atomic_output_dir(out, force=True) as tmp:
+    with atomic_output_dir(out, force=force) as tmp:
         write_report(report, tmp)
     return dataclasses.replace(report, directory=out)

@@ -97,5 +97,5 @@ def test_existing_output_needs_force(tmp_path):
     out = tmp_path / "b.tar.gz"
     out.write_bytes(b"old")
     with pytest.raises(BadInputError, match="--force"):
-        bundle_artifact(tmp_path, "jetson-agx-orin", out)
+        bundle_artifact(tmp_path / "artifact", "jetson-agx-orin", out)
     assert out.read_bytes() == b"old"

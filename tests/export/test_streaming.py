@@ -148,6 +148,30 @@ def test_interrupted_export_resumes_byte_identical(
     assert not partial_dir(out).exists() and not (out / JOURNAL_FILE).exists()
 
 
+@pytest.mark.parametrize("where", ["first group", "last group"])
+def test_resume_rewrites_groups_whose_bytes_changed(layered_checkpoint, streamed, tmp_path, where):
+    """A partial data file corrupted between runs: resume re-hashes every finished group, writes the changed
+    group and everything after it again, and the export is byte-identical to an uninterrupted one."""
+    whole = export_onnx(layered_checkpoint, tmp_path / "whole", ExportOptions(dtype="bf16"))
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(layered_checkpoint, out, ExportOptions(dtype="bf16"), progress=FailAfter(3))
+    journal = json.loads((partial_dir(out) / JOURNAL_FILE).read_text())
+    offsets = journal["offsets"]
+    assert len(journal["hashes"]) == len(offsets) == 4
+    group = 0 if where == "first group" else 3
+    start = [0, *offsets][group]
+    data = next(p for p in partial_dir(out).iterdir() if p.name.endswith(".data"))
+    with data.open("r+b") as f:  # flip one byte in the middle of the group
+        f.seek((start + offsets[group]) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    resumed = export_onnx(layered_checkpoint, out, ExportOptions(dtype="bf16"), resume=True)
+    _same_files(whole.directory, resumed.directory)
+    assert resumed.manifest.resumed_after_groups == group
+
+
 def test_resume_refuses_other_options(layered_checkpoint, streamed, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):

@@ -4,7 +4,7 @@ emits a fixed token sequence (to test stopping, streaming and the reasoning spli
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,7 @@ import pytest
 from qwen3_compile.backends import registry
 from qwen3_compile.generation import artifact as artifact_module
 from qwen3_compile.storage import manifests
+from qwen3_compile.storage.manifests import FileRecord
 
 VOCAB = 151936
 SCRIPTED_STAGE = "scripted-test"
@@ -70,6 +71,7 @@ class ScriptedManifest:
 
     stage: str
     options: ScriptedOptions = ScriptedOptions()
+    outputs: dict[str, FileRecord] = field(default_factory=dict)
 
 
 @pytest.fixture

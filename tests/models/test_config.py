@@ -82,7 +82,7 @@ def test_our_config_is_read_correctly_by_transformers(tmp_path):
         ({"hidden_size": "2048"}, "hidden_size"),
         ({"num_key_value_heads": 5}, "num_key_value_heads"),
         ({"mlp_only_layers": [0]}, "mlp_only_layers / decoder_sparse_step"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_parameters.rope_type"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.rope_type"),
         ({"num_hidden_layers": None}, "num_hidden_layers"),
         ({"num_experts_per_tok": 200}, "num_experts_per_tok"),
     ],
@@ -102,3 +102,29 @@ def test_malformed_json_names_line(tmp_path):
     with pytest.raises(BadInputError, match="line 2") as info:
         Qwen3Arch.from_config_file(path)
     assert str(path) in info.value.message
+
+
+def test_every_preset_round_trips_through_config_json():
+    """What we write as config.json reads back to the same architecture through the strict decoder."""
+    from qwen3_compile.models.presets import preset_names
+
+    for name in preset_names():
+        arch = get_preset(name).arch
+        assert Qwen3Arch.from_hf_dict(json.loads(json.dumps(arch.to_hf_dict()))) == arch, name
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
+        ({"rope_theta": float("inf")}, "rope_theta"),
+        ({"norm_topk_prob": 1}, "norm_topk_prob"),
+        ({"eos_token_id": [151645, 200000]}, "eos_token_id"),
+        ({"num_hidden_layers": 10**9}, "num_hidden_layers"),
+    ],
+)
+def test_nonfinite_and_absurd_values_from_a_dict(edit, field):
+    """Manifests hand architectures over as dicts, not JSON text: NaN can arrive that way too."""
+    with pytest.raises(BadInputError) as info:
+        Qwen3Arch.from_hf_dict({**PUBLISHED_30B_A3B, **edit}, "manifest.json")
+    assert info.value.field == field

@@ -87,3 +87,25 @@ def test_non_json_and_missing_manifests(tmp_path):
     with pytest.raises(BadInputError) as info:
         read_manifest(tmp_path)
     assert info.value.field == "stage"
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "config.json", "model.onnx"])
+def test_any_listed_file_changed_in_place_is_refused(artifacts, artifact_copy, tmp_path, name):
+    """One byte changed, size kept: every stage reading the artifact refuses it, naming the file."""
+    from click.testing import CliRunner
+
+    from qwen3_compile.cli import main
+
+    folder = artifact_copy(artifacts.export("tiny-dense"))
+    path = folder / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    for args in (
+        ["quantize", folder, "--recipe", "int8-wo", "-o", tmp_path / "q"],
+        ["lower", folder, "--for", "ort", "-o", tmp_path / "l"],
+        ["validate", folder, "--reference", "tiny-dense", "-o", tmp_path / "v"],
+    ):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 2 and name in result.output and "manifest" in result.output, result.output
+    assert not any((tmp_path / d).exists() for d in ("q", "l", "v"))

@@ -2,8 +2,8 @@
 """Chat with a qwen3-compile Jetson bundle: TensorRT on the device, ONNX Runtime for a CPU smoke test.
 
     python3 runner.py chat -p "Why is the sky blue?" [--think/--no-think] [--greedy] [--backend trt|ort]
-    python3 runner.py unpack BUNDLE.tar.gz DIR      # safe extraction (refuses /abs, .. and escaping links)
-    python3 runner.py check                          # sha256 of every file against manifest.json
+    python3 runner.py unpack BUNDLE.tar.gz DIR      # safe extraction into a new or empty DIR
+    python3 runner.py check                          # sha256 of every file against manifest.json, no links
 
 Needs numpy and tokenizers; the TensorRT backend needs TensorRT's Python bindings (JetPack) and the CUDA
 runtime library; the ONNX Runtime backend needs onnxruntime and onnx. Deliberately standalone: it does
@@ -25,7 +25,18 @@ import numpy as np
 # no __pycache__ inside the bundle: `check` would (rightly) report it as an unlisted file
 sys.dont_write_bytecode = True
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bundle_files import BundleError, check_files, read_manifest, safe_extract  # noqa: E402
+from bundle_files import (  # noqa: E402
+    MAX_FILE_BYTES,
+    MAX_FILES,
+    MAX_TOTAL_BYTES,
+    BundleError,
+    Limits,
+    check_files,
+    parse_size,
+    read_manifest,
+    safe_extract,
+    tree_files,
+)
 from trt_backend import TensorRTBackend  # noqa: E402  (imports tensorrt only when used)
 
 THINK_START, THINK_END = 151667, 151668  # <think>, </think>
@@ -221,9 +232,10 @@ def generate(backend, prompt_ids: list[int], max_new: int, choose, on_token, chu
 
 
 def chat(args: argparse.Namespace) -> int:
+    bundle = Path(args.bundle)
+    tree_files(bundle)  # no link or special file: nothing below reads or writes through one (lstat only)
     from tokenizers import Tokenizer
 
-    bundle = Path(args.bundle)
     tokenizer = Tokenizer.from_file(str(bundle / "model" / "tokenizer.json"))
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}
@@ -288,6 +300,16 @@ def chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """What extraction and checks accept (sizes: 200G, 512M, bytes); raise them for a bundle you trust."""
+    for flag, default, kind in (
+        ("--max-total-size", MAX_TOTAL_BYTES, parse_size),
+        ("--max-file-size", MAX_FILE_BYTES, parse_size),
+        ("--max-files", MAX_FILES, int),
+    ):
+        parser.add_argument(flag, type=kind, default=default, help=f"(default {default})")
+
+
 def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parent
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -306,24 +328,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", default=str(here), help=argparse.SUPPRESS)
     u = sub.add_parser("unpack", help="extract a bundle safely and check its files")
     u.add_argument("archive")
-    u.add_argument("dest")
+    u.add_argument("dest", help="a new folder, or an empty one (nothing is overwritten)")
+    add_limit_flags(u)
     c = sub.add_parser("check", help="check every file's sha256 against manifest.json")
     c.add_argument("--bundle", default=str(here))
+    add_limit_flags(c)
     args = parser.parse_args(argv)
+    where = args.archive if args.command == "unpack" else args.bundle
     try:
+        if args.command in ("unpack", "check"):
+            limits = Limits(args.max_total_size, args.max_file_size, args.max_files)
         if args.command == "unpack":
-            names = safe_extract(args.archive, args.dest)
-            check_files(args.dest, device_outputs=False)
+            names = safe_extract(args.archive, args.dest, limits)
             print(f"extracted {len(names)} files into {args.dest}; every sha256 matches manifest.json")
             return 0
         if args.command == "check":
-            manifest = check_files(args.bundle)
+            manifest = check_files(args.bundle, limits=limits)
             print(f"ok: {len(manifest['files'])} files match manifest.json")
             return 0
         return chat(args)
-    except BundleError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except BundleError as err:  # 2: refused (unsafe, malformed), 1: a file differs from the manifest
+        print(f"error: in {where}: {err}. Fix: {err.fix}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":
