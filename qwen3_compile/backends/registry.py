@@ -17,9 +17,12 @@ RunnerLoader = Callable[[Path, Manifest], CausalLMRunner]
 
 BACKENDS: dict[str, RunnerLoader] = {
     "ort": load_ort_runner,
+    "ort-cuda": partial(load_ort_runner, device="cuda"),
     "tensorrt": partial(load_tensorrt_runner, backend="tensorrt"),
     "tensorrt-rtx": partial(load_tensorrt_runner, backend="tensorrt-rtx"),
 }
+# backend -> the ONNX Runtime device it runs on (the ORT backends share one runner, settings and bisection)
+ORT_DEVICES: dict[str, str] = {"ort": "cpu", "ort-cuda": "cuda"}
 # manifest stage -> the backend that runs it when none is asked for (`build`: the flavour it was built with)
 STAGE_BACKENDS: dict[str, str] = {"export": "ort", "quantize": "ort", "lower": "ort", "build": "tensorrt"}
 

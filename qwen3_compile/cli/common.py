@@ -105,6 +105,11 @@ def emit_json(data: dict) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
+# the backend registry's names (backends/registry.py BACKENDS; a test keeps them equal), spelled out here so
+# that parsing a command line imports no runtime
+BACKEND_CHOICES = ("ort", "ort-cuda", "tensorrt", "tensorrt-rtx")
+
+
 def layers_option(fn: Callable) -> Callable:
     return click.option(
         "--layers",

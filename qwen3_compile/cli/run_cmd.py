@@ -6,12 +6,11 @@ from pathlib import Path
 
 import click
 
-from qwen3_compile.cli.common import emit_json, stage_command
+from qwen3_compile.cli.common import BACKEND_CHOICES, emit_json, stage_command
 from qwen3_compile.errors import BadInputError
 
 
 def _sampling(thinking: bool, greedy: bool, temperature, top_p, top_k):
-    from qwen3_compile.errors import BadInputError
     from qwen3_compile.generation.sampling import GREEDY, SamplingConfig, default_sampling
 
     given = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
@@ -74,6 +73,13 @@ def _echo_piece(piece, state: dict) -> None:
 )
 @click.option("--top-k", type=click.IntRange(min=0), help="Default: 20; 0 disables.")
 @click.option("--seed", type=int, help="Seed for sampling (default: a fresh one, shown in --json).")
+@click.option(
+    "--backend",
+    type=click.Choice(BACKEND_CHOICES),
+    help="Runtime that runs ARTIFACT, as in `validate --backend` (default: the one its stage runs on: "
+    "ort for ONNX folders, the engine's flavour for `build` folders). ort-cuda: ONNX Runtime's CUDA "
+    "provider (onnxruntime-gpu), KV cache kept on the GPU.",
+)
 @stage_command
 def run_command(
     artifact: Path,
@@ -88,9 +94,11 @@ def run_command(
     top_p: float | None,
     top_k: int | None,
     seed: int | None,
+    backend: str | None,
     as_json: bool,
 ) -> None:
-    """Chat with the compiled ARTIFACT (an export folder, run on ONNX Runtime).
+    """Chat with the compiled ARTIFACT (an export, quantize or `lower --for ort` folder on ONNX Runtime,
+    CPU or CUDA; or a `build` folder on TensorRT).
 
     Reasoning is printed dim on stderr under "thinking:", the answer on stdout; speed at the end.
     """
@@ -107,7 +115,9 @@ def run_command(
     )
     state: dict = {}
     streaming = stream and not as_json
-    result = chat(artifact, request, (lambda piece: _echo_piece(piece, state)) if streaming else None)
+    result = chat(
+        artifact, request, (lambda piece: _echo_piece(piece, state)) if streaming else None, backend=backend
+    )
     if as_json:
         emit_json(result.to_dict())
         return

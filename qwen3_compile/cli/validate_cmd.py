@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from qwen3_compile.cli.common import emit_json, layers_option, stage_command
+from qwen3_compile.cli.common import BACKEND_CHOICES, emit_json, layers_option, stage_command
 
 
 @click.command("validate")
@@ -16,7 +16,12 @@ from qwen3_compile.cli.common import emit_json, layers_option, stage_command
     "--reference", required=True, help="Preset name or checkpoint directory the artifact came from."
 )
 @click.option(
-    "--backend", type=click.Choice(["ort", "tensorrt", "tensorrt-rtx"]), default="ort", show_default=True
+    "--backend",
+    type=click.Choice(BACKEND_CHOICES),
+    default="ort",
+    show_default=True,
+    help="Runtime that runs ARTIFACT: ort (ONNX Runtime, CPU), ort-cuda (ONNX Runtime's CUDA provider, "
+    "onnxruntime-gpu; KV cache kept on the GPU), tensorrt, tensorrt-rtx.",
 )
 @click.option(
     "--prompts", type=click.Path(path_type=Path), help="JSONL prompt file (default: the built-in suite)."

@@ -65,12 +65,13 @@ def _max_positions(manifest: Manifest) -> int | None:
     return getattr(getattr(manifest, "options", None), "max_positions", None)
 
 
-def open_chat_artifact(folder: str | Path) -> ChatArtifact:
-    """Check `folder`, then load its tokenizer (the folder's own, else the packaged Qwen3 one) and runner."""
+def open_chat_artifact(folder: str | Path, backend: str | None = None) -> ChatArtifact:
+    """Check `folder`, then load its tokenizer (the folder's own, else the packaged Qwen3 one) and runner
+    (on `backend`, default: the one its stage runs on)."""
     from qwen3_compile.tokenizer import load_tokenizer
 
     folder = Path(folder)
     _check_folder(folder)
     manifest = read_manifest(folder)
-    runner = open_runner(folder, manifest)
+    runner = open_runner(folder, manifest, backend)
     return ChatArtifact(folder, manifest, runner, load_tokenizer(folder), _max_positions(manifest))

@@ -81,13 +81,15 @@ def chat(
     artifact: str | ChatArtifact,
     request: ChatRequest,
     on_piece: Callable[[StreamPiece], None] | None = None,
+    backend: str | None = None,
 ) -> ChatResult:
     """Render the request, generate with KV-cache reuse, and split the reply by token id.
 
-    `on_piece` receives reasoning and answer text as tokens arrive (complete characters only).
+    `on_piece` receives reasoning and answer text as tokens arrive (complete characters only). `backend`
+    (a registry name, e.g. "ort-cuda") runs a folder given by path; default: the one its stage runs on.
     """
     if not isinstance(artifact, ChatArtifact):
-        artifact = open_chat_artifact(artifact)
+        artifact = open_chat_artifact(artifact, backend)
     tokenizer = artifact.tokenizer
     prompt_ids = render_chat(tokenizer, request.messages(), request.thinking)
     opened = bool(prompt_ids) and prompt_ids[-1] == THINK_START_ID  # Thinking-2507 templates

@@ -53,10 +53,16 @@ def reference_layer_outputs(loaded: LoadedModel, prompts: list[list[int]]) -> li
 
 
 def bisect_layers(
-    loaded: LoadedModel, model_path: Path, prompts: list[list[int]], tolerance: float, manifest: dict
+    loaded: LoadedModel,
+    model_path: Path,
+    prompts: list[list[int]],
+    tolerance: float,
+    manifest: dict,
+    device: str = "cpu",
 ) -> Bisection:
+    """`device`: where ONNX Runtime runs the artifact (the validated backend's: cpu or cuda)."""
     reference = reference_layer_outputs(loaded, prompts)
-    artifact = artifact_layer_outputs(model_path, len(reference), prompts, manifest)
+    artifact = artifact_layer_outputs(model_path, len(reference), prompts, manifest, device)
     errors = [
         float(np.linalg.norm(a - r) / (np.linalg.norm(r) + 1e-30))
         for r, a in zip(reference, artifact, strict=True)

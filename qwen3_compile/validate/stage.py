@@ -12,7 +12,7 @@ import numpy as np
 
 from qwen3_compile.backends.base import generate, left_padded_batch
 from qwen3_compile.backends.onnxruntime.settings import ort_optimization, ort_session_config
-from qwen3_compile.backends.registry import open_runner
+from qwen3_compile.backends.registry import ORT_DEVICES, open_runner
 from qwen3_compile.backends.torch_reference import TorchRunner
 from qwen3_compile.environment import environment
 from qwen3_compile.errors import BadInputError
@@ -234,17 +234,23 @@ def validate_artifact(
             results.append(_run_case(runner, candidate, case, decode_steps))
             advance(1)
     bisection = None
-    if bisect and backend == "ort":
+    ort_device = ORT_DEVICES.get(backend)
+    if bisect and ort_device is not None:
         probes = [c.ids for c in cases if c.category != "long-context"][:2]
         with progress.stage("bisect layers", total=None):
             bisection = bisect_layers(
-                loaded, artifact / "model.onnx", probes, gates.layer_tolerance, manifest
+                loaded, artifact / "model.onnx", probes, gates.layer_tolerance, manifest, ort_device
             )
     report = ValidationReport(str(artifact), str(reference), backend, gates, gates_source, results, bisection)
     model_hash = manifest.outputs[graph_file].sha256  # checked against the file before the run
     settings = (
-        {"optimization": ort_optimization(manifest), "session_config": ort_session_config(manifest)}
-        if backend == "ort"
+        {
+            "optimization": ort_optimization(manifest),
+            "session_config": ort_session_config(manifest),
+            "device": ort_device,
+            "providers": getattr(candidate, "provider_options", {}),
+        }
+        if ort_device is not None
         else {}
     )
     report = dataclasses.replace(report, model_sha256=model_hash, backend_settings=settings)

@@ -28,8 +28,8 @@ def check_runs_on_ort(folder: Path, manifest: Manifest) -> None:
         )
 
 
-def load_ort_runner(folder: Path, manifest: Manifest) -> CausalLMRunner:
-    """The folder's model.onnx on ONNX Runtime, run as its manifest records."""
+def load_ort_runner(folder: Path, manifest: Manifest, device: str = "cpu") -> CausalLMRunner:
+    """The folder's model.onnx on ONNX Runtime (`device` "cpu" or "cuda"), run as its manifest records."""
     check_runs_on_ort(folder, manifest)
     model = folder / MODEL_FILE
     if not model.is_file():
@@ -48,6 +48,14 @@ def load_ort_runner(folder: Path, manifest: Manifest) -> CausalLMRunner:
             field="backend",
             fix="pip install onnxruntime (or onnxruntime-gpu).",
         ) from None
-    from qwen3_compile.backends.onnxruntime.settings import ort_optimization, ort_session_config
+    from qwen3_compile.backends.onnxruntime.settings import (
+        ort_optimization,
+        ort_session_config,
+        require_cuda_provider,
+    )
 
-    return OrtRunner(model, ort_optimization(manifest), session_config=ort_session_config(manifest))
+    if device == "cuda":
+        require_cuda_provider()
+    return OrtRunner(
+        model, ort_optimization(manifest), session_config=ort_session_config(manifest), device=device
+    )

@@ -13,6 +13,10 @@ on an artifact (validation, bisection, generation, the bundled runner) takes its
     int8 in memory, weight-only MatMuls quantize their activations per block.
   Measured side by side on ORT CPU (README, Quantization): `reference` costs float weights in memory, not
   speed (int8-sq decodes 2x faster than fused; int8-wo within noise).
+- `execution_providers`: where the session runs (`cpu`, or `cuda` for the `ort-cuda` backend). On CUDA,
+  TF32 is OFF (`use_tf32=0`; ORT's default is on): fp32 graphs are validated against the fp32 reference at
+  1e-3, and TF32's 10-bit mantissa in the router projection of a 128-expert model flips near-tied top-k
+  choices (docs/benchmarks.md, ONNX Runtime on CUDA).
 """
 
 from __future__ import annotations
@@ -50,6 +54,74 @@ def session_options(
     if threads:
         options.intra_op_num_threads = threads
     return options
+
+
+DEVICES = ("cpu", "cuda")
+CUDA_PROVIDER = "CUDAExecutionProvider"
+# ORT's CUDA provider options as strings (what `get_provider_options` reports back); TF32 off: see above
+CUDA_OPTIONS = {"device_id": "0", "use_tf32": "0"}
+GPU_PACKAGE_FIX = (
+    "install the CUDA build of ONNX Runtime in place of the CPU one: `pip uninstall -y onnxruntime && "
+    "pip install 'qwen3-compile[gpu]'` (onnxruntime-gpu; its CUDA major must match the driver's CUDA, and "
+    "it needs cuBLAS/cuDNN, e.g. from torch's CUDA wheels or nvidia-*-cu13), or use --backend ort (CPU)."
+)
+
+
+def execution_providers(device: str = "cpu", cuda_options: dict[str, str] | None = None) -> list:
+    """The `providers` argument of an InferenceSession on `device`; CUDA keeps the CPU provider as the
+    fallback for the few nodes it has no kernel for (ORT places them; the session reports them)."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        return [(CUDA_PROVIDER, CUDA_OPTIONS | (cuda_options or {})), "CPUExecutionProvider"]
+    raise ValueError(f"ORT device {device!r} is not one of {list(DEVICES)}")
+
+
+def require_cuda_provider(purpose: str = "the ort-cuda backend") -> None:
+    """Fail with the fix (exit code 2) where this ONNX Runtime cannot run on CUDA: the CPU-only package,
+    or the CUDA build whose provider cannot load its CUDA libraries."""
+    from qwen3_compile.errors import BadInputError
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BadInputError(
+            f"ONNX Runtime is not installed ({purpose} needs onnxruntime-gpu).",
+            field="backend",
+            fix=GPU_PACKAGE_FIX,
+        ) from None
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None and CUDA_PROVIDER in ort.get_available_providers():
+        try:  # CUDA/cuDNN from the nvidia-* wheels (torch's) when they are not on the loader path
+            preload()
+        except Exception:
+            pass
+    available = ort.get_available_providers()
+    if CUDA_PROVIDER not in available:
+        raise BadInputError(
+            f"this ONNX Runtime ({ort.__version__}, providers: {', '.join(available)}) has no "
+            f"{CUDA_PROVIDER}, which {purpose} needs.",
+            field="--backend",
+            fix=GPU_PACKAGE_FIX,
+        )
+
+
+def check_session_device(session, device: str, model_path) -> None:
+    """ORT silently falls back to the CPU when the CUDA provider fails to load (no driver, missing
+    libcublas/libcudnn): a session asked for CUDA that did not get it is an error, not a slow run."""
+    from qwen3_compile.errors import BadInputError
+
+    if device == "cuda" and CUDA_PROVIDER not in session.get_providers():
+        raise BadInputError(
+            f"ONNX Runtime created the session without {CUDA_PROVIDER} (it fell back to "
+            f"{', '.join(session.get_providers())}): the CUDA provider could not load (no GPU or driver, or "
+            "missing CUDA libraries; ORT's log above names the library).",
+            file=model_path,
+            field="--backend",
+            fix="run on a machine with an NVIDIA GPU and driver, make libcublas/libcudnn of the CUDA version "
+            "onnxruntime-gpu was built for loadable (onnxruntime.preload_dlls() finds the nvidia-* wheels), "
+            "or use --backend ort (CPU).",
+        )
 
 
 def manifest_session_options(manifest: dict[str, Any], threads: int | None = None):

