@@ -51,7 +51,8 @@ def test_int8_wo_meets_recipe_gates(preset, exports, tmp_path):
     report = validate_artifact(tmp_path / "q", preset, decode_steps=8, long_context_tokens=0, bisect=False)
     assert report.gates_source == "recipe int8-wo"
     recorded = json.loads((report.directory / "report.json").read_text())["backend_settings"]
-    assert recorded == {"optimization": "all", "session_config": manifest["ort_session_config"]}
+    assert recorded["optimization"] == "all" and recorded["session_config"] == manifest["ort_session_config"]
+    assert recorded["device"] == "cpu" and list(recorded["providers"]) == ["CPUExecutionProvider"]
     assert "session.disable_quant_qdq=1" in (report.directory / "report.md").read_text()
     assert report.passed, report.failures
     assert {"thinking", "non-thinking"} <= set(report.modes)
