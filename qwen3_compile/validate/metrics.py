@@ -16,6 +16,9 @@ class PositionMetrics:
     top1: list[bool]
     cosine: list[float]
     max_abs: list[float]
+    # reference logit of its own top token minus its logit of the artifact's top token (0 where they agree):
+    # how far apart the two swapped tokens were; a swap needs an error of at least half of it
+    top1_margin: list[float]
 
 
 # Rows per block: a few rows of float64 [rows, V] temporaries stay small enough to be reused by the
@@ -50,11 +53,14 @@ def compare_logits(reference: np.ndarray, artifact: np.ndarray) -> PositionMetri
     kl, cosine, max_abs = (
         np.concatenate([b[k] for b in blocks]) if blocks else np.zeros(0) for k in range(3)
     )
+    rows, ref_top, art_top = np.arange(len(reference)), reference.argmax(-1), artifact.argmax(-1)
+    margin = reference[rows, ref_top].astype(np.float64) - reference[rows, art_top].astype(np.float64)
     return PositionMetrics(
         kl=np.maximum(kl, 0.0).tolist(),
-        top1=(reference.argmax(-1) == artifact.argmax(-1)).tolist(),
+        top1=(ref_top == art_top).tolist(),
         cosine=cosine.tolist(),
         max_abs=max_abs.tolist(),
+        top1_margin=margin.tolist(),
     )
 
 

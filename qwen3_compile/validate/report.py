@@ -68,7 +68,13 @@ def render_markdown(data: dict) -> str:
         "",
         f"Free-running greedy decode matches the reference on {s['greedy_match_fraction']:.1%} of steps.",
         "",
-        f"Gates: mean KL <= {g['max_mean_kl']:g}, top-1 >= {g['min_top1']:g}, "
+        f"Gates: mean KL <= {g['max_mean_kl']:g}, top-1 >= {g['min_top1']:g}"
+        + (
+            f" (a swap of tokens the reference ranks within 2 x max abs = {2 * g['max_abs']:g} is allowed)"
+            if g["max_abs"] is not None
+            else ""
+        )
+        + ", "
         f"max abs <= {g['max_abs'] if g['max_abs'] is not None else 'not gated'}, "
         f"greedy match >= {g['min_greedy_match']:.0%}.",
         "",
