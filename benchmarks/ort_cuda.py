@@ -459,7 +459,8 @@ def validate_tiny(work: Path, results: Results, out: Path, artifacts: list[str])
     for name in artifacts:
         spec = ARTIFACTS[name]
         cmd = [sys.executable, "-m", "qwen3_compile.cli", "validate", str(work / name), "--reference"]
-        cmd += [spec.preset, "--backend", "ort-cuda", "--json", "--force", "-o", str(work / f"validation-{name}")]
+        cmd += [spec.preset, "--backend", "ort-cuda", "--json", "--force"]
+        cmd += ["-o", str(work / f"validation-{name}")]
         log("launch", " ".join(cmd))
         procs[name] = (
             cmd,

