@@ -110,6 +110,8 @@ def _cases():
         yield f"manifest: {name}", "manifest", (change, "manifest.json")
     for name, data in GRAPHS.items():
         yield f"graph: {name}", "graph", (data, "model.onnx")
+    for command in ("validate", "run"):  # these open the graph in ONNX Runtime, not in onnx
+        yield f"graph ({command}): random bytes", f"graph-{command}", (GRAPHS["random bytes"], "model.onnx")
 
 
 CASES = list(_cases())
@@ -143,7 +145,11 @@ def test_hostile_file_is_refused(artifacts, artifact_copy, reseal, tmp_path, kin
         graph = exported / "model.onnx"
         graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 3] if data is None else data)
         reseal(exported)
-        args = ["quantize", exported, "--recipe", "int8-wo", "-o", out]
+        args = {
+            "graph": ["quantize", exported, "--recipe", "int8-wo", "-o", out],
+            "graph-validate": ["validate", exported, "--reference", "tiny-dense", "-o", out],
+            "graph-run": ["run", exported, "-p", "hi"],
+        }[kind]
     inputs = [Path(exported), files]
     before = _hashes(inputs)
     result = CliRunner().invoke(main, [str(a) for a in args] + ["--json"], catch_exceptions=False)

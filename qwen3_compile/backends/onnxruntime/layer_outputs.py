@@ -19,6 +19,7 @@ from qwen3_compile.backends.onnxruntime.settings import (
     check_session_device,
     execution_providers,
     manifest_session_options,
+    open_session,
 )
 from qwen3_compile.graph_contract import layer_output_name
 
@@ -45,7 +46,6 @@ def marked_session(
     """A session on the artifact's graph whose outputs are `names` (any tensors of the graph) cast to fp32,
     each named `{name}/fp32` (numpy has no bf16)."""
     import onnx
-    import onnxruntime as ort
 
     model = onnx.load(str(model_path), load_external_data=False)
     del model.graph.output[:]
@@ -55,8 +55,8 @@ def marked_session(
         onnx.helper.make_tensor_value_info(f"{name}/fp32", TensorProto.FLOAT, None) for name in names
     )
     options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(Path(model_path).parent.resolve()))
-    session = ort.InferenceSession(
-        model.SerializeToString(), options, providers=execution_providers(device, cuda_options)
+    session = open_session(
+        model.SerializeToString(), options, execution_providers(device, cuda_options), model_path
     )
     check_session_device(session, device, model_path)
     return session

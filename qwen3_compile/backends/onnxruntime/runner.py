@@ -19,6 +19,7 @@ from qwen3_compile.backends.base import empty_kv_cache, graph_feeds
 from qwen3_compile.backends.onnxruntime.settings import (
     check_session_device,
     execution_providers,
+    open_session,
     session_options,
 )
 from qwen3_compile.graph_contract import past_names, present_names
@@ -48,12 +49,11 @@ class OrtRunner:
         """`optimization` and `session_config`: what the artifact's manifest records (settings.py).
         `device`: "cpu" or "cuda" (settings.execution_providers; `providers` overrides it). `io_binding`:
         keep the KV cache in the session's device memory between calls (default: on for CUDA)."""
-        import onnxruntime as ort
 
         options = session_options(optimization, session_config, threads)
         self.device = device
-        self.session = ort.InferenceSession(
-            str(model_path), options, providers=providers or execution_providers(device, cuda_options)
+        self.session = open_session(
+            str(model_path), options, providers or execution_providers(device, cuda_options), model_path
         )
         check_session_device(self.session, device, model_path)
         self.name = f"onnxruntime{'-cuda' if device == 'cuda' else ''}:{Path(model_path).parent.name}"

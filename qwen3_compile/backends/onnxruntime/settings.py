@@ -126,3 +126,39 @@ def check_session_device(session, device: str, model_path) -> None:
 
 def manifest_session_options(manifest: dict[str, Any], threads: int | None = None):
     return session_options(ort_optimization(manifest), ort_session_config(manifest), threads)
+
+
+# ORT's load-time errors that mean the graph file is not one this ONNX Runtime can run (its exception class
+# name -> what to tell the user); any other failure (CUDA out of memory, a driver error) is not the input's
+_GRAPH_ERRORS = {
+    "InvalidProtobuf": "is not a readable ONNX model",
+    "InvalidGraph": "is not a valid ONNX graph",
+    "NoSuchFile": "or a file it references (external data) is missing",
+    "NotImplemented": "uses an operator this ONNX Runtime provider has no kernel for",
+}
+
+
+def open_session(model, options, providers, model_path):
+    """ort.InferenceSession(model, ...), with the graph's own defects reported as bad input naming
+    `model_path` (exit 2): a damaged or foreign file, a missing external-data file, an IR version or
+    operator this ONNX Runtime does not support."""
+    import onnxruntime as ort
+
+    from qwen3_compile.errors import BadInputError
+
+    try:
+        return ort.InferenceSession(model, options, providers=providers)
+    except Exception as err:
+        kind = type(err).__name__
+        message = str(err)
+        unsupported = kind == "Fail" and ("IR version" in message or "opset" in message.lower())
+        if kind not in _GRAPH_ERRORS and not unsupported:
+            raise
+        what = _GRAPH_ERRORS.get(kind, "needs a newer ONNX Runtime (IR version or opset)")
+        raise BadInputError(
+            f"ONNX Runtime {ort.__version__} cannot load it: the graph {what} ({message.strip()[:300]}).",
+            file=model_path,
+            field="model.onnx",
+            fix="re-run the stage that wrote this folder (a damaged file, or one made by other tools), or "
+            "upgrade onnxruntime to run a graph made for a newer one.",
+        ) from None
