@@ -100,7 +100,7 @@ def read_manifest(folder: Path) -> AnyManifest:
     except json.JSONDecodeError as err:
         raise BadInputError(f"manifest.json is not valid JSON ({err.msg}).", file=path, fix=_REDO) from None
     stage = data.get("stage") if isinstance(data, dict) else None
-    if stage not in ARTIFACT_KINDS:
+    if not isinstance(stage, str) or stage not in ARTIFACT_KINDS:  # a list or dict is unhashable
         raise BadInputError(
             f"the manifest names {'stage ' + repr(stage) if stage else 'no stage'}, not an artifact "
             "this toolchain reads.",
