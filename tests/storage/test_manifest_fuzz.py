@@ -18,7 +18,7 @@ from qwen3_compile.storage.manifest import read_manifest
 from qwen3_compile.storage.manifests import Manifest
 
 FUZZ = settings(
-    max_examples=250,
+    max_examples=150,
     deadline=1000,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
