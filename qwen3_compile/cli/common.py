@@ -6,6 +6,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
@@ -108,6 +109,17 @@ def emit_json(data: dict) -> None:
 # the backend registry's names (backends/registry.py BACKENDS; a test keeps them equal), spelled out here so
 # that parsing a command line imports no runtime
 BACKEND_CHOICES = ("ort", "ort-cuda", "tensorrt", "tensorrt-rtx")
+
+
+def ort_ops_option(fn: Callable) -> Callable:
+    """`--ort-ops PATH`: an ONNX Runtime CUDA custom-op library for the ort-cuda backend."""
+    return click.option(
+        "--ort-ops",
+        type=click.Path(path_type=Path),
+        help="With --backend ort-cuda: register this ONNX Runtime custom-op library (libqmoe_ort.so, "
+        "plugins/README.md) so the MoE nodes run on the project's CUDA kernels. Same as setting "
+        "$QWEN3_COMPILE_ORT_OPS.",
+    )(fn)
 
 
 def layers_option(fn: Callable) -> Callable:

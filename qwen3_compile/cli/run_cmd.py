@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from qwen3_compile.cli.common import BACKEND_CHOICES, emit_json, stage_command
+from qwen3_compile.cli.common import BACKEND_CHOICES, emit_json, ort_ops_option, stage_command
 from qwen3_compile.errors import BadInputError
 
 
@@ -80,6 +80,7 @@ def _echo_piece(piece, state: dict) -> None:
     "ort for ONNX folders, the engine's flavour for `build` folders). ort-cuda: ONNX Runtime's CUDA "
     "provider (onnxruntime-gpu), KV cache kept on the GPU.",
 )
+@ort_ops_option
 @stage_command
 def run_command(
     artifact: Path,
@@ -95,6 +96,7 @@ def run_command(
     top_k: int | None,
     seed: int | None,
     backend: str | None,
+    ort_ops: Path | None,
     as_json: bool,
 ) -> None:
     """Chat with the compiled ARTIFACT (an export, quantize or `lower --for ort` folder on ONNX Runtime,
@@ -102,6 +104,7 @@ def run_command(
 
     Reasoning is printed dim on stderr under "thinking:", the answer on stdout; speed at the end.
     """
+    from qwen3_compile.backends.onnxruntime.op_libraries import selected_custom_ops
     from qwen3_compile.generation.chat import ChatRequest, chat, read_prompt_file
 
     if (prompt is None) == (prompt_file is None):
@@ -115,9 +118,9 @@ def run_command(
     )
     state: dict = {}
     streaming = stream and not as_json
-    result = chat(
-        artifact, request, (lambda piece: _echo_piece(piece, state)) if streaming else None, backend=backend
-    )
+    on_piece = (lambda piece: _echo_piece(piece, state)) if streaming else None
+    with selected_custom_ops(ort_ops, backend):
+        result = chat(artifact, request, on_piece, backend=backend)
     if as_json:
         emit_json(result.to_dict())
         return

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import click
 
-from qwen3_compile.cli.common import BACKEND_CHOICES, emit_json, layers_option, stage_command
+from qwen3_compile.cli.common import (
+    BACKEND_CHOICES,
+    emit_json,
+    layers_option,
+    ort_ops_option,
+    stage_command,
+)
 
 
 @click.command("validate")
@@ -38,6 +44,7 @@ from qwen3_compile.cli.common import BACKEND_CHOICES, emit_json, layers_option, 
 )
 @click.option("--no-bisect", is_flag=True, help="Skip the per-layer bisection pass.")
 @click.option("--force", is_flag=True, help="Replace an existing -o folder (ARTIFACT/validation always is).")
+@ort_ops_option
 @layers_option
 @stage_command
 def validate_command(
@@ -51,27 +58,30 @@ def validate_command(
     no_bisect: bool,
     force: bool,
     layers: int | None,
+    ort_ops: Path | None,
     as_json: bool,
 ) -> None:
     """Validate ARTIFACT against the PyTorch reference on the prompt suite in thinking and non-thinking mode:
     KL, top-1, cosine and max error per position, teacher-forced and free-running decode, a long-context case
     and layer bisection. Writes report.json, report.md and PNG plots; exit code 1 when a gate fails."""
+    from qwen3_compile.backends.onnxruntime.op_libraries import selected_custom_ops
     from qwen3_compile.progress import default_progress
     from qwen3_compile.validate.stage import validate_artifact
 
-    report = validate_artifact(
-        artifact,
-        reference,
-        num_layers=layers,
-        backend=backend,
-        prompts=prompts,
-        decode_steps=decode_steps,
-        long_context_tokens=long_context_tokens,
-        output=output,
-        bisect=not no_bisect,
-        force=force,
-        progress=default_progress(not as_json),
-    )
+    with selected_custom_ops(ort_ops, backend):
+        report = validate_artifact(
+            artifact,
+            reference,
+            num_layers=layers,
+            backend=backend,
+            prompts=prompts,
+            decode_steps=decode_steps,
+            long_context_tokens=long_context_tokens,
+            output=output,
+            bisect=not no_bisect,
+            force=force,
+            progress=default_progress(not as_json),
+        )
     if as_json:
         emit_json(report.to_dict() | {"directory": str(report.directory)})
     else:

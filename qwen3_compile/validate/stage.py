@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from qwen3_compile.backends.base import generate, left_padded_batch
+from qwen3_compile.backends.onnxruntime.op_libraries import describe_libraries
 from qwen3_compile.backends.onnxruntime.settings import ort_optimization, ort_session_config
 from qwen3_compile.backends.registry import ORT_DEVICES, open_runner
 from qwen3_compile.backends.torch_reference import TorchRunner
@@ -267,6 +268,8 @@ def validate_artifact(
         if ort_device is not None
         else {}
     )
+    if getattr(candidate, "custom_ops", ()):  # the ORT custom-op libraries the session ran with (--ort-ops)
+        settings["custom_ops"] = describe_libraries(candidate.custom_ops)
     report = dataclasses.replace(report, model_sha256=model_hash, backend_settings=settings)
     report = dataclasses.replace(report, failures=_evaluate(report))
     with atomic_output_dir(out, force=force) as tmp:

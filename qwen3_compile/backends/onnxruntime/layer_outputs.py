@@ -15,6 +15,11 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto
 
+from qwen3_compile.backends.onnxruntime.op_libraries import (
+    custom_op_libraries,
+    register_custom_ops,
+    session_error,
+)
 from qwen3_compile.backends.onnxruntime.settings import (
     check_session_device,
     execution_providers,
@@ -55,9 +60,14 @@ def marked_session(
         onnx.helper.make_tensor_value_info(f"{name}/fp32", TensorProto.FLOAT, None) for name in names
     )
     options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(Path(model_path).parent.resolve()))
-    session = open_session(
-        model.SerializeToString(), options, execution_providers(device, cuda_options), model_path
-    )
+    libraries = custom_op_libraries(device)  # the ort-cuda backend's libraries ($QWEN3_COMPILE_ORT_OPS)
+    register_custom_ops(options, libraries)
+    try:
+        session = open_session(
+            model.SerializeToString(), options, execution_providers(device, cuda_options), model_path
+        )
+    except Exception as err:
+        raise session_error(err, libraries, model_path) from err
     check_session_device(session, device, model_path)
     return session
 

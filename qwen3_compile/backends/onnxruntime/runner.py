@@ -16,6 +16,11 @@ import numpy as np
 from onnx import TensorProto
 
 from qwen3_compile.backends.base import empty_kv_cache, graph_feeds
+from qwen3_compile.backends.onnxruntime.op_libraries import (
+    custom_op_libraries,
+    register_custom_ops,
+    session_error,
+)
 from qwen3_compile.backends.onnxruntime.settings import (
     check_session_device,
     execution_providers,
@@ -45,16 +50,24 @@ class OrtRunner:
         device: str = "cpu",
         io_binding: bool | None = None,
         cuda_options: dict[str, str] | None = None,
+        custom_ops: list | tuple | None = None,
     ):
         """`optimization` and `session_config`: what the artifact's manifest records (settings.py).
         `device`: "cpu" or "cuda" (settings.execution_providers; `providers` overrides it). `io_binding`:
-        keep the KV cache in the session's device memory between calls (default: on for CUDA)."""
+        keep the KV cache in the session's device memory between calls (default: on for CUDA).
+        `custom_ops`: ORT custom-op libraries for a CUDA session (default: $QWEN3_COMPILE_ORT_OPS;
+        op_libraries.py)."""
 
         options = session_options(optimization, session_config, threads)
+        self.custom_ops = custom_op_libraries(device, custom_ops)
+        register_custom_ops(options, self.custom_ops)
         self.device = device
-        self.session = open_session(
-            str(model_path), options, providers or execution_providers(device, cuda_options), model_path
-        )
+        try:
+            self.session = open_session(
+                str(model_path), options, providers or execution_providers(device, cuda_options), model_path
+            )
+        except Exception as err:
+            raise session_error(err, self.custom_ops, model_path) from err
         check_session_device(self.session, device, model_path)
         self.name = f"onnxruntime{'-cuda' if device == 'cuda' else ''}:{Path(model_path).parent.name}"
         inputs = {i.name: i for i in self.session.get_inputs()}
