@@ -285,7 +285,13 @@ def _reference(x, logits, weights, top_k, act):
         return torch.from_numpy(np.asarray(a, dtype=np.float32)).to(dtype)
 
     gate_up, down = (rounded(w) for w in weights)
-    return moe_reference(rounded(x), logits, gate_up, down, top_k).numpy()
+    # ties (common in 16-bit logits) go to the lower expert index, as the kernels define; torch's CPU topk
+    # does not promise that, so the selection is a stable sort here
+    probs = torch.softmax(logits.float(), dim=-1)
+    ids = torch.from_numpy(np.argsort(-probs.numpy(), axis=-1, kind="stable")[:, :top_k].copy())
+    w = torch.gather(probs, 1, ids)
+    routing = (ids, w / w.sum(dim=-1, keepdim=True))
+    return moe_reference(rounded(x), logits, gate_up, down, top_k, routing=routing).numpy()
 
 
 ONE_NODE_CASES = [
