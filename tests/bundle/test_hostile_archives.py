@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -231,3 +233,35 @@ def test_a_python_without_extraction_filters_is_refused(sandbox, monkeypatch):
     with pytest.raises(BundleError, match="PEP 706") as err:
         safe_extract(archive, sandbox / "out")
     assert "3.10.12" in err.value.fix and tree(sandbox) == {}
+
+
+def test_a_killed_unpack_leaves_a_partial_folder_the_next_unpack_removes(sandbox):
+    """SIGKILL mid-extraction leaves `.out.partial-*`; the next unpack into `out` removes it, but never the
+    partial folder of an extraction that is still running (it holds a lock on its folder)."""
+    archive = write_archive(sandbox.parent / "ok.tar.gz", GOOD_ENTRIES, MANIFEST)
+    dead = sandbox / ".out.partial-killed"
+    (dead / "model").mkdir(parents=True)
+    (dead / "model" / "half.bin").write_bytes(b"\0" * 1000)
+    live = sandbox / ".out.partial-running"
+    live.mkdir()
+    holder = subprocess.Popen(  # another extraction, alive: it holds the flock on its folder
+        [sys.executable, "-c", HOLD_LOCK, str(live)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        run = run_device(RUNNER, "unpack", str(archive), str(sandbox / "out"), tmpdir=sandbox)
+        assert run.returncode == 0, run.stderr
+        assert not dead.exists() and live.is_dir()
+        assert sorted(p.name for p in sandbox.iterdir()) == [".out.partial-running", "out"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(60)
+"""

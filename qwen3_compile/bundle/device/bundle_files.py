@@ -11,6 +11,8 @@ checks every sha256 there and only then renames that folder into place: a refusa
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import gzip
 import hashlib
 import json
@@ -270,6 +272,33 @@ def _read_first_manifest(tar: tarfile.TarFile, limits: Limits) -> tuple[tarfile.
     return first, check_manifest(_parse_manifest(tar.extractfile(first).read()), limits)
 
 
+def _lock(folder: Path) -> int:
+    """An exclusive flock on `folder` (its descriptor; closing it releases the lock). The kernel drops it when
+    the holder dies, however it dies, so an unlocked partial folder is a killed run's leftover."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def remove_stale_partials(dest: Path) -> None:
+    """Remove the `.DEST.partial-*` folders killed extractions into `dest` left (none a live one holds)."""
+    for stale in dest.parent.glob(f".{glob.escape(dest.name)}.partial-*"):
+        if stale.is_symlink() or not stale.is_dir():
+            continue
+        try:
+            fd = _lock(stale)
+        except OSError:
+            continue  # a live extraction's folder
+        try:
+            shutil.rmtree(stale, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
 def safe_extract(archive: str | Path, dest: str | Path, limits: Limits = DEFAULT_LIMITS) -> list[str]:
     """Extract the bundle `archive` into `dest` (absent, or an empty folder) and check every file's sha256;
     returns the extracted file names (POSIX, relative to `dest`). Raises BundleError on anything unsafe,
@@ -293,7 +322,9 @@ def safe_extract(archive: str | Path, dest: str | Path, limits: Limits = DEFAULT
                 )
             folders = {"/".join(n.split("/")[:i]) for n in files for i in range(1, n.count("/") + 1)}
             seen = {MANIFEST}
+            remove_stale_partials(dest)
             tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+            lock = _lock(tmp)  # held until the folder is renamed or removed
             try:
                 tar.extract(first, tmp, filter=_filter)
                 for member in iter(tar.next, None):  # checked from its header, before its data is read
@@ -310,6 +341,8 @@ def safe_extract(archive: str | Path, dest: str | Path, limits: Limits = DEFAULT
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
+            finally:
+                os.close(lock)
     except BundleError:
         raise
     except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as err:
