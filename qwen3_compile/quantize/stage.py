@@ -22,10 +22,11 @@ from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.quantize.activations import insert_activation_qdq
 from qwen3_compile.quantize.calibrate import CalibrationStats, calibrate
 from qwen3_compile.quantize.calibration_data import load_calibration
+from qwen3_compile.quantize.int4 import check_int4_model
 from qwen3_compile.quantize.recipe import QuantRecipe, load_recipe
 from qwen3_compile.quantize.smoothquant import smoothquant_transforms
 from qwen3_compile.quantize.weight_store import WeightStore, open_sink
-from qwen3_compile.quantize.weights import QuantizedTensor, quantize_weights
+from qwen3_compile.quantize.weights import QuantizedTensor, quantize_weights, selected
 from qwen3_compile.storage.artifact_dir import (
     atomic_output_dir,
     check_not_an_input,
@@ -167,6 +168,7 @@ def quantize_artifact(
     with timings.stage("load"):  # the graph only: weights are read one tensor at a time
         model = load_graph(artifact / MODEL_FILE)
         store = WeightStore(model, artifact)
+    check_int4_model(model, recipe, lambda proto: selected(proto, recipe))  # before any work
     stats, calibration, warnings = None, None, []
     if recipe.needs_calibration:
         from qwen3_compile.tokenizer import load_tokenizer
