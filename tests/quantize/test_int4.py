@@ -211,3 +211,98 @@ def test_int4_needs_opset_21(tmp_path):
     with pytest.raises(BadInputError) as info:
         quantize_artifact(old, with_group_size(load_recipe("int4-rtn"), GROUP), tmp_path / "out")
     assert info.value.field == "--opset" and "21" in info.value.fix
+
+
+def _folded_logits(export_dir, transforms, batch, path) -> np.ndarray:
+    """ORT logits of the export with `transforms` applied to its float initializers (nothing quantized)."""
+    model = onnx.load(str(export_dir / "model.onnx"))
+    for proto in model.graph.initializer:
+        if proto.name in transforms:
+            values = transforms[proto.name](numpy_helper.to_array(proto))
+            proto.CopyFrom(numpy_helper.from_array(values, proto.name))
+    onnx.save(model, str(path))
+    runner = OrtRunner(path)
+    cache = runner.empty_cache(len(batch.input_ids))
+    return runner.forward(batch.input_ids, batch.attention_mask, batch.position_ids, cache)[0]
+
+
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe-outliers"])
+def test_awq_folds_keep_the_float_function(preset, artifacts, tmp_path):
+    """AWQ's scales and their folds (norms, v_proj rows for o_proj under GQA, up rows for down, per expert,
+    the float router) applied to the float weights without quantizing: the same logits as the original."""
+    from qwen3_compile.export.stage import export_onnx
+    from qwen3_compile.models.config import Qwen3Arch
+    from qwen3_compile.quantize.awq import AwqSearch, awq_transforms
+    from qwen3_compile.quantize.calibrate import calibrate
+    from qwen3_compile.quantize.calibration_data import load_calibration
+    from qwen3_compile.tokenizer import load_tokenizer
+
+    export = artifacts.export(preset) if preset in PRESETS else export_onnx(preset, tmp_path / "e").directory
+    arch = Qwen3Arch.from_config_file(export / "config.json")
+    texts = load_calibration(load_tokenizer(export), samples=4, max_tokens=48)
+    weights = {
+        t.name: numpy_helper.to_array(t) for t in onnx.load(str(export / "model.onnx")).graph.initializer
+    }
+    search = AwqSearch(arch, grid=5, group=GROUP, max_tokens=512)
+    calibrate(arch, weights.__getitem__, texts, on_layer=search)
+    transforms = awq_transforms(arch, search.scales)
+    assert max(float(np.abs(np.log(s)).max()) for s in search.scales.values()) > 0.1  # really scaled
+    rng = np.random.default_rng()
+    batch = left_padded_batch([rng.integers(0, 151643, 9).tolist(), rng.integers(0, 151643, 4).tolist()], 0)
+    original = _folded_logits(export, {}, batch, tmp_path / "original.onnx")
+    folded = _folded_logits(export, transforms, batch, tmp_path / "folded.onnx")
+    real = batch.attention_mask.astype(bool)
+    np.testing.assert_allclose(folded[real], original[real], atol=2e-4, rtol=1e-4)
+    changed = weights["model.layers.0.self_attn.v_proj.weight.T"]
+    assert not np.allclose(transforms["model.layers.0.self_attn.v_proj.weight.T"](changed), changed)
+
+
+@pytest.mark.slow
+def test_awq_beats_rtn_on_activation_outliers(tmp_path):
+    """tiny-moe-outliers (three RMSNorm output channels 60x larger, readers' columns / 60: the same float
+    function): round-to-nearest INT4 loses the small outlier columns in their groups; AWQ scales them back
+    and its mean KL against fp32 is at most half of RTN's."""
+    import json
+
+    from qwen3_compile.export.stage import export_onnx
+
+    exported = export_onnx("tiny-moe-outliers", tmp_path / "export").directory
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "\n".join(
+            json.dumps(t)
+            for t in (
+                "Why is the sky blue?",
+                "Write a Python quicksort.",
+                "Solve 3x + 5 = 20.",
+                "用一句话介绍长城。",
+            )
+        )
+    )
+    loaded = load_model("tiny-moe-outliers")
+    kl = {}
+    for name in ("int4-rtn", "int4-awq"):
+        result = quantize_artifact(
+            exported, with_group_size(load_recipe(name), GROUP), tmp_path / name, samples=16
+        )
+        report = validate_artifact(
+            result.directory, loaded, prompts=prompts, decode_steps=4, long_context_tokens=0, bisect=False
+        )
+        kl[name] = report.summary("prefill").mean_kl
+    assert kl["int4-awq"] <= kl["int4-rtn"] / 2, kl
+    assert result.manifest.awq["calibration_mse_vs_rtn"] < 0.5
+
+
+@pytest.mark.slow
+def test_int4_awq_meets_recipe_gates(artifacts, tmp_path):
+    result = quantize_artifact(
+        artifacts.export("tiny-moe"),
+        with_group_size(load_recipe("int4-awq"), GROUP),
+        tmp_path / "q",
+        samples=16,
+    )
+    assert (result.directory / "calibration.safetensors").is_file() and result.manifest.awq["grid"] == 20
+    report = validate_artifact(
+        result.directory, "tiny-moe", decode_steps=8, long_context_tokens=0, bisect=False
+    )
+    assert report.gates_source == f"recipe int4-awq-g{GROUP}" and report.passed, report.failures
