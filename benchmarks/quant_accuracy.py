@@ -1,11 +1,13 @@
 """Accuracy per quantization recipe against the fp32 PyTorch reference, one run.
 
-    python3 benchmarks/quant_accuracy.py [--models tiny-dense,tiny-moe]
+    python3 benchmarks/quant_accuracy.py [--models tiny-dense,tiny-moe] [--recipes int4-rtn,int4-awq]
 
 Each artifact is validated on the built-in prompt suite in both reasoning modes (prefill positions and
 16 teacher-forced decode steps; no long-context case), as `qwen3-compile validate` does. The outlier rows
 use the `tiny-moe-outliers` preset (massive activation channels, same float function as tiny-moe):
-naive per-tensor W8A8 (int8-sq without its [smoothquant] section) against SmoothQuant.
+naive per-tensor W8A8 (int8-sq without its [smoothquant] section) against SmoothQuant, and INT4
+round-to-nearest against AWQ. INT4 recipes run at group size 32 on the tiny presets (their 128 does not
+divide the 64-wide layers); the rows say so (`-g32`).
 """
 
 from __future__ import annotations
@@ -48,31 +50,48 @@ def _row(model: str, label: str, artifact, reference) -> dict:
     }
 
 
-def accuracy(model: str, work: Path) -> list[dict]:
+RECIPES = ("fp16", "int8-wo", "int8-sq", "fp8", "int8-wo+kv-fp8", "int4-rtn", "int4-awq")
+INT4_TINY_GROUP = 32
+
+
+def _recipe(name: str):
+    from qwen3_compile.quantize.recipe import load_recipe, with_group_size, with_kv_cache
+
+    if name == "int8-wo+kv-fp8":
+        return with_kv_cache(load_recipe("int8-wo"), "fp8")
+    recipe = load_recipe(name)
+    return with_group_size(recipe, INT4_TINY_GROUP) if recipe.weights.dtype == "int4" else recipe
+
+
+def accuracy(model: str, work: Path, recipes: list[str]) -> list[dict]:
     from qwen3_compile.export.stage import ExportOptions, export_onnx
-    from qwen3_compile.quantize.recipe import load_recipe, with_kv_cache
     from qwen3_compile.quantize.stage import quantize_artifact
 
     fp32 = export_onnx(model, work / "fp32").directory
-    fp16 = export_onnx(model, work / "fp16", ExportOptions(dtype="fp16")).directory
-    rows = [_row(model, "fp16", quantize_artifact(fp16, "fp16", work / "q-fp16"), model)]
-    for recipe in ("int8-wo", "int8-sq", "fp8"):
-        rows.append(_row(model, recipe, quantize_artifact(fp32, recipe, work / f"q-{recipe}"), model))
-    kv = with_kv_cache(load_recipe("int8-wo"), "fp8")
-    rows.append(_row(model, kv.name, quantize_artifact(fp32, kv, work / "q-kv"), model))
+    rows = []
+    if "fp16" in recipes:
+        fp16 = export_onnx(model, work / "fp16", ExportOptions(dtype="fp16")).directory
+        rows.append(_row(model, "fp16", quantize_artifact(fp16, "fp16", work / "q-fp16"), model))
+    for i, name in enumerate(r for r in recipes if r != "fp16"):
+        recipe = _recipe(name)
+        rows.append(_row(model, recipe.name, quantize_artifact(fp32, recipe, work / f"q-{i}"), model))
     return rows
 
 
-def outliers(work: Path) -> list[dict]:
+def outliers(work: Path, recipes: list[str]) -> list[dict]:
     from qwen3_compile.export.stage import export_onnx
     from qwen3_compile.quantize.recipe import QuantRecipe, load_recipe
     from qwen3_compile.quantize.stage import quantize_artifact
 
     exported = export_onnx("tiny-moe-outliers", work / "outliers-onnx").directory
-    sq = load_recipe("int8-sq")
-    naive = QuantRecipe.from_dict(
-        {k: v for k, v in sq.to_dict().items() if k != "smoothquant"} | {"name": "naive W8A8"}
-    )
+    chosen = []
+    if "int8-sq" in recipes:
+        sq = load_recipe("int8-sq")
+        naive = QuantRecipe.from_dict(
+            {k: v for k, v in sq.to_dict().items() if k != "smoothquant"} | {"name": "naive W8A8"}
+        )
+        chosen += [naive, sq]
+    chosen += [_recipe(r) for r in ("fp8", "int4-rtn", "int4-awq") if r in recipes]
     return [
         _row(
             "tiny-moe-outliers",
@@ -80,7 +99,7 @@ def outliers(work: Path) -> list[dict]:
             quantize_artifact(exported, recipe, work / f"o-{i}"),
             "tiny-moe-outliers",
         )
-        for i, recipe in enumerate((naive, sq, load_recipe("fp8")))
+        for i, recipe in enumerate(chosen)
     ]
 
 
@@ -89,12 +108,17 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", default="tiny-dense,tiny-moe")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"a subset of {', '.join(RECIPES)}")
     args = parser.parse_args()
+    recipes = args.recipes.split(",")
+    unknown = sorted(set(recipes) - set(RECIPES))
+    if unknown:
+        parser.error(f"unknown recipes {unknown}; choose from {', '.join(RECIPES)}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
-            rows += accuracy(model, Path(tmp) / model)
-        rows += outliers(Path(tmp))
+            rows += accuracy(model, Path(tmp) / model, recipes)
+        rows += outliers(Path(tmp), recipes)
     print(markdown_table(rows, COLUMNS))
 
 

@@ -112,15 +112,20 @@ class Artifacts:
         return self.made[key]
 
     def quantized(self, preset: str, recipe: str) -> Path:
+        """A built-in recipe applied to the preset's export; per-group (INT4) recipes at group size 32,
+        which divides the tiny presets' 64- and 32-wide inputs (their recipes' 128 does not)."""
         key = (preset, f"recipe:{recipe}")
         if key not in self.made:
-            from qwen3_compile.quantize.recipe import load_recipe
+            from qwen3_compile.quantize.recipe import load_recipe, with_group_size
             from qwen3_compile.quantize.stage import quantize_artifact
 
             out = self.root / preset / f"q-{recipe}"
+            chosen = load_recipe(recipe)
+            if chosen.weights.granularity == "per_group":
+                chosen = with_group_size(chosen, 32)
             # the fp16 baseline recipe reads fp16 exports, quantizing recipes fp32 ones
-            source = self.export(preset, "fp16" if load_recipe(recipe).weights.dtype == "fp16" else "fp32")
-            self.results[key] = quantize_artifact(source, recipe, out)
+            source = self.export(preset, "fp16" if chosen.weights.dtype == "fp16" else "fp32")
+            self.results[key] = quantize_artifact(source, chosen, out)
             self.made[key] = out
         return self.made[key]
 

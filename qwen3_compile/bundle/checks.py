@@ -96,8 +96,7 @@ def check_bundle_target(build_input: BuildInput, target: Target, context: int) -
         return plan
     arch, mem = build_input.arch, plan.memory
     here = [
-        f"{precision}{' (no built-in recipe yet)' if precision == 'int4' else ''} would need "
-        f"{_need_gb(arch, target, precision, context):.1f} GB"
+        f"{precision} would need {_need_gb(arch, target, precision, context):.1f} GB"
         for precision in ("int8", "int4")
         if precision in target.precisions and precision != plan.precision
     ]

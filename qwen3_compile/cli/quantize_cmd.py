@@ -12,7 +12,9 @@ from qwen3_compile.cli.common import emit_json, stage_command, target_option
 @click.command("quantize")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option(
-    "--recipe", required=True, help="A built-in recipe (fp16, int8-wo, int8-sq, fp8) or a recipe .toml file."
+    "--recipe",
+    required=True,
+    help="A built-in recipe (fp16, int8-wo, int8-sq, fp8, int4-rtn, int4-awq) or a recipe .toml file.",
 )
 @click.option(
     "--calib",
@@ -22,6 +24,12 @@ from qwen3_compile.cli.common import emit_json, stage_command, target_option
 @click.option("--samples", type=click.IntRange(min=1), help="Calibration sequences (default: the recipe's).")
 @click.option(
     "--kv-cache", type=click.Choice(["fp8"]), help="Quantize the KV cache (E4M3, calibrated scales)."
+)
+@click.option(
+    "--group-size",
+    type=int,
+    help="Input channels per scale for per-group (INT4) recipes, instead of the recipe's (e.g. 32 for the "
+    "64-wide tiny presets).",
 )
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output directory.")
 @target_option(help="Deployment device the recipe must run on (checked before any work).")
@@ -42,6 +50,7 @@ def quantize_command(
     calib: Path | None,
     samples: int | None,
     kv_cache: str | None,
+    group_size: int | None,
     output: Path,
     target: str | None,
     ort_qdq: str,
@@ -49,15 +58,18 @@ def quantize_command(
     as_json: bool,
 ) -> None:
     """Quantize an exported ARTIFACT with RECIPE: symmetric Q/DQ in TensorRT's explicit-quantization form
-    (weights per output channel, per expert for MoE; W8A8 recipes add static per-tensor activation
-    scales calibrated layer by layer, SmoothQuant folded into the RMSNorms). The recipe, its accuracy
+    (weights per output channel, per expert for MoE, or INT4 per group of input channels; W8A8 recipes
+    add static per-tensor activation scales calibrated layer by layer, SmoothQuant folded into the
+    RMSNorms). The recipe, its accuracy
     gates and the calibration summary go into manifest.json (`validate` enforces the gates)."""
     from qwen3_compile.progress import default_progress
-    from qwen3_compile.quantize.recipe import load_recipe, with_kv_cache
+    from qwen3_compile.quantize.recipe import load_recipe, with_group_size, with_kv_cache
     from qwen3_compile.quantize.stage import quantize_artifact
     from qwen3_compile.schema import encode
 
     chosen = load_recipe(recipe)
+    if group_size is not None:
+        chosen = with_group_size(chosen, group_size)
     if kv_cache:
         chosen = with_kv_cache(chosen, kv_cache)
     result = quantize_artifact(

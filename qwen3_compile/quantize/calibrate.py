@@ -11,6 +11,10 @@ checkpoint name of the weight that reads the activation:
   every expert's intermediate (one activation range shared by all experts of a projection), plus how
   many tokens each expert received;
 - the KV cache: key (after q/k-norm and RoPE: the pair norm bounds every rotation) and value maxima.
+
+With `sample=True` (AWQ's scale search) each layer also keeps the activations themselves, by input
+(`attn_in`, `o_in`, `mlp_in`, `down_in`; MoE `expert_in/<e>` and `expert_mid/<e>` over the tokens routed
+to expert e), for `on_layer(index, layer, stats)` to use before the layer is dropped; they are then freed.
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ class LayerStats:
     expert_tokens: np.ndarray | None = None  # [E] tokens routed to each expert
     key_amax: float = 0.0
     value_amax: float = 0.0
+    samples: dict[str, list] | None = None  # input -> activation rows (torch), kept only when sampling
+
+    def sample(self, key: str, x) -> None:
+        if self.samples is not None:
+            self.samples.setdefault(key, []).append(x.detach().reshape(-1, x.shape[-1]).float().clone())
 
     def observe(self, name: str, x) -> None:
         amax = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).double().numpy()
@@ -45,6 +54,7 @@ class CalibrationStats:
     layers: list[LayerStats]
     calibration: CalibrationSet
     smoothing: dict[str, np.ndarray] = field(default_factory=dict)  # norm weight -> SmoothQuant s
+    awq: dict[str, np.ndarray] = field(default_factory=dict)  # AWQ scales by what they scale (awq.py)
 
     def act_amax(self, weight_name: str) -> np.ndarray:
         layer = int(weight_name.split(".")[2])
@@ -77,6 +87,7 @@ class CalibrationStats:
             if s.expert_tokens is not None:
                 tensors[f"expert_tokens/{i}"] = s.expert_tokens.astype(np.int64)
         tensors |= {f"smoothquant/{k}": v.astype(np.float64) for k, v in self.smoothing.items()}
+        tensors |= {f"awq/{k}": v.astype(np.float64) for k, v in self.awq.items()}
         tensors["kv_amax"] = np.array([[s.key_amax, s.value_amax] for s in self.layers], np.float32)
         save_file(tensors, str(path))
 
@@ -122,6 +133,7 @@ def _observing_experts(experts, stats: LayerStats, prefix: str):
         counts = torch.bincount(top_k_index.reshape(-1), minlength=num_experts).numpy()
         stats.expert_tokens = counts if stats.expert_tokens is None else stats.expert_tokens + counts
         stats.observe(prefix + "experts.gate_up_proj", hidden_states)  # every token goes to k experts
+        stats.sample("mlp_in", hidden_states)
         out = torch.zeros_like(hidden_states)
         by_slot = top_k_index.T  # [k, N]
         for e in np.flatnonzero(counts).tolist():
@@ -131,6 +143,8 @@ def _observing_experts(experts, stats: LayerStats, prefix: str):
             )
             product = experts.act_fn(gate) * up
             stats.observe(prefix + "experts.down_proj", product)
+            stats.sample(f"expert_in/{e}", hidden_states[token_idx])
+            stats.sample(f"expert_mid/{e}", product)
             y = torch.nn.functional.linear(product, experts.down_proj[e])
             out.index_add_(0, token_idx, (y * top_k_weights[token_idx, top_k_pos, None]).to(out.dtype))
         return out
@@ -154,10 +168,11 @@ def _hooks(layer, index: int, arch: Qwen3Arch, stats: LayerStats) -> list:
     p = f"model.layers.{index}."
     attn, mlp = layer.self_attn, layer.mlp
 
-    def observe_input(*names: str):
+    def observe_input(*names: str, sample: str):
         def hook(module, args):
             for name in names:
                 stats.observe(name, args[0])
+            stats.sample(sample, args[0])
 
         return hook
 
@@ -169,30 +184,37 @@ def _hooks(layer, index: int, arch: Qwen3Arch, stats: LayerStats) -> list:
 
     attn_names = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
     handles = [
-        attn.q_proj.register_forward_pre_hook(observe_input(*attn_names)),
-        attn.o_proj.register_forward_pre_hook(observe_input(p + "self_attn.o_proj.weight")),
+        attn.q_proj.register_forward_pre_hook(observe_input(*attn_names, sample="attn_in")),
+        attn.o_proj.register_forward_pre_hook(observe_input(p + "self_attn.o_proj.weight", sample="o_in")),
         attn.k_norm.register_forward_hook(keys),
         attn.v_proj.register_forward_hook(values),
     ]
     if arch.is_moe:
         handles += [
-            mlp.gate.register_forward_pre_hook(observe_input(p + "mlp.gate.weight")),
+            mlp.gate.register_forward_pre_hook(observe_input(p + "mlp.gate.weight", sample="router_in")),
             _Patched(mlp.experts, "forward", _observing_experts(mlp.experts, stats, p + "mlp.")),
         ]
     else:
         handles += [
             mlp.gate_proj.register_forward_pre_hook(
-                observe_input(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+                observe_input(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", sample="mlp_in")
             ),
-            mlp.down_proj.register_forward_pre_hook(observe_input(p + "mlp.down_proj.weight")),
+            mlp.down_proj.register_forward_pre_hook(
+                observe_input(p + "mlp.down_proj.weight", sample="down_in")
+            ),
         ]
     return handles
 
 
 def calibrate(
-    arch: Qwen3Arch, weights: WeightLookup, calibration: CalibrationSet, progress: Progress = NO_PROGRESS
+    arch: Qwen3Arch,
+    weights: WeightLookup,
+    calibration: CalibrationSet,
+    progress: Progress = NO_PROGRESS,
+    on_layer: Callable[[int, object, LayerStats], None] | None = None,
 ) -> CalibrationStats:
-    """Run the calibration sequences through the model one layer at a time, recording ranges."""
+    """Run the calibration sequences through the model one layer at a time, recording ranges.
+    `on_layer(index, layer module, stats)`: called after each layer with its activation samples (AWQ)."""
     import torch
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
@@ -208,7 +230,8 @@ def calibrate(
     layers = []
     with torch.inference_mode(), progress.stage("calibrate", total=arch.num_layers) as step:
         for index in range(arch.num_layers):
-            layer, stats = _layer_module(arch, index, weights), LayerStats()
+            layer = _layer_module(arch, index, weights)
+            stats = LayerStats(samples={} if on_layer is not None else None)
             handles = _hooks(layer, index, arch, stats)
             for n, (mask, positions, cos_sin) in enumerate(extras):
                 hidden[n] = layer(
@@ -216,6 +239,9 @@ def calibrate(
                 )
             for handle in handles:
                 handle.remove()
+            if on_layer is not None:
+                on_layer(index, layer, stats)
+                stats.samples = None
             layers.append(stats)
             del layer
             step(1)

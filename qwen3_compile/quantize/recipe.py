@@ -20,10 +20,19 @@ KV_CACHE_DTYPES = get_args(KvCacheDtype)
 RECIPE_VERSION = 1
 
 
+# Which weight formats take which scale granularity: INT4 only per group of input channels (W4A16,
+# TensorRT's weight-only form), the 8-bit formats per output channel.
+GRANULARITIES = {"fp16": ("per_channel",), "int8": ("per_channel",), "fp8": ("per_channel",)}
+GRANULARITIES["int4"] = ("per_group",)
+
+
 @dataclass(frozen=True)
 class WeightSpec:
-    dtype: Literal["fp16", "int8", "fp8"] = "int8"  # fp16: the baseline, nothing quantized
-    granularity: Literal["per_channel"] = "per_channel"
+    dtype: Literal["fp16", "int8", "fp8", "int4"] = "int8"  # fp16: the baseline, nothing quantized
+    granularity: Literal["per_channel", "per_group"] = "per_channel"
+    # per_group: input channels per scale; a power of two from 16 (ORT's MatMulNBits takes those) that
+    # divides every quantized weight's input dimension (checked against the model when quantizing)
+    group_size: int | None = field(default=None, metadata={"min": 16, "max": 4096})
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,18 @@ class SmoothQuantSpec:
     folded into the preceding RMSNorm weight, W * s into the projections that read it."""
 
     alpha: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+
+
+@dataclass(frozen=True)
+class AwqSpec:
+    """AWQ (activation-aware weight quantization): per input channel s = mean|X|^alpha, with alpha searched
+    over `grid` evenly spaced values in [0, 1] per group of projections that read one input, minimising
+    the output MSE of the quantized projections on the calibration activations; W * s is quantized and
+    1 / s folded into what produces X (the RMSNorm, v_proj or up_proj)."""
+
+    grid: int = field(default=20, metadata={"min": 2, "max": 100})
+    # calibration tokens kept per projection input for the search (a random subset past this)
+    max_search_tokens: int = field(default=4096, metadata={"min": 16, "max": 1_000_000})
 
 
 @dataclass(frozen=True)
@@ -92,6 +113,7 @@ class QuantRecipe:
     gates: RecipeGates
     activations: ActivationSpec | None = None
     smoothquant: SmoothQuantSpec | None = None
+    awq: AwqSpec | None = None
     kv_cache: KvCacheSpec | None = None
     calibration: CalibrationSpec | None = None
     source: str = field(default="", compare=False, metadata={"internal": True})  # where it was read
@@ -106,7 +128,7 @@ class QuantRecipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.activations is not None or self.kv_cache is not None
+        return self.activations is not None or self.kv_cache is not None or self.awq is not None
 
     @property
     def calibration_spec(self) -> CalibrationSpec:
@@ -132,6 +154,7 @@ class QuantRecipe:
                 field="weights.dtype",
                 fix="set weights.dtype to int8 or fp8, or drop [activations].",
             )
+        _check_weights(recipe, source)
         if recipe.smoothquant and not recipe.activations:
             raise BadInputError(
                 "SmoothQuant balances activation and weight ranges: it needs an [activations] section.",
@@ -151,6 +174,72 @@ class QuantRecipe:
                         fix="write a Python regular expression matched against checkpoint tensor names.",
                     ) from None
         return recipe
+
+
+def _check_weights(recipe: QuantRecipe, source: str) -> None:
+    """The weight format's granularity and group size agree; INT4 is weight-only."""
+    spec = recipe.weights
+    allowed = GRANULARITIES[spec.dtype]
+    if spec.granularity not in allowed:
+        raise BadInputError(
+            f"{spec.dtype} weights are quantized {' or '.join(allowed)}, not {spec.granularity}.",
+            file=source,
+            field="weights.granularity",
+            fix=f'set granularity = "{allowed[0]}".',
+        )
+    grouped = spec.granularity == "per_group"
+    if grouped and spec.group_size is None:
+        raise BadInputError(
+            "per_group weights need a group size.",
+            file=source,
+            field="weights.group_size",
+            fix="add group_size = 128 (input channels per scale).",
+        )
+    if not grouped and spec.group_size is not None:
+        raise BadInputError(
+            f"group_size applies to per_group weights; these are {spec.granularity}.",
+            file=source,
+            field="weights.group_size",
+            fix="drop group_size.",
+        )
+    if grouped and spec.group_size & (spec.group_size - 1):
+        raise BadInputError(
+            f"group size {spec.group_size} is not a power of two.",
+            file=source,
+            field="weights.group_size",
+            fix="use 16, 32, 64, 128 or 256 (ONNX Runtime's MatMulNBits takes powers of two from 16).",
+        )
+    if spec.dtype == "int4" and recipe.activations is not None:
+        raise BadInputError(
+            "INT4 recipes are weight-only (W4A16): activations stay float.",
+            file=source,
+            field="activations",
+            fix="drop [activations], or use int8-sq / fp8 for quantized activations.",
+        )
+    if recipe.awq is not None and spec.dtype != "int4":
+        raise BadInputError(
+            f"AWQ scales INT4 weight groups; these weights are {spec.dtype}.",
+            file=source,
+            field="awq",
+            fix='set weights.dtype = "int4" (per_group), or drop [awq].',
+        )
+
+
+def with_group_size(recipe: QuantRecipe, group_size: int) -> QuantRecipe:
+    """`recipe` with another group size (the CLI's --group-size, e.g. 32 for the 64-wide tiny presets);
+    the name says so. The gates stay the recipe's."""
+    if recipe.weights.granularity != "per_group":
+        raise BadInputError(
+            f"recipe '{recipe.name}' quantizes weights {recipe.weights.granularity}: it has no groups.",
+            file=recipe.source or None,
+            field="--group-size",
+            fix="use --group-size with a per_group recipe (int4-rtn, int4-awq).",
+        )
+    data = recipe.to_dict()
+    data["weights"]["group_size"] = group_size
+    data["name"] = f"{recipe.name}-g{group_size}"
+    changed = QuantRecipe.from_dict(data, "--group-size")
+    return replace(changed, source=recipe.source)
 
 
 def builtin_recipes() -> dict[str, Path]:

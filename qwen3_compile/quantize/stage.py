@@ -20,12 +20,14 @@ from qwen3_compile.export.stage import MODEL_FILE
 from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.quantize.activations import insert_activation_qdq
+from qwen3_compile.quantize.awq import AwqSearch, awq_transforms
 from qwen3_compile.quantize.calibrate import CalibrationStats, calibrate
 from qwen3_compile.quantize.calibration_data import load_calibration
+from qwen3_compile.quantize.int4 import check_int4_model
 from qwen3_compile.quantize.recipe import QuantRecipe, load_recipe
 from qwen3_compile.quantize.smoothquant import smoothquant_transforms
 from qwen3_compile.quantize.weight_store import WeightStore, open_sink
-from qwen3_compile.quantize.weights import QuantizedTensor, quantize_weights
+from qwen3_compile.quantize.weights import QuantizedTensor, quantize_weights, selected
 from qwen3_compile.storage.artifact_dir import (
     atomic_output_dir,
     check_not_an_input,
@@ -125,6 +127,12 @@ def _check_stats(stats: CalibrationStats, recipe: QuantRecipe, tensors: list[Qua
     ]
 
 
+def _awq_search(arch: Qwen3Arch, recipe: QuantRecipe) -> AwqSearch | None:
+    if recipe.awq is None:
+        return None
+    return AwqSearch(arch, recipe.awq.grid, recipe.weights.group_size, recipe.awq.max_search_tokens)
+
+
 def _check_target(recipe: QuantRecipe, target: str | None) -> None:
     """The recipe must run on the deployment target (checked before any work)."""
     if target is None:
@@ -167,7 +175,8 @@ def quantize_artifact(
     with timings.stage("load"):  # the graph only: weights are read one tensor at a time
         model = load_graph(artifact / MODEL_FILE)
         store = WeightStore(model, artifact)
-    stats, calibration, warnings = None, None, []
+    check_int4_model(model, recipe, lambda proto: selected(proto, recipe))  # before any work
+    stats, calibration, warnings, awq = None, None, [], None
     if recipe.needs_calibration:
         from qwen3_compile.tokenizer import load_tokenizer
 
@@ -176,7 +185,10 @@ def quantize_artifact(
             texts = load_calibration(
                 load_tokenizer(artifact), calib, samples or spec.samples, spec.max_tokens
             )
-            stats = calibrate(arch, store.array, texts, progress)
+            awq = _awq_search(arch, recipe)
+            stats = calibrate(arch, store.array, texts, progress, on_layer=awq)
+            if awq is not None:
+                stats.awq = awq.scales
         calibration = stats.summary()
     with atomic_output_dir(Path(output), force) as tmp:
         sink = open_sink(store, tmp / f"{MODEL_FILE}.data")
@@ -184,6 +196,8 @@ def quantize_artifact(
         with timings.stage("quantize"):
             if recipe.smoothquant is not None:
                 transforms, smoothing = smoothquant_transforms(store, arch, recipe, stats)
+            if awq is not None:
+                transforms = awq_transforms(arch, awq.scales)
             tensors = quantize_weights(model, recipe, store, sink, transforms)
             if not tensors and recipe.weights.dtype != "fp16":
                 raise BadInputError(
@@ -225,6 +239,7 @@ def quantize_artifact(
             ),
             calibration=calibration,
             smoothquant=smoothing,
+            awq=awq.manifest_summary() if awq is not None else None,
             warnings=tuple(warnings),
             # how ORT must run this graph (backends/onnxruntime/settings.py says why)
             ort_optimization="basic" if "fp8" in recipe.precisions else "all",

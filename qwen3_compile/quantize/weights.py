@@ -1,10 +1,11 @@
-"""Weight quantization as a graph rewrite: a selected float initializer becomes INT8 or FP8 (E4M3) values
-plus scales behind a `DequantizeLinear` (symmetric, zero point 0: the TensorRT explicit-quantization
+"""Weight quantization as a graph rewrite: a selected float initializer becomes INT8, FP8 (E4M3) or INT4
+values plus scales behind a `DequantizeLinear` (symmetric, zero point 0: the TensorRT explicit-quantization
 form). Scales take the graph's float type (fp32 or fp16), as a strongly typed network wants.
 
 Linear weights are stored `[in, out]` (`<name>.T`): one scale per output channel, `axis=1`. Stacked
 expert weights `[E, rows, cols]` get one scale per expert and output row: a blocked DequantizeLinear
-(opset 21) over the last axis with `block_size = cols`, scales `[E, rows, 1]`.
+(opset 21) over the last axis with `block_size = cols`, scales `[E, rows, 1]`. INT4 is per group of input
+channels, blocked along the input axis of both forms (int4.py).
 
 Tensors are read and written one at a time (`WeightStore` in, a sink out); `transforms` rewrite a
 tensor's float values on the way (SmoothQuant's folded scales) before it is quantized or passed on.
@@ -20,12 +21,14 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from qwen3_compile.quantize.int4 import input_axis, quantize_int4_groups
 from qwen3_compile.quantize.recipe import QuantRecipe
 from qwen3_compile.quantize.weight_store import WeightStore
 
 INT8_MAX = 127.0
 FP8_E4M3_MAX = 448.0
 QUANT_MAX = {"int8": INT8_MAX, "fp8": FP8_E4M3_MAX}
+QUANTIZED_DTYPES = ("int8", "fp8", "int4")
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -59,7 +62,7 @@ class QuantizedTensor:
     name: str  # checkpoint name
     shape: tuple[int, ...]
     float_bytes: int
-    quantized_bytes: int  # 8-bit values + scales
+    quantized_bytes: int  # 8-bit (or packed 4-bit) values + scales
 
 
 def checkpoint_name(initializer: str) -> str:
@@ -78,9 +81,9 @@ def dequantized_source(name: str) -> str | None:
     return checkpoint_name(name.removesuffix(_DEQUANTIZED)) if name.endswith(_DEQUANTIZED) else None
 
 
-def _selected(proto: onnx.TensorProto, recipe: QuantRecipe) -> bool:
+def selected(proto: onnx.TensorProto, recipe: QuantRecipe) -> bool:
     return (
-        recipe.weights.dtype in QUANT_MAX
+        recipe.weights.dtype in QUANTIZED_DTYPES
         and proto.data_type in FLOAT_TYPES
         and len(proto.dims) >= 2
         and recipe.select.selects(checkpoint_name(proto.name))
@@ -103,8 +106,8 @@ def quantize_weights(
     keep, new_nodes = [], []
     for proto in list(graph.initializer):
         name = proto.name
-        selected, transform = _selected(proto, recipe), transforms.get(name)
-        if not selected:
+        chosen, transform = selected(proto, recipe), transforms.get(name)
+        if not chosen:
             if transform is not None:
                 keep.append(sink.add(name, transform(store.array(name))))
             elif store.is_external(name):
@@ -114,7 +117,11 @@ def quantize_weights(
             continue
         weights = store.array(name)
         weights = transform(weights) if transform is not None else weights
-        if weights.ndim == 2:  # [in, out]: a scale per output column
+        if recipe.weights.dtype == "int4":  # a scale per group of input channels
+            group = recipe.weights.group_size
+            q, scale = quantize_int4_groups(weights, group)
+            attrs = {"axis": input_axis(weights.ndim), "block_size": group}
+        elif weights.ndim == 2:  # [in, out]: a scale per output column
             q, scale = quantize_symmetric(weights, 0, recipe.weights.dtype)
             scale, attrs = scale.reshape(-1), {"axis": 1}
         else:  # [E, rows, cols]: a scale per expert and row
@@ -131,9 +138,10 @@ def quantize_weights(
             )
         )
         replace[name] = dequantized_name(name)
+        values_bytes = (q.size + 1) // 2 if recipe.weights.dtype == "int4" else q.nbytes  # packed
         done.append(
             QuantizedTensor(
-                checkpoint_name(name), tuple(weights.shape), weights.nbytes, q.nbytes + scale.nbytes
+                checkpoint_name(name), tuple(weights.shape), weights.nbytes, values_bytes + scale.nbytes
             )
         )
         del weights, q, scale

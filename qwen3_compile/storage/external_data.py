@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
@@ -22,9 +23,30 @@ MIN_EXTERNAL_BYTES = 1024
 _CHUNK = 64 << 20
 
 
+def pack_int4(values: np.ndarray) -> np.ndarray:
+    """INT4 values (any integer or `ml_dtypes.int4` array in [-8, 7]) as ONNX stores them: flattened, two a
+    byte, the first of each pair in the low nibble, an odd count padded with a zero high nibble."""
+    flat = np.asarray(values).reshape(-1).astype(np.int8).view(np.uint8) & 0x0F
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """`pack_int4`'s inverse: int8 values in `shape`."""
+    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    nibbles = np.stack([packed & 0x0F, packed >> 4], axis=1).reshape(-1)[
+        : int(np.prod(shape, dtype=np.int64))
+    ]
+    return ((nibbles.astype(np.int8) ^ 8) - 8).reshape(shape)  # sign-extend 4 bits
+
+
 def raw_view(tensor: Any) -> tuple[memoryview, int, list[int]]:
     """(bytes view without a copy where possible, ONNX element type, dims) of a torch tensor or array."""
     from qwen3_compile.graph_contract import ONNX_DTYPES
+
+    if isinstance(tensor, np.ndarray) and tensor.dtype == ml_dtypes.int4:  # packed: a copy, half the size
+        return memoryview(pack_int4(tensor)), TensorProto.INT4, list(tensor.shape)
 
     if hasattr(tensor, "detach"):
         import torch
@@ -116,8 +138,17 @@ def _info(proto: TensorProto) -> dict[str, str]:
 def external_array(proto: TensorProto, base_dir: Path) -> np.ndarray:
     """A read-only memory map of an external tensor (no copy)."""
     info = _info(proto)
-    dtype = helper.tensor_dtype_to_np_dtype(proto.data_type)
     count = int(np.prod(proto.dims, dtype=np.int64))
+    if proto.data_type == TensorProto.INT4:  # packed two a byte: unpacked into memory (a copy)
+        packed = np.memmap(
+            base_dir / info["location"],
+            np.uint8,
+            mode="r",
+            offset=int(info.get("offset", 0)),
+            shape=((count + 1) // 2,),
+        )
+        return unpack_int4(packed, tuple(proto.dims)).astype(ml_dtypes.int4)
+    dtype = helper.tensor_dtype_to_np_dtype(proto.data_type)
     mapped = np.memmap(
         base_dir / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=(count,)
     )

@@ -89,6 +89,7 @@ class QuantizeManifest(Manifest):
     quantization: QuantizationTotals
     calibration: Json | None = None
     smoothquant: Json | None = None
+    awq: Json | None = None  # per scaled group: the alpha chosen, the loss against round-to-nearest
     warnings: tuple[str, ...] = ()
     # how ONNX Runtime must run the graph (backends/onnxruntime/settings.py says why)
     ort_optimization: OrtLevel = "all"

@@ -55,12 +55,13 @@ def test_30b_a3b_int8_on_orin_nano_is_refused_with_its_size_and_what_fits(tmp_pa
     need = float(text.split("it needs ")[1].split(" GB")[0])
     assert need >= round((weights + kv) / GB, 1)
     assert "against 6.0 GB usable" in text and f"{need - 6.0:.1f} GB short" in text
-    assert (
-        "int4 (no built-in recipe yet) would need" in text
-    )  # what the other precision of the target would need (also too much)
-    # what fits instead: AGX Orin (58 GB usable) in int8 and Thor in fp16/fp8/int8; nothing on the Nano
+    assert "int4 would need" in text  # what the other precision of the target would need (also too much)
+    # what fits instead: AGX Orin (58 GB usable) in int4/int8, Thor in any precision; nothing on the Nano
     fixes = text.split("Fix:")[1]
-    assert "jetson-agx-orin (58 GB usable): int8-sq" in fixes and "jetson-thor" in fixes
+    assert (
+        "jetson-agx-orin (58 GB usable): int4-awq (20.0 GB), int4-rtn (20.0 GB), int8-sq" in fixes
+        and "jetson-thor" in fixes
+    )
     assert (
         "jetson-orin-nano" not in fixes
         and "h100" not in fixes
@@ -76,7 +77,8 @@ def test_a_model_that_fits_in_int8_but_not_fp16_names_the_recipe(tmp_path):
         bundle_artifact(artifact, "jetson-agx-orin", tmp_path / "b.tar.gz")
     assert f"weights {weight_bytes(arch, 'fp16') / GB:.1f} GB" in err.value.problem
     assert (
-        "int8 would need" in err.value.problem and "jetson-agx-orin (58 GB usable): int8-sq" in err.value.fix
+        "int8 would need" in err.value.problem
+        and "jetson-agx-orin (58 GB usable): int4-awq (20.0 GB), int4-rtn (20.0 GB), int8-sq" in err.value.fix
     )
 
 

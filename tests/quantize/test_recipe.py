@@ -59,6 +59,18 @@ def test_unknown_recipe_lists_valid_ones():
         ({"activations": {"dtype": "int8"}, "smoothquant": {"alpha": 1.5}}, "smoothquant.alpha"),
         ({"smoothquant": {"alpha": 0.5}}, "smoothquant"),  # SmoothQuant without W8A8
         ({"version": "1"}, "version"),
+        # INT4: per group only, a power-of-two group size, weight-only, AWQ only over INT4
+        ({"weights": {"dtype": "int4", "granularity": "per_channel"}}, "weights.granularity"),
+        ({"weights": {"dtype": "int4", "granularity": "per_group"}}, "weights.group_size"),
+        ({"weights": {"dtype": "int4", "granularity": "per_group", "group_size": 96}}, "weights.group_size"),
+        ({"weights": {"dtype": "int4", "granularity": "per_group", "group_size": 8}}, "weights.group_size"),
+        ({"weights": {"dtype": "int8", "granularity": "per_group", "group_size": 64}}, "weights.granularity"),
+        ({"weights": {"dtype": "int8", "group_size": 64}}, "weights.group_size"),
+        (
+            {"weights": {"dtype": "int4", "granularity": "per_group", "group_size": 64}, "activations": {}},
+            "activations",
+        ),
+        ({"awq": {"grid": 20}}, "awq"),
     ],
 )
 def test_bad_recipe_fields(edit, field):

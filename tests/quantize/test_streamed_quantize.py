@@ -1,5 +1,5 @@
 """Quantizing an external-data export reads and writes one tensor at a time: the result computes exactly
-what the in-memory path gives on the same model (W8A8 with SmoothQuant, and INT8 lowered to QMoE)."""
+what the in-memory path gives on the same model (W8A8 with SmoothQuant, INT8 lowered to QMoE, packed INT4)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,12 @@ def _logits(directory, batch) -> np.ndarray:
     return runner.forward(batch.input_ids, batch.attention_mask, batch.position_ids, runner.empty_cache(2))[0]
 
 
-@pytest.mark.parametrize("recipe, target", [("int8-sq", None), ("int8-wo", "ort")])
+@pytest.mark.parametrize("recipe, target", [("int8-sq", None), ("int8-wo", "ort"), ("int4-rtn", None)])
 def test_streamed_quantize_equals_in_memory(recipe, target, tmp_path, monkeypatch):
+    if recipe == "int4-rtn":  # packed INT4 written through the external-data sink; 32 fits tiny-moe
+        from qwen3_compile.quantize.recipe import load_recipe, with_group_size
+
+        recipe = with_group_size(load_recipe(recipe), 32)
     inline = export_onnx("tiny-moe", tmp_path / "inline").directory
     with monkeypatch.context() as patch:
         patch.setattr(artifact_io, "EXTERNAL_DATA_THRESHOLD", 0)

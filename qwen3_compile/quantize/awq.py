@@ -1,0 +1,244 @@
+"""AWQ (activation-aware weight quantization) for INT4 weight groups, searched during calibration.
+
+Per input channel j of a group of projections reading one activation X: s_j = mean|X_j|^alpha, normalised
+to a geometric mean of 1 between its extremes; alpha is searched over `grid` values i / grid (i = 0..grid-1;
+alpha 0 is round-to-nearest) for the least output MSE of the INT4-quantized projections on the calibration
+activations, sum_p || X W_p^T - (X / s) Q(W_p * s)^T ||^2. The projections get W * s, and 1 / s is folded
+into what produces X, so the float model computes the same function (exactly, up to rounding):
+
+- input_layernorm -> q/k/v_proj (one s for the three); post_attention_layernorm -> gate/up_proj, or every
+  expert's gate_up_proj plus the float router, which reads the same X (one s for all experts);
+- o_proj's input is the attention context, linear in v: v_proj's output rows / s. Under GQA a v row feeds
+  every query head of its group, so s is tied over those heads (searched per kv head and dimension);
+- down_proj's input is silu(gate) * up, linear in up: up_proj's output rows / s (per expert for MoE, over
+  the tokens routed to it). q_proj/k_proj outputs go through the per-head q/k RMSNorm, which undoes output
+  scaling, so nothing is folded into them.
+
+Searched in the order the folds need: o (fold into v) before q/k/v, down (fold into up) before gate/up, so
+each search sees the weights as they will be quantized. Not done: AWQ's weight clipping search.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+
+from qwen3_compile.models.config import Qwen3Arch
+from qwen3_compile.quantize.weights import Transform
+
+MIN_SCALE = 1e-4
+
+
+def fake_int4(w, group: int):
+    """Symmetric INT4 per group along the last (input) axis, dequantized: int4.py's convention in torch."""
+    import torch
+
+    g = w.reshape(*w.shape[:-1], w.shape[-1] // group, group)
+    scale = g.abs().amax(dim=-1, keepdim=True) / 7
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (torch.round(g / scale).clamp(-8, 7) * scale).reshape(w.shape)
+
+
+def _rows(samples: list, limit: int, seed: int):
+    """The kept activation rows, at most `limit` of them (a fixed random subset)."""
+    import torch
+
+    x = torch.cat(samples)
+    if len(x) > limit:
+        x = x[torch.from_numpy(np.random.default_rng(seed).choice(len(x), limit, replace=False))]
+    return x.double()
+
+
+@dataclass
+class Problem:
+    """One search: projections [out, in] (torch layout) each with the activation rows it reads."""
+
+    parts: list[tuple[object, object]]  # (X [N, in], W [out, in]) pairs
+    tie: Callable | None = None  # maps a free scale vector to the per-input-channel one (GQA ties)
+
+
+def _loss(problem: Problem, s, group: int) -> float:
+    total = 0.0
+    for x, w in problem.parts:
+        want = x @ w.T
+        got = (x / s) @ fake_int4(w * s, group).T
+        total += float((want - got).square().sum())
+    return total
+
+
+def search(problem: Problem, grid: int, group: int) -> tuple[np.ndarray, dict]:
+    """The best scales (per input channel, or per tied channel) and a summary for the manifest."""
+    import torch
+
+    total = sum(len(x) for x, _ in problem.parts)
+    mean_abs = sum(x.abs().sum(dim=0) for x, _ in problem.parts) / max(total, 1)
+    if problem.tie is not None:
+        mean_abs = problem.tie.reduce(mean_abs)
+    best, best_alpha, losses = None, 0.0, []
+    for i in range(grid):
+        alpha = i / grid
+        free = mean_abs.clamp(min=MIN_SCALE).pow(alpha)
+        free = free / (free.max() * free.min()).sqrt()
+        s = problem.tie.expand(free) if problem.tie is not None else free
+        losses.append(_loss(problem, s, group))
+        if best is None or losses[-1] < losses[best]:
+            best, best_alpha, best_free = len(losses) - 1, alpha, free
+    assert torch.isfinite(best_free).all()
+    return best_free.numpy(), {"alpha": best_alpha, "loss": losses[best], "rtn_loss": losses[0]}
+
+
+@dataclass(frozen=True)
+class HeadTie:
+    """o_proj input channels (head, dim) share the scale of their kv head's (group, dim)."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    def reduce(self, per_channel):
+        per_head = per_channel.reshape(self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+        return per_head.mean(dim=1).reshape(-1)
+
+    def expand(self, per_kv):
+        rep = self.heads // self.kv_heads
+        return per_kv.reshape(self.kv_heads, 1, self.head_dim).expand(-1, rep, -1).reshape(-1)
+
+
+@dataclass
+class AwqSearch:
+    """`calibrate`'s per-layer callback: searches the layer's scales on its activation samples; `scales`
+    then holds them by what they scale (`<layer>.attn` / `o` / `mlp` / `down`, MoE `down/<e>`)."""
+
+    arch: Qwen3Arch
+    grid: int
+    group: int
+    max_tokens: int
+    scales: dict[str, np.ndarray] = field(default_factory=dict)
+    summary: dict[str, dict] = field(default_factory=dict)
+
+    def _keep(self, key: str, s: np.ndarray, info: dict):
+        import torch
+
+        self.scales[key], self.summary[key] = s, info
+        return torch.from_numpy(s)
+
+    def __call__(self, index: int, layer, stats) -> None:
+        p, a = f"model.layers.{index}.", self.arch
+        attn, mlp = layer.self_attn, layer.mlp
+        rows = partial(_rows, limit=self.max_tokens, seed=index)
+        w = {n: getattr(attn, f"{n}_proj").weight.double() for n in "qkvo"}
+        tie = HeadTie(a.num_heads, a.num_kv_heads, a.head_dim)
+        s_o = self._keep(
+            p + "o", *search(Problem([(rows(stats.samples["o_in"]), w["o"])], tie), self.grid, self.group)
+        )
+        w["v"] = w["v"] / s_o[:, None]  # the fold: v's output rows / s
+        x = rows(stats.samples["attn_in"])
+        self._keep(p + "attn", *search(Problem([(x, w[n]) for n in "qkv"]), self.grid, self.group))
+        if a.is_moe:
+            gate_up = mlp.experts.gate_up_proj.double()  # [E, 2I, H]
+            down = mlp.experts.down_proj.double()  # [E, H, I]
+            inter, parts = gate_up.shape[1] // 2, []
+            for e in range(gate_up.shape[0]):
+                if f"expert_mid/{e}" not in stats.samples:  # no token: nothing to weigh, s = 1
+                    continue
+                problem = Problem([(rows(stats.samples[f"expert_mid/{e}"]), down[e])])
+                s_down = self._keep(f"{p}down/{e}", *search(problem, self.grid, self.group))
+                up_rows = gate_up[e].clone()
+                up_rows[inter:] /= s_down[:, None]
+                parts.append((rows(stats.samples[f"expert_in/{e}"]), up_rows))
+            self._keep(p + "mlp", *search(Problem(parts), self.grid, self.group))
+        else:
+            gate, up, down = (getattr(mlp, f"{n}_proj").weight.double() for n in ("gate", "up", "down"))
+            s_down = self._keep(
+                p + "down", *search(Problem([(rows(stats.samples["down_in"]), down)]), self.grid, self.group)
+            )
+            x = rows(stats.samples["mlp_in"])
+            problem = Problem([(x, gate), (x, up / s_down[:, None])])
+            self._keep(p + "mlp", *search(problem, self.grid, self.group))
+
+    def manifest_summary(self) -> dict:
+        """Alpha per group (experts' down: the mean), and the search loss against round-to-nearest."""
+        alphas = {k: v["alpha"] for k, v in self.summary.items() if "/" not in k}
+        experts = [v["alpha"] for k, v in self.summary.items() if "/" in k]
+        loss = sum(v["loss"] for v in self.summary.values())
+        rtn = sum(v["rtn_loss"] for v in self.summary.values())
+        return {
+            "grid": self.grid,
+            "alpha": alphas,
+            **({"experts_down_mean_alpha": float(np.mean(experts))} if experts else {}),
+            "calibration_mse_vs_rtn": loss / rtn if rtn > 0 else 1.0,
+        }
+
+
+def _scale_axis(values: np.ndarray, s: np.ndarray, axis: int, divide: bool = False) -> np.ndarray:
+    """values * s (or / s) along `axis`, in float64, stored in the values' own type."""
+    shape = [1] * values.ndim
+    shape[axis] = -1
+    s = s.reshape(shape)
+    out = values.astype(np.float64)
+    return (out / s if divide else out * s).astype(values.dtype)
+
+
+def _experts_transform(values: np.ndarray, s_in: np.ndarray | None, s_rows: dict[int, np.ndarray]):
+    """Stacked experts [E, rows, in]: every expert's input axis * s_in; expert e's last rows / s_rows[e]
+    (gate_up: the up half)."""
+    out = np.empty(values.shape, values.dtype)
+    for e, expert in enumerate(values):
+        x = expert.astype(np.float64)
+        if s_in is not None:
+            x = x * s_in
+        if e in s_rows:
+            x[-len(s_rows[e]) :] /= s_rows[e][:, None]
+        out[e] = x
+    return out
+
+
+def _compose(*steps: Transform) -> Transform:
+    def run(values: np.ndarray) -> np.ndarray:
+        for step in steps:
+            values = step(values)
+        return values
+
+    return run
+
+
+def awq_transforms(arch: Qwen3Arch, scales: dict[str, np.ndarray]) -> dict[str, Transform]:
+    """Value transforms by ONNX initializer (linear weights stored [in, out] as `<name>.T`) that apply the
+    scales and their folds; `quantize_weights` runs them before quantizing."""
+    t: dict[str, Transform] = {}
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        attn, o, mlp = scales[p + "attn"], scales[p + "o"], scales[p + "mlp"]
+        o_full = np.repeat(o.reshape(arch.num_kv_heads, 1, -1), arch.num_heads // arch.num_kv_heads, 1)
+        t[p + "input_layernorm.weight"] = partial(_scale_axis, s=attn, axis=0, divide=True)
+        for n in "qk":
+            t[p + f"self_attn.{n}_proj.weight.T"] = partial(_scale_axis, s=attn, axis=0)
+        t[p + "self_attn.v_proj.weight.T"] = _compose(
+            partial(_scale_axis, s=attn, axis=0), partial(_scale_axis, s=o, axis=1, divide=True)
+        )
+        t[p + "self_attn.o_proj.weight.T"] = partial(_scale_axis, s=o_full.reshape(-1), axis=0)
+        t[p + "post_attention_layernorm.weight"] = partial(_scale_axis, s=mlp, axis=0, divide=True)
+        if arch.is_moe:
+            down = {e: scales[f"{p}down/{e}"] for e in range(arch.num_experts) if f"{p}down/{e}" in scales}
+            t[p + "mlp.experts.gate_up_proj"] = partial(_experts_transform, s_in=mlp, s_rows=down)
+            t[p + "mlp.experts.down_proj"] = partial(_experts_transform_down, s=down)
+            t[p + "mlp.gate.weight.T"] = partial(_scale_axis, s=mlp, axis=0)  # the float router
+        else:
+            down = scales[p + "down"]
+            t[p + "mlp.gate_proj.weight.T"] = partial(_scale_axis, s=mlp, axis=0)
+            t[p + "mlp.up_proj.weight.T"] = _compose(
+                partial(_scale_axis, s=mlp, axis=0), partial(_scale_axis, s=down, axis=1, divide=True)
+            )
+            t[p + "mlp.down_proj.weight.T"] = partial(_scale_axis, s=down, axis=0)
+    return t
+
+
+def _experts_transform_down(values: np.ndarray, s: dict[int, np.ndarray]) -> np.ndarray:
+    """down_proj [E, H, I]: expert e's input axis * s[e]."""
+    out = np.array(values, copy=True)
+    for e, s_e in s.items():
+        out[e] = (values[e].astype(np.float64) * s_e).astype(values.dtype)
+    return out
