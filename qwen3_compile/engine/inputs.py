@@ -67,6 +67,7 @@ def check_target_supports(build_input: BuildInput, target: Target) -> None:
     """Recipe/target (or export dtype/target) mismatch -> BadInputError before any work."""
     if build_input.recipe is not None:
         check_recipe_target(build_input.recipe, target)
+        _check_int4_experts(build_input)
         return
     if build_input.dtype == "bf16" and sm_tuple(target.sm) < (8, 0):
         raise BadInputError(
@@ -75,3 +76,25 @@ def check_target_supports(build_input: BuildInput, target: Target) -> None:
             field="options.dtype",
             fix="export with --dtype fp16.",
         )
+
+
+EXPERT_TENSORS = ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj")
+
+
+def _check_int4_experts(build_input: BuildInput) -> None:
+    """INT4 experts have no TensorRT path yet: the MoE plugin's kernels take 16-bit or INT8 weights, and
+    TensorRT-RTX 1.7.1's builder dies with a segmentation fault (the process, no error) on the dense
+    lowering of INT4 experts. Refused here, before any work, instead of crashing the build."""
+    recipe = build_input.recipe
+    if recipe.weights.dtype != "int4" or not build_input.arch.num_experts:
+        return
+    if not any(recipe.select.selects(name) for name in EXPERT_TENSORS):
+        return
+    raise BadInputError(
+        f"recipe '{recipe.name}' quantized the MoE experts to INT4, which TensorRT engines cannot take yet "
+        "(the MoE plugin runs 16-bit and INT8 experts; TensorRT-RTX 1.7.1 crashes building INT4 experts).",
+        file=build_input.directory / MANIFEST,
+        field="recipe.weights.dtype",
+        fix="run this artifact on ONNX Runtime (`validate`, `run`), or quantize with INT4 for the dense "
+        "layers only (add '\\.mlp\\.experts\\.' to the recipe's [select] skip) or with int8-wo for TensorRT.",
+    )
