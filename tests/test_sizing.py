@@ -57,6 +57,21 @@ def test_30b_a3b_fits_where_expected():
     assert fits["jetson-agx-orin"].best == "int8"  # 61 GB fp16 does not fit in 64 GB minus the OS
     assert fits["jetson-agx-orin"].headroom_gb["fp8"] is None  # Orin has no FP8
     assert fits["h200"].best == "fp16"
+    # the 32 GB module: INT8 (31 GB of weights) does not fit, INT4 (16.7 GB) does
+    assert fits["jetson-agx-orin-32gb"].best == "int4"
+    assert (
+        fits["jetson-agx-orin-32gb"].headroom_gb["int8"]
+        < 0
+        < fits["jetson-agx-orin-32gb"].headroom_gb["int4"]
+    )
     plan = plan_memory(arch, "int8", context=4096)
     assert plan.kv_cache == 2 * 4096 * 48 * 2 * 4 * 128 * 2  # past + present copies
     assert get_target("jetson-orin-nano").usable_gb < plan.total / 1e9
+
+
+def test_qwen3_4b_fits_an_orin_nano_only_in_int4_or_int8():
+    """The public Jetson tutorials run Qwen3-4B INT4 on an Orin Nano 8 GB; fp16 (8 GB of weights) cannot."""
+    arch = get_preset("qwen3-4b").arch
+    nano = fit_targets(arch, [get_target("jetson-orin-nano")], context=4096)[0]
+    assert nano.headroom_gb["fp16"] < 0 < nano.headroom_gb["int4"]
+    assert nano.headroom_gb["int4"] > nano.headroom_gb["int8"]
