@@ -201,3 +201,36 @@ def test_cli_bundle_without_smoke_reference(bundled, tmp_path):
     assert manifest["files"]["model/model.onnx"] == bundled.manifest["files"]["model/model.onnx"]
     again = CliRunner().invoke(main, cli)
     assert again.exit_code == 2 and "--force" in again.output
+
+
+def test_int4_bundle_for_an_orin_nano_runs_on_the_bundled_ort_path(artifacts, tmp_path):
+    """tiny-dense int4-rtn (group 32: 128 does not divide its 64-wide layers) -> validate -> bundle for the
+    Orin Nano -> extract -> the bundled runner's ORT path gives the artifact's own greedy tokens."""
+    import shutil
+
+    from qwen3_compile.bundle import bundle_artifact
+    from qwen3_compile.validate.stage import validate_artifact
+
+    artifact = tmp_path / "int4"
+    shutil.copytree(artifacts.quantized("tiny-dense", "int4-rtn"), artifact)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('"Say hello."\n')
+    report = validate_artifact(
+        artifact, "tiny-dense", prompts=prompts, decode_steps=4, long_context_tokens=0, bisect=False
+    )
+    assert report.passed, report.failures
+    archive = bundle_artifact(artifact, "jetson-orin-nano", tmp_path / "b.tar.gz").path
+    folder = tmp_path / "device"
+    safe_extract(archive, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["recipe"]["weights"]["dtype"] == "int4"
+    graph = onnx.load(str(folder / "model" / "model.onnx"), load_external_data=False)
+    int4 = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+    assert int4, "the bundled graph keeps its INT4 weights"
+    steps = manifest["smoke_reference"]["max_new_tokens"]
+    prompt_ids, expected = reference_greedy(artifact, False, steps)
+    args = ["chat", "--backend", "ort", "--no-think", "--greedy", "--max-new-tokens", str(steps), "--json"]
+    run = run_bundled_runner(folder, *args, "-p", manifest["smoke_reference"]["prompt"])
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["prompt_ids"] == prompt_ids and out["generated_ids"] == expected
