@@ -89,6 +89,7 @@ class Qwen3Arch:
                 fix=f"point at a Qwen3 checkpoint (model_type '{DENSE_MODEL_TYPE}' or '{MOE_MODEL_TYPE}').",
             )
         _check_rope_type(cfg, source)
+        _check_not_prequantized(cfg, source)
         arch = cls(**decode(HFConfig, _our_keys(cfg), file=source).arch_fields(source))
         arch._check_consistency(source)
         return arch
@@ -342,6 +343,23 @@ _HF_KEYS = {f.name for f in dataclasses.fields(HFConfig)}
 def _our_keys(cfg: dict[str, Any]) -> dict[str, Any]:
     """The keys HFConfig reads; the others are left alone, and null is what writers put for "not set"."""
     return {k: v for k, v in cfg.items() if k in _HF_KEYS and v is not None}
+
+
+def _check_not_prequantized(cfg: dict[str, Any], source: str | Path) -> None:
+    """Qwen's -FP8, -AWQ and -GPTQ checkpoints store packed integers or FP8 values with scales beside them;
+    read as float weights they would give a wrong model, so they are refused by name until import exists."""
+    quant = cfg.get("quantization_config")
+    if quant is None:
+        return
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    raise BadInputError(
+        f"this checkpoint is already quantized (quantization_config.quant_method {method!r}); importing "
+        "pre-quantized FP8, AWQ or GPTQ checkpoints is not supported yet.",
+        file=source,
+        field="quantization_config",
+        fix="use the unquantized (BF16) checkpoint of the same model and quantize it here "
+        "(`quantize --recipe fp8`, `int4-awq`, `int8-wo`, ...).",
+    )
 
 
 def _check_rope_type(cfg: dict[str, Any], source: str | Path) -> None:
