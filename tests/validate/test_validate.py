@@ -86,9 +86,8 @@ def test_perturbed_weights_fail_at_their_layer(artifact, tmp_path, few_prompts, 
         w[rows, cols] += 5.0
         return {"model.layers.1.self_attn.o_proj.weight.T": w}
 
-    report = validate_artifact(
-        damaged_copy(artifact, tmp_path, perturb, reseal), "tiny-moe", output=tmp_path / "r", **FAST
-    )
+    damaged = damaged_copy(artifact, tmp_path, perturb, reseal)
+    report = validate_artifact(damaged, "tiny-moe", output=tmp_path / "r", prompts=few_prompts, **FAST)
     assert not report.passed
     assert report.bisection.first_diverging_layer == 1
     assert report.bisection.layer_errors[0] < 1e-5 < report.bisection.layer_errors[1]
@@ -123,6 +122,8 @@ def test_swapped_expert_fails_at_layer_0(artifact, tmp_path, few_prompts, reseal
             "8",
             "--long-context-tokens",
             "0",
+            "--prompts",
+            str(few_prompts),
             "--json",
         ],
     )
