@@ -525,14 +525,15 @@ def validate_slice(work: Path, results: Results, artifacts: list[str], long_toke
 
 
 def environment() -> dict:
+    """The library's record (Python, processor, package versions) plus the run's date and GPU."""
     import onnxruntime as ort
     import torch
 
-    info = {
+    from qwen3_compile.environment import environment as software
+
+    info = software() | {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "onnxruntime": ort.__version__,
         "providers": ort.get_available_providers(),
-        "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
     }
     if torch.cuda.is_available():

@@ -1,13 +1,13 @@
 """The software and processor a result was computed with: parity and validation numbers of an fp32 graph
-move with the runtime's kernels, so every report names them."""
+move with the runtime's kernels, so every report names them (the package versions are the ones every
+manifest records, storage.manifest.tool_versions)."""
 
 from __future__ import annotations
 
 import platform
 from functools import cache
-from importlib import metadata
 
-PACKAGES = ("qwen3-compile", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "numpy")
+from qwen3_compile.storage.manifest import tool_versions
 
 
 def _processor() -> str:
@@ -24,14 +24,9 @@ def _processor() -> str:
 
 @cache
 def environment() -> dict[str, object]:
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
+    versions = tool_versions()
     return {
-        "python": platform.python_version(),
+        "python": versions.pop("python"),
         "machine": platform.machine(),
         "processor": _processor(),
         "packages": versions,

@@ -32,6 +32,8 @@ _TOOLS = (
     "transformers",
     "onnx",
     "onnxruntime",
+    "onnxruntime_gpu",
+    "numpy",
     "safetensors",
     "tensorrt",
     "tensorrt_rtx",

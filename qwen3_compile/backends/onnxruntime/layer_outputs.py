@@ -15,24 +15,10 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto
 
-from qwen3_compile.backends.onnxruntime.op_libraries import (
-    custom_op_libraries,
-    register_custom_ops,
-    session_error,
-)
-from qwen3_compile.backends.onnxruntime.settings import (
-    check_session_device,
-    execution_providers,
-    manifest_session_options,
-    open_session,
-)
+from qwen3_compile.backends.onnxruntime.op_libraries import custom_op_libraries
+from qwen3_compile.backends.onnxruntime.settings import empty_past, manifest_session_options, open_session
 from qwen3_compile.graph_contract import layer_output_name
 
-_ONNX_TYPES = {
-    "tensor(float)": TensorProto.FLOAT,
-    "tensor(float16)": TensorProto.FLOAT16,
-    "tensor(bfloat16)": TensorProto.BFLOAT16,
-}
 EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
 
 
@@ -61,15 +47,9 @@ def marked_session(
     )
     options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(Path(model_path).parent.resolve()))
     libraries = custom_op_libraries(device)  # the ort-cuda backend's libraries ($QWEN3_COMPILE_ORT_OPS)
-    register_custom_ops(options, libraries)
-    try:
-        session = open_session(
-            model.SerializeToString(), options, execution_providers(device, cuda_options), model_path
-        )
-    except Exception as err:
-        raise session_error(err, libraries, model_path) from err
-    check_session_device(session, device, model_path)
-    return session
+    return open_session(
+        model.SerializeToString(), options, model_path, device, cuda_options=cuda_options, libraries=libraries
+    )
 
 
 def artifact_tensors(
@@ -83,7 +63,6 @@ def artifact_tensors(
     """The named tensors of a prefill of each prompt (batch 1, no past), as fp32, concatenated over the
     prompts along the positions ([1, S, ...] tensors lose the batch axis; [S, ...] ones keep their shape).
     Fed through IO binding, so graphs with a bf16 KV cache work too (where the device runs them)."""
-    import onnxruntime as ort
 
     session = marked_session(model_path, names, manifest_session_options(manifest), device, cuda_options)
     pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
@@ -95,10 +74,7 @@ def artifact_tensors(
         binding.bind_cpu_input("attention_mask", np.ones((1, n), dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.arange(n, dtype=np.int64)[None])
         for past in pasts:
-            empty = ort.OrtValue.ortvalue_from_shape_and_type(
-                [1, past.shape[1], 0, past.shape[3]], _ONNX_TYPES[past.type]
-            )
-            binding.bind_ortvalue_input(past.name, empty)
+            binding.bind_ortvalue_input(past.name, empty_past(1, past.shape[1], past.shape[3], past.type))
         for name in names:
             binding.bind_output(f"{name}/fp32", "cpu")
         session.run_with_iobinding(binding)

@@ -13,29 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from onnx import TensorProto
 
 from qwen3_compile.backends.base import empty_kv_cache, graph_feeds
-from qwen3_compile.backends.onnxruntime.op_libraries import (
-    custom_op_libraries,
-    register_custom_ops,
-    session_error,
-)
-from qwen3_compile.backends.onnxruntime.settings import (
-    check_session_device,
-    execution_providers,
-    open_session,
-    session_options,
-)
+from qwen3_compile.backends.onnxruntime.op_libraries import custom_op_libraries
+from qwen3_compile.backends.onnxruntime.settings import empty_past, open_session, session_options
 from qwen3_compile.graph_contract import past_names, present_names
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-# ORT type string -> ONNX element type (OrtValues of types numpy lacks, bf16, are made from these)
-_ONNX_TYPES = {
-    "tensor(float)": TensorProto.FLOAT,
-    "tensor(float16)": TensorProto.FLOAT16,
-    "tensor(bfloat16)": TensorProto.BFLOAT16,
-}
 _IDS = ("input_ids", "attention_mask", "position_ids")
 
 
@@ -60,15 +44,10 @@ class OrtRunner:
 
         options = session_options(optimization, session_config, threads)
         self.custom_ops = custom_op_libraries(device, custom_ops)
-        register_custom_ops(options, self.custom_ops)
         self.device = device
-        try:
-            self.session = open_session(
-                str(model_path), options, providers or execution_providers(device, cuda_options), model_path
-            )
-        except Exception as err:
-            raise session_error(err, self.custom_ops, model_path) from err
-        check_session_device(self.session, device, model_path)
+        self.session = open_session(
+            str(model_path), options, model_path, device, providers, cuda_options, self.custom_ops
+        )
         self.name = f"onnxruntime{'-cuda' if device == 'cuda' else ''}:{Path(model_path).parent.name}"
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.num_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
@@ -91,13 +70,7 @@ class OrtRunner:
     def empty_cache(self, batch: int) -> list:
         if not self.io_binding:
             return empty_kv_cache(batch, self.num_layers, self.kv_heads, self.head_dim, self.kv_dtype)
-        import onnxruntime as ort
-
-        # zero-length: nothing to copy, so it is made in host memory whatever the device (ORT moves it)
-        empty = ort.OrtValue.ortvalue_from_shape_and_type(
-            [batch, self.kv_heads, 0, self.head_dim], _ONNX_TYPES[self.kv_type], "cpu", 0
-        )
-        return [empty] * (2 * self.num_layers)
+        return [empty_past(batch, self.kv_heads, self.head_dim, self.kv_type)] * (2 * self.num_layers)
 
     def forward(
         self,

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from onnx import TensorProto
+
 LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "all": "ORT_ENABLE_ALL"}
 # What the quantize stage records per --ort-qdq; an artifact without a record runs at ORT's defaults.
 ORT_QDQ = {
@@ -138,19 +140,52 @@ _GRAPH_ERRORS = {
 }
 
 
-def open_session(model, options, providers, model_path):
-    """ort.InferenceSession(model, ...), with the graph's own defects reported as bad input naming
-    `model_path` (exit 2): a damaged or foreign file, a missing external-data file, an IR version or
-    operator this ONNX Runtime does not support."""
+# ORT type string -> ONNX element type: OrtValues of types numpy lacks (bf16) are made from these
+ONNX_TYPES = {
+    "tensor(float)": TensorProto.FLOAT,
+    "tensor(float16)": TensorProto.FLOAT16,
+    "tensor(bfloat16)": TensorProto.BFLOAT16,
+}
+
+
+def empty_past(batch: int, kv_heads: int, head_dim: int, ort_type: str):
+    """A zero-length past key or value as an OrtValue (host memory: nothing to copy; ORT moves it)."""
     import onnxruntime as ort
 
+    return ort.OrtValue.ortvalue_from_shape_and_type(
+        [batch, kv_heads, 0, head_dim], ONNX_TYPES[ort_type], "cpu", 0
+    )
+
+
+def open_session(
+    model,
+    options,
+    model_path,
+    device: str = "cpu",
+    providers: list | None = None,
+    cuda_options: dict[str, str] | None = None,
+    libraries: tuple = (),
+):
+    """Every ORT session the toolchain opens on an artifact: `model` (a path or serialized graph) on
+    `device`, with the custom-op `libraries` registered (op_libraries.py). Failures users can act on exit 2
+    naming `model_path`: a library refusing the model, a damaged or foreign graph, a missing external-data
+    file, an IR version or operator this ONNX Runtime does not support, a CUDA session that fell back to
+    the CPU."""
+    import onnxruntime as ort
+
+    from qwen3_compile.backends.onnxruntime.op_libraries import register_custom_ops, session_error
     from qwen3_compile.errors import BadInputError
 
+    register_custom_ops(options, libraries)
     try:
-        return ort.InferenceSession(model, options, providers=providers)
+        session = ort.InferenceSession(
+            model, options, providers=providers or execution_providers(device, cuda_options)
+        )
     except Exception as err:
-        kind = type(err).__name__
-        message = str(err)
+        kind, message = type(err).__name__, str(err)
+        library_error = session_error(err, libraries, model_path)
+        if library_error is not err:
+            raise library_error from err
         unsupported = kind == "Fail" and ("IR version" in message or "opset" in message.lower())
         if kind not in _GRAPH_ERRORS and not unsupported:
             raise
@@ -162,3 +197,5 @@ def open_session(model, options, providers, model_path):
             fix="re-run the stage that wrote this folder (a damaged file, or one made by other tools), or "
             "upgrade onnxruntime to run a graph made for a newer one.",
         ) from None
+    check_session_device(session, device, model_path)
+    return session
