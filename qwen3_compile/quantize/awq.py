@@ -27,7 +27,7 @@ from functools import partial
 import numpy as np
 
 from qwen3_compile.models.config import Qwen3Arch
-from qwen3_compile.quantize.weights import Transform
+from qwen3_compile.quantize.weights import INT4_MAX, Transform
 
 MIN_SCALE = 1e-4
 
@@ -37,9 +37,9 @@ def fake_int4(w, group: int):
     import torch
 
     g = w.reshape(*w.shape[:-1], w.shape[-1] // group, group)
-    scale = g.abs().amax(dim=-1, keepdim=True) / 7
+    scale = g.abs().amax(dim=-1, keepdim=True) / INT4_MAX
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (torch.round(g / scale).clamp(-8, 7) * scale).reshape(w.shape)
+    return (torch.round(g / scale).clamp(-INT4_MAX, INT4_MAX) * scale).reshape(w.shape)
 
 
 def _rows(samples: list, limit: int, seed: int):

@@ -11,14 +11,12 @@ onnx packs) behind a blocked `DequantizeLinear` (opset 21) along the input axis:
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 import onnx
 
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.quantize.recipe import QuantRecipe
 
-INT4_MAX = 7.0
 INT4_MIN_OPSET = 21  # INT4 and block_size in DequantizeLinear
 
 
@@ -27,22 +25,8 @@ def input_axis(ndim: int) -> int:
     return 0 if ndim == 2 else ndim - 1
 
 
-def quantize_int4_groups(weights: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """(INT4 values in the weights' shape, scales with the input axis divided by `group`), in the weights'
-    float type. Stacked experts are done one expert at a time."""
-    if weights.ndim == 3:
-        parts = [quantize_int4_groups(expert.T, group) for expert in weights]  # [in, rows] each
-        return np.stack([q.T for q, _ in parts]), np.stack([s.T for _, s in parts])
-    rows, cols = weights.shape  # [in, out]
-    w = np.asarray(weights, dtype=np.float32).reshape(rows // group, group, cols)
-    absmax = np.abs(w).max(axis=1)  # [in / group, out]
-    scale = np.where(absmax > 0, absmax / INT4_MAX, 1.0).astype(weights.dtype)
-    q = np.clip(np.rint(w / scale.astype(np.float32)[:, None, :]), -8, INT4_MAX)
-    return q.reshape(rows, cols).astype(ml_dtypes.int4), scale
-
-
 def dequantize_int4_groups(q: np.ndarray, scale: np.ndarray, group: int) -> np.ndarray:
-    """The float weights a blocked DequantizeLinear gives for `quantize_int4_groups`' output."""
+    """The float weights a blocked DequantizeLinear gives for `weights.quantize_groups`' output."""
     axis = input_axis(q.ndim)
     return q.astype(np.float32) * np.repeat(scale.astype(np.float32), group, axis=axis)
 

@@ -21,13 +21,14 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qwen3_compile.quantize.int4 import input_axis, quantize_int4_groups
+from qwen3_compile.quantize.int4 import input_axis
 from qwen3_compile.quantize.recipe import QuantRecipe
 from qwen3_compile.quantize.weight_store import WeightStore
 
 INT8_MAX = 127.0
 FP8_E4M3_MAX = 448.0
-QUANT_MAX = {"int8": INT8_MAX, "fp8": FP8_E4M3_MAX}
+INT4_MAX = 7.0  # the grid is symmetric: -8 is never used (int4.py)
+QUANT_MAX = {"int8": INT8_MAX, "fp8": FP8_E4M3_MAX, "int4": INT4_MAX}
 QUANTIZED_DTYPES = ("int8", "fp8", "int4")
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
@@ -35,10 +36,13 @@ Transform = Callable[[np.ndarray], np.ndarray]
 
 
 def cast_quantized(scaled: np.ndarray, dtype: str) -> np.ndarray:
-    """Values already divided by their scale -> int8 (round half to even, as QuantizeLinear) or E4M3."""
+    """Values already divided by their scale -> int8 or int4 (round half to even, as QuantizeLinear) or
+    E4M3."""
     clipped = np.clip(scaled, -QUANT_MAX[dtype], QUANT_MAX[dtype])
     if dtype == "int8":
         return np.rint(clipped).astype(np.int8)
+    if dtype == "int4":
+        return np.rint(clipped).astype(ml_dtypes.int4)
     return clipped.astype(ml_dtypes.float8_e4m3fn)
 
 
@@ -51,6 +55,17 @@ def quantize_symmetric(weights: np.ndarray, reduce_axis: int, dtype: str) -> tup
     absmax = np.abs(weights).max(axis=reduce_axis, keepdims=True).astype(np.float32)
     scale = np.where(absmax > 0, absmax / QUANT_MAX[dtype], 1.0).astype(weights.dtype)
     return cast_quantized(weights.astype(np.float32) / scale.astype(np.float32), dtype), scale
+
+
+def quantize_groups(weights: np.ndarray, group: int, dtype: str = "int4") -> tuple[np.ndarray, np.ndarray]:
+    """One scale per `group` consecutive input channels (and output channel): values in the weights' shape,
+    scales with the input axis divided by `group` (int4.py's layouts). Experts one at a time."""
+    if weights.ndim == 3:  # [E, rows, in]: each expert as [in, rows]
+        parts = [quantize_groups(expert.T, group, dtype) for expert in weights]
+        return np.stack([q.T for q, _ in parts]), np.stack([s.T for _, s in parts])
+    rows, cols = weights.shape  # [in, out]
+    q, scale = quantize_symmetric(weights.reshape(rows // group, group, cols), 1, dtype)
+    return q.reshape(rows, cols), scale.reshape(rows // group, cols)
 
 
 def quantize_int8(weights: np.ndarray, reduce_axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -119,7 +134,7 @@ def quantize_weights(
         weights = transform(weights) if transform is not None else weights
         if recipe.weights.dtype == "int4":  # a scale per group of input channels
             group = recipe.weights.group_size
-            q, scale = quantize_int4_groups(weights, group)
+            q, scale = quantize_groups(weights, group)
             attrs = {"axis": input_axis(weights.ndim), "block_size": group}
         elif weights.ndim == 2:  # [in, out]: a scale per output column
             q, scale = quantize_symmetric(weights, 0, recipe.weights.dtype)
