@@ -69,6 +69,9 @@ def resolve_model(spec: str | Path, num_layers: int | None = None) -> ModelSourc
         return ModelSource(spec, ckpt.arch, checkpoint=ckpt)
     if spec in preset_names():
         preset = get_preset(spec, num_layers)
+        if preset.checkpoint_dir is not None:  # a trained model: weights from its shipped checkpoint
+            ckpt = open_checkpoint(preset.checkpoint_dir)
+            return ModelSource(spec, ckpt.arch, checkpoint=ckpt)
         return ModelSource(spec, preset.arch, preset=preset)
     if "/" in spec or spec.startswith("."):
         raise BadInputError(

@@ -1,7 +1,10 @@
-"""Model presets: named architectures from `presets.toml`, instantiated with random weights.
+"""Model presets: named architectures from `presets.toml`, instantiated with random weights, and the
+trained test models shipped in `models/trained/`.
 
-A preset names an architecture, not weights (no Qwen3 weights can be downloaded here). Tiny presets
-are the CI workhorses; real presets carry the published shapes and can be cut to a few layers.
+A random preset names an architecture, not weights (no Qwen3 weights can be downloaded here). Tiny presets
+are the CI workhorses; real presets carry the published shapes and can be cut to a few layers. A trained
+preset (`checkpoint = "trained/NAME"`) is a small checkpoint in the package, trained by
+`tools/train_test_models.py`: it loads like any checkpoint directory, and its architecture is its config.json.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import tomllib
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from pathlib import Path
 
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.models.config import Qwen3Arch
@@ -25,6 +29,7 @@ _META_KEYS = {
     "published_non_embedding_b",
     "outlier_channels",
     "outlier_scale",
+    "checkpoint",
 }
 _ARCH_FIELDS = {f.name for f in dataclasses.fields(Qwen3Arch)}
 
@@ -40,6 +45,13 @@ class Preset:
     published_non_embedding_b: float | None = None
     outlier_channels: tuple[int, ...] | None = None  # massive activation channels (models/outliers.py)
     outlier_scale: float | None = None
+    checkpoint: str | None = None  # package-relative folder of a trained model's weights
+
+    @property
+    def checkpoint_dir(self):
+        if self.checkpoint is None:
+            return None
+        return Path(str(resources.files("qwen3_compile.models").joinpath(self.checkpoint)))
 
     @property
     def outliers(self):
@@ -87,9 +99,18 @@ def get_preset(name: str, num_layers: int | None = None) -> Preset:
     unknown = set(entry) - _META_KEYS - _ARCH_FIELDS
     if unknown:
         raise ValueError(f"presets.toml [{name}]: unknown keys {sorted(unknown)}")
+    meta = {k: v for k, v in entry.items() if k in _META_KEYS and k != "inherit"}
+    if "checkpoint" in entry:
+        if num_layers is not None:
+            raise BadInputError(
+                f"'{name}' is a trained model; --layers applies to random-weight presets only.",
+                field="layers",
+                fix="drop --layers.",
+            )
+        folder = resources.files("qwen3_compile.models").joinpath(entry["checkpoint"])
+        return Preset(name=name, arch=Qwen3Arch.from_config_file(Path(str(folder)) / "config.json"), **meta)
     arch = Qwen3Arch(**{k: v for k, v in entry.items() if k in _ARCH_FIELDS})
     arch.check(f"presets.toml [{name}]")
     if num_layers is not None:
         arch = arch.with_layers(num_layers)
-    meta = {k: v for k, v in entry.items() if k in _META_KEYS and k != "inherit"}
     return Preset(name=name, arch=arch, **meta)
