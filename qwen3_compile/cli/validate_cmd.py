@@ -15,6 +15,8 @@ from qwen3_compile.cli.common import (
     stage_command,
 )
 
+BUILTIN_PPL = "<built-in>"  # what `--ppl` alone means: the shipped held-out text
+
 
 @click.command("validate")
 @click.argument("artifact", type=click.Path(path_type=Path))
@@ -42,6 +44,23 @@ from qwen3_compile.cli.common import (
 @click.option(
     "-o", "--output", type=click.Path(path_type=Path), help="Report folder (default: ARTIFACT/validation)."
 )
+@click.option(
+    "--ppl",
+    "ppl_text",
+    is_flag=False,
+    flag_value=BUILTIN_PPL,
+    type=click.Path(path_type=Path),
+    help="Also measure perplexity (reference and artifact, relative increase, top-1, KL) on this UTF-8 text; "
+    "`--ppl` alone uses the built-in held-out text (Python source, about 9.9K tokens).",
+)
+@click.option(
+    "--ppl-window",
+    type=click.IntRange(min=2),
+    default=256,
+    show_default=True,
+    help="Tokens per perplexity window (each starts from an empty KV cache).",
+)
+@click.option("--ppl-windows", type=click.IntRange(min=1), help="Score at most this many windows.")
 @click.option("--no-bisect", is_flag=True, help="Skip the per-layer bisection pass.")
 @click.option("--force", is_flag=True, help="Replace an existing -o folder (ARTIFACT/validation always is).")
 @ort_ops_option
@@ -56,6 +75,9 @@ def validate_command(
     long_context_tokens: int | None,
     output: Path | None,
     no_bisect: bool,
+    ppl_text: Path | None,
+    ppl_window: int,
+    ppl_windows: int | None,
     force: bool,
     layers: int | None,
     ort_ops: Path | None,
@@ -66,7 +88,13 @@ def validate_command(
     and layer bisection. Writes report.json, report.md and PNG plots; exit code 1 when a gate fails."""
     from qwen3_compile.backends.onnxruntime.op_libraries import selected_custom_ops
     from qwen3_compile.progress import default_progress
+    from qwen3_compile.validate.perplexity import PerplexityRequest
     from qwen3_compile.validate.stage import validate_artifact
+
+    ppl = None
+    if ppl_text is not None:
+        text = None if str(ppl_text) == BUILTIN_PPL else ppl_text
+        ppl = PerplexityRequest(text, window=ppl_window, max_windows=ppl_windows)
 
     with selected_custom_ops(ort_ops, backend):
         report = validate_artifact(
@@ -79,6 +107,7 @@ def validate_command(
             long_context_tokens=long_context_tokens,
             output=output,
             bisect=not no_bisect,
+            perplexity=ppl,
             force=force,
             progress=default_progress(not as_json),
         )
@@ -91,6 +120,12 @@ def validate_command(
             f"{p.mean_kl:.3g}, top-1 {p.top1:.2%}; decode mean KL {d.mean_kl:.3g}, top-1 "
             f"{d.top1:.2%}; greedy match {report.greedy_match_fraction:.1%}; modes {', '.join(report.modes)}"
         )
+        if report.perplexity is not None:
+            q = report.perplexity
+            click.echo(
+                f"perplexity {q.reference_ppl:.4g} -> {q.artifact_ppl:.4g} ({q.ppl_increase:+.2%}), top-1 "
+                f"{q.top1:.2%}, mean KL {q.mean_kl:.3g} over {q.positions} positions"
+            )
         for failure in report.failures:
             click.echo(f"  - {failure}")
         click.echo(f"report: {report.directory / 'report.md'}")

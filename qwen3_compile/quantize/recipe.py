@@ -100,6 +100,8 @@ class Selection:
 class RecipeGates:
     max_mean_kl: float = field(metadata={"min": 0.0, "max": 100.0})
     min_top1: float = field(metadata={"min": 0.0, "max": 1.0})
+    # relative perplexity increase over the reference on the held-out text, when validate measures it
+    max_ppl_increase: float | None = field(default=None, metadata={"min": 0.0, "max": 100.0})
 
 
 @dataclass(frozen=True)
@@ -283,5 +285,6 @@ def with_kv_cache(recipe: QuantRecipe, dtype: str) -> QuantRecipe:
     gates = RecipeGates(
         max_mean_kl=round(recipe.gates.max_mean_kl + KV_FP8_ALLOWANCE["max_mean_kl"], 6),
         min_top1=round(recipe.gates.min_top1 - KV_FP8_ALLOWANCE["min_top1"], 6),
+        max_ppl_increase=recipe.gates.max_ppl_increase,
     )
     return replace(recipe, name=f"{recipe.name}+kv-{dtype}", kv_cache=KvCacheSpec(dtype), gates=gates)

@@ -277,5 +277,6 @@ class ValidationRecord:
     modes: tuple[str, ...]
     summary: Json
     bisection: Json | None = None
+    perplexity: Json | None = None  # reference and artifact perplexity on a text (validate --ppl)
     cases: tuple[Json, ...]
     environment: Json | None = None  # Python, processor and package versions it was computed with

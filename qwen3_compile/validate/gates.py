@@ -14,6 +14,7 @@ class Gates:
     max_abs: float | None  # None: reported, not gated
     min_greedy_match: float  # fraction of decode steps the free-running greedy tokens must match
     layer_tolerance: float  # relative error above which a layer counts as diverged (bisection)
+    max_ppl_increase: float | None = None  # relative; gated when validate measures perplexity (--ppl)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -89,6 +89,24 @@ def render_markdown(data: dict) -> str:
             f"{c['prefill']['mean_kl']:.3g} | {c['prefill']['top1']:.2%} | {c['decode']['top1']:.2%} | "
             f"{c['greedy_match']}/{c['decode_steps']} |"
         )
+    ppl = data.get("perplexity")
+    if ppl:
+        gate = g.get("max_ppl_increase")
+        lines += [
+            "",
+            "## Perplexity",
+            "",
+            f"On {'the built-in held-out text' if ppl['text'] == 'built-in' else '`' + ppl['text'] + '`'}: "
+            f"{ppl['windows']} windows of {ppl['window']} tokens, each fed {ppl['chunk']} tokens at a time "
+            f"through the KV cache ({ppl['positions']} scored positions).",
+            "",
+            "| reference ppl | artifact ppl | increase | top-1 agreement | mean KL |",
+            "|---|---|---|---|---|",
+            f"| {ppl['reference_ppl']:.4f} | {ppl['artifact_ppl']:.4f} | {ppl['ppl_increase']:+.3%} | "
+            f"{ppl['top1']:.2%} | {ppl['mean_kl']:.3g} |",
+            "",
+            f"Gate: increase <= {gate:.2%}." if gate is not None else "Perplexity is reported, not gated.",
+        ]
     b = data["bisection"]
     if b:
         first = b["first_diverging_layer"]

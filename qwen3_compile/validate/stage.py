@@ -25,6 +25,7 @@ from qwen3_compile.tokenizer import ENDOFTEXT_ID, load_tokenizer
 from qwen3_compile.validate.bisect import Bisection, bisect_layers
 from qwen3_compile.validate.gates import Gates, gates_for
 from qwen3_compile.validate.metrics import PositionMetrics, Summary, compare_logits, summarise
+from qwen3_compile.validate.perplexity import PerplexityRequest, PerplexityResult, measure_perplexity
 from qwen3_compile.validate.prompt_suite import (
     PromptCase,
     load_prompt_entries,
@@ -75,6 +76,7 @@ class ValidationReport:
     model_sha256: str | None = None  # of the validated graph (from the artifact's manifest), so a report
     # copied next to another model is recognised as someone else's
     backend_settings: dict[str, Any] = field(default_factory=dict)  # how the backend ran it (ORT's session)
+    perplexity: PerplexityResult | None = None
 
     @property
     def passed(self) -> bool:
@@ -110,6 +112,7 @@ class ValidationReport:
                 "greedy_match_fraction": self.greedy_match_fraction,
             },
             "bisection": self.bisection.to_dict() if self.bisection else None,
+            "perplexity": self.perplexity.to_dict() if self.perplexity else None,
             "cases": [c.to_dict() for c in self.cases],
             "environment": environment(),
         }
@@ -184,6 +187,12 @@ def _evaluate(report: ValidationReport) -> list[str]:
         failures.append(
             f"free-running greedy matches {greedy:.1%} of decode steps < {g.min_greedy_match:.0%}"
         )
+    ppl = report.perplexity
+    if ppl is not None and g.max_ppl_increase is not None and ppl.ppl_increase > g.max_ppl_increase:
+        failures.append(
+            f"perplexity increase {ppl.ppl_increase:.2%} > {g.max_ppl_increase:.2%} "
+            f"({ppl.reference_ppl:.4g} -> {ppl.artifact_ppl:.4g} on {ppl.text})"
+        )
     if failures and report.bisection is not None:
         layer, tolerance = report.bisection.first_diverging_layer, report.bisection.tolerance
         failures.append(
@@ -205,12 +214,14 @@ def validate_artifact(
     long_context_tokens: int | None = None,
     output: str | Path | None = None,
     bisect: bool = True,
+    perplexity: PerplexityRequest | None = None,
     force: bool = False,
     progress: Progress = NO_PROGRESS,
 ) -> ValidationReport:
     """Validate `artifact` (a folder with manifest.json) against `reference` (preset, checkpoint, or an
-    already loaded reference model). The report goes to `output`, by default the artifact's own report
-    slot ARTIFACT/validation, which each validation replaces; any other existing folder needs `force`."""
+    already loaded reference model), and with `perplexity` also on a text. The report goes to `output`, by
+    default the artifact's own report slot ARTIFACT/validation, which each validation replaces; any other
+    existing folder needs `force`."""
     from qwen3_compile.validate.report import write_report
 
     artifact = Path(artifact)
@@ -256,7 +267,12 @@ def validate_artifact(
             bisection = bisect_layers(
                 loaded, artifact / "model.onnx", probes, gates.layer_tolerance, manifest, ort_device
             )
-    report = ValidationReport(str(artifact), str(reference), backend, gates, gates_source, results, bisection)
+    ppl = None
+    if perplexity is not None:
+        ppl = measure_perplexity(runner, candidate, tokenizer, perplexity, progress=progress)
+    report = ValidationReport(
+        str(artifact), str(reference), backend, gates, gates_source, results, bisection, perplexity=ppl
+    )
     model_hash = manifest.outputs[graph_file].sha256  # checked against the file before the run
     settings = (
         {
