@@ -98,20 +98,12 @@ def windows_of(ids: list[int], window: int, max_windows: int | None, source: str
     return np.asarray(ids[: count * window], dtype=np.int64).reshape(count, window)
 
 
-def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Negative log-likelihood of `targets` [N] under `logits` [N, V], in float64."""
-    x = logits.astype(np.float64)
-    top = x.max(-1)
-    lse = top + np.log(np.exp(x - top[:, None]).sum(-1))
-    return lse - x[np.arange(len(targets)), targets]
-
-
 def _window_logits(runner, rows: np.ndarray, chunk: int) -> list[np.ndarray]:
     """Logits of every position of `rows` [B, W], fed chunk by chunk through the runner's KV cache."""
     batch, width = rows.shape
     cache = runner.empty_cache(batch)
     mask_full = np.ones((batch, width), dtype=np.int64)
-    positions = np.broadcast_to(np.arange(width, dtype=np.int64), (batch, width))
+    positions = np.tile(np.arange(width, dtype=np.int64), (batch, 1))
     pieces = []
     for start in range(0, width, chunk):
         end = min(start + chunk, width)
@@ -147,16 +139,19 @@ def measure_perplexity(
             ref_pieces = _window_logits(reference, block, chunk)
             art_pieces = _window_logits(candidate, block, chunk)
             for b in range(len(block)):
-                ref = np.concatenate([p[b] for p in ref_pieces])[:-1]  # the last position has no target
-                art = np.concatenate([p[b] for p in art_pieces])[:-1]
-                targets = block[b, 1:]
-                nll_ref.append(_nll(ref, targets))
-                nll_art.append(_nll(art, targets))
-                metrics = compare_logits(ref, art)
-                top1 += metrics.top1
-                kl += metrics.kl
+                for k, (ref, art) in enumerate(zip(ref_pieces, art_pieces, strict=True)):
+                    start_pos = k * chunk
+                    # position p predicts token p + 1: the window's last position has no target
+                    end = min(ref.shape[1], window - 1 - start_pos)
+                    m = compare_logits(
+                        ref[b, :end], art[b, :end], block[b, start_pos + 1 : start_pos + 1 + end]
+                    )
+                    nll_ref += m.nll_reference
+                    nll_art += m.nll_artifact
+                    top1 += m.top1
+                    kl += m.kl
             advance(len(block))
-    ref_mean, art_mean = float(np.mean(np.concatenate(nll_ref))), float(np.mean(np.concatenate(nll_art)))
+    ref_mean, art_mean = float(np.mean(nll_ref)), float(np.mean(nll_art))
     return PerplexityResult(
         text=label,
         text_sha256=hashlib.sha256(text.encode()).hexdigest(),
