@@ -10,16 +10,19 @@ import torch
 from qwen3_compile.models.loading import LoadedModel
 
 
+def cache_argument(model) -> str:
+    """transformers >= 5.2x renamed `past_key_values` to `cache`; whichever this version's forward takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class TorchRunner:
     name = "pytorch"
 
     def __init__(self, loaded: LoadedModel):
-        import inspect
-
         self.model = loaded.model
-        # transformers >= 5.2x renamed `past_key_values` to `cache`; use whichever this version takes
-        params = inspect.signature(self.model.forward).parameters
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.cache_arg = cache_argument(self.model)
 
     def empty_cache(self, batch: int) -> Any:
         from transformers import DynamicCache

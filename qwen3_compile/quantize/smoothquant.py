@@ -88,14 +88,30 @@ def smoothquant_transforms(
             act = np.max([stats.act_amax(n) for n in names], axis=0)
             w_amax = np.max([_input_axis_absmax(store.array(r)) for r in group.readers], axis=0)
             s = smoothing_scales(act, w_amax.astype(np.float64), alpha)
-            transforms[group.norm] = partial(_divide, s=s)
-            for name in group.readers + group.compensated:
-                transforms[name] = partial(_scale_input_axis, s=s)
+            transforms |= group_transforms(group, s)
             for n in names:
                 stats.layers[layer].act_amax[n] = stats.act_amax(n) / s
             stats.smoothing[group.norm] = s
             summary[group.norm] = {"max_scale": float(s.max()), "median_scale": float(np.median(s))}
     return transforms, summary
+
+
+def group_transforms(group: SmoothGroup, s: np.ndarray) -> dict[str, Transform]:
+    """The folds of one group's scales: the norm / s, its readers (and the router) * s."""
+    transforms: dict[str, Transform] = {group.norm: partial(_divide, s=s)}
+    for name in group.readers + group.compensated:
+        transforms[name] = partial(_scale_input_axis, s=s)
+    return transforms
+
+
+def recorded_transforms(arch: Qwen3Arch, smoothing: dict[str, np.ndarray]) -> dict[str, Transform]:
+    """The transforms of an artifact's recorded scales (calibration.safetensors `smoothquant/<norm>`)."""
+    transforms: dict[str, Transform] = {}
+    for layer in range(arch.num_layers):
+        for group in smooth_groups(arch, layer):
+            if group.norm in smoothing:
+                transforms |= group_transforms(group, smoothing[group.norm])
+    return transforms
 
 
 def _divide(values: np.ndarray, s: np.ndarray) -> np.ndarray:

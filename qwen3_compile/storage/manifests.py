@@ -278,5 +278,6 @@ class ValidationRecord:
     summary: Json
     bisection: Json | None = None
     perplexity: Json | None = None  # reference and artifact perplexity on a text (validate --ppl)
+    recipe_check: Json | None = None  # quantized artifacts: against the recipe's fake-quantized model
     cases: tuple[Json, ...]
     environment: Json | None = None  # Python, processor and package versions it was computed with

@@ -8,6 +8,7 @@ Runtime runner. The reference side records the same tensors with forward hooks o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,8 +30,13 @@ class Bisection:
         return asdict(self)
 
 
-def reference_layer_outputs(loaded: LoadedModel, prompts: list[list[int]]) -> list[np.ndarray]:
-    """[layer] -> concatenated [positions, H] outputs over all prompts."""
+def reference_layer_outputs(
+    loaded: LoadedModel, prompts: list[list[int]], cache_factory: Callable[[], object] | None = None
+) -> list[np.ndarray]:
+    """[layer] -> concatenated [positions, H] outputs over all prompts. `cache_factory`: a cache to run
+    through (a quantizing KV cache changes the attention's keys and values), else none."""
+    from qwen3_compile.backends.torch_reference import cache_argument
+
     captured: dict[int, list[np.ndarray]] = {}
     layers = loaded.model.model.layers
 
@@ -45,7 +51,11 @@ def reference_layer_outputs(loaded: LoadedModel, prompts: list[list[int]]) -> li
     try:
         with torch.no_grad():
             for ids in prompts:
-                loaded.model(torch.tensor([ids]), use_cache=False)
+                if cache_factory is None:
+                    loaded.model(torch.tensor([ids]), use_cache=False)
+                else:
+                    cache = {cache_argument(loaded.model): cache_factory()}
+                    loaded.model(torch.tensor([ids]), use_cache=True, **cache)
     finally:
         for handle in handles:
             handle.remove()
@@ -59,9 +69,10 @@ def bisect_layers(
     tolerance: float,
     manifest: dict,
     device: str = "cpu",
+    cache_factory: Callable[[], object] | None = None,
 ) -> Bisection:
     """`device`: where ONNX Runtime runs the artifact (the validated backend's: cpu or cuda)."""
-    reference = reference_layer_outputs(loaded, prompts)
+    reference = reference_layer_outputs(loaded, prompts, cache_factory)
     artifact = artifact_layer_outputs(model_path, len(reference), prompts, manifest, device)
     errors = [
         float(np.linalg.norm(a - r) / (np.linalg.norm(r) + 1e-30))

@@ -89,6 +89,31 @@ def render_markdown(data: dict) -> str:
             f"{c['prefill']['mean_kl']:.3g} | {c['prefill']['top1']:.2%} | {c['decode']['top1']:.2%} | "
             f"{c['greedy_match']}/{c['decode_steps']} |"
         )
+    check = data.get("recipe_check")
+    if check:
+        lines += [
+            "",
+            "## Against the recipe's own model",
+            "",
+            "The recipe applied in PyTorch (the checkpoint's weights with the recorded scales, fake-quantized; "
+            "the recorded activation and KV-cache ranges), fed the same tokens: a correct artifact agrees to "
+            "float rounding.",
+            "",
+            "| positions | median max abs | positions above tolerance | mean KL | top-1 | tolerance | passed |",
+            "|---|---|---|---|---|---|---|",
+            f"| {check['positions']} | {check['median_max_abs']:.3g} | {check['fraction_above']:.1%} | "
+            f"{check['mean_kl']:.3g} | {check['top1']:.2%} | {check['tolerance']:g} | "
+            f"{'yes' if check['passed'] else 'no'} |",
+        ]
+        b = check.get("bisection")
+        if b:
+            first = b["first_diverging_layer"]
+            errors = ", ".join(f"{e:.2g}" for e in b["layer_errors"])
+            lines += [
+                "",
+                f"Layer errors against the recipe's model (relative): {errors}; first above "
+                f"{b['tolerance']:g}: {'none' if first is None else f'layer {first}'}.",
+            ]
     ppl = data.get("perplexity")
     if ppl:
         gate = g.get("max_ppl_increase")

@@ -19,6 +19,7 @@ from qwen3_compile.environment import environment
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.models.loading import LoadedModel, load_model, resolve_model
 from qwen3_compile.progress import NO_PROGRESS, Progress
+from qwen3_compile.quantize.recipe import QuantRecipe
 from qwen3_compile.storage.artifact_dir import atomic_output_dir, check_not_an_input, refuse_existing
 from qwen3_compile.storage.manifest import read_manifest, verify_outputs
 from qwen3_compile.tokenizer import ENDOFTEXT_ID, load_tokenizer
@@ -32,6 +33,7 @@ from qwen3_compile.validate.prompt_suite import (
     long_context_case,
     render_suite,
 )
+from qwen3_compile.validate.recipe_reference import RecipeReference, RecipeRunner, recipe_reference
 
 LONG_CONTEXT_CAP = 8192
 PREFILL_CHUNK = 512
@@ -44,6 +46,8 @@ class CaseResult:
     decode: PositionMetrics  # teacher-forced: both sides fed the reference's greedy tokens
     greedy_match: int  # leading free-running greedy tokens equal to the reference's
     decode_steps: int
+    # against the recipe's own fake-quantized model (quantized artifacts): prefill then forced decode
+    recipe: PositionMetrics | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -63,6 +67,44 @@ class CaseResult:
 
 
 @dataclass(frozen=True)
+class RecipeCheck:
+    """The artifact against its recipe's own fake-quantized model (validate/recipe_reference.py): they
+    should agree to float rounding. Gated on the median over positions of the largest |logit error|, so a
+    rare rounding-boundary flip (one activation one step apart after a different summation order) cannot
+    fail it while a wrong weight, scale or routing, which moves every position, does."""
+
+    tolerance: float
+    positions: int
+    median_max_abs: float
+    fraction_above: float  # positions whose largest |logit error| exceeds the tolerance
+    mean_kl: float
+    top1: float
+    bisection: Bisection | None
+
+    @property
+    def passed(self) -> bool:
+        return self.median_max_abs <= self.tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"passed": self.passed}
+
+
+def _recipe_check(results: list[CaseResult], tolerance: float, bisection: Bisection | None) -> RecipeCheck:
+    errors = np.array([v for c in results for v in c.recipe.max_abs])
+    kl = [v for c in results for v in c.recipe.kl]
+    top1 = [v for c in results for v in c.recipe.top1]
+    return RecipeCheck(
+        tolerance=tolerance,
+        positions=len(errors),
+        median_max_abs=float(np.median(errors)),
+        fraction_above=float((errors > tolerance).mean()),
+        mean_kl=float(np.mean(kl)),
+        top1=float(np.mean(top1)),
+        bisection=bisection,
+    )
+
+
+@dataclass(frozen=True)
 class ValidationReport:
     artifact: str
     reference: str
@@ -77,6 +119,7 @@ class ValidationReport:
     # copied next to another model is recognised as someone else's
     backend_settings: dict[str, Any] = field(default_factory=dict)  # how the backend ran it (ORT's session)
     perplexity: PerplexityResult | None = None
+    recipe_check: RecipeCheck | None = None
 
     @property
     def passed(self) -> bool:
@@ -113,6 +156,7 @@ class ValidationReport:
             },
             "bisection": self.bisection.to_dict() if self.bisection else None,
             "perplexity": self.perplexity.to_dict() if self.perplexity else None,
+            "recipe_check": self.recipe_check.to_dict() if self.recipe_check else None,
             "cases": [c.to_dict() for c in self.cases],
             "environment": environment(),
         }
@@ -135,12 +179,21 @@ def _check_reference(manifest, reference_arch, artifact: Path, reference: str) -
             )
 
 
-def _run_case(reference, candidate, case: PromptCase, steps: int) -> CaseResult:
+def _all_logits(g) -> np.ndarray:
+    """[positions, V]: the prefill's positions then each decode step's, of the first sequence."""
+    return np.concatenate([g.prefill_logits[0], *(s[0][None] for s in g.step_logits)])
+
+
+def _run_case(reference, candidate, case: PromptCase, steps: int, recipe_runner=None) -> CaseResult:
     batch = left_padded_batch([case.ids], ENDOFTEXT_ID)
     # long prompts are prefilled in chunks; their comparison covers the last chunk (the large positions)
     chunk = PREFILL_CHUNK if len(case.ids) > PREFILL_CHUNK else None
     ref = generate(reference, batch, steps, prefill_chunk=chunk)
     forced = generate(candidate, batch, steps, forced=ref.tokens, prefill_chunk=chunk)
+    recipe = None
+    if recipe_runner is not None:  # fed the same tokens as the artifact
+        own = generate(recipe_runner, batch, steps, forced=ref.tokens, prefill_chunk=chunk)
+        recipe = compare_logits(_all_logits(own), _all_logits(forced))
     free = generate(candidate, batch, steps, prefill_chunk=chunk)
     prefill = compare_logits(ref.prefill_logits[0], forced.prefill_logits[0])
     decode = PositionMetrics([], [], [], [], [])
@@ -150,7 +203,7 @@ def _run_case(reference, candidate, case: PromptCase, steps: int) -> CaseResult:
         )
     mismatch = [i for i, (a, b) in enumerate(zip(ref.tokens[0], free.tokens[0], strict=True)) if a != b]
     return CaseResult(
-        case, prefill, decode, mismatch[0] if mismatch else len(ref.tokens[0]), len(ref.tokens[0])
+        case, prefill, decode, mismatch[0] if mismatch else len(ref.tokens[0]), len(ref.tokens[0]), recipe
     )
 
 
@@ -187,6 +240,16 @@ def _evaluate(report: ValidationReport) -> list[str]:
         failures.append(
             f"free-running greedy matches {greedy:.1%} of decode steps < {g.min_greedy_match:.0%}"
         )
+    check = report.recipe_check
+    if check is not None and not check.passed:
+        failures.append(
+            f"the artifact is not its recipe's quantized model: median |logit error| against the recipe's "
+            f"fake-quantized PyTorch model {check.median_max_abs:.3g} > {check.tolerance:g} (it should agree "
+            "to float rounding)"
+        )
+        layer = check.bisection.first_diverging_layer if check.bisection else None
+        if layer is not None:
+            failures.append(f"first divergence from the recipe's model: layer {layer}")
     ppl = report.perplexity
     if ppl is not None and g.max_ppl_increase is not None and ppl.ppl_increase > g.max_ppl_increase:
         failures.append(
@@ -203,6 +266,20 @@ def _evaluate(report: ValidationReport) -> list[str]:
     return failures
 
 
+# how far a correct artifact's logits may sit from its recipe's fake-quantized model (median over positions
+# of the largest |error|), by the graph's float type. Measured with fp32 exports: every recipe 0-1.4e-5 on
+# tiny-moe and trained-dense, while one down projection scaled by 1.05 gives 0.43-2.8 (benchmarks/
+# recipe_check.py); fp16 graphs round every activation to 11 bits.
+RECIPE_CHECK_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 2e-1}
+
+
+def _recipe_reference(loaded: LoadedModel, artifact: Path, manifest) -> RecipeReference | None:
+    recipe = getattr(manifest, "recipe", None)
+    if not recipe:
+        return None
+    return recipe_reference(loaded, artifact, QuantRecipe.from_dict(recipe, str(artifact / "manifest.json")))
+
+
 def validate_artifact(
     artifact: str | Path,
     reference: str | Path | LoadedModel,
@@ -215,6 +292,7 @@ def validate_artifact(
     output: str | Path | None = None,
     bisect: bool = True,
     perplexity: PerplexityRequest | None = None,
+    recipe_check: bool = True,
     force: bool = False,
     progress: Progress = NO_PROGRESS,
 ) -> ValidationReport:
@@ -254,24 +332,50 @@ def validate_artifact(
         cases.append(long_context_case(tokenizer, long_tokens))
     loaded = loaded or load_model(source, progress=progress)
     runner = TorchRunner(loaded)
+    own = _recipe_reference(loaded, artifact, manifest) if recipe_check else None
+    own_runner = RecipeRunner(own) if own is not None else None
     results = []
     with progress.stage("validate prompts", total=len(cases), unit="prompts") as advance:
         for case in cases:
-            results.append(_run_case(runner, candidate, case, decode_steps))
+            results.append(_run_case(runner, candidate, case, decode_steps, own_runner))
             advance(1)
     bisection = None
     ort_device = ORT_DEVICES.get(backend)
+    probes = [c.ids for c in cases if c.category != "long-context"][:2]
     if bisect and ort_device is not None:
-        probes = [c.ids for c in cases if c.category != "long-context"][:2]
         with progress.stage("bisect layers", total=None):
             bisection = bisect_layers(
                 loaded, artifact / "model.onnx", probes, gates.layer_tolerance, manifest, ort_device
             )
+    check = None
+    if own is not None:
+        tolerance = RECIPE_CHECK_TOLERANCE.get(manifest.options.dtype, RECIPE_CHECK_TOLERANCE["fp16"])
+        check = _recipe_check(results, tolerance, None)
+        if ort_device is not None and (bisect or not check.passed):  # name the layer that departs
+            with progress.stage("bisect layers (recipe model)", total=None):
+                own_bisection = bisect_layers(
+                    own.loaded,
+                    artifact / "model.onnx",
+                    probes,
+                    tolerance,
+                    manifest,
+                    ort_device,
+                    own.make_cache,
+                )
+            check = dataclasses.replace(check, bisection=own_bisection)
     ppl = None
     if perplexity is not None:
         ppl = measure_perplexity(runner, candidate, tokenizer, perplexity, progress=progress)
     report = ValidationReport(
-        str(artifact), str(reference), backend, gates, gates_source, results, bisection, perplexity=ppl
+        str(artifact),
+        str(reference),
+        backend,
+        gates,
+        gates_source,
+        results,
+        bisection,
+        perplexity=ppl,
+        recipe_check=check,
     )
     model_hash = manifest.outputs[graph_file].sha256  # checked against the file before the run
     settings = (
