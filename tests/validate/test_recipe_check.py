@@ -1,0 +1,77 @@
+"""Quantized artifacts against their recipe's own fake-quantized PyTorch model: a correct artifact agrees to
+float rounding; one whose down projection in one layer is scaled (a producer that wrote wrong numbers)
+fails, and the bisection against the recipe's model names that layer, although the loose accuracy gates
+alone may let it through."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from qwen3_compile.validate.stage import validate_artifact
+
+FEW_PROMPTS = ['"Explain rotary embeddings."', '{"prompt": "def fibonacci(n):"}']
+FAST = {"decode_steps": 6, "long_context_tokens": 0}
+
+
+@pytest.fixture
+def few_prompts(tmp_path):
+    path = tmp_path / "few.jsonl"
+    path.write_text("\n".join(FEW_PROMPTS) + "\n")
+    return path
+
+
+def scaled_down_projection(artifact, out, layer: int, factor: float, reseal):
+    """A copy with layer `layer`'s down projection (its dequantization scales) multiplied by `factor`."""
+    shutil.copytree(artifact, out)
+    model = onnx.load(out / "model.onnx")
+    hit = 0
+    for t in model.graph.initializer:
+        if (
+            t.name.startswith(f"model.layers.{layer}.mlp.")
+            and "down_proj" in t.name
+            and t.name.endswith(".scale")
+        ):
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(factor), t.name))
+            hit += 1
+    assert hit == 1
+    onnx.save(model, out / "model.onnx")
+    return reseal(out)
+
+
+def check_recipe(artifacts, preset, recipe, factor, tmp_path, few_prompts, reseal):
+    artifact = artifacts.quantized(preset, recipe)
+    ok = validate_artifact(artifact, preset, output=tmp_path / "ok", prompts=few_prompts, **FAST)
+    assert ok.recipe_check is not None and ok.recipe_check.passed, ok.recipe_check
+    assert ok.recipe_check.median_max_abs < 1e-4  # float rounding, far inside the tolerance
+    assert ok.recipe_check.bisection.first_diverging_layer is None
+    assert not any("recipe's" in f for f in ok.failures)
+
+    layer = int(np.random.default_rng().integers(artifacts.loaded(preset).arch.num_layers))
+    damaged = scaled_down_projection(artifact, tmp_path / "damaged", layer, factor, reseal)
+    bad = validate_artifact(damaged, preset, output=tmp_path / "bad", prompts=few_prompts, **FAST)
+    assert not bad.passed and not bad.recipe_check.passed
+    assert bad.recipe_check.median_max_abs > 100 * ok.recipe_check.median_max_abs + 1e-3
+    assert bad.recipe_check.bisection.first_diverging_layer == layer
+    assert f"first divergence from the recipe's model: layer {layer}" in bad.failures
+    assert "Against the recipe's own model" in (tmp_path / "bad" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(("preset", "recipe"), [("trained-dense", "int8-sq")])
+def test_recipe_check_names_a_layer_scaled_by_1_05(artifacts, preset, recipe, tmp_path, few_prompts, reseal):
+    check_recipe(artifacts, preset, recipe, 1.05, tmp_path, few_prompts, reseal)
+
+
+RECIPES = ["int8-wo", "int8-sq", "fp8", "int8-wo+kv-fp8", "int4-rtn", "int4-awq"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("factor", [1.05, 1.3])
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("preset", ["trained-dense", "trained-moe"])
+def test_recipe_check_every_recipe(artifacts, preset, recipe, factor, tmp_path, few_prompts, reseal):
+    check_recipe(artifacts, preset, recipe, factor, tmp_path, few_prompts, reseal)
