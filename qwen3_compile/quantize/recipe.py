@@ -97,11 +97,23 @@ class Selection:
 
 
 @dataclass(frozen=True)
+class RandomWeightGates:
+    """Stress gates for the random-weight presets, whose narrow random layers leave quantization noise
+    nowhere to average out and whose experts are near-tied everywhere (perplexity means nothing there)."""
+
+    max_mean_kl: float = field(metadata={"min": 0.0, "max": 100.0})
+    min_top1: float = field(metadata={"min": 0.0, "max": 1.0})
+
+
+@dataclass(frozen=True)
 class RecipeGates:
+    """What an artifact of this recipe must meet against its float reference: set from trained models."""
+
     max_mean_kl: float = field(metadata={"min": 0.0, "max": 100.0})
     min_top1: float = field(metadata={"min": 0.0, "max": 1.0})
     # relative perplexity increase over the reference on the held-out text, when validate measures it
     max_ppl_increase: float | None = field(default=None, metadata={"min": 0.0, "max": 100.0})
+    random_weights: RandomWeightGates | None = None
 
 
 @dataclass(frozen=True)
@@ -282,9 +294,16 @@ def with_kv_cache(recipe: QuantRecipe, dtype: str) -> QuantRecipe:
         raise BadInputError(
             f"KV cache dtype {dtype!r} is not supported.", field="--kv-cache", fix=f"use {KV_CACHE_DTYPES}."
         )
-    gates = RecipeGates(
-        max_mean_kl=round(recipe.gates.max_mean_kl + KV_FP8_ALLOWANCE["max_mean_kl"], 6),
-        min_top1=round(recipe.gates.min_top1 - KV_FP8_ALLOWANCE["min_top1"], 6),
-        max_ppl_increase=recipe.gates.max_ppl_increase,
-    )
+    def widened(g):
+        return replace(
+            g,
+            max_mean_kl=round(g.max_mean_kl + KV_FP8_ALLOWANCE["max_mean_kl"], 6),
+            min_top1=round(g.min_top1 - KV_FP8_ALLOWANCE["min_top1"], 6),
+        )
+
+    gates = widened(recipe.gates)
+    if recipe.gates.max_ppl_increase is not None:
+        gates = replace(gates, max_ppl_increase=round(gates.max_ppl_increase + KV_FP8_ALLOWANCE["max_ppl_increase"], 6))
+    if recipe.gates.random_weights is not None:
+        gates = replace(gates, random_weights=widened(recipe.gates.random_weights))
     return replace(recipe, name=f"{recipe.name}+kv-{dtype}", kv_cache=KvCacheSpec(dtype), gates=gates)

@@ -33,11 +33,20 @@ DEFAULT_GATES = {
 }
 
 
-def gates_for(manifest) -> tuple[Gates, str]:
-    """(gates, where they came from): the recipe's when the artifact was quantized, else by dtype."""
+def gates_for(manifest, random_weights: bool = False) -> tuple[Gates, str]:
+    """(gates, where they came from): the recipe's when the artifact was quantized, else by dtype. Against
+    a random-weight preset (`random_weights`) a recipe's stress gates apply where it states them."""
     recipe = getattr(manifest, "recipe", None) or {}
     if "gates" in recipe:
         defaults = DEFAULT_GATES["fp16"].to_dict()
-        return Gates.from_dict(defaults | recipe["gates"]), f"recipe {recipe.get('name', '?')}"
+        gates = dict(recipe["gates"])
+        stress = gates.pop("random_weights", None)
+        name = recipe.get("name", "?")
+        if random_weights and stress:
+            # perplexity on random weights means nothing: reported, not gated
+            return Gates.from_dict(defaults | gates | stress | {"max_ppl_increase": None}), (
+                f"recipe {name} (random-weight stress gates)"
+            )
+        return Gates.from_dict(defaults | gates), f"recipe {name}"
     dtype = manifest.options.dtype
     return DEFAULT_GATES.get(dtype, DEFAULT_GATES["fp16"]), f"defaults for {dtype}"

@@ -319,7 +319,7 @@ def validate_artifact(
     source = loaded.source if loaded else resolve_model(reference, num_layers)
     reference = source.spec
     _check_reference(manifest, source.arch, artifact, reference)
-    gates, gates_source = gates_for(manifest)
+    gates, gates_source = gates_for(manifest, random_weights=source.kind == "preset")
     tokenizer = load_tokenizer(artifact)
     cases = render_suite(tokenizer, load_prompt_entries(prompts))
     max_positions = manifest.options.max_positions
