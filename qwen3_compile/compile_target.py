@@ -22,7 +22,6 @@ lowered for TensorRT; the device builds its engine, so no local engine is needed
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import time
@@ -47,8 +46,6 @@ from qwen3_compile.validate.stage import ValidationReport, validate_artifact
 
 DEFAULT_CONTEXT = 4096  # the deployment context of the memory plan (the model's maximum when smaller)
 BASELINE = "fp16"
-ENGINE_MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
-ENGINE_EXTRAS = {"tensorrt": "tensorrt", "tensorrt-rtx": "rtx"}
 
 Decision = Literal["kept", "rejected", "skipped", "not applicable", "not tried"]
 
@@ -407,11 +404,13 @@ def _finish(
 
 
 def _engine(artifact: Path, target: Target, run_dir: Path, progress: Progress) -> dict:
-    module = ENGINE_MODULES[target.tensorrt]
-    if importlib.util.find_spec(module) is None:
+    from qwen3_compile.backends.tensorrt.shim import flavour
+
+    engine_flavour = flavour(target.tensorrt)
+    if not engine_flavour.available():
         return {
-            "skipped": f"{target.tensorrt} is not installed (pip install "
-            f"'qwen3-compile[{ENGINE_EXTRAS[target.tensorrt]}]'); no engine was built"
+            "skipped": f"{target.tensorrt} is not installed (python module '{engine_flavour.module}' not "
+            f"found; {engine_flavour.install}); no engine was built"
         }
     if all_targets().get(target.name) != target:
         return {"skipped": f"{target.name} is not one of recipes/targets/*.toml; no engine was built"}
