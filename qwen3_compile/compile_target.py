@@ -215,8 +215,14 @@ class _Candidate:
 def recipe_names(requested: list[str] | None) -> list[str]:
     """The built-in recipes to consider: all, or `requested` (each must be one; repeats dropped)."""
     builtin = sorted(builtin_recipes())
-    if not requested:
+    if requested is None:
         return builtin
+    if not requested:
+        raise BadInputError(
+            "no recipe named.",
+            field="--recipes",
+            fix=f"name some of: {', '.join(builtin)} (comma-separated).",
+        )
     unknown = [name for name in requested if name not in builtin]
     if unknown:
         raise BadInputError(
@@ -236,20 +242,26 @@ def plan_candidates(
         recipe = load_recipe(name)
         if group_size is not None and recipe.weights.granularity == "per_group":
             recipe = with_group_size(recipe, group_size)
-        refused = _refusal(recipe, target)
+        refused = _refusal(recipe, target, arch)
         kv = recipe.kv_cache.dtype if recipe.kv_cache else "fp16"
         plan = plan_memory(arch, recipe.weights.dtype, context, kv_dtype=kv)
         candidates.append(_Candidate(name, recipe, plan, target.usable_gb, refused))
     return sorted(candidates, key=lambda c: c.order)
 
 
-def _refusal(recipe: QuantRecipe, target: Target) -> str | None:
-    """Why `target` cannot run `recipe` (quantize/compat.py's rule), or None."""
+def _refusal(recipe: QuantRecipe, target: Target, arch: Qwen3Arch) -> str | None:
+    """Why `target` cannot run `recipe` on this model (quantize/compat.py's rule; the build stage's INT4
+    experts refusal, engine/inputs.py: every target deploys through TensorRT), or None."""
+    from qwen3_compile.engine.inputs import EXPERT_TENSORS
+
     missing = [p for p in recipe.precisions if p not in target.precisions]
     if missing:
         return f"{target.name} has no {', '.join(missing)} (its precisions: {', '.join(target.precisions)})"
     if sm_tuple(target.sm) < sm_tuple(recipe.min_sm):
         return f"needs SM >= {recipe.min_sm}; {target.name} is SM {target.sm}"
+    experts = any(recipe.select.selects(name) for name in EXPERT_TENSORS)
+    if arch.num_experts and recipe.weights.dtype == "int4" and experts:
+        return f"INT4 MoE experts: {target.tensorrt} engines cannot take them yet (engine/inputs.py)"
     return None
 
 
@@ -275,7 +287,7 @@ def compile_for_target(
     run_dir = Path(output_root) / (name if num_layers is None else f"{name}-{num_layers}l")
     context = min(source.arch.max_position_embeddings, DEFAULT_CONTEXT)
     candidates = plan_candidates(source.arch, target, names, group_size, context)
-    shutil.rmtree(run_dir / "attempts", ignore_errors=True)  # an earlier run's attempts
+    _remove_earlier_run(run_dir)
     search = _Search(source, target, run_dir, decode_steps, long_context_tokens, ppl_windows, progress)
     attempts: list[RecipeAttempt] = []
     kept: RecipeAttempt | None = None
@@ -296,6 +308,21 @@ def compile_for_target(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "compile.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     return result
+
+
+def _remove_earlier_run(run_dir: Path) -> None:
+    """An earlier search's attempts, kept artifact (and its ORT lowering) and compile.json: this run replaces
+    them, and one that stops half-way leaves no stale result. Only folders directly in `run_dir`."""
+    shutil.rmtree(run_dir / "attempts", ignore_errors=True)
+    previous = run_dir / "compile.json"
+    try:
+        kept = (json.loads(previous.read_text()).get("kept") or {}).get("artifact")
+    except (OSError, ValueError, AttributeError):
+        kept = None
+    if isinstance(kept, str) and Path(kept).parent.resolve() == run_dir.resolve():
+        for folder in (Path(kept), Path(f"{kept}-ort")):
+            shutil.rmtree(folder, ignore_errors=True)
+    previous.unlink(missing_ok=True)
 
 
 def _does_not_fit(candidate: _Candidate, target: Target) -> str:
