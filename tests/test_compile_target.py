@@ -96,14 +96,14 @@ def test_json_lists_every_attempt(orin_nano_run):
 
 
 def test_model_too_large_for_the_target_is_skipped_before_any_work(tmp_path):
-    """qwen3-30b-a3b at full width and depth: even INT4 needs more than the Orin Nano's 6 GB, which the plan
+    """qwen3-14b at full width and depth: even INT4 needs more than the Orin Nano's 6 GB, which the plan
     says from the architecture alone: nothing is loaded, exported or quantized, and the exit code is 1."""
     clock = time.perf_counter()
     result = _invoke(
-        ["compile", "qwen3-30b-a3b", "--target", "jetson-orin-nano", "--recipes", "int4-rtn,int8-wo,fp16"]
+        ["compile", "qwen3-14b", "--target", "jetson-orin-nano", "--recipes", "int4-rtn,int8-wo,fp16"]
         + ["-o", tmp_path, "--json"]
     )
-    assert time.perf_counter() - clock < 20  # a 30B model loaded or exported would take far longer
+    assert time.perf_counter() - clock < 20  # a 14B model loaded or exported would take far longer
     assert result.exit_code == 1, result.output
     data = json.loads(result.stdout)
     assert data["passed"] is False and data["kept"] is None
@@ -113,7 +113,7 @@ def test_model_too_large_for_the_target_is_skipped_before_any_work(tmp_path):
         needed = attempt["memory"]["needed_gb"]
         assert needed > 6.0
         assert f"needs {needed:.2f} GB > 6 GB usable" in attempt["reason"]
-    run_dir = tmp_path / "qwen3-30b-a3b"
+    run_dir = tmp_path / "qwen3-14b"
     assert sorted(p.name for p in run_dir.iterdir()) == ["compile.json"]
 
 
@@ -135,3 +135,29 @@ def test_search_options_need_a_target(tmp_path):
     result = _invoke(["compile", "trained-dense", "--recipes", "int8-wo", "-o", tmp_path])
     assert result.exit_code == 2 and "--target" in result.output
     assert not (tmp_path / "trained-dense").exists()
+
+
+def test_int4_group_that_does_not_divide_the_model_is_not_applicable(tmp_path):
+    """int4-rtn's own group (128) does not divide trained-dense's 32-wide layers: quantize refuses before any
+    work, the search records why and goes on (here to nothing: exit 1), leaving no attempt folder."""
+    result = _invoke(
+        ["compile", "trained-dense", "--target", "jetson-orin-nano", "--recipes", "int4-rtn"]
+        + ["-o", tmp_path, "--json", *FAST]
+    )
+    assert result.exit_code == 1, result.output
+    (attempt,) = json.loads(result.stdout)["attempts"]
+    assert attempt["decision"] == "not applicable" and "128" in attempt["reason"]
+    assert not (tmp_path / "trained-dense" / "attempts" / "int4-rtn").exists()
+
+
+def test_int4_moe_experts_are_skipped_before_any_work(tmp_path):
+    """No TensorRT engine takes INT4 experts yet, so on a MoE the INT4 recipes are not candidates."""
+    result = _invoke(
+        ["compile", "trained-moe", "--target", "jetson-orin-nano", "--recipes", "int4-rtn,int4-awq"]
+        + ["--group-size", "32", "-o", tmp_path, "--json"]
+    )
+    assert result.exit_code == 1, result.output
+    attempts = json.loads(result.stdout)["attempts"]
+    assert [a["decision"] for a in attempts] == ["skipped", "skipped"]
+    assert all("INT4 MoE experts" in a["reason"] for a in attempts)
+    assert sorted(p.name for p in (tmp_path / "trained-moe").iterdir()) == ["compile.json"]
