@@ -8,6 +8,7 @@ from qwen3_compile.inspection import ModelReport
 from qwen3_compile.sizing import GB
 
 if TYPE_CHECKING:
+    from qwen3_compile.compile_target import TargetCompileResult
     from qwen3_compile.pipeline import CompileResult
 
 
@@ -150,3 +151,73 @@ def render_compile(result: CompileResult) -> None:
             f"{e['build_s']:.1f} s, MoE lowering {e['moe_lowering']}; built, not executed)"
         )
     console.print(f"   summary: {result.directory / 'compile.json'}")
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
+
+
+def _gate(value: float | None, gate: float | None, fmt: str, sign: str) -> str:
+    """'0.0012 <= 0.02': the value and the gate it is held to."""
+    if value is None:
+        return "-"
+    return f"{value:{fmt}} {sign} {gate:{fmt}}" if gate is not None else f"{value:{fmt}} (no gate)"
+
+
+def render_target_compile(result: TargetCompileResult) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    t = result.target
+    table = Table(
+        title=f"{result.model} for {t.name} ({t.description}), smallest first",
+        caption=f"memory: weights + KV cache (past + present) + activations at {result.context} tokens, "
+        f"against {t.usable_gb:g} GB usable; gates: the recipe's",
+    )
+    for column in ("recipe", "weights", "memory GB", "mean KL", "top-1", "ppl increase"):
+        table.add_column(
+            column, justify="left" if column == "recipe" else "right", no_wrap=column != "recipe"
+        )
+    table.add_column("decision", ratio=1)
+    colours = {"kept": "green", "rejected": "red", "not applicable": "yellow"}
+    for a in result.attempts:
+        g = a.gates
+        decision = a.decision + (f": {a.reason}" if a.reason else "")
+        colour = colours.get(a.decision)
+        table.add_row(
+            a.applied,
+            _size(a.weight_bytes),
+            f"{a.needed_gb:.3f}/{a.usable_gb:g}",
+            _gate(g.mean_kl, g.max_mean_kl, ".4f", "<=") if g else "-",
+            _gate(g.top1, g.min_top1, ".1%", ">=") if g else "-",
+            _gate(g.ppl_increase, g.max_ppl_increase, "+.2%", "<=") if g else "-",
+            f"[{colour}]{escape(decision)}[/]" if colour else escape(decision),
+        )
+    console.print(table)
+    kept = result.kept
+    if kept is None:
+        console.print(
+            "[red]no candidate passed[/]; reports under " + escape(str(result.directory / "attempts"))
+        )
+    else:
+        console.print(f"kept: {escape(kept.artifact)} ({kept.applied}, report {escape(kept.gates.report)})")
+    for label, part in (("ort", result.lowered), ("engine", result.engine), ("bundle", result.bundle)):
+        if part is None:
+            continue
+        if "skipped" in part:
+            console.print(f"{label:>7}: skipped: {escape(part['skipped'])}")
+        elif label == "engine":
+            console.print(
+                f"{label:>7}: {escape(part['path'])} ({part['bytes'] / 1e6:.1f} MB, built in "
+                f"{part['build_s']:.1f} s, MoE lowering {part['moe_lowering']}; built, not executed)"
+            )
+        elif label == "bundle":
+            console.print(
+                f"{label:>7}: {escape(part['path'])} ({part['bytes'] / 1e6:.1f} MB; the engine is built on "
+                "the device)"
+            )
+        else:
+            console.print(f"{label:>7}: {escape(part['path'])}")
+    console.print(f"result: {escape(str(result.directory / 'compile.json'))}")

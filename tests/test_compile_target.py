@@ -1,0 +1,163 @@
+"""`compile MODEL --target DEVICE`: the smallest recipe that runs on the device and passes its gates, end to
+end on the trained-dense preset (real quantization, validation with perplexity, lowering and bundle)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from qwen3_compile.cli import main
+
+# few decode steps and perplexity windows: the search, not the statistics, is under test here
+FAST = ["--decode-steps", "4", "--ppl-windows", "2"]
+
+
+def _invoke(args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def orin_nano_run(tmp_path_factory):
+    """One search on trained-dense for jetson-orin-nano over int8-wo, fp16 and fp8 (--json)."""
+    root = tmp_path_factory.mktemp("compile-target")
+    clock = time.perf_counter()
+    result = _invoke(
+        ["compile", "trained-dense", "--target", "jetson-orin-nano", "--recipes", "fp16,fp8,int8-wo"]
+        + ["-o", root, "--json", *FAST]
+    )
+    seconds = time.perf_counter() - clock
+    return result, root / "trained-dense", seconds
+
+
+def test_keeps_the_smallest_passing_recipe(orin_nano_run):
+    result, run_dir, _ = orin_nano_run
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    by_recipe = {a["recipe"]: a for a in data["attempts"]}
+    # size order: int8-wo's weights are smaller than fp16's, and it is tried first
+    assert by_recipe["int8-wo"]["weight_bytes"] < by_recipe["fp16"]["weight_bytes"]
+    tried = [a["recipe"] for a in data["attempts"] if a["decision"] in ("kept", "rejected")]
+    assert tried[0] == "int8-wo"
+    kept = [a for a in data["attempts"] if a["decision"] == "kept"]
+    assert len(kept) == 1 and data["kept"]["recipe"] == kept[0]["applied"]
+    # the first passing one is kept and nothing after it is tried
+    order = [a["recipe"] for a in data["attempts"] if a["decision"] != "skipped"]
+    after = order[order.index(kept[0]["recipe"]) + 1 :]
+    assert all(by_recipe[r]["decision"] == "not tried" for r in after)
+    assert by_recipe["fp16"]["decision"] in ("not tried", "rejected", "kept")
+    # the kept folder is complete: its manifest names the recipe, its validation passed with perplexity
+    artifact = run_dir / kept[0]["applied"]
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["recipe"]["name"] == kept[0]["applied"]
+    report = json.loads((artifact / "validation" / "report.json").read_text())
+    assert report["passed"] and report["perplexity"]["windows"] == 2
+    assert set(report["modes"]) == {"thinking", "non-thinking"}
+    gates = kept[0]["gates"]
+    assert gates["mean_kl"] <= gates["max_mean_kl"] and gates["top1"] >= gates["min_top1"]
+    assert gates["ppl_increase"] is not None
+    # rejected attempts keep only their reports; no staging folder is left
+    for attempt in data["attempts"]:
+        folder = run_dir / "attempts" / attempt["recipe"]
+        if attempt["decision"] == "rejected":
+            assert sorted(p.name for p in folder.iterdir()) == ["validation"]
+            assert (folder / "validation" / "report.json").is_file()
+            assert not (run_dir / attempt["applied"]).exists()
+        elif attempt["decision"] != "kept":
+            assert not folder.exists() and not (run_dir / attempt["applied"]).exists()
+    assert not list(run_dir.glob("attempts/*/artifact")) and not list(run_dir.glob(".*.partial-*"))
+    # after the search: ORT lowering, no engine claimed without TensorRT, a Jetson bundle
+    assert (run_dir / f"{kept[0]['applied']}-ort" / "model.onnx").is_file()
+    engine = data["engine"]
+    assert "skipped" in engine or engine["note"] == "built, not executed"
+    assert data["bundle"]["path"].endswith(".tar.gz") and (run_dir / data["bundle"]["path"]).is_file()
+    assert json.loads((run_dir / "compile.json").read_text())["kept"] == data["kept"]
+
+
+def test_recipe_the_target_cannot_run_is_skipped_with_the_reason(orin_nano_run):
+    result, _, _ = orin_nano_run
+    fp8 = next(a for a in json.loads(result.stdout)["attempts"] if a["recipe"] == "fp8")
+    assert fp8["decision"] == "skipped"
+    assert "jetson-orin-nano has no fp8" in fp8["reason"] and fp8["gates"] is None
+
+
+def test_json_lists_every_attempt(orin_nano_run):
+    result, _, seconds = orin_nano_run
+    data = json.loads(result.stdout)
+    assert sorted(a["recipe"] for a in data["attempts"]) == ["fp16", "fp8", "int8-wo"]
+    for attempt in data["attempts"]:
+        memory = attempt["memory"]
+        assert memory["usable_gb"] == 6.0 and 0 < memory["needed_gb"] < memory["usable_gb"]
+        assert attempt["decision"] in ("kept", "rejected", "skipped", "not applicable", "not tried")
+    assert data["target"] == "jetson-orin-nano" and data["passed"] is True
+    assert seconds < 90
+
+
+def test_model_too_large_for_the_target_is_skipped_before_any_work(tmp_path):
+    """qwen3-14b at full width and depth: even INT4 needs more than the Orin Nano's 6 GB, which the plan
+    says from the architecture alone: nothing is loaded, exported or quantized, and the exit code is 1."""
+    clock = time.perf_counter()
+    result = _invoke(
+        ["compile", "qwen3-14b", "--target", "jetson-orin-nano", "--recipes", "int4-rtn,int8-wo,fp16"]
+        + ["-o", tmp_path, "--json"]
+    )
+    assert time.perf_counter() - clock < 20  # a 14B model loaded or exported would take far longer
+    assert result.exit_code == 1, result.output
+    data = json.loads(result.stdout)
+    assert data["passed"] is False and data["kept"] is None
+    assert [a["recipe"] for a in data["attempts"]] == ["int4-rtn", "int8-wo", "fp16"]  # smallest first
+    for attempt in data["attempts"]:
+        assert attempt["decision"] == "skipped" and attempt["gates"] is None
+        needed = attempt["memory"]["needed_gb"]
+        assert needed > 6.0
+        assert f"needs {needed:.2f} GB > 6 GB usable" in attempt["reason"]
+    run_dir = tmp_path / "qwen3-14b"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["compile.json"]
+
+
+def test_unknown_recipe_is_exit_2_naming_the_option(tmp_path):
+    result = _invoke(
+        ["compile", "trained-dense", "--target", "jetson-orin-nano", "--recipes", "int8-wo,int9"]
+    )
+    assert result.exit_code == 2
+    assert "'--recipes'" in result.output and "'int9'" in result.output and "int4-awq" in result.output
+    result = _invoke(
+        ["compile", "trained-dense", "--target", "jetson-orin-nano", "--recipes", "int9", "--json"]
+        + ["-o", tmp_path]
+    )
+    assert result.exit_code == 2 and json.loads(result.stdout)["field"] == "--recipes"
+    assert not (tmp_path / "trained-dense").exists()
+
+
+def test_search_options_need_a_target(tmp_path):
+    result = _invoke(["compile", "trained-dense", "--recipes", "int8-wo", "-o", tmp_path])
+    assert result.exit_code == 2 and "--target" in result.output
+    assert not (tmp_path / "trained-dense").exists()
+
+
+def test_int4_group_that_does_not_divide_the_model_is_not_applicable(tmp_path):
+    """int4-rtn's own group (128) does not divide trained-dense's 32-wide layers: quantize refuses before any
+    work, the search records why and goes on (here to nothing: exit 1), leaving no attempt folder."""
+    result = _invoke(
+        ["compile", "trained-dense", "--target", "jetson-orin-nano", "--recipes", "int4-rtn"]
+        + ["-o", tmp_path, "--json", *FAST]
+    )
+    assert result.exit_code == 1, result.output
+    (attempt,) = json.loads(result.stdout)["attempts"]
+    assert attempt["decision"] == "not applicable" and "128" in attempt["reason"]
+    assert not (tmp_path / "trained-dense" / "attempts" / "int4-rtn").exists()
+
+
+def test_int4_moe_experts_are_skipped_before_any_work(tmp_path):
+    """No TensorRT engine takes INT4 experts yet, so on a MoE the INT4 recipes are not candidates."""
+    result = _invoke(
+        ["compile", "trained-moe", "--target", "jetson-orin-nano", "--recipes", "int4-rtn,int4-awq"]
+        + ["--group-size", "32", "-o", tmp_path, "--json"]
+    )
+    assert result.exit_code == 1, result.output
+    attempts = json.loads(result.stdout)["attempts"]
+    assert [a["decision"] for a in attempts] == ["skipped", "skipped"]
+    assert all("INT4 MoE experts" in a["reason"] for a in attempts)
+    assert sorted(p.name for p in (tmp_path / "trained-moe").iterdir()) == ["compile.json"]
