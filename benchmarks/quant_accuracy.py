@@ -1,9 +1,12 @@
 """Accuracy per quantization recipe against the fp32 PyTorch reference, one run.
 
     python3 benchmarks/quant_accuracy.py [--models tiny-dense,tiny-moe] [--recipes int4-rtn,int4-awq]
+        [--ppl-text HELD_OUT.txt]
 
 Each artifact is validated on the built-in prompt suite in both reasoning modes (prefill positions and
-16 teacher-forced decode steps; no long-context case), as `qwen3-compile validate` does. The outlier rows
+16 teacher-forced decode steps; no long-context case), as `qwen3-compile validate` does, and its
+perplexity increase is measured on the built-in held-out text (`validate --ppl`) and, with --ppl-text, on
+a second text (at most 64 windows of 256 tokens). The outlier rows
 use the `tiny-moe-outliers` preset (massive activation channels, same float function as tiny-moe):
 naive per-tensor W8A8 (int8-sq without its [smoothquant] section) against SmoothQuant, and INT4
 round-to-nearest against AWQ. INT4 recipes run at group size 32 on the tiny presets (their 128 does not
@@ -28,24 +31,58 @@ COLUMNS = [
     ("weights vs fp16", "weight_ratio", ".2f"),
     ("mean KL", "mean_kl", ".4f"),
     ("top-1", "top1", ".3f"),
-    ("gates (KL / top-1)", "gates", "s"),
+    ("ppl", "ppl", "s"),
+    ("ppl +", "ppl_increase", "s"),
+    ("ppl + (held-out corpus)", "ppl_increase_corpus", "s"),
+    ("gates (KL / top-1 / ppl +)", "gates", "s"),
     ("passed", "passed", "s"),
 ]
 
 
+PPL_TEXT: Path | None = None  # --ppl-text
+CORPUS_WINDOWS = 64
+
+
+def _corpus_ppl_increase(directory: Path, reference: str) -> str:
+    from qwen3_compile.backends.registry import open_runner
+    from qwen3_compile.backends.torch_reference import TorchRunner
+    from qwen3_compile.models.loading import load_model
+    from qwen3_compile.storage.manifest import read_manifest
+    from qwen3_compile.tokenizer import load_tokenizer
+    from qwen3_compile.validate.perplexity import PerplexityRequest, measure_perplexity
+
+    if PPL_TEXT is None:
+        return "-"
+    result = measure_perplexity(
+        TorchRunner(load_model(reference)),
+        open_runner(directory, read_manifest(directory), "ort"),
+        load_tokenizer(),
+        PerplexityRequest(PPL_TEXT, max_windows=CORPUS_WINDOWS),
+    )
+    return f"{result.ppl_increase:+.2%}"
+
+
 def _row(model: str, label: str, artifact, reference) -> dict:
+    from qwen3_compile.validate.perplexity import PerplexityRequest
     from qwen3_compile.validate.stage import validate_artifact
 
-    report = validate_artifact(artifact.directory, reference, long_context_tokens=0, bisect=False)
+    report = validate_artifact(
+        artifact.directory, reference, long_context_tokens=0, bisect=False, perplexity=PerplexityRequest()
+    )
     prefill, decode = report.summary("prefill"), report.summary("decode")
     positions = prefill.positions + decode.positions
+    ppl, gates = report.perplexity, report.gates
     return {
         "model": model,
         "recipe": label,
         "weight_ratio": artifact.weight_ratio if artifact.tensors else 1.0,
         "mean_kl": (prefill.mean_kl * prefill.positions + decode.mean_kl * decode.positions) / positions,
         "top1": (prefill.top1 * prefill.positions + decode.top1 * decode.positions) / positions,
-        "gates": f"{report.gates.max_mean_kl} / {report.gates.min_top1}",
+        "ppl": f"{ppl.reference_ppl:.2f} -> {ppl.artifact_ppl:.2f}",
+        "ppl_increase": f"{ppl.ppl_increase:+.2%}",
+        "ppl_increase_corpus": _corpus_ppl_increase(artifact.directory, reference),
+        "gates": f"{gates.max_mean_kl} / {gates.min_top1} / "
+        + (f"{gates.max_ppl_increase:.1%}" if gates.max_ppl_increase is not None else "-"),
         "passed": "yes" if report.passed else "no: " + "; ".join(report.failures),
     }
 
@@ -109,7 +146,11 @@ def main() -> None:
     )
     parser.add_argument("--models", default="tiny-dense,tiny-moe")
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"a subset of {', '.join(RECIPES)}")
+    parser.add_argument("--ppl-text", type=Path, help="a second text for the perplexity increase")
+    parser.add_argument("--no-outliers", action="store_true", help="skip the tiny-moe-outliers rows")
     args = parser.parse_args()
+    global PPL_TEXT
+    PPL_TEXT = args.ppl_text
     recipes = args.recipes.split(",")
     unknown = sorted(set(recipes) - set(RECIPES))
     if unknown:
@@ -118,7 +159,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             rows += accuracy(model, Path(tmp) / model, recipes)
-        rows += outliers(Path(tmp), recipes)
+        if not args.no_outliers:
+            rows += outliers(Path(tmp), recipes)
     print(markdown_table(rows, COLUMNS))
 
 

@@ -69,10 +69,11 @@ class KvCacheSpec:
     dtype: KvCacheDtype = "fp8"
 
 
-# What an E4M3 KV cache may add to a recipe's gates (--kv-cache fp8). Measured on tiny-moe over int8-wo:
-# mean KL 0.011 -> 0.023, top-1 0.967 -> 0.936 (tiny-dense: 0.0009 -> 0.0024); head_dim 16 and random
-# weights make the cache values' relative error count more than in real checkpoints.
-KV_FP8_ALLOWANCE = {"max_mean_kl": 0.02, "min_top1": 0.04}
+# What an E4M3 KV cache may add to a recipe's gates (--kv-cache fp8). Measured over int8-wo on the trained
+# models (dense / MoE): mean KL +0.0098 / +0.016, top-1 -0.047 / -0.089 (the MoE's decode half: 0.887),
+# perplexity +0.8% / +0.4%; on tiny-moe: KL 0.011 -> 0.023, top-1 0.967 -> 0.936. head_dim 16 makes the
+# cache values' relative error count more than in real checkpoints.
+KV_FP8_ALLOWANCE = {"max_mean_kl": 0.02, "min_top1": 0.10, "max_ppl_increase": 0.02}
 
 
 @dataclass(frozen=True)
@@ -294,6 +295,7 @@ def with_kv_cache(recipe: QuantRecipe, dtype: str) -> QuantRecipe:
         raise BadInputError(
             f"KV cache dtype {dtype!r} is not supported.", field="--kv-cache", fix=f"use {KV_CACHE_DTYPES}."
         )
+
     def widened(g):
         return replace(
             g,
@@ -303,7 +305,9 @@ def with_kv_cache(recipe: QuantRecipe, dtype: str) -> QuantRecipe:
 
     gates = widened(recipe.gates)
     if recipe.gates.max_ppl_increase is not None:
-        gates = replace(gates, max_ppl_increase=round(gates.max_ppl_increase + KV_FP8_ALLOWANCE["max_ppl_increase"], 6))
+        gates = replace(
+            gates, max_ppl_increase=round(gates.max_ppl_increase + KV_FP8_ALLOWANCE["max_ppl_increase"], 6)
+        )
     if recipe.gates.random_weights is not None:
         gates = replace(gates, random_weights=widened(recipe.gates.random_weights))
     return replace(recipe, name=f"{recipe.name}+kv-{dtype}", kv_cache=KvCacheSpec(dtype), gates=gates)

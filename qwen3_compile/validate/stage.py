@@ -73,23 +73,25 @@ class RecipeCheck:
     rare rounding-boundary flip (one activation one step apart after a different summation order) cannot
     fail it while a wrong weight, scale or routing, which moves every position, does."""
 
-    tolerance: float
+    tolerance: float | None  # None: reported, not gated (fp16/bf16 graphs)
     positions: int
     median_max_abs: float
-    fraction_above: float  # positions whose largest |logit error| exceeds the tolerance
+    fraction_above: float | None  # positions whose largest |logit error| exceeds the tolerance
     mean_kl: float
     top1: float
     bisection: Bisection | None
 
     @property
     def passed(self) -> bool:
-        return self.median_max_abs <= self.tolerance
+        return self.tolerance is None or self.median_max_abs <= self.tolerance
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"passed": self.passed}
 
 
-def _recipe_check(results: list[CaseResult], tolerance: float, bisection: Bisection | None) -> RecipeCheck:
+def _recipe_check(
+    results: list[CaseResult], tolerance: float | None, bisection: Bisection | None
+) -> RecipeCheck:
     errors = np.array([v for c in results for v in c.recipe.max_abs])
     kl = [v for c in results for v in c.recipe.kl]
     top1 = [v for c in results for v in c.recipe.top1]
@@ -97,7 +99,7 @@ def _recipe_check(results: list[CaseResult], tolerance: float, bisection: Bisect
         tolerance=tolerance,
         positions=len(errors),
         median_max_abs=float(np.median(errors)),
-        fraction_above=float((errors > tolerance).mean()),
+        fraction_above=float((errors > tolerance).mean()) if tolerance is not None else None,
         mean_kl=float(np.mean(kl)),
         top1=float(np.mean(top1)),
         bisection=bisection,
@@ -266,11 +268,12 @@ def _evaluate(report: ValidationReport) -> list[str]:
     return failures
 
 
-# how far a correct artifact's logits may sit from its recipe's fake-quantized model (median over positions
-# of the largest |error|), by the graph's float type. Measured with fp32 exports: every recipe 0-1.4e-5 on
-# tiny-moe and trained-dense, while one down projection scaled by 1.05 gives 0.43-2.8 (benchmarks/
-# recipe_check.py); fp16 graphs round every activation to 11 bits.
-RECIPE_CHECK_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 2e-1}
+# how far a correct fp32 artifact's logits may sit from its recipe's fake-quantized model (median over
+# positions of the largest |error|). Measured: every recipe 0-1.4e-5 on tiny-moe and trained-dense, while one
+# down projection scaled by 1.05 gives 0.43-2.8. fp16/bf16 graphs are compared and reported, not gated: their
+# activations round to 11 (8) bits before they are quantized, which moves INT8 rounding boundaries
+# everywhere (tiny-moe int8-sq + FP8 KV cache on an fp16 export: median 0.9, as large as real damage).
+RECIPE_CHECK_TOLERANCE = 1e-3
 
 
 def _recipe_reference(loaded: LoadedModel, artifact: Path, manifest) -> RecipeReference | None:
@@ -349,7 +352,7 @@ def validate_artifact(
             )
     check = None
     if own is not None:
-        tolerance = RECIPE_CHECK_TOLERANCE.get(manifest.options.dtype, RECIPE_CHECK_TOLERANCE["fp16"])
+        tolerance = RECIPE_CHECK_TOLERANCE if manifest.options.dtype == "fp32" else None
         check = _recipe_check(results, tolerance, None)
         if ort_device is not None and (bisect or not check.passed):  # name the layer that departs
             with progress.stage("bisect layers (recipe model)", total=None):
@@ -357,7 +360,7 @@ def validate_artifact(
                     own.loaded,
                     artifact / "model.onnx",
                     probes,
-                    tolerance,
+                    tolerance or gates.layer_tolerance,
                     manifest,
                     ort_device,
                     own.make_cache,

@@ -168,7 +168,7 @@ def test_int4_rtn_meets_recipe_gates(preset, int4, tmp_path):
     report = validate_artifact(
         artifact.directory, preset, decode_steps=8, long_context_tokens=0, bisect=False, output=tmp_path / "v"
     )
-    assert report.gates_source == f"recipe int4-rtn-g{GROUP}"
+    assert report.gates_source == f"recipe int4-rtn-g{GROUP} (random-weight stress gates)"
     assert report.passed, report.failures
 
 
@@ -305,4 +305,6 @@ def test_int4_awq_meets_recipe_gates(artifacts, tmp_path):
     report = validate_artifact(
         result.directory, "tiny-moe", decode_steps=8, long_context_tokens=0, bisect=False
     )
-    assert report.gates_source == f"recipe int4-awq-g{GROUP}" and report.passed, report.failures
+    assert (
+        report.gates_source == f"recipe int4-awq-g{GROUP} (random-weight stress gates)" and report.passed
+    ), report.failures

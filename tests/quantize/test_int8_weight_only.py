@@ -49,7 +49,7 @@ def test_int8_wo_meets_recipe_gates(preset, exports, tmp_path):
         scale = numpy_helper.to_array(weights["model.layers.0.mlp.experts.gate_up_proj.scale"])
         assert scale.shape == (16, 64, 1)  # one scale per expert and output row
     report = validate_artifact(tmp_path / "q", preset, decode_steps=8, long_context_tokens=0, bisect=False)
-    assert report.gates_source == "recipe int8-wo"
+    assert report.gates_source == "recipe int8-wo (random-weight stress gates)"
     recorded = json.loads((report.directory / "report.json").read_text())["backend_settings"]
     assert recorded["optimization"] == "all" and recorded["session_config"] == manifest["ort_session_config"]
     assert recorded["device"] == "cpu" and list(recorded["providers"]) == ["CPUExecutionProvider"]

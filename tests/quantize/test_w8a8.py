@@ -145,7 +145,7 @@ def test_w8a8_meets_recipe_gates(preset, recipe, quantized, tmp_path):
     report = validate_artifact(  # the report goes to tmp_path: the artifact is shared
         artifact.directory, preset, decode_steps=8, long_context_tokens=0, bisect=False, output=tmp_path / "v"
     )
-    assert report.gates_source == f"recipe {recipe}"
+    assert report.gates_source == f"recipe {recipe} (random-weight stress gates)"
     assert report.passed, report.failures
 
 
@@ -155,7 +155,9 @@ def test_fp16_baseline_meets_gates(preset, tmp_path):
     result = quantize_artifact(half, "fp16", tmp_path / "q")
     assert result.tensors == [] and result.manifest.recipe["name"] == "fp16"
     report = validate_artifact(result.directory, preset, decode_steps=8, long_context_tokens=0, bisect=False)
-    assert report.gates_source == "recipe fp16" and report.passed, report.failures
+    assert report.gates_source == "recipe fp16 (random-weight stress gates)" and report.passed, (
+        report.failures
+    )
 
 
 def test_smoothquant_recovers_massive_activation_channels(tmp_path):
@@ -222,7 +224,9 @@ def test_fp8_kv_cache_holds_e4m3_values(exports, tmp_path):
     report = validate_artifact(
         result.directory, "tiny-moe", decode_steps=8, long_context_tokens=0, bisect=False
     )
-    assert report.gates_source == "recipe int8-wo+kv-fp8" and report.passed, report.failures
+    assert report.gates_source == "recipe int8-wo+kv-fp8 (random-weight stress gates)" and report.passed, (
+        report.failures
+    )
 
 
 def test_recipe_target_mismatch_names_fitting_recipes(exports, tmp_path):
@@ -341,4 +345,6 @@ def test_w8a8_on_fp16_export_is_typed_fp16(recipe, tmp_path):
     report = validate_artifact(
         result.directory, "tiny-moe", decode_steps=4, long_context_tokens=0, bisect=False
     )
-    assert report.gates_source == f"recipe {recipe}+kv-fp8" and report.passed, report.failures
+    assert report.gates_source == f"recipe {recipe}+kv-fp8 (random-weight stress gates)" and report.passed, (
+        report.failures
+    )

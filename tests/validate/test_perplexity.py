@@ -131,7 +131,9 @@ def test_ppl_gate_fails_a_recipe_that_demands_no_increase(artifacts, tmp_path):
     from qwen3_compile.quantize.stage import quantize_artifact
 
     def quantize_with_gate(gate: float):
-        toml = builtin_recipes()["int4-rtn"].read_text() + f"max_ppl_increase = {gate}\n"
+        toml = builtin_recipes()["int4-rtn"].read_text()
+        assert "max_ppl_increase = 0.10\n" in toml
+        toml = toml.replace("max_ppl_increase = 0.10\n", f"max_ppl_increase = {gate}\n")
         (tmp_path / f"gate{gate}.toml").write_text(toml)
         art = tmp_path / f"q{gate}"
         recipe = with_group_size(load_recipe(str(tmp_path / f"gate{gate}.toml")), 32)
