@@ -2,6 +2,9 @@
 full transformers model, the quantized graph against a torch fake-quant model, the recipes' gates against
 the fp32 reference, SmoothQuant against naive W8A8 on a model with massive activation channels."""
 
+# The accuracy-gate tests validate with recipe_check=False: the graph against its recipe's fake-quantized
+# model has its own tests (the graph-equals-fake-quant tests here, tests/validate/test_recipe_check.py).
+
 from __future__ import annotations
 
 import json
@@ -143,7 +146,13 @@ def test_w8a8_meets_recipe_gates(preset, recipe, quantized, tmp_path):
     if preset == "tiny-moe":
         assert calibration["experts_reached"] == [16, 16]
     report = validate_artifact(  # the report goes to tmp_path: the artifact is shared
-        artifact.directory, preset, decode_steps=8, long_context_tokens=0, bisect=False, output=tmp_path / "v"
+        artifact.directory,
+        preset,
+        decode_steps=8,
+        long_context_tokens=0,
+        bisect=False,
+        recipe_check=False,
+        output=tmp_path / "v",
     )
     assert report.gates_source == f"recipe {recipe} (random-weight stress gates)"
     assert report.passed, report.failures
@@ -154,7 +163,9 @@ def test_fp16_baseline_meets_gates(preset, tmp_path):
     half = export_onnx(preset, tmp_path / "fp16", ExportOptions(dtype="fp16")).directory
     result = quantize_artifact(half, "fp16", tmp_path / "q")
     assert result.tensors == [] and result.manifest.recipe["name"] == "fp16"
-    report = validate_artifact(result.directory, preset, decode_steps=8, long_context_tokens=0, bisect=False)
+    report = validate_artifact(
+        result.directory, preset, decode_steps=8, long_context_tokens=0, bisect=False, recipe_check=False
+    )
     assert report.gates_source == "recipe fp16 (random-weight stress gates)" and report.passed, (
         report.failures
     )
@@ -192,7 +203,13 @@ def test_smoothquant_recovers_massive_activation_channels(tmp_path):
     for recipe in (naive, sq):
         result = quantize_artifact(exported, recipe, tmp_path / recipe.name, samples=16)
         report = validate_artifact(
-            result.directory, loaded, prompts=prompts, decode_steps=4, long_context_tokens=0, bisect=False
+            result.directory,
+            loaded,
+            prompts=prompts,
+            decode_steps=4,
+            long_context_tokens=0,
+            bisect=False,
+            recipe_check=False,
         )
         kl[recipe.name] = report.summary("prefill").mean_kl
     assert kl["int8-sq"] <= kl["naive"] / 4, kl
@@ -222,7 +239,7 @@ def test_fp8_kv_cache_holds_e4m3_values(exports, tmp_path):
     kv_amax = result.manifest.calibration["kv_amax"]
     assert all(k > 0 and v > 0 for k, v in kv_amax)
     report = validate_artifact(
-        result.directory, "tiny-moe", decode_steps=8, long_context_tokens=0, bisect=False
+        result.directory, "tiny-moe", decode_steps=8, long_context_tokens=0, bisect=False, recipe_check=False
     )
     assert report.gates_source == "recipe int8-wo+kv-fp8 (random-weight stress gates)" and report.passed, (
         report.failures
@@ -343,7 +360,7 @@ def test_w8a8_on_fp16_export_is_typed_fp16(recipe, tmp_path):
     scales = [n for n in weights if n.endswith((".act_scale", ".scale"))]
     assert scales and all(weights[n].dtype == np.float16 for n in scales)
     report = validate_artifact(
-        result.directory, "tiny-moe", decode_steps=4, long_context_tokens=0, bisect=False
+        result.directory, "tiny-moe", decode_steps=4, long_context_tokens=0, bisect=False, recipe_check=False
     )
     assert report.gates_source == f"recipe {recipe}+kv-fp8 (random-weight stress gates)" and report.passed, (
         report.failures

@@ -19,11 +19,16 @@ from qwen3_compile.validate.perplexity import PerplexityRequest, measure_perplex
 
 
 def _whole_window_nll(model, rows: np.ndarray) -> np.ndarray:
-    """-log p(next token) of every window position but the last: one forward pass, no cache, float64."""
+    """-log p(next token) of every window position but the last: one forward pass, no cache (torch's cross
+    entropy)."""
     with torch.no_grad():
-        logits = model(input_ids=torch.from_numpy(rows)).logits.double()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)
-    return -logp.gather(-1, torch.from_numpy(rows[:, 1:, None])).squeeze(-1).numpy()
+        logits = model(input_ids=torch.from_numpy(rows)).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(
+            logits.double().reshape(-1, logits.shape[-1]),
+            torch.from_numpy(rows[:, 1:]).reshape(-1),
+            reduction="none",
+        )
+    return nll.double().numpy().reshape(len(rows), -1)
 
 
 def _damaged(loaded, scale: float, seed: int):
@@ -71,7 +76,7 @@ def test_trained_models_are_trained():
     random-weight model of the same architecture."""
     tokenizer = load_tokenizer()
     label, text = read_text(None)
-    rows = windows_of(tokenizer(text, add_special_tokens=False)["input_ids"], 256, 4, label)
+    rows = windows_of(tokenizer(text, add_special_tokens=False)["input_ids"], 128, 2, label)
     for preset in ("trained-dense", "trained-moe"):
         loaded = load_model(preset)
         trained = _whole_window_nll(loaded.model, rows).mean()
@@ -83,7 +88,14 @@ def test_trained_models_are_trained():
         assert _whole_window_nll(build_reference_model(loaded.arch, scrambled), rows).mean() > trained + 2
 
 
-def test_validate_ppl_report_and_gate(artifacts, tmp_path):
+@pytest.fixture
+def one_prompt(tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text('{"prompt": "def fibonacci(n):"}\n')
+    return path
+
+
+def test_validate_ppl_report_and_gate(artifacts, tmp_path, one_prompt):
     """validate --ppl on an exported trained model: exact (fp32), in report.json and report.md."""
     art = artifacts.export("trained-moe")
     out = tmp_path / "report"
@@ -97,6 +109,10 @@ def test_validate_ppl_report_and_gate(artifacts, tmp_path):
             "--ppl",
             "--ppl-windows",
             "3",
+            "--prompts",
+            str(one_prompt),
+            "--decode-steps",
+            "4",
             "--no-bisect",
             "--long-context-tokens",
             "0",
@@ -124,7 +140,7 @@ def test_ppl_text_refusals(tmp_path):
         read_text(tmp_path)
 
 
-def test_ppl_gate_fails_a_recipe_that_demands_no_increase(artifacts, tmp_path):
+def test_ppl_gate_fails_a_recipe_that_demands_no_increase(artifacts, tmp_path, one_prompt):
     """A recipe's max_ppl_increase is enforced: int4-rtn (group 32) with the gate at 0 fails on the increase
     it causes, and the same artifact passes with the gate above the measured increase."""
     from qwen3_compile.quantize.recipe import builtin_recipes, load_recipe, with_group_size
@@ -146,6 +162,10 @@ def test_ppl_gate_fails_a_recipe_that_demands_no_increase(artifacts, tmp_path):
         "--ppl",
         "--ppl-windows",
         "2",
+        "--prompts",
+        str(one_prompt),
+        "--decode-steps",
+        "4",
         "--no-bisect",
         "--long-context-tokens",
         "0",
