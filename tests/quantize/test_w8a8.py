@@ -29,9 +29,8 @@ from qwen3_compile.quantize.calibration_data import load_calibration
 from qwen3_compile.quantize.recipe import ActivationSpec, QuantRecipe, load_recipe, with_kv_cache
 from qwen3_compile.quantize.stage import _check_stats, quantize_artifact
 from qwen3_compile.tokenizer import load_tokenizer
+from qwen3_compile.validate.recipe_reference import recipe_reference
 from qwen3_compile.validate.stage import validate_artifact
-
-from .fake_quant import fake_quantized_reference
 
 PRESETS = ("tiny-dense", "tiny-moe")
 
@@ -111,7 +110,9 @@ def test_w8a8_graph_equals_torch_fake_quant(preset, recipe, quantized):
     sequences, at most one may drift (measured: none do; a wrong saturation bound made 7 of 12 drift)."""
     artifact = quantized[(preset, recipe)]
     dtype = {"int8-sq": "int8", "fp8": "fp8"}[recipe]
-    reference = fake_quantized_reference(load_model(preset).model, artifact.directory, dtype)
+    # the recipe's own model as validate builds it: checkpoint weights, recorded SmoothQuant scales and
+    # activation ranges, torch's rounding and expert loop
+    reference = recipe_reference(load_model(preset), artifact.directory, artifact.recipe).loaded.model
     ids = np.random.default_rng().integers(0, 151643, (12, 8))
     batch = left_padded_batch(ids.tolist(), 0)
     with torch.no_grad():
