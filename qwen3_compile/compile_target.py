@@ -34,6 +34,7 @@ from qwen3_compile.errors import BadInputError, Qwen3CompileError
 from qwen3_compile.export.stage import ExportedArtifact, ExportOptions, export_onnx
 from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.models.loading import LoadedModel, ModelSource, load_model, resolve_model
+from qwen3_compile.pipeline import build_engine_if_installed
 from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.quantize.compat import sm_tuple
 from qwen3_compile.quantize.recipe import QuantRecipe, builtin_recipes, load_recipe, with_group_size
@@ -423,44 +424,14 @@ def _finish(
     run_dir, target = result.directory, result.target
     ort = lower_artifact(artifact, run_dir / f"{artifact.name}-ort", "ort", force=True, progress=progress)
     lowered = {"path": str(ort.model_path), "runtime": "ort"}
-    engine = _engine(artifact, target, run_dir, progress)
+    try:
+        engine = build_engine_if_installed(artifact, target, run_dir, progress)
+    except Qwen3CompileError as err:  # a target the build refuses is a result of the search, not a crash
+        engine = {"skipped": f"the build was refused: {err.message}"}
     bundle = None
     if target.name.startswith("jetson"):
         bundle = _bundle(artifact, target, run_dir / f"{result.model}-{target.name}.tar.gz", smoke_tokens)
     return replace(result, lowered=lowered, engine=engine, bundle=bundle)
-
-
-def _engine(artifact: Path, target: Target, run_dir: Path, progress: Progress) -> dict:
-    from qwen3_compile.backends.tensorrt.shim import flavour
-
-    engine_flavour = flavour(target.tensorrt)
-    if not engine_flavour.available():
-        return {
-            "skipped": f"{target.tensorrt} is not installed (python module '{engine_flavour.module}' not "
-            f"found; {engine_flavour.install}); no engine was built"
-        }
-    if all_targets().get(target.name) != target:
-        return {"skipped": f"{target.name} is not one of recipes/targets/*.toml; no engine was built"}
-    from qwen3_compile.engine import BuildOptions, build_engine
-
-    try:
-        built = build_engine(
-            artifact,
-            BuildOptions(target.name),
-            run_dir / f"engine-{target.name}",
-            force=True,
-            progress=progress,
-        )
-    except Qwen3CompileError as err:
-        return {"skipped": f"the build was refused: {err.message}"}
-    return {
-        "path": str(built.plan_path),
-        "target": target.name,
-        "bytes": built.plan_bytes,
-        "build_s": built.build_seconds,
-        "moe_lowering": built.moe_lowering,
-        "note": "built, not executed",
-    }
 
 
 def _bundle(artifact: Path, target: Target, output: Path, smoke_tokens: int) -> dict:

@@ -6,7 +6,6 @@ installed (skipped with the reason otherwise)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from qwen3_compile.parity import ParityGates, ParityReport, check_parity, parity
 from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.quantize.stage import QuantizedArtifact, quantize_artifact
 from qwen3_compile.schema import encode
+from qwen3_compile.targets import Target, all_targets, get_target
 from qwen3_compile.tokenizer import load_tokenizer
 from qwen3_compile.validate.stage import ValidationReport, validate_artifact
 
@@ -141,21 +141,34 @@ def _lowering(artifact: ExportedArtifact | LoweredArtifact) -> dict | None:
 def _build_engine(
     artifacts: dict[str, ExportedArtifact | LoweredArtifact], run_dir: Path, progress: Progress
 ) -> dict:
-    if importlib.util.find_spec("tensorrt_rtx") is None:
-        return {"skipped": "TensorRT-RTX is not installed (pip install 'qwen3-compile[rtx]')"}
+    return build_engine_if_installed(
+        artifacts["canonical"].directory, get_target(ENGINE_TARGET), run_dir, progress
+    )
+
+
+def build_engine_if_installed(artifact: Path, target: Target, run_dir: Path, progress: Progress) -> dict:
+    """A plan for `target` into run_dir/engine-<target> when its TensorRT flavour is installed: a record
+    of the build (built, not executed), or {"skipped": why}."""
+    from qwen3_compile.backends.tensorrt.shim import flavour
+
+    engine_flavour = flavour(target.tensorrt)
+    if not engine_flavour.available():
+        return {
+            "skipped": f"{target.tensorrt} is not installed (python module '{engine_flavour.module}' not "
+            f"found; {engine_flavour.install}); no engine was built"
+        }
+    if all_targets().get(target.name) != target:
+        return {"skipped": f"{target.name} is not one of recipes/targets/*.toml; no engine was built"}
     from qwen3_compile.engine import BuildOptions, build_engine
 
     built = build_engine(
-        artifacts["canonical"].directory,
-        BuildOptions(ENGINE_TARGET),
-        run_dir / f"engine-{ENGINE_TARGET}",
-        force=True,
-        progress=progress,
+        artifact, BuildOptions(target.name), run_dir / f"engine-{target.name}", force=True, progress=progress
     )
     return {
         "path": str(built.plan_path),
-        "target": ENGINE_TARGET,
+        "target": target.name,
         "bytes": built.plan_bytes,
         "build_s": built.build_seconds,
         "moe_lowering": built.moe_lowering,
+        "note": "built, not executed",
     }

@@ -25,7 +25,8 @@ from qwen3_compile.quantize.weights import QUANT_MAX, dequantized_source
 _ZERO = {"int8": np.zeros((), np.int8), "fp8": np.zeros((), ml_dtypes.float8_e4m3fn)}
 
 
-def _scale(amax: float, dtype: str, float_dtype: np.dtype) -> np.ndarray:
+def activation_scale(amax: float, dtype: str, float_dtype: np.dtype) -> np.ndarray:
+    """A per-tensor activation (or KV-cache) scale as the graph stores it."""
     return np.array(max(amax, 1e-12) / QUANT_MAX[dtype], float_dtype)
 
 
@@ -43,7 +44,7 @@ class _Plan:
 
     def constant(self, name: str, amax: float, dtype: str) -> tuple[str, str]:
         """A scale initializer and the zero point of `dtype` (which fixes QuantizeLinear's output type)."""
-        self.arrays[name] = _scale(amax, dtype, self.float_dtype)
+        self.arrays[name] = activation_scale(amax, dtype, self.float_dtype)
         self.arrays[f"zero_point.{dtype}"] = _ZERO[dtype]
         return name, f"zero_point.{dtype}"
 

@@ -23,6 +23,8 @@ import torch
 
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.models.loading import LoadedModel, build_reference_model
+from qwen3_compile.quantize.activations import activation_scale
+from qwen3_compile.quantize.awq import fake_int4
 from qwen3_compile.quantize.recipe import QuantRecipe
 from qwen3_compile.quantize.weights import QUANT_MAX, QUANTIZED_DTYPES, Transform
 from qwen3_compile.storage.manifest import CALIBRATION_FILE
@@ -62,27 +64,21 @@ def fake_quant(x: torch.Tensor, scale, dtype: str) -> torch.Tensor:
     return torch.round(y).clamp(low, QUANT_MAX[dtype]) * scale
 
 
-def _weight_scale(amax: torch.Tensor, dtype: str) -> torch.Tensor:
-    return torch.where(amax > 0, amax / QUANT_MAX[dtype], torch.ones_like(amax))
-
-
 def fake_quant_weight(w: torch.Tensor, recipe: QuantRecipe) -> torch.Tensor:
     """Torch layout ([out, in], experts [E, rows, in]): a scale per output row (per expert), or per group of
-    `group_size` input channels for INT4."""
+    `group_size` input channels for INT4 (AWQ's search uses the same `fake_int4`)."""
     dtype = recipe.weights.dtype
     if dtype == "int4":
-        group = recipe.weights.group_size
-        g = w.reshape(*w.shape[:-1], w.shape[-1] // group, group)
-        return fake_quant(g, _weight_scale(g.abs().amax(-1, keepdim=True), dtype), dtype).reshape(w.shape)
-    return fake_quant(w, _weight_scale(w.abs().amax(-1, keepdim=True), dtype), dtype)
+        return fake_int4(w, recipe.weights.group_size)
+    amax = w.abs().amax(-1, keepdim=True)
+    return fake_quant(w, torch.where(amax > 0, amax / QUANT_MAX[dtype], torch.ones_like(amax)), dtype)
 
 
 def _activation_scale(amax: float, dtype: str) -> torch.Tensor:
-    """As the graph stores it: max(amax, 1e-12) / qmax in float32."""
-    return torch.tensor(np.float32(max(amax, 1e-12) / QUANT_MAX[dtype]))
+    return torch.from_numpy(activation_scale(amax, dtype, np.float32))
 
 
-def _read_calibration(artifact: Path, arch) -> dict[str, np.ndarray]:
+def _read_calibration(artifact: Path) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -151,7 +147,7 @@ def _act_amax(calibration: dict[str, np.ndarray], *weights: str) -> float:
         ) from None
 
 
-def _hook_linears(model, recipe: QuantRecipe, calibration: dict[str, np.ndarray], arch) -> None:
+def _hook_linears(model, recipe: QuantRecipe, calibration: dict[str, np.ndarray]) -> None:
     """Fake-quantize the input of every quantized linear with its recorded per-tensor range."""
     dtype = recipe.activations.dtype
     shared = {
@@ -202,7 +198,7 @@ def recipe_reference(loaded: LoadedModel, artifact: Path, recipe: QuantRecipe) -
     if recipe.weights.dtype not in QUANTIZED_DTYPES:
         return None
     arch = loaded.arch
-    calibration = _read_calibration(artifact, arch) if recipe.needs_calibration else {}
+    calibration = _read_calibration(artifact) if recipe.needs_calibration else {}
     transforms = _fold_transforms(recipe, arch, calibration)
     state = {}
     with torch.no_grad():
@@ -215,7 +211,7 @@ def recipe_reference(loaded: LoadedModel, artifact: Path, recipe: QuantRecipe) -
             state[name] = t
     model = build_reference_model(arch, state)
     if recipe.activations is not None:
-        _hook_linears(model, recipe, calibration, arch)
+        _hook_linears(model, recipe, calibration)
     kv_scales = None
     if recipe.kv_cache is not None:
         kv = calibration.get("kv_amax")

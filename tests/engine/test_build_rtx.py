@@ -138,7 +138,7 @@ def test_compile_main_job_builds_an_engine(artifacts, tmp_path, monkeypatch):
     engine = pipeline._build_engine(exported, tmp_path, NO_PROGRESS)
     assert Path(engine["path"]).stat().st_size == engine["bytes"] > 1_000_000
     assert engine["target"] == "rtx-blackwell" and engine["moe_lowering"] == "dense"
-    monkeypatch.setattr(pipeline.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     assert "qwen3-compile[rtx]" in pipeline._build_engine(exported, tmp_path, NO_PROGRESS)["skipped"]
 
 

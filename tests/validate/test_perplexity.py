@@ -88,6 +88,25 @@ def test_trained_models_are_trained():
         assert _whole_window_nll(build_reference_model(loaded.arch, scrambled), rows).mean() > trained + 2
 
 
+def _ppl_args(reference: str, windows: int, prompts) -> list[str]:
+    """validate --ppl on a few windows and one prompt, no bisection or long context, --json."""
+    return [
+        "--reference",
+        reference,
+        "--ppl",
+        "--ppl-windows",
+        str(windows),
+        "--prompts",
+        str(prompts),
+        "--decode-steps",
+        "4",
+        "--no-bisect",
+        "--long-context-tokens",
+        "0",
+        "--json",
+    ]
+
+
 @pytest.fixture
 def one_prompt(tmp_path):
     path = tmp_path / "one.jsonl"
@@ -104,21 +123,9 @@ def test_validate_ppl_report_and_gate(artifacts, tmp_path, one_prompt):
         [
             "validate",
             str(art),
-            "--reference",
-            "trained-moe",
-            "--ppl",
-            "--ppl-windows",
-            "3",
-            "--prompts",
-            str(one_prompt),
-            "--decode-steps",
-            "4",
-            "--no-bisect",
-            "--long-context-tokens",
-            "0",
+            *_ppl_args("trained-moe", 3, one_prompt),
             "-o",
             str(out),
-            "--json",
         ],
     )
     assert result.exit_code == 0, result.output
@@ -156,21 +163,7 @@ def test_ppl_gate_fails_a_recipe_that_demands_no_increase(artifacts, tmp_path, o
         quantize_artifact(artifacts.export("trained-dense"), recipe, art)
         return art
 
-    args = [
-        "--reference",
-        "trained-dense",
-        "--ppl",
-        "--ppl-windows",
-        "2",
-        "--prompts",
-        str(one_prompt),
-        "--decode-steps",
-        "4",
-        "--no-bisect",
-        "--long-context-tokens",
-        "0",
-        "--json",
-    ]
+    args = _ppl_args("trained-dense", 2, one_prompt)
     strict = CliRunner().invoke(main, ["validate", str(quantize_with_gate(0.0)), *args])
     assert strict.exit_code == 1, strict.output
     report = json.loads(strict.output)
