@@ -14,7 +14,8 @@ logged with its traceback and the next one runs.
   flipped choices (with the reference's margin between its k-th and (k+1)-th expert probability there)
   and the largest |activation| (fp16 overflow); and GPU vs CPU of the same graph (the first probe's number).
 - bench: decode tokens/s, batch 1, a 128-token prompt, greedy, through the `run` loop (generate_reply),
-  ort (CPU) vs ort-cuda.
+  ort (CPU) vs ort-cuda, and with --ort-ops LIB also ort-cuda with our custom-op library (ExpertDispatch
+  on our kernels) for canonical MoE graphs. The 8-layer slice runs on the GPU only.
 - validate-tiny / validate-slice: `validate --backend ort-cuda` (the CLI for the tiny presets, the library
   with one loaded reference for the slice).
 """
@@ -45,7 +46,9 @@ class Spec:
 
     @property
     def model(self) -> str:
-        return "slice" if self.preset == SLICE else self.preset
+        if self.preset != SLICE:
+            return self.preset
+        return "slice" if self.layers == 2 else f"slice{self.layers}"
 
 
 ARTIFACTS = {
@@ -58,8 +61,16 @@ ARTIFACTS = {
     "slice-fp32": Spec(SLICE, "fp32", layers=2),
     "slice-fp32-ort": Spec(SLICE, "fp32", "slice-fp32", layers=2),
     "slice-fp16": Spec(SLICE, "fp16", layers=2),
+    # decode speed at depth: 8 layers, where per-layer work outweighs the per-step fixed costs
+    "slice8-fp16": Spec(SLICE, "fp16", layers=8),
+    "slice8-fp16-ort": Spec(SLICE, "fp16", "slice8-fp16", layers=8),
 }
-MODELS = {"tiny-dense": ("tiny-dense", None), "tiny-moe": ("tiny-moe", None), "slice": (SLICE, 2)}
+MODELS = {
+    "tiny-dense": ("tiny-dense", None),
+    "tiny-moe": ("tiny-moe", None),
+    "slice": (SLICE, 2),
+    "slice8": (SLICE, 8),
+}
 TORCH_VARIANTS = ("cpu-fp32", "cuda-fp32", "cuda-fp32-tf32", "cuda-fp16")
 # name -> (device, use_tf32, graph optimization level; None: the artifact's recorded one)
 ORT_CONFIGS = {
@@ -137,7 +148,7 @@ def export_all(work: Path, with_slice: bool, only: list[str] | None = None) -> d
 
     done = {}
     for name, spec in ARTIFACTS.items():
-        if spec.model == "slice" and not with_slice or only and name not in only:
+        if spec.preset == SLICE and not with_slice or only and name not in only:
             continue
         folder = work / name
         if (folder / "manifest.json").exists():
@@ -410,14 +421,21 @@ def diag(work: Path, results: Results, artifacts: list[str], configs: list[str],
 BENCH_PROMPT = np.random.default_rng(1).integers(0, 151643, 128).tolist()
 
 
-def bench_one(work: Path, name: str, backend: str, steps: int) -> dict:
+def bench_one(work: Path, name: str, backend: str, steps: int, ort_ops: Path | None = None) -> dict:
+    from qwen3_compile.backends.onnxruntime.op_libraries import ORT_OPS_ENV
     from qwen3_compile.backends.registry import open_runner
     from qwen3_compile.generation.loop import generate_reply
     from qwen3_compile.storage.manifest import read_manifest
 
     slow = backend == "ort" and ARTIFACTS[name].model == "slice"
     folder = work / name
-    runner = open_runner(folder, read_manifest(folder), backend)
+    os.environ.pop(ORT_OPS_ENV, None)
+    if ort_ops is not None:  # the session registers our library and ORT takes it over the function body
+        os.environ[ORT_OPS_ENV] = str(ort_ops)
+    try:
+        runner = open_runner(folder, read_manifest(folder), backend)
+    finally:
+        os.environ.pop(ORT_OPS_ENV, None)
     ids = np.array([BENCH_PROMPT], dtype=np.int64)
     mask, positions = np.ones_like(ids), np.arange(128)[None]
     times = []
@@ -437,12 +455,17 @@ def bench_one(work: Path, name: str, backend: str, steps: int) -> dict:
     }
 
 
-def bench(work: Path, results: Results, artifacts: list[str], steps: int) -> None:
+def bench(work: Path, results: Results, artifacts: list[str], steps: int, ort_ops: Path | None) -> None:
     for name in artifacts:
+        spec = ARTIFACTS[name]
         for backend in ("ort-cuda", "ort"):
-            if ARTIFACTS[name].dtype == "bf16" and backend == "ort":
-                continue  # ORT's CPU provider has no bf16 kernels for these ops
+            if backend == "ort" and (spec.dtype == "bf16" or spec.model == "slice8"):
+                continue  # ORT's CPU provider has no bf16 kernels for these ops; 8 layers are GPU-only
             guarded(results, ["bench", name, backend], bench_one, work, name, backend, steps)
+        if ort_ops is not None and spec.lowered_from is None and spec.preset != "tiny-dense":
+            guarded(
+                results, ["bench", name, "ort-cuda+ops"], bench_one, work, name, "ort-cuda", steps, ort_ops
+            )
 
 
 # ---------------------------------------------------------------- validate
@@ -557,6 +580,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--slice", action="store_true", help="prepare: the 30B-A3B slice too")
+    parser.add_argument("--no-references", action="store_true", help="prepare: exports only (for bench)")
+    parser.add_argument("--ort-ops", type=Path, help="bench: libqmoe_ort.so, adds ort-cuda+ops rows")
     parser.add_argument("--parts", default="diag,bench,validate-tiny,validate-slice")
     parser.add_argument("--artifacts", help="comma-separated subset (default: every prepared one)")
     parser.add_argument("--steps", type=int, default=128, help="bench: decode steps")
@@ -573,7 +598,8 @@ def main() -> None:
         models = ["tiny-dense", "tiny-moe"] + (["slice"] if args.slice else [])
         if only:
             models = [m for m in models if any(ARTIFACTS[a].model == m for a in only)]
-        results.put(["references"], prepare_references(work, models))
+        if not args.no_references:
+            results.put(["references"], prepare_references(work, models))
         log("prepare finished")
         (work / "prepare.done").write_text("ok")
         return
@@ -598,7 +624,7 @@ def main() -> None:
                 args.tag,
             )
         elif part == "bench":
-            bench(work, results, chosen, args.steps)
+            bench(work, results, chosen, args.steps, args.ort_ops)
         elif part == "validate-tiny":
             validate_tiny(work, results, out, [a for a in chosen if ARTIFACTS[a].model != "slice"])
         elif part == "validate-slice":

@@ -5,7 +5,8 @@
 # /root, so it survives between calls while the machine stays warm.
 #
 #   bash benchmarks/ort_cuda_device.sh chunk N          # keep chunk N; first call: + start-prepare
-#   bash benchmarks/ort_cuda_device.sh start-prepare [ARTIFACTS]  # exports + PyTorch refs, background
+#   bash benchmarks/ort_cuda_device.sh start-prepare [ARTIFACTS [EXTRA]]  # exports (+ refs), background
+#   bash benchmarks/ort_cuda_device.sh build-ops        # libqmoe_ort.so -> /root/qmoe-ort (background)
 #   bash benchmarks/ort_cuda_device.sh install          # assemble and install onnxruntime-gpu
 #   bash benchmarks/ort_cuda_device.sh measure PARTS [SECONDS] [ARTIFACTS] [EXTRA ARGS...]
 set -u
@@ -21,9 +22,16 @@ chunk)
     ;;
 start-prepare)
     python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site .ortgpu/whl/*.whl
-    setsid nohup python3 $SRC/benchmarks/ort_cuda.py prepare --work $WORK --slice ${2:+--artifacts "$2"} \
+    setsid nohup python3 $SRC/benchmarks/ort_cuda.py prepare --work $WORK --slice ${2:+--artifacts "$2"} ${3:-} \
         >$WORK/prepare.log 2>&1 </dev/null &
     echo "prepare started: pid $!"
+    ;;
+build-ops)
+    # the documented CMake build against the C API headers carried in third_party_headers/onnxruntime
+    setsid nohup bash -c "cmake -S plugins/moe -B /root/qmoe-ort -DQMOE_ARCHS=90 -DCMAKE_BUILD_TYPE=Release \
+        -DORT_INCLUDE_DIR=$PWD/third_party_headers/onnxruntime -DCMAKE_CUDA_COMPILER=\$(command -v nvcc || echo /usr/local/cuda/bin/nvcc) \
+        && cmake --build /root/qmoe-ort --target qmoe_ort -j 8" >/root/qmoe-ort.log 2>&1 </dev/null &
+    echo "build-ops started: pid $!"
     ;;
 install)
     cat /root/ortw/part0* >/root/ortw/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl &&
