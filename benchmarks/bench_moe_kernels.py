@@ -184,7 +184,10 @@ def render(meta: dict, readings: list[dict], rows: list[dict]) -> str:
             "Times in us: median (p10-p90). cold GPU: one call after an L2 flush, CUDA events; cold wall: "
             "host clock around one call + stream sync; replay: per call, back to back (graph or eager b2b). "
             "% roofline: decode (T <= 16) % of the HBM copy floor for the bytes the call must move, prefill "
-            "% of the bf16 matmul rate. x: fastest transformers row's cold GPU median / this row's.",
+            "% of the bf16 matmul rate. x: fastest transformers row's cold GPU median / this row's. "
+            "rel. err: vs a float64 evaluation of the same inputs and 16-bit weights (INT8 rows include "
+            "the quantisation error). (host-bound): the host took longer to enqueue the call than the "
+            "flush + spin head start, so the cold GPU time includes host gaps.",
             "",
             "| T | contender | cold GPU | cold wall | replay | replay mode | % roofline cold | "
             "% roofline replay | x vs transformers (cold GPU) | rel. err |",
@@ -216,6 +219,20 @@ def render(meta: dict, readings: list[dict], rows: list[dict]) -> str:
                     f"{_fmt(pc)} % {kind} | {_fmt(pr)} % {kind} | "
                     f"{_fmt(best / cold if best else None, '.1f')} | {_fmt(r.get('rel_err'), '.1e')} |"
                 )
+        notes = [
+            f"- T={r['T']} {r['contender']}: CUDA graph capture failed, replay ran eagerly back to back "
+            f"({r['graph_capture_error']})"
+            for r in srows
+            if r.get("graph_capture_error")
+        ]
+        notes += [
+            f"- T={r['T']} {r['contender']}: replay outputs differ from the reference "
+            f"(rel. err {r['replay_rel_err']:.1e} vs {r['rel_err']:.1e} for the single call)"
+            for r in srows
+            if "replay_rel_err" in r and not r["replay_rel_err"] <= max(2 * r["rel_err"], 1e-2)
+        ]
+        if notes:
+            out += ["", *notes]
     return "\n".join(out) + "\n"
 
 
@@ -323,9 +340,8 @@ class Timer:
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, stream=self.stream):
                     outputs = [c() for c in calls]
-                for (
-                    o
-                ) in outputs:  # a call the graph did not capture would leave NaN: replay rel. err shows it
+                # a call the graph did not capture would leave NaN here: the replay rel. err shows it
+                for o in outputs:
                     o.fill_(math.nan)
                 mode = "graph"
             except Exception as exc:  # capture refused: eager back to back, labelled
