@@ -67,6 +67,7 @@ import os
 import platform
 import shlex
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -951,7 +952,10 @@ def main() -> None:
         if "fp16" in sections:
             weights["fp16"] = (gate_up.to(torch.float16), down.to(torch.float16))
             try:
-                ctx["ort"] = OrtMoE(torch, stream, *weights["fp16"], (args.out or Path("/tmp")) / "ort_model")
+                # a fallback model with initializers (1.2 GB) goes to a temporary folder, never to --out
+                ctx["ort"] = OrtMoE(
+                    torch, stream, *weights["fp16"], Path(tempfile.mkdtemp(prefix="ort_moe_"))
+                )
                 meta["onnxruntime"] = ctx["ort"].version
                 meta["ort_weights"] = ctx["ort"].weights
                 log(f"onnxruntime {ctx['ort'].version}: CUDA session ready, weights as {ctx['ort'].weights}")
