@@ -1,120 +1,426 @@
-"""Benchmark the qmoe CUDA kernels on one Qwen3-30B-A3B MoE layer (H 2048, I 768, E 128, top-8).
+"""One Qwen3-30B-A3B MoE layer (H 2048, I 768, E 128, top-8) on the GPU: our qmoe kernels against
+transformers' Qwen3MoeExperts and ONNX Runtime's com.microsoft::MoE, every contender timed the same way.
 
-Measured in the same run: device copy bandwidth (bytes read + written), the bf16 torch.matmul rate on
-random 8192^3 operands, and transformers' own MoE expert implementations on the same inputs.
-Decode (T = 1, 4, 16) is reported against the HBM roofline (bytes of the distinct selected experts'
-weights / copy bandwidth); prefill (T = 512, 2048) as TFLOP/s against the matmul rate.
+    PYTHONPATH=. python3 benchmarks/bench_moe_kernels.py --out DIR [--quick]
+    PYTHONPATH=.:/root/ortsite python3 benchmarks/bench_moe_kernels.py --out DIR   # with onnxruntime-gpu
+    python3 benchmarks/bench_moe_kernels.py --dry-run               # CPU only: the plan and a table self-test
 
-    PYTHONPATH=. python3 benchmarks/bench_moe_kernels.py [--out DIR]
+Token counts T = 1, 4, 16 (decode) and 512, 2048 (prefill). Two comparisons, each with its own table:
+- bf16 (activations, weights and router logits): qmoe with the default dispatch (`path="auto"`) and each
+  path the wrapper exposes (`gemv`, `mma`, `mma_sync`, `wgmma`; the label names the kernel the library
+  resolved), qmoe with INT8 weight-only experts, and transformers' `Qwen3MoeExperts` with its `eager`,
+  `batched_mm` (decode only: at prefill it gathers a [T*k, 2I, H] weight copy, 100 GB at T=2048) and
+  `grouped_mm` implementations, each preceded by Qwen3's router math (fp32 softmax, top-k, renormalise).
+- fp16, where ONNX Runtime's CUDA MoE kernel needs it (it has no bf16 kernel): qmoe (auto), transformers
+  `batched_mm` (decode) and `grouped_mm`, and ORT's `com.microsoft::MoE` as a one-node model (fp16 input,
+  fp16 router logits, gate/up rows interleaved and SwiGLU attributes as `lower --for ort` writes them), run
+  through IO binding on the same torch tensors. Skipped, with the reason printed, if onnxruntime (with the
+  CUDA provider) does not import.
+
+Every contender gets the same inputs: a few input sets (x [T, H], router logits [T, E]) that select
+different experts, the same weights, outputs preallocated where the API allows.
+
+How each number is measured (identical for every contender; all work runs on one torch stream, and ORT is
+given that stream as its compute stream through the CUDA provider option `user_compute_stream`, with the
+run option `disable_synchronize_execution_providers=1`, so torch CUDA events bracket its kernels too):
+
+(a) single call from a cold L2, two readings per repetition:
+    - "cold GPU": write+read a buffer of max(256 MB, 4x the device's L2 size) (`bitwise_not_`), then a
+      ~300 us spin kernel (`torch.cuda._sleep`) so the host can enqueue the call before the GPU reaches it,
+      then CUDA event, the call, CUDA event. The events are stream-ordered after the flush, so this is the
+      GPU time of one call on a cold L2 that does not overlap any other call. If the host needs longer to
+      enqueue the call than the flush + spin take (host-bound: transformers `eager`, ORT), the gap is part
+      of the number; the row's "host enqueue" time says when that happened.
+    - "cold wall": the same flush, `torch.cuda.synchronize`-equivalent (stream sync), then
+      `time.perf_counter` around the call and a stream sync: what one call costs a caller end to end,
+      launch and synchronisation included.
+    Median and p10/p90 over the repetitions (min/max and every reading in results.json).
+(b) "replay": several calls (one per input set, rotating, so each call finds other experts' weights in L2)
+    captured in one CUDA graph, then the graph replayed back to back; CUDA events around each replay,
+    divided by the number of calls. Successive calls overlap at their boundaries here (a kernel of call
+    n+1 starts while call n drains), so replay is faster than (a): it is a throughput figure, labelled as
+    such. A contender that cannot be captured (transformers `eager` synchronises on data-dependent shapes;
+    ORT is not captured unless `--ort-graph`) runs the same calls eagerly back to back instead, labelled
+    "eager b2b". The replay outputs are checked against the reference too (`replay rel. err` in the JSON).
+
+Roofline denominators, measured five times through the run (start, between sections, end): copy bandwidth
+(a 1 GiB -> 1 GiB device copy, bytes read + written, median of event-timed repetitions) and the bf16
+torch.matmul rate on 8192^3 operands. All readings are reported; percentages use their medians.
+- decode (T <= 16): % HBM = (bytes the call must move: the distinct selected experts' weights, mean over the
+  input sets, + x, logits and the output) / median copy bandwidth / measured time. The router's own [E, H]
+  weight (0.5 MB) is not counted: the benchmarked calls start from router logits and never read it
+  (results.json records it as `router_weight_bytes`).
+- prefill (T >= 512): % matmul = (6 * T * k * H * I FLOPs) / measured time / median matmul rate.
+
+Output: a markdown report (printed and written to DIR/results.md) and DIR/results.json with every raw
+reading, written again after every row so a crash keeps what was measured. One contender's failure records
+an error row and the run goes on.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import math
 import os
-import statistics
+import platform
+import shlex
+import sys
+import tempfile
 import time
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-
-from qwen3_compile.kernels import moe as kmoe
 
 H, INTER, E, K = 2048, 768, 128, 8
 DECODE_T = (1, 4, 16)
 PREFILL_T = (512, 2048)
+QMOE_PATHS = ("gemv", "mma", "mma_sync", "wgmma")  # besides "auto" (the default dispatch)
+BYTES = {"bf16": 2, "fp16": 2, "int8": 1}
+SPIN_US = 1000  # GPU spin after the flush: the host's head start to enqueue a cold call
 
 
-def time_events(fn, reps: int, warmup: int = 3) -> float:
-    """Median milliseconds of fn() over reps, each timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+# --------------------------------------------------------------------------------------------------
+# Pure arithmetic and rendering (no GPU; checked by tests/benchmarks/test_bench_moe_stats.py).
+
+
+def quantile(values: list[float], q: float) -> float:
+    """Linear-interpolated quantile (numpy's default method), q in [0, 1]."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize(values: list[float]) -> dict:
+    """Median, p10, p90, min, max and count of a list of readings."""
+    if not values:
+        return {"n": 0}
+    return {
+        "n": len(values),
+        "median": quantile(values, 0.5),
+        "p10": quantile(values, 0.1),
+        "p90": quantile(values, 0.9),
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def expert_bytes(weights: str, hidden: int = H, inter: int = INTER) -> int:
+    """Bytes of one expert's gate_up [2I, H] and down [H, I] weights (+ INT8's fp32 row scales)."""
+    n = 3 * hidden * inter * BYTES[weights]
+    if weights == "int8":
+        n += 4 * (2 * inter + hidden)
+    return n
+
+
+def call_bytes(distinct_experts: float, tokens: int, weights: str, act_bytes: int = 2) -> float:
+    """Bytes one call must move at least: the distinct selected experts' weights, x, logits, output."""
+    return distinct_experts * expert_bytes(weights) + act_bytes * tokens * (2 * H + E)
+
+
+def moe_flops(tokens: int, top_k: int = K, hidden: int = H, inter: int = INTER) -> int:
+    """FLOPs of the expert GEMMs: per (token, expert) pair 2*H*2I (gate_up) + 2*I*H (down)."""
+    return 6 * tokens * top_k * hidden * inter
+
+
+def roofline_pct(tokens: int, us: float, nbytes: float, copy_bw: float, matmul_rate: float) -> float:
+    """Decode: % of the copy-bandwidth floor for `nbytes`; prefill: % of the matmul rate."""
+    if not us or not math.isfinite(us) or us <= 0:
+        return math.nan
+    seconds = us * 1e-6
+    if tokens > max(DECODE_T):
+        return 100 * moe_flops(tokens) / seconds / matmul_rate
+    return 100 * (nbytes / copy_bw) / seconds
+
+
+def _fmt_stat(s: dict | None) -> str:
+    if not s or not s.get("n"):
+        return "-"
+    return f"{s['median']:.1f} ({s['p10']:.1f}-{s['p90']:.1f})"
+
+
+def _fmt(x, spec: str = ".0f") -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def render(meta: dict, readings: list[dict], rows: list[dict]) -> str:
+    """The markdown report: header, roofline readings, one table per comparison."""
+    den = denominators(readings)
+    out = [
+        "## qmoe MoE layer benchmark",
+        "",
+        f"- command: `{meta.get('command', '')}`",
+        f"- GPU: {meta.get('gpu', '?')} (L2 {meta.get('l2_mb', '?')} MB, "
+        f"flush buffer {meta.get('flush_mb', '?')} MB)",
+        f"- torch {meta.get('torch', '?')}, CUDA {meta.get('cuda', '?')}, transformers "
+        f"{meta.get('transformers', '?')}, onnxruntime {meta.get('onnxruntime', '-')}",
+        f"- date: {meta.get('date', '?')}; mode: {meta.get('mode', '?')}",
+        "",
+        "Roofline readings (copy: 1 GiB -> 1 GiB, bytes read + written; matmul: bf16 8192^3):",
+        "",
+        "| # | when | copy TB/s | bf16 matmul TFLOP/s |",
+        "|---:|---|---:|---:|",
+    ]
+    for i, r in enumerate(readings):
+        out.append(f"| {i + 1} | {r['when']} | {r['copy_bw'] / 1e12:.2f} | {r['matmul'] / 1e12:.0f} |")
+    if readings:
+        out += [
+            "",
+            f"Denominators (medians of the readings): copy {den['copy_bw'] / 1e12:.2f} TB/s "
+            f"(spread {den['copy_min'] / 1e12:.2f}-{den['copy_max'] / 1e12:.2f}), matmul "
+            f"{den['matmul'] / 1e12:.0f} TFLOP/s "
+            f"(spread {den['matmul_min'] / 1e12:.0f}-{den['matmul_max'] / 1e12:.0f}).",
+        ]
+    for section in dict.fromkeys(r["section"] for r in rows):
+        srows = [r for r in rows if r["section"] == section]
+        out += [
+            "",
+            f"### {section}",
+            "",
+            "Times in us: median (p10-p90). cold GPU: one call after an L2 flush, CUDA events; cold wall: "
+            "host clock around one call + stream sync; replay: per call, back to back (graph or eager b2b). "
+            "% roofline: decode (T <= 16) % of the HBM copy floor for the bytes the call must move, prefill "
+            "% of the bf16 matmul rate. x: fastest transformers row's cold GPU median / this row's. "
+            "rel. err: vs a float64 evaluation of the same inputs and 16-bit weights (INT8 rows include "
+            "the quantisation error). (host-bound): the host took longer to enqueue the call than the "
+            "flush + spin head start, so the cold GPU time includes host gaps.",
+            "",
+            "| T | contender | cold GPU | cold wall | replay | replay mode | % roofline cold | "
+            "% roofline replay | x vs transformers (cold GPU) | rel. err |",
+            "|---:|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        ]
+        for T in sorted({r["T"] for r in srows}):
+            trows = [r for r in srows if r["T"] == T]
+            hf = [
+                r["cold_gpu"]["median"]
+                for r in trows
+                if r["contender"].startswith("transformers") and r.get("cold_gpu", {}).get("n")
+            ]
+            best = min(hf) if hf else None
+            for r in trows:
+                if "error" in r or "skipped" in r:
+                    what = "error: " + r["error"] if "error" in r else "skipped: " + r["skipped"]
+                    out.append(f"| {T} | {r['contender']} | {what[:160]} | | | | | | | |")
+                    continue
+                cold = r["cold_gpu"]["median"]
+                pc = roofline_pct(T, cold, r["bytes"], den["copy_bw"], den["matmul"])
+                pr = roofline_pct(
+                    T, r["replay"].get("median", math.nan), r["bytes"], den["copy_bw"], den["matmul"]
+                )
+                kind = "HBM" if T <= max(DECODE_T) else "mm"
+                host = " (host-bound)" if r.get("host_bound") else ""
+                out.append(
+                    f"| {T} | {r['contender']}{host} | {_fmt_stat(r['cold_gpu'])} | "
+                    f"{_fmt_stat(r['cold_wall'])} | {_fmt_stat(r['replay'])} | {r['replay_mode']} | "
+                    f"{_fmt(pc)} % {kind} | {_fmt(pr)} % {kind} | "
+                    f"{_fmt(best / cold if best else None, '.1f')} | {_fmt(r.get('rel_err'), '.1e')} |"
+                )
+        notes = [
+            f"- T={r['T']} {r['contender']}: CUDA graph capture failed, replay ran eagerly back to back "
+            f"({r['graph_capture_error']})"
+            for r in srows
+            if r.get("graph_capture_error")
+        ]
+        notes += [
+            f"- T={r['T']} {r['contender']}: replay outputs differ from the reference "
+            f"(rel. err {r['replay_rel_err']:.1e} vs {r['rel_err']:.1e} for the single call)"
+            for r in srows
+            if "replay_rel_err" in r and not r["replay_rel_err"] <= max(2 * r["rel_err"], 1e-2)
+        ]
+        if notes:
+            out += ["", *notes]
+    return "\n".join(out) + "\n"
+
+
+def denominators(readings: list[dict]) -> dict:
+    bw = [r["copy_bw"] for r in readings]
+    mm = [r["matmul"] for r in readings]
+    if not readings:
+        return {"copy_bw": math.nan, "matmul": math.nan}
+    return {
+        "copy_bw": quantile(bw, 0.5),
+        "copy_min": min(bw),
+        "copy_max": max(bw),
+        "matmul": quantile(mm, 0.5),
+        "matmul_min": min(mm),
+        "matmul_max": max(mm),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU timing.
+
+
+@dataclass
+class Settings:
+    cold_reps: int  # repetitions of a single cold call (upper bound)
+    replays: int  # graph replays (upper bound)
+    budget_s: float  # per contender and measurement kind: fewer repetitions for slow calls
+    min_reps: int
+    roof_reps: int
+    graph_calls: dict = field(default_factory=lambda: {"decode": 8, "prefill": 4})
+
+
+FULL = Settings(cold_reps=60, replays=20, budget_s=1.5, min_reps=5, roof_reps=10)
+QUICK = Settings(cold_reps=15, replays=5, budget_s=0.3, min_reps=3, roof_reps=4)
+
+
+class Timer:
+    """Flush buffer, spin calibration and the two measurement kinds, all on one torch stream."""
+
+    def __init__(self, torch, stream):
+        self.torch, self.stream = torch, stream
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        self.l2 = int(getattr(props, "L2_cache_size", 0) or 60 << 20)
+        self.flush_bytes = max(256 << 20, 4 * self.l2)
+        self.flush_buf = torch.empty(self.flush_bytes, dtype=torch.uint8, device="cuda")
+        self.flush_buf.zero_()
+        self.sleep_cycles = 0
+        self.sleep = getattr(torch.cuda, "_sleep", None)
+        if self.sleep is not None:  # ~1 ms of spinning, calibrated (and capped should that misfire)
+            self.sleep(1000)
+            a, b = self.events()
+            a.record()
+            self.sleep(1_000_000)
+            b.record()
+            b.synchronize()
+            per_us = 1_000_000 / max(a.elapsed_time(b) * 1e3, 1.0)
+            self.sleep_cycles = min(int(SPIN_US * per_us), 4_000_000)
+        a, b = self.events()
         a.record()
-        fn()
+        self.pre_call()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+        self.head_start_us = a.elapsed_time(b) * 1e3  # flush + spin, GPU time
+
+    def events(self):
+        ev = self.torch.cuda.Event
+        return ev(enable_timing=True), ev(enable_timing=True)
+
+    def pre_call(self):
+        self.flush_buf.bitwise_not_()
+        if self.sleep is not None and self.sleep_cycles:
+            self.sleep(self.sleep_cycles)
+
+    def cold(self, calls, reps: int) -> dict:
+        """Single calls from a cold L2: (GPU events after flush + spin, host wall after flush + sync)."""
+        gpu, wall, enqueue = [], [], []
+        for i in range(reps):
+            call = calls[i % len(calls)]
+            a, b = self.events()
+            self.pre_call()
+            a.record()
+            t0 = time.perf_counter()
+            call()
+            enqueue.append((time.perf_counter() - t0) * 1e6)
+            b.record()
+            b.synchronize()
+            gpu.append(a.elapsed_time(b) * 1e3)
+            self.flush_buf.bitwise_not_()
+            self.stream.synchronize()
+            t0 = time.perf_counter()
+            call()
+            self.stream.synchronize()
+            wall.append((time.perf_counter() - t0) * 1e6)
+        return {"gpu": gpu, "wall": wall, "enqueue": enqueue}
+
+    def replay(self, calls, replays: int, graph: bool):
+        """Per-call microseconds of back-to-back calls: one CUDA graph of all `calls`, replayed (or, if
+        `graph` is False or capture fails, the calls run eagerly back to back). Returns (mode, times,
+        outputs of the calls, capture error or None)."""
+        torch = self.torch
+        outputs, mode, err, g = None, "eager b2b", None, None
+        if graph:
+            try:  # captured on the benchmark stream itself: ORT launches on it (user_compute_stream)
+                self.stream.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, stream=self.stream):
+                    outputs = [c() for c in calls]
+                # a call the graph did not capture would leave NaN here: the replay rel. err shows it
+                for o in outputs:
+                    o.fill_(math.nan)
+                mode = "graph"
+            except Exception as exc:  # capture refused: eager back to back, labelled
+                err = f"{type(exc).__name__}: {exc}"[:300]
+                g, outputs = None, None
+                torch.cuda.synchronize()
+
+        def run():
+            if g is not None:
+                g.replay()
+                return outputs
+            return [c() for c in calls]
+
+        outputs = run()  # warm-up replay
+        self.stream.synchronize()
+        times = []
+        for _ in range(replays):
+            a, b = self.events()
+            a.record()
+            outs = run()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1e3 / len(calls))
+        return mode, times, outs, err
 
 
-def time_graph(calls, reps: int) -> float:
-    """Milliseconds per call: capture the calls (one per input set) in a CUDA graph, time the replays."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    ms = time_events(g.replay, reps)
-    return ms / len(calls)
+def roofline_reading(torch, bufs: dict, reps: int, when: str) -> dict:
+    """Copy bandwidth (bytes read + written) and bf16 8192^3 matmul rate, medians of event timings."""
+
+    def timed(fn) -> list[float]:
+        for _ in range(2):
+            fn()
+        ms = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ms.append(a.elapsed_time(b))
+        return ms
+
+    src, dst = bufs["src"], bufs["dst"]
+    copy_ms = timed(lambda: dst.copy_(src))
+    A, B, C = bufs["A"], bufs["B"], bufs["C"]
+    mm_ms = timed(lambda: torch.matmul(A, B, out=C))
+    n = A.shape[0]
+    r = {
+        "when": when,
+        "copy_bw": 2 * src.numel() / (quantile(copy_ms, 0.5) * 1e-3),
+        "matmul": 2 * n**3 / (quantile(mm_ms, 0.5) * 1e-3),
+        "copy_ms": copy_ms,
+        "matmul_ms": mm_ms,
+    }
+    log(
+        f"roofline reading '{when}': copy {r['copy_bw'] / 1e12:.2f} TB/s, "
+        f"matmul {r['matmul'] / 1e12:.0f} TFLOP/s"
+    )
+    return r
 
 
-def forward_calls(xs, ls, outs, ws, weights):
-    """One qmoe forward per input set, as closures (for graph capture)."""
+# --------------------------------------------------------------------------------------------------
+# Contenders: each a list of zero-argument calls (one per input set) that return the output tensor.
+
+
+def qmoe_calls(kmoe, torch, xs, ls, weights, path):
     w1, w2, s1, s2 = weights
+    outs = [torch.empty_like(x) for x in xs]
+    prob = kmoe._problem(xs[0], ls[0], w1, K, True, s1, path)
+    ws = torch.empty(max(kmoe.workspace_bytes(prob), 1), dtype=torch.uint8, device="cuda")
     return [
-        (lambda x=x, lg=lg, o=o: kmoe.moe_forward(x, lg, w1, w2, K, True, s1, s2, "auto", o, ws))
+        (lambda x=x, lg=lg, o=o: kmoe.moe_forward(x, lg, w1, w2, K, True, s1, s2, path, o, ws))
         for x, lg, o in zip(xs, ls, outs, strict=True)
     ]
 
 
-def copy_bandwidth() -> float:
-    n = 2 << 30
-    a = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = time_events(lambda: b.copy_(a), 20)
-    return 2 * n / (ms * 1e-3)
-
-
-def small_stream_times(nbytes: int, reps: int) -> dict[str, float]:
-    """Microseconds per call, in a CUDA graph over 8 rotating buffers (cold in L2), of torch moving `nbytes`:
-    a copy (nbytes/2 read + nbytes/2 written) and a read-only bf16 sum. The floor at a layer's size, where
-    launch and ramp-up weigh more than in the 2 GB copy that sets the roofline."""
-    half = nbytes // 2
-    src = [torch.randint(0, 255, (half,), dtype=torch.uint8, device="cuda") for _ in range(8)]
-    dst = [torch.empty_like(t) for t in src]
-    vals = [torch.randn(nbytes // 2, device="cuda").to(torch.bfloat16) for _ in range(8)]
-    acc = torch.empty(8, device="cuda")
-    copy = [(lambda a=a, b=b: b.copy_(a)) for a, b in zip(src, dst, strict=True)]
-    read = [
-        (lambda v=v, i=i: torch.sum(v, dim=0, dtype=torch.float32, out=acc[i])) for i, v in enumerate(vals)
-    ]
-    return {"copy": time_graph(copy, reps) * 1e3, "read": time_graph(read, reps) * 1e3}
-
-
-def matmul_rate() -> float:
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = time_events(lambda: a @ b, 20)
-    return 2 * n**3 / (ms * 1e-3)
-
-
-def torch_loop_moe(x, logits, gate_up, down, k):
-    """Naive reference: router in torch, then a Python loop over the experts that received tokens."""
-    probs = torch.softmax(logits.float(), -1)
-    w, ids = torch.topk(probs, k, -1)
-    w = (w / w.sum(-1, keepdim=True)).to(x.dtype)
-    out = torch.zeros_like(x)
-    for e in torch.unique(ids).tolist():
-        tok, slot = torch.nonzero(ids == e, as_tuple=True)
-        g, u = torch.nn.functional.linear(x[tok], gate_up[e]).chunk(2, -1)
-        y = torch.nn.functional.linear(torch.nn.functional.silu(g) * u, down[e]) * w[tok, slot, None]
-        out.index_add_(0, tok, y)
-    return out
-
-
-def transformers_block(gate_up, down, impl):
-    """transformers' Qwen3MoeExperts with `impl` ('eager', 'batched_mm', 'grouped_mm') + its router math."""
+def transformers_calls(torch, xs, ls, gate_up, down, impl):
+    """transformers' Qwen3MoeExperts (`impl`) after Qwen3's router math, as Qwen3MoeSparseMoeBlock runs it."""
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
@@ -127,227 +433,561 @@ def transformers_block(gate_up, down, impl):
     ex.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
     ex.down_proj = torch.nn.Parameter(down, requires_grad=False)
 
+    @torch.no_grad()
     def run(x, logits):
         probs = torch.softmax(logits, dtype=torch.float, dim=-1)
         w, ids = torch.topk(probs, K, dim=-1)
-        w = (w / w.sum(-1, keepdim=True)).to(x.dtype)
+        w = (w / w.sum(-1, keepdim=True)).to(logits.dtype)
         return ex(x, ids, w)
 
-    return run
+    return [(lambda x=x, lg=lg: run(x, lg)) for x, lg in zip(xs, ls, strict=True)]
 
 
-def bench_tokens(T: int, weights: dict, bw: float, mm: float, reps: int) -> list[dict]:
-    """All variants at T tokens; returns one row per variant."""
-    gate_up, down = weights["bf16"][:2]
-    expert_bytes = {"bf16": 2 * 3 * H * INTER, "int8": 3 * H * INTER + 4 * (2 * INTER + H)}
-    decode = T in DECODE_T
-    n_sets = 8 if decode else 2  # rotate inputs so successive calls pick different experts
-    xs = [torch.randn(T, H, device="cuda").to(torch.bfloat16) for _ in range(n_sets)]
-    # Router logits in bf16, as Qwen3's router Linear returns them.
-    ls = [torch.randn(T, E, device="cuda").to(torch.bfloat16) for _ in range(n_sets)]
-    distinct = statistics.mean(len(torch.unique(kmoe.route_reference(lg, K, True)[0])) for lg in ls)
-    flops = 6 * T * K * H * INTER
-    ref = torch_loop_moe(xs[0].float(), ls[0], gate_up.float(), down.float(), K)
-    rows = []
-
-    def add(variant, ms, wbytes, out):
-        row = {"T": T, "variant": variant, "us": ms * 1e3, "tflops": flops / (ms * 1e-3) / 1e12}
-        row["pct_matmul"] = 100 * flops / (ms * 1e-3) / mm
-        row["weight_MB"] = wbytes / 1e6
-        row["pct_hbm_roofline"] = 100 * (wbytes / bw) / (ms * 1e-3)
-        row["rel_err_vs_fp32"] = ((out.float() - ref).norm() / ref.norm()).item()
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-
-    for kind, (w1, w2, s1, s2) in weights.items():
-        outs = [torch.empty_like(x) for x in xs]
-        prob = kmoe._problem(xs[0], ls[0], w1, K, True, s1, "auto")
-        ws = torch.empty(kmoe.workspace_bytes(prob), dtype=torch.uint8, device="cuda")
-        calls = forward_calls(xs, ls, outs, ws, (w1, w2, s1, s2))
-        ms = time_graph(calls, reps)
-        calls[0]()
-        path = kmoe.resolve_path(xs[0], ls[0], w1, K, s1)
-        add(f"qmoe {kind} ({path})", ms, distinct * expert_bytes[kind], outs[0])
-        other = {"wgmma": "mma_sync", "mma_sync": "wgmma"}.get(path)
-        if other and s1 is None and torch.cuda.get_device_capability() == (9, 0):
-            # The other tensor-core kernel on the same inputs, same run (QMOE_WGMMA overrides the rule).
-            os.environ["QMOE_WGMMA"] = "1" if other == "wgmma" else "0"
-            try:
-                ms = time_graph(calls, reps)
-                calls[0]()
-            finally:
-                os.environ.pop("QMOE_WGMMA")
-            add(f"qmoe {kind} ({other})", ms, distinct * expert_bytes[kind], outs[0])
-
-    def naive():
-        return torch_loop_moe(xs[0], ls[0], gate_up, down, K)
-
-    add("torch loop (naive)", time_events(naive, max(3, reps // 3)), distinct * expert_bytes["bf16"], naive())
-    for impl in ("eager", "batched_mm", "grouped_mm"):
-        if impl == "batched_mm" and not decode:
-            continue  # gathers a [T*k, 2I, H] weight copy: 100 GB at T=2048
-        try:
-            blk = transformers_block(gate_up, down, impl)
-            ms = time_events(lambda blk=blk: blk(xs[0], ls[0]), max(3, reps // 3))
-            add(f"transformers {impl}", ms, distinct * expert_bytes["bf16"], blk(xs[0], ls[0]))
-        except Exception as exc:  # report, keep benchmarking
-            print(f"transformers {impl} failed at T={T}: {type(exc).__name__}: {exc}", flush=True)
-    return rows
+def interleave_gate_up_torch(gate_up):
+    """[E, 2I, H] gate rows then up rows -> rows g0, u0, g1, u1, ... (lower/ort_moe.interleave_gate_up)."""
+    experts, rows, hidden = gate_up.shape
+    return (
+        gate_up.view(experts, 2, rows // 2, hidden)
+        .transpose(1, 2)
+        .reshape(experts, rows, hidden)
+        .contiguous()
+    )
 
 
-VARIANTS = {  # environment knobs of the library (read at each call), for A/B timings in one run
-    "default": {},
-    "no PDL": {"QMOE_PDL": "0"},
-    "mma.sync (QMOE_WGMMA=0)": {"QMOE_WGMMA": "0"},
-    "wgmma (QMOE_WGMMA=1)": {"QMOE_WGMMA": "1"},
-    **{f"wgmma, {n}-token tiles": {"QMOE_WGMMA": "1", "QMOE_WG_TILE": str(n)} for n in (64, 128, 192, 256)},
-    "wgmma, 128 weight rows a block (QMOE_WG_ROWS=128)": {"QMOE_WGMMA": "1", "QMOE_WG_ROWS": "128"},
-    **{
-        f"wgmma, {n}-token tiles, 128 weight rows": {
-            "QMOE_WGMMA": "1",
-            "QMOE_WG_TILE": str(n),
-            "QMOE_WG_ROWS": "128",
+def ort_moe_model(weights_as_inputs: bool, fc1=None, fc2=None):
+    """One com.microsoft::MoE node with the attributes `lower --for ort` writes (fp16)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from qwen3_compile.lower.ort_moe import ORT_DOMAIN, swiglu_moe_attributes
+
+    f16 = TensorProto.FLOAT16
+    inputs = [
+        helper.make_tensor_value_info("input", f16, ["N", H]),
+        helper.make_tensor_value_info("router_probs", f16, ["N", E]),
+    ]
+    inits = []
+    if weights_as_inputs:
+        inputs += [
+            helper.make_tensor_value_info("fc1", f16, [E, 2 * INTER, H]),
+            helper.make_tensor_value_info("fc2", f16, [E, H, INTER]),
+        ]
+    else:
+        inits = [onnx.numpy_helper.from_array(fc1, "fc1"), onnx.numpy_helper.from_array(fc2, "fc2")]
+    node = helper.make_node(
+        "MoE",
+        ["input", "router_probs", "fc1", "", "fc2"],
+        ["output"],
+        name="moe",
+        domain=ORT_DOMAIN,
+        **swiglu_moe_attributes({"top_k": K, "normalize": 1}),
+    )
+    graph = helper.make_graph(
+        [node], "moe", inputs, [helper.make_tensor_value_info("output", f16, ["N", H])], initializer=inits
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(ORT_DOMAIN, 1)]
+    )
+    model.ir_version = 10
+    return model
+
+
+class OrtMoE:
+    """An ORT CUDA session of the one-node model on the benchmark's torch stream."""
+
+    def __init__(self, torch, stream, gate_up16, down16, workdir: Path):
+        import numpy as np
+        import onnxruntime as ort
+
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeError(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider")
+        self.ort, self.np, self.torch = ort, np, torch
+        self.fc1 = interleave_gate_up_torch(gate_up16)
+        self.fc2 = down16
+        opts = {
+            "device_id": str(torch.cuda.current_device()),
+            "has_user_compute_stream": "1",
+            "user_compute_stream": str(stream.cuda_stream),
+            "use_tf32": "0",
         }
-        for n in (64, 192)
-    },
-    "single-block dispatch (QMOE_DISPATCH=1)": {"QMOE_DISPATCH": "1"},
-    "stages: routing only, single-block dispatch": {"QMOE_STAGES": "1", "QMOE_DISPATCH": "1"},
-    "grid-wide dispatch (QMOE_FUSED_ROUTER_MAX=0)": {"QMOE_FUSED_ROUTER_MAX": "0"},
-    "stages: routing only, grid-wide dispatch": {"QMOE_STAGES": "1", "QMOE_FUSED_ROUTER_MAX": "0"},
-    "stages: routing only": {"QMOE_STAGES": "1"},
-    "stages: + gate_up": {"QMOE_STAGES": "2"},
-    "stages: + down": {"QMOE_STAGES": "3"},
-    "general path (no single-token kernels)": {"QMOE_TOKEN1": "0"},
-    "single-token, down in two waves (1 row group a block)": {"QMOE_T1_DOWN_GROUPS": "1"},
-}
-# Variants that change nothing at some sizes are skipped there.
-VARIANT_TOKENS = {name: (1,) for name in VARIANTS if name.startswith(("general path", "single-token"))}
-VARIANT_TOKENS.update({name: (512, 2048) for name in VARIANTS if "wgmma" in name or "single-block" in name})
-VARIANT_TOKENS.update({name: (16,) for name in VARIANTS if "grid-wide" in name})
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self.weights = "graph inputs (IO-bound to the torch weight tensors)"
+        try:
+            model = ort_moe_model(True)
+            self.sess = ort.InferenceSession(
+                model.SerializeToString(), so, providers=[("CUDAExecutionProvider", opts)]
+            )
+            self._probe()
+        except Exception as exc:  # e.g. a kernel that wants its weights as initializers (prepacking)
+            log(
+                f"ORT with weights as graph inputs failed ({type(exc).__name__}: {exc}); "
+                "retrying with the weights as initializers"
+            )
+            import onnx
+
+            workdir.mkdir(parents=True, exist_ok=True)
+            path = workdir / "ort_moe_fp16.onnx"
+            model = ort_moe_model(False, self.fc1.cpu().numpy(), self.fc2.cpu().numpy())
+            onnx.save(model, str(path), save_as_external_data=True, location="ort_moe_fp16.onnx.data")
+            self.sess = ort.InferenceSession(str(path), so, providers=[("CUDAExecutionProvider", opts)])
+            self.weights = "initializers"
+        self.providers = self.sess.get_providers()
+        if self.providers[0] != "CUDAExecutionProvider":
+            raise RuntimeError(f"ORT session runs on {self.providers}, not CUDA")
+        self.provider_options = self.sess.get_provider_options().get("CUDAExecutionProvider", {})
+        self.version = ort.__version__
+
+    def _bind(self, x, logits, out):
+        np = self.np
+        b = self.sess.io_binding()
+        for name, t in (("input", x), ("router_probs", logits)):
+            b.bind_input(name, "cuda", t.device.index or 0, np.float16, tuple(t.shape), t.data_ptr())
+        if any(i.name == "fc1" for i in self.sess.get_inputs()):
+            for name, t in (("fc1", self.fc1), ("fc2", self.fc2)):
+                b.bind_input(name, "cuda", t.device.index or 0, np.float16, tuple(t.shape), t.data_ptr())
+        b.bind_output("output", "cuda", out.device.index or 0, np.float16, tuple(out.shape), out.data_ptr())
+        return b
+
+    def _probe(self):
+        x = self.torch.zeros(1, H, dtype=self.torch.float16, device="cuda")
+        lg = self.torch.zeros(1, E, dtype=self.torch.float16, device="cuda")
+        o = self.torch.empty_like(x)
+        self.sess.run_with_iobinding(self._bind(x, lg, o), self.run_options)
+        self.torch.cuda.current_stream().synchronize()
+
+    def calls(self, xs, ls):
+        outs = [self.torch.empty_like(x) for x in xs]
+        binds = [self._bind(x, lg, o) for x, lg, o in zip(xs, ls, outs, strict=True)]
+        sess, ro = self.sess, self.run_options
+        return [
+            (lambda b=b, o=o: (sess.run_with_iobinding(b, ro), o)[1])
+            for b, o in zip(binds, outs, strict=True)
+        ]
 
 
-def bench_variants(weights: dict, reps: int) -> list[dict]:
-    """qmoe bf16 under each variant knob, plus a per-kernel time breakdown from the profiler."""
+# --------------------------------------------------------------------------------------------------
+# Driver.
 
-    gate_up, down = weights["bf16"][:2]
-    rows = []
-    one_expert = 2 * 3 * H * INTER
-    for label, nbytes in (("8 experts (T=1)", K * one_expert),):
-        t = small_stream_times(nbytes, reps)
-        for kind, us in t.items():
-            rows.append({"T": 1, "variant": f"torch {kind} of {nbytes / 1e6:.0f} MB, {label}", "us": us})
-            print(json.dumps(rows[-1]), flush=True)
-    for T in (1, 16, 512, 2048):
-        n_sets = 8 if T <= 16 else 2
-        xs = [torch.randn(T, H, device="cuda").to(torch.bfloat16) for _ in range(n_sets)]
-        ls = [torch.randn(T, E, device="cuda").to(torch.bfloat16) for _ in range(n_sets)]
-        outs = [torch.empty_like(x) for x in xs]
-        prob = kmoe._problem(xs[0], ls[0], gate_up, K, True, None, "auto")
-        ws = torch.empty(kmoe.workspace_bytes(prob), dtype=torch.uint8, device="cuda")
-        calls = forward_calls(xs, ls, outs, ws, (gate_up, down, None, None))
-        for name, env in VARIANTS.items():
-            if T not in VARIANT_TOKENS.get(name, (T,)):
-                continue
-            os.environ.update(env)
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
+
+
+@dataclass
+class Contender:
+    name: str
+    weights: str  # "bf16", "fp16", "int8": for the byte count
+    build: object  # () -> list of calls
+    graph: bool = True  # try CUDA graph capture for the replay
+    skip: str | None = None
+
+
+def measure(
+    timer: Timer, s: Settings, c: Contender, T: int, section: str, ref, distinct: float, info
+) -> dict:
+    torch = timer.torch
+    row = {"section": section, "T": T, "contender": c.name, "weights": c.weights}
+    if c.skip:
+        row["skipped"] = c.skip
+        log(f"{section} T={T} {c.name}: skipped ({c.skip})")
+        return row
+    try:
+        calls = c.build()
+        for _ in range(2):  # warm-up (allocations, cuBLAS handles, ORT arena)
+            outs = [call() for call in calls]
+        timer.stream.synchronize()
+        row["rel_err"] = rel_err(torch, outs[0], ref)
+        t0 = time.perf_counter()
+        calls[0]()
+        timer.stream.synchronize()
+        one = time.perf_counter() - t0
+        head = timer.head_start_us * 1e-6
+        reps = max(s.min_reps, min(s.cold_reps, int(s.budget_s / (2 * (one + head) + 1e-4))))
+        cold = timer.cold(calls, reps)
+        replays = max(s.min_reps, min(s.replays, int(s.budget_s / (len(calls) * one + 1e-5))))
+        mode, rep, routs, cap_err = timer.replay(calls, replays, c.graph)
+        row.update(
+            bytes=call_bytes(distinct, T, c.weights),
+            distinct_experts=distinct,
+            flops=moe_flops(T),
+            cold_gpu=summarize(cold["gpu"]),
+            cold_wall=summarize(cold["wall"]),
+            host_enqueue=summarize(cold["enqueue"]),
+            host_bound=quantile(cold["enqueue"], 0.5) > timer.head_start_us,
+            replay=summarize(rep),
+            replay_mode=mode,
+            replay_calls_per_graph=len(calls),
+            replay_rel_err=rel_err(torch, routs[0], ref),
+            raw={
+                "cold_gpu_us": cold["gpu"],
+                "cold_wall_us": cold["wall"],
+                "host_enqueue_us": cold["enqueue"],
+                "replay_us": rep,
+            },
+        )
+        if cap_err:
+            row["graph_capture_error"] = cap_err
+        row.update(info(c) if info else {})
+        log(
+            f"{section} T={T} {c.name}: cold GPU {row['cold_gpu']['median']:.1f} us, cold wall "
+            f"{row['cold_wall']['median']:.1f} us, replay {row['replay']['median']:.1f} us/call ({mode}), "
+            f"rel err {row['rel_err']:.1e}"
+        )
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        row["traceback"] = traceback.format_exc()[-3000:]
+        log(f"{section} T={T} {c.name}: FAILED {row['error']}")
+    return row
+
+
+def rel_err(torch, out, ref) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def inputs(torch, T: int, n_sets: int, dtype):
+    xs = [torch.randn(T, H, device="cuda").to(dtype) for _ in range(n_sets)]
+    ls = [torch.randn(T, E, device="cuda").to(dtype) for _ in range(n_sets)]
+    return xs, ls
+
+
+def run_section(ctx, section: str, dtype_name: str, tokens) -> None:
+    for T in tokens:
+        run_tokens(ctx, section, dtype_name, T, tokens)
+        ctx["torch"].cuda.empty_cache()
+
+
+def run_tokens(ctx, section: str, dtype_name: str, T: int, tokens) -> None:
+    """Every contender of one comparison at T tokens, on the same input sets."""
+    torch, kmoe, timer, s = ctx["torch"], ctx["kmoe"], ctx["timer"], ctx["settings"]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    gate_up, down = ctx["weights"][dtype_name]
+    decode = T <= max(DECODE_T)
+    n_sets = s.graph_calls["decode" if decode else "prefill"]
+    xs, ls = inputs(torch, T, n_sets, dtype)
+    distinct = sum(len(torch.unique(kmoe.route_reference(lg, K, True)[0])) for lg in ls) / n_sets
+    ref = kmoe.moe_reference(xs[0], ls[0], gate_up, down, K, True)  # float64, the same 16-bit inputs
+    contenders: list[Contender] = []
+    if dtype_name == "bf16":
+        for path in ("auto", *QMOE_PATHS):
+            contenders.append(
+                Contender(
+                    f"qmoe bf16 {path}",
+                    "bf16",
+                    lambda p=path: qmoe_calls(kmoe, torch, xs, ls, (gate_up, down, None, None), p),
+                )
+            )
+        contenders.append(
+            Contender("qmoe int8 auto", "int8", lambda: qmoe_calls(kmoe, torch, xs, ls, ctx["int8"], "auto"))
+        )
+        impls = ("eager", "batched_mm", "grouped_mm")
+    else:
+        contenders.append(
+            Contender(
+                "qmoe fp16 auto",
+                "fp16",
+                lambda: qmoe_calls(kmoe, torch, xs, ls, (gate_up, down, None, None), "auto"),
+            )
+        )
+        impls = ("batched_mm", "grouped_mm")
+    for impl in impls:
+        skip = None
+        if impl == "batched_mm" and not decode:
+            skip = "gathers a [T*k, 2I, H] weight copy (100 GB at T=2048)"
+        contenders.append(
+            Contender(
+                f"transformers {impl} {dtype_name}",
+                dtype_name,
+                lambda i=impl: transformers_calls(torch, xs, ls, gate_up, down, i),
+                graph=impl != "eager",
+                skip=skip or ctx["transformers_skip"],
+            )
+        )
+    if dtype_name == "fp16":
+        ort = ctx.get("ort")
+        contenders.append(
+            Contender(
+                "onnxruntime com.microsoft::MoE fp16",
+                "fp16",
+                lambda: ort.calls(xs, ls),
+                graph=ctx["ort_graph"],
+                skip=None if ort else ctx["ort_skip"],
+            )
+        )
+
+    def info(c: Contender) -> dict:
+        if c.name.startswith("qmoe"):
+            path = c.name.rsplit(" ", 1)[1]
+            w = ctx["int8"] if c.weights == "int8" else (gate_up, down, None, None)
             try:
-                for _ in range(2):  # twice: the spread between repeats is the noise floor
-                    rows.append({"T": T, "variant": name, "us": time_graph(calls, reps) * 1e3})
-                    print(json.dumps(rows[-1]), flush=True)
-            finally:
-                for key in env:
-                    os.environ.pop(key)
-        router = [(lambda lg=lg: kmoe.moe_route(lg, K, True)) for lg in ls]
-        rows.append({"T": T, "variant": "router kernel alone", "us": time_graph(router, reps) * 1e3})
-        print(json.dumps(rows[-1]), flush=True)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                for c in calls:
-                    c()
-            torch.cuda.synchronize()
-        n = 5 * n_sets
-        for ev in prof.key_averages():
-            if ev.device_type == torch.autograd.DeviceType.CUDA and "qmoe" in ev.key:
-                us = ev.device_time_total / n
-                print(f"T={T} kernel {ev.key[:90]}: {us:.1f} us/call", flush=True)
-    return rows
+                return {"kernel": kmoe.resolve_path(xs[0], ls[0], w[0], K, w[2], path)}
+            except Exception as exc:
+                return {"kernel": f"unresolved: {exc}"}
+        if c.name.startswith("onnxruntime"):
+            sync = None
+            if T == max(tokens):  # does run_with_iobinding return before the GPU is done?
+                timer.stream.synchronize()
+                ctx["ort"].calls(xs[:1], ls[:1])[0]()
+                sync = bool(timer.stream.query())
+                timer.stream.synchronize()
+            return {
+                "ort_weights": ctx["ort"].weights,
+                "ort_provider_options": ctx["ort"].provider_options,
+                "ort_returned_after_gpu_finished": sync,
+            }
+        return {}
+
+    for c in contenders:
+        row = measure(timer, s, c, T, section, ref, distinct, info)
+        if "kernel" in row:
+            row["contender"] += f" ({row['kernel']})"
+        ctx["rows"].append(row)
+        ctx["save"]()
+
+
+def environment(torch, args, mode: str) -> dict:
+    meta = {
+        "command": " ".join(shlex.quote(a) for a in [sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "mode": mode,
+        "pythonpath": os.environ.get("PYTHONPATH", ""),
+    }
+    try:
+        import transformers
+
+        meta["transformers"] = transformers.__version__
+    except Exception as exc:
+        meta["transformers"] = f"not importable ({type(exc).__name__})"
+    return meta
+
+
+def plan(tokens, sections) -> list[str]:
+    lines = []
+    for sec in sections:
+        for T in tokens:
+            names = (
+                [f"qmoe bf16 {p}" for p in ("auto", *QMOE_PATHS)] + ["qmoe int8 auto"]
+                if sec == "bf16"
+                else ["qmoe fp16 auto"]
+            )
+            impls = ("eager", "batched_mm", "grouped_mm") if sec == "bf16" else ("batched_mm", "grouped_mm")
+            names += [f"transformers {i} {sec}" for i in impls if i != "batched_mm" or T <= max(DECODE_T)]
+            if sec == "fp16":
+                names.append("onnxruntime com.microsoft::MoE fp16")
+            lines.append(f"{sec} T={T}: " + ", ".join(names))
+    return lines
+
+
+def self_test() -> str:
+    """CPU check of the statistics, roofline arithmetic and table rendering on synthetic readings."""
+    vals = [float(v) for v in (5, 1, 4, 2, 3)]
+    s = summarize(vals)
+    assert (s["median"], s["min"], s["max"]) == (3.0, 1.0, 5.0), s
+    assert abs(s["p10"] - 1.4) < 1e-12 and abs(s["p90"] - 4.6) < 1e-12, s
+    readings = [
+        {"when": w, "copy_bw": bw, "matmul": mm}
+        for w, bw, mm in (("start", 4.2e12, 7.9e14), ("mid", 4.25e12, 7.0e14), ("end", 4.1e12, 7.5e14))
+    ]
+    den = denominators(readings)
+    assert den["copy_bw"] == 4.2e12 and den["matmul"] == 7.5e14
+    nbytes = call_bytes(8, 1, "bf16")
+    assert abs(roofline_pct(1, 30.0, nbytes, 4.2e12, 7.5e14) - 100 * nbytes / 4.2e12 / 30e-6) < 1e-9
+    stat = summarize([30.0, 31.0, 33.0])
+    rows = [
+        {
+            "section": "bf16",
+            "T": 1,
+            "contender": "qmoe bf16 auto (gemv)",
+            "weights": "bf16",
+            "bytes": nbytes,
+            "cold_gpu": stat,
+            "cold_wall": summarize([60.0]),
+            "replay": summarize([28.0]),
+            "replay_mode": "graph",
+            "rel_err": 2.9e-3,
+        },
+        {
+            "section": "bf16",
+            "T": 1,
+            "contender": "transformers eager bf16",
+            "weights": "bf16",
+            "bytes": nbytes,
+            "cold_gpu": summarize([3000.0]),
+            "cold_wall": summarize([3100.0]),
+            "replay": summarize([2900.0]),
+            "replay_mode": "eager b2b",
+            "host_bound": True,
+            "rel_err": 5e-3,
+        },
+        {"section": "bf16", "T": 2048, "contender": "transformers batched_mm bf16", "skipped": "too big"},
+        {
+            "section": "fp16",
+            "T": 2048,
+            "contender": "onnxruntime com.microsoft::MoE fp16",
+            "error": "RuntimeError: x",
+        },
+    ]
+    meta = {"command": "self-test", "gpu": "none", "date": "-", "mode": "self-test"}
+    return render(meta, readings, rows)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--variants", action="store_true", help="A/B the library's variant knobs")
-    ap.add_argument("--only-variants", action="store_true", help="skip the main table")
-    ap.add_argument("--profile", type=int, default=0, help="only run N calls of --profile-tokens (under ncu)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--out", type=Path, default=None, help="folder for results.md and results.json")
+    ap.add_argument(
+        "--quick", action="store_true", help="fewer repetitions (~1 minute after the library build)"
+    )
+    ap.add_argument(
+        "--tokens", default=",".join(map(str, DECODE_T + PREFILL_T)), help="token counts, comma-separated"
+    )
+    ap.add_argument("--sections", default="bf16,fp16", help="comparisons to run: bf16, fp16")
+    ap.add_argument("--ort-graph", action="store_true", help="try to capture ORT runs in the CUDA graph too")
+    ap.add_argument("--dry-run", action="store_true", help="no GPU: print the plan and a self-test table")
+    ap.add_argument(
+        "--profile", type=int, default=0, help="only run N bf16 calls of --profile-tokens (for ncu)"
+    )
     ap.add_argument("--profile-tokens", type=int, default=1, help="tokens a call for --profile")
     args = ap.parse_args()
-    reps = 10 if args.quick else 30
-    torch.manual_seed(0)
-    dev = torch.cuda.get_device_name()
-    t0 = time.time()
-    kmoe.load_library()
-    print(f"# {dev}; library built/loaded in {time.time() - t0:.1f}s", flush=True)
+    tokens = tuple(int(t) for t in args.tokens.split(",") if t)
+    sections = tuple(x for x in args.sections.split(",") if x)
+    if bad := [x for x in sections if x not in ("bf16", "fp16")]:
+        ap.error(f"unknown section(s) {bad}")
+    settings = QUICK if args.quick else FULL
 
-    bw = copy_bandwidth()
-    mm = matmul_rate()
-    print(
-        f"copy bandwidth {bw / 1e12:.2f} TB/s (read+write); bf16 matmul {mm / 1e12:.0f} TFLOP/s", flush=True
-    )
+    if args.dry_run:
+        print("\n".join(plan(tokens, sections)))
+        print(f"settings: {settings}")
+        print(self_test())
+        return
+
+    import torch
+
+    from qwen3_compile.kernels import moe as kmoe
+
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA device (use --dry-run for the CPU self-test)")
+    torch.manual_seed(0)
+    t = time.time()
+    kmoe.load_library()
+    log(f"qmoe library built/loaded in {time.time() - t:.1f} s")
 
     gate_up = (torch.randn(E, 2 * INTER, H, device="cuda") / H**0.5).to(torch.bfloat16)
     down = (torch.randn(E, H, INTER, device="cuda") / INTER**0.5).to(torch.bfloat16)
-    gq, gs = kmoe.quantize_int8(gate_up)
-    dq, ds = kmoe.quantize_int8(down)
-
-    weights = {"bf16": (gate_up, down, None, None), "int8": (gq, dq, gs, ds)}
     if args.profile:
-        T = args.profile_tokens
         for _ in range(args.profile):
+            T = args.profile_tokens
             x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
             kmoe.moe_forward(x, torch.randn(T, E, device="cuda").to(torch.bfloat16), gate_up, down, K, True)
         torch.cuda.synchronize()
         return
-    rows = []
-    for T in () if args.only_variants else DECODE_T + PREFILL_T:
-        rows += bench_tokens(T, weights, bw, mm, reps)
 
-    variants = bench_variants(weights, reps) if args.variants or args.only_variants else []
-    table = render(rows, bw, mm, dev)
-    if variants:
-        table += "\n| T | variant | time (us), two repeats |\n|---:|---|---|\n"
-        for T in sorted({r["T"] for r in variants}):
-            extra = sorted({r["variant"] for r in variants if r["variant"].startswith("torch ")})
-            for name in [*extra, *VARIANTS, "router kernel alone"]:
-                ts = [f"{r['us']:.1f}" for r in variants if r["T"] == T and r["variant"] == name]
-                if ts:
-                    table += f"| {T} | {name} | {' / '.join(ts)} |\n"
-    print(table)
+    mode = "quick" if args.quick else "full"
+    meta = environment(torch, args, mode)
+    meta["gpu"] = torch.cuda.get_device_name()
+    stream = torch.cuda.Stream()
+    rows: list[dict] = []
+    readings: list[dict] = []
+    results = {"meta": meta, "settings": settings.__dict__, "readings": readings, "rows": rows}
+
+    def save() -> None:
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            results["denominators"] = denominators(readings)
+            (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+
+    with torch.cuda.stream(stream):
+        timer = Timer(torch, stream)
+        meta.update(
+            l2_mb=round(timer.l2 / 2**20, 1),
+            flush_mb=timer.flush_bytes >> 20,
+            spin_cycles=timer.sleep_cycles,
+            head_start_us=round(timer.head_start_us, 1),
+            router_weight_bytes=E * H * 2,
+        )
+        log(
+            f"{meta['gpu']}: L2 {meta['l2_mb']} MB, flush {meta['flush_mb']} MB, "
+            f"flush + spin {timer.head_start_us:.0f} us"
+        )
+        n = 8192
+        bufs = {
+            "src": torch.randint(0, 255, (1 << 30,), dtype=torch.uint8, device="cuda"),
+            "dst": torch.empty(1 << 30, dtype=torch.uint8, device="cuda"),
+            "A": torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
+            "B": torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
+            "C": torch.empty(n, n, device="cuda", dtype=torch.bfloat16),
+        }
+        readings.append(roofline_reading(torch, bufs, settings.roof_reps, "start"))
+
+        weights = {"bf16": (gate_up, down)}
+        ctx = {
+            "torch": torch,
+            "kmoe": kmoe,
+            "timer": timer,
+            "settings": settings,
+            "rows": rows,
+            "save": save,
+            "weights": weights,
+            "ort_graph": args.ort_graph,
+            "transformers_skip": None,
+        }
+        gq, gs = kmoe.quantize_int8(gate_up)
+        dq, ds = kmoe.quantize_int8(down)
+        ctx["int8"] = (gq, dq, gs, ds)
+        try:
+            import transformers  # noqa: F401
+        except Exception as exc:
+            ctx["transformers_skip"] = f"transformers not importable: {type(exc).__name__}: {exc}"
+            log(ctx["transformers_skip"])
+        if "fp16" in sections:
+            weights["fp16"] = (gate_up.to(torch.float16), down.to(torch.float16))
+            try:
+                # a fallback model with initializers (1.2 GB) goes to a temporary folder, never to --out
+                ctx["ort"] = OrtMoE(
+                    torch, stream, *weights["fp16"], Path(tempfile.mkdtemp(prefix="ort_moe_"))
+                )
+                meta["onnxruntime"] = ctx["ort"].version
+                meta["ort_weights"] = ctx["ort"].weights
+                log(f"onnxruntime {ctx['ort'].version}: CUDA session ready, weights as {ctx['ort'].weights}")
+            except Exception as exc:
+                ctx["ort"] = None
+                ctx["ort_skip"] = f"onnxruntime unavailable: {type(exc).__name__}: {exc}"[:300]
+                meta["onnxruntime"] = ctx["ort_skip"]
+                log(ctx["ort_skip"])
+        save()
+
+        decode = [T for T in tokens if T <= max(DECODE_T)]
+        prefill = [T for T in tokens if T > max(DECODE_T)]
+        steps = [(sec, part) for sec in sections for part in (decode, prefill) if part]
+        # five roofline readings: start, between sections, end (fewer sections: still five)
+        between = max(1, len(steps) - 1)
+        extra = 5 - 1 - between - 1  # readings left over after start, one per boundary, end
+        for i, (sec, part) in enumerate(steps):
+            log(f"section {sec} T={part}")
+            run_section(ctx, sec, sec, part)
+            if i < len(steps) - 1:
+                readings.append(roofline_reading(torch, bufs, settings.roof_reps, f"after {sec} T={part}"))
+            save()
+        for j in range(max(0, extra)):
+            readings.append(roofline_reading(torch, bufs, settings.roof_reps, f"end ({j + 1})"))
+        readings.append(roofline_reading(torch, bufs, settings.roof_reps, "end"))
+        save()
+
+    report = render(meta, readings, rows)
+    print(report)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench_moe.md").write_text(table)
-        (args.out / "bench_moe.json").write_text(json.dumps({"bw": bw, "matmul": mm, "rows": rows}, indent=1))
-
-
-def render(rows, bw, mm, dev) -> str:
-    lines = [
-        f"{dev}: copy {bw / 1e12:.2f} TB/s (read+write), bf16 torch.matmul {mm / 1e12:.0f} TFLOP/s (8192^3)",
-        "",
-        "| T | variant | time (us) | selected weights (MB) | % HBM roofline | TFLOP/s | % bf16 matmul | "
-        "x vs best transformers | rel. err vs fp32 |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for T in sorted({r["T"] for r in rows}):
-        rs = [r for r in rows if r["T"] == T]
-        hf = [r["us"] for r in rs if r["variant"].startswith("transformers")]
-        best = min(hf) if hf else None
-        for r in rs:
-            speed = f"{best / r['us']:.1f}" if best else "-"
-            lines.append(
-                f"| {T} | {r['variant']} | {r['us']:.1f} | {r.get('weight_MB', 0):.0f} | "
-                f"{r.get('pct_hbm_roofline', 0):.0f} | {r['tflops']:.1f} | {r['pct_matmul']:.0f} | {speed} | "
-                f"{r.get('rel_err_vs_fp32', float('nan')):.1e} |"
-            )
-    return "\n".join(lines) + "\n"
+        (args.out / "results.md").write_text(report)
+        log(f"wrote {args.out / 'results.md'} and {args.out / 'results.json'}")
 
 
 if __name__ == "__main__":
