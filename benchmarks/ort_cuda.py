@@ -421,21 +421,27 @@ def diag(work: Path, results: Results, artifacts: list[str], configs: list[str],
 BENCH_PROMPT = np.random.default_rng(1).integers(0, 151643, 128).tolist()
 
 
-def bench_one(work: Path, name: str, backend: str, steps: int, ort_ops: Path | None = None) -> dict:
+def _bench_runner(work: Path, name: str, ort_ops: Path | None, backend: str = "ort-cuda"):
+    """The artifact's runner; with `ort_ops` the CUDA session registers our custom-op library, and ORT
+    takes its ExpertDispatch kernel over the function body."""
     from qwen3_compile.backends.onnxruntime.op_libraries import ORT_OPS_ENV
     from qwen3_compile.backends.registry import open_runner
-    from qwen3_compile.generation.loop import generate_reply
     from qwen3_compile.storage.manifest import read_manifest
 
-    slow = backend == "ort" and ARTIFACTS[name].model == "slice"
-    folder = work / name
     os.environ.pop(ORT_OPS_ENV, None)
-    if ort_ops is not None:  # the session registers our library and ORT takes it over the function body
+    if ort_ops is not None:
         os.environ[ORT_OPS_ENV] = str(ort_ops)
     try:
-        runner = open_runner(folder, read_manifest(folder), backend)
+        return open_runner(work / name, read_manifest(work / name), backend)
     finally:
         os.environ.pop(ORT_OPS_ENV, None)
+
+
+def bench_one(work: Path, name: str, backend: str, steps: int, ort_ops: Path | None = None) -> dict:
+    from qwen3_compile.generation.loop import generate_reply
+
+    slow = backend == "ort" and ARTIFACTS[name].model == "slice"
+    runner = _bench_runner(work, name, ort_ops, backend)
     ids = np.array([BENCH_PROMPT], dtype=np.int64)
     mask, positions = np.ones_like(ids), np.arange(128)[None]
     times = []
@@ -466,6 +472,60 @@ def bench(work: Path, results: Results, artifacts: list[str], steps: int, ort_op
             guarded(
                 results, ["bench", name, "ort-cuda+ops"], bench_one, work, name, "ort-cuda", steps, ort_ops
             )
+
+
+def profile_one(work: Path, name: str, ort_ops: Path | None, steps: int = 32) -> dict:
+    """ORT's own per-node profile of `steps` greedy decode steps after a 128-token prompt, summed by op
+    type per step. On the CUDA provider these are host-side times (launch and any synchronous work), not
+    GPU time: their total against the measured step time says whether decode is launch-bound."""
+    import qwen3_compile.backends.onnxruntime.runner as ort_runner
+    from qwen3_compile.generation.loop import generate_reply
+
+    plain = ort_runner.session_options
+
+    def profiling(*args, **kwargs):
+        options = plain(*args, **kwargs)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(work / f"profile-{name}")
+        return options
+
+    ort_runner.session_options = profiling
+    try:
+        runner = _bench_runner(work, name, ort_ops)
+    finally:
+        ort_runner.session_options = plain
+    generate_reply(runner, BENCH_PROMPT, 4, lambda x: int(x.argmax()), stop_ids=())
+    start = time.perf_counter()
+    reply = generate_reply(runner, BENCH_PROMPT, steps, lambda x: int(x.argmax()), stop_ids=())
+    wall = time.perf_counter() - start
+    trace = json.loads(Path(runner.session.end_profiling()).read_text())
+    runs = [e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    decode_runs = runs[-(len(reply.generated_ids) - 1) :]  # the single-token steps (after the prefill run)
+    first = decode_runs[0]["ts"] if decode_runs else 0
+    by_op: dict[str, float] = {}
+    for e in trace:
+        if e.get("cat") == "Node" and e.get("ts", 0) >= first and e["name"].endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            by_op[op] = by_op.get(op, 0.0) + e["dur"]
+    n = max(len(decode_runs), 1)
+    return {
+        "decode_steps": len(decode_runs),
+        "ms_per_token_wall": round(1000 * wall / steps, 3),
+        "model_run_ms": round(float(np.median([e["dur"] for e in decode_runs])) / 1000, 3)
+        if decode_runs
+        else None,
+        "node_host_ms_per_step": round(sum(by_op.values()) / n / 1000, 3),
+        "by_op_ms_per_step": {
+            k: round(v / n / 1000, 4) for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])
+        },
+    }
+
+
+def profile(work: Path, results: Results, artifacts: list[str], ort_ops: Path | None) -> None:
+    for name in artifacts:
+        guarded(results, ["profile", name, "ort-cuda"], profile_one, work, name, None)
+        if ort_ops is not None and ARTIFACTS[name].lowered_from is None:
+            guarded(results, ["profile", name, "ort-cuda+ops"], profile_one, work, name, ort_ops)
 
 
 # ---------------------------------------------------------------- validate
@@ -625,6 +685,8 @@ def main() -> None:
             )
         elif part == "bench":
             bench(work, results, chosen, args.steps, args.ort_ops)
+        elif part == "profile":
+            profile(work, results, chosen, args.ort_ops)
         elif part == "validate-tiny":
             validate_tiny(work, results, out, [a for a in chosen if ARTIFACTS[a].model != "slice"])
         elif part == "validate-slice":
