@@ -1,13 +1,15 @@
 """How far a correct quantized artifact sits from its recipe's own fake-quantized model, and how far a
 damaged one does: one run.
 
-    python3 benchmarks/recipe_check.py [--models tiny-moe,trained-dense] [--factor 1.05]
+    python3 benchmarks/recipe_check.py [--models tiny-moe,trained-dense] [--factor 1.05] [--dtype fp16]
 
 Each recipe's artifact (INT4 at group size 32) is validated (two prompts, both reasoning modes, 8
 teacher-forced decode steps; ONNX Runtime CPU) as it is, and again with layer 1's down projection scaled by
 --factor (its dequantization scales; the manifest resealed, as a producer that wrote wrong numbers). The
 table gives validate's recipe check: the median over positions of the largest |logit error| against the
-recipe's model, and the layer its bisection names.
+recipe's model, and the layer its bisection names. With --dtype fp16 the exports are fp16 and the table
+adds the floor validate measures for them (the recipe's model in fp16 against itself in fp32) and the
+tolerance it derives from it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -36,6 +37,8 @@ COLUMNS = [
     ("recipe", "recipe", "s"),
     ("correct: median max abs", "ok", ".2e"),
     ("damaged: median max abs", "bad", ".3g"),
+    ("fp16 floor", "noise", ".3g"),
+    ("tolerance", "tolerance", ".3g"),
     ("damaged: layer named", "layer", "s"),
 ]
 
@@ -60,7 +63,8 @@ def _damaged(artifact: Path, out: Path, factor: float) -> Path:
             and "down_proj" in name
             and name.endswith(".scale")
         ):
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(factor), name))
+            scale = numpy_helper.to_array(t)
+            t.CopyFrom(numpy_helper.from_array((scale * factor).astype(scale.dtype), name))
     onnx.save(model, out / "model.onnx")
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["outputs"] = {
@@ -77,8 +81,9 @@ def main() -> None:
     parser.add_argument("--models", default="tiny-moe,trained-dense")
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--factor", type=float, default=1.05)
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
     args = parser.parse_args()
-    from qwen3_compile.export.stage import export_onnx
+    from qwen3_compile.export.stage import ExportOptions, export_onnx
     from qwen3_compile.models.loading import load_model
     from qwen3_compile.quantize.stage import quantize_artifact
     from qwen3_compile.validate.stage import validate_artifact
@@ -91,7 +96,9 @@ def main() -> None:
         options = {"prompts": prompts, "decode_steps": 8, "long_context_tokens": 0}
         for model in args.models.split(","):
             loaded = load_model(model)
-            exported = export_onnx(loaded, work / model / "fp32").directory
+            exported = export_onnx(
+                loaded, work / model / args.dtype, ExportOptions(dtype=args.dtype)
+            ).directory
             for i, name in enumerate(args.recipes.split(",")):
                 artifact = quantize_artifact(exported, _recipe(name), work / model / f"q{i}").directory
                 ok = validate_artifact(
@@ -108,6 +115,10 @@ def main() -> None:
                         "recipe": name,
                         "ok": ok.median_max_abs,
                         "bad": bad.median_max_abs,
+                        "noise": ok.noise_median_max_abs
+                        if ok.noise_median_max_abs is not None
+                        else float("nan"),
+                        "tolerance": ok.tolerance,
                         "layer": str(layer),
                     }
                 )

@@ -111,22 +111,22 @@ class Artifacts:
             self.made[key] = out
         return self.made[key]
 
-    def quantized(self, preset: str, recipe: str) -> Path:
-        """A built-in recipe (`NAME+kv-fp8`: with the FP8 KV cache) applied to the preset's export; per-group
-        (INT4) recipes at group size 32,
-        which divides the tiny presets' 64- and 32-wide inputs (their recipes' 128 does not)."""
-        key = (preset, f"recipe:{recipe}")
+    def quantized(self, preset: str, recipe: str, dtype: str | None = None) -> Path:
+        """A built-in recipe (`NAME+kv-fp8`: with the FP8 KV cache) applied to the preset's export (`dtype`:
+        fp32 for quantizing recipes unless given, fp16 for the fp16 baseline); per-group (INT4) recipes at
+        group size 32, which divides the tiny presets' 64- and 32-wide inputs (not their recipes' 128)."""
+        key = (preset, f"recipe:{recipe}" + (f":{dtype}" if dtype else ""))
         if key not in self.made:
             from qwen3_compile.quantize.recipe import load_recipe, with_group_size, with_kv_cache
             from qwen3_compile.quantize.stage import quantize_artifact
 
-            out = self.root / preset / f"q-{recipe}"
+            out = self.root / preset / (f"q-{recipe}" + (f"-{dtype}" if dtype else ""))
             base, _, kv = recipe.partition("+kv-")  # "int8-wo+kv-fp8": the recipe with --kv-cache fp8
             chosen = with_kv_cache(load_recipe(base), kv) if kv else load_recipe(base)
             if chosen.weights.granularity == "per_group":
                 chosen = with_group_size(chosen, 32)
             # the fp16 baseline recipe reads fp16 exports, quantizing recipes fp32 ones
-            source = self.export(preset, "fp16" if chosen.weights.dtype == "fp16" else "fp32")
+            source = self.export(preset, dtype or ("fp16" if chosen.weights.dtype == "fp16" else "fp32"))
             self.results[key] = quantize_artifact(source, chosen, out)
             self.made[key] = out
         return self.made[key]

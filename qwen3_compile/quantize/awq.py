@@ -32,13 +32,16 @@ from qwen3_compile.quantize.weights import INT4_MAX, Transform
 MIN_SCALE = 1e-4
 
 
-def fake_int4(w, group: int):
-    """Symmetric INT4 per group along the last (input) axis, dequantized: int4.py's convention in torch."""
+def fake_int4(w, group: int, scale_dtype=None):
+    """Symmetric INT4 per group along the last (input) axis, dequantized: int4.py's convention in torch.
+    `scale_dtype`: the scales rounded to it first, as an fp16 graph stores them."""
     import torch
 
     g = w.reshape(*w.shape[:-1], w.shape[-1] // group, group)
     scale = g.abs().amax(dim=-1, keepdim=True) / INT4_MAX
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if scale_dtype is not None:
+        scale = scale.to(scale_dtype).to(w.dtype)
     return (torch.round(g / scale).clamp(-INT4_MAX, INT4_MAX) * scale).reshape(w.shape)
 
 

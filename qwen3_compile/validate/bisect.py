@@ -74,9 +74,14 @@ def bisect_layers(
     """`device`: where ONNX Runtime runs the artifact (the validated backend's: cpu or cuda)."""
     reference = reference_layer_outputs(loaded, prompts, cache_factory)
     artifact = artifact_layer_outputs(model_path, len(reference), prompts, manifest, device)
-    errors = [
-        float(np.linalg.norm(a - r) / (np.linalg.norm(r) + 1e-30))
-        for r, a in zip(reference, artifact, strict=True)
-    ]
+    errors = relative_errors(reference, artifact)
     first = next((i for i, e in enumerate(errors) if e > tolerance), None)
     return Bisection(tolerance, errors, first)
+
+
+def relative_errors(reference: list[np.ndarray], other: list[np.ndarray]) -> list[float]:
+    """Per layer, the relative Frobenius error of `other`'s outputs against `reference`'s."""
+    return [
+        float(np.linalg.norm(a - r) / (np.linalg.norm(r) + 1e-30))
+        for r, a in zip(reference, other, strict=True)
+    ]

@@ -56,26 +56,38 @@ class RecipeReference:
 
 def fake_quant(x: torch.Tensor, scale, dtype: str) -> torch.Tensor:
     """QuantizeLinear then DequantizeLinear: round half to even and saturate (INT8 [-128, 127], INT4 and E4M3
-    symmetric); `scale` broadcasts against x."""
-    y = x / scale
+    symmetric); `scale` broadcasts against x. Computed in fp32 and returned in x's dtype, as a QDQ pair in
+    an fp16 graph computes (fp16 in, fp32 arithmetic, fp16 out)."""
+    y = x.float() / scale
     if dtype == "fp8":
-        return y.clamp(-QUANT_MAX["fp8"], QUANT_MAX["fp8"]).to(torch.float8_e4m3fn).to(x.dtype) * scale
-    low = -128.0 if dtype == "int8" else -QUANT_MAX[dtype]
-    return torch.round(y).clamp(low, QUANT_MAX[dtype]) * scale
+        q = y.clamp(-QUANT_MAX["fp8"], QUANT_MAX["fp8"]).to(torch.float8_e4m3fn).float()
+    else:
+        q = torch.round(y).clamp(-128.0 if dtype == "int8" else -QUANT_MAX[dtype], QUANT_MAX[dtype])
+    return (q * scale).to(x.dtype)
 
 
-def fake_quant_weight(w: torch.Tensor, recipe: QuantRecipe) -> torch.Tensor:
+def fake_quant_weight(w: torch.Tensor, recipe: QuantRecipe, scale_dtype=torch.float32) -> torch.Tensor:
     """Torch layout ([out, in], experts [E, rows, in]): a scale per output row (per expert), or per group of
-    `group_size` input channels for INT4 (AWQ's search uses the same `fake_int4`)."""
+    `group_size` input channels for INT4 (AWQ's search uses the same `fake_int4`). Scales are rounded to
+    `scale_dtype`, the graph's float type, as the quantizer stores them."""
     dtype = recipe.weights.dtype
     if dtype == "int4":
-        return fake_int4(w, recipe.weights.group_size)
+        return fake_int4(w, recipe.weights.group_size, scale_dtype)
     amax = w.abs().amax(-1, keepdim=True)
-    return fake_quant(w, torch.where(amax > 0, amax / QUANT_MAX[dtype], torch.ones_like(amax)), dtype)
+    scale = torch.where(amax > 0, amax / QUANT_MAX[dtype], torch.ones_like(amax)).to(scale_dtype).float()
+    return fake_quant(w, scale, dtype)
 
 
-def _activation_scale(amax: float, dtype: str) -> torch.Tensor:
-    return torch.from_numpy(activation_scale(amax, dtype, np.float32))
+def _activation_scale(amax: float, dtype: str, graph_dtype: torch.dtype) -> torch.Tensor:
+    stored = np.float16 if graph_dtype == torch.float16 else np.float32
+    return torch.from_numpy(activation_scale(amax, dtype, stored)).float()
+
+
+def _graph_dtype(artifact: Path) -> torch.dtype:
+    """The float type the quantizer read the export's weights in and stored its scales in."""
+    from qwen3_compile.storage.manifest import read_manifest
+
+    return torch.float16 if read_manifest(artifact).options.dtype == "fp16" else torch.float32
 
 
 def _read_calibration(artifact: Path) -> dict[str, np.ndarray]:
@@ -147,7 +159,9 @@ def _act_amax(calibration: dict[str, np.ndarray], *weights: str) -> float:
         ) from None
 
 
-def _hook_linears(model, recipe: QuantRecipe, calibration: dict[str, np.ndarray]) -> None:
+def _hook_linears(
+    model, recipe: QuantRecipe, calibration: dict[str, np.ndarray], graph_dtype: torch.dtype
+) -> None:
     """Fake-quantize the input of every quantized linear with its recorded per-tensor range."""
     dtype = recipe.activations.dtype
     shared = {
@@ -163,12 +177,12 @@ def _hook_linears(model, recipe: QuantRecipe, calibration: dict[str, np.ndarray]
         parent, leaf = name.rsplit(".", 1)
         readers = [f"{parent}.{r}.weight" for r in shared.get(leaf, (leaf,))]
         readers = [r for r in readers if recipe.select.selects(r)]
-        scale = _activation_scale(_act_amax(calibration, *readers), dtype)
+        scale = _activation_scale(_act_amax(calibration, *readers), dtype, graph_dtype)
         module.register_forward_pre_hook(lambda m, a, s=scale: (fake_quant(a[0], s, dtype),))
     for name, module in model.named_modules():
         if name.endswith("mlp.experts") and recipe.select.selects(f"{name}.gate_up_proj"):
-            hidden = _activation_scale(_act_amax(calibration, f"{name}.gate_up_proj"), dtype)
-            mid = _activation_scale(_act_amax(calibration, f"{name}.down_proj"), dtype)
+            hidden = _activation_scale(_act_amax(calibration, f"{name}.gate_up_proj"), dtype, graph_dtype)
+            mid = _activation_scale(_act_amax(calibration, f"{name}.down_proj"), dtype, graph_dtype)
             module.forward = _quantized_experts(module, hidden, mid, dtype)
 
 
@@ -186,32 +200,38 @@ def _quantized_experts(experts, hidden_scale, mid_scale, dtype):
             gate, up = torch.nn.functional.linear(hidden[token], experts.gate_up_proj[e]).chunk(2, dim=-1)
             mid = fake_quant(torch.nn.functional.silu(gate) * up, mid_scale, dtype)
             down = torch.nn.functional.linear(mid, experts.down_proj[e])
-            out.index_add_(0, token, down * top_k_weights[token, slot, None])
+            out.index_add_(0, token, (down * top_k_weights[token, slot, None]).to(out.dtype))
         return out
 
     return forward
 
 
-def recipe_reference(loaded: LoadedModel, artifact: Path, recipe: QuantRecipe) -> RecipeReference | None:
+def recipe_reference(
+    loaded: LoadedModel, artifact: Path, recipe: QuantRecipe, dtype: torch.dtype = torch.float32
+) -> RecipeReference | None:
     """The fake-quantized model for a quantized artifact (None for the fp16 baseline, which has nothing to
-    fake). `loaded` is the fp32 reference; it is not modified."""
+    fake). `loaded` is the fp32 reference; it is not modified. `dtype` other than fp32 runs the same model
+    in that precision (weights fake-quantized in fp32, then rounded to it): validate measures with it how
+    far fp16 arithmetic alone moves the recipe's model."""
     if recipe.weights.dtype not in QUANTIZED_DTYPES:
         return None
     arch = loaded.arch
     calibration = _read_calibration(artifact) if recipe.needs_calibration else {}
     transforms = _fold_transforms(recipe, arch, calibration)
+    graph_dtype = _graph_dtype(artifact)
     state = {}
     with torch.no_grad():
         for name, tensor in loaded.model.state_dict().items():
             if arch.tie_word_embeddings and name == "lm_head.weight":
                 continue
-            t = _transformed(name, tensor.detach().float().clone(), transforms)
+            # the export's weights (fp16 exports round them), folded as the quantizer folds them
+            t = _transformed(name, tensor.detach().to(graph_dtype).clone(), transforms).float()
             if t.ndim >= 2 and recipe.select.selects(name):
-                t = fake_quant_weight(t, recipe)
+                t = fake_quant_weight(t, recipe, graph_dtype)
             state[name] = t
-    model = build_reference_model(arch, state)
+    model = build_reference_model(arch, state, dtype)
     if recipe.activations is not None:
-        _hook_linears(model, recipe, calibration)
+        _hook_linears(model, recipe, calibration, graph_dtype)
     kv_scales = None
     if recipe.kv_cache is not None:
         kv = calibration.get("kv_amax")
@@ -223,7 +243,10 @@ def recipe_reference(loaded: LoadedModel, artifact: Path, recipe: QuantRecipe) -
                 fix="re-run `qwen3-compile quantize` with the KV-cache recipe.",
             )
         dtype = recipe.kv_cache.dtype
-        kv_scales = [(_activation_scale(float(k), dtype), _activation_scale(float(v), dtype)) for k, v in kv]
+        kv_scales = [
+            (_activation_scale(float(k), dtype, graph_dtype), _activation_scale(float(v), dtype, graph_dtype))
+            for k, v in kv
+        ]
     return RecipeReference(LoadedModel(loaded.source, model), kv_scales)
 
 
