@@ -68,7 +68,9 @@ def _stack(quant: ImportedQuantization, experts: list[list[str]]) -> QdqArrays:
         return np.stack([np.concatenate([get(a) for a in p], axis=0) for p in parts])
 
     zero = cat(lambda a: a.zero_point) if flat[0].zero_point is not None else None
-    return QdqArrays(cat(lambda a: a.values), cat(lambda a: a.scale), zero, flat[0].block, None, flat[0].dtype)
+    return QdqArrays(
+        cat(lambda a: a.values), cat(lambda a: a.scale), zero, flat[0].block, None, flat[0].dtype
+    )
 
 
 def _add(b: GraphBuilder, name: str, array: np.ndarray) -> str:
@@ -100,15 +102,25 @@ def emit_imported(
     typed = scale.astype(scale_type)
     if not np.array_equal(typed.astype(np.float32), scale):
         what = weights if isinstance(weights, str) else weights[0][0]
-        raise _refuse(what, quant, f"its scales are not exact in {np.dtype(scale_type).name}; export --dtype fp32")
-    inputs = [_add(b, name + ".q", np.ascontiguousarray(values)), _add(b, name + ".scale", np.ascontiguousarray(typed))]
+        raise _refuse(
+            what, quant, f"its scales are not exact in {np.dtype(scale_type).name}; export --dtype fp32"
+        )
+    inputs = [
+        _add(b, name + ".q", np.ascontiguousarray(values)),
+        _add(b, name + ".scale", np.ascontiguousarray(typed)),
+    ]
     if zero is not None:
         inputs.append(_add(b, name + ".zero_point", np.ascontiguousarray(zero)))
     out = dequantized_name(name)
     dq_out = out if a.order is None else name + ".sorted"
     b.nodes.append(
         helper.make_node(
-            "DequantizeLinear", inputs, [dq_out], name=name + "/DequantizeLinear", axis=axis, block_size=a.block
+            "DequantizeLinear",
+            inputs,
+            [dq_out],
+            name=name + "/DequantizeLinear",
+            axis=axis,
+            block_size=a.block,
         )
     )
     if a.order is not None:  # rows back in input-channel order

@@ -149,7 +149,7 @@ class CheckpointSource:
     def __init__(self, ckpt: Checkpoint, allow_nonfinite: bool = False):
         self.ckpt, self.allow_nonfinite = ckpt, allow_nonfinite
         self.reader = ShardReader()
-        # imported quantized checkpoints: graph weight name -> its DequantizeLinear output (export/imported.py)
+        # imported quantized checkpoints: graph weight -> its DequantizeLinear output (export/imported.py)
         self.dequantized: dict[str, str] = {}
 
     def _imported(self, plan: WeightPlan) -> list[list[str]] | str | None:

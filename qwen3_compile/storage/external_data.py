@@ -24,8 +24,9 @@ _CHUNK = 64 << 20
 
 
 def pack_int4(values: np.ndarray) -> np.ndarray:
-    """INT4 values (any integer or `ml_dtypes.int4` array in [-8, 7], or uint4 in [0, 15]) as ONNX stores them: flattened, two a
-    byte, the first of each pair in the low nibble, an odd count padded with a zero high nibble."""
+    """INT4 values (any integer or `ml_dtypes.int4` array in [-8, 7], or uint4 in [0, 15]) as ONNX stores
+    them: flattened, two a byte, the first of each pair in the low nibble, an odd count padded with a zero
+    high nibble."""
     flat = np.asarray(values).reshape(-1).astype(np.int8).view(np.uint8) & 0x0F
     if flat.size % 2:
         flat = np.append(flat, np.uint8(0))

@@ -116,7 +116,9 @@ def _gptq(w: np.ndarray, group: int, bits: int, sym: bool, desc_act: bool, v2: b
         qweight[i // per] |= q[i].astype(np.uint64) << np.uint64(bits * (i % per))
     qzeros = np.zeros((groups, out // per), np.uint64)
     for c in range(out):
-        qzeros[:, c // per] |= (stored_zeros[:, c].astype(np.uint64) & np.uint64(top)) << np.uint64(bits * (c % per))
+        qzeros[:, c // per] |= (stored_zeros[:, c].astype(np.uint64) & np.uint64(top)) << np.uint64(
+            bits * (c % per)
+        )
     tensors = {
         "qweight": qweight.astype(np.uint32).view(np.int32),
         "qzeros": qzeros.astype(np.uint32).view(np.int32),
@@ -128,23 +130,46 @@ def _gptq(w: np.ndarray, group: int, bits: int, sym: bool, desc_act: bool, v2: b
 
 def quantization_config(kind: str, **opts) -> dict:
     if kind == "fp8":
-        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                "weight_block_size": list(opts.get("block", (128, 128))), "modules_to_not_convert": ["lm_head"]}
+        return {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": list(opts.get("block", (128, 128))),
+            "modules_to_not_convert": ["lm_head"],
+        }
     if kind == "awq":
-        return {"quant_method": "awq", "bits": 4, "group_size": opts.get("group", 32), "zero_point": True,
-                "version": "gemm", "modules_to_not_convert": None}
-    return {"quant_method": "gptq", "bits": opts.get("bits", 4), "group_size": opts.get("group", 32),
-            "desc_act": opts.get("desc_act", False), "sym": opts.get("sym", True), "damp_percent": 0.01,
-            "true_sequential": True, "static_groups": False,
-            "checkpoint_format": "gptq_v2" if opts.get("v2") else "gptq"}
+        return {
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": opts.get("group", 32),
+            "zero_point": True,
+            "version": "gemm",
+            "modules_to_not_convert": None,
+        }
+    return {
+        "quant_method": "gptq",
+        "bits": opts.get("bits", 4),
+        "group_size": opts.get("group", 32),
+        "desc_act": opts.get("desc_act", False),
+        "sym": opts.get("sym", True),
+        "damp_percent": 0.01,
+        "true_sequential": True,
+        "static_groups": False,
+        "checkpoint_format": "gptq_v2" if opts.get("v2") else "gptq",
+    }
 
 
 def save_quantized_checkpoint(directory: Path, arch_kind: str, kind: str, seed: int = 0, **opts):
-    """A checkpoint in format `kind` (fp8, awq, gptq); returns {float weight name: expected float32 [out, in]}."""
+    """A checkpoint in format `kind` (fp8, awq, gptq); returns {float weight: expected float32 [out, in]}."""
     import torch
     from safetensors.torch import save_file
 
-    arch = ARCHS[arch_kind]
+    if arch_kind in ARCHS:
+        arch = ARCHS[arch_kind]
+    else:  # a preset's architecture (the real vocabulary, for validate's prompt suite)
+        from qwen3_compile.models.presets import get_preset
+
+        arch = get_preset(arch_kind).arch
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True)
     tensors, expected = {}, {}
@@ -164,8 +189,13 @@ def save_quantized_checkpoint(directory: Path, arch_kind: str, kind: str, seed: 
             stored, expected[name] = _awq(w, opts.get("group", 32))
         else:
             stored, expected[name] = _gptq(
-                w, opts.get("group", 32), opts.get("bits", 4), opts.get("sym", True),
-                opts.get("desc_act", False), opts.get("v2", False), rng,
+                w,
+                opts.get("group", 32),
+                opts.get("bits", 4),
+                opts.get("sym", True),
+                opts.get("desc_act", False),
+                opts.get("v2", False),
+                rng,
             )
         for role, value in stored.items():
             if value.dtype == ml_dtypes.float8_e4m3fn:

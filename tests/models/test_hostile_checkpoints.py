@@ -42,6 +42,10 @@ def config(**changes) -> Callable[[Path], None]:
     return damage
 
 
+def quantized(**fields) -> Callable[[Path], None]:
+    return config(quantization_config=fields)
+
+
 def config_text(edit: Callable[[str], str | bytes]) -> Callable[[Path], None]:
     def damage(ckpt: Path) -> None:
         new = edit((ckpt / "config.json").read_text())
@@ -160,15 +164,15 @@ CASES = [
     ("rope-unknown-key", "dense", config(rope_parameters={"rope_theta": 1e6, "factor": 2.0}), "factor"),
     # quantization_config: the published formats are imported (tests/models/test_quantized_import.py); a
     # config that names one wrongly, or a method or version we do not import, is refused by field
-    ("quantized-fp8-no-block", "moe", config(quantization_config={"quant_method": "fp8"}), "weight_block_size"),
-    ("quantized-awq-no-group", "dense", config(quantization_config={"quant_method": "awq", "bits": 4}), "group_size"),
-    ("quantized-gptq-no-group", "dense", config(quantization_config={"quant_method": "gptq", "bits": 8}), "group_size"),
+    ("quantized-fp8-no-block", "moe", quantized(quant_method="fp8"), "weight_block_size"),
+    ("quantized-awq-no-group", "dense", quantized(quant_method="awq", bits=4), "group_size"),
+    ("quantized-gptq-no-group", "dense", quantized(quant_method="gptq", bits=8), "group_size"),
     ("quantized-not-a-dict", "dense", config(quantization_config="int4"), "quantization_config"),
-    ("quantized-unknown-method", "dense", config(quantization_config={"quant_method": "bitsandbytes"}), "quant_method"),
+    ("quantized-unknown-method", "dense", quantized(quant_method="bitsandbytes"), "quant_method"),
     (
         "quantized-config-float-weights",
         "dense",
-        config(quantization_config={"quant_method": "awq", "bits": 4, "group_size": 16, "version": "gemm"}),
+        quantized(quant_method="awq", bits=4, group_size=16, version="gemm"),
         "no weight is stored quantized",
     ),
     ("rms-eps-negative", "dense", config(rms_norm_eps=-1e-6), "'rms_norm_eps'"),

@@ -43,7 +43,10 @@ QUANTIZABLE = re.compile(
     r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|mlp\.experts\.\d+\.(gate|up|down)_proj)"
     r"\.weight$"
 )
-_FIX = "the checkpoint is damaged or not in the format its config.json names: re-download it, or use the BF16 release."
+_FIX = (
+    "the checkpoint is damaged or not in the format its config.json names: re-download it, or use the BF16 "
+    "release."
+)
 
 
 @dataclass(frozen=True)
@@ -113,8 +116,12 @@ def _read(entry: TensorEntry) -> np.ndarray:
         with safe_open(str(entry.file), framework="pt") as f:
             t = f.get_tensor(entry.name)
     except (SafetensorError, OSError) as err:
-        raise BadInputError(f"cannot read the weights ({err}).", file=entry.file, field=entry.name,
-                            fix="re-download or re-save the file.") from None
+        raise BadInputError(
+            f"cannot read the weights ({err}).",
+            file=entry.file,
+            field=entry.name,
+            fix="re-download or re-save the file.",
+        ) from None
     if t.dtype == torch.float8_e4m3fn:
         return t.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn)
     if t.dtype in (torch.bfloat16, torch.float16):
@@ -150,7 +157,9 @@ def plan_import(
             if fmt.method == "fp8" and entry is not None and entry.dtype.startswith("F8"):
                 raise BadInputError(
                     f"tensor '{name}' is {entry.dtype} but has no block scale '{prefix}.weight_scale_inv'.",
-                    file=entry.file, field=f"{prefix}.weight_scale_inv", fix=_FIX,
+                    file=entry.file,
+                    field=f"{prefix}.weight_scale_inv",
+                    fix=_FIX,
                 )
             continue
         marker = tensors[module.marker(prefix)]
@@ -158,27 +167,40 @@ def plan_import(
             raise BadInputError(
                 f"'{prefix}' is stored quantized; qwen3-compile keeps embeddings, lm_head, the MoE router "
                 "and norms in float and does not import this.",
-                file=marker.file, field=marker.name,
+                file=marker.file,
+                field=marker.name,
                 fix="use a checkpoint that leaves these modules unquantized (as Qwen's releases do).",
             )
         if any(prefix == m or prefix.endswith("." + m) for m in fmt.modules_to_not_convert):
             raise BadInputError(
                 f"'{prefix}' is listed in modules_to_not_convert but is stored quantized.",
-                file=config_path, field="quantization_config.modules_to_not_convert", fix=_FIX,
+                file=config_path,
+                field="quantization_config.modules_to_not_convert",
+                fix=_FIX,
             )
         out, inp = shape
         why = module.check_shape(fmt, out, inp)
         if why:
-            raise BadInputError(f"'{prefix}' cannot be stored in this format: {why}.", file=marker.file,
-                                field=marker.name, fix=_FIX)
+            raise BadInputError(
+                f"'{prefix}' cannot be stored in this format: {why}.",
+                file=marker.file,
+                field=marker.name,
+                fix=_FIX,
+            )
         linears[name] = QuantizedLinear(name, (out, inp), _stored(module, fmt, prefix, out, inp, tensors))
         if fmt.method != "fp8" and name in tensors:
-            raise BadInputError(f"'{prefix}' has both a float weight and quantized tensors.",
-                                file=tensors[name].file, field=name, fix=_FIX)
+            raise BadInputError(
+                f"'{prefix}' has both a float weight and quantized tensors.",
+                file=tensors[name].file,
+                field=name,
+                fix=_FIX,
+            )
     if not linears:
         raise BadInputError(
             f"config.json says the checkpoint is quantized ({fmt.method}) but no weight is stored quantized.",
-            file=config_path, field="quantization_config", fix="remove quantization_config, or re-download.",
+            file=config_path,
+            field="quantization_config",
+            fix="remove quantization_config, or re-download.",
         )
     _check_experts_alike(expected, linears, config_path)
     return ImportedQuantization(fmt, linears)
@@ -191,15 +213,27 @@ def _stored(module, fmt, prefix, out, inp, tensors) -> dict[str, TensorEntry]:
         if entry is None:
             if role in getattr(module, "OPTIONAL", ()):
                 continue
-            raise BadInputError(f"tensor '{tname}' is missing ({fmt.method} stores it for every quantized "
-                                "linear).", file=tensors[module.marker(prefix)].file, field=tname, fix=_FIX)
+            raise BadInputError(
+                f"tensor '{tname}' is missing ({fmt.method} stores it for every quantized linear).",
+                file=tensors[module.marker(prefix)].file,
+                field=tname,
+                fix=_FIX,
+            )
         if entry.dtype not in dtypes:
-            raise BadInputError(f"tensor '{tname}' is {entry.dtype}; {fmt.method} stores it as "
-                                f"{' or '.join(dtypes)}.", file=entry.file, field=tname, fix=_FIX)
+            raise BadInputError(
+                f"tensor '{tname}' is {entry.dtype}; {fmt.method} stores it as {' or '.join(dtypes)}.",
+                file=entry.file,
+                field=tname,
+                fix=_FIX,
+            )
         if entry.shape != tuple(shape):
-            raise BadInputError(f"tensor '{tname}' has shape {list(entry.shape)}; for a [{out}, {inp}] weight "
-                                f"with {fmt.label} it must be {list(shape)}.", file=entry.file, field=tname,
-                                fix="check bits and group_size in quantization_config against the weights.")
+            raise BadInputError(
+                f"tensor '{tname}' has shape {list(entry.shape)}; for a [{out}, {inp}] weight "
+                f"with {fmt.label} it must be {list(shape)}.",
+                file=entry.file,
+                field=tname,
+                fix="check bits and group_size in quantization_config against the weights.",
+            )
         found[role] = entry
     return found
 
@@ -213,5 +247,9 @@ def _check_experts_alike(expected, linears, config_path) -> None:
             layers.setdefault(m.group(1), set()).add(name in linears)
     for layer, kinds in layers.items():
         if len(kinds) > 1:
-            raise BadInputError(f"some experts of {layer} are quantized and some are not.", file=config_path,
-                                field="quantization_config", fix="use a checkpoint that quantizes all experts.")
+            raise BadInputError(
+                f"some experts of {layer} are quantized and some are not.",
+                file=config_path,
+                field="quantization_config",
+                fix="use a checkpoint that quantizes all experts.",
+            )

@@ -21,7 +21,9 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 SCALE_DTYPES = ("F16", "BF16", "F32")
 
 
-def stored(prefix: str, fmt: QuantFormat, out: int, inp: int) -> dict[str, tuple[str, tuple[str, ...], tuple]]:
+def stored(
+    prefix: str, fmt: QuantFormat, out: int, inp: int
+) -> dict[str, tuple[str, tuple[str, ...], tuple]]:
     g = fmt.group_size
     return {
         "qweight": (f"{prefix}.qweight", ("I32",), (inp, out // 8)),
@@ -55,5 +57,6 @@ def unpack(fmt: QuantFormat, arrays: dict[str, np.ndarray], refuse) -> UnpackedW
     q = unpack_columns(arrays["qweight"]).T  # [out, in]
     z = unpack_columns(arrays["qzeros"]).T  # [out, in / G]
     s = arrays["scales"].astype(np.float32).T
-    return UnpackedWeight(np.ascontiguousarray(q), np.ascontiguousarray(s), np.ascontiguousarray(z),
-                          fmt.group_size, 4)
+    return UnpackedWeight(
+        np.ascontiguousarray(q), np.ascontiguousarray(s), np.ascontiguousarray(z), fmt.group_size, 4
+    )

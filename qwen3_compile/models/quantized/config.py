@@ -45,7 +45,11 @@ class QuantFormat:
         if self.method == "fp8":
             return f"fp8 e4m3, {self.block_rows}x{self.group_size} block scales"
         group = "per row" if self.group_size == -1 else f"group {self.group_size}"
-        extra = f", {self.checkpoint_format}, desc_act={str(self.desc_act).lower()}" if self.method == "gptq" else ""
+        extra = (
+            f", {self.checkpoint_format}, desc_act={str(self.desc_act).lower()}"
+            if self.method == "gptq"
+            else ""
+        )
         return f"{self.method} int{self.bits}, {group}{extra}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,7 +94,9 @@ def _get(cfg: dict, key: str, kind: type | tuple, refuse, default: Any = ..., fi
 def _modules(cfg: dict, refuse) -> tuple[str, ...]:
     mods = _get(cfg, "modules_to_not_convert", list, refuse, default=[])
     if not all(isinstance(m, str) for m in mods):
-        raise refuse("modules_to_not_convert", f"expected a list of module names, got {mods!r}.", _UNQUANTIZED_FIX)
+        raise refuse(
+            "modules_to_not_convert", f"expected a list of module names, got {mods!r}.", _UNQUANTIZED_FIX
+        )
     return tuple(mods)
 
 
@@ -106,11 +112,20 @@ def _fp8(cfg: dict, refuse) -> QuantFormat:
             "weights of 'dynamic' checkpoints, whose activations carry no stored scale).",
             _UNQUANTIZED_FIX,
         )
-    block = _get(cfg, "weight_block_size", list, refuse, fix="Qwen's FP8 releases use [128, 128]; "
-                 "per-tensor FP8 checkpoints are not imported. " + _UNQUANTIZED_FIX)
+    block = _get(
+        cfg,
+        "weight_block_size",
+        list,
+        refuse,
+        fix="Qwen's FP8 releases use [128, 128]; "
+        "per-tensor FP8 checkpoints are not imported. " + _UNQUANTIZED_FIX,
+    )
     if len(block) != 2 or not all(type(b) is int and 1 <= b <= _MAX_BLOCK for b in block):
-        raise refuse("weight_block_size", f"expected two positive block sizes [rows, cols], got {block!r}.",
-                     "Qwen's FP8 releases use [128, 128].")
+        raise refuse(
+            "weight_block_size",
+            f"expected two positive block sizes [rows, cols], got {block!r}.",
+            "Qwen's FP8 releases use [128, 128].",
+        )
     return QuantFormat("fp8", 8, block[1], block_rows=block[0], modules_to_not_convert=_modules(cfg, refuse))
 
 
@@ -119,8 +134,11 @@ def _group_size(cfg: dict, refuse, allow_row: bool) -> int:
     if group == -1 and allow_row:
         return group
     if not 1 <= group <= _MAX_BLOCK or group & (group - 1):
-        raise refuse("group_size", f"group size {group} is not a power of two"
-                     + (" or -1" if allow_row else "") + ".", "check the checkpoint's config.json.")
+        raise refuse(
+            "group_size",
+            f"group size {group} is not a power of two" + (" or -1" if allow_row else "") + ".",
+            "check the checkpoint's config.json.",
+        )
     return group
 
 
@@ -130,11 +148,15 @@ def _awq(cfg: dict, refuse) -> QuantFormat:
         raise refuse("bits", f"AWQ with {bits} bits is not supported (only 4).", _UNQUANTIZED_FIX)
     version = _get(cfg, "version", str, refuse, default="gemm")
     if version.lower() != "gemm":
-        raise refuse("version", f"AWQ packing {version!r} is not supported (only 'gemm').",
-                     "re-save the model with AutoAWQ's GEMM version, or use the BF16 release.")
+        raise refuse(
+            "version",
+            f"AWQ packing {version!r} is not supported (only 'gemm').",
+            "re-save the model with AutoAWQ's GEMM version, or use the BF16 release.",
+        )
     if not _get(cfg, "zero_point", bool, refuse, default=True):
-        raise refuse("zero_point", "AWQ without zero points (zero_point: false) is not supported.",
-                     _UNQUANTIZED_FIX)
+        raise refuse(
+            "zero_point", "AWQ without zero points (zero_point: false) is not supported.", _UNQUANTIZED_FIX
+        )
     group = _group_size(cfg, refuse, allow_row=False)
     return QuantFormat("awq", 4, group, modules_to_not_convert=_modules(cfg, refuse))
 
@@ -151,8 +173,11 @@ def _gptq(cfg: dict, refuse) -> QuantFormat:
             "re-save the model with AutoGPTQ/GPTQModel in the 'gptq' or 'gptq_v2' format.",
         )
     if _get(cfg, "lm_head", bool, refuse, default=False):
-        raise refuse("lm_head", "a quantized lm_head is not imported (qwen3-compile keeps lm_head in float).",
-                     _UNQUANTIZED_FIX)
+        raise refuse(
+            "lm_head",
+            "a quantized lm_head is not imported (qwen3-compile keeps lm_head in float).",
+            _UNQUANTIZED_FIX,
+        )
     for key in ("modules_in_block_to_quantize", "dynamic"):
         if cfg.get(key):
             raise refuse(key, f"per-module GPTQ settings ({key}) are not supported.", _UNQUANTIZED_FIX)
@@ -174,8 +199,12 @@ def parse_quantization_config(cfg: dict[str, Any], source: str | Path) -> QuantF
         return None
     refuse = _refuser(source)
     if not isinstance(quant, dict):
-        raise BadInputError("quantization_config must be an object.", file=source, field="quantization_config",
-                            fix=_UNQUANTIZED_FIX)
+        raise BadInputError(
+            "quantization_config must be an object.",
+            file=source,
+            field="quantization_config",
+            fix=_UNQUANTIZED_FIX,
+        )
     method = quant.get("quant_method")
     if method not in METHODS:
         raise refuse(

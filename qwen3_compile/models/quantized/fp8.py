@@ -17,7 +17,9 @@ from qwen3_compile.models.quantized.weight import UnpackedWeight
 SCALE_DTYPES = ("F32", "BF16", "F16")
 
 
-def stored(prefix: str, fmt: QuantFormat, out: int, inp: int) -> dict[str, tuple[str, tuple[str, ...], tuple]]:
+def stored(
+    prefix: str, fmt: QuantFormat, out: int, inp: int
+) -> dict[str, tuple[str, tuple[str, ...], tuple]]:
     """role -> (tensor name, allowed dtypes, shape)."""
     rows, cols = -(-out // fmt.block_rows), -(-inp // fmt.group_size)
     return {

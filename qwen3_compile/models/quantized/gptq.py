@@ -26,7 +26,9 @@ def _group(fmt: QuantFormat, inp: int) -> int:
     return inp if fmt.group_size == -1 else fmt.group_size
 
 
-def stored(prefix: str, fmt: QuantFormat, out: int, inp: int) -> dict[str, tuple[str, tuple[str, ...], tuple]]:
+def stored(
+    prefix: str, fmt: QuantFormat, out: int, inp: int
+) -> dict[str, tuple[str, tuple[str, ...], tuple]]:
     per = 32 // fmt.bits
     groups = inp // _group(fmt, inp)
     return {
@@ -81,7 +83,9 @@ def unpack(fmt: QuantFormat, arrays: dict[str, np.ndarray], refuse) -> UnpackedW
         if np.array_equal(g_idx, np.arange(inp) // group):
             g_idx = None
         elif not fmt.desc_act:
-            raise refuse("g_idx", "is not in channel order (i // group_size), but the config says desc_act "
-                         "is false.")
-    return UnpackedWeight(np.ascontiguousarray(q), np.ascontiguousarray(s), np.ascontiguousarray(z),
-                          group, fmt.bits, g_idx)
+            raise refuse(
+                "g_idx", "is not in channel order (i // group_size), but the config says desc_act is false."
+            )
+    return UnpackedWeight(
+        np.ascontiguousarray(q), np.ascontiguousarray(s), np.ascontiguousarray(z), group, fmt.bits, g_idx
+    )

@@ -78,7 +78,10 @@ def onnx_arrays(w: UnpackedWeight) -> QdqArrays:
         out_blocks = w.scale.shape[1]
         order = np.argsort(w.g_idx, kind="stable")
         sorted_blocks = w.g_idx[order]
-        if not np.array_equal(sorted_blocks, np.arange(w.shape[1]) // w.group) or out_blocks * w.group < w.shape[1]:
+        if (
+            not np.array_equal(sorted_blocks, np.arange(w.shape[1]) // w.group)
+            or out_blocks * w.group < w.shape[1]
+        ):
             raise NotRepresentable(
                 "its g_idx does not give every group exactly group_size input channels, so no blocked "
                 "DequantizeLinear holds it"
@@ -91,8 +94,9 @@ def onnx_arrays(w: UnpackedWeight) -> QdqArrays:
         return QdqArrays(values, w.scale, None, w.group, order, "fp8")
     mid = 1 << (w.bits - 1)
     if np.all(zero == mid):  # symmetric: signed values, no zero point (TensorRT's form)
-        return QdqArrays((values - mid).astype(ONNX_INT[w.bits, True]), w.scale, None, w.group, order,
-                         f"int{w.bits}")
+        return QdqArrays(
+            (values - mid).astype(ONNX_INT[w.bits, True]), w.scale, None, w.group, order, f"int{w.bits}"
+        )
     top = (1 << w.bits) - 1
     if zero.min() < 0 or zero.max() > top:
         raise NotRepresentable(
