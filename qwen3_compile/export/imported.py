@@ -18,8 +18,10 @@ from onnx import TensorProto, helper, numpy_helper
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.export.builder import GraphBuilder
 from qwen3_compile.models.quantized import ImportedQuantization, NotRepresentable, QdqArrays, onnx_arrays
-from qwen3_compile.quantize.weights import dequantized_name
 
+# the quantize stage's name for a weight's DequantizeLinear output (quantize.weights.dequantized_name; the
+# tests hold the two to each other: export must not import quantize, which imports export)
+DEQUANTIZED = ".dequantized"
 SCALE_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 _UNSIGNED = {"int4": ("uint4", ml_dtypes.uint4, 8), "int8": ("uint8", np.uint8, 128)}
 
@@ -111,7 +113,7 @@ def emit_imported(
     ]
     if zero is not None:
         inputs.append(_add(b, name + ".zero_point", np.ascontiguousarray(zero)))
-    out = dequantized_name(name)
+    out = name + DEQUANTIZED
     dq_out = out if a.order is None else name + ".sorted"
     b.nodes.append(
         helper.make_node(
