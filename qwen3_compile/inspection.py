@@ -34,6 +34,8 @@ class CheckpointSummary:
     expert_layout: str
     # None when values were not read (--quick); else the names of tensors with NaN/Inf
     nonfinite_tensors: list[str] | None
+    # a published quantized checkpoint: method, bits, group size, desc_act, which modules, bytes
+    quantization: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ def inspect_model(
             bytes_on_disk=ckpt.weight_bytes,
             expert_layout=ckpt.expert_layout.value if arch.is_moe else "-",
             nonfinite_tensors=nonfinite,
+            quantization=ckpt.quantization.summary() if ckpt.quantization is not None else None,
         )
     published = None
     if source.preset is not None and source.preset.published_params_b is not None and num_layers is None:

@@ -65,6 +65,14 @@ def render_inspect(report: ModelReport) -> None:
             f"{c.files} file(s), {'/'.join(c.dtypes)}, {c.bytes_on_disk / GB:.2f} GB, "
             f"experts {c.expert_layout}, values {checked}",
         )
+        if c.quantization:
+            q = c.quantization
+            arch.add_row(
+                "quantization",
+                f"{q['label']} ({q['method']}): {q['quantized_linears']} linears stored quantized, "
+                f"{q['stored_bytes'] / 1e6:.2f} MB against {q['bf16_bytes'] / 1e6:.2f} MB in bf16; "
+                f"modules {', '.join(q['quantized_modules'])}",
+            )
     arch.add_row("tokenizer", report.tokenizer_dir)
     console.print(arch)
 

@@ -142,6 +142,47 @@ def _weight_source(source: ModelSource, allow_nonfinite: bool) -> WeightSource:
     return PresetSource(source.arch, source.preset.seed, source.preset.outliers)
 
 
+def _check_imported(options: ExportOptions, resume: bool, loaded: bool) -> None:
+    """An imported quantized checkpoint keeps its own values: blocked DequantizeLinear, fp32/fp16 scales."""
+    if loaded:
+        raise BadInputError(
+            "a loaded model holds the dequantized float weights, not the checkpoint's quantized ones.",
+            field="model",
+            fix="export the checkpoint folder itself.",
+        )
+    if options.opset < 21:
+        raise BadInputError(
+            f"a quantized checkpoint's weights need blocked DequantizeLinear (opset 21); --opset is "
+            f"{options.opset}.",
+            field="--opset",
+            fix="export with --opset 21 or higher (the default is 21).",
+        )
+    if options.dtype == "bf16":
+        raise BadInputError(
+            "a quantized checkpoint exports as an fp32 or fp16 graph.",
+            field="--dtype",
+            fix="export with --dtype fp32 (the ONNX Runtime reference) or fp16.",
+        )
+    if resume:
+        raise BadInputError(
+            "--resume is not supported for quantized checkpoints.",
+            field="--resume",
+            fix="rerun the export without --resume.",
+        )
+
+
+def _imported_record(imported) -> dict[str, Any]:
+    """The manifest's record of an imported quantization, and how ONNX Runtime must run it: the QDQ graph as
+    written (no MatMulNBits fusion, which would quantize the activations too), FP8 at ENABLE_BASIC."""
+    from qwen3_compile.backends.onnxruntime.settings import ORT_QDQ
+
+    return {
+        "imported": imported.summary(),
+        "ort_optimization": "basic" if imported.format.method == "fp8" else "all",
+        "ort_session_config": dict(ORT_QDQ["reference"]),
+    }
+
+
 def _resume_hint(err: Exception, journal: ExportJournal | None, num_layers: int) -> Exception:
     """The error, telling how to continue where a journaled export stopped."""
     if journal is None or not journal.groups_done:
@@ -186,6 +227,9 @@ def export_onnx(
         source = model if isinstance(model, ModelSource) else resolve_model(model, num_layers)
         weights = None
     max_positions = check_options(source, options)
+    imported = source.checkpoint.quantization if source.checkpoint is not None else None
+    if imported is not None:
+        _check_imported(options, resume, weights is not None)
     output = Path(output)
     if source.checkpoint is not None:
         check_not_an_input(output, [source.checkpoint.directory], "-o")
@@ -221,6 +265,11 @@ def export_onnx(
             if hinted is err:
                 raise
             raise hinted from err
+        dequantized = getattr(weights, "dequantized", None)
+        if dequantized:
+            from qwen3_compile.export.imported import rewire
+
+            rewire(graph.graph, dequantized)
         histogram = dict(
             sorted(
                 Counter(
@@ -242,6 +291,7 @@ def export_onnx(
             op_histogram=histogram,
             architecture=arch.to_hf_dict(),
             resumed_after_groups=done,
+            **(_imported_record(imported) if imported is not None else {}),
         )
     return ExportedArtifact(output, options, histogram, manifest)
 

@@ -149,6 +149,25 @@ class CheckpointSource:
     def __init__(self, ckpt: Checkpoint, allow_nonfinite: bool = False):
         self.ckpt, self.allow_nonfinite = ckpt, allow_nonfinite
         self.reader = ShardReader()
+        # imported quantized checkpoints: graph weight -> its DequantizeLinear output (export/imported.py)
+        self.dequantized: dict[str, str] = {}
+
+    def _imported(self, plan: WeightPlan) -> list[list[str]] | str | None:
+        """The quantized checkpoint linears behind `plan`, or None when it is stored in float."""
+        quant = self.ckpt.quantization
+        if quant is None:
+            return None
+        if plan.source in quant.linears:
+            return plan.source
+        if ".mlp.experts." not in plan.source:
+            return None
+        layer = int(plan.source.split(".")[2])
+        per_expert = [per_expert_names(layer, e) for e in range(self.ckpt.arch.num_experts)]
+        if plan.source.endswith("gate_up_proj"):
+            names = [[gate, up] for gate, up, _ in per_expert]
+        else:
+            names = [[down] for _, _, down in per_expert]
+        return names if names[0][0] in quant.linears else None
 
     def _pieces(self, plan: WeightPlan) -> list[TensorEntry]:
         """The stored tensors whose rows, in order, make up `plan.source` viewed as 2-D."""
@@ -175,6 +194,12 @@ class CheckpointSource:
     def emit(self, b: GraphBuilder, plan: WeightPlan, export_dtype: torch.dtype) -> None:
         import torch
 
+        imported = self._imported(plan)
+        if imported is not None:  # its own values and scales behind DequantizeLinear
+            from qwen3_compile.export.imported import emit_imported
+
+            self.dequantized[plan.name] = emit_imported(b, plan.name, self.ckpt.quantization, imported)
+            return
         if _skipped(b, plan, export_dtype):
             return
         pieces = self._pieces(plan)

@@ -203,7 +203,7 @@ def lower_artifact(
             recipe=manifest.recipe if quantized else None,
             quantization=manifest.quantization if quantized else None,
             calibration=manifest.calibration if quantized else None,
-            ort_optimization=manifest.ort_optimization if quantized else "all",
-            ort_session_config=manifest.ort_session_config if quantized else {},
+            ort_optimization=manifest.ort_optimization,  # quantized or imported: how ORT runs the QDQ graph
+            ort_session_config=manifest.ort_session_config,
         )
     return LoweredArtifact(output, runtime, target, lowering, histogram, moe, record)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.models.config import Qwen3Arch
+from qwen3_compile.models.quantized import ImportedQuantization, parse_quantization_config, plan_import
 from qwen3_compile.models.safetensors_index import FLOAT_DTYPES, TensorEntry, read_header
 from qwen3_compile.models.tensors import (
     ExpertLayout,
@@ -26,7 +27,13 @@ from qwen3_compile.models.tensors import (
     per_expert_names,
 )
 from qwen3_compile.progress import NO_PROGRESS, Progress
-from qwen3_compile.storage.user_files import MAX_INDEX_BYTES, check_folder, check_regular, read_json_object
+from qwen3_compile.storage.user_files import (
+    MAX_CONFIG_BYTES,
+    MAX_INDEX_BYTES,
+    check_folder,
+    check_regular,
+    read_json_object,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +58,8 @@ class Checkpoint:
     tensors: dict[str, TensorEntry]
     expert_layout: ExpertLayout
     files: tuple[Path, ...]
+    # a published quantized checkpoint (FP8, AWQ, GPTQ): which weights are stored quantized, and how
+    quantization: ImportedQuantization | None = None
 
     @property
     def weight_bytes(self) -> int:
@@ -156,12 +165,19 @@ def _read_all_headers(
 
 def _check_tensors(
     arch: Qwen3Arch, tensors: dict[str, TensorEntry], layout: ExpertLayout, config_path: Path
-) -> None:
+) -> ImportedQuantization | None:
+    """Every tensor the architecture needs, with its shape and dtype; for a quantized checkpoint, the
+    quantized linears' stored tensors in place of their float weights (models/quantized/)."""
     expected = expected_shapes(arch, layout, include_lm_head=False)
     if not arch.tie_word_embeddings:
         expected["lm_head.weight"] = (arch.vocab_size, arch.hidden_size)
     elif "lm_head.weight" in tensors:
         expected["lm_head.weight"] = (arch.vocab_size, arch.hidden_size)
+    quantization = _quantization(expected, tensors, config_path)
+    if quantization is not None:
+        consumed = quantization.consumed
+        tensors = {n: e for n, e in tensors.items() if n not in consumed}
+        expected = {n: s for n, s in expected.items() if n not in quantization.linears}
     missing = [n for n in expected if n not in tensors]
     if missing:
         raise BadInputError(
@@ -199,6 +215,18 @@ def _check_tensors(
                 field=name,
                 fix="use the bf16 release of the model; quantize it with a qwen3-compile recipe.",
             )
+    return quantization
+
+
+def _quantization(
+    expected: dict, tensors: dict[str, TensorEntry], config_path: Path
+) -> ImportedQuantization | None:
+    fix = "repair the file or re-save the config with save_pretrained."
+    fmt = parse_quantization_config(read_json_object(config_path, MAX_CONFIG_BYTES, fix, fix), config_path)
+    if fmt is None:
+        return None
+    fused = any(n.endswith("experts.gate_up_proj") for n in expected)
+    return plan_import(fmt, expected, tensors, fused, config_path)
 
 
 def open_checkpoint(directory: str | Path) -> Checkpoint:
@@ -229,20 +257,24 @@ def open_checkpoint(directory: str | Path) -> Checkpoint:
     files = _weight_files(directory, weight_map)
     tensors = _read_all_headers(directory, files, weight_map)
     layout = detect_expert_layout(set(tensors)) if arch.is_moe else ExpertLayout.FUSED
-    _check_tensors(arch, tensors, layout, directory / "config.json")
-    return Checkpoint(directory, arch, tensors, layout, files)
+    quantization = _check_tensors(arch, tensors, layout, directory / "config.json")
+    return Checkpoint(directory, arch, tensors, layout, files, quantization)
 
 
 def iter_tensors(
     ckpt: Checkpoint, progress: Progress = NO_PROGRESS, stage: str = "read weights"
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every weight, file by file, memory-mapped: nothing is kept around."""
+    """(name, tensor) for every float weight, file by file, memory-mapped: nothing is kept around. A
+    quantized checkpoint's quantized linears are not among them (`dequantized_tensors`)."""
     from safetensors import SafetensorError, safe_open
 
+    skip = ckpt.quantization.consumed if ckpt.quantization is not None else set()
     by_file: dict[Path, list[str]] = {}
     for name, entry in ckpt.tensors.items():
-        by_file.setdefault(entry.file, []).append(name)
-    with progress.stage(stage, total=len(ckpt.tensors), unit="tensors") as advance:
+        if name not in skip:  # quantized linears: read and checked by models/quantized
+            by_file.setdefault(entry.file, []).append(name)
+    total = sum(len(names) for names in by_file.values())
+    with progress.stage(stage, total=total, unit="tensors") as advance:
         for path, names in by_file.items():
             # safe_open takes a path, not a descriptor: a file swapped for a pipe since open_checkpoint
             # would block it, so look again right before
@@ -295,8 +327,10 @@ def has_nonfinite(tensor: torch.Tensor) -> bool:
 
 
 def scan_nonfinite(ckpt: Checkpoint, progress: Progress = NO_PROGRESS) -> list[str]:
-    """Names of tensors holding NaN or Inf, reading every weight once."""
-    return [n for n, t in iter_tensors(ckpt, progress, "check weights") if has_nonfinite(t)]
+    """Names of tensors holding NaN or Inf, reading every weight once (a quantized linear's stored values
+    and scales are checked as they are dequantized: a bad scale is refused by name)."""
+    names = [n for n, t in iter_tensors(ckpt, progress, "check weights") if has_nonfinite(t)]
+    return names + [n for n, t in dequantized_tensors(ckpt, progress) if has_nonfinite(t)]
 
 
 def load_state_dict(
@@ -314,9 +348,27 @@ def load_state_dict(
         state[name] = t.to(dtype) if dtype is not None else t
     if not allow_nonfinite:
         refuse_nonfinite(ckpt, nonfinite)
+    for name, t in dequantized_tensors(ckpt, progress):
+        state[name] = t.to(dtype) if dtype is not None else t
     if ckpt.arch.is_moe and ckpt.expert_layout is ExpertLayout.PER_EXPERT:
         _fuse_experts(ckpt.arch, state)
     return state
+
+
+def dequantized_tensors(
+    ckpt: Checkpoint, progress: Progress = NO_PROGRESS
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(float weight name, exact fp32 dequantization) for each quantized linear of an imported checkpoint;
+    values are checked as they are read (models/quantized)."""
+    import torch
+
+    quant = ckpt.quantization
+    if quant is None:
+        return
+    with progress.stage("dequantize weights", total=len(quant.linears), unit="tensors") as advance:
+        for name in quant.linears:
+            yield name, torch.from_numpy(quant.read(name).dequantize())
+            advance(1)
 
 
 def _fuse_experts(arch: Qwen3Arch, state: dict) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qwen3_compile.errors import BadInputError
+from qwen3_compile.models.quantized.config import parse_quantization_config
 from qwen3_compile.schema import decode
 from qwen3_compile.storage.user_files import MAX_CONFIG_BYTES, read_json_object
 
@@ -89,7 +90,7 @@ class Qwen3Arch:
                 fix=f"point at a Qwen3 checkpoint (model_type '{DENSE_MODEL_TYPE}' or '{MOE_MODEL_TYPE}').",
             )
         _check_rope_type(cfg, source)
-        _check_not_prequantized(cfg, source)
+        parse_quantization_config(cfg, source)  # a quantized checkpoint's format must be one we import
         arch = cls(**decode(HFConfig, _our_keys(cfg), file=source).arch_fields(source))
         arch._check_consistency(source)
         return arch
@@ -343,23 +344,6 @@ _HF_KEYS = {f.name for f in dataclasses.fields(HFConfig)}
 def _our_keys(cfg: dict[str, Any]) -> dict[str, Any]:
     """The keys HFConfig reads; the others are left alone, and null is what writers put for "not set"."""
     return {k: v for k, v in cfg.items() if k in _HF_KEYS and v is not None}
-
-
-def _check_not_prequantized(cfg: dict[str, Any], source: str | Path) -> None:
-    """Qwen's -FP8, -AWQ and -GPTQ checkpoints store packed integers or FP8 values with scales beside them;
-    read as float weights they would give a wrong model, so they are refused by name until import exists."""
-    quant = cfg.get("quantization_config")
-    if quant is None:
-        return
-    method = quant.get("quant_method") if isinstance(quant, dict) else None
-    raise BadInputError(
-        f"this checkpoint is already quantized (quantization_config.quant_method {method!r}); importing "
-        "pre-quantized FP8, AWQ or GPTQ checkpoints is not supported yet.",
-        file=source,
-        field="quantization_config",
-        fix="use the unquantized (BF16) checkpoint of the same model and quantize it here "
-        "(`quantize --recipe fp8`, `int4-awq`, `int8-wo`, ...).",
-    )
 
 
 def _check_rope_type(cfg: dict[str, Any], source: str | Path) -> None:

@@ -78,6 +78,15 @@ def _check_input(artifact: Path, manifest: AnyManifest, recipe: QuantRecipe) -> 
             fix="run `qwen3-compile export MODEL -o DIR` and quantize DIR.",
         )
     verify_outputs(artifact, manifest, (MODEL_FILE,))
+    if manifest.imported is not None:
+        raise BadInputError(
+            "this export already holds the checkpoint's own quantized weights "
+            f"({manifest.imported['label']}); quantizing them again would round them twice.",
+            file=artifact / MANIFEST,
+            field="imported",
+            fix="use the export as it is (lower, build or bundle it), or quantize an export of the BF16 "
+            "release.",
+        )
     dtype = manifest.options.dtype
     if dtype not in ("fp32", "fp16"):
         raise BadInputError(

@@ -24,8 +24,9 @@ _CHUNK = 64 << 20
 
 
 def pack_int4(values: np.ndarray) -> np.ndarray:
-    """INT4 values (any integer or `ml_dtypes.int4` array in [-8, 7]) as ONNX stores them: flattened, two a
-    byte, the first of each pair in the low nibble, an odd count padded with a zero high nibble."""
+    """INT4 values (any integer or `ml_dtypes.int4` array in [-8, 7], or uint4 in [0, 15]) as ONNX stores
+    them: flattened, two a byte, the first of each pair in the low nibble, an odd count padded with a zero
+    high nibble."""
     flat = np.asarray(values).reshape(-1).astype(np.int8).view(np.uint8) & 0x0F
     if flat.size % 2:
         flat = np.append(flat, np.uint8(0))
@@ -45,8 +46,12 @@ def raw_view(tensor: Any) -> tuple[memoryview, int, list[int]]:
     """(bytes view without a copy where possible, ONNX element type, dims) of a torch tensor or array."""
     from qwen3_compile.graph_contract import ONNX_DTYPES
 
-    if isinstance(tensor, np.ndarray) and tensor.dtype == ml_dtypes.int4:  # packed: a copy, half the size
-        return memoryview(pack_int4(tensor)), TensorProto.INT4, list(tensor.shape)
+    if isinstance(tensor, np.ndarray) and tensor.dtype in (ml_dtypes.int4, ml_dtypes.uint4):  # packed: a copy
+        kind = TensorProto.INT4 if tensor.dtype == ml_dtypes.int4 else TensorProto.UINT4
+        return memoryview(pack_int4(tensor)), kind, list(tensor.shape)
+    if isinstance(tensor, np.ndarray) and tensor.dtype == ml_dtypes.float8_e4m3fn:
+        array = np.ascontiguousarray(tensor).view(np.uint8)
+        return memoryview(array).cast("B"), TensorProto.FLOAT8E4M3FN, list(tensor.shape)
 
     if hasattr(tensor, "detach"):
         import torch

@@ -15,6 +15,7 @@ from qwen3_compile.targets import Target
 
 SCHEMA_VERSION = 1
 Json = dict[str, Any]
+OrtLevel = Literal["disabled", "basic", "all"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +63,11 @@ class ExportManifest(Manifest):
     architecture: Json  # the Hugging Face config the graph implements
     op_histogram: dict[str, int]
     resumed_after_groups: int = field(default=0, metadata={"min": 0})
+    # a published quantized checkpoint exported with its own values (models/quantized): the format, which
+    # modules, bytes; and how ONNX Runtime must run its DequantizeLinear graph
+    imported: Json | None = None
+    ort_optimization: OrtLevel = "all"
+    ort_session_config: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,9 +80,6 @@ class QuantizationTotals:
     quantized_tensors: int = field(metadata={"min": 0})
     float_bytes: int = field(metadata={"min": 0})
     quantized_bytes: int = field(metadata={"min": 0})
-
-
-OrtLevel = Literal["disabled", "basic", "all"]
 
 
 @dataclass(frozen=True, kw_only=True)

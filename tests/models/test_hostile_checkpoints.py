@@ -42,6 +42,10 @@ def config(**changes) -> Callable[[Path], None]:
     return damage
 
 
+def quantized(**fields) -> Callable[[Path], None]:
+    return config(quantization_config=fields)
+
+
 def config_text(edit: Callable[[str], str | bytes]) -> Callable[[Path], None]:
     def damage(ckpt: Path) -> None:
         new = edit((ckpt / "config.json").read_text())
@@ -158,11 +162,19 @@ CASES = [
     ("rope-parameters-string", "dense", config(rope_parameters="default"), "'rope_parameters'"),
     ("rope-scaling-yarn", "dense", config(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling"),
     ("rope-unknown-key", "dense", config(rope_parameters={"rope_theta": 1e6, "factor": 2.0}), "factor"),
-    # Qwen's pre-quantized releases: packed or FP8 weights with scales, which read as floats would be wrong
-    ("prequantized-fp8", "moe", config(quantization_config={"quant_method": "fp8"}), "'fp8'"),
-    ("prequantized-awq", "dense", config(quantization_config={"quant_method": "awq", "bits": 4}), "'awq'"),
-    ("prequantized-gptq", "dense", config(quantization_config={"quant_method": "gptq", "bits": 8}), "'gptq'"),
-    ("prequantized-not-a-dict", "dense", config(quantization_config="int4"), "quantization_config"),
+    # quantization_config: the published formats are imported (tests/models/test_quantized_import.py); a
+    # config that names one wrongly, or a method or version we do not import, is refused by field
+    ("quantized-fp8-no-block", "moe", quantized(quant_method="fp8"), "weight_block_size"),
+    ("quantized-awq-no-group", "dense", quantized(quant_method="awq", bits=4), "group_size"),
+    ("quantized-gptq-no-group", "dense", quantized(quant_method="gptq", bits=8), "group_size"),
+    ("quantized-not-a-dict", "dense", config(quantization_config="int4"), "quantization_config"),
+    ("quantized-unknown-method", "dense", quantized(quant_method="bitsandbytes"), "quant_method"),
+    (
+        "quantized-config-float-weights",
+        "dense",
+        quantized(quant_method="awq", bits=4, group_size=16, version="gemm"),
+        "no weight is stored quantized",
+    ),
     ("rms-eps-negative", "dense", config(rms_norm_eps=-1e-6), "'rms_norm_eps'"),
     ("rms-eps-zero", "dense", config(rms_norm_eps=0.0), "'rms_norm_eps'"),
     ("rms-eps-one", "dense", config(rms_norm_eps=1.0), "'rms_norm_eps'"),
