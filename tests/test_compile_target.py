@@ -4,7 +4,6 @@ end on the trained-dense preset (real quantization, validation with perplexity, 
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from click.testing import CliRunner
@@ -23,17 +22,15 @@ def _invoke(args):
 def orin_nano_run(tmp_path_factory):
     """One search on trained-dense for jetson-orin-nano over int8-wo, fp16 and fp8 (--json)."""
     root = tmp_path_factory.mktemp("compile-target")
-    clock = time.perf_counter()
     result = _invoke(
         ["compile", "trained-dense", "--target", "jetson-orin-nano", "--recipes", "fp16,fp8,int8-wo"]
         + ["-o", root, "--json", *FAST]
     )
-    seconds = time.perf_counter() - clock
-    return result, root / "trained-dense", seconds
+    return result, root / "trained-dense"
 
 
 def test_keeps_the_smallest_passing_recipe(orin_nano_run):
-    result, run_dir, _ = orin_nano_run
+    result, run_dir = orin_nano_run
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     by_recipe = {a["recipe"]: a for a in data["attempts"]}
@@ -77,14 +74,14 @@ def test_keeps_the_smallest_passing_recipe(orin_nano_run):
 
 
 def test_recipe_the_target_cannot_run_is_skipped_with_the_reason(orin_nano_run):
-    result, _, _ = orin_nano_run
+    result, _ = orin_nano_run
     fp8 = next(a for a in json.loads(result.stdout)["attempts"] if a["recipe"] == "fp8")
     assert fp8["decision"] == "skipped"
     assert "jetson-orin-nano has no fp8" in fp8["reason"] and fp8["gates"] is None
 
 
 def test_json_lists_every_attempt(orin_nano_run):
-    result, _, seconds = orin_nano_run
+    result, _ = orin_nano_run
     data = json.loads(result.stdout)
     assert sorted(a["recipe"] for a in data["attempts"]) == ["fp16", "fp8", "int8-wo"]
     for attempt in data["attempts"]:
@@ -92,18 +89,21 @@ def test_json_lists_every_attempt(orin_nano_run):
         assert memory["usable_gb"] == 6.0 and 0 < memory["needed_gb"] < memory["usable_gb"]
         assert attempt["decision"] in ("kept", "rejected", "skipped", "not applicable", "not tried")
     assert data["target"] == "jetson-orin-nano" and data["passed"] is True
-    assert seconds < 90
 
 
-def test_model_too_large_for_the_target_is_skipped_before_any_work(tmp_path):
+def test_model_too_large_for_the_target_is_skipped_before_any_work(tmp_path, monkeypatch):
     """qwen3-14b at full width and depth: even INT4 needs more than the Orin Nano's 6 GB, which the plan
     says from the architecture alone: nothing is loaded, exported or quantized, and the exit code is 1."""
-    clock = time.perf_counter()
+    import qwen3_compile.compile_target as compile_target
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the plan must refuse before loading the model")
+
+    monkeypatch.setattr(compile_target, "load_model", no_work)
     result = _invoke(
         ["compile", "qwen3-14b", "--target", "jetson-orin-nano", "--recipes", "int4-rtn,int8-wo,fp16"]
         + ["-o", tmp_path, "--json"]
     )
-    assert time.perf_counter() - clock < 20  # a 14B model loaded or exported would take far longer
     assert result.exit_code == 1, result.output
     data = json.loads(result.stdout)
     assert data["passed"] is False and data["kept"] is None
