@@ -15,7 +15,14 @@ into what produces X, so the float model computes the same function (exactly, up
   scaling, so nothing is folded into them.
 
 Searched in the order the folds need: o (fold into v) before q/k/v, down (fold into up) before gate/up, so
-each search sees the weights as they will be quantized. Not done: AWQ's weight clipping search.
+each search sees the weights as they will be quantized.
+
+Then AWQ's clipping search (`clip_grid` > 0): per output channel and input group of each scaled projection,
+the largest |w| shrunk by a ratio r (1 down to 0.5) before quantizing, r chosen for the least output error on
+the same activations, sum_n (X_g (W_g - Q(clip_r W_g))^T)^2; r = 1 is round-to-nearest, so no group gets
+worse on the calibration set. Clipping is a weight transform like the scales (the quantizer then takes
+max|w| of the clipped group), recorded as `clip/<weight>` [out, groups]. Attention and dense MLP projections
+only: MoE experts would need E times as many ratios.
 """
 
 from __future__ import annotations
@@ -119,6 +126,7 @@ class AwqSearch:
     grid: int
     group: int
     max_tokens: int
+    clip_grid: int = 0
     scales: dict[str, np.ndarray] = field(default_factory=dict)
     summary: dict[str, dict] = field(default_factory=dict)
 
@@ -134,12 +142,14 @@ class AwqSearch:
         rows = partial(_rows, limit=self.max_tokens, seed=index)
         w = {n: getattr(attn, f"{n}_proj").weight.double() for n in "qkvo"}
         tie = HeadTie(a.num_heads, a.num_kv_heads, a.head_dim)
-        s_o = self._keep(
-            p + "o", *search(Problem([(rows(stats.samples["o_in"]), w["o"])], tie), self.grid, self.group)
-        )
+        o_in = rows(stats.samples["o_in"])
+        s_o = self._keep(p + "o", *search(Problem([(o_in, w["o"])], tie), self.grid, self.group))
         w["v"] = w["v"] / s_o[:, None]  # the fold: v's output rows / s
         x = rows(stats.samples["attn_in"])
-        self._keep(p + "attn", *search(Problem([(x, w[n]) for n in "qkv"]), self.grid, self.group))
+        s_attn = self._keep(p + "attn", *search(Problem([(x, w[n]) for n in "qkv"]), self.grid, self.group))
+        clip = [(f"self_attn.{n}_proj", x / s_attn, w[n] * s_attn) for n in "qkv"]
+        s_o_full = tie.expand(s_o)
+        clip.append(("self_attn.o_proj", o_in / s_o_full, w["o"] * s_o_full))
         if a.is_moe:
             gate_up = mlp.experts.gate_up_proj.double()  # [E, 2I, H]
             down = mlp.experts.down_proj.double()  # [E, H, I]
@@ -160,7 +170,16 @@ class AwqSearch:
             )
             x = rows(stats.samples["mlp_in"])
             problem = Problem([(x, gate), (x, up / s_down[:, None])])
-            self._keep(p + "mlp", *search(problem, self.grid, self.group))
+            s_mlp = self._keep(p + "mlp", *search(problem, self.grid, self.group))
+            down_in = rows(stats.samples["down_in"])
+            clip += [
+                ("mlp.gate_proj", x / s_mlp, gate * s_mlp),
+                ("mlp.up_proj", x / s_mlp, up / s_down[:, None] * s_mlp),
+                ("mlp.down_proj", down_in / s_down, down * s_down),
+            ]
+        if self.clip_grid:
+            for name, x_in, weight in clip:
+                self.scales[f"{p}clip/{name}"] = search_clip(x_in, weight, self.group, self.clip_grid)
 
     def manifest_summary(self) -> dict:
         """Alpha per group (experts' down: the mean), and the search loss against round-to-nearest."""
@@ -174,6 +193,44 @@ class AwqSearch:
             **({"experts_down_mean_alpha": float(np.mean(experts))} if experts else {}),
             "calibration_mse_vs_rtn": loss / rtn if rtn > 0 else 1.0,
         }
+
+
+def clip_ratios(clip_grid: int) -> list[float]:
+    return [1.0 - 0.5 * i / clip_grid for i in range(clip_grid)]
+
+
+def search_clip(x, w, group: int, clip_grid: int, chunk: int = 256) -> np.ndarray:
+    """Per output channel and input group of `w` [out, in] (float64 torch), the clip ratio with the least
+    output error on `x` [N, in]: ratios [out, in / group]. Tokens are summed `chunk` rows at a time (the
+    per-token error of every row and group would be N x out x groups values)."""
+    import torch
+
+    out, width = w.shape
+    wg = w.reshape(out, width // group, group)
+    amax = wg.abs().amax(dim=-1, keepdim=True)
+    best_err = best = None
+    for r in clip_ratios(clip_grid):
+        clipped = torch.maximum(torch.minimum(wg, r * amax), -r * amax)
+        diff = wg - fake_int4(clipped.reshape(out, width), group).reshape(wg.shape)
+        err = torch.zeros(out, width // group, dtype=w.dtype)
+        for start in range(0, len(x), chunk):
+            xg = x[start : start + chunk].reshape(-1, width // group, group)
+            err += torch.einsum("ngk,rgk->ngr", xg, diff).square().sum(dim=0).T
+        if best is None:
+            best_err, best = err, torch.full_like(err, r)
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, torch.full_like(err, r), best)
+    return best.numpy()
+
+
+def _clip_groups(values: np.ndarray, ratios: np.ndarray) -> np.ndarray:
+    """A linear weight stored [in, out]: each (group of inputs, output) clamped to ratio * its max |w|."""
+    groups = ratios.shape[1]
+    v = values.astype(np.float64).reshape(groups, -1, values.shape[1])  # [groups, G, out]
+    limit = np.abs(v).max(axis=1, keepdims=True) * ratios.T[:, None, :]
+    return np.clip(v, -limit, limit).reshape(values.shape).astype(values.dtype)
 
 
 def _scale_axis(values: np.ndarray, s: np.ndarray, axis: int, divide: bool = False) -> np.ndarray:
@@ -236,6 +293,10 @@ def awq_transforms(arch: Qwen3Arch, scales: dict[str, np.ndarray]) -> dict[str, 
                 partial(_scale_axis, s=mlp, axis=0), partial(_scale_axis, s=down, axis=1, divide=True)
             )
             t[p + "mlp.down_proj.weight.T"] = partial(_scale_axis, s=down, axis=0)
+        for key, ratios in scales.items():
+            if key.startswith(p + "clip/"):
+                name = f"{p}{key[len(p) + len('clip/') :]}.weight.T"
+                t[name] = _compose(t[name], partial(_clip_groups, ratios=ratios))
     return t
 
 

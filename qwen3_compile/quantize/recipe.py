@@ -62,6 +62,10 @@ class AwqSpec:
     grid: int = field(default=20, metadata={"min": 2, "max": 100})
     # calibration tokens kept per projection input for the search (a random subset past this)
     max_search_tokens: int = field(default=4096, metadata={"min": 16, "max": 1_000_000})
+    # then AWQ's clipping search: per output channel and group, the range max|w| shrunk by the ratio in
+    # 1, 1 - 0.5 / clip_grid, ... (down to 0.5) with the least output error on the same activations (0: off);
+    # attention and dense MLP projections (not MoE experts, whose ratios would be E times as many)
+    clip_grid: int = field(default=0, metadata={"min": 0, "max": 100})
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,8 @@ def _check_stats(stats: CalibrationStats, recipe: QuantRecipe, tensors: list[Qua
 def _awq_search(arch: Qwen3Arch, recipe: QuantRecipe) -> AwqSearch | None:
     if recipe.awq is None:
         return None
-    return AwqSearch(arch, recipe.awq.grid, recipe.weights.group_size, recipe.awq.max_search_tokens)
+    awq = recipe.awq
+    return AwqSearch(arch, awq.grid, recipe.weights.group_size, awq.max_search_tokens, awq.clip_grid)
 
 
 def _check_target(recipe: QuantRecipe, target: str | None) -> None:

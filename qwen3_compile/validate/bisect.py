@@ -25,6 +25,9 @@ class Bisection:
     # relative Frobenius error of each layer's output over the probed positions
     layer_errors: list[float]
     first_diverging_layer: int | None
+    # per-layer tolerances where they differ by layer (fp16 recipe check: a multiple of each layer's floor);
+    # `tolerance` is then their largest
+    layer_tolerances: list[float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,17 +69,20 @@ def bisect_layers(
     loaded: LoadedModel,
     model_path: Path,
     prompts: list[list[int]],
-    tolerance: float,
+    tolerance: float | list[float],
     manifest: dict,
     device: str = "cpu",
     cache_factory: Callable[[], object] | None = None,
 ) -> Bisection:
-    """`device`: where ONNX Runtime runs the artifact (the validated backend's: cpu or cuda)."""
+    """`device`: where ONNX Runtime runs the artifact (the validated backend's: cpu or cuda). `tolerance`:
+    one for every layer, or one per layer."""
     reference = reference_layer_outputs(loaded, prompts, cache_factory)
     artifact = artifact_layer_outputs(model_path, len(reference), prompts, manifest, device)
     errors = relative_errors(reference, artifact)
-    first = next((i for i, e in enumerate(errors) if e > tolerance), None)
-    return Bisection(tolerance, errors, first)
+    per_layer = list(tolerance) if isinstance(tolerance, (list, tuple)) else None
+    limits = per_layer or [tolerance] * len(errors)
+    first = next((i for i, (e, t) in enumerate(zip(errors, limits, strict=True)) if e > t), None)
+    return Bisection(max(limits), errors, first, per_layer)
 
 
 def relative_errors(reference: list[np.ndarray], other: list[np.ndarray]) -> list[float]:

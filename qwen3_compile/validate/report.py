@@ -117,10 +117,15 @@ def render_markdown(data: dict) -> str:
         if b:
             first = b["first_diverging_layer"]
             errors = ", ".join(f"{e:.2g}" for e in b["layer_errors"])
+            limit = (
+                f"{b['tolerance']:g}"
+                if not b.get("layer_tolerances")
+                else "its layer's tolerance (" + ", ".join(f"{t:.2g}" for t in b["layer_tolerances"]) + ")"
+            )
             lines += [
                 "",
-                f"Layer errors against the recipe's model (relative): {errors}; first above "
-                f"{b['tolerance']:g}: {'none' if first is None else f'layer {first}'}.",
+                f"Layer errors against the recipe's model (relative): {errors}; first above {limit}: "
+                f"{'none' if first is None else f'layer {first}'}.",
             ]
     ppl = data.get("perplexity")
     if ppl:

@@ -398,8 +398,9 @@ def validate_artifact(
         if ort_device is not None and (bisect or not check.passed):  # name the layer that departs
             with progress.stage("bisect layers (recipe model)", total=None):
                 tolerance = check.tolerance
-                if noise_runner is not None:  # fp16: a multiple of the fp16 recipe model's own layer errors
-                    tolerance = RECIPE_CHECK_NOISE_FACTOR * max(_fp16_layer_floor(own, noise_runner, probes))
+                if noise_runner is not None:  # fp16: a multiple of each layer's own fp16 rounding floor
+                    floor = _fp16_layer_floor(own, noise_runner, probes)
+                    tolerance = [max(RECIPE_CHECK_TOLERANCE, RECIPE_CHECK_NOISE_FACTOR * f) for f in floor]
                 own_bisection = bisect_layers(
                     own.loaded,
                     artifact / "model.onnx",
