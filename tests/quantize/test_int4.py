@@ -323,3 +323,67 @@ def test_int4_awq_meets_recipe_gates(artifacts, tmp_path):
     assert (
         report.gates_source == f"recipe int4-awq-g{GROUP} (random-weight stress gates)" and report.passed
     ), report.failures
+
+
+def _int4_groups_numpy(w: np.ndarray, group: int) -> np.ndarray:
+    """Symmetric INT4 per group along the last axis, dequantized (int4.py's convention, in numpy)."""
+    g = w.reshape(*w.shape[:-1], -1, group)
+    scale = np.abs(g).max(-1, keepdims=True) / 7
+    scale = np.where(scale > 0, scale, 1.0)
+    return (np.clip(np.round(g / scale), -7, 7) * scale).reshape(w.shape)
+
+
+def test_awq_clip_search_picks_the_least_output_error_per_group():
+    """Against a numpy evaluation of every ratio: the chosen ratio per (output channel, group) has the least
+    output error on the activations, never more than round-to-nearest's, and groups whose one large weight
+    reads a near-silent input channel are clipped (its error costs little, the grid it frees a lot)."""
+    from qwen3_compile.quantize.awq import clip_ratios, search_clip
+
+    rng = np.random.default_rng()
+    out, width, group, grid = 6, 64, 16, 8
+    w = rng.standard_normal((out, width))
+    w[:, ::group] *= 8  # one large weight per group: round to nearest wastes the grid on it
+    x = rng.standard_normal((300, width))
+    x[:, ::group] *= 0.01
+    chosen = search_clip(torch.from_numpy(x), torch.from_numpy(w), group, grid)
+    assert chosen.shape == (out, width // group)
+    errors = np.stack(
+        [
+            sum(
+                np.einsum("gk,rgk->rg", row.reshape(-1, group), (w - q_r).reshape(out, -1, group)) ** 2
+                for row in x
+            )
+            for q_r in (
+                _int4_groups_numpy(
+                    np.clip(
+                        w.reshape(out, -1, group),
+                        -r * np.abs(w.reshape(out, -1, group)).max(-1, keepdims=True),
+                        r * np.abs(w.reshape(out, -1, group)).max(-1, keepdims=True),
+                    ).reshape(out, width),
+                    group,
+                )
+                for r in clip_ratios(grid)
+            )
+        ]
+    )
+    best = np.array(clip_ratios(grid))[errors.argmin(0)]
+    np.testing.assert_array_equal(chosen, best)
+    picked = np.take_along_axis(errors, errors.argmin(0)[None], 0)[0]
+    assert (picked <= errors[0] * (1 + 1e-12)).all() and (chosen < 1).mean() > 0.5
+
+
+def test_awq_clip_transform_clamps_each_group_of_a_stored_weight():
+    """The transform on a weight stored [in, out]: each (input group, output) clamped to ratio x its max |w|,
+    so the quantizer's scale becomes ratio x max / 7."""
+    from qwen3_compile.quantize.awq import _clip_groups
+    from qwen3_compile.quantize.weights import quantize_groups
+
+    rng = np.random.default_rng()
+    stored = rng.standard_normal((64, 5)).astype(np.float32)  # [in, out]
+    ratios = rng.choice([1.0, 0.8, 0.55], size=(5, 4))  # [out, groups]
+    clipped = _clip_groups(stored, ratios)
+    by_group = stored.reshape(4, 16, 5)
+    limit = np.abs(by_group).max(1) * ratios.T  # [groups, out]
+    np.testing.assert_allclose(clipped.reshape(4, 16, 5), np.clip(by_group, -limit[:, None], limit[:, None]))
+    _, scale = quantize_groups(clipped, 16)
+    np.testing.assert_allclose(scale, limit / 7, rtol=1e-6)
