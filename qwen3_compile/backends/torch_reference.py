@@ -21,6 +21,7 @@ class TorchRunner:
     name = "pytorch"
 
     def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
         self.model = loaded.model
         self.cache_arg = cache_argument(self.model)
 

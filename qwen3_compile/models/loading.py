@@ -8,7 +8,7 @@ for presets, from a deterministic per-tensor random generator.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,7 +46,10 @@ class ModelSource:
 @dataclass(frozen=True)
 class LoadedModel:
     source: ModelSource
-    model: torch.nn.Module  # transformers Qwen3ForCausalLM / Qwen3MoeForCausalLM, eval mode
+    model: torch.nn.Module  # transformers Qwen3ForCausalLM / Qwen3MoeForCausalLM, eval mode; never modified
+    # greedy reference runs by (prompt ids, decode steps, prefill chunk): validations against the same loaded
+    # model (compile --target's recipe search, a test session) run each prompt once
+    generations: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def arch(self) -> Qwen3Arch:

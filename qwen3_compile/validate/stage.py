@@ -199,12 +199,15 @@ def _all_logits(g) -> np.ndarray:
 
 
 def _run_case(
-    reference, candidate, case: PromptCase, steps: int, recipe_runner=None, noise_runner=None
+    reference: TorchRunner, candidate, case: PromptCase, steps: int, recipe_runner=None, noise_runner=None
 ) -> CaseResult:
     batch = left_padded_batch([case.ids], ENDOFTEXT_ID)
     # long prompts are prefilled in chunks; their comparison covers the last chunk (the large positions)
     chunk = PREFILL_CHUNK if len(case.ids) > PREFILL_CHUNK else None
-    ref = generate(reference, batch, steps, prefill_chunk=chunk)
+    runs, key = reference.loaded.generations, (tuple(case.ids), steps, chunk)
+    if key not in runs:  # the reference's greedy run does not depend on the artifact
+        runs[key] = generate(reference, batch, steps, prefill_chunk=chunk)
+    ref = runs[key]
     forced = generate(candidate, batch, steps, forced=ref.tokens, prefill_chunk=chunk)
     recipe = noise = None
     if recipe_runner is not None:  # fed the same tokens as the artifact

@@ -166,11 +166,11 @@ def test_int4_graph_equals_torch_fake_quant(preset, int4):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
-def test_int4_rtn_meets_recipe_gates(preset, int4, tmp_path):
+def test_int4_rtn_meets_recipe_gates(preset, int4, artifacts, tmp_path):
     artifact = int4[preset]
     report = validate_artifact(
         artifact.directory,
-        preset,
+        artifacts.loaded(preset),
         decode_steps=8,
         long_context_tokens=0,
         bisect=False,

@@ -37,7 +37,7 @@ def test_quantize_int8_is_symmetric_per_channel():
 
 
 @pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
-def test_int8_wo_meets_recipe_gates(preset, exports, tmp_path):
+def test_int8_wo_meets_recipe_gates(preset, exports, artifacts, tmp_path):
     result = quantize_artifact(exports[preset], "int8-wo", tmp_path / "q")
     assert result.weight_ratio <= 0.55
     manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
@@ -52,7 +52,12 @@ def test_int8_wo_meets_recipe_gates(preset, exports, tmp_path):
         scale = numpy_helper.to_array(weights["model.layers.0.mlp.experts.gate_up_proj.scale"])
         assert scale.shape == (16, 64, 1)  # one scale per expert and output row
     report = validate_artifact(
-        tmp_path / "q", preset, decode_steps=8, long_context_tokens=0, bisect=False, recipe_check=False
+        tmp_path / "q",
+        artifacts.loaded(preset),
+        decode_steps=8,
+        long_context_tokens=0,
+        bisect=False,
+        recipe_check=False,
     )
     assert report.gates_source == "recipe int8-wo (random-weight stress gates)"
     recorded = json.loads((report.directory / "report.json").read_text())["backend_settings"]

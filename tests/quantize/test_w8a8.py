@@ -21,7 +21,7 @@ from qwen3_compile.backends.base import left_padded_batch
 from qwen3_compile.backends.onnxruntime.runner import OrtRunner
 from qwen3_compile.cli import main
 from qwen3_compile.errors import BadInputError
-from qwen3_compile.export.stage import ExportOptions, export_onnx
+from qwen3_compile.export.stage import export_onnx
 from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.models.loading import load_model
 from qwen3_compile.quantize.calibrate import calibrate
@@ -138,7 +138,7 @@ def test_w8a8_graph_equals_torch_fake_quant(preset, recipe, quantized):
 
 @pytest.mark.parametrize("recipe", ["int8-sq", "fp8"])
 @pytest.mark.parametrize("preset", PRESETS)
-def test_w8a8_meets_recipe_gates(preset, recipe, quantized, tmp_path):
+def test_w8a8_meets_recipe_gates(preset, recipe, quantized, artifacts, tmp_path):
     artifact = quantized[(preset, recipe)]
     assert artifact.weight_ratio <= 0.55
     assert (artifact.directory / "calibration.safetensors").is_file()
@@ -148,7 +148,7 @@ def test_w8a8_meets_recipe_gates(preset, recipe, quantized, tmp_path):
         assert calibration["experts_reached"] == [16, 16]
     report = validate_artifact(  # the report goes to tmp_path: the artifact is shared
         artifact.directory,
-        preset,
+        artifacts.loaded(preset),
         decode_steps=8,
         long_context_tokens=0,
         bisect=False,
@@ -160,12 +160,16 @@ def test_w8a8_meets_recipe_gates(preset, recipe, quantized, tmp_path):
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_fp16_baseline_meets_gates(preset, tmp_path):
-    half = export_onnx(preset, tmp_path / "fp16", ExportOptions(dtype="fp16")).directory
-    result = quantize_artifact(half, "fp16", tmp_path / "q")
+def test_fp16_baseline_meets_gates(preset, artifacts, tmp_path):
+    result = quantize_artifact(artifacts.export(preset, "fp16"), "fp16", tmp_path / "q")
     assert result.tensors == [] and result.manifest.recipe["name"] == "fp16"
     report = validate_artifact(
-        result.directory, preset, decode_steps=8, long_context_tokens=0, bisect=False, recipe_check=False
+        result.directory,
+        artifacts.loaded(preset),
+        decode_steps=8,
+        long_context_tokens=0,
+        bisect=False,
+        recipe_check=False,
     )
     assert report.gates_source == "recipe fp16 (random-weight stress gates)" and report.passed, (
         report.failures
@@ -217,7 +221,7 @@ def test_smoothquant_recovers_massive_activation_channels(tmp_path):
     assert kl["naive"] > 0.2  # the outliers really hurt naive W8A8
 
 
-def test_fp8_kv_cache_holds_e4m3_values(exports, tmp_path):
+def test_fp8_kv_cache_holds_e4m3_values(exports, artifacts, tmp_path):
     recipe = with_kv_cache(load_recipe("int8-wo"), "fp8")
     result = quantize_artifact(exports["tiny-moe"], recipe, tmp_path / "kv", samples=8)
     assert result.manifest.calibration["kv_cache_pairs"] == 4
@@ -240,7 +244,12 @@ def test_fp8_kv_cache_holds_e4m3_values(exports, tmp_path):
     kv_amax = result.manifest.calibration["kv_amax"]
     assert all(k > 0 and v > 0 for k, v in kv_amax)
     report = validate_artifact(
-        result.directory, "tiny-moe", decode_steps=8, long_context_tokens=0, bisect=False, recipe_check=False
+        result.directory,
+        artifacts.loaded("tiny-moe"),
+        decode_steps=8,
+        long_context_tokens=0,
+        bisect=False,
+        recipe_check=False,
     )
     assert report.gates_source == "recipe int8-wo+kv-fp8 (random-weight stress gates)" and report.passed, (
         report.failures
@@ -351,17 +360,22 @@ def test_unreached_experts_are_warned_about(exports):
 
 
 @pytest.mark.parametrize("recipe", ["int8-sq", "fp8"])
-def test_w8a8_on_fp16_export_is_typed_fp16(recipe, tmp_path):
+def test_w8a8_on_fp16_export_is_typed_fp16(recipe, artifacts, tmp_path):
     """The TensorRT input: an fp16 export quantized W8A8 (with an FP8 KV cache) has fp16 scales everywhere
     (QuantizeLinear's x and scale share a type; ORT refuses the model otherwise) and meets the recipe's gates
     against the fp32 PyTorch reference."""
-    half = export_onnx("tiny-moe", tmp_path / "fp16", ExportOptions(dtype="fp16")).directory
+    half = artifacts.export("tiny-moe", "fp16")
     result = quantize_artifact(half, with_kv_cache(load_recipe(recipe), "fp8"), tmp_path / "q", samples=8)
     weights = _initializers(result.directory)
     scales = [n for n in weights if n.endswith((".act_scale", ".scale"))]
     assert scales and all(weights[n].dtype == np.float16 for n in scales)
     report = validate_artifact(
-        result.directory, "tiny-moe", decode_steps=4, long_context_tokens=0, bisect=False, recipe_check=False
+        result.directory,
+        artifacts.loaded("tiny-moe"),
+        decode_steps=4,
+        long_context_tokens=0,
+        bisect=False,
+        recipe_check=False,
     )
     assert report.gates_source == f"recipe {recipe}+kv-fp8 (random-weight stress gates)" and report.passed, (
         report.failures

@@ -46,7 +46,9 @@ def scaled_down_projection(artifact, out, layer: int, factor: float, reseal):
 
 def check_recipe(artifacts, preset, recipe, factor, tmp_path, few_prompts, reseal, dtype="fp32"):
     artifact = artifacts.quantized(preset, recipe, dtype)
-    ok = validate_artifact(artifact, preset, output=tmp_path / "ok", prompts=few_prompts, **FAST)
+    ok = validate_artifact(
+        artifact, artifacts.loaded(preset), output=tmp_path / "ok", prompts=few_prompts, **FAST
+    )
     assert ok.recipe_check is not None and ok.recipe_check.passed, ok.recipe_check
     if dtype == "fp32":
         assert ok.recipe_check.median_max_abs < 1e-4  # float rounding, far inside the tolerance
@@ -59,7 +61,9 @@ def check_recipe(artifacts, preset, recipe, factor, tmp_path, few_prompts, resea
 
     layer = int(np.random.default_rng().integers(artifacts.loaded(preset).arch.num_layers))
     damaged = scaled_down_projection(artifact, tmp_path / "damaged", layer, factor, reseal)
-    bad = validate_artifact(damaged, preset, output=tmp_path / "bad", prompts=few_prompts, **FAST)
+    bad = validate_artifact(
+        damaged, artifacts.loaded(preset), output=tmp_path / "bad", prompts=few_prompts, **FAST
+    )
     assert not bad.passed and not bad.recipe_check.passed
     assert bad.recipe_check.median_max_abs > bad.recipe_check.tolerance
     if dtype == "fp32":

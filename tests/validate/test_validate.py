@@ -51,8 +51,8 @@ def damaged_copy(artifact, tmp_path, edit, reseal):
     return reseal(out)
 
 
-def test_exported_artifact_passes(artifact, tmp_path):
-    report = validate_artifact(artifact, "tiny-moe", output=tmp_path / "report", **FAST)
+def test_exported_artifact_passes(artifact, artifacts, tmp_path):
+    report = validate_artifact(artifact, artifacts.loaded("tiny-moe"), output=tmp_path / "report", **FAST)
     assert report.passed, report.failures
     data = json.loads((tmp_path / "report" / "report.json").read_text())
     assert data["passed"] and data["modes"] == ["non-thinking", "thinking"]
