@@ -69,6 +69,7 @@ def check_target_supports(build_input: BuildInput, target: Target) -> None:
         check_recipe_target(build_input.recipe, target)
         _check_int4_experts(build_input)
         return
+    _check_imported(build_input, target)
     if build_input.dtype == "bf16" and sm_tuple(target.sm) < (8, 0):
         raise BadInputError(
             f"bf16 needs SM >= 8.0; {target.name} is SM {target.sm}.",
@@ -98,3 +99,41 @@ def _check_int4_experts(build_input: BuildInput) -> None:
         fix="run this artifact on ONNX Runtime (`validate`, `run`), or quantize with INT4 for the dense "
         "layers only (add '\\.mlp\\.experts\\.' to the recipe's [select] skip) or with int8-wo for TensorRT.",
     )
+
+
+def _check_imported(build_input: BuildInput, target: Target) -> None:
+    """An imported quantized checkpoint (FP8, AWQ, GPTQ) keeps its own weights; TensorRT must take them as
+    they are. Its DequantizeLinear takes signed INT4/INT8 and E4M3 with no zero point, so an asymmetric
+    checkpoint (AWQ, GPTQ with zero points: uint4/uint8 values) cannot be parsed (TensorRT-RTX 1.7.1 rejects
+    the uint4 initializer); and the target must have the checkpoint's precision."""
+    imported = getattr(build_input.manifest, "imported", None)
+    if not imported:
+        return
+    where, label = build_input.directory / MANIFEST, imported.get("label", imported.get("method"))
+    if _has_zero_points(build_input.model_path):
+        raise BadInputError(
+            f"this artifact keeps an asymmetric checkpoint's weights ({label}, with zero points); TensorRT "
+            "takes symmetric INT4/INT8 weights only.",
+            file=where,
+            field="imported.sym",
+            fix="run it on ONNX Runtime (`lower --for ort`, `validate`, `run`), or export a symmetric "
+            "checkpoint (GPTQ with sym=true) or the float model for `quantize` instead.",
+        )
+    precision = "fp8" if imported.get("method") == "fp8" else f"int{imported.get('bits')}"
+    if precision not in target.precisions:
+        raise BadInputError(
+            f"this artifact keeps {label} weights; {target.name} has no {precision} "
+            f"(its precisions: {', '.join(target.precisions)}).",
+            file=where,
+            field="imported.method",
+            fix="build for a target with that precision, or export the float model and `quantize` it with a "
+            f"recipe {target.name} runs.",
+        )
+
+
+def _has_zero_points(model_path: Path) -> bool:
+    """Whether any DequantizeLinear of the graph has a zero point (the weights stay in external data)."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return any(n.op_type == "DequantizeLinear" and len(n.input) > 2 and n.input[2] for n in graph.node)
