@@ -8,9 +8,11 @@ transformers' Qwen3MoeExperts and ONNX Runtime's com.microsoft::MoE, every conte
 Token counts T = 1, 4, 16 (decode) and 512, 2048 (prefill). Two comparisons, each with its own table:
 - bf16 (activations, weights and router logits): qmoe with the default dispatch (`path="auto"`) and each
   path the wrapper exposes (`gemv`, `mma`, `mma_sync`, `wgmma`; the label names the kernel the library
-  resolved), qmoe with INT8 weight-only experts, and transformers' `Qwen3MoeExperts` with its `eager`,
-  `batched_mm` (decode only: at prefill it gathers a [T*k, 2I, H] weight copy, 100 GB at T=2048) and
-  `grouped_mm` implementations, each preceded by Qwen3's router math (fp32 softmax, top-k, renormalise).
+  resolved), qmoe with INT8 weight-only experts, qmoe with INT4 weight-only experts (groups of 128, fp16
+  scales; decode T only: INT4 runs on the GEMV kernel at every T), and transformers' `Qwen3MoeExperts` with
+  its `eager`, `batched_mm` (decode only: at prefill it gathers a [T*k, 2I, H] weight copy, 100 GB at
+  T=2048) and `grouped_mm` implementations, each preceded by Qwen3's router math (fp32 softmax, top-k,
+  renormalise).
 - fp16, where ONNX Runtime's CUDA MoE kernel needs it (it has no bf16 kernel): qmoe (auto), transformers
   `batched_mm` (decode) and `grouped_mm`, and ORT's `com.microsoft::MoE` as a one-node model (fp16 input,
   fp16 router logits, gate/up rows interleaved and SwiGLU attributes as `lower --for ort` writes them), run
@@ -77,7 +79,8 @@ H, INTER, E, K = 2048, 768, 128, 8
 DECODE_T = (1, 4, 16)
 PREFILL_T = (512, 2048)
 QMOE_PATHS = ("gemv", "mma", "mma_sync", "wgmma")  # besides "auto" (the default dispatch)
-BYTES = {"bf16": 2, "fp16": 2, "int8": 1}
+BYTES = {"bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5}
+INT4_GROUP = 128  # the recipe's default group size; scales in fp16
 SPIN_US = 1000  # GPU spin after the flush: the host's head start to enqueue a cold call
 
 
@@ -111,10 +114,13 @@ def summarize(values: list[float]) -> dict:
 
 
 def expert_bytes(weights: str, hidden: int = H, inter: int = INTER) -> int:
-    """Bytes of one expert's gate_up [2I, H] and down [H, I] weights (+ INT8's fp32 row scales)."""
-    n = 3 * hidden * inter * BYTES[weights]
+    """Bytes of one expert's gate_up [2I, H] and down [H, I] weights (+ INT8's fp32 row scales, INT4's fp16
+    scales a group of INT4_GROUP input channels)."""
+    n = int(3 * hidden * inter * BYTES[weights])
     if weights == "int8":
         n += 4 * (2 * inter + hidden)
+    if weights == "int4":
+        n += 2 * 3 * hidden * inter // INT4_GROUP
     return n
 
 
@@ -186,7 +192,7 @@ def render(meta: dict, readings: list[dict], rows: list[dict]) -> str:
             "host clock around one call + stream sync; replay: per call, back to back (graph or eager b2b). "
             "% roofline: decode (T <= 16) % of the HBM copy floor for the bytes the call must move, prefill "
             "% of the bf16 matmul rate. x: fastest transformers row's cold GPU median / this row's. "
-            "rel. err: vs a float64 evaluation of the same inputs and 16-bit weights (INT8 rows include "
+            "rel. err: vs a float64 evaluation of the same inputs and 16-bit weights (INT8/INT4 rows include "
             "the quantisation error). (host-bound): the host took longer to enqueue the call than the "
             "flush + spin head start, so the cold GPU time includes host gaps.",
             "",
@@ -686,6 +692,12 @@ def run_tokens(ctx, section: str, dtype_name: str, T: int, tokens) -> None:
         contenders.append(
             Contender("qmoe int8 auto", "int8", lambda: qmoe_calls(kmoe, torch, xs, ls, ctx["int8"], "auto"))
         )
+        if decode:
+            contenders.append(
+                Contender(
+                    "qmoe int4 auto", "int4", lambda: qmoe_calls(kmoe, torch, xs, ls, ctx["int4"], "auto")
+                )
+            )
         impls = ("eager", "batched_mm", "grouped_mm")
     else:
         contenders.append(
@@ -724,7 +736,7 @@ def run_tokens(ctx, section: str, dtype_name: str, T: int, tokens) -> None:
     def info(c: Contender) -> dict:
         if c.name.startswith("qmoe"):
             path = c.name.rsplit(" ", 1)[1]
-            w = ctx["int8"] if c.weights == "int8" else (gate_up, down, None, None)
+            w = ctx[c.weights] if c.weights in ("int8", "int4") else (gate_up, down, None, None)
             try:
                 return {"kernel": kmoe.resolve_path(xs[0], ls[0], w[0], K, w[2], path)}
             except Exception as exc:
@@ -775,7 +787,9 @@ def plan(tokens, sections) -> list[str]:
     for sec in sections:
         for T in tokens:
             names = (
-                [f"qmoe bf16 {p}" for p in ("auto", *QMOE_PATHS)] + ["qmoe int8 auto"]
+                [f"qmoe bf16 {p}" for p in ("auto", *QMOE_PATHS)]
+                + ["qmoe int8 auto"]
+                + (["qmoe int4 auto"] if T <= max(DECODE_T) else [])
                 if sec == "bf16"
                 else ["qmoe fp16 auto"]
             )
@@ -944,6 +958,9 @@ def main() -> None:
         gq, gs = kmoe.quantize_int8(gate_up)
         dq, ds = kmoe.quantize_int8(down)
         ctx["int8"] = (gq, dq, gs, ds)
+        gq, gs = kmoe.quantize_int4(gate_up, INT4_GROUP, torch.float16)
+        dq, ds = kmoe.quantize_int4(down, INT4_GROUP, torch.float16)
+        ctx["int4"] = (gq, dq, gs, ds)
         try:
             import transformers  # noqa: F401
         except Exception as exc:

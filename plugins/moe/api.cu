@@ -35,9 +35,13 @@ bool is_act(int d) { return d == QMOE_F16 || d == QMOE_BF16; }
 
 // The concrete expert kernel: GEMV at or below 4 pairs an expert (weights streamed once beat the tensor
 // cores there), else wgmma on SM 9.0 with 16-bit weights where it measured faster (about 96 or more tokens
-// an expert), else mma.sync. QMOE_WGMMA=0/1 (benchmarking) overrides the measured rule.
+// an expert), else mma.sync. INT4 weights have only the GEMV kernel: AUTO takes it at every T (correct, but
+// far from the tensor cores' speed at prefill); MMA, MMA_SYNC and WGMMA are refused.
+// QMOE_WGMMA=0/1 (benchmarking) overrides the measured rule.
 int resolve_path(const qmoe_problem& p) {
-  const bool wgmma_ok = p.weight_dtype != QMOE_I8 && qmoe::wgmma_supported();
+  const bool i4 = p.weight_dtype == QMOE_I4;
+  const bool wgmma_ok = p.weight_dtype != QMOE_I8 && !i4 && qmoe::wgmma_supported();
+  if (i4) return p.path == QMOE_PATH_AUTO || p.path == QMOE_PATH_GEMV ? QMOE_PATH_GEMV : -QMOE_ERR_UNSUPPORTED;
   switch (p.path) {
     case QMOE_PATH_GEMV:
     case QMOE_PATH_MMA_SYNC:
@@ -67,8 +71,9 @@ const char* qmoe_error_string(int status) {
     case QMOE_ERR_INVALID_ARG:
       return "invalid argument (NULL pointer, unknown dtype or non-positive size)";
     case QMOE_ERR_UNSUPPORTED:
-      return "unsupported shape: need 1 <= E <= 256, 1 <= top_k <= min(E, 32), hidden % 128 == 0, "
-             "inter % 64 == 0";
+      return "unsupported shape or path: need 1 <= E <= 256, 1 <= top_k <= min(E, 32), hidden % 128 == 0, "
+             "inter % 64 == 0; INT4 weights: group_size 32, 64 or 128 dividing hidden and inter, GEMV path "
+             "only; wgmma: SM 9.0 and 16-bit weights";
     case QMOE_ERR_WORKSPACE:
       return "workspace is NULL or smaller than qmoe_workspace_size()";
     default:
@@ -82,14 +87,20 @@ int qmoe_check_problem(const qmoe_problem* p) {
   if (p->num_tokens < 1 || p->num_experts < 1 || p->top_k < 1 || p->hidden < 1 || p->inter < 1)
     return QMOE_ERR_INVALID_ARG;
   if (!is_act(p->act_dtype)) return QMOE_ERR_INVALID_ARG;
-  if (p->weight_dtype != p->act_dtype && p->weight_dtype != QMOE_I8) return QMOE_ERR_INVALID_ARG;
-  if (p->weight_dtype == QMOE_I8 && p->scale_dtype != QMOE_F32 && p->scale_dtype != QMOE_F16)
-    return QMOE_ERR_INVALID_ARG;
+  const bool quantized = p->weight_dtype == QMOE_I8 || p->weight_dtype == QMOE_I4;
+  if (p->weight_dtype != p->act_dtype && !quantized) return QMOE_ERR_INVALID_ARG;
+  if (quantized && p->scale_dtype != QMOE_F32 && p->scale_dtype != QMOE_F16) return QMOE_ERR_INVALID_ARG;
+  if (p->group_size < 0) return QMOE_ERR_INVALID_ARG;
   if (p->logits_dtype != QMOE_F32 && !is_act(p->logits_dtype)) return QMOE_ERR_INVALID_ARG;
   if (p->path < QMOE_PATH_AUTO || p->path > QMOE_PATH_WGMMA) return QMOE_ERR_INVALID_ARG;
   if (p->num_experts > qmoe::kMaxExperts || p->top_k > p->num_experts || p->top_k > qmoe::kMaxTopK)
     return QMOE_ERR_UNSUPPORTED;
   if (p->hidden % 128 != 0 || p->inter % 64 != 0) return QMOE_ERR_UNSUPPORTED;
+  // Per-group scales: INT4 only (groups of 32, 64 or 128 input channels, whole groups in every row).
+  const int g = p->group_size;
+  if ((p->weight_dtype == QMOE_I4) != (g != 0)) return QMOE_ERR_UNSUPPORTED;
+  if (g != 0 && ((g != 32 && g != 64 && g != 128) || p->hidden % g != 0 || p->inter % g != 0))
+    return QMOE_ERR_UNSUPPORTED;
   if ((long long)p->num_tokens * p->top_k > (1LL << 30)) return QMOE_ERR_UNSUPPORTED;
   return QMOE_OK;
 }
@@ -120,8 +131,8 @@ int qmoe_forward(const qmoe_problem* p, const qmoe_tensors* t, void* stream) {
   const int path = resolve_path(*p);
   if (path < 0) return -path;
   if (!t || !t->x || !t->logits || !t->gate_up || !t->down || !t->out) return QMOE_ERR_INVALID_ARG;
-  const bool i8 = p->weight_dtype == QMOE_I8;
-  if (i8 && (!t->gate_up_scale || !t->down_scale)) return QMOE_ERR_INVALID_ARG;
+  const bool quantized = p->weight_dtype == QMOE_I8 || p->weight_dtype == QMOE_I4;
+  if (quantized && (!t->gate_up_scale || !t->down_scale)) return QMOE_ERR_INVALID_ARG;
   size_t need = 0;
   qmoe_workspace_size(p, &need);
   if (!t->workspace || t->workspace_bytes < need || (reinterpret_cast<uintptr_t>(t->workspace) & 255))
@@ -135,7 +146,7 @@ int qmoe_forward(const qmoe_problem* p, const qmoe_tensors* t, void* stream) {
   // timing stages by difference. The output is incomplete below 4.
   const int stages = qmoe::env_int("QMOE_STAGES", 4);
   qmoe_tensors tt = *t;
-  if (!i8) {
+  if (!quantized) {
     tt.gate_up_scale = nullptr;
     tt.down_scale = nullptr;
   }

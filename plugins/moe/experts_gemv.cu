@@ -25,7 +25,10 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemmArgs a) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int K = a.K;
   const int rows_total = kGateUp ? 2 * a.I : a.H;
-  const W* wbase = static_cast<const W*>(a.weight) + size_t(e) * rows_total * K;
+  using Store = typename gemv::WTraits<W>::Store;
+  constexpr bool kGrouped = gemv::WTraits<W>::kGrouped;
+  const Store* wbase =
+      static_cast<const Store*>(a.weight) + size_t(e) * rows_total * (K / gemv::WTraits<W>::kPerStore);
   const T* act = static_cast<const T*>(a.act);
   auto row_index = [&](int it, int r) {
     const int group = (blockIdx.x * kWarps + warp) * kRowIters + it;  // row group index
@@ -47,23 +50,25 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemmArgs a) {
     __syncthreads();
 #pragma unroll 1
     for (int it = 0; it < kRowIters; ++it) {
-      const W* rows[kRows];
+      const Store* rows[kRows];
       int ridx[kRows];
+      gemv::GroupScales gs{{}, a.scale_dtype, a.group_shift};
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         ridx[r] = row_index(it, r);
-        rows[r] = wbase + size_t(ridx[r]) * K;
+        rows[r] = wbase + size_t(ridx[r]) * (K / gemv::WTraits<W>::kPerStore);
+        if (kGrouped) gs.rows[r] = gemv::scale_row(a.scale, a.scale_dtype, size_t(e) * rows_total + ridx[r], K, a.group_shift);
       }
       float acc[kRows][kMaxTok];
 #pragma unroll
       for (int r = 0; r < kRows; ++r)
 #pragma unroll
         for (int t = 0; t < kMaxTok; ++t) acc[r][t] = 0.0f;
-      gemv::warp_dot<T, W, kMaxTok>(rows, xs, nt, K, acc);
+      gemv::warp_dot<T, W, kMaxTok>(rows, gs, xs, nt, K, acc);
       float s[kRows];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        s[r] = a.scale ? load_scale(a.scale, size_t(e) * rows_total + ridx[r], a.scale_dtype) : 1.0f;
+        s[r] = a.scale && !kGrouped ? load_scale(a.scale, size_t(e) * rows_total + ridx[r], a.scale_dtype) : 1.0f;
       }
 #pragma unroll
       for (int t = 0; t < kMaxTok; ++t) {

@@ -288,7 +288,11 @@ cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Wor
 cudaError_t launch_experts_mma(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
                                cudaStream_t s, bool with_down) {
   return with_dtypes(p, [&](auto act, auto weight) {
-    return launch_typed<decltype(act), std::is_same<decltype(weight), int8_t>::value>(p, t, ws, s, with_down);
+    if constexpr (std::is_same<decltype(weight), Int4>::value) {
+      return cudaErrorNotSupported;  // resolve_path never sends INT4 here
+    } else {
+      return launch_typed<decltype(act), std::is_same<decltype(weight), int8_t>::value>(p, t, ws, s, with_down);
+    }
   });
 }
 

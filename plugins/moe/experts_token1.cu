@@ -25,8 +25,8 @@ struct Token1Args {
   const void* x;       // [1, H]
   LogitRow logits;     // [1, E]
   const void* weight;  // kernel 1: gate_up [E, 2I, H]; kernel 2: down [E, H, I]
-  const void* scale;   // [E, rows] or NULL
-  int scale_dtype;
+  const void* scale;   // [E, rows] (INT8), [E, rows, K / group] (INT4) or NULL
+  int scale_dtype, group_shift;
   void* h;             // [k, I]
   void* out;           // [1, H]
   Workspace ws;
@@ -74,17 +74,24 @@ __global__ void __launch_bounds__(kUpWarps * 32, 6) token1_gate_up_kernel(Token1
 
   const int K = a.H, I = a.I;
   const int j = (blockIdx.x * kUpWarps + warp) * 2;  // grid.x * kUpWarps * 2 == I
-  const W* wb = static_cast<const W*>(a.weight) + size_t(e) * 2 * I * K;
+  using Store = typename gemv::WTraits<W>::Store;
+  constexpr int PS = gemv::WTraits<W>::kPerStore;
+  constexpr bool kGrouped = gemv::WTraits<W>::kGrouped;
+  const Store* wb = static_cast<const Store*>(a.weight) + size_t(e) * 2 * I * (K / PS);
   const int ridx[kRows] = {j, j + 1, I + j, I + j + 1};
-  const W* rows[kRows];
+  const Store* rows[kRows];
+  gemv::GroupScales gs{{}, a.scale_dtype, a.group_shift};
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) rows[r] = wb + size_t(ridx[r]) * K;
+  for (int r = 0; r < kRows; ++r) {
+    rows[r] = wb + size_t(ridx[r]) * (K / PS);
+    if (kGrouped) gs.rows[r] = gemv::scale_row(a.scale, a.scale_dtype, size_t(e) * 2 * I + ridx[r], K, a.group_shift);
+  }
   float acc[kRows][1] = {{0.0f}, {0.0f}, {0.0f}, {0.0f}};
-  gemv::warp_dot<T, W, 1>(rows, static_cast<const T*>(a.x), 1, K, acc);
+  gemv::warp_dot<T, W, 1>(rows, gs, static_cast<const T*>(a.x), 1, K, acc);
   if (lane == 0) {
     float s[kRows];
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) s[r] = a.scale ? load_scale(a.scale, size_t(e) * 2 * I + ridx[r], a.scale_dtype) : 1.0f;
+    for (int r = 0; r < kRows; ++r) s[r] = a.scale && !kGrouped ? load_scale(a.scale, size_t(e) * 2 * I + ridx[r], a.scale_dtype) : 1.0f;
     const float h0 = silu(acc[0][0] * s[0]) * (acc[2][0] * s[2]);
     const float h1 = silu(acc[1][0] * s[1]) * (acc[3][0] * s[3]);
     reinterpret_cast<uint32_t*>(static_cast<T*>(a.h) + size_t(slot) * I + j)[0] = pack2<T>(h0, h1);
@@ -97,6 +104,9 @@ __global__ void __launch_bounds__(kDownWarps * 32, 2) token1_down_kernel(Token1A
   __shared__ float part[kMaxTopK][kMaxGroups * kRows];  // expert output rounded to T, as float
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int K = a.I, k = a.k;
+  using Store = typename gemv::WTraits<W>::Store;
+  constexpr int PS = gemv::WTraits<W>::kPerStore;
+  constexpr bool kGrouped = gemv::WTraits<W>::kGrouped;
   int my_id;
   float my_p;
   // The logits were complete before kernel 1 passed its wait, which came before this launch.
@@ -108,11 +118,15 @@ __global__ void __launch_bounds__(kDownWarps * 32, 2) token1_down_kernel(Token1A
     const int slot = task % k, group = task / k;
     const int e = __shfl_sync(0xffffffffu, my_id, slot);
     const int row0 = (blockIdx.x * a.groups + group) * kRows;
-    const W* rows[kRows];
+    const Store* rows[kRows];
+    gemv::GroupScales gs{{}, a.scale_dtype, a.group_shift};
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) rows[r] = static_cast<const W*>(a.weight) + (size_t(e) * a.H + row0 + r) * K;
+    for (int r = 0; r < kRows; ++r) {
+      rows[r] = static_cast<const Store*>(a.weight) + (size_t(e) * a.H + row0 + r) * (K / PS);
+      if (kGrouped) gs.rows[r] = gemv::scale_row(a.scale, a.scale_dtype, size_t(e) * a.H + row0 + r, K, a.group_shift);
+    }
     gemv::Round<W> wv;
-    gemv::load_round<W>(rows, 0, K, wv);  // before the wait: weights do not depend on kernel 1
+    gemv::load_round<W>(rows, gs, 0, K, wv);  // before the wait: weights do not depend on kernel 1
     if (!waited) {
       pdl_wait();
       waited = true;
@@ -121,7 +135,7 @@ __global__ void __launch_bounds__(kDownWarps * 32, 2) token1_down_kernel(Token1A
     float acc[kRows][1] = {{0.0f}, {0.0f}, {0.0f}, {0.0f}};
     gemv::consume_round<T, W, 1>(wv, 0, hs, 1, K, acc);
     for (int kb = gemv::round_step<W>(); kb < K; kb += gemv::round_step<W>()) {
-      gemv::load_round<W>(rows, kb, K, wv);
+      gemv::load_round<W>(rows, gs, kb, K, wv);
       gemv::consume_round<T, W, 1>(wv, kb, hs, 1, K, acc);
     }
     gemv::warp_reduce<1>(acc);
@@ -129,7 +143,7 @@ __global__ void __launch_bounds__(kDownWarps * 32, 2) token1_down_kernel(Token1A
       float v = acc[0][0];
 #pragma unroll
       for (int r = 1; r < kRows; ++r) v = lane == r ? acc[r][0] : v;
-      const float s = a.scale ? load_scale(a.scale, size_t(e) * a.H + row0 + lane, a.scale_dtype) : 1.0f;
+      const float s = a.scale && !kGrouped ? load_scale(a.scale, size_t(e) * a.H + row0 + lane, a.scale_dtype) : 1.0f;
       part[slot][group * kRows + lane] = to_float(from_float<T>(v * s));
     }
   }
@@ -167,6 +181,7 @@ cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Wor
   a.x = t.x;
   a.logits = LogitRow{t.logits, p.logits_dtype};
   a.scale_dtype = p.scale_dtype;
+  a.group_shift = p.group_size > 0 ? __builtin_ctz(unsigned(p.group_size)) : 0;
   a.h = ws.h;
   a.out = t.out;
   a.ws = ws;

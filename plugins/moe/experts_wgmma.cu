@@ -327,7 +327,7 @@ int wgmma_tile_tokens(const qmoe_problem& p) {
 
 cudaError_t launch_experts_wgmma(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
                                  cudaStream_t s, bool with_down) {
-  if (p.weight_dtype == QMOE_I8) return cudaErrorNotSupported;  // resolve_path never sends INT8 here
+  if (p.weight_dtype == QMOE_I8 || p.weight_dtype == QMOE_I4) return cudaErrorNotSupported;  // never sent here
   return with_dtypes(p, [&](auto act, auto) { return launch_typed<decltype(act)>(p, t, ws, s, with_down); });
 }
 

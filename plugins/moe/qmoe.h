@@ -7,9 +7,12 @@
  * Layouts (row-major, transformers-5 fused Qwen3 experts):
  *   x        [T, H]        act dtype (F16 or BF16)
  *   logits   [T, E]        F32, F16 or BF16 (the router Linear's output; softmax is done in fp32)
- *   gate_up  [E, 2*I, H]   rows 0..I-1 gate_proj, rows I..2I-1 up_proj; act dtype or I8
- *   down     [E, H, I]     act dtype or I8
- *   gate_up_scale [E, 2*I], down_scale [E, H]   per output channel, F32 or F16 (I8 weights only)
+ *   gate_up  [E, 2*I, H]   rows 0..I-1 gate_proj, rows I..2I-1 up_proj; act dtype, I8 or I4
+ *   down     [E, H, I]     act dtype, I8 or I4
+ *   I8: gate_up_scale [E, 2*I], down_scale [E, H]   per output channel, F32 or F16
+ *   I4: two signed 4-bit values a byte, low nibble first, along the input axis (ONNX INT4 packing):
+ *       gate_up [E, 2*I, H/2] bytes, down [E, H, I/2] bytes; per group of G = group_size input channels
+ *       gate_up_scale [E, 2*I, H/G], down_scale [E, H, I/G], F32 or F16 (w = q * scale, zero point 0)
  *   out      [T, H]        act dtype; every element is written
  *
  * Tie-breaking: among equal logits the lower expert index is picked first (the choice torch.topk makes
@@ -27,7 +30,7 @@
 extern "C" {
 #endif
 
-#define QMOE_ABI_VERSION 1
+#define QMOE_ABI_VERSION 2 /* 2: QMOE_I4 weights and qmoe_problem.group_size */
 
 /* The library is built with hidden visibility; only these entry points are exported. */
 #if defined(_WIN32)
@@ -36,11 +39,12 @@ extern "C" {
 #define QMOE_API __attribute__((visibility("default")))
 #endif
 
-enum qmoe_dtype { QMOE_F32 = 0, QMOE_F16 = 1, QMOE_BF16 = 2, QMOE_I8 = 3 };
+enum qmoe_dtype { QMOE_F32 = 0, QMOE_F16 = 1, QMOE_BF16 = 2, QMOE_I8 = 3, QMOE_I4 = 4 };
 
 /* Expert-compute path: AUTO picks GEMV (memory-bound, few tokens per expert) or MMA (tensor cores).
    MMA is WGMMA on SM 9.0 for 16-bit weights and MMA_SYNC otherwise; MMA_SYNC and WGMMA force one kernel
-   (WGMMA: QMOE_ERR_UNSUPPORTED off SM 9.0 or with INT8 weights). qmoe_resolve_path names the one that runs. */
+   (WGMMA: QMOE_ERR_UNSUPPORTED off SM 9.0 or with INT8/INT4 weights; MMA_SYNC and MMA: QMOE_ERR_UNSUPPORTED
+   with INT4 weights, which AUTO sends to GEMV at every T). qmoe_resolve_path names the one that runs. */
 enum qmoe_path {
   QMOE_PATH_AUTO = 0,
   QMOE_PATH_GEMV = 1,
@@ -64,11 +68,12 @@ typedef struct qmoe_problem {
   int32_t hidden;        /* H, multiple of 128 */
   int32_t inter;         /* I (moe_intermediate_size), multiple of 64 */
   int32_t act_dtype;     /* QMOE_F16 or QMOE_BF16 */
-  int32_t weight_dtype;  /* act_dtype, or QMOE_I8 (weight-only, per-output-channel scales) */
-  int32_t scale_dtype;   /* QMOE_F32 or QMOE_F16; ignored unless weight_dtype == QMOE_I8 */
+  int32_t weight_dtype;  /* act_dtype, QMOE_I8 (per-output-channel scales) or QMOE_I4 (per-group scales) */
+  int32_t scale_dtype;   /* QMOE_F32 or QMOE_F16; ignored for 16-bit weights */
   int32_t logits_dtype;  /* QMOE_F32, QMOE_F16 or QMOE_BF16 */
   int32_t normalize;     /* Qwen3 norm_topk_prob: divide the k weights by their sum */
   int32_t path;          /* enum qmoe_path */
+  int32_t group_size;    /* QMOE_I4: input channels a scale (32, 64 or 128, dividing H and I); else 0 */
 } qmoe_problem;
 
 typedef struct qmoe_tensors {
@@ -76,8 +81,8 @@ typedef struct qmoe_tensors {
   const void* logits;
   const void* gate_up;
   const void* down;
-  const void* gate_up_scale; /* NULL unless I8 */
-  const void* down_scale;    /* NULL unless I8 */
+  const void* gate_up_scale; /* NULL unless I8 or I4 */
+  const void* down_scale;    /* NULL unless I8 or I4 */
   void* out;
   void* workspace;           /* device memory, 256-byte aligned, qmoe_workspace_size() bytes */
   size_t workspace_bytes;

@@ -65,6 +65,14 @@ __device__ __forceinline__ void i8x4_to_float(uint32_t w, float* f) {
   }
 }
 
+// Eight signed 4-bit values (two a byte, low nibble first) -> eight exact floats, the same trick: the
+// sign-flipped nibble (q + 8) in the mantissa of 2^23, minus 2^23 + 8.
+__device__ __forceinline__ void i4x8_to_float(uint32_t w, float* f) {
+  const uint32_t u = w ^ 0x88888888u;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) f[i] = __uint_as_float(((u >> (4 * i)) & 0xFu) | 0x4B000000u) - 8388616.0f;
+}
+
 __device__ __forceinline__ float load_scale(const void* p, size_t i, int scale_dtype) {
   return scale_dtype == QMOE_F16 ? __half2float(static_cast<const __half*>(p)[i])
                                  : static_cast<const float*>(p)[i];
@@ -124,13 +132,16 @@ int env_int(const char* name, int fallback);
 // The current device's SM version as 10 * major + minor (0 without a device), queried once per process.
 int device_sm();
 
+// Weight type tag of QMOE_I4: two signed 4-bit values a byte, low nibble first, per-group scales.
+struct Int4 {};
+
 // Calls f(Act{}, Weight{}) with the problem's activation type (__half or __nv_bfloat16) and weight type (the
-// activation type, or int8_t): one place that turns the dtype codes into template arguments.
+// activation type, int8_t or Int4): one place that turns the dtype codes into template arguments.
 template <typename F>
 cudaError_t with_dtypes(const qmoe_problem& p, F&& f) {
-  const bool i8 = p.weight_dtype == QMOE_I8;
-  if (p.act_dtype == QMOE_F16) return i8 ? f(__half{}, int8_t{}) : f(__half{}, __half{});
-  return i8 ? f(__nv_bfloat16{}, int8_t{}) : f(__nv_bfloat16{}, __nv_bfloat16{});
+  const bool i8 = p.weight_dtype == QMOE_I8, i4 = p.weight_dtype == QMOE_I4;
+  if (p.act_dtype == QMOE_F16) return i4 ? f(__half{}, Int4{}) : i8 ? f(__half{}, int8_t{}) : f(__half{}, __half{});
+  return i4 ? f(__nv_bfloat16{}, Int4{}) : i8 ? f(__nv_bfloat16{}, int8_t{}) : f(__nv_bfloat16{}, __nv_bfloat16{});
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -197,8 +208,9 @@ inline Workspace layout_workspace(const qmoe_problem& p, void* base) {
 struct GemmArgs {
   const void* act;
   const void* weight;  // [E, rows_total, K]
-  const void* scale;   // [E, rows_total] (INT8 weights) or NULL
+  const void* scale;   // [E, rows_total] (INT8), [E, rows_total, K / group] (INT4) or NULL
   int scale_dtype;
+  int group_shift;     // INT4: log2(group size)
   void* out;
   const int32_t* perm_pair;
   const int32_t* offsets;
@@ -219,6 +231,7 @@ inline GemmArgs gemm_args(const qmoe_problem& p, const qmoe_tensors& t, const Wo
   a.I = p.inter;
   a.H = p.hidden;
   a.scale_dtype = p.scale_dtype;
+  a.group_shift = p.group_size > 0 ? __builtin_ctz(unsigned(p.group_size)) : 0;
   a.act = gate_up ? t.x : ws.h;
   a.weight = gate_up ? t.gate_up : t.down;
   a.scale = gate_up ? t.gate_up_scale : t.down_scale;

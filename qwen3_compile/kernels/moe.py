@@ -16,7 +16,7 @@ import torch
 
 from .build import build_library
 
-QMOE_F32, QMOE_F16, QMOE_BF16, QMOE_I8 = 0, 1, 2, 3
+QMOE_F32, QMOE_F16, QMOE_BF16, QMOE_I8, QMOE_I4 = 0, 1, 2, 3, 4
 # "mma": the tensor cores (wgmma on SM 9.0 for 16-bit weights, else mma.sync);
 # "mma_sync" and "wgmma" force one kernel.
 PATHS = {"auto": 0, "gemv": 1, "mma": 2, "mma_sync": 3, "wgmma": 4}
@@ -26,6 +26,7 @@ _DTYPE_CODE = {
     torch.float16: QMOE_F16,
     torch.bfloat16: QMOE_BF16,
     torch.int8: QMOE_I8,
+    torch.uint8: QMOE_I4,  # two signed 4-bit weights a byte, low nibble first
 }
 
 
@@ -48,6 +49,7 @@ class _Problem(ctypes.Structure):
             "logits_dtype",
             "normalize",
             "path",
+            "group_size",
         )
     ]
 
@@ -117,6 +119,11 @@ class Routing:
 def _problem(x, logits, gate_up, top_k, normalize, scale, path) -> _Problem:
     T, H = x.shape
     E, two_i, H2 = gate_up.shape
+    int4 = gate_up.dtype == torch.uint8
+    if int4:  # packed: H/2 bytes a row, scales [E, 2I, H/G]
+        H2 *= 2
+        if scale is None or scale.dim() != 3 or H % scale.shape[-1]:
+            raise ValueError("INT4 weights need per-group scales [E, 2I, H/G]")
     if H2 != H or logits.shape != (T, E):
         shapes = f"x {tuple(x.shape)}, logits {tuple(logits.shape)}, gate_up {tuple(gate_up.shape)}"
         raise ValueError(f"shape mismatch: {shapes}")
@@ -132,6 +139,7 @@ def _problem(x, logits, gate_up, top_k, normalize, scale, path) -> _Problem:
         logits_dtype=_DTYPE_CODE[logits.dtype],
         normalize=int(normalize),
         path=PATHS[path],
+        group_size=H // scale.shape[-1] if int4 else 0,
     )
 
 
@@ -178,7 +186,10 @@ def moe_forward(
     """Qwen3 MoE block on the GPU: x [T, H] (fp16/bf16), router_logits [T, E] -> out [T, H].
 
     INT8 weight-only: pass int8 `gate_up`/`down` with per-output-channel `gate_up_scale [E, 2I]` and
-    `down_scale [E, H]` (fp32 or fp16). Runs on the current torch stream; all tensors contiguous, one device.
+    `down_scale [E, H]` (fp32 or fp16). INT4 weight-only (`quantize_int4`): uint8 `gate_up [E, 2I, H/2]`,
+    `down [E, H, I/2]` (two weights a byte, low nibble first) with per-group `gate_up_scale [E, 2I, H/G]`,
+    `down_scale [E, H, I/G]`; G (32, 64 or 128) is read from the scales' shape. Runs on the current torch
+    stream; all tensors contiguous, one device.
     """
     lib = load_library(library)
     tensors = [x, router_logits, gate_up, down, gate_up_scale, down_scale]
@@ -271,9 +282,13 @@ def route_reference(
 def dequantize(
     w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
-    """int8 [E, N, K] * scale [E, N] -> dtype; a float weight is just cast."""
+    """int8 [..., N, K] * scale [..., N], or packed int4 (uint8 [..., N, K/2]) * per-group scale
+    [..., N, K/G] -> dtype; a float weight is just cast."""
     if scale is None:
         return w.to(dtype)
+    if w.dtype == torch.uint8:
+        q = unpack_int4(w).to(dtype)
+        return q * scale.to(dtype).repeat_interleave(q.shape[-1] // scale.shape[-1], dim=-1)
     return w.to(dtype) * scale.to(dtype).unsqueeze(-1)
 
 
@@ -317,3 +332,31 @@ def quantize_int8(
     scale = (amax / 127.0).to(scale_dtype)
     q = torch.round(w.float() / scale.float().unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
     return q, scale
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Integers in [-8, 7], [..., K] (K even) -> uint8 [..., K/2]: two a byte, low nibble first (ONNX)."""
+    q = q.to(torch.int16)
+    return ((q[..., 0::2] & 0xF) | ((q[..., 1::2] & 0xF) << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., K/2] -> int8 [..., K] in [-8, 7] (inverse of `pack_int4`)."""
+    b = packed.to(torch.int16)
+    nibbles = torch.stack([b & 0xF, b >> 4], dim=-1).flatten(-2)
+    return ((nibbles ^ 8) - 8).to(torch.int8)
+
+
+def quantize_int4(
+    w: torch.Tensor, group: int = 128, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT4 per group of `group` input channels, the recipe's convention (quantize/int4.py,
+    `quantize.weights.quantize_groups`): scale = max|w| / 7 in `scale_dtype` (1 for an all-zero group),
+    q = round-half-to-even(w / scale) clipped to [-7, 7]. w [E, N, K] -> (uint8 [E, N, K/2] packed with
+    `pack_int4`, scale [E, N, K/group])."""
+    *lead, K = w.shape
+    wg = w.float().reshape(*lead, K // group, group)
+    amax = wg.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / 7.0, torch.ones_like(amax)).to(scale_dtype)
+    q = torch.round((wg / scale.float().unsqueeze(-1)).clamp(-7.0, 7.0)).reshape(*lead, K)
+    return pack_int4(q), scale

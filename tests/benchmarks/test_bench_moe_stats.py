@@ -53,12 +53,16 @@ def test_flops_match_torch_flop_counter_on_the_reference(bench):
     assert counter.get_total_flops() == bench.moe_flops(T, K, H, inter)
 
 
-@pytest.mark.parametrize("weights", ["bf16", "int8"])
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
 def test_expert_bytes_match_the_tensors(bench, weights):
-    E, H, inter = 3, 256, 64
+    E, H, inter = 3, 256, 128
     gate_up = torch.randn(E, 2 * inter, H).to(torch.bfloat16)
     down = torch.randn(E, H, inter).to(torch.bfloat16)
-    if weights == "int8":
+    if weights == "int4":
+        gq, gs = kmoe.quantize_int4(gate_up, bench.INT4_GROUP, torch.float16)
+        dq, ds = kmoe.quantize_int4(down, bench.INT4_GROUP, torch.float16)
+        tensors = (gq[0], gs[0], dq[0], ds[0])
+    elif weights == "int8":
         (gq, gs), (dq, ds) = kmoe.quantize_int8(gate_up), kmoe.quantize_int8(down)
         tensors = (gq[0], gs[0], dq[0], ds[0])
     else:

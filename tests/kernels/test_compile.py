@@ -47,7 +47,7 @@ def check_abi_without_gpu(path):
     from qwen3_compile.kernels import moe
 
     lib = moe.load_library(str(path))
-    assert lib.qmoe_abi_version() == 1
+    assert lib.qmoe_abi_version() == 2
     good = dict(num_tokens=2048, num_experts=128, top_k=8, hidden=2048, inter=768, act_dtype=moe.QMOE_BF16)
     good.update(weight_dtype=moe.QMOE_BF16, scale_dtype=moe.QMOE_F32, logits_dtype=moe.QMOE_BF16)
     good.update(normalize=1, path=0)
@@ -65,6 +65,18 @@ def check_abi_without_gpu(path):
         ({"act_dtype": moe.QMOE_F32}, 1),
         ({"weight_dtype": moe.QMOE_F16}, 1),
         ({"path": 7}, 1),
+        # INT4 weights: groups of 32, 64 or 128 dividing H and I; per-group scales are INT4's only
+        ({"weight_dtype": moe.QMOE_I4, "group_size": 128}, 0),
+        ({"weight_dtype": moe.QMOE_I4, "group_size": 32, "scale_dtype": moe.QMOE_F16}, 0),
+        ({"weight_dtype": moe.QMOE_I4, "group_size": 0}, 2),
+        ({"weight_dtype": moe.QMOE_I4, "group_size": 16}, 2),
+        ({"weight_dtype": moe.QMOE_I4, "group_size": 256}, 2),
+        ({"weight_dtype": moe.QMOE_I4, "group_size": 128, "inter": 704}, 2),  # I % 128 != 0
+        ({"weight_dtype": moe.QMOE_I4, "group_size": 64, "inter": 704}, 0),
+        ({"weight_dtype": moe.QMOE_I4, "group_size": 128, "scale_dtype": moe.QMOE_BF16}, 1),
+        ({"weight_dtype": moe.QMOE_I8, "group_size": 128}, 2),
+        ({"group_size": 128}, 2),
+        ({"group_size": -1}, 1),
     ]:
         assert lib.qmoe_check_problem(ctypes.byref(moe._Problem(**{**good, **change}))) == status, change
     assert b"unsupported shape" in lib.qmoe_error_string(2)
@@ -80,6 +92,12 @@ def check_abi_without_gpu(path):
         ({"path": paths["wgmma"]}, -2),
         ({"hidden": 2000}, -2),
         ({"path": 7}, -1),
+        # INT4 has only the GEMV kernel: AUTO takes it at every T, the tensor-core paths are refused
+        ({"weight_dtype": moe.QMOE_I4, "group_size": 128}, paths["gemv"]),
+        ({"weight_dtype": moe.QMOE_I4, "group_size": 128, "path": paths["gemv"]}, paths["gemv"]),
+        ({"weight_dtype": moe.QMOE_I4, "group_size": 128, "path": paths["mma"]}, -2),
+        ({"weight_dtype": moe.QMOE_I4, "group_size": 128, "path": paths["mma_sync"]}, -2),
+        ({"weight_dtype": moe.QMOE_I4, "group_size": 128, "path": paths["wgmma"]}, -2),
     ]:
         assert lib.qmoe_resolve_path(ctypes.byref(moe._Problem(**{**good, **change}))) == want, change
     # The TensorRT plugins' workspace formula (trt_contract) mirrors the library's, plus 256 for alignment.
@@ -105,9 +123,9 @@ def test_ctypes_structs_match_header(tmp_path):
             #include <stddef.h>
             #include "{build.plugin_source_dir() / "qmoe.h"}"
             int main(void) {{
-              printf("%zu %zu %zu %zu %zu\\n", sizeof(qmoe_problem), sizeof(qmoe_tensors),
-                     offsetof(qmoe_problem, path), offsetof(qmoe_tensors, workspace_bytes),
-                     offsetof(qmoe_tensors, permuted_pairs));
+              printf("%zu %zu %zu %zu %zu %zu\\n", sizeof(qmoe_problem), sizeof(qmoe_tensors),
+                     offsetof(qmoe_problem, path), offsetof(qmoe_problem, group_size),
+                     offsetof(qmoe_tensors, workspace_bytes), offsetof(qmoe_tensors, permuted_pairs));
               return 0;
             }}
             """
@@ -120,6 +138,7 @@ def test_ctypes_structs_match_header(tmp_path):
         ctypes.sizeof(moe._Problem),
         ctypes.sizeof(moe._Tensors),
         moe._Problem.path.offset,
+        moe._Problem.group_size.offset,
         moe._Tensors.workspace_bytes.offset,
         moe._Tensors.permuted_pairs.offset,
     ]

@@ -40,14 +40,20 @@ def gen():
 
 
 def make_weights(gen, E, H, inter, dtype, wkind):
-    """bf16/fp16 weights, or int8 with per-channel scales (fp32 or fp16)."""
+    """bf16/fp16 weights, int8 with per-channel scales (fp32 or fp16), or int4 with per-group scales
+    ("int4_g<G>_<f32s|f16s>": packed two a byte, groups of G input channels)."""
     gu = torch.randn(E, 2 * inter, H, generator=gen, device="cuda") / H**0.5
     dn = torch.randn(E, H, inter, generator=gen, device="cuda") / inter**0.5
     if wkind == "float":
         return gu.to(dtype), dn.to(dtype), None, None
-    from qwen3_compile.kernels.moe import quantize_int8
+    from qwen3_compile.kernels.moe import quantize_int4, quantize_int8
 
-    sdt = torch.float32 if wkind == "int8_f32s" else torch.float16
+    sdt = torch.float32 if wkind.endswith("f32s") else torch.float16
+    if wkind.startswith("int4"):
+        group = int(wkind.split("_")[1][1:])
+        gq, gs = quantize_int4(gu, group, sdt)
+        dq, ds = quantize_int4(dn, group, sdt)
+        return gq, dq, gs, ds
     gq, gs = quantize_int8(gu, sdt)
     dq, ds = quantize_int8(dn, sdt)
     return gq, dq, gs, ds
@@ -72,7 +78,15 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 
 def expect_path(kmoe, x, logits, gu, k, gs, path):
     """The kernel that runs: "wgmma" where asked for (or chosen by "mma") on SM 9.0 with 16-bit weights, and
-    a clear refusal where wgmma cannot run. Returns False when the case cannot run on this GPU."""
+    a clear refusal where wgmma cannot run; INT4 weights run GEMV at every T and refuse the tensor-core
+    paths. Returns False when the case cannot run on this GPU."""
+    if gu.dtype == torch.uint8:
+        if path in ("auto", "gemv"):
+            assert kmoe.resolve_path(x, logits, gu, k, gs, path) == "gemv"
+            return True
+        with pytest.raises(kmoe.QmoeError, match="unsupported"):
+            kmoe.resolve_path(x, logits, gu, k, gs, path)
+        return False
     if path not in ("mma", "wgmma"):
         return True
     int8 = gs is not None
@@ -139,6 +153,48 @@ def test_wgmma_tile_configs(kmoe, gen, monkeypatch, tile, rows):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_int8_qwen3_30b_a3b_shapes(kmoe, gen, dtype, path):
     run_case(kmoe, gen, 300, 128, 8, dtype, "int8_f16s", path, H=2048, inter=768)
+
+
+# INT4 weight-only (W4A16), groups of G input channels: the GEMV path at every T (AUTO's choice for INT4),
+# against the float64 reference with the int4-dequantized weights. I = 256 so that G = 128 divides it.
+@pytest.mark.parametrize("path", ["auto", "gemv"])
+@pytest.mark.parametrize("wkind", ["int4_g32_f32s", "int4_g32_f16s", "int4_g128_f32s", "int4_g128_f16s"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("k", [2, 8])
+@pytest.mark.parametrize("E", [16, 128])
+@pytest.mark.parametrize("T", [1, 7, 64, 2048])
+def test_int4_forward_matches_reference(kmoe, gen, T, E, k, dtype, wkind, path):
+    run_case(kmoe, gen, T, E, k, dtype, wkind, path, H=256, inter=256)
+
+
+@pytest.mark.parametrize("wkind", ["int4_g32_f16s", "int4_g64_f32s", "int4_g128_f16s", "int4_g128_f32s"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("T", [1, 7, 64, 2048])
+def test_int4_qwen3_30b_a3b_shapes(kmoe, gen, T, dtype, wkind):
+    run_case(kmoe, gen, T, 128, 8, dtype, wkind, "auto", H=2048, inter=768)
+
+
+@pytest.mark.parametrize("path", ["mma", "mma_sync", "wgmma"])
+def test_int4_refuses_tensor_core_paths(kmoe, gen, path):
+    T, E, k, H, inter = 64, 16, 2, 256, 256
+    x = torch.randn(T, H, generator=gen, device="cuda").to(torch.bfloat16)
+    logits = torch.randn(T, E, generator=gen, device="cuda")
+    gu, dn, gs, ds = make_weights(gen, E, H, inter, torch.bfloat16, "int4_g128_f32s")
+    assert not expect_path(kmoe, x, logits, gu, k, gs, path)  # resolve_path: unsupported
+    with pytest.raises(kmoe.QmoeError, match="unsupported"):
+        kmoe.moe_forward(x, logits, gu, dn, k, True, gs, ds, path=path)
+
+
+def test_int4_refuses_groups_that_do_not_divide(kmoe, gen):
+    T, E, k, H, inter = 7, 16, 2, 256, 192  # G = 128 does not divide I = 192
+    x = torch.randn(T, H, generator=gen, device="cuda").to(torch.bfloat16)
+    logits = torch.randn(T, E, generator=gen, device="cuda")
+    gu, dn, gs, ds = make_weights(gen, E, H, inter, torch.bfloat16, "int4_g64_f32s")
+    gq, gs128 = kmoe.quantize_int4(torch.randn(E, 2 * inter, H, generator=gen, device="cuda"), 128)
+    with pytest.raises(kmoe.QmoeError, match="unsupported"):  # the group size is read from gate_up's scales
+        kmoe.moe_forward(x, logits, gq, dn, k, True, gs128, ds)
+    out = kmoe.moe_forward(x, logits, gu, dn, k, True, gs, ds)  # G = 64 divides both: runs
+    check_close(out, kmoe.moe_reference(x, logits, gu, dn, k, True, gs, ds), torch.bfloat16, "int4 g64")
 
 
 @pytest.mark.parametrize(("H", "inter"), [(128, 64), (384, 320), (512, 128), (768, 256)])
@@ -232,7 +288,7 @@ def test_dispatch_is_a_stable_permutation(kmoe, gen, monkeypatch, T, E, k, dispa
 
 @pytest.mark.parametrize("variant", ["default", "down-groups-1"])
 @pytest.mark.parametrize("ldtype", [torch.float32, torch.bfloat16], ids=["f32logits", "bf16logits"])
-@pytest.mark.parametrize("wkind", ["float", "int8_f32s", "int8_f16s"])
+@pytest.mark.parametrize("wkind", ["float", "int8_f32s", "int8_f16s", "int4_g32_f32s", "int4_g64_f16s"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize(("E", "k"), [(16, 2), (16, 3), (128, 8), (128, 32), (256, 5)])
 def test_single_token_path(kmoe, gen, monkeypatch, E, k, dtype, wkind, ldtype, variant):
