@@ -14,7 +14,7 @@ SRC=/root/src WORK=/root/work
 export PYTHONUNBUFFERED=1 PYTHONPATH=$SRC:/root/ortsite:/root/site
 mkdir -p /root/ortw $WORK $SRC
 # the code: a carried .ortgpu/src (another checkout) or this repository copy
-if [ -d .ortgpu/src ]; then cp -a .ortgpu/src/. $SRC/; else cp -a qwen3_compile graphs recipes benchmarks tests pyproject.toml $SRC/; fi
+if [ -d .ortgpu/src ]; then cp -a .ortgpu/src/. $SRC/; else cp -a qwen3_compile graphs recipes plugins benchmarks tests pyproject.toml $SRC/; fi
 
 case "$1" in
 chunk)
