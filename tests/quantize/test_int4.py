@@ -24,6 +24,8 @@ from qwen3_compile.quantize.recipe import load_recipe, with_group_size
 from qwen3_compile.quantize.stage import quantize_artifact
 from qwen3_compile.validate.stage import validate_artifact
 
+from .presets import GATE_PRESETS
+
 PRESETS = ("tiny-dense", "tiny-moe")
 GROUP = 32  # the tiny presets' MoE down_proj reads 32 channels: int4-rtn's 128 does not divide it
 
@@ -165,7 +167,7 @@ def test_int4_graph_equals_torch_fake_quant(preset, int4):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", GATE_PRESETS)
 def test_int4_rtn_meets_recipe_gates(preset, int4, artifacts, tmp_path):
     artifact = int4[preset]
     report = validate_artifact(

@@ -20,6 +20,8 @@ from qwen3_compile.quantize.stage import quantize_artifact
 from qwen3_compile.quantize.weights import quantize_int8
 from qwen3_compile.validate.stage import validate_artifact
 
+from .presets import GATE_PRESETS
+
 
 @pytest.fixture(scope="module")
 def exports(artifacts):
@@ -36,7 +38,7 @@ def test_quantize_int8_is_symmetric_per_channel():
     assert np.all(np.abs(q * scale - w) <= scale / 2 + 1e-7)
 
 
-@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
+@pytest.mark.parametrize("preset", GATE_PRESETS)
 def test_int8_wo_meets_recipe_gates(preset, exports, artifacts, tmp_path):
     result = quantize_artifact(exports[preset], "int8-wo", tmp_path / "q")
     assert result.weight_ratio <= 0.55

@@ -32,6 +32,8 @@ from qwen3_compile.tokenizer import load_tokenizer
 from qwen3_compile.validate.recipe_reference import recipe_reference
 from qwen3_compile.validate.stage import validate_artifact
 
+from .presets import GATE_PRESETS
+
 PRESETS = ("tiny-dense", "tiny-moe")
 
 
@@ -137,7 +139,7 @@ def test_w8a8_graph_equals_torch_fake_quant(preset, recipe, quantized):
 
 
 @pytest.mark.parametrize("recipe", ["int8-sq", "fp8"])
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", GATE_PRESETS)
 def test_w8a8_meets_recipe_gates(preset, recipe, quantized, artifacts, tmp_path):
     artifact = quantized[(preset, recipe)]
     assert artifact.weight_ratio <= 0.55
@@ -159,7 +161,7 @@ def test_w8a8_meets_recipe_gates(preset, recipe, quantized, artifacts, tmp_path)
     assert report.passed, report.failures
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", GATE_PRESETS)
 def test_fp16_baseline_meets_gates(preset, artifacts, tmp_path):
     result = quantize_artifact(artifacts.export(preset, "fp16"), "fp16", tmp_path / "q")
     assert result.tensors == [] and result.manifest.recipe["name"] == "fp16"
