@@ -61,6 +61,17 @@ def register_onnx_schema() -> None:
             OpSchema.Attribute("stash_type", OpSchema.AttrType.INT, required=False),
         ],
     )
+
+    def infer(ctx) -> None:  # Y: X's shape, the scale's dtype
+        x, scale = ctx.get_input_type(0), ctx.get_input_type(1)
+        if x is None or scale is None or not scale.tensor_type.elem_type:
+            return
+        y = onnx.TypeProto()
+        y.CopyFrom(x)
+        y.tensor_type.elem_type = scale.tensor_type.elem_type
+        ctx.set_output_type(0, y)
+
+    schema.set_type_and_shape_inference_function(infer)
     onnx.defs.register_schema(schema)
 
 
