@@ -9,6 +9,7 @@ import onnx
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.lower.ort_moe import ExpertDispatchToOrtMoE
 from qwen3_compile.lower.ort_qmoe import QuantizedExpertDispatchToOrtQMoE
+from qwen3_compile.lower.ort_rms_norm import RmsNormToSimplifiedLayerNorm
 from qwen3_compile.lower.rules import RewriteReport, RewriteRule, apply_rules
 from qwen3_compile.lower.trt_dense_moe import ExpertDispatchToDenseExperts
 from qwen3_compile.lower.trt_last_logits import LastPositionLogits
@@ -18,8 +19,8 @@ from qwen3_compile.storage.external_data import ExternalDataWriter
 
 # target -> ordered rules. The canonical graph (no target) keeps ExpertDispatch with its function body.
 RULE_SETS: dict[str, list[type[RewriteRule]]] = {
-    # INT8 experts first (QMoE); float experts fall through to MoE
-    "ort": [QuantizedExpertDispatchToOrtQMoE, ExpertDispatchToOrtMoE],
+    # INT8 experts first (QMoE); float experts fall through to MoE; RMSNorm -> SimplifiedLayerNormalization
+    "ort": [QuantizedExpertDispatchToOrtQMoE, ExpertDispatchToOrtMoE, RmsNormToSimplifiedLayerNorm],
     # TensorRT without a sparse MoE kernel: the reference body inlined with unique names
     "trt-dense": [ExpertDispatchToDenseExperts],
     # TensorRT's native IMoELayer; experts it cannot take (quantized) fall back to the dense body

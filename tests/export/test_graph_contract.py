@@ -76,7 +76,10 @@ def test_side_files_and_manifest(exported):
     }
     lowered = json.loads((exported["tiny-moe", "ort"].directory / "manifest.json").read_text())
     assert lowered["stage"] == "lower" and lowered["lowering"]["runtime"] == "ort"
-    assert lowered["lowering"]["applied"] == {"expert_dispatch_to_ort_moe": 2}
+    assert lowered["lowering"]["applied"] == {
+        "expert_dispatch_to_ort_moe": 2,
+        "rms_norm_to_simplified_layer_norm": 9,
+    }
     assert lowered["inputs"]["model_sha256"] == manifest["outputs"]["model.onnx"]["sha256"]
     assert set(manifest["outputs"]) >= {
         "model.onnx",

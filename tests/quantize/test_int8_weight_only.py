@@ -114,7 +114,10 @@ def test_int8_experts_lower_to_qmoe(exports, tmp_path):
     lowered = lower_artifact(canonical.directory, tmp_path / "ort", "ort")
     ops = [n.op_type for n in onnx.load(lowered.directory / "model.onnx").graph.node]
     assert ops.count("QMoE") == 2 and "ExpertDispatch" not in ops
-    assert lowered.manifest.lowering.applied == {"quantized_expert_dispatch_to_ort_qmoe": 2}
+    assert lowered.manifest.lowering.applied == {
+        "quantized_expert_dispatch_to_ort_qmoe": 2,
+        "rms_norm_to_simplified_layer_norm": 9,
+    }
     rng = np.random.default_rng()
     batch = left_padded_batch([rng.integers(0, 151643, 11).tolist(), rng.integers(0, 151643, 5).tolist()], 0)
     outputs = []
