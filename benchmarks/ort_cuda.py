@@ -43,6 +43,11 @@ class Spec:
     dtype: str
     lowered_from: str | None = None  # `lower --for ort` of this artifact
     layers: int | None = None
+    moe_lowering: str | None = None  # custom-op: the norms fused, ExpertDispatch kept for --ort-ops
+
+    @property
+    def keeps_expert_dispatch(self) -> bool:
+        return self.lowered_from is None or self.moe_lowering == "custom-op"
 
     @property
     def model(self) -> str:
@@ -64,6 +69,7 @@ ARTIFACTS = {
     # decode speed at depth: 8 layers, where per-layer work outweighs the per-step fixed costs
     "slice8-fp16": Spec(SLICE, "fp16", layers=8),
     "slice8-fp16-ort": Spec(SLICE, "fp16", "slice8-fp16", layers=8),
+    "slice8-fp16-norm": Spec(SLICE, "fp16", "slice8-fp16", layers=8, moe_lowering="custom-op"),
 }
 MODELS = {
     "tiny-dense": ("tiny-dense", None),
@@ -156,7 +162,7 @@ def export_all(work: Path, with_slice: bool, only: list[str] | None = None) -> d
         start = time.perf_counter()
         try:
             if spec.lowered_from:
-                lower_artifact(work / spec.lowered_from, folder, "ort")
+                lower_artifact(work / spec.lowered_from, folder, "ort", moe_lowering=spec.moe_lowering)
             else:
                 export_onnx(spec.preset, folder, ExportOptions(dtype=spec.dtype), num_layers=spec.layers)
             done[name] = round(time.perf_counter() - start, 1)
@@ -468,7 +474,7 @@ def bench(work: Path, results: Results, artifacts: list[str], steps: int, ort_op
             if backend == "ort" and (spec.dtype == "bf16" or spec.model == "slice8"):
                 continue  # ORT's CPU provider has no bf16 kernels for these ops; 8 layers are GPU-only
             guarded(results, ["bench", name, backend], bench_one, work, name, backend, steps)
-        if ort_ops is not None and spec.lowered_from is None and spec.preset != "tiny-dense":
+        if ort_ops is not None and spec.keeps_expert_dispatch and spec.preset != "tiny-dense":
             guarded(
                 results, ["bench", name, "ort-cuda+ops"], bench_one, work, name, "ort-cuda", steps, ort_ops
             )
@@ -524,7 +530,7 @@ def profile_one(work: Path, name: str, ort_ops: Path | None, steps: int = 32) ->
 def profile(work: Path, results: Results, artifacts: list[str], ort_ops: Path | None) -> None:
     for name in artifacts:
         guarded(results, ["profile", name, "ort-cuda"], profile_one, work, name, None)
-        if ort_ops is not None and ARTIFACTS[name].lowered_from is None:
+        if ort_ops is not None and ARTIFACTS[name].keeps_expert_dispatch:
             guarded(results, ["profile", name, "ort-cuda+ops"], profile_one, work, name, ort_ops)
 
 

@@ -21,8 +21,9 @@ from qwen3_compile.cli.common import emit_json, stage_command, target_option
 @target_option(help="Deployment device (required with --for tensorrt: it picks the MoE lowering).")
 @click.option(
     "--moe-lowering",
-    type=click.Choice(["trt_moe", "plugin", "dense"]),
-    help="TensorRT only: override the target's MoE lowering order.",
+    type=click.Choice(["trt_moe", "plugin", "dense", "ort-moe", "custom-op"]),
+    help="TensorRT: override the target's MoE lowering order (trt_moe, plugin, dense). ONNX Runtime: ort-moe "
+    "(its MoE/QMoE operators, the default) or custom-op (keep ExpertDispatch for --ort-ops libqmoe_ort.so).",
 )
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output directory.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")

@@ -21,6 +21,8 @@ from qwen3_compile.storage.external_data import ExternalDataWriter
 RULE_SETS: dict[str, list[type[RewriteRule]]] = {
     # INT8 experts first (QMoE); float experts fall through to MoE; RMSNorm -> SimplifiedLayerNormalization
     "ort": [QuantizedExpertDispatchToOrtQMoE, ExpertDispatchToOrtMoE, RmsNormToSimplifiedLayerNorm],
+    # ORT with the project's custom-op library (--ort-ops): ExpertDispatch stays for libqmoe_ort to claim
+    "ort-custom-op": [RmsNormToSimplifiedLayerNorm],
     # TensorRT without a sparse MoE kernel: the reference body inlined with unique names
     "trt-dense": [ExpertDispatchToDenseExperts],
     # TensorRT's native IMoELayer; experts it cannot take (quantized) fall back to the dense body

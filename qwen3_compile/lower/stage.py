@@ -47,6 +47,10 @@ MODEL_FILE = "model.onnx"
 RUNTIMES = ("ort", "tensorrt")
 LOWERABLE_STAGES = ("export", "quantize")
 
+# ONNX Runtime's MoE choices: its own MoE/QMoE operators (the default), or ExpertDispatch kept for the
+# project's custom-op library (`--ort-ops libqmoe_ort.so`, plugins/README.md)
+ORT_MOE_LOWERINGS = ("ort-moe", "custom-op")
+
 
 @dataclass(frozen=True)
 class LoweredArtifact:
@@ -119,13 +123,14 @@ def _tensorrt_choice(arch: Qwen3Arch, target: Target, requested: str | None) -> 
 
 
 def _lower(
-    runtime: str, choice: MoeChoice | None, model_path: Path, out_dir: Path
+    runtime: str, choice: MoeChoice | None, model_path: Path, out_dir: Path, moe_lowering: str | None = None
 ) -> tuple[dict, dict, MoeChoice | None]:
     """(rewrite report, op histogram, the MoE lowering the graph got) of the lowered copy in `out_dir`."""
     if runtime == "ort":
         from qwen3_compile.lower import RULE_SETS
 
-        graph = rewrite_file(model_path, [rule() for rule in RULE_SETS["ort"]], out_dir, what="ort")
+        rule_set = "ort-custom-op" if moe_lowering == "custom-op" else "ort"
+        graph = rewrite_file(model_path, [rule() for rule in RULE_SETS[rule_set]], out_dir, what=rule_set)
         return graph.report.to_dict(), graph.op_histogram, None
     lowered = lower_for_build(model_path, choice, out_dir, keep_input=False)
     return lowered.report, lowered.op_histogram, lowered.moe
@@ -153,11 +158,12 @@ def lower_artifact(
             field="--target",
             fix="name the deployment target, e.g. --target jetson-agx-orin.",
         )
-    if moe_lowering is not None and runtime != "tensorrt":
+    if moe_lowering is not None and (runtime == "ort") != (moe_lowering in ORT_MOE_LOWERINGS):
         raise BadInputError(
-            "--moe-lowering chooses among TensorRT's MoE lowerings.",
+            f"--moe-lowering {moe_lowering} is not a lowering for {runtime}: ONNX Runtime takes "
+            f"{', '.join(ORT_MOE_LOWERINGS)}, TensorRT the others.",
             field="--moe-lowering",
-            fix="drop it, or lower with --for tensorrt --target DEVICE.",
+            fix="drop it, or pick one for the runtime given with --for.",
         )
     chosen_target = get_target(target) if target else None
     check_not_an_input(output, [artifact])
@@ -168,7 +174,7 @@ def lower_artifact(
     timings = Timings()
     with atomic_output_dir(output, force) as tmp:
         with timings.stage("lower"), progress.stage(f"lower for {runtime}", total=None):
-            report, histogram, moe = _lower(runtime, choice, artifact / MODEL_FILE, tmp)
+            report, histogram, moe = _lower(runtime, choice, artifact / MODEL_FILE, tmp, moe_lowering)
         copy_side_files(artifact, tmp, skip=(MODEL_FILE, MANIFEST, CALIBRATION_FILE))
         lowering = LoweringRecord(
             runtime=runtime,

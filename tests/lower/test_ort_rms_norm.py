@@ -159,3 +159,44 @@ def test_decline_reasons(change, reason):
     assert report.applied == {}
     (why,) = report.declined[RULE]
     assert reason in why
+
+
+def test_custom_op_lowering_keeps_expert_dispatch_and_fuses_the_norms(artifacts, tmp_path):
+    """`lower --for ort --moe-lowering custom-op`: the norms become SimplifiedLayerNormalization while every
+    ExpertDispatch stays for the custom-op library to claim; the graph computes what the canonical one does
+    (ORT CPU runs the ExpertDispatch function body)."""
+    from click.testing import CliRunner
+
+    from qwen3_compile.cli import main
+
+    export = artifacts.export("tiny-moe")
+    out = tmp_path / "custom-op"
+    result = CliRunner().invoke(
+        main, ["lower", str(export), "--for", "ort", "--moe-lowering", "custom-op", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    lowered, canonical = onnx.load(str(out / "model.onnx")), onnx.load(str(export / "model.onnx"))
+    layers = 2
+    assert ops(lowered, "ExpertDispatch") == ops(canonical, "ExpertDispatch") == layers
+    assert ops(lowered, "SimplifiedLayerNormalization") == 4 * layers + 1 and ops(lowered, "ReduceMean") == 0
+    config = artifacts.loaded("tiny-moe").model.config
+    ids, mask, positions = random_prompt(config.vocab_size)
+    want = ort_logits(canonical, config, ids, mask, positions, np.float32)
+    got = ort_logits(lowered, config, ids, mask, positions, np.float32)
+    np.testing.assert_allclose(got, want, atol=2e-6 * np.abs(want).max())
+    refused = CliRunner().invoke(
+        main,
+        [
+            "lower",
+            str(export),
+            "--for",
+            "tensorrt",
+            "--target",
+            "rtx-ada",
+            "--moe-lowering",
+            "custom-op",
+            "-o",
+            str(tmp_path / "x"),
+        ],
+    )
+    assert refused.exit_code == 2 and "--moe-lowering" in refused.output
