@@ -15,6 +15,7 @@ rounding, the expert loop and the attention, which are torch's and transformers'
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,10 +65,11 @@ def fake_quant(x: torch.Tensor, scale, dtype: str) -> torch.Tensor:
     return torch.round(y).clamp(low, QUANT_MAX[dtype]) * scale
 
 
-def fake_quant_weight(w: torch.Tensor, recipe: QuantRecipe) -> torch.Tensor:
+def fake_quant_weight(w: torch.Tensor, recipe: QuantRecipe, dtype: str | None = None) -> torch.Tensor:
     """Torch layout ([out, in], experts [E, rows, in]): a scale per output row (per expert), or per group of
-    `group_size` input channels for INT4 (AWQ's search uses the same `fake_int4`)."""
-    dtype = recipe.weights.dtype
+    `group_size` input channels for INT4 (AWQ's search uses the same `fake_int4`). `dtype`: another
+    format than the recipe's weights' (its lm_head's)."""
+    dtype = dtype or recipe.weights.dtype
     if dtype == "int4":
         return fake_int4(w, recipe.weights.group_size)
     amax = w.abs().amax(-1, keepdim=True)
@@ -206,9 +208,14 @@ def recipe_reference(loaded: LoadedModel, artifact: Path, recipe: QuantRecipe) -
             if arch.tie_word_embeddings and name == "lm_head.weight":
                 continue
             t = _transformed(name, tensor.detach().float().clone(), transforms)
-            if t.ndim >= 2 and recipe.select.selects(name):
+            if t.ndim >= 2 and recipe.select.selects(name) and name != "lm_head.weight":
                 t = fake_quant_weight(t, recipe)
             state[name] = t
+        head = recipe.weights.lm_head
+        if head != "float":  # tied: a quantized copy projects, the gather keeps the float table (weights.py)
+            source = "model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"
+            state["lm_head.weight"] = fake_quant_weight(state[source], recipe, head)
+            arch = dataclasses.replace(arch, tie_word_embeddings=False)
     model = build_reference_model(arch, state)
     if recipe.activations is not None:
         _hook_linears(model, recipe, calibration)
