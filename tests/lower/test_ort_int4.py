@@ -87,6 +87,26 @@ def test_matmul_nbits_rule_is_exact(k, n, group):
     assert np.abs(after - x @ w.T).max() > 1e-3  # and it computes the INT4 weights, not the float ones
 
 
+def test_matmul_nbits_rule_fp16_keeps_fp16_activations():
+    """fp16 graphs: fp16 scales, accuracy level 2 (fp16, never int8); equal to the canonical graph to fp16
+    rounding and to the numpy dequantization."""
+    rng = np.random.default_rng()
+    k, n, group = 256, 96, 64
+    q, scale = symmetric_int4(rng.standard_normal((n, k)).astype(np.float32) * 0.1, group)
+    model = linear_model(q.T, np.ascontiguousarray(scale.T).astype(np.float16), group)
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    x = rng.standard_normal((2, 3, k)).astype(np.float16)
+    before = run(model, {"x": x})
+    lower(model, "ort")
+    (node,) = model.graph.node
+    assert {(a.name, a.i) for a in node.attribute} >= {("accuracy_level", 2), ("bits", 4)}
+    after = run(model, {"x": x})
+    want = x.astype(np.float64) @ dequantized(q, scale.astype(np.float16), group).T
+    np.testing.assert_allclose(after.astype(np.float64), want, atol=5e-3 * np.abs(want).max())
+    np.testing.assert_allclose(after, before, atol=5e-3 * np.abs(want).max())
+
+
 def test_matmul_nbits_rule_leaves_float_and_int8_matmuls():
     """Float MatMuls are not candidates (not reported); INT8 DQ -> MatMul stays as it is (not lowered)."""
     rng = np.random.default_rng()
