@@ -93,11 +93,13 @@ class Int4MatMulToMatMulNBits(RewriteRule):
     def rewrite(self, view: GraphView, node: onnx.NodeProto) -> Replacement:
         values, scale, block = blocked_int4_source(view, node.input[1], axis=0)
         k, n = view.initializers[values].dims
-        q = view.array(values)  # [K, N] int4
-        packed = pack_uint4_rows(np.ascontiguousarray(q.astype(np.int8).T)).reshape(n, k // block, block // 2)
-        scales = np.ascontiguousarray(view.array(scale).T)  # [N, K / g]
         base = values.removesuffix(".q")
-        arrays = {base + ".nbits": packed, base + ".nbits_scale": scales}
+        arrays = {}
+        if base + ".nbits" not in view.initializers:  # a weight read by several MatMuls is packed once
+            q = view.array(values)  # [K, N] int4
+            packed = pack_uint4_rows(np.ascontiguousarray(q.astype(np.int8).T))
+            arrays[base + ".nbits"] = packed.reshape(n, k // block, block // 2)
+            arrays[base + ".nbits_scale"] = np.ascontiguousarray(view.array(scale).T)  # [N, K / g]
         matmul = helper.make_node(
             "MatMulNBits",
             [node.input[0], base + ".nbits", base + ".nbits_scale"],

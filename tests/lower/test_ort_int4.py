@@ -107,6 +107,22 @@ def test_matmul_nbits_rule_fp16_keeps_fp16_activations():
     np.testing.assert_allclose(after, before, atol=5e-3 * np.abs(want).max())
 
 
+def test_matmul_nbits_weight_read_twice_is_packed_once():
+    rng = np.random.default_rng()
+    q, scale = symmetric_int4(rng.standard_normal((8, 64)).astype(np.float32), 32)
+    model = linear_model(q.T, np.ascontiguousarray(scale.T), 32)
+    model.graph.node.append(helper.make_node("MatMul", ["x", "w"], ["y2"], name="again"))
+    model.graph.output.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, None))
+    x = rng.standard_normal((1, 3, 64)).astype(np.float32)
+    before = run(model, {"x": x})
+    assert lower(model, "ort").applied == {"int4_matmul_to_matmul_nbits": 2}
+    assert sorted(t.name for t in model.graph.initializer) == ["w.nbits", "w.nbits_scale"]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, y2 = session.run(None, {"x": x})
+    np.testing.assert_allclose(y, before, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(y, y2)
+
+
 def test_matmul_nbits_rule_leaves_float_and_int8_matmuls():
     """Float MatMuls are not candidates (not reported); INT8 DQ -> MatMul stays as it is (not lowered)."""
     rng = np.random.default_rng()
