@@ -3,6 +3,9 @@
     python3 benchmarks/quant_accuracy.py [--models tiny-dense,tiny-moe] [--recipes int4-rtn,int4-awq]
         [--ppl-text HELD_OUT.txt]
 
+`NAME+lm-head-int8|int4` rows are the weight-only recipe with its output projection quantized as well
+(`weights.lm_head`); "artifact MB" is model.onnx and its data file.
+
 Each artifact is validated on the built-in prompt suite in both reasoning modes (prefill positions and
 16 teacher-forced decode steps; no long-context case), as `qwen3-compile validate` does, and its
 perplexity increase is measured on the built-in held-out text (`validate --ppl`) and, with --ppl-text, on
@@ -29,6 +32,7 @@ COLUMNS = [
     ("model", "model", "s"),
     ("recipe", "recipe", "s"),
     ("weights vs fp16", "weight_ratio", ".2f"),
+    ("artifact MB", "artifact_mb", ".2f"),
     ("mean KL", "mean_kl", ".4f"),
     ("top-1", "top1", ".3f"),
     ("ppl", "ppl", "s"),
@@ -76,6 +80,7 @@ def _row(model: str, label: str, artifact, reference) -> dict:
         "model": model,
         "recipe": label,
         "weight_ratio": artifact.weight_ratio if artifact.tensors else 1.0,
+        "artifact_mb": sum(f.stat().st_size for f in artifact.directory.glob("model.onnx*")) / 1e6,
         "mean_kl": (prefill.mean_kl * prefill.positions + decode.mean_kl * decode.positions) / positions,
         "top1": (prefill.top1 * prefill.positions + decode.top1 * decode.positions) / positions,
         "ppl": f"{ppl.reference_ppl:.2f} -> {ppl.artifact_ppl:.2f}",
@@ -88,16 +93,25 @@ def _row(model: str, label: str, artifact, reference) -> dict:
 
 
 RECIPES = ("fp16", "int8-wo", "int8-sq", "fp8", "int8-wo+kv-fp8", "int4-rtn", "int4-awq")
+# the weight-only recipes with their output projection quantized too (`weights.lm_head`)
+LM_HEAD_RECIPES = (
+    "int8-wo+lm-head-int8",
+    "int4-rtn+lm-head-int8",
+    "int4-rtn+lm-head-int4",
+    "int4-awq+lm-head-int4",
+)
 INT4_TINY_GROUP = 32
 
 
 def _recipe(name: str):
-    from qwen3_compile.quantize.recipe import load_recipe, with_group_size, with_kv_cache
+    from qwen3_compile.quantize.recipe import load_recipe, with_group_size, with_kv_cache, with_lm_head
 
     if name == "int8-wo+kv-fp8":
         return with_kv_cache(load_recipe("int8-wo"), "fp8")
+    name, _, lm_head = name.partition("+lm-head-")
     recipe = load_recipe(name)
-    return with_group_size(recipe, INT4_TINY_GROUP) if recipe.weights.dtype == "int4" else recipe
+    recipe = with_group_size(recipe, INT4_TINY_GROUP) if recipe.weights.dtype == "int4" else recipe
+    return with_lm_head(recipe, lm_head) if lm_head else recipe
 
 
 def accuracy(model: str, work: Path, recipes: list[str]) -> list[dict]:
@@ -145,16 +159,20 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", default="tiny-dense,tiny-moe")
-    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"a subset of {', '.join(RECIPES)}")
+    parser.add_argument(
+        "--recipes",
+        default=",".join(RECIPES),
+        help=f"a subset of {', '.join(RECIPES + LM_HEAD_RECIPES)}",
+    )
     parser.add_argument("--ppl-text", type=Path, help="a second text for the perplexity increase")
     parser.add_argument("--no-outliers", action="store_true", help="skip the tiny-moe-outliers rows")
     args = parser.parse_args()
     global PPL_TEXT
     PPL_TEXT = args.ppl_text
     recipes = args.recipes.split(",")
-    unknown = sorted(set(recipes) - set(RECIPES))
+    unknown = sorted(set(recipes) - set(RECIPES + LM_HEAD_RECIPES))
     if unknown:
-        parser.error(f"unknown recipes {unknown}; choose from {', '.join(RECIPES)}")
+        parser.error(f"unknown recipes {unknown}; choose from {', '.join(RECIPES + LM_HEAD_RECIPES)}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):

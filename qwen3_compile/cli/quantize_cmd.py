@@ -31,6 +31,13 @@ from qwen3_compile.cli.common import emit_json, stage_command, target_option
     help="Input channels per scale for per-group (INT4) recipes, instead of the recipe's (e.g. 32 for the "
     "64-wide tiny presets).",
 )
+@click.option(
+    "--lm-head",
+    type=click.Choice(["float", "int8", "int4"]),
+    help="Quantize the output projection too (weight-only INT8/INT4 recipes; int4 needs an INT4 recipe's "
+    "groups), instead of the recipe's `weights.lm_head` (float by default). Tied embeddings: a quantized "
+    "copy projects, the embedding gather stays float.",
+)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output directory.")
 @target_option(help="Deployment device the recipe must run on (checked before any work).")
 @click.option(
@@ -51,6 +58,7 @@ def quantize_command(
     samples: int | None,
     kv_cache: str | None,
     group_size: int | None,
+    lm_head: str | None,
     output: Path,
     target: str | None,
     ort_qdq: str,
@@ -63,13 +71,15 @@ def quantize_command(
     RMSNorms). The recipe, its accuracy
     gates and the calibration summary go into manifest.json (`validate` enforces the gates)."""
     from qwen3_compile.progress import default_progress
-    from qwen3_compile.quantize.recipe import load_recipe, with_group_size, with_kv_cache
+    from qwen3_compile.quantize.recipe import load_recipe, with_group_size, with_kv_cache, with_lm_head
     from qwen3_compile.quantize.stage import quantize_artifact
     from qwen3_compile.schema import encode
 
     chosen = load_recipe(recipe)
     if group_size is not None:
         chosen = with_group_size(chosen, group_size)
+    if lm_head is not None:
+        chosen = with_lm_head(chosen, lm_head)
     if kv_cache:
         chosen = with_kv_cache(chosen, kv_cache)
     result = quantize_artifact(

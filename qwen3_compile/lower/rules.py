@@ -59,6 +59,11 @@ class GraphView:
 class RewriteRule:
     name = "rule"
 
+    def reports(self, view: GraphView, node: onnx.NodeProto) -> bool:
+        """Whether a decline of `node` is worth reporting: by default, any node of the op(s) the rule
+        targets. A rule whose op is common (MatMul) narrows this to the nodes it is meant for."""
+        return (node.domain, node.op_type) in _declinable_ops(self)
+
     def check(self, view: GraphView, node: onnx.NodeProto) -> str | None:
         raise NotImplementedError
 
@@ -155,7 +160,7 @@ def apply_rules(
                         model.opset_import.append(onnx.helper.make_opsetid(domain, version))
                 applied[rule.name] += 1
                 continue
-            if (node.domain, node.op_type) in _declinable_ops(rule):
+            if rule.reports(view, node):
                 declined.setdefault(rule.name, []).append((node, reason))
             new_nodes.append(node)
         del model.graph.node[:]

@@ -1,8 +1,10 @@
 """The `lower` stage: an export or quantize folder rewritten for one runtime (and, for TensorRT, one
 deployment target) into a new artifact folder with its own manifest.
 
-- `ort`: ExpertDispatch -> `com.microsoft::MoE` (float experts), QuantizedExpertDispatch -> `QMoE` (INT8
-  weight-only experts); nodes a rule declines keep their reference body, with the reason recorded.
+- `ort`: ExpertDispatch -> `com.microsoft::MoE` (float experts) or `QMoE` (INT8 weight-only experts; INT4
+  experts with block-wise scales under onnxruntime >= 1.24), INT4 DequantizeLinear -> MatMul ->
+  `MatMulNBits` (fp32/fp16 activations); nodes a rule declines keep their reference body, with the reason
+  recorded.
 - `tensorrt`: the target's MoE lowering (its `moe_lowerings` order, TRT_MoE / plugin / dense), chosen for
   the TensorRT installed here, else for the target's minimum TensorRT (as a bundle does).
 `build` and `bundle` call the same rules on their own scratch copy.

@@ -33,6 +33,10 @@ class WeightSpec:
     # per_group: input channels per scale; a power of two from 16 (ORT's MatMulNBits takes those) that
     # divides every quantized weight's input dimension (checked against the model when quantizing)
     group_size: int | None = field(default=None, metadata={"min": 16, "max": 4096})
+    # the output projection (`lm_head`), weight-only recipes only: float (the default), int8 per output
+    # channel (vocabulary row), or int4 per group of `group_size` input channels (INT4 recipes). With tied
+    # embeddings a quantized copy feeds the projection and the embedding gather keeps the float table.
+    lm_head: Literal["float", "int8", "int4"] = "float"
 
 
 @dataclass(frozen=True)
@@ -235,6 +239,8 @@ def _check_weights(recipe: QuantRecipe, source: str) -> None:
             field="activations",
             fix="drop [activations], or use int8-sq / fp8 for quantized activations.",
         )
+    if spec.lm_head != "float":
+        _check_lm_head(recipe, source)
     if recipe.awq is not None and spec.dtype != "int4":
         raise BadInputError(
             f"AWQ scales INT4 weight groups; these weights are {spec.dtype}.",
@@ -242,6 +248,37 @@ def _check_weights(recipe: QuantRecipe, source: str) -> None:
             field="awq",
             fix='set weights.dtype = "int4" (per_group), or drop [awq].',
         )
+
+
+def _check_lm_head(recipe: QuantRecipe, source: str) -> None:
+    """A quantized lm_head belongs to weight-only INT8/INT4 recipes; INT4 needs the recipe's groups."""
+    spec = recipe.weights
+    if spec.dtype not in ("int8", "int4") or recipe.activations is not None:
+        raise BadInputError(
+            f"lm_head = {spec.lm_head!r} is for the weight-only INT8 and INT4 recipes; this one quantizes "
+            f"{spec.dtype} weights{' and activations' if recipe.activations else ''}.",
+            file=source,
+            field="weights.lm_head",
+            fix="drop lm_head (it stays float), or start from int8-wo, int4-rtn or int4-awq.",
+        )
+    if spec.lm_head == "int4" and spec.granularity != "per_group":
+        raise BadInputError(
+            "an INT4 lm_head is quantized per group of input channels; this recipe has no group size.",
+            file=source,
+            field="weights.lm_head",
+            fix='use lm_head = "int8" here, or an INT4 recipe (int4-rtn, int4-awq).',
+        )
+
+
+def with_lm_head(recipe: QuantRecipe, dtype: str) -> QuantRecipe:
+    """`recipe` with its output projection quantized as `dtype` (the CLI's --lm-head); the name says so and
+    the decoder's checks apply. The gates stay the recipe's."""
+    data = recipe.to_dict()
+    data["weights"]["lm_head"] = dtype
+    if dtype != "float":
+        data["name"] = f"{recipe.name}+lm-head-{dtype}"
+    changed = QuantRecipe.from_dict(data, "--lm-head")
+    return replace(changed, source=recipe.source)
 
 
 def with_group_size(recipe: QuantRecipe, group_size: int) -> QuantRecipe:

@@ -96,12 +96,71 @@ def dequantized_source(name: str) -> str | None:
     return checkpoint_name(name.removesuffix(_DEQUANTIZED)) if name.endswith(_DEQUANTIZED) else None
 
 
+LM_HEAD = "lm_head.weight.T"  # the untied output projection, [hidden, vocab]
+EMBEDDINGS = "model.embed_tokens.weight"  # [vocab, hidden]; tied models' projection reads its transpose
+
+
 def selected(proto: onnx.TensorProto, recipe: QuantRecipe) -> bool:
+    """Whether the recipe quantizes this initializer: its `select` patterns, and the untied lm_head when
+    the recipe's `weights.lm_head` says so (its own format, whatever `select` says)."""
+    if recipe.weights.dtype not in QUANTIZED_DTYPES or proto.data_type not in FLOAT_TYPES:
+        return False
+    if proto.name == LM_HEAD:
+        return recipe.weights.lm_head != "float"
+    return len(proto.dims) >= 2 and recipe.select.selects(checkpoint_name(proto.name))
+
+
+def _tied_projection(graph: onnx.GraphProto) -> onnx.NodeProto | None:
+    """The Transpose of the embedding table that a tied model's lm_head MatMul reads."""
+    return next((n for n in graph.node if n.op_type == "Transpose" and list(n.input) == [EMBEDDINGS]), None)
+
+
+def tied_lm_head(model: onnx.ModelProto, recipe: QuantRecipe) -> bool:
+    """Whether the recipe quantizes lm_head of a model whose projection reads the embedding table."""
     return (
-        recipe.weights.dtype in QUANTIZED_DTYPES
-        and proto.data_type in FLOAT_TYPES
-        and len(proto.dims) >= 2
-        and recipe.select.selects(checkpoint_name(proto.name))
+        recipe.weights.lm_head != "float"
+        and recipe.weights.dtype in QUANTIZED_DTYPES
+        and _tied_projection(model.graph) is not None
+    )
+
+
+def _feed_projection_from(graph: onnx.GraphProto, value: str) -> None:
+    """Point the readers of the tied Transpose at `value` and drop the Transpose."""
+    transpose = _tied_projection(graph)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == transpose.output[0]:
+                node.input[i] = value
+    graph.node.remove(transpose)
+
+
+def _quantize_into(
+    name: str, weights: np.ndarray, dtype: str, group: int | None, sink, keep: list, nodes: list
+) -> QuantizedTensor:
+    """`weights` as `dtype` values + scales through `sink` (appended to `keep`) and the DequantizeLinear
+    that gives `dequantized_name(name)` (appended to `nodes`)."""
+    if dtype == "int4":  # a scale per group of input channels
+        q, scale = quantize_groups(weights, group)
+        attrs = {"axis": input_axis(weights.ndim), "block_size": group}
+    elif weights.ndim == 2:  # [in, out]: a scale per output column
+        q, scale = quantize_symmetric(weights, 0, dtype)
+        scale, attrs = scale.reshape(-1), {"axis": 1}
+    else:  # [E, rows, cols]: a scale per expert and row
+        q, scale = quantize_symmetric(weights, 2, dtype)
+        attrs = {"axis": 2, "block_size": weights.shape[2]}
+    keep += [sink.add(name + ".q", q), sink.add(name + ".scale", scale)]
+    nodes.append(
+        helper.make_node(
+            "DequantizeLinear",
+            [name + ".q", name + ".scale"],
+            [dequantized_name(name)],
+            name=name + "/DequantizeLinear",
+            **attrs,
+        )
+    )
+    values_bytes = (q.size + 1) // 2 if dtype == "int4" else q.nbytes  # packed
+    return QuantizedTensor(
+        checkpoint_name(name), tuple(weights.shape), weights.nbytes, values_bytes + scale.nbytes
     )
 
 
@@ -132,34 +191,19 @@ def quantize_weights(
             continue
         weights = store.array(name)
         weights = transform(weights) if transform is not None else weights
-        if recipe.weights.dtype == "int4":  # a scale per group of input channels
-            group = recipe.weights.group_size
-            q, scale = quantize_groups(weights, group)
-            attrs = {"axis": input_axis(weights.ndim), "block_size": group}
-        elif weights.ndim == 2:  # [in, out]: a scale per output column
-            q, scale = quantize_symmetric(weights, 0, recipe.weights.dtype)
-            scale, attrs = scale.reshape(-1), {"axis": 1}
-        else:  # [E, rows, cols]: a scale per expert and row
-            q, scale = quantize_symmetric(weights, 2, recipe.weights.dtype)
-            attrs = {"axis": 2, "block_size": weights.shape[2]}
-        keep += [sink.add(name + ".q", q), sink.add(name + ".scale", scale)]
-        new_nodes.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [name + ".q", name + ".scale"],
-                [dequantized_name(name)],
-                name=name + "/DequantizeLinear",
-                **attrs,
-            )
-        )
+        dtype = recipe.weights.lm_head if name == LM_HEAD else recipe.weights.dtype
+        done.append(_quantize_into(name, weights, dtype, recipe.weights.group_size, sink, keep, new_nodes))
         replace[name] = dequantized_name(name)
-        values_bytes = (q.size + 1) // 2 if recipe.weights.dtype == "int4" else q.nbytes  # packed
+        del weights
+    if tied_lm_head(model, recipe):  # a quantized copy of the table for the projection; the gather keeps it
+        weights = np.ascontiguousarray(store.array(EMBEDDINGS).T)  # [H, vocab]
         done.append(
-            QuantizedTensor(
-                checkpoint_name(name), tuple(weights.shape), weights.nbytes, values_bytes + scale.nbytes
+            _quantize_into(
+                LM_HEAD, weights, recipe.weights.lm_head, recipe.weights.group_size, sink, keep, new_nodes
             )
         )
-        del weights, q, scale
+        del weights
+        _feed_projection_from(graph, dequantized_name(LM_HEAD))
     del graph.initializer[:]
     graph.initializer.extend(keep)
     for node in graph.node:

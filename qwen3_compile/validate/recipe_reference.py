@@ -15,6 +15,7 @@ rounding, the expert loop and the attention, which are torch's and transformers'
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,11 +67,14 @@ def fake_quant(x: torch.Tensor, scale, dtype: str) -> torch.Tensor:
     return (q * scale).to(x.dtype)
 
 
-def fake_quant_weight(w: torch.Tensor, recipe: QuantRecipe, scale_dtype=torch.float32) -> torch.Tensor:
+def fake_quant_weight(
+    w: torch.Tensor, recipe: QuantRecipe, scale_dtype=torch.float32, dtype: str | None = None
+) -> torch.Tensor:
     """Torch layout ([out, in], experts [E, rows, in]): a scale per output row (per expert), or per group of
     `group_size` input channels for INT4 (AWQ's search uses the same `fake_int4`). Scales are rounded to
-    `scale_dtype`, the graph's float type, as the quantizer stores them."""
-    dtype = recipe.weights.dtype
+    `scale_dtype`, the graph's float type, as the quantizer stores them. `dtype`: another format than the
+    recipe's weights' (its lm_head's)."""
+    dtype = dtype or recipe.weights.dtype
     if dtype == "int4":
         return fake_int4(w, recipe.weights.group_size, scale_dtype)
     amax = w.abs().amax(-1, keepdim=True)
@@ -226,9 +230,14 @@ def recipe_reference(
                 continue
             # the export's weights (fp16 exports round them), folded as the quantizer folds them
             t = _transformed(name, tensor.detach().to(graph_dtype).clone(), transforms).float()
-            if t.ndim >= 2 and recipe.select.selects(name):
+            if t.ndim >= 2 and recipe.select.selects(name) and name != "lm_head.weight":
                 t = fake_quant_weight(t, recipe, graph_dtype)
             state[name] = t
+        head = recipe.weights.lm_head
+        if head != "float":  # tied: a quantized copy projects, the gather keeps the float table (weights.py)
+            source = "model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"
+            state["lm_head.weight"] = fake_quant_weight(state[source], recipe, graph_dtype, head)
+            arch = dataclasses.replace(arch, tie_word_embeddings=False)
     model = build_reference_model(arch, state, dtype)
     if recipe.activations is not None:
         _hook_linears(model, recipe, calibration, graph_dtype)

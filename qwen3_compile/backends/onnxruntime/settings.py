@@ -33,6 +33,13 @@ ORT_QDQ = {
 }
 
 
+def installed_version() -> str:
+    """The installed ONNX Runtime's version (lowering rules whose exactness depends on it ask here)."""
+    import onnxruntime as ort
+
+    return ort.__version__
+
+
 def ort_optimization(manifest) -> str:
     """What the artifact records (quantize and lower manifests); an export runs at ORT's default."""
     return getattr(manifest, "ort_optimization", "all")
