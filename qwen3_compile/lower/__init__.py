@@ -10,8 +10,8 @@ from qwen3_compile.errors import BadInputError
 from qwen3_compile.lower.ort_matmul_nbits import Int4MatMulToMatMulNBits
 from qwen3_compile.lower.ort_moe import ExpertDispatchToOrtMoE
 from qwen3_compile.lower.ort_qmoe import QuantizedExpertDispatchToOrtQMoE
-from qwen3_compile.lower.ort_rms_norm import RmsNormToSimplifiedLayerNorm
 from qwen3_compile.lower.ort_qmoe_int4 import Int4ExpertDispatchToOrtQMoE
+from qwen3_compile.lower.ort_rms_norm import RmsNormToSimplifiedLayerNorm
 from qwen3_compile.lower.rules import RewriteReport, RewriteRule, apply_rules
 from qwen3_compile.lower.trt_dense_moe import ExpertDispatchToDenseExperts
 from qwen3_compile.lower.trt_last_logits import LastPositionLogits
@@ -22,7 +22,7 @@ from qwen3_compile.storage.external_data import ExternalDataWriter
 # target -> ordered rules. The canonical graph (no target) keeps ExpertDispatch with its function body.
 RULE_SETS: dict[str, list[type[RewriteRule]]] = {
     # INT8 and INT4 experts first (QMoE); float experts fall through to MoE; INT4 weight-only
-    # DequantizeLinear -> MatMul to MatMulNBits (fp32/fp16 activations); RMSNorm -> SimplifiedLayerNormalization
+    # DequantizeLinear -> MatMul to MatMulNBits (fp32/fp16 activations); RMSNorm to SimplifiedLayerNorm.
     "ort": [
         QuantizedExpertDispatchToOrtQMoE,
         Int4ExpertDispatchToOrtQMoE,

@@ -264,7 +264,8 @@ def test_lowered_int4_artifact_equals_canonical(preset, recipe, artifacts, tmp_p
     moe = preset == "tiny-moe"
     linear = sum(len(t.shape) == 2 for t in quantized.tensors)
     blocks = sum(len(t.shape) == 3 for t in quantized.tensors) // 2
-    applied = {"int4_matmul_to_matmul_nbits": linear} | (
+    norms = 4 * quantized.manifest.architecture["num_hidden_layers"] + 1  # the ort set fuses RMSNorms too
+    applied = {"int4_matmul_to_matmul_nbits": linear, "rms_norm_to_simplified_layer_norm": norms} | (
         {"int4_expert_dispatch_to_ort_qmoe": blocks} if moe else {}
     )
     assert lowered.manifest.lowering.applied == applied and not lowered.manifest.lowering.declined
