@@ -46,7 +46,10 @@ def test_build_refuses_what_tensorrt_cannot_take_before_any_work(tmp_path, kind,
 
 
 @pytest.mark.skipif(not HAS_RTX, reason="needs tensorrt_rtx: pip install '.[rtx]'")
-@pytest.mark.parametrize(("kind", "opts"), [("gptq", {}), ("gptq", {"desc_act": True}), ("fp8", {})])
+@pytest.mark.parametrize(
+    ("kind", "opts"),
+    [pytest.param("gptq", {}, marks=pytest.mark.slow), ("gptq", {"desc_act": True}), ("fp8", {})],
+)
 def test_symmetric_imports_build_tensorrt_rtx_plans(tmp_path, kind, opts):
     artifact = _imported(tmp_path, kind, **opts)
     code, built = _build(artifact, "rtx-ada", tmp_path / "plan")

@@ -280,7 +280,7 @@ def test_gptq_v1_zero_point_16_has_no_uint4_form(tmp_path):
     assert err.value.field == f"{P}.qweight"
 
 
-@pytest.mark.parametrize("kind", ["awq", "fp8"])
+@pytest.mark.parametrize("kind", ["awq", pytest.param("fp8", marks=pytest.mark.slow)])
 def test_validate_against_the_checkpoints_own_dequantized_weights(tmp_path, kind):
     """`export CKPT` then `validate --reference CKPT`: the reference is the checkpoint dequantized, so the
     fp32 graph is held to the fp32 export gates (float rounding), in both reasoning modes."""

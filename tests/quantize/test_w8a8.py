@@ -178,6 +178,7 @@ def test_fp16_baseline_meets_gates(preset, artifacts, tmp_path):
     )
 
 
+@pytest.mark.slow  # two calibrated quantizations and validations of the outlier preset
 def test_smoothquant_recovers_massive_activation_channels(tmp_path):
     """The `tiny-moe-outliers` preset: tiny-moe with three channels 60x larger at every RMSNorm output and
     the same float function. Naive per-tensor W8A8 loses the other channels' resolution; SmoothQuant's
@@ -361,7 +362,7 @@ def test_unreached_experts_are_warned_about(exports):
     assert stats.summary()["unreached_experts"]["1"] == [2, 7]
 
 
-@pytest.mark.parametrize("recipe", ["int8-sq", "fp8"])
+@pytest.mark.parametrize("recipe", ["int8-sq", pytest.param("fp8", marks=pytest.mark.slow)])
 def test_w8a8_on_fp16_export_is_typed_fp16(recipe, artifacts, tmp_path):
     """The TensorRT input: an fp16 export quantized W8A8 (with an FP8 KV cache) has fp16 scales everywhere
     (QuantizeLinear's x and scale share a type; ORT refuses the model otherwise) and meets the recipe's gates

@@ -43,7 +43,8 @@ def _damaged(loaded, scale: float, seed: int):
     return build_reference_model(loaded.arch, state)
 
 
-@pytest.mark.parametrize("preset", ["trained-dense", "trained-moe"])
+# one model in the default suite, the other in the slow job (each runs whole windows through PyTorch)
+@pytest.mark.parametrize("preset", [pytest.param("trained-dense", marks=pytest.mark.slow), "trained-moe"])
 def test_cached_windows_match_whole_window_reference(preset):
     """Chunked through the cache (random window and chunk sizes) equals one whole-window pass in torch; a
     damaged model has a higher perplexity, its top-1 and KL measured against the undamaged one."""
