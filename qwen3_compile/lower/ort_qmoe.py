@@ -41,10 +41,9 @@ class QuantizedExpertDispatchToOrtQMoE(RewriteRule):
     target_op = (DOMAIN, EXPERT_DISPATCH)
 
     def check(self, view: GraphView, node: onnx.NodeProto) -> str | None:
-        if (node.domain, node.op_type) != self.target_op:
-            return "not an ExpertDispatch node"
-        if view.attrs(node).get("activation", b"silu") not in (b"silu", "silu"):
-            return "activation has no QMoE equivalent"
+        why = not_a_silu_dispatch(view, node)
+        if why:
+            return why
         for value in node.input[2:4]:
             source = _blocked_int8_source(view, value)
             if isinstance(source, str):
@@ -52,9 +51,7 @@ class QuantizedExpertDispatchToOrtQMoE(RewriteRule):
         return None
 
     def rewrite(self, view: GraphView, node: onnx.NodeProto) -> Replacement:
-        hidden, router_logits, gate_up, down = node.input
-        attrs = view.attrs(node)
-        (q1, s1), (q2, s2) = (_blocked_int8_source(view, v) for v in (gate_up, down))
+        (q1, s1), (q2, s2) = (_blocked_int8_source(view, v) for v in node.input[2:4])
         experts = view.initializers[q1].dims[0]
         arrays = {
             q1 + ".qmoe": _as_uint8(interleave_gate_up(view.array(q1))),
@@ -62,13 +59,28 @@ class QuantizedExpertDispatchToOrtQMoE(RewriteRule):
             q2 + ".qmoe": _as_uint8(view.array(q2)),
             s2 + ".qmoe": view.array(s2).reshape(experts, -1),
         }
-        qmoe = helper.make_node(
-            "QMoE",
-            [hidden, router_logits, q1 + ".qmoe", s1 + ".qmoe", "", q2 + ".qmoe", s2 + ".qmoe"],
-            list(node.output),
-            name=node.name,
-            domain=ORT_DOMAIN,
-            expert_weight_bits=8,
-            **swiglu_moe_attributes(attrs),
-        )
-        return Replacement([qmoe], arrays, {ORT_DOMAIN: 1})
+        return Replacement([qmoe_node(view, node, list(arrays), bits=8)], arrays, {ORT_DOMAIN: 1})
+
+
+def not_a_silu_dispatch(view: GraphView, node: onnx.NodeProto) -> str | None:
+    """Why `node` is not an ExpertDispatch that QMoE's SwiGLU can take (None: it is)."""
+    if (node.domain, node.op_type) != (DOMAIN, EXPERT_DISPATCH):
+        return "not an ExpertDispatch node"
+    if view.attrs(node).get("activation", b"silu") not in (b"silu", "silu"):
+        return "activation has no QMoE equivalent"
+    return None
+
+
+def qmoe_node(view: GraphView, dispatch: onnx.NodeProto, weights: list[str], bits: int, **extra):
+    """The QMoE node replacing `dispatch`: `weights` = fc1 values, fc1 scales, fc2 values, fc2 scales."""
+    fc1, fc1_scales, fc2, fc2_scales = weights
+    return helper.make_node(
+        "QMoE",
+        [*dispatch.input[:2], fc1, fc1_scales, "", fc2, fc2_scales],
+        list(dispatch.output),
+        name=dispatch.name,
+        domain=ORT_DOMAIN,
+        expert_weight_bits=bits,
+        **extra,
+        **swiglu_moe_attributes(view.attrs(dispatch)),
+    )

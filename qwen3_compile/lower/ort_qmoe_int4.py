@@ -30,7 +30,8 @@ from qwen3_compile.lower.ort_matmul_nbits import (
     is_int4_dequantized,
     pack_uint4_rows,
 )
-from qwen3_compile.lower.ort_moe import ORT_DOMAIN, interleave_gate_up, swiglu_moe_attributes
+from qwen3_compile.lower.ort_moe import ORT_DOMAIN, interleave_gate_up
+from qwen3_compile.lower.ort_qmoe import not_a_silu_dispatch, qmoe_node
 from qwen3_compile.lower.rules import GraphView, Replacement, RewriteRule
 
 MIN_ORT = (1, 24)  # the first ONNX Runtime whose block-wise 4-bit QMoE was measured exact (see above)
@@ -57,10 +58,9 @@ class Int4ExpertDispatchToOrtQMoE(RewriteRule):
         )
 
     def check(self, view: GraphView, node: onnx.NodeProto) -> str | None:
-        if (node.domain, node.op_type) != self.target_op:
-            return "not an ExpertDispatch node"
-        if view.attrs(node).get("activation", b"silu") not in (b"silu", "silu"):
-            return "activation has no QMoE equivalent"
+        why = not_a_silu_dispatch(view, node)
+        if why:
+            return why
         sources = [blocked_int4_source(view, value, axis=2) for value in node.input[2:4]]
         for source in sources:
             if isinstance(source, str):
@@ -77,22 +77,12 @@ class Int4ExpertDispatchToOrtQMoE(RewriteRule):
         return None
 
     def rewrite(self, view: GraphView, node: onnx.NodeProto) -> Replacement:
-        hidden, router_logits, gate_up, down = node.input
-        (q1, s1, block), (q2, s2, _) = (blocked_int4_source(view, v, axis=2) for v in (gate_up, down))
+        (q1, s1, block), (q2, s2, _) = (blocked_int4_source(view, v, axis=2) for v in node.input[2:4])
         arrays = {
             q1 + ".qmoe": pack_uint4_rows(interleave_gate_up(view.array(q1).astype("int8"))),
             s1 + ".qmoe": interleave_gate_up(view.array(s1)),
             q2 + ".qmoe": pack_uint4_rows(view.array(q2)),
             s2 + ".qmoe": view.array(s2),
         }
-        qmoe = onnx.helper.make_node(
-            "QMoE",
-            [hidden, router_logits, q1 + ".qmoe", s1 + ".qmoe", "", q2 + ".qmoe", s2 + ".qmoe"],
-            list(node.output),
-            name=node.name,
-            domain=ORT_DOMAIN,
-            expert_weight_bits=4,
-            block_size=block,
-            **swiglu_moe_attributes(view.attrs(node)),
-        )
+        qmoe = qmoe_node(view, node, list(arrays), bits=4, block_size=block)
         return Replacement([qmoe], arrays, {ORT_DOMAIN: 1})
