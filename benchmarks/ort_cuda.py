@@ -68,7 +68,6 @@ ARTIFACTS = {
     "slice-fp16": Spec(SLICE, "fp16", layers=2),
     # decode speed at depth: 8 layers, where per-layer work outweighs the per-step fixed costs
     "slice8-fp16": Spec(SLICE, "fp16", layers=8),
-    "slice8-fp16-ort": Spec(SLICE, "fp16", "slice8-fp16", layers=8),
     "slice8-fp16-norm": Spec(SLICE, "fp16", "slice8-fp16", layers=8, moe_lowering="custom-op"),
 }
 MODELS = {

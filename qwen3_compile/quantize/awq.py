@@ -147,9 +147,10 @@ class AwqSearch:
         w["v"] = w["v"] / s_o[:, None]  # the fold: v's output rows / s
         x = rows(stats.samples["attn_in"])
         s_attn = self._keep(p + "attn", *search(Problem([(x, w[n]) for n in "qkv"]), self.grid, self.group))
-        clip = [(f"self_attn.{n}_proj", x / s_attn, w[n] * s_attn) for n in "qkv"]
-        s_o_full = tie.expand(s_o)
-        clip.append(("self_attn.o_proj", o_in / s_o_full, w["o"] * s_o_full))
+        # (projection, its input rows, its input-channel scale s, its weight before s): clipping searches
+        # W * s on X / s, what the quantizer sees
+        clip = [(f"self_attn.{n}_proj", x, s_attn, w[n]) for n in "qkv"]
+        clip.append(("self_attn.o_proj", o_in, tie.expand(s_o), w["o"]))
         if a.is_moe:
             gate_up = mlp.experts.gate_up_proj.double()  # [E, 2I, H]
             down = mlp.experts.down_proj.double()  # [E, H, I]
@@ -165,21 +166,19 @@ class AwqSearch:
             self._keep(p + "mlp", *search(Problem(parts), self.grid, self.group))
         else:
             gate, up, down = (getattr(mlp, f"{n}_proj").weight.double() for n in ("gate", "up", "down"))
-            s_down = self._keep(
-                p + "down", *search(Problem([(rows(stats.samples["down_in"]), down)]), self.grid, self.group)
-            )
-            x = rows(stats.samples["mlp_in"])
-            problem = Problem([(x, gate), (x, up / s_down[:, None])])
-            s_mlp = self._keep(p + "mlp", *search(problem, self.grid, self.group))
             down_in = rows(stats.samples["down_in"])
+            s_down = self._keep(p + "down", *search(Problem([(down_in, down)]), self.grid, self.group))
+            x, up_folded = rows(stats.samples["mlp_in"]), up / s_down[:, None]
+            s_mlp = self._keep(
+                p + "mlp", *search(Problem([(x, gate), (x, up_folded)]), self.grid, self.group)
+            )
             clip += [
-                ("mlp.gate_proj", x / s_mlp, gate * s_mlp),
-                ("mlp.up_proj", x / s_mlp, up / s_down[:, None] * s_mlp),
-                ("mlp.down_proj", down_in / s_down, down * s_down),
+                ("mlp.gate_proj", x, s_mlp, gate),
+                ("mlp.up_proj", x, s_mlp, up_folded),
+                ("mlp.down_proj", down_in, s_down, down),
             ]
-        if self.clip_grid:
-            for name, x_in, weight in clip:
-                self.scales[f"{p}clip/{name}"] = search_clip(x_in, weight, self.group, self.clip_grid)
+        for name, x_in, s, weight in clip if self.clip_grid else ():
+            self.scales[f"{p}clip/{name}"] = search_clip(x_in / s, weight * s, self.group, self.clip_grid)
 
     def manifest_summary(self) -> dict:
         """Alpha per group (experts' down: the mean), and the search loss against round-to-nearest."""

@@ -73,10 +73,13 @@ def bisect_layers(
     manifest: dict,
     device: str = "cpu",
     cache_factory: Callable[[], object] | None = None,
+    reference: list[np.ndarray] | None = None,
 ) -> Bisection:
     """`device`: where ONNX Runtime runs the artifact (the validated backend's: cpu or cuda). `tolerance`:
-    one for every layer, or one per layer."""
-    reference = reference_layer_outputs(loaded, prompts, cache_factory)
+    one for every layer, or one per layer. `reference`: `loaded`'s layer outputs on `prompts`, where the
+    caller already has them."""
+    if reference is None:
+        reference = reference_layer_outputs(loaded, prompts, cache_factory)
     artifact = artifact_layer_outputs(model_path, len(reference), prompts, manifest, device)
     errors = relative_errors(reference, artifact)
     per_layer = list(tolerance) if isinstance(tolerance, (list, tuple)) else None
