@@ -7,6 +7,7 @@ from pathlib import Path
 import onnx
 
 from qwen3_compile.errors import BadInputError
+from qwen3_compile.lower.ort_gqa import AttentionToGroupQueryAttention
 from qwen3_compile.lower.ort_matmul_nbits import Int4MatMulToMatMulNBits
 from qwen3_compile.lower.ort_moe import ExpertDispatchToOrtMoE
 from qwen3_compile.lower.ort_qmoe import QuantizedExpertDispatchToOrtQMoE
@@ -32,6 +33,21 @@ RULE_SETS: dict[str, list[type[RewriteRule]]] = {
     ],
     # ORT with the project's custom-op library (--ort-ops): ExpertDispatch stays for libqmoe_ort to claim
     "ort-custom-op": [Int4MatMulToMatMulNBits, RmsNormToSimplifiedLayerNorm],
+    # `lower --for ort --attention gqa`: each layer's attention to one GroupQueryAttention node (after the
+    # norms, whose outputs it reads), for a static KV cache and CUDA graph capture (runner.py)
+    "ort-gqa": [
+        QuantizedExpertDispatchToOrtQMoE,
+        Int4ExpertDispatchToOrtQMoE,
+        ExpertDispatchToOrtMoE,
+        Int4MatMulToMatMulNBits,
+        RmsNormToSimplifiedLayerNorm,
+        AttentionToGroupQueryAttention,
+    ],
+    "ort-custom-op-gqa": [
+        Int4MatMulToMatMulNBits,
+        RmsNormToSimplifiedLayerNorm,
+        AttentionToGroupQueryAttention,
+    ],
     # TensorRT without a sparse MoE kernel: the reference body inlined with unique names
     "trt-dense": [ExpertDispatchToDenseExperts],
     # TensorRT's native IMoELayer; experts it cannot take (quantized) fall back to the dense body
@@ -43,15 +59,24 @@ RULE_SETS: dict[str, list[type[RewriteRule]]] = {
 }
 
 
+def make_rules(target: str, *, max_positions: int | None = None) -> list[RewriteRule]:
+    """The rules of `target`, each given the lowering options it declares (`RewriteRule.options`)."""
+    if target not in RULE_SETS:
+        raise BadInputError(
+            f"unknown lowering target '{target}'.", field="target", fix=f"use one of: {', '.join(RULE_SETS)}."
+        )
+    given = {"max_positions": max_positions}
+    return [rule(**{k: given[k] for k in rule.options}) for rule in RULE_SETS[target]]
+
+
 def lower(
     model: onnx.ModelProto,
     target: str,
     base_dir: Path | None = None,
     weight_sink: ExternalDataWriter | None = None,
+    *,
+    max_positions: int | None = None,
 ) -> RewriteReport:
-    """Rewrite `model` in place for `target` (see `apply_rules` for external-data models)."""
-    if target not in RULE_SETS:
-        raise BadInputError(
-            f"unknown lowering target '{target}'.", field="target", fix=f"use one of: {', '.join(RULE_SETS)}."
-        )
-    return apply_rules(model, [rule() for rule in RULE_SETS[target]], base_dir, weight_sink)
+    """Rewrite `model` in place for `target` (see `apply_rules` for external-data models). `max_positions`:
+    the export's context limit, which sizes GroupQueryAttention's cos/sin caches (`ort-gqa`)."""
+    return apply_rules(model, make_rules(target, max_positions=max_positions), base_dir, weight_sink)

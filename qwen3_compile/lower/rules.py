@@ -3,6 +3,9 @@
 A `RewriteRule` looks at one node at a time. `check` returns None when the rule applies, else a short
 reason (reported, so a user sees why a custom node stayed unlowered). `rewrite` returns the nodes that
 replace it and any new initializers; the engine removes initializers and functions nothing uses anymore.
+A rewrite that fuses a pattern with several outputs (attention: its output and the present key/value)
+names the other nodes it takes over in `supersedes`; the engine drops them, their readers then read the
+replacement's outputs of the same names.
 Rule sets are ordered lists per backend target; `apply_rules` reports how many rewrites each rule made.
 """
 
@@ -25,6 +28,8 @@ class Replacement:
     # new weights by name; the engine stores them inline or appends them to the external data file
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     opsets: dict[str, int] = field(default_factory=dict)
+    # names of other nodes whose outputs `nodes` now produce: the engine drops them
+    supersedes: tuple[str, ...] = ()
 
 
 class GraphView:
@@ -47,6 +52,25 @@ class GraphView:
             return np.frombuffer(tensor.raw_data, dtype=np.float32).reshape(tuple(tensor.dims))
         return numpy_helper.to_array(tensor)
 
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or a Constant node's output."""
+        value = self.array(name)
+        if value is not None:
+            return np.asarray(value)
+        node = self.producers.get(name)
+        if node is not None and node.op_type == "Constant" and node.domain == "":
+            attrs = self.attrs(node)
+            if "value" in attrs:
+                return numpy_helper.to_array(attrs["value"])
+        return None
+
+    def producer(self, name: str, op_type: str) -> onnx.NodeProto | None:
+        """The default-domain `op_type` node that computes `name`, if that is what computes it."""
+        node = self.producers.get(name)
+        if node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx"):
+            return None
+        return node
+
     def elem_type(self, name: str) -> int | None:
         tensor = self.initializers.get(name)
         return None if tensor is None else tensor.data_type
@@ -58,6 +82,8 @@ class GraphView:
 
 class RewriteRule:
     name = "rule"
+    # lowering options the constructor takes by keyword (`lower.make_rules` passes them), e.g. max_positions
+    options: tuple[str, ...] = ()
 
     def reports(self, view: GraphView, node: onnx.NodeProto) -> bool:
         """Whether a decline of `node` is worth reporting: by default, any node of the op(s) the rule
@@ -137,11 +163,13 @@ def apply_rules(
         view = GraphView(model, base_dir)
         uses = Counter(i for n in model.graph.node for i in n.input)
         new_nodes: list[onnx.NodeProto] = []
+        superseded: set[str] = set()
         for node in model.graph.node:
             reason = rule.check(view, node)
             if reason is None:
                 replacement = rule.rewrite(view, node)
                 new_nodes.extend(replacement.nodes)
+                superseded.update(replacement.supersedes)
                 created = [
                     weight_sink.add(n, a) if weight_sink is not None else numpy_helper.from_array(a, n)
                     for n, a in replacement.arrays.items()
@@ -164,7 +192,7 @@ def apply_rules(
                 declined.setdefault(rule.name, []).append((node, reason))
             new_nodes.append(node)
         del model.graph.node[:]
-        model.graph.node.extend(new_nodes)
+        model.graph.node.extend(n for n in new_nodes if n.name not in superseded)
     _prune(model)
     remaining = {(n.name, n.domain, n.op_type) for n in model.graph.node}
     unlowered = {
