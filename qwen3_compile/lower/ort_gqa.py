@@ -19,7 +19,9 @@ with seqlens_k = ReduceSum(attention_mask, 1) - 1 (int32 [B]) and total_sequence
 attention_mask.shape[1] (int32 scalar) computed once for all layers, and cos/sin caches [max_positions, D/2]
 in the graph's dtype from the graph's `rotary.inv_freq` (angles in fp32, as the canonical graph takes
 them). The RoPE of position_ids and the bias become dead and are pruned; position_ids stays a graph input
-(the optimum contract) that nothing reads.
+(the optimum contract) that nothing reads. The model's metadata_props record max_positions under
+`qwen3_compile.gqa_max_positions`: how a runner knows a graph is GQA-lowered and how long a static cache
+may be.
 
 What GQA computes (ORT 1.31/1.32 source, contrib_ops/{cpu,cuda}/bert/group_query_attention*; checked on
 ORT CPU by tests/lower/test_ort_gqa.py). Per row b it takes T_b = seqlens_k[b] + 1 tokens as that row's
@@ -57,6 +59,8 @@ MS_DOMAIN = "com.microsoft"
 SEQLENS_K = "gqa/seqlens_k"
 TOTAL_SEQUENCE_LENGTH = "gqa/total_sequence_length"
 COS_CACHE, SIN_CACHE = "gqa.cos_cache", "gqa.sin_cache"
+# metadata_props key: the positions the cos/sin caches cover (a static cache may hold at most that many)
+GQA_POSITIONS = "qwen3_compile.gqa_max_positions"
 INT32 = TensorProto.INT32
 _NUMPY = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
@@ -413,4 +417,5 @@ class AttentionToGroupQueryAttention(RewriteRule):
                 rotary_interleaved=0,
             )
         )
-        return Replacement(nodes, arrays, {MS_DOMAIN: 1}, supersedes=found.concats)
+        metadata = {GQA_POSITIONS: str(self.max_positions)}
+        return Replacement(nodes, arrays, {MS_DOMAIN: 1}, supersedes=found.concats, metadata=metadata)

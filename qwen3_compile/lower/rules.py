@@ -30,6 +30,8 @@ class Replacement:
     opsets: dict[str, int] = field(default_factory=dict)
     # names of other nodes whose outputs `nodes` now produce: the engine drops them
     supersedes: tuple[str, ...] = ()
+    # entries for the model's metadata_props: what a runner must know of the lowering (GQA's cache limit)
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 class GraphView:
@@ -183,6 +185,9 @@ def apply_rules(
                     _drop_initializers(model, released)
                     for name in released:
                         del view.initializers[name]
+                onnx.helper.set_model_props(
+                    model, {p.key: p.value for p in model.metadata_props} | replacement.metadata
+                )
                 for domain, version in replacement.opsets.items():
                     if all(o.domain != domain for o in model.opset_import):
                         model.opset_import.append(onnx.helper.make_opsetid(domain, version))
