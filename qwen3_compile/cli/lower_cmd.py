@@ -25,6 +25,14 @@ from qwen3_compile.cli.common import emit_json, stage_command, target_option
     help="TensorRT: override the target's MoE lowering order (trt_moe, plugin, dense). ONNX Runtime: ort-moe "
     "(its MoE/QMoE operators, the default) or custom-op (keep ExpertDispatch for --ort-ops libqmoe_ort.so).",
 )
+@click.option(
+    "--attention",
+    type=click.Choice(["standard", "gqa"]),
+    default="standard",
+    show_default=True,
+    help="ONNX Runtime: standard (attention as exported) or gqa (one com.microsoft::GroupQueryAttention per "
+    "layer; takes unpadded or right-padded batches, and a static KV cache: docs/gpu.md).",
+)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output directory.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @stage_command
@@ -33,6 +41,7 @@ def lower_command(
     runtime: str,
     target: str | None,
     moe_lowering: str | None,
+    attention: str,
     output: Path,
     force: bool,
     as_json: bool,
@@ -40,7 +49,8 @@ def lower_command(
     """Rewrite ARTIFACT (an `export` or `quantize` folder) for one runtime into OUTPUT, with a manifest.
 
     --for ort: ExpertDispatch -> com.microsoft::MoE, INT8 weight-only experts -> QMoE (nodes a rule
-    declines keep their reference body; the reasons are reported). --for tensorrt --target DEVICE: the
+    declines keep their reference body; the reasons are reported); --attention gqa also turns each layer's
+    attention into one GroupQueryAttention node. --for tensorrt --target DEVICE: the
     device's MoE lowering (TRT_MoE, the plugin, or dense experts). `validate` and `run` take the result."""
     from qwen3_compile.lower.stage import lower_artifact
     from qwen3_compile.progress import default_progress
@@ -51,6 +61,7 @@ def lower_command(
         runtime,
         target=target,
         moe_lowering=moe_lowering,
+        attention=attention,
         force=force,
         progress=default_progress(not as_json),
     )
@@ -63,6 +74,7 @@ def lower_command(
                 "applied": result.report.applied,
                 "declined": result.report.declined,
                 "moe_lowering": result.moe.lowering if result.moe else None,
+                "attention": attention,
                 "op_histogram": result.op_histogram,
             }
         )

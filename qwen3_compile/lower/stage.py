@@ -4,7 +4,8 @@ deployment target) into a new artifact folder with its own manifest.
 - `ort`: ExpertDispatch -> `com.microsoft::MoE` (float experts) or `QMoE` (INT8 weight-only experts; INT4
   experts with block-wise scales under onnxruntime >= 1.24), INT4 DequantizeLinear -> MatMul ->
   `MatMulNBits` (fp32/fp16 activations); nodes a rule declines keep their reference body, with the reason
-  recorded.
+  recorded. `attention="gqa"`: each layer's attention -> `com.microsoft::GroupQueryAttention` (ort_gqa.py),
+  which a runner can feed a static KV cache.
 - `tensorrt`: the target's MoE lowering (its `moe_lowerings` order, TRT_MoE / plugin / dense), chosen for
   the TensorRT installed here, else for the target's minimum TensorRT (as a bundle does).
 `build` and `bundle` call the same rules on their own scratch copy.
@@ -52,6 +53,8 @@ LOWERABLE_STAGES = ("export", "quantize")
 # ONNX Runtime's MoE choices: its own MoE/QMoE operators (the default), or ExpertDispatch kept for the
 # project's custom-op library (`--ort-ops libqmoe_ort.so`, plugins/README.md)
 ORT_MOE_LOWERINGS = ("ort-moe", "custom-op")
+# ONNX Runtime's attention: as exported, or GroupQueryAttention (lower/ort_gqa.py)
+ATTENTIONS = ("standard", "gqa")
 
 
 @dataclass(frozen=True)
@@ -125,14 +128,22 @@ def _tensorrt_choice(arch: Qwen3Arch, target: Target, requested: str | None) -> 
 
 
 def _lower(
-    runtime: str, choice: MoeChoice | None, model_path: Path, out_dir: Path, moe_lowering: str | None = None
+    runtime: str,
+    choice: MoeChoice | None,
+    model_path: Path,
+    out_dir: Path,
+    moe_lowering: str | None = None,
+    attention: str = "standard",
+    max_positions: int | None = None,
 ) -> tuple[dict, dict, MoeChoice | None]:
     """(rewrite report, op histogram, the MoE lowering the graph got) of the lowered copy in `out_dir`."""
     if runtime == "ort":
-        from qwen3_compile.lower import RULE_SETS
+        from qwen3_compile.lower import make_rules
 
         rule_set = "ort-custom-op" if moe_lowering == "custom-op" else "ort"
-        graph = rewrite_file(model_path, [rule() for rule in RULE_SETS[rule_set]], out_dir, what=rule_set)
+        rule_set += "-gqa" if attention == "gqa" else ""
+        rules = make_rules(rule_set, max_positions=max_positions)
+        graph = rewrite_file(model_path, rules, out_dir, what=rule_set)
         return graph.report.to_dict(), graph.op_histogram, None
     lowered = lower_for_build(model_path, choice, out_dir, keep_input=False)
     return lowered.report, lowered.op_histogram, lowered.moe
@@ -145,6 +156,7 @@ def lower_artifact(
     *,
     target: str | None = None,
     moe_lowering: str | None = None,
+    attention: str = "standard",
     force: bool = False,
     progress: Progress = NO_PROGRESS,
 ) -> LoweredArtifact:
@@ -167,6 +179,13 @@ def lower_artifact(
             field="--moe-lowering",
             fix="drop it, or pick one for the runtime given with --for.",
         )
+    if attention not in ATTENTIONS or (attention == "gqa" and runtime != "ort"):
+        raise BadInputError(
+            f"--attention {attention} is not an attention lowering for {runtime}: ONNX Runtime takes "
+            f"{', '.join(ATTENTIONS)}; TensorRT keeps the exported attention.",
+            field="--attention",
+            fix="drop it, or use --for ort.",
+        )
     chosen_target = get_target(target) if target else None
     check_not_an_input(output, [artifact])
     manifest = _read_source(artifact)
@@ -176,7 +195,15 @@ def lower_artifact(
     timings = Timings()
     with atomic_output_dir(output, force) as tmp:
         with timings.stage("lower"), progress.stage(f"lower for {runtime}", total=None):
-            report, histogram, moe = _lower(runtime, choice, artifact / MODEL_FILE, tmp, moe_lowering)
+            report, histogram, moe = _lower(
+                runtime,
+                choice,
+                artifact / MODEL_FILE,
+                tmp,
+                moe_lowering,
+                attention,
+                manifest.options.max_positions,
+            )
         copy_side_files(artifact, tmp, skip=(MODEL_FILE, MANIFEST, CALIBRATION_FILE))
         lowering = LoweringRecord(
             runtime=runtime,
@@ -204,6 +231,7 @@ def lower_artifact(
                 runtime=runtime,
                 target=target,
                 moe_lowering=moe_lowering,
+                attention=attention,
             ),
             architecture=manifest.architecture,
             op_histogram=histogram,

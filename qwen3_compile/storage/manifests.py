@@ -120,6 +120,8 @@ class LowerOptions(GraphOptions):
     runtime: Literal["ort", "tensorrt"]
     target: str | None = None
     moe_lowering: str | None = None
+    # ONNX Runtime: attention as exported (standard ops) or one GroupQueryAttention per layer
+    attention: Literal["standard", "gqa"] = "standard"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -28,8 +28,17 @@ def check_runs_on_ort(folder: Path, manifest: Manifest) -> None:
         )
 
 
-def load_ort_runner(folder: Path, manifest: Manifest, device: str = "cpu") -> CausalLMRunner:
-    """The folder's model.onnx on ONNX Runtime (`device` "cpu" or "cuda"), run as its manifest records."""
+def load_ort_runner(
+    folder: Path,
+    manifest: Manifest,
+    device: str = "cpu",
+    *,
+    static_cache_length: int | None = None,
+    enable_cuda_graph: bool = False,
+) -> CausalLMRunner:
+    """The folder's model.onnx on ONNX Runtime (`device` "cpu" or "cuda"), run as its manifest records;
+    `static_cache_length` / `enable_cuda_graph`: OrtRunner's static KV cache and CUDA graph capture (graphs
+    lowered with --attention gqa)."""
     check_runs_on_ort(folder, manifest)
     model = folder / MODEL_FILE
     if not model.is_file():
@@ -57,5 +66,10 @@ def load_ort_runner(folder: Path, manifest: Manifest, device: str = "cpu") -> Ca
     if device == "cuda":
         require_cuda_provider()
     return OrtRunner(
-        model, ort_optimization(manifest), session_config=ort_session_config(manifest), device=device
+        model,
+        ort_optimization(manifest),
+        session_config=ort_session_config(manifest),
+        device=device,
+        static_cache_length=static_cache_length,
+        enable_cuda_graph=enable_cuda_graph,
     )
