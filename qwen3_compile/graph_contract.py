@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from onnx import TensorProto
 
+# metadata_props key of graphs lowered with --attention gqa: the positions GroupQueryAttention's rotary
+# tables cover (the export's max_positions; a static KV cache may hold at most that many)
+GQA_MAX_POSITIONS = "qwen3_compile.gqa_max_positions"
+
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
 
 # torch dtype name -> ONNX element type

@@ -52,6 +52,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from qwen3_compile.graph_contract import GQA_MAX_POSITIONS
 from qwen3_compile.lower.rules import GraphView, Replacement, RewriteRule
 
 GROUP_QUERY_ATTENTION = "GroupQueryAttention"
@@ -59,8 +60,6 @@ MS_DOMAIN = "com.microsoft"
 SEQLENS_K = "gqa/seqlens_k"
 TOTAL_SEQUENCE_LENGTH = "gqa/total_sequence_length"
 COS_CACHE, SIN_CACHE = "gqa.cos_cache", "gqa.sin_cache"
-# metadata_props key: the positions the cos/sin caches cover (a static cache may hold at most that many)
-GQA_POSITIONS = "qwen3_compile.gqa_max_positions"
 INT32 = TensorProto.INT32
 _NUMPY = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
@@ -417,5 +416,5 @@ class AttentionToGroupQueryAttention(RewriteRule):
                 rotary_interleaved=0,
             )
         )
-        metadata = {GQA_POSITIONS: str(self.max_positions)}
+        metadata = {GQA_MAX_POSITIONS: str(self.max_positions)}
         return Replacement(nodes, arrays, {MS_DOMAIN: 1}, supersedes=found.concats, metadata=metadata)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from qwen3_compile.errors import BadInputError
+from qwen3_compile.graph_contract import GQA_MAX_POSITIONS
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,7 @@ class StaticCache:
 def gqa_cache_limit(session) -> int | None:
     """The positions a GQA graph's rotary tables cover (the export's max_positions, which the lowering
     records in the model's metadata); None for a graph without GroupQueryAttention."""
-    from qwen3_compile.lower.ort_gqa import GQA_POSITIONS
-
-    value = session.get_modelmeta().custom_metadata_map.get(GQA_POSITIONS)
+    value = session.get_modelmeta().custom_metadata_map.get(GQA_MAX_POSITIONS)
     return int(value) if value else None
 
 
