@@ -200,6 +200,12 @@ def test_static_cache_greedy_equals_canonical(graphs, artifacts, preset):
     np.testing.assert_array_equal(got.tokens, want.tokens)
     assert close(want.prefill_logits, got.prefill_logits)
     assert all(close(w, g) for w, g in zip(want.step_logits, got.step_logits, strict=True))
+    # a second generation of the same batch size reuses the buffers (what keeps a captured CUDA graph valid)
+    ids = rng.integers(0, vocab, (2, 7))
+    batch = Batch(ids, np.ones_like(ids), batch.position_ids)
+    np.testing.assert_array_equal(
+        generate(static, batch, 8).tokens, generate(OrtRunner(canonical), batch, 8).tokens
+    )
     prompt = rng.integers(0, vocab, 11).tolist()
 
     def greedy(x):

@@ -69,6 +69,7 @@ class OrtRunner:
             )
         self.static_cache_length, self.enable_cuda_graph = static_cache_length, enable_cuda_graph
         self._captured: CapturedDecode | None = None
+        self._static: dict[int, list] = {}  # batch -> the static cache's buffers (one live cache per batch)
         if enable_cuda_graph:
             cuda_options = (cuda_options or {}) | {"enable_cuda_graph": "1"}
         options = session_options(optimization, session_config, threads)
@@ -118,8 +119,10 @@ class OrtRunner:
         return self.session.get_provider_options()
 
     def empty_cache(self, batch: int) -> list | StaticCache:
-        if self.static_cache_length is not None:
-            return StaticCache(self._static_buffers(batch), batch, self.static_cache_length)
+        if self.static_cache_length is not None:  # the batch's buffers, reused: a captured graph keeps them
+            if batch not in self._static:
+                self._static[batch] = self._static_buffers(batch)
+            return StaticCache(self._static[batch], batch, self.static_cache_length)
         if not self.io_binding:
             return empty_kv_cache(batch, self.num_layers, self.kv_heads, self.head_dim, self.kv_dtype)
         return [empty_past(batch, self.kv_heads, self.head_dim, self.kv_type)] * (2 * self.num_layers)
@@ -181,9 +184,10 @@ class OrtRunner:
                 self._captured = CapturedDecode(self.session, cache, _IDS, self.past, self.present)
             elif self._captured.cache.buffers is not cache.buffers:
                 raise BadInputError(
-                    "this runner captured its CUDA graph on another cache's buffers.",
+                    f"this runner captured its CUDA graph for batch {self._captured.cache.batch}; this "
+                    f"step has batch {cache.batch}.",
                     field="enable_cuda_graph",
-                    fix="open a new runner for a new cache (a captured graph replays fixed addresses).",
+                    fix="open one runner per batch size (a captured graph replays fixed shapes, addresses).",
                 )
             return self._captured.step(input_ids, mask, position_ids), extended
         binding = self.session.io_binding()

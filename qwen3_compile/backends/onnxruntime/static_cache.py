@@ -30,7 +30,8 @@ from qwen3_compile.graph_contract import GQA_MAX_POSITIONS
 @dataclass(frozen=True)
 class StaticCache:
     """The per-layer buffers and how many positions they hold. A step writes the buffers in place: only
-    the cache a step returns is valid afterwards."""
+    the cache a step returns is valid afterwards, and the runner hands the same buffers to every
+    `empty_cache` of one batch size (one live sequence batch per runner and batch size)."""
 
     buffers: list[Any]  # OrtValues [B, kv_heads, L, head_dim], key and value per layer
     batch: int
@@ -97,8 +98,9 @@ class CapturedDecode:
     device OrtValue made once ([B, 1] ids and positions, the [B, L] mask, [B, 1, V] logits) and is updated
     in place; the KV buffers are the static cache's. Steps run with the run config `gpu_graph_id=1`: ORT
     runs the first ones normally, captures one, then replays it. The prefill runs with `gpu_graph_id=-1`
-    (not captured: its shapes differ per prompt). One runner captures for one cache: a new `empty_cache`
-    (new buffers) needs a new runner."""
+    (not captured: its shapes differ per prompt). The runner reuses one batch size's buffers for every
+    `empty_cache`, so the captured graph serves every later generation of that batch size; another batch
+    size needs another runner (one graph id per runner)."""
 
     GRAPH_ID = "1"
 
