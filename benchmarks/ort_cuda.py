@@ -15,7 +15,10 @@ logged with its traceback and the next one runs.
   and the largest |activation| (fp16 overflow); and GPU vs CPU of the same graph (the first probe's number).
 - bench: decode tokens/s, batch 1, a 128-token prompt, greedy, through the `run` loop (generate_reply),
   ort (CPU) vs ort-cuda, and with --ort-ops LIB also ort-cuda with our custom-op library (ExpertDispatch
-  on our kernels) for canonical MoE graphs. The 8-layer slice runs on the GPU only.
+  on our kernels) for canonical MoE graphs. The 8-layer slice runs on the GPU only. Graphs lowered with
+  `--attention gqa` (`*-gqa`, fp16: ORT's CUDA GroupQueryAttention kernels are fp16/bf16) also get, with
+  --static-cache N, a row on the static KV cache of N positions (`ort-cuda+static`) and, with --cuda-graph,
+  the same runner with decode steps replayed from a captured CUDA graph (`ort-cuda+static+graph`).
 - validate-tiny / validate-slice: `validate --backend ort-cuda` (the CLI for the tiny presets, the library
   with one loaded reference for the slice).
 """
@@ -44,6 +47,7 @@ class Spec:
     lowered_from: str | None = None  # `lower --for ort` of this artifact
     layers: int | None = None
     moe_lowering: str | None = None  # custom-op: the norms fused, ExpertDispatch kept for --ort-ops
+    attention: str = "standard"  # gqa: `lower --attention gqa` (GroupQueryAttention, static cache)
 
     @property
     def keeps_expert_dispatch(self) -> bool:
@@ -69,6 +73,13 @@ ARTIFACTS = {
     # decode speed at depth: 8 layers, where per-layer work outweighs the per-step fixed costs
     "slice8-fp16": Spec(SLICE, "fp16", layers=8),
     "slice8-fp16-norm": Spec(SLICE, "fp16", "slice8-fp16", layers=8, moe_lowering="custom-op"),
+    # GroupQueryAttention, for the static cache and CUDA graph rows of bench
+    "tiny-dense-fp16-gqa": Spec("tiny-dense", "fp16", "tiny-dense-fp16", attention="gqa"),
+    "tiny-moe-fp16-gqa": Spec("tiny-moe", "fp16", "tiny-moe-fp16", attention="gqa"),
+    "slice8-fp16-gqa": Spec(SLICE, "fp16", "slice8-fp16", layers=8, attention="gqa"),
+    "slice8-fp16-norm-gqa": Spec(
+        SLICE, "fp16", "slice8-fp16", layers=8, moe_lowering="custom-op", attention="gqa"
+    ),
 }
 MODELS = {
     "tiny-dense": ("tiny-dense", None),
@@ -161,7 +172,13 @@ def export_all(work: Path, with_slice: bool, only: list[str] | None = None) -> d
         start = time.perf_counter()
         try:
             if spec.lowered_from:
-                lower_artifact(work / spec.lowered_from, folder, "ort", moe_lowering=spec.moe_lowering)
+                lower_artifact(
+                    work / spec.lowered_from,
+                    folder,
+                    "ort",
+                    moe_lowering=spec.moe_lowering,
+                    attention=spec.attention,
+                )
             else:
                 export_onnx(spec.preset, folder, ExportOptions(dtype=spec.dtype), num_layers=spec.layers)
             done[name] = round(time.perf_counter() - start, 1)
@@ -426,9 +443,18 @@ def diag(work: Path, results: Results, artifacts: list[str], configs: list[str],
 BENCH_PROMPT = np.random.default_rng(1).integers(0, 151643, 128).tolist()
 
 
-def _bench_runner(work: Path, name: str, ort_ops: Path | None, backend: str = "ort-cuda"):
+def _bench_runner(
+    work: Path,
+    name: str,
+    ort_ops: Path | None,
+    backend: str = "ort-cuda",
+    static_cache: int | None = None,
+    cuda_graph: bool = False,
+):
     """The artifact's runner; with `ort_ops` the CUDA session registers our custom-op library, and ORT
-    takes its ExpertDispatch kernel over the function body."""
+    takes its ExpertDispatch kernel over the function body; `static_cache` / `cuda_graph`: OrtRunner's
+    static KV cache of that many positions and CUDA graph capture of decode steps (GQA graphs)."""
+    from qwen3_compile.backends.onnxruntime.loader import load_ort_runner
     from qwen3_compile.backends.onnxruntime.op_libraries import ORT_OPS_ENV
     from qwen3_compile.backends.registry import open_runner
     from qwen3_compile.storage.manifest import read_manifest
@@ -437,16 +463,30 @@ def _bench_runner(work: Path, name: str, ort_ops: Path | None, backend: str = "o
     if ort_ops is not None:
         os.environ[ORT_OPS_ENV] = str(ort_ops)
     try:
-        return open_runner(work / name, read_manifest(work / name), backend)
+        manifest = read_manifest(work / name)
+        if static_cache is not None:
+            device = {"ort": "cpu", "ort-cuda": "cuda"}[backend]
+            return load_ort_runner(
+                work / name, manifest, device, static_cache_length=static_cache, enable_cuda_graph=cuda_graph
+            )
+        return open_runner(work / name, manifest, backend)
     finally:
         os.environ.pop(ORT_OPS_ENV, None)
 
 
-def bench_one(work: Path, name: str, backend: str, steps: int, ort_ops: Path | None = None) -> dict:
+def bench_one(
+    work: Path,
+    name: str,
+    backend: str,
+    steps: int,
+    ort_ops: Path | None = None,
+    static_cache: int | None = None,
+    cuda_graph: bool = False,
+) -> dict:
     from qwen3_compile.generation.loop import generate_reply
 
     slow = backend == "ort" and ARTIFACTS[name].model == "slice"
-    runner = _bench_runner(work, name, ort_ops, backend)
+    runner = _bench_runner(work, name, ort_ops, backend, static_cache, cuda_graph)
     ids = np.array([BENCH_PROMPT], dtype=np.int64)
     mask, positions = np.ones_like(ids), np.arange(128)[None]
     times = []
@@ -466,7 +506,15 @@ def bench_one(work: Path, name: str, backend: str, steps: int, ort_ops: Path | N
     }
 
 
-def bench(work: Path, results: Results, artifacts: list[str], steps: int, ort_ops: Path | None) -> None:
+def bench(
+    work: Path,
+    results: Results,
+    artifacts: list[str],
+    steps: int,
+    ort_ops: Path | None,
+    static_cache: int | None = None,
+    cuda_graph: bool = False,
+) -> None:
     for name in artifacts:
         spec = ARTIFACTS[name]
         for backend in ("ort-cuda", "ort"):
@@ -477,6 +525,11 @@ def bench(work: Path, results: Results, artifacts: list[str], steps: int, ort_op
             guarded(
                 results, ["bench", name, "ort-cuda+ops"], bench_one, work, name, "ort-cuda", steps, ort_ops
             )
+        if static_cache is not None and spec.attention == "gqa":  # the same graph, static cache, +capture
+            for graph in (False, True) if cuda_graph else (False,):
+                key = "ort-cuda+static" + ("+graph" if graph else "")
+                args = (work, name, "ort-cuda", steps, None, static_cache, graph)
+                guarded(results, ["bench", name, key], bench_one, *args)
 
 
 def profile_one(work: Path, name: str, ort_ops: Path | None, steps: int = 32) -> dict:
@@ -650,10 +703,21 @@ def main() -> None:
     parser.add_argument("--parts", default="diag,bench,validate-tiny,validate-slice")
     parser.add_argument("--artifacts", help="comma-separated subset (default: every prepared one)")
     parser.add_argument("--steps", type=int, default=128, help="bench: decode steps")
+    parser.add_argument(
+        "--static-cache",
+        type=int,
+        metavar="N",
+        help="bench: GQA graphs also on a static KV cache of N positions (>= 128 + steps + 1)",
+    )
+    parser.add_argument(
+        "--cuda-graph", action="store_true", help="bench: with --static-cache, also with CUDA graph capture"
+    )
     parser.add_argument("--configs", default="ort-cpu,ort-cuda,ort-cuda-tf32", help="diag: ORT settings")
     parser.add_argument("--tag", default="", help="diag: suffix of the result keys (e.g. an env setting)")
     parser.add_argument("--long-context-tokens", type=int, default=1024, help="validate-slice")
     args = parser.parse_args()
+    if args.cuda_graph and args.static_cache is None:
+        parser.error("--cuda-graph needs --static-cache N (capture replays a static cache)")
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     if args.command == "prepare":
@@ -689,7 +753,7 @@ def main() -> None:
                 args.tag,
             )
         elif part == "bench":
-            bench(work, results, chosen, args.steps, args.ort_ops)
+            bench(work, results, chosen, args.steps, args.ort_ops, args.static_cache, args.cuda_graph)
         elif part == "profile":
             profile(work, results, chosen, args.ort_ops)
         elif part == "validate-tiny":
