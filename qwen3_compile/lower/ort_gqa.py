@@ -265,6 +265,8 @@ class AttentionToGroupQueryAttention(RewriteRule):
         cat_k, cat_v = view.producer(present_key, "Concat"), view.producer(present_value, "Concat")
         if cat_k is None or cat_v is None or len(cat_k.input) != 2 or len(cat_v.input) != 2:
             return "present key/value are not Concat(past, new)"
+        if not (cat_k.name and cat_v.name):  # the rewrite names the Concats it takes over
+            return "the present Concat nodes have no names"
         if view.attrs(cat_k).get("axis") != 2 or view.attrs(cat_v).get("axis") != 2:
             return "present key/value are not concatenated on the sequence axis (2)"
         past_key, k_rot = cat_k.input
