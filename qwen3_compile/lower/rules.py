@@ -185,9 +185,9 @@ def apply_rules(
                     _drop_initializers(model, released)
                     for name in released:
                         del view.initializers[name]
-                onnx.helper.set_model_props(
-                    model, {p.key: p.value for p in model.metadata_props} | replacement.metadata
-                )
+                if replacement.metadata:
+                    props = {p.key: p.value for p in model.metadata_props} | replacement.metadata
+                    onnx.helper.set_model_props(model, props)
                 for domain, version in replacement.opsets.items():
                     if all(o.domain != domain for o in model.opset_import):
                         model.opset_import.append(onnx.helper.make_opsetid(domain, version))
