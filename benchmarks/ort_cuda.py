@@ -73,6 +73,11 @@ ARTIFACTS = {
     # decode speed at depth: 8 layers, where per-layer work outweighs the per-step fixed costs
     "slice8-fp16": Spec(SLICE, "fp16", layers=8),
     "slice8-fp16-norm": Spec(SLICE, "fp16", "slice8-fp16", layers=8, moe_lowering="custom-op"),
+    # ORT's own fp16 MoE (CUDA) with the norms fused: the comparator of our custom op
+    "slice8-fp16-moe": Spec(SLICE, "fp16", "slice8-fp16", layers=8, moe_lowering="ort-moe"),
+    "slice8-fp16-moe-gqa": Spec(
+        SLICE, "fp16", "slice8-fp16", layers=8, moe_lowering="ort-moe", attention="gqa"
+    ),
     # GroupQueryAttention, for the static cache and CUDA graph rows of bench
     "tiny-dense-fp16-gqa": Spec("tiny-dense", "fp16", "tiny-dense-fp16", attention="gqa"),
     "tiny-moe-fp16-gqa": Spec("tiny-moe", "fp16", "tiny-moe-fp16", attention="gqa"),
@@ -526,10 +531,12 @@ def bench(
                 results, ["bench", name, "ort-cuda+ops"], bench_one, work, name, "ort-cuda", steps, ort_ops
             )
         if static_cache is not None and spec.attention == "gqa":  # the same graph, static cache, +capture
-            for graph in (False, True) if cuda_graph else (False,):
-                key = "ort-cuda+static" + ("+graph" if graph else "")
-                args = (work, name, "ort-cuda", steps, None, static_cache, graph)
-                guarded(results, ["bench", name, key], bench_one, *args)
+            with_ops = (None, ort_ops) if ort_ops is not None and spec.keeps_expert_dispatch else (None,)
+            for ops in with_ops:
+                for graph in (False, True) if cuda_graph else (False,):
+                    key = "ort-cuda" + ("+ops" if ops else "") + "+static" + ("+graph" if graph else "")
+                    args = (work, name, "ort-cuda", steps, ops, static_cache, graph)
+                    guarded(results, ["bench", name, key], bench_one, *args)
 
 
 def profile_one(work: Path, name: str, ort_ops: Path | None, steps: int = 32) -> dict:

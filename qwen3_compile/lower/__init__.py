@@ -59,13 +59,15 @@ RULE_SETS: dict[str, list[type[RewriteRule]]] = {
 }
 
 
-def make_rules(target: str, *, max_positions: int | None = None) -> list[RewriteRule]:
+def make_rules(
+    target: str, *, max_positions: int | None = None, half_experts: bool = False
+) -> list[RewriteRule]:
     """The rules of `target`, each given the lowering options it declares (`RewriteRule.options`)."""
     if target not in RULE_SETS:
         raise BadInputError(
             f"unknown lowering target '{target}'.", field="target", fix=f"use one of: {', '.join(RULE_SETS)}."
         )
-    given = {"max_positions": max_positions}
+    given = {"max_positions": max_positions, "half_experts": half_experts}
     return [rule(**{k: given[k] for k in rule.options}) for rule in RULE_SETS[target]]
 
 
@@ -76,7 +78,10 @@ def lower(
     weight_sink: ExternalDataWriter | None = None,
     *,
     max_positions: int | None = None,
+    half_experts: bool = False,
 ) -> RewriteReport:
     """Rewrite `model` in place for `target` (see `apply_rules` for external-data models). `max_positions`:
-    the export's context limit, which sizes GroupQueryAttention's cos/sin caches (`ort-gqa`)."""
-    return apply_rules(model, make_rules(target, max_positions=max_positions), base_dir, weight_sink)
+    the export's context limit, which sizes GroupQueryAttention's cos/sin caches (`ort-gqa`); `half_experts`:
+    ORT's MoE also takes fp16 experts (CUDA only; `--moe-lowering ort-moe`)."""
+    rules = make_rules(target, max_positions=max_positions, half_experts=half_experts)
+    return apply_rules(model, rules, base_dir, weight_sink)

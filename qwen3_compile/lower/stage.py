@@ -142,7 +142,8 @@ def _lower(
 
         rule_set = "ort-custom-op" if moe_lowering == "custom-op" else "ort"
         rule_set += "-gqa" if attention == "gqa" else ""
-        rules = make_rules(rule_set, max_positions=max_positions)
+        # an explicit ort-moe also lowers fp16 experts (ORT's CUDA MoE; its CPU kernel is fp32-only)
+        rules = make_rules(rule_set, max_positions=max_positions, half_experts=moe_lowering == "ort-moe")
         graph = rewrite_file(model_path, rules, out_dir, what=rule_set)
         return graph.report.to_dict(), graph.op_histogram, None
     lowered = lower_for_build(model_path, choice, out_dir, keep_input=False)
