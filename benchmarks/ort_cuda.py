@@ -593,6 +593,113 @@ def profile(work: Path, results: Results, artifacts: list[str], ort_ops: Path | 
             guarded(results, ["profile", name, "ort-cuda+ops"], profile_one, work, name, ort_ops)
 
 
+# kernel name (lower case) -> category, first match wins: MoE (ours and ORT's), attention, matmuls, norms
+KERNEL_CATEGORIES = (
+    ("moe", ("qmoe", "moe", "topk", "expandinputrows", "finalize", "gating")),
+    ("attention", ("flash", "attention", "attn", "xqa", "rotary", "mha", "gqa", "unpack", "concatkv")),
+    ("matmul", ("gemm", "gemv", "xmma", "cublas", "cutlass", "matmul")),
+    ("norm", ("layernorm", "layer_norm", "rmsnorm")),
+)
+
+
+def _kernel_category(name: str) -> str:
+    lower = name.lower()
+    return next((cat for cat, keys in KERNEL_CATEGORIES if any(k in lower for k in keys)), "other")
+
+
+def gpu_time_one(
+    work: Path,
+    name: str,
+    ort_ops: Path | None,
+    static_cache: int | None = None,
+    cuda_graph: bool = False,
+    steps: int = 64,
+) -> dict:
+    """GPU time of `steps` greedy decode steps after a 128-token prompt: every CUDA kernel the process runs
+    (ORT's and ours, captured graphs included) as CUPTI reports it through torch.profiler, summed per step by
+    category (KERNEL_CATEGORIES) and by kernel, against the wall time per step. Kernel time well below the
+    wall time means the step waits on the host (launches, synchronization)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = _bench_runner(work, name, ort_ops, "ort-cuda", static_cache, cuda_graph)
+    prompt = np.array([BENCH_PROMPT], dtype=np.int64)
+
+    def decode(count: int) -> float:
+        cache = runner.empty_cache(1)
+        logits, cache = runner.forward(prompt, np.ones_like(prompt), np.arange(128)[None], cache)
+        token, length = int(logits[0, -1].argmax()), 128
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(count):
+            length += 1
+            ids = np.array([[token]], dtype=np.int64)
+            logits, cache = runner.forward(
+                ids, np.ones((1, length), np.int64), np.array([[length - 1]]), cache
+            )
+            token = int(logits[0, -1].argmax())
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    decode(8)  # warm-up (and, with cuda_graph, the capture)
+    wall_plain = decode(steps)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        wall = decode(steps)
+    by_kernel: dict[str, float] = {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", None)
+        if device_us is None:
+            device_us = getattr(event, "self_cuda_time_total", 0.0)
+        if device_us:
+            by_kernel[event.key] = by_kernel.get(event.key, 0.0) + device_us
+    # the profiled window also holds the prefill's kernels: subtract a profiled prefill alone
+    with profile(activities=[ProfilerActivity.CUDA]) as prefill_prof:
+        decode(0)
+    for event in prefill_prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", None) or getattr(
+            event, "self_cuda_time_total", 0.0
+        )
+        if device_us and event.key in by_kernel:
+            by_kernel[event.key] -= device_us
+    per_step = {k: v / steps for k, v in by_kernel.items() if v > 0}
+    by_category: dict[str, float] = {}
+    for kernel, us in per_step.items():
+        by_category[_kernel_category(kernel)] = by_category.get(_kernel_category(kernel), 0.0) + us
+    top = sorted(per_step.items(), key=lambda kv: -kv[1])[:20]
+    return {
+        "steps": steps,
+        "ms_per_token_wall": round(1000 * wall_plain / steps, 3),
+        "ms_per_token_wall_profiled": round(1000 * wall / steps, 3),
+        "gpu_kernel_ms_per_token": round(sum(per_step.values()) / 1000, 3),
+        "by_category_ms_per_token": {k: round(v / 1000, 4) for k, v in sorted(by_category.items())},
+        "top_kernels_us_per_token": {k[:160]: round(v, 2) for k, v in top},
+    }
+
+
+def gpu_time(
+    work: Path, results: Results, artifacts: list[str], ort_ops: Path | None, static_cache: int | None
+) -> None:
+    """gpu-time part: each artifact as ORT runs it; GQA artifacts with the static cache, with and without
+    capture; canonical-MoE artifacts also with our custom op when --ort-ops is given."""
+    for name in artifacts:
+        spec = ARTIFACTS[name]
+        cache_modes = (
+            [(static_cache, False), (static_cache, True)] if spec.attention == "gqa" else [(None, False)]
+        )
+        ops_modes = [None, ort_ops] if ort_ops is not None and spec.keeps_expert_dispatch else [None]
+        for ops in ops_modes:
+            for cache, graph in cache_modes:
+                if spec.attention == "gqa" and cache is None:
+                    continue  # GQA decodes through a static cache (the growing one is pathologically slow)
+                key = (
+                    "ort-cuda"
+                    + ("+ops" if ops else "")
+                    + ("+static" if cache else "")
+                    + ("+graph" if graph else "")
+                )
+                guarded(results, ["gpu-time", name, key], gpu_time_one, work, name, ops, cache, graph)
+
+
 # ---------------------------------------------------------------- validate
 
 
@@ -763,6 +870,8 @@ def main() -> None:
             bench(work, results, chosen, args.steps, args.ort_ops, args.static_cache, args.cuda_graph)
         elif part == "profile":
             profile(work, results, chosen, args.ort_ops)
+        elif part == "gpu-time":
+            gpu_time(work, results, chosen, args.ort_ops, args.static_cache or 512)
         elif part == "validate-tiny":
             validate_tiny(work, results, out, [a for a in chosen if ARTIFACTS[a].model != "slice"])
         elif part == "validate-slice":
