@@ -7,6 +7,7 @@ from pathlib import Path
 import onnx
 
 from qwen3_compile.errors import BadInputError
+from qwen3_compile.lower.ort_custom_op_moe import QuantizedExpertsToWeightOnlyDispatch
 from qwen3_compile.lower.ort_matmul_nbits import Int4MatMulToMatMulNBits
 from qwen3_compile.lower.ort_moe import ExpertDispatchToOrtMoE
 from qwen3_compile.lower.ort_qmoe import QuantizedExpertDispatchToOrtQMoE
@@ -30,8 +31,13 @@ RULE_SETS: dict[str, list[type[RewriteRule]]] = {
         Int4MatMulToMatMulNBits,
         RmsNormToSimplifiedLayerNorm,
     ],
-    # ORT with the project's custom-op library (--ort-ops): ExpertDispatch stays for libqmoe_ort to claim
-    "ort-custom-op": [Int4MatMulToMatMulNBits, RmsNormToSimplifiedLayerNorm],
+    # ORT with the project's custom-op library (--ort-ops): float ExpertDispatch stays for libqmoe_ort to
+    # claim; INT8/INT4 weight-only experts become WeightOnlyExpertDispatch over the quantized initializers
+    "ort-custom-op": [
+        QuantizedExpertsToWeightOnlyDispatch,
+        Int4MatMulToMatMulNBits,
+        RmsNormToSimplifiedLayerNorm,
+    ],
     # TensorRT without a sparse MoE kernel: the reference body inlined with unique names
     "trt-dense": [ExpertDispatchToDenseExperts],
     # TensorRT's native IMoELayer; experts it cannot take (quantized) fall back to the dense body

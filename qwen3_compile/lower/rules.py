@@ -25,6 +25,8 @@ class Replacement:
     # new weights by name; the engine stores them inline or appends them to the external data file
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     opsets: dict[str, int] = field(default_factory=dict)
+    # model-local functions the new nodes call (added once per domain and name)
+    functions: list[onnx.FunctionProto] = field(default_factory=list)
 
 
 class GraphView:
@@ -158,6 +160,9 @@ def apply_rules(
                 for domain, version in replacement.opsets.items():
                     if all(o.domain != domain for o in model.opset_import):
                         model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+                for fn in replacement.functions:
+                    if all((f.domain, f.name) != (fn.domain, fn.name) for f in model.functions):
+                        model.functions.append(fn)
                 applied[rule.name] += 1
                 continue
             if rule.reports(view, node):
