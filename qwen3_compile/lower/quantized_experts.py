@@ -24,8 +24,6 @@ from onnx import TensorProto
 from qwen3_compile.lower.rules import GraphView
 
 _KINDS = {TensorProto.INT8: "int8", TensorProto.INT4: "int4"}
-#: INT4 group sizes the kernels take (plugins/moe/qmoe.h: QMOE_I4 group_size)
-KERNEL_GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -141,8 +139,8 @@ def kernel_limits(experts: QuantizedExperts, top_k: int) -> str | None:
                 f"gate_up and down have different INT4 group sizes ({experts.gate_up_block}, "
                 f"{experts.down_block}); the kernels take one"
             )
-        if experts.gate_up_block not in KERNEL_GROUP_SIZES:
-            return f"INT4 group size {experts.gate_up_block}: the kernels take {KERNEL_GROUP_SIZES}"
+        if experts.gate_up_block not in contract.INT4_GROUP_SIZES:
+            return f"INT4 group size {experts.gate_up_block}: the kernels take {contract.INT4_GROUP_SIZES}"
     try:
         contract.check_shapes(experts.experts, experts.hidden, experts.inter, top_k)
     except ValueError as err:
