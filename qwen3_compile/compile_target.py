@@ -253,7 +253,7 @@ def plan_candidates(
 def _refusal(recipe: QuantRecipe, target: Target, arch: Qwen3Arch) -> str | None:
     """Why `target` cannot run `recipe` on this model (quantize/compat.py's rule; the build stage's INT4
     experts refusal, engine/inputs.py: every target deploys through TensorRT), or None."""
-    from qwen3_compile.engine.inputs import EXPERT_TENSORS
+    from qwen3_compile.engine.inputs import EXPERT_TENSORS, int4_experts_refusal
 
     missing = [p for p in recipe.precisions if p not in target.precisions]
     if missing:
@@ -262,7 +262,10 @@ def _refusal(recipe: QuantRecipe, target: Target, arch: Qwen3Arch) -> str | None
         return f"needs SM >= {recipe.min_sm}; {target.name} is SM {target.sm}"
     experts = any(recipe.select.selects(name) for name in EXPERT_TENSORS)
     if arch.num_experts and recipe.weights.dtype == "int4" and experts:
-        return f"INT4 MoE experts: {target.tensorrt} engines cannot take them yet (engine/inputs.py)"
+        # quantizing recipes start from an fp32 export here (INT4 experts need an fp16 one for the plugin)
+        why = int4_experts_refusal(arch, "fp32", recipe.weights.group_size, target)
+        if why:
+            return f"INT4 MoE experts: {target.tensorrt} engines cannot take them: {why} (engine/inputs.py)"
     return None
 
 

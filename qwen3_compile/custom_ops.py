@@ -14,9 +14,13 @@ DOMAIN_VERSION = 1
 EXPERT_DISPATCH = "ExpertDispatch"
 # ExpertDispatch whose expert intermediate is quantized (W8A8 recipes); written by `quantize`
 QUANTIZED_EXPERT_DISPATCH = "QuantizedExpertDispatch"
+# ExpertDispatch taking weight-only quantized experts (INT8 / INT4) and their scales as inputs; written by
+# `lower --for ort --moe-lowering custom-op` for the ORT custom-op library (lower/ort_custom_op_moe.py)
+WEIGHT_ONLY_EXPERT_DISPATCH = "WeightOnlyExpertDispatch"
 _FILES = {
     EXPERT_DISPATCH: "expert_dispatch.onnxtxt",
     QUANTIZED_EXPERT_DISPATCH: "quantized_expert_dispatch.onnxtxt",
+    WEIGHT_ONLY_EXPERT_DISPATCH: "weight_only_expert_dispatch.onnxtxt",
 }
 
 

@@ -111,6 +111,22 @@ class Artifacts:
             self.made[key] = out
         return self.made[key]
 
+    def plugin_sized_quantized(self, recipe: str) -> Path:
+        """`plugin_sized_moe("fp16")` quantized with a weight-only recipe (int8-wo, or int4-rtn at group size
+        32): experts the qmoe kernels take as INT8 / INT4 (fp16 scales)."""
+        key = ("moe-128", f"recipe:{recipe}")
+        if key not in self.made:
+            from qwen3_compile.quantize.recipe import load_recipe, with_group_size
+            from qwen3_compile.quantize.stage import quantize_artifact
+
+            chosen = load_recipe(recipe)
+            if chosen.weights.granularity == "per_group":
+                chosen = with_group_size(chosen, 32)
+            out = self.root / "moe-128" / f"q-{recipe}"
+            self.results[key] = quantize_artifact(self.plugin_sized_moe("fp16"), chosen, out)
+            self.made[key] = out
+        return self.made[key]
+
     def quantized(self, preset: str, recipe: str, dtype: str | None = None) -> Path:
         """A built-in recipe (`NAME+kv-fp8`: with the FP8 KV cache) applied to the preset's export (`dtype`:
         fp32 for quantizing recipes unless given, fp16 for the fp16 baseline); per-group (INT4) recipes at

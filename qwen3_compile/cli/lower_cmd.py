@@ -23,8 +23,9 @@ from qwen3_compile.cli.common import emit_json, stage_command, target_option
     "--moe-lowering",
     type=click.Choice(["trt_moe", "plugin", "dense", "ort-moe", "custom-op"]),
     help="TensorRT: override the target's MoE lowering order (trt_moe, plugin, dense). ONNX Runtime: ort-moe "
-    "(its MoE/QMoE operators, the default; named explicitly it also lowers fp16 experts, which only ORT's CUDA "
-    "provider runs) or custom-op (keep ExpertDispatch for --ort-ops libqmoe_ort.so).",
+    "(its MoE/QMoE operators, the default; named explicitly it also lowers fp16 experts, which only ORT's "
+    "CUDA provider runs) or custom-op (ExpertDispatch, and WeightOnlyExpertDispatch for INT8/INT4 experts, "
+    "for --ort-ops libqmoe_ort.so).",
 )
 @click.option(
     "--attention",

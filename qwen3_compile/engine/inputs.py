@@ -67,7 +67,7 @@ def check_target_supports(build_input: BuildInput, target: Target) -> None:
     """Recipe/target (or export dtype/target) mismatch -> BadInputError before any work."""
     if build_input.recipe is not None:
         check_recipe_target(build_input.recipe, target)
-        _check_int4_experts(build_input)
+        _check_int4_experts(build_input, target)
         return
     _check_imported(build_input, target)
     if build_input.dtype == "bf16" and sm_tuple(target.sm) < (8, 0):
@@ -82,18 +82,50 @@ def check_target_supports(build_input: BuildInput, target: Target) -> None:
 EXPERT_TENSORS = ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj")
 
 
-def _check_int4_experts(build_input: BuildInput) -> None:
-    """INT4 experts have no TensorRT path yet: the MoE plugin's kernels take 16-bit or INT8 weights, and
-    TensorRT-RTX 1.7.1's builder dies with a segmentation fault (the process, no error) on the dense
-    lowering of INT4 experts. Refused here, before any work, instead of crashing the build."""
+def int4_experts(build_input: BuildInput) -> bool:
+    """Whether the artifact's MoE experts are INT4 (an INT4 recipe that selects them)."""
     recipe = build_input.recipe
-    if recipe.weights.dtype != "int4" or not build_input.arch.num_experts:
+    if recipe is None or recipe.weights.dtype != "int4" or not build_input.arch.num_experts:
+        return False
+    return any(recipe.select.selects(name) for name in EXPERT_TENSORS)
+
+
+def int4_experts_refusal(arch: Qwen3Arch, export_dtype: str, group: int | None, target: Target) -> str | None:
+    """Why `target`'s engines cannot take INT4 experts of this model (None: they can, through the qmoe
+    plugin): the target must use the plugin, and the kernels need fp16 activations (the scales of an fp16
+    export), their shapes and groups (plugins/moe/qmoe.h)."""
+    from qwen3_compile.kernels import trt_contract as contract
+
+    if "plugin" not in target.moe_lowerings:
+        return f"target {target.name} does not use the qmoe plugin"
+    if export_dtype != "fp16":
+        return f"the plugin takes INT4 experts of an fp16 export (fp16 scales); this is {export_dtype}"
+    try:
+        contract.check_shapes(arch.num_experts, arch.hidden_size, arch.moe_intermediate_size, arch.top_k)
+    except ValueError as err:
+        return str(err)
+    widths = (arch.hidden_size, arch.moe_intermediate_size)
+    if group not in contract.INT4_GROUP_SIZES or any(width % group for width in widths):
+        return f"INT4 group size {group}: the kernels take {contract.INT4_GROUP_SIZES} dividing H and I"
+    return None
+
+
+def _check_int4_experts(build_input: BuildInput, target: Target) -> None:
+    """INT4 experts have one TensorRT path: the qmoe plugin (kINT4 inputs, lower/trt_plugin_moe.py). The dense
+    lowering is no path: TensorRT-RTX 1.7.1's builder dies with a segmentation fault (the process, no error)
+    on INT4 experts lowered densely. So INT4 experts build only where the target uses the plugin and the
+    kernels take them; otherwise refused here, before any work, instead of crashing the build (and the build
+    stage refuses again if the plugin did not take every MoE node)."""
+    if not int4_experts(build_input):
         return
-    if not any(recipe.select.selects(name) for name in EXPERT_TENSORS):
+    arch, recipe = build_input.arch, build_input.recipe
+    why = int4_experts_refusal(arch, build_input.dtype, recipe.weights.group_size, target)
+    if why is None:
         return
     raise BadInputError(
-        f"recipe '{recipe.name}' quantized the MoE experts to INT4, which TensorRT engines cannot take yet "
-        "(the MoE plugin runs 16-bit and INT8 experts; TensorRT-RTX 1.7.1 crashes building INT4 experts).",
+        f"recipe '{build_input.recipe.name}' quantized the MoE experts to INT4, which TensorRT engines take "
+        f"only through the qmoe plugin: {why} (the dense lowering is no alternative: TensorRT-RTX 1.7.1 "
+        "crashes building INT4 experts).",
         file=build_input.directory / MANIFEST,
         field="recipe.weights.dtype",
         fix="run this artifact on ONNX Runtime (`validate`, `run`), or quantize with INT4 for the dense "

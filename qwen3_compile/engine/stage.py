@@ -18,12 +18,12 @@ from typing import Any
 
 from qwen3_compile.backends.tensorrt.profiles import InputSpec, generation_profiles
 from qwen3_compile.backends.tensorrt.shim import import_tensorrt
-from qwen3_compile.engine.inputs import MODEL_FILE, check_target_supports, read_build_input
+from qwen3_compile.engine.inputs import MODEL_FILE, check_target_supports, int4_experts, read_build_input
 from qwen3_compile.engine.log import build_log
 from qwen3_compile.engine.memory import check_fits, plan_engine_memory, stored_weight_bytes
 from qwen3_compile.engine.network import load_plugin_libraries, parse_onnx
 from qwen3_compile.engine.plan import build_plan
-from qwen3_compile.errors import Qwen3CompileError
+from qwen3_compile.errors import BadInputError, Qwen3CompileError
 from qwen3_compile.lower.for_tensorrt import check_requested_lowering, choose_moe_lowering, lower_for_build
 from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.storage.artifact_dir import atomic_output_dir, copy_side_files
@@ -148,6 +148,8 @@ def build_engine(
                     )
                 log.note(f"lowering report: {lowered.report}; MoE as built: {lowered.moe}")
                 check_requested_lowering(lowered, options.moe_lowering)
+                if int4_experts(build_input):
+                    _check_int4_lowered(build_input, lowered.moe)
                 plugin_hashes = load_plugin_libraries(trt, list(options.plugins), log)
                 with timings.stage("parse"):
                     parsed = parse_onnx(trt, lowered.path, log)
@@ -216,3 +218,19 @@ def _keep_log(tmp: Path, output: Path, err: BaseException) -> None:
     shutil.copyfile(tmp / LOG_FILE, kept)
     if isinstance(err, Qwen3CompileError):
         err.problem += f" (build log: {kept})"
+
+
+def _check_int4_lowered(build_input, moe) -> None:
+    """INT4 experts that did not all reach the plugin would be lowered densely, which crashes TensorRT-RTX
+    1.7.1's builder (engine/inputs.py): an error before the parse instead."""
+    dense = moe.lowering != "plugin" or "dense_for" in moe.skipped
+    if not dense:
+        return
+    why = moe.skipped.get("dense_for") or next(iter(moe.skipped.values()), moe.lowering)
+    raise BadInputError(
+        f"INT4 experts must all be lowered to the qmoe plugin; the MoE lowering is {moe.lowering}: {why}.",
+        file=build_input.directory / MODEL_FILE,
+        field="--moe-lowering",
+        fix="build with the plugin (the target's default, or --moe-lowering plugin), or quantize the experts "
+        "with int8-wo.",
+    )

@@ -5,7 +5,12 @@ plugin: its op_type is the plugin name, and the attributes `plugin_version` / `p
 creator from the plugin registry. The node's other attributes reach the creator as plugin fields.
 
     Qwen3MoE(hidden [N, H], router_logits [N, E], gate_up_weight [E, 2I, H], down_weight [E, H, I]
-             [, gate_up_scale [E, 2I], down_scale [E, H]]) -> output [N, H]
+             [, gate_up_scale, down_scale]) -> output [N, H]
+
+Weights in the hidden dtype (4 inputs), or weight-only quantized with their scales (6 inputs): int8 with
+scales [E, 2I], [E, H] (one per output row), or int4 (kINT4: two values a byte, low nibble first along the
+input axis) with scales [E, 2I, H/G], [E, H, I/G] (one per group of G input channels, G in
+INT4_GROUP_SIZES, taken from the shapes). Scales fp32 or fp16.
 
 Pure Python and onnx only: no TensorRT, no torch, no CUDA.
 """
@@ -33,6 +38,7 @@ MAX_EXPERTS = 256
 MAX_TOP_K = 32
 HIDDEN_MULTIPLE = 128
 INTER_MULTIPLE = 64
+INT4_GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -101,11 +107,11 @@ def make_node(
     attributes: MoeAttributes,
     name: str | None = None,
 ):
-    """The plugin's ONNX node (4 inputs, or 6 with INT8 weights and their scales)."""
+    """The plugin's ONNX node (4 inputs, or 6 with INT8/INT4 weights and their scales)."""
     import onnx.helper
 
     if len(inputs) not in (4, 6):
-        raise ValueError(f"{PLUGIN_NAME} takes 4 inputs (float weights) or 6 (int8 weights + scales)")
+        raise ValueError(f"{PLUGIN_NAME} takes 4 inputs (float weights) or 6 (int8/int4 weights + scales)")
     attributes.check()
     return onnx.helper.make_node(
         PLUGIN_NAME,

@@ -160,7 +160,14 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
             [trt.PluginField(n, d, t) for n, d, t in zip(names, data, FIELD_TYPES, strict=True)]
         )
 
-    qmoe_dtype = {DT.FLOAT: 0, DT.HALF: 1, DT.BF16: 2, DT.INT8: 3}
+    qmoe_dtype = {DT.FLOAT: 0, DT.HALF: 1, DT.BF16: 2, DT.INT8: 3, DT.INT4: 4}
+    quantized_types = (DT.INT8, DT.INT4)
+
+    def group_size(weight_type, gate_up_dims, gate_up_scale_dims) -> int:
+        """INT4: input channels a scale (gate_up [E, 2I, H], scales [E, 2I, H/G]); 0 for other weights."""
+        if weight_type != DT.INT4:
+            return 0
+        return int(gate_up_dims[2]) // int(gate_up_scale_dims[2])
 
     class Qwen3MoePlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
         def __init__(self, attrs: contract.MoeAttributes, library: str | None = None):
@@ -206,7 +213,7 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
             if pos == 1:
                 return t in (DT.FLOAT, DT.HALF, DT.BF16)
             if pos == 2:
-                return t == hidden_t or (t == DT.INT8 and num_inputs == 6)
+                return t == hidden_t or (t in quantized_types and num_inputs == 6)
             if pos == 3:
                 return t == in_out[2].desc.type
             if pos == 4 and num_inputs == 6:
@@ -220,6 +227,14 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
             self.log.append(f"configure_plugin {dims}")
             E, two_i, H = dims[2]
             contract.check_shapes(E, H, two_i // 2, self.attrs.top_k)
+            if inp[2].desc.type == DT.INT4:  # per-group scales [E, 2I, H/G], [E, H, I/G], one G
+                (_, _, groups_up), (_, _, groups_down) = dims[4], dims[5]
+                g = H // groups_up
+                if g not in contract.INT4_GROUP_SIZES or g * groups_up != H or g * groups_down != two_i // 2:
+                    raise ValueError(
+                        f"{contract.PLUGIN_NAME}: int4 scales {dims[4]}, {dims[5]} are not per group of G in "
+                        f"{contract.INT4_GROUP_SIZES} input channels"
+                    )
 
         def get_workspace_size(self, inp, out):
             T = max(1, inp[0].max[0])  # the profile's largest token count
@@ -256,7 +271,8 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
             lib = moe.load_library(self.library)
             T, H = input_desc[0].dims[0], input_desc[0].dims[1]
             E, two_i = input_desc[2].dims[0], input_desc[2].dims[1]
-            int8 = len(inputs) == 6
+            quantized = len(inputs) == 6
+            group = group_size(input_desc[2].type, input_desc[2].dims, input_desc[4].dims) if quantized else 0
             prob = moe._Problem(
                 num_tokens=T,
                 num_experts=E,
@@ -265,10 +281,11 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
                 inter=two_i // 2,
                 act_dtype=qmoe_dtype[input_desc[0].type],
                 weight_dtype=qmoe_dtype[input_desc[2].type],
-                scale_dtype=qmoe_dtype[input_desc[4].type] if int8 else 0,
+                scale_dtype=qmoe_dtype[input_desc[4].type] if quantized else 0,
                 logits_dtype=qmoe_dtype[input_desc[1].type],
                 normalize=int(self.attrs.normalize),
                 path=0,
+                group_size=group,
             )
             ws = (int(workspace) + 255) // 256 * 256
             need = contract.workspace_bytes(T, E, self.attrs.top_k, H, two_i // 2) - 256
@@ -277,8 +294,8 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
                 logits=inputs[1],
                 gate_up=inputs[2],
                 down=inputs[3],
-                gate_up_scale=inputs[4] if int8 else None,
-                down_scale=inputs[5] if int8 else None,
+                gate_up_scale=inputs[4] if quantized else None,
+                down_scale=inputs[5] if quantized else None,
                 out=outputs[0],
                 workspace=ws,
                 workspace_bytes=need,

@@ -7,6 +7,7 @@ from pathlib import Path
 import onnx
 
 from qwen3_compile.errors import BadInputError
+from qwen3_compile.lower.ort_custom_op_moe import QuantizedExpertsToWeightOnlyDispatch
 from qwen3_compile.lower.ort_gqa import AttentionToGroupQueryAttention
 from qwen3_compile.lower.ort_matmul_nbits import Int4MatMulToMatMulNBits
 from qwen3_compile.lower.ort_moe import ExpertDispatchToOrtMoE
@@ -31,8 +32,13 @@ RULE_SETS: dict[str, list[type[RewriteRule]]] = {
         Int4MatMulToMatMulNBits,
         RmsNormToSimplifiedLayerNorm,
     ],
-    # ORT with the project's custom-op library (--ort-ops): ExpertDispatch stays for libqmoe_ort to claim
-    "ort-custom-op": [Int4MatMulToMatMulNBits, RmsNormToSimplifiedLayerNorm],
+    # ORT with the project's custom-op library (--ort-ops): float ExpertDispatch stays for libqmoe_ort to
+    # claim; INT8/INT4 weight-only experts become WeightOnlyExpertDispatch over the quantized initializers
+    "ort-custom-op": [
+        QuantizedExpertsToWeightOnlyDispatch,
+        Int4MatMulToMatMulNBits,
+        RmsNormToSimplifiedLayerNorm,
+    ],
     # `lower --for ort --attention gqa`: each layer's attention to one GroupQueryAttention node (after the
     # norms, whose outputs it reads), for a static KV cache and CUDA graph capture (runner.py)
     "ort-gqa": [
@@ -44,6 +50,7 @@ RULE_SETS: dict[str, list[type[RewriteRule]]] = {
         AttentionToGroupQueryAttention,
     ],
     "ort-custom-op-gqa": [
+        QuantizedExpertsToWeightOnlyDispatch,
         Int4MatMulToMatMulNBits,
         RmsNormToSimplifiedLayerNorm,
         AttentionToGroupQueryAttention,

@@ -32,6 +32,8 @@ class Replacement:
     supersedes: tuple[str, ...] = ()
     # entries for the model's metadata_props: what a runner must know of the lowering (GQA's cache limit)
     metadata: dict[str, str] = field(default_factory=dict)
+    # model-local functions the new nodes call (added once per domain and name)
+    functions: list[onnx.FunctionProto] = field(default_factory=list)
 
 
 class GraphView:
@@ -191,6 +193,9 @@ def apply_rules(
                 for domain, version in replacement.opsets.items():
                     if all(o.domain != domain for o in model.opset_import):
                         model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+                for fn in replacement.functions:
+                    if all((f.domain, f.name) != (fn.domain, fn.name) for f in model.functions):
+                        model.functions.append(fn)
                 applied[rule.name] += 1
                 continue
             if rule.reports(view, node):

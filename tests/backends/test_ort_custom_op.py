@@ -1,5 +1,7 @@
 """The ONNX Runtime custom-op library `libqmoe_ort.so` (plugins/moe/ort): the canonical graph's
-`qwen3_compile::ExpertDispatch` on ORT's CUDA provider with the qmoe kernels, no graph rewrite.
+`qwen3_compile::ExpertDispatch` on ORT's CUDA provider with the qmoe kernels, no graph rewrite; and
+`qwen3_compile::WeightOnlyExpertDispatch`, which `lower --for ort --moe-lowering custom-op` writes for INT8 /
+INT4 weight-only experts (the quantized initializers and scales as inputs).
 
 - default suite (CPU): `--ort-ops` / $QWEN3_COMPILE_ORT_OPS errors (missing or unloadable file, wrong
   backend); CPU sessions never register the library.
@@ -11,6 +13,13 @@
   shape and activation, and a qmoe-sized MoE export (hidden 128, 8 experts x 64, top-2) with the library
   against the same graph without it (ORT inlines the function body) and against PyTorch on fresh random
   prompts; ORT's profile shows the node ran as one ExpertDispatch kernel on the CUDA provider.
+  Weight-only experts: one-node WeightOnlyExpertDispatch models (int8 with fp16/fp32 scales, int4 with groups
+  of 32 and 128, fp16/bf16 activations, the 30B-A3B shapes) against the float64 reference of the dequantized
+  weights; a group size and block-size attributes the kernels refuse; and the qmoe-sized MoE quantized with
+  int8-wo and int4-rtn (group 32) from its fp16 export, lowered for the library, with the library against the
+  same lowered artifact without it (ORT runs the node's function body: DequantizeLinear + the dense experts).
+  tiny-moe's INT8/INT4 artifacts cannot take this path: its 64-wide layers are below the kernels' minimum, so
+  the lowering keeps their DequantizeLinear -> ExpertDispatch (tests/lower/test_ort_custom_op_moe.py).
 
 ORT's C API header is not part of this project: set ORT_INCLUDE_DIR to a folder with onnxruntime_c_api.h (and
 onnxruntime_ep_c_api.h, onnxruntime_error_code.h, which it includes), or put them in the ignored
@@ -32,12 +41,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from qwen3_compile.backends.onnxruntime.op_libraries import ORT_OPS_ENV, selected_custom_ops
 from qwen3_compile.backends.onnxruntime.runner import OrtRunner
 from qwen3_compile.cli import main
-from qwen3_compile.custom_ops import DOMAIN, EXPERT_DISPATCH, function
+from qwen3_compile.custom_ops import DOMAIN, EXPERT_DISPATCH, WEIGHT_ONLY_EXPERT_DISPATCH, function
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.kernels import build
 
@@ -248,6 +257,17 @@ def test_cmake_builds_a_library_that_claims_the_node(tmp_path):
         ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     ort.InferenceSession(model, ort.SessionOptions(), providers=["CPUExecutionProvider"])  # without: inlined
 
+    # WeightOnlyExpertDispatch, int8 and int4 (declared as ORT's INT4 type): the graph resolves against the
+    # library's schema (the inputs' types are accepted) and fails only for want of a CPU kernel
+    import torch
+
+    for kind, group in (("int8", 0), ("int4", 32)):
+        quantized = _quantized_experts(rng, 8, 128, 64, kind, group, torch.float16)
+        model = weight_only_model(TensorProto.FLOAT16, TensorProto.FLOAT, quantized, 2)
+        with pytest.raises(Exception, match="Could not find an implementation for WeightOnlyExpertDispatch"):
+            ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(model, ort.SessionOptions(), providers=["CPUExecutionProvider"])
+
 
 # ---------------------------------------------------------------------------------------------------------
 # gpu (the device): the kernels inside ORT
@@ -443,3 +463,204 @@ def test_moe_export_with_the_library_matches_the_function_body_and_pytorch(artif
     ran = [provider for op, provider in ops if op == EXPERT_DISPATCH]
     assert nodes >= 1 and ran == ["CUDAExecutionProvider"] * nodes, ops
     assert not any(op in ("TopK", "ScatterElements") for op, _ in ops), ops
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gpu: weight-only quantized experts (WeightOnlyExpertDispatch)
+
+
+def _int4_initializer(name: str, packed: np.ndarray, logical: tuple[int, ...]) -> onnx.TensorProto:
+    """An ONNX INT4 tensor from bytes already in ONNX's packing (two a byte, low nibble first)."""
+    return helper.make_tensor(name, TensorProto.INT4, list(logical), packed.tobytes(), raw=True)
+
+
+def weight_only_model(
+    act: int, logits: int, quantized: dict, top_k: int, blocks: tuple[int, int] | None = None
+):
+    """One WeightOnlyExpertDispatch node (+ its function) over `quantized`: {gate_up, down: (values, scale)}
+    as `qwen3_compile.kernels.moe.quantize_int8/4` return them (int8 [E, N, K] with scale [E, N]; packed
+    uint8 [E, N, K/2] with scale [E, N, K/G]); fp32 graph inputs and output cast inside the graph."""
+    inits, sizes = [], []
+    experts = quantized["gate_up"][0].shape[0]
+    for name in ("gate_up", "down"):
+        values, scale = quantized[name]
+        values, scale = values.numpy(), scale.numpy()
+        if values.dtype == np.uint8:  # int4: the packed bytes as an INT4 tensor of the logical shape
+            logical = (*values.shape[:2], values.shape[2] * 2)
+            inits.append(_int4_initializer(name + ".q", values, logical))
+        else:
+            logical = values.shape
+            inits.append(numpy_helper.from_array(values, name + ".q"))
+            scale = scale[..., None]  # per row: [E, rows, 1], DequantizeLinear's blocked form
+        inits.append(numpy_helper.from_array(scale, name + ".scale"))
+        sizes.append(logical[2] // scale.shape[2])
+    hidden = inits[0].dims[2]
+    node = helper.make_node(
+        WEIGHT_ONLY_EXPERT_DISPATCH,
+        ["x", "logits", "gate_up.q", "down.q", "gate_up.scale", "down.scale"],
+        ["y"],
+        domain=DOMAIN,
+        name="moe",
+        top_k=top_k,
+        normalize=1,
+        activation="silu",
+        gate_up_block_size=(blocks or sizes)[0],
+        down_block_size=(blocks or sizes)[1],
+    )
+    nodes = [
+        helper.make_node("Cast", ["x32"], ["x"], to=act),
+        helper.make_node("Cast", ["logits32"], ["logits"], to=logits),
+        node,
+        helper.make_node("Cast", ["y"], ["y32"], to=TensorProto.FLOAT),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "weight_only_expert_dispatch",
+        [
+            helper.make_tensor_value_info("x32", TensorProto.FLOAT, ["N", hidden]),
+            helper.make_tensor_value_info("logits32", TensorProto.FLOAT, ["N", experts]),
+        ],
+        [helper.make_tensor_value_info("y32", TensorProto.FLOAT, ["N", hidden])],
+        initializer=inits,
+    )
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)]
+    functions = [function(WEIGHT_ONLY_EXPERT_DISPATCH, 21)]
+    model = helper.make_model(graph, opset_imports=opsets, functions=functions)
+    model.ir_version = 10  # int4
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _quantized_experts(rng, e, h, inter, kind: str, group: int, scale_dtype):
+    import torch
+
+    from qwen3_compile.kernels.moe import quantize_int4, quantize_int8
+
+    gate_up = torch.from_numpy(rng.standard_normal((e, 2 * inter, h), dtype=np.float32) * np.float32(h**-0.5))
+    down = torch.from_numpy(rng.standard_normal((e, h, inter), dtype=np.float32) * np.float32(inter**-0.5))
+    if kind == "int8":
+        return {name: quantize_int8(w, scale_dtype) for name, w in (("gate_up", gate_up), ("down", down))}
+    return {name: quantize_int4(w, group, scale_dtype) for name, w in (("gate_up", gate_up), ("down", down))}
+
+
+WEIGHT_ONLY_CASES = [
+    # (act, logits dtype, weights, group, scale dtype, E, k, H, I, token counts); int4 runs the GEMV kernels
+    # at every token count, int8 GEMV / single-token / mma.sync
+    ("fp16", "fp32", "int8", 0, "fp16", 16, 4, 256, 128, (0, 1, 7, 300)),
+    ("bf16", "bf16", "int8", 0, "fp32", 128, 8, 2048, 768, (1, 16, 512)),
+    ("fp16", "fp16", "int4", 128, "fp16", 128, 8, 2048, 768, (1, 16, 64)),
+    ("bf16", "fp32", "int4", 32, "fp32", 16, 4, 256, 128, (1, 7, 300)),
+]
+
+
+@on_gpu
+@pytest.mark.parametrize(
+    "case", WEIGHT_ONLY_CASES, ids=lambda c: f"{c[0]}-{c[2]}g{c[3]}-scales{c[4]}-E{c[5]}k{c[6]}H{c[7]}I{c[8]}"
+)
+def test_weight_only_node_against_the_float64_reference(case, library):
+    import torch
+
+    from qwen3_compile.kernels.moe import moe_reference
+
+    act_name, logits_name, kind, group, scale_name, e, k, h, inter, counts = case
+    act, logits_dtype = _DTYPES[act_name], _DTYPES[logits_name]
+    seed = int(np.random.default_rng().integers(1 << 31))
+    rng = np.random.default_rng(seed)
+    scale_dtype = torch.float16 if scale_name == "fp16" else torch.float32
+    quantized = _quantized_experts(rng, e, h, inter, kind, group, scale_dtype)
+    session = cuda_session(weight_only_model(act, logits_dtype, quantized, k), library, profile=True)
+    dt = torch.float16 if act_name == "fp16" else torch.bfloat16
+    eps = float(torch.finfo(dt).eps)
+    (gu, gu_s), (dn, dn_s) = quantized["gate_up"], quantized["down"]
+    for n in counts:
+        x = rng.standard_normal((n, h)).astype(np.float32)
+        logits = rng.standard_normal((n, e)).astype(np.float32)
+        out = session.run(["y32"], {"x32": x, "logits32": logits})[0]
+        assert out.shape == (n, h)
+        if n == 0:
+            continue
+        routed = torch.from_numpy(logits).to(
+            {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[logits_name]
+        )
+        probs = torch.softmax(routed.float(), dim=-1)
+        ids = torch.from_numpy(np.argsort(-probs.numpy(), axis=-1, kind="stable")[:, :k].copy())
+        w = torch.gather(probs, 1, ids)
+        xr = torch.from_numpy(x).to(dt)
+        routing = (ids, w / w.sum(-1, keepdim=True))
+        ref = moe_reference(xr, routed, gu, dn, k, True, gu_s, dn_s, routing=routing).numpy()
+        rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+        print(f"seed {seed} {case[:5]} E{e} k{k} H{h} I{inter} N={n}: rel err {rel:.3e}")
+        assert np.isfinite(out).all(), f"seed {seed}, N={n}: non-finite output"
+        assert rel <= 2 * eps, f"seed {seed}, N={n}: norm-wise error {rel:.3e} > 2 eps ({eps:.2e})"
+    ops = profiled_ops(session)
+    assert (WEIGHT_ONLY_EXPERT_DISPATCH, "CUDAExecutionProvider") in ops, ops
+    assert not any(op in ("DequantizeLinear", "TopK", "Softmax") for op, _ in ops), ops
+
+
+@on_gpu
+@pytest.mark.parametrize(
+    "group, blocks, message",
+    [
+        (16, None, "G=16"),  # a group size the kernels do not take
+        (32, (64, 32), "disagree with the scales' shapes"),  # attributes that are not what the scales say
+    ],
+)
+def test_refused_weight_only_nodes_fail_at_session_creation(group, blocks, message, library):
+    import torch
+
+    rng = np.random.default_rng(0)
+    quantized = _quantized_experts(rng, 16, 256, 128, "int4", group, torch.float16)
+    model = weight_only_model(TensorProto.FLOAT16, TensorProto.FLOAT, quantized, 4, blocks)
+    with pytest.raises(Exception) as err:
+        cuda_session(model, library)
+    text = str(err.value)
+    print(text)
+    assert "qwen3_compile::WeightOnlyExpertDispatch (libqmoe_ort, node 'moe')" in text and message in text, (
+        text
+    )
+
+
+@on_gpu
+@pytest.mark.parametrize("recipe", ["int8-wo", "int4-rtn"])
+def test_weight_only_artifact_with_the_library_matches_the_function_body(
+    recipe, artifacts, library, tmp_path
+):
+    """The qmoe-sized MoE quantized from its fp16 export (int4-rtn at group 32), lowered for the library:
+    the same lowered graph on ORT's CUDA provider with the library (the kernels read the INT8 / INT4
+    initializers) and without it (ORT inlines the node's function body: DequantizeLinear, dense experts),
+    fresh random prompts, prefill + greedy decode; the fp16 gates of the float test above."""
+    from qwen3_compile.backends.base import generate, left_padded_batch
+    from qwen3_compile.lower.stage import lower_artifact
+    from qwen3_compile.tokenizer import ENDOFTEXT_ID
+
+    source = artifacts.plugin_sized_quantized(recipe)
+    lowered = lower_artifact(source, tmp_path / "lowered", "ort", moe_lowering="custom-op")
+    assert lowered.report.applied["quantized_experts_to_weight_only_dispatch"] == 2
+    model = lowered.model_path
+    with_ops = OrtRunner(model, device="cuda", custom_ops=[library])
+    body = OrtRunner(model, device="cuda", custom_ops=[])
+
+    seed = int(np.random.default_rng().integers(1 << 31))
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, 151643, size=int(n)).tolist() for n in (1, 5, 37, 200)]
+    batch = left_padded_batch(prompts, ENDOFTEXT_ID)
+    real = batch.attention_mask.astype(bool)
+    a, b = generate(with_ops, batch, 8), generate(body, batch, 8)
+    stats = _logit_stats(a.prefill_logits[real], b.prefill_logits[real])
+    print(f"seed {seed} {recipe}: library vs function body, prefill logits {stats}")
+    assert stats["rel"] <= 1e-2 and stats["top1"] >= 0.98, f"seed {seed}: {stats}"
+
+    profiled = cuda_session(str(model), library, profile=True)
+    ids = prompts[2]
+    feeds = {
+        "input_ids": np.array([ids], dtype=np.int64),
+        "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
+        "position_ids": np.arange(len(ids), dtype=np.int64)[None],
+    }
+    for past in profiled.get_inputs():
+        if past.name.startswith("past_key_values."):
+            dtype = np.float16 if past.type == "tensor(float16)" else np.float32
+            feeds[past.name] = np.zeros((1, past.shape[1], 0, past.shape[3]), dtype=dtype)
+    profiled.run(["logits"], feeds)
+    ran = [provider for op, provider in profiled_ops(profiled) if op == WEIGHT_ONLY_EXPERT_DISPATCH]
+    assert ran == ["CUDAExecutionProvider"] * 2, ran

@@ -1,13 +1,14 @@
 """The runner's ONNX Runtime path on graphs lowered with the TensorRT plugin node: `trt.plugins::Qwen3MoE`
 (which ORT cannot run) is mapped back to the reference ExpertDispatch function shipped in the bundle, on the
 same weights. Checked on one MoE layer of kernel-supported shapes (hidden 128, 8 experts x 64, top-2),
-fp16 and INT8 weight-only: the plugin graph mapped back equals the canonical graph, and both equal a
-float64 numpy MoE."""
+fp16, INT8 and INT4 (groups of 32) weight-only: the plugin graph mapped back equals the canonical graph,
+and both equal a float64 numpy MoE."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -27,20 +28,27 @@ def load_runner():
     return load_device_module(DEVICE / "runner.py", "bundle_runner")
 
 
-def moe_layer(int8: bool, rng: np.random.Generator):
+def moe_layer(quant: str | None, rng: np.random.Generator):
     """A canonical graph of one ExpertDispatch (fp16 activations), its weights and a numpy reference."""
     gate_up = rng.normal(0, 0.05, (E, 2 * INTER, H))
     down = rng.normal(0, 0.05, (E, H, INTER))
     inits, nodes, names = [], [], []
     for name, w in (("gate_up", gate_up), ("down", down)):
-        if int8:  # per-expert, per-row symmetric INT8, dequantized by a blocked DequantizeLinear (axis 2)
-            scale = (np.abs(w).max(axis=2, keepdims=True) / 127).astype(np.float16)
-            q = np.clip(np.round(w / scale.astype(np.float64)), -127, 127).astype(np.int8)
-            w = q.astype(np.float64) * scale.astype(np.float64)
-            inits += [numpy_helper.from_array(q, f"{name}.q"), numpy_helper.from_array(scale, f"{name}.s")]
+        if quant:  # symmetric INT8 per row or INT4 per group of 32, dequantized along axis 2 (blocked)
+            block, levels = (w.shape[2], 127) if quant == "int8" else (32, 7)
+            g = w.reshape(E, -1, w.shape[2] // block, block)
+            scale = (np.abs(g).max(axis=3) / levels).astype(np.float16)  # [E, rows, cols / block]
+            q = np.clip(np.round(g / scale[..., None].astype(np.float64)), -levels, levels)
+            w = (q * scale[..., None].astype(np.float64)).reshape(w.shape)
+            q = q.reshape(w.shape).astype(np.int8)
+            values = q if quant == "int8" else q.astype(ml_dtypes.int4)
+            inits += [
+                numpy_helper.from_array(values, f"{name}.q"),
+                numpy_helper.from_array(scale, f"{name}.s"),
+            ]
             nodes.append(
                 helper.make_node(
-                    "DequantizeLinear", [f"{name}.q", f"{name}.s"], [name], axis=2, block_size=w.shape[2]
+                    "DequantizeLinear", [f"{name}.q", f"{name}.s"], [name], axis=2, block_size=block
                 )
             )
         else:
@@ -89,10 +97,10 @@ def run(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
     return session.run(None, feeds)[0]
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["fp16", "int8-wo"])
-def test_plugin_node_mapped_back_equals_the_canonical_graph(int8):
+@pytest.mark.parametrize("quant", [None, "int8", "int4"], ids=["fp16", "int8-wo", "int4-g32"])
+def test_plugin_node_mapped_back_equals_the_canonical_graph(quant):
     rng = np.random.default_rng(0)
-    canonical, (gate_up, down) = moe_layer(int8, rng)
+    canonical, (gate_up, down) = moe_layer(quant, rng)
     x = rng.normal(0, 1, (N, H)).astype(np.float16)
     logits = rng.normal(0, 1, (N, E)).astype(np.float32)
     feeds = {"hidden": x, "router": logits}
@@ -103,7 +111,7 @@ def test_plugin_node_mapped_back_equals_the_canonical_graph(int8):
     report = lower(lowered, "trt-plugin")
     assert report.to_dict()["applied"] == {"expert_dispatch_to_qwen3_moe_plugin": 1}
     plugin = [n for n in lowered.graph.node if n.op_type == "Qwen3MoE"]
-    assert len(plugin) == 1 and len(plugin[0].input) == (6 if int8 else 4)
+    assert len(plugin) == 1 and len(plugin[0].input) == (6 if quant else 4)
     with pytest.raises(Exception, match="Qwen3MoE"):  # what ORT says about the plugin node itself
         run(lowered, feeds)
 

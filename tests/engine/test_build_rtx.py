@@ -142,16 +142,18 @@ def test_compile_main_job_builds_an_engine(artifacts, tmp_path, monkeypatch):
     assert "qwen3-compile[rtx]" in pipeline._build_engine(exported, tmp_path, NO_PROGRESS)["skipped"]
 
 
-@pytest.mark.parametrize("recipe", [None, "int8-wo"])
+@pytest.mark.parametrize("recipe", [None, "int8-wo", "int4-rtn"])
 def test_plugin_lowering_builds_with_the_python_plugin(artifacts, tmp_path, recipe):
-    """The qmoe plugin node (fp16, or INT8 weight-only experts) parsed and built by TensorRT-RTX with the
-    project's Python IPluginV3 registered. Run through the CLI in a subprocess: a crash inside TensorRT's
-    plugin callbacks must fail this test, not the session."""
+    """The qmoe plugin node (fp16, or INT8 / INT4 weight-only experts: int4-rtn at group 32, kINT4 plugin
+    inputs) parsed and built by TensorRT-RTX with the project's Python IPluginV3 registered. Run through the
+    CLI in a subprocess: a crash inside TensorRT's plugin callbacks must fail this test, not the session."""
     import subprocess
     import sys
 
     source = artifacts.plugin_sized_moe("fp16")
-    if recipe is not None:
+    if recipe == "int4-rtn":
+        source = artifacts.plugin_sized_quantized(recipe)
+    elif recipe is not None:
         from qwen3_compile.quantize.stage import quantize_artifact
 
         quantize_artifact(source, recipe, tmp_path / "quantized")
@@ -171,6 +173,16 @@ def test_plugin_lowering_builds_with_the_python_plugin(artifacts, tmp_path, reci
     assert manifest["op_histogram"]["trt.plugins::Qwen3MoE"] == 2
     assert manifest["lowering"]["applied"] == {"expert_dispatch_to_qwen3_moe_plugin": 2}
     assert (out / "model.plan").stat().st_size == manifest["engine"]["bytes"]
+
+
+def test_int4_experts_lowered_densely_are_refused_before_the_parse(artifacts, tmp_path):
+    """INT4 experts the plugin would take, but --moe-lowering dense asked for: an error, not the TensorRT-RTX
+    1.7.1 builder crash that dense INT4 experts cause."""
+    source = artifacts.plugin_sized_quantized("int4-rtn")
+    out = tmp_path / "engine"
+    with pytest.raises(BadInputError, match="INT4 experts must all be lowered to the qmoe plugin") as refused:
+        build_engine(source, BuildOptions(TARGET, max_seq=128, moe_lowering="dense"), out)
+    assert refused.value.field == "--moe-lowering" and not out.exists()
 
 
 def test_deployment_graph_with_last_position_logits(artifacts, tmp_path):

@@ -38,7 +38,7 @@ def result_of(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", ["bf16", "fp16", "int8"])
+@pytest.mark.parametrize("case", ["bf16", "fp16", "int8", "int4"])
 def test_engine_builds_with_the_plugin_node(case, tmp_path):
     res = result_of(probe(case, tmp_path))
     assert res["parsed"], res["errors"]
@@ -49,7 +49,9 @@ def test_engine_builds_with_the_plugin_node(case, tmp_path):
     # The builder asked the plugin for its outputs, configured it with the node's shapes (N dynamic)
     # and sized its workspace for the profile's largest N (64 tokens).
     assert "get_output_shapes" in calls and "get_output_data_types" in calls
-    n_in = 6 if case == "int8" else 4
+    n_in = 6 if case in ("int8", "int4") else 4
+    if case == "int4":  # the parser hands the plugin the INT4 initializers as kINT4 constants (packed bytes)
+        assert res["constant_types"][:2] == ["DataType.INT4", "DataType.INT4"], res["constant_types"]
     configured = [c for c in calls if c.startswith("configure_plugin")]
     assert configured and configured[0].count("(") == n_in  # one shape per input
     assert configured[0].startswith("configure_plugin [(-1, 128), (-1, 16), (16, 128, 128), (16, 128, 64)")
@@ -58,6 +60,11 @@ def test_engine_builds_with_the_plugin_node(case, tmp_path):
 
 def test_unsupported_input_dtype_fails_the_build_cleanly(tmp_path):
     res = result_of(probe("fp32-hidden", tmp_path))  # the kernels take fp16/bf16 activations only
+    assert res["parsed"] and res["engine_bytes"] is None
+
+
+def test_int4_groups_the_kernels_do_not_take_fail_the_build_cleanly(tmp_path):
+    res = result_of(probe("int4-group16", tmp_path))  # configure_plugin refuses G = 16
     assert res["parsed"] and res["engine_bytes"] is None
 
 

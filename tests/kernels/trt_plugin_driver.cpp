@@ -125,6 +125,27 @@ int main(int argc, char** argv) {
   io8[5].desc.dims = dims({128, 1536});  // down_scale must be [E, H]
   CHECK(build->configurePlugin(io8.data(), 6, io8.data() + 6, 1) != 0);
 
+  // INT4 weights (kINT4 tensors: the ONNX packing) with per-group fp16 scales, G = 128: [E, 2I, H/G], [E, H, I/G].
+  std::vector<DynamicPluginTensorDesc> io4 = {io[0], io[1], desc({128, 1536, 2048}, DataType::kINT4),
+                                              desc({128, 2048, 768}, DataType::kINT4),
+                                              desc({128, 1536, 16}, DataType::kHALF),
+                                              desc({128, 2048, 6}, DataType::kHALF), io[4]};
+  for (int pos = 0; pos < 7; ++pos) CHECK(build->supportsFormatCombination(pos, io4.data(), 6, 1));
+  CHECK(build->configurePlugin(io4.data(), 6, io4.data() + 6, 1) == 0);
+  std::printf("int4 workspace %zu\n", build->getWorkspaceSize(io4.data(), 6, io4.data() + 6, 1));
+  io4[3].desc.type = DataType::kINT8;  // gate_up and down must have one weight type
+  CHECK(!build->supportsFormatCombination(3, io4.data(), 6, 1));
+  io4[3].desc.type = DataType::kINT4;
+  io4[4].desc.dims = dims({128, 1536});  // INT4 needs per-group scales
+  io4[5].desc.dims = dims({128, 2048});
+  CHECK(build->configurePlugin(io4.data(), 6, io4.data() + 6, 1) != 0);
+  io4[4].desc.dims = dims({128, 1536, 16});  // G = 128 for gate_up, 64 for down
+  io4[5].desc.dims = dims({128, 2048, 12});
+  CHECK(build->configurePlugin(io4.data(), 6, io4.data() + 6, 1) != 0);
+  io4[4].desc.dims = dims({128, 1536, 8});  // G = 256: not a group size of the kernels
+  io4[5].desc.dims = dims({128, 2048, 3});
+  CHECK(build->configurePlugin(io4.data(), 6, io4.data() + 6, 1) != 0);
+
   // Serialised fields recreate the same plugin (what deserialising an engine does).
   PluginFieldCollection const* ser = rt->getFieldsToSerialize();
   CHECK(ser->nbFields == 3);

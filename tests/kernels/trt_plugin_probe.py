@@ -1,7 +1,8 @@
 """Run by test_trt_python_plugin.py in a subprocess (a TensorRT abort must not take pytest down):
 parse a one-node ONNX model with the qmoe plugin node and build an engine with TensorRT-RTX, on the CPU.
 
-    python trt_plugin_probe.py {bf16|fp16|int8|fp32-hidden|gelu|no-shim}   -> one JSON line on stdout
+    python trt_plugin_probe.py {bf16|fp16|int8|int4|int4-group16|fp32-hidden|gelu|no-shim}
+        -> one JSON line on stdout
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -17,6 +19,7 @@ from qwen3_compile.kernels import trt_contract as C
 from qwen3_compile.kernels import trt_python_plugin
 
 E, H, INTER, K = 16, 128, 64, 2
+GROUP = 32  # int4: input channels a scale
 ONNX_TYPE = {"bf16": TensorProto.BFLOAT16, "fp16": TensorProto.FLOAT16, "fp32": TensorProto.FLOAT}
 
 
@@ -39,6 +42,20 @@ def model(case: str) -> onnx.ModelProto:
             numpy_helper.from_array(rng.integers(-127, 128, (E, H, INTER), dtype=np.int8), "down_weight"),
             numpy_helper.from_array(rng.random((E, 2 * INTER), dtype=np.float32) / 100, "gate_up_scale"),
             numpy_helper.from_array(rng.random((E, H), dtype=np.float32) / 100, "down_scale"),
+        ]
+    elif case.startswith("int4"):  # the INT4 initializers as the quantizer writes them, per-group fp16 scales
+        group = 16 if case == "int4-group16" else GROUP  # 16: a group size the kernels do not take
+        inits = [
+            numpy_helper.from_array(
+                rng.integers(-7, 8, (E, 2 * INTER, H)).astype(ml_dtypes.int4), "gate_up_weight"
+            ),
+            numpy_helper.from_array(rng.integers(-7, 8, (E, H, INTER)).astype(ml_dtypes.int4), "down_weight"),
+            numpy_helper.from_array(
+                (rng.random((E, 2 * INTER, H // group)) / 100).astype(np.float16), "gate_up_scale"
+            ),
+            numpy_helper.from_array(
+                (rng.random((E, H, INTER // group)) / 100).astype(np.float16), "down_scale"
+            ),
         ]
     else:
         wkind = "fp16" if act == "fp16" else "bf16"
@@ -80,6 +97,12 @@ def main(case: str) -> dict:
     result: dict = {"parsed": bool(parser.parse(model(case).SerializeToString()))}
     result["errors"] = [str(parser.get_error(i)) for i in range(parser.num_errors)]
     result["layer_types"] = sorted({str(network.get_layer(i).type) for i in range(network.num_layers)})
+    # what feeds the plugin: the types of the constants the parser made of the initializers
+    result["constant_types"] = [
+        str(network.get_layer(i).get_output(0).dtype)
+        for i in range(network.num_layers)
+        if network.get_layer(i).type == trt.LayerType.CONSTANT
+    ]
     if result["parsed"]:
         config = builder.create_builder_config()
         profile = builder.create_optimization_profile()

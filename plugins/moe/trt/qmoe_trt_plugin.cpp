@@ -6,9 +6,13 @@
 //   op_type "Qwen3MoE", attributes plugin_version "1", plugin_namespace "qwen3_compile", top_k (int),
 //   normalize (int), activation ("silu");
 //   inputs  hidden [N, H] (f16/bf16), router_logits [N, E] (f32/f16/bf16), gate_up_weight [E, 2I, H],
-//           down_weight [E, H, I] (the hidden dtype, or int8 with gate_up_scale [E, 2I] and
-//           down_scale [E, H] in f32/f16 as inputs 4 and 5);
+//           down_weight [E, H, I] (the hidden dtype; or int8 with gate_up_scale [E, 2I] and down_scale [E, H]
+//           in f32/f16 as inputs 4 and 5; or int4 with gate_up_scale [E, 2I, H/G] and down_scale [E, H, I/G],
+//           one scale per group of G input channels, G = 32, 64 or 128 taken from the shapes);
 //   output  [N, H], the hidden dtype.
+// INT4 weights arrive as DataType::kINT4 tensors: TensorRT's ONNX parser copies an INT4 initializer's bytes
+// (ONNX's packing: two values a byte, low nibble first) into kINT4 weights unchanged, and that packing is what
+// qmoe's QMOE_I4 path reads ([E, 2I, H/2] and [E, H, I/2] bytes), so the plugin passes the buffers through.
 // Serialised fields (version 1): top_k INT32, normalize INT32, activation CHAR.
 #include <NvInferRuntime.h>
 
@@ -58,6 +62,8 @@ int32_t qmoeDtype(DataType t) {
       return QMOE_BF16;
     case DataType::kINT8:
       return QMOE_I8;
+    case DataType::kINT4:
+      return QMOE_I4;
     default:
       return -1;
   }
@@ -69,9 +75,17 @@ struct Attrs {
   std::string activation = "silu";
 };
 
+bool isQuantized(DataType weight) { return weight == DataType::kINT8 || weight == DataType::kINT4; }
+
+// INT4: input channels a scale, from gate_up [E, 2I, H] and its scales [E, 2I, H/G]; 0 otherwise (or unknown).
+int32_t groupSize(DataType weight, Dims const& gateUp, Dims const& gateUpScale) {
+  if (weight != DataType::kINT4 || gateUpScale.nbDims != 3 || gateUpScale.d[2] <= 0) return 0;
+  return gateUp.d[2] % gateUpScale.d[2] == 0 ? static_cast<int32_t>(gateUp.d[2] / gateUpScale.d[2]) : 0;
+}
+
 // The kernel problem for these tensor shapes and types (nbInputs 4 or 6).
 qmoe_problem makeProblem(Attrs const& a, Dims const& hidden, Dims const& gateUp, DataType act, DataType logits,
-                         DataType weight, DataType scale) {
+                         DataType weight, DataType scale, int32_t group) {
   qmoe_problem p{};
   p.num_tokens = static_cast<int32_t>(hidden.d[0]);
   p.hidden = static_cast<int32_t>(hidden.d[1]);
@@ -81,9 +95,10 @@ qmoe_problem makeProblem(Attrs const& a, Dims const& hidden, Dims const& gateUp,
   p.act_dtype = qmoeDtype(act);
   p.logits_dtype = qmoeDtype(logits);
   p.weight_dtype = qmoeDtype(weight);
-  p.scale_dtype = weight == DataType::kINT8 ? qmoeDtype(scale) : QMOE_F32;
+  p.scale_dtype = isQuantized(weight) ? qmoeDtype(scale) : QMOE_F32;
   p.normalize = a.normalize;
   p.path = QMOE_PATH_AUTO;
+  p.group_size = weight == DataType::kINT4 ? group : 0;
   return p;
 }
 
@@ -131,7 +146,7 @@ class Qwen3MoePlugin : public IPluginV3, public IPluginV3OneCore, public IPlugin
                           int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs,
                           IExprBuilder& /*exprBuilder*/) noexcept override {
     if (nbOutputs != 1 || (nbInputs != 4 && nbInputs != 6) || inputs[0].nbDims != 2) {
-      logError("takes 4 inputs (float weights) or 6 (int8 weights + scales) and a 2-D hidden [N, H]");
+      logError("takes 4 inputs (float weights) or 6 (int8/int4 weights + scales) and a 2-D hidden [N, H]");
       return -1;
     }
     outputs[0] = inputs[0];
@@ -143,21 +158,21 @@ class Qwen3MoePlugin : public IPluginV3, public IPluginV3OneCore, public IPlugin
     PluginTensorDesc const& d = inOut[pos].desc;
     if (d.format != TensorFormat::kLINEAR) return false;
     DataType const t = d.type, hiddenT = inOut[0].desc.type;
-    bool const int8 = nbInputs == 6;
+    bool const quantized = nbInputs == 6;
     switch (pos) {
       case 0:
         return t == DataType::kHALF || t == DataType::kBF16;
       case 1:
         return t == DataType::kFLOAT || t == DataType::kHALF || t == DataType::kBF16;
       case 2:
-        return int8 ? t == DataType::kINT8 : t == hiddenT;
+        return quantized ? isQuantized(t) : t == hiddenT;
       case 3:
         return t == inOut[2].desc.type;
       default:
         break;
     }
-    if (int8 && pos == 4) return t == DataType::kFLOAT || t == DataType::kHALF;
-    if (int8 && pos == 5) return t == inOut[4].desc.type;
+    if (quantized && pos == 4) return t == DataType::kFLOAT || t == DataType::kHALF;
+    if (quantized && pos == 5) return t == inOut[4].desc.type;
     return t == hiddenT;  // the output
   }
 
@@ -170,21 +185,28 @@ class Qwen3MoePlugin : public IPluginV3, public IPluginV3OneCore, public IPlugin
     bool ok = x.nbDims == 2 && lg.nbDims == 2 && gu.nbDims == 3 && dn.nbDims == 3;
     ok = ok && gu.d[2] == x.d[1] && lg.d[1] == gu.d[0] && dn.d[0] == gu.d[0] && dn.d[1] == x.d[1] &&
          2 * dn.d[2] == gu.d[1];
+    DataType const weight = in[2].desc.type;
+    int32_t group = 0;
     if (ok && nbInputs == 6) {
       Dims const& gs = in[4].desc.dims;
       Dims const& ds = in[5].desc.dims;
-      ok = gs.nbDims == 2 && ds.nbDims == 2 && gs.d[0] == gu.d[0] && gs.d[1] == gu.d[1] && ds.d[0] == gu.d[0] &&
-           ds.d[1] == x.d[1];
+      ok = gs.d[0] == gu.d[0] && gs.d[1] == gu.d[1] && ds.d[0] == gu.d[0] && ds.d[1] == x.d[1];
+      if (weight == DataType::kINT4) {  // per group of G input channels, the same G for gate_up and down
+        group = groupSize(weight, gu, gs);
+        ok = ok && gs.nbDims == 3 && ds.nbDims == 3 && group > 0 && int64_t{ds.d[2]} * group == dn.d[2];
+      } else {
+        ok = ok && gs.nbDims == 2 && ds.nbDims == 2;
+      }
     }
     if (!ok) {
       logError("inconsistent shapes: need hidden [N,H], logits [N,E], gate_up [E,2I,H], down [E,H,I] "
-               "(+ scales [E,2I], [E,H])");
+               "(+ scales [E,2I], [E,H] for int8 or [E,2I,H/G], [E,H,I/G] for int4)");
       return -1;
     }
     Dims one = x;
     one.d[0] = 1;  // N is dynamic here; the static shapes decide support
-    qmoe_problem p = makeProblem(mAttrs, one, gu, in[0].desc.type, in[1].desc.type, in[2].desc.type,
-                                 nbInputs == 6 ? in[4].desc.type : DataType::kFLOAT);
+    qmoe_problem p = makeProblem(mAttrs, one, gu, in[0].desc.type, in[1].desc.type, weight,
+                                 nbInputs == 6 ? in[4].desc.type : DataType::kFLOAT, group);
     int const st = qmoe_check_problem(&p);
     if (st != QMOE_OK) {
       logError(qmoe_error_string(st));
@@ -197,8 +219,11 @@ class Qwen3MoePlugin : public IPluginV3, public IPluginV3OneCore, public IPlugin
                           DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept override {
     Dims most = inputs[0].max;  // the profile's largest token count
     if (most.d[0] < 1) most.d[0] = 1;
-    qmoe_problem p = makeProblem(mAttrs, most, inputs[2].desc.dims, inputs[0].desc.type, inputs[1].desc.type,
-                                 inputs[2].desc.type, nbInputs == 6 ? inputs[4].desc.type : DataType::kFLOAT);
+    DataType const weight = inputs[2].desc.type;
+    bool const quantized = nbInputs == 6;
+    qmoe_problem p = makeProblem(mAttrs, most, inputs[2].desc.dims, inputs[0].desc.type, inputs[1].desc.type, weight,
+                                 quantized ? inputs[4].desc.type : DataType::kFLOAT,
+                                 quantized ? groupSize(weight, inputs[2].desc.dims, inputs[4].desc.dims) : 0);
     size_t bytes = 0;
     if (qmoe_workspace_size(&p, &bytes) != QMOE_OK) return 0;
     return bytes + kWorkspaceAlign;
@@ -213,9 +238,11 @@ class Qwen3MoePlugin : public IPluginV3, public IPluginV3OneCore, public IPlugin
   int32_t enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
                   void const* const* inputs, void* const* outputs, void* workspace,
                   cudaStream_t stream) noexcept override {
-    bool const int8 = inputDesc[2].type == DataType::kINT8;
+    DataType const weight = inputDesc[2].type;
+    bool const quantized = isQuantized(weight);
     qmoe_problem p = makeProblem(mAttrs, inputDesc[0].dims, inputDesc[2].dims, inputDesc[0].type, inputDesc[1].type,
-                                 inputDesc[2].type, int8 ? inputDesc[4].type : DataType::kFLOAT);
+                                 weight, quantized ? inputDesc[4].type : DataType::kFLOAT,
+                                 quantized ? groupSize(weight, inputDesc[2].dims, inputDesc[4].dims) : 0);
     size_t need = 0;
     int st = qmoe_workspace_size(&p, &need);
     if (st == QMOE_OK) {
@@ -226,8 +253,8 @@ class Qwen3MoePlugin : public IPluginV3, public IPluginV3OneCore, public IPlugin
       t.logits = inputs[1];
       t.gate_up = inputs[2];
       t.down = inputs[3];
-      t.gate_up_scale = int8 ? inputs[4] : nullptr;
-      t.down_scale = int8 ? inputs[5] : nullptr;
+      t.gate_up_scale = quantized ? inputs[4] : nullptr;
+      t.down_scale = quantized ? inputs[5] : nullptr;
       t.out = outputs[0];
       t.workspace = reinterpret_cast<void*>(aligned);
       t.workspace_bytes = need;

@@ -1,6 +1,7 @@
 """ONNX Runtime custom-op libraries for the `ort-cuda` backend: `libqmoe_ort.so` (plugins/moe/ort, built with
-CMake against the user's ORT release) runs the canonical graph's `qwen3_compile::ExpertDispatch` nodes on the
-project's CUDA kernels instead of ORT inlining the node's ONNX function body.
+CMake against the user's ORT release) runs the canonical graph's `qwen3_compile::ExpertDispatch` nodes, and
+the `WeightOnlyExpertDispatch` nodes that `lower --for ort --moe-lowering custom-op` writes for INT8/INT4
+experts, on the project's CUDA kernels instead of ORT inlining the nodes' ONNX function bodies.
 
 Which libraries a CUDA session registers: those given to `OrtRunner(custom_ops=...)`, else the paths in
 `$QWEN3_COMPILE_ORT_OPS` (separated by `os.pathsep`), which `validate`/`run --ort-ops PATH` set. CPU sessions
@@ -101,8 +102,9 @@ def session_error(err: Exception, libraries: tuple[Path, ...], model_path) -> Ex
         f"{', '.join(str(p) for p in libraries)}: {text}",
         file=model_path,
         field=ORT_OPS_FIELD,
-        fix="the library runs fp16/bf16 ExpertDispatch nodes with H % 128 == 0, I % 64 == 0, E <= 256, "
-        "top_k <= 32 (plugins/README.md); for other models drop --ort-ops and unset "
+        fix="the library runs fp16/bf16 ExpertDispatch and WeightOnlyExpertDispatch (INT8, INT4 in groups of "
+        "32/64/128) nodes with H % 128 == 0, I % 64 == 0, E <= 256, top_k <= 32 (plugins/README.md); for "
+        "other models drop --ort-ops and unset "
         f"${ORT_OPS_ENV} (ORT then runs the node's ONNX function body).",
     )
 

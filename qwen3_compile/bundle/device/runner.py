@@ -100,12 +100,14 @@ def map_plugin_nodes(model, reference_dir: Path) -> int:
     """Replace each `trt.plugins::Qwen3MoE` node (ORT cannot run TensorRT plugins) by a call of the
     reference `qwen3_compile::ExpertDispatch` function shipped in reference/, on the same weights.
     INT8 plugin weights are dequantized in front of the call exactly as DequantizeLinear does (q * row
-    scale). Returns how many nodes were mapped."""
+    scale); INT4 ones (per-group scales [E, rows, cols / G]) by the canonical graph's own blocked
+    DequantizeLinear (axis 2, block G). Returns how many nodes were mapped."""
     import onnx
     import onnx.parser
     from onnx import helper
 
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
     mapped, nodes = 0, []
     for node in model.graph.node:
         if node.op_type != "Qwen3MoE":
@@ -113,9 +115,19 @@ def map_plugin_nodes(model, reference_dir: Path) -> int:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         inputs = list(node.input[:4])
-        if len(node.input) == 6:  # int8 weights [E, rows, cols] + row scales [E, rows]
+        if (
+            len(node.input) == 6
+        ):  # int8 weights [E, rows, cols] + row scales [E, rows], or int4 + group scales
             for i, (q, scale) in enumerate(((node.input[2], node.input[4]), (node.input[3], node.input[5]))):
                 p = f"{node.name}/ort_dequant{i}"
+                if len(dims.get(scale, ())) == 3:  # int4: [E, rows, cols] with scales [E, rows, cols / G]
+                    group = dims[q][2] // dims[scale][2]
+                    dq = helper.make_node(
+                        "DequantizeLinear", [q, scale], [f"{p}/w"], axis=2, block_size=group
+                    )
+                    nodes.append(dq)
+                    inputs[2 + i] = f"{p}/w"
+                    continue
                 nodes += [
                     helper.make_node("Constant", [], [f"{p}/axes"], value_ints=[2]),
                     helper.make_node("Unsqueeze", [scale, f"{p}/axes"], [f"{p}/scale"]),
