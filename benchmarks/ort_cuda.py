@@ -595,9 +595,25 @@ def profile(work: Path, results: Results, artifacts: list[str], ort_ops: Path | 
 
 # kernel name (lower case) -> category, first match wins: MoE (ours and ORT's), attention, matmuls, norms
 KERNEL_CATEGORIES = (
-    ("moe", ("qmoe", "moe", "topk", "expandinputrows", "finalize", "gating")),
-    ("attention", ("flash", "attention", "attn", "xqa", "rotary", "mha", "gqa", "unpack", "concatkv")),
-    ("matmul", ("gemm", "gemv", "xmma", "cublas", "cutlass", "matmul")),
+    # ours (qmoe::), ORT's MoE (cutlass_kernels::, its grouped GEMMs, routing), the inlined body's TopK
+    (
+        "moe",
+        (
+            "qmoe",
+            "moe",
+            "topk",
+            "expandinputrows",
+            "finalize",
+            "gating",
+            "cutlass_kernels",
+            "groupproblemshape",
+        ),
+    ),
+    ("attention", ("flash", "attention", "attn", "xqa", "rope", "mha", "gqa", "sequencelengths", "concatkv")),
+    (
+        "matmul",
+        ("nvjet", "gemm", "gemv", "xmma", "cublas", "cutlass", "matmul"),
+    ),  # nvjet: cuBLAS's sm90 kernels
     ("norm", ("layernorm", "layer_norm", "rmsnorm")),
 )
 
