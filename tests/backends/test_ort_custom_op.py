@@ -627,9 +627,9 @@ def test_weight_only_artifact_with_the_library_matches_the_function_body(
 ):
     """The qmoe-sized MoE quantized from its fp16 export (int4-rtn at group 32), lowered for the library:
     the same lowered graph on ORT's CUDA provider with the library (the kernels read the INT8 / INT4
-    initializers) and without it on ORT's CPU provider (ORT inlines the node's function body: DequantizeLinear,
-    dense experts; ORT's CUDA DequantizeLinear refuses the blocked per-row INT8 form: measured), fresh random
-    prompts, prefill + greedy decode; the fp16 gates of the float test above."""
+    initializers) and without it on ORT's CPU provider (ORT inlines the node's function body:
+    DequantizeLinear, dense experts; ORT's CUDA DequantizeLinear refuses the blocked per-row INT8 form:
+    measured), fresh random prompts, prefill + greedy decode; the fp16 gates of the float test above."""
     from qwen3_compile.backends.base import generate, left_padded_batch
     from qwen3_compile.lower.stage import lower_artifact
     from qwen3_compile.tokenizer import ENDOFTEXT_ID

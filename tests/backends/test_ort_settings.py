@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from qwen3_compile.backends.onnxruntime.loader import load_ort_runner
-from qwen3_compile.backends.onnxruntime.settings import manifest_session_options, session_options
+from qwen3_compile.backends.onnxruntime.settings import THREADS_ENV, manifest_session_options, session_options
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.quantize.stage import quantize_artifact
 from qwen3_compile.storage.manifest import read_manifest
@@ -72,3 +72,17 @@ def test_generation_runner_opens_its_session_as_the_manifest_says(int8_wo):
     own test (tests/bundle/test_runner_parts.py)."""
     runner = load_ort_runner(int8_wo.directory, int8_wo.manifest)
     assert runner.session.get_session_options().get_session_config_entry(KEY) == "1"
+
+
+def test_thread_budget_from_the_environment(monkeypatch):
+    """$QWEN3_COMPILE_ORT_THREADS sets the sessions' intra-op threads when the caller names none; an
+    explicit count wins; a value that is not a positive whole number is refused naming the variable."""
+    monkeypatch.setenv(THREADS_ENV, "3")
+    assert session_options().intra_op_num_threads == 3
+    assert session_options(threads=2).intra_op_num_threads == 2
+    monkeypatch.delenv(THREADS_ENV)
+    assert session_options().intra_op_num_threads == 0  # ORT's own default
+    for bad in ("0", "-1", "two", "1.5"):
+        monkeypatch.setenv(THREADS_ENV, bad)
+        with pytest.raises(BadInputError, match=THREADS_ENV):
+            session_options()

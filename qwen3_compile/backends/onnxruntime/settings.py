@@ -21,9 +21,12 @@ on an artifact (validation, bisection, generation, the bundled runner) takes its
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from onnx import TensorProto
+
+from qwen3_compile.errors import BadInputError
 
 LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "all": "ORT_ENABLE_ALL"}
 # What the quantize stage records per --ort-qdq; an artifact without a record runs at ORT's defaults.
@@ -49,10 +52,30 @@ def ort_session_config(manifest) -> dict[str, str]:
     return dict(getattr(manifest, "ort_session_config", {}))
 
 
+# CPU threads of every ORT session when the caller names none (default: ORT's, one per physical core).
+# Where several processes share the cores (parallel test workers, a build farm) each should take fewer.
+THREADS_ENV = "QWEN3_COMPILE_ORT_THREADS"
+
+
+def default_threads() -> int | None:
+    value = os.environ.get(THREADS_ENV, "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise BadInputError(
+            f"${THREADS_ENV} is {value!r}, not a positive whole number.",
+            field=THREADS_ENV,
+            fix="set it to the number of CPU threads an ONNX Runtime session may use (e.g. 1), or unset it.",
+        )
+    return int(value)
+
+
 def session_options(
     optimization: str = "all", config: dict[str, str] | None = None, threads: int | None = None
 ):
     import onnxruntime as ort
+
+    threads = threads or default_threads()
 
     if optimization not in LEVELS:
         raise ValueError(f"ORT optimization level {optimization!r} is not one of {list(LEVELS)}")
