@@ -661,6 +661,24 @@ def gpu_time_one(
     wall_plain = decode(steps)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         wall = decode(steps)
+    by_kernel = _kernel_times(prof)
+    # the profiled window also holds the prefill's kernels: subtract a profiled prefill alone
+    with profile(activities=[ProfilerActivity.CUDA]) as prefill_prof:
+        decode(0)
+    for kernel, us in _kernel_times(prefill_prof).items():
+        if kernel in by_kernel:
+            by_kernel[kernel] -= us
+    per_step = {k: v / steps for k, v in by_kernel.items() if v > 0}
+    return {
+        "steps": steps,
+        "ms_per_token_wall": round(1000 * wall_plain / steps, 3),
+        "ms_per_token_wall_profiled": round(1000 * wall / steps, 3),
+        **_kernel_summary(per_step, "per_token"),
+    }
+
+
+def _kernel_times(prof) -> dict[str, float]:
+    """Device microseconds by kernel name over a torch.profiler window."""
     by_kernel: dict[str, float] = {}
     for event in prof.key_averages():
         device_us = getattr(event, "self_device_time_total", None)
@@ -668,28 +686,71 @@ def gpu_time_one(
             device_us = getattr(event, "self_cuda_time_total", 0.0)
         if device_us:
             by_kernel[event.key] = by_kernel.get(event.key, 0.0) + device_us
-    # the profiled window also holds the prefill's kernels: subtract a profiled prefill alone
-    with profile(activities=[ProfilerActivity.CUDA]) as prefill_prof:
-        decode(0)
-    for event in prefill_prof.key_averages():
-        device_us = getattr(event, "self_device_time_total", None) or getattr(
-            event, "self_cuda_time_total", 0.0
-        )
-        if device_us and event.key in by_kernel:
-            by_kernel[event.key] -= device_us
-    per_step = {k: v / steps for k, v in by_kernel.items() if v > 0}
+    return by_kernel
+
+
+def _kernel_summary(us_by_kernel: dict[str, float], unit: str) -> dict:
     by_category: dict[str, float] = {}
-    for kernel, us in per_step.items():
+    for kernel, us in us_by_kernel.items():
         by_category[_kernel_category(kernel)] = by_category.get(_kernel_category(kernel), 0.0) + us
-    top = sorted(per_step.items(), key=lambda kv: -kv[1])[:20]
+    top = sorted(us_by_kernel.items(), key=lambda kv: -kv[1])[:20]
     return {
-        "steps": steps,
-        "ms_per_token_wall": round(1000 * wall_plain / steps, 3),
-        "ms_per_token_wall_profiled": round(1000 * wall / steps, 3),
-        "gpu_kernel_ms_per_token": round(sum(per_step.values()) / 1000, 3),
-        "by_category_ms_per_token": {k: round(v / 1000, 4) for k, v in sorted(by_category.items())},
-        "top_kernels_us_per_token": {k[:160]: round(v, 2) for k, v in top},
+        f"gpu_kernel_ms_{unit}": round(sum(us_by_kernel.values()) / 1000, 3),
+        f"by_category_ms_{unit}": {k: round(v / 1000, 4) for k, v in sorted(by_category.items())},
+        f"top_kernels_us_{unit}": {k[:160]: round(v, 2) for k, v in top},
     }
+
+
+def prefill_time_one(
+    work: Path, name: str, ort_ops: Path | None, tokens: int, static_cache: int | None
+) -> dict:
+    """One prefill of `tokens` random tokens from an empty cache: the median wall time of 3 (host clock,
+    logits copied to the host as the runner does) and the GPU kernel time of one more, by category."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = _bench_runner(work, name, ort_ops, "ort-cuda", static_cache, False)
+    prompt = np.random.default_rng(2).integers(0, 151643, (1, tokens))
+
+    def prefill() -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        runner.forward(prompt, np.ones_like(prompt), np.arange(tokens)[None], runner.empty_cache(1))
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    prefill()  # warm-up
+    walls = [prefill() for _ in range(3)]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        prefill()
+    return {
+        "tokens": tokens,
+        "wall_ms_median": round(1000 * float(np.median(walls)), 2),
+        "wall_ms": [round(1000 * w, 2) for w in walls],
+        **_kernel_summary(_kernel_times(prof), "per_prefill"),
+    }
+
+
+def prefill_time(
+    work: Path, results: Results, artifacts: list[str], ort_ops: Path | None, tokens: int
+) -> None:
+    """prefill-time part: each artifact (GQA ones on a static cache of tokens + 1 positions), and with our
+    custom op where --ort-ops is given and the graph keeps ExpertDispatch."""
+    for name in artifacts:
+        spec = ARTIFACTS[name]
+        cache = tokens + 1 if spec.attention == "gqa" else None
+        for ops in [None, ort_ops] if ort_ops is not None and spec.keeps_expert_dispatch else [None]:
+            key = "ort-cuda" + ("+ops" if ops else "") + ("+static" if cache else "")
+            guarded(
+                results,
+                ["prefill-time", name, key, str(tokens)],
+                prefill_time_one,
+                work,
+                name,
+                ops,
+                tokens,
+                cache,
+            )
 
 
 def gpu_time(
@@ -833,6 +894,7 @@ def main() -> None:
     parser.add_argument("--parts", default="diag,bench,validate-tiny,validate-slice")
     parser.add_argument("--artifacts", help="comma-separated subset (default: every prepared one)")
     parser.add_argument("--steps", type=int, default=128, help="bench: decode steps")
+    parser.add_argument("--prefill-tokens", type=int, default=2048, help="prefill-time: prompt tokens")
     parser.add_argument(
         "--static-cache",
         type=int,
@@ -886,6 +948,8 @@ def main() -> None:
             bench(work, results, chosen, args.steps, args.ort_ops, args.static_cache, args.cuda_graph)
         elif part == "profile":
             profile(work, results, chosen, args.ort_ops)
+        elif part == "prefill-time":
+            prefill_time(work, results, chosen, args.ort_ops, args.prefill_tokens)
         elif part == "gpu-time":
             gpu_time(work, results, chosen, args.ort_ops, args.static_cache or 512)
         elif part == "validate-tiny":
