@@ -777,6 +777,67 @@ def gpu_time(
                 guarded(results, ["gpu-time", name, key], gpu_time_one, work, name, ops, cache, graph)
 
 
+# transformers on the same GPU: (experts implementation, KV cache, torch.compile); its own greedy loop
+TORCH_BENCH = (
+    ("eager", "dynamic", False),
+    ("grouped_mm", "dynamic", False),
+    ("batched_mm", "dynamic", False),
+    ("grouped_mm", "static", False),
+    ("grouped_mm", "static", True),
+    ("batched_mm", "static", True),
+)
+
+
+def torch_bench(results: Results, model_name: str, steps: int) -> None:
+    """torch-bench part: transformers' `generate` on the preset's PyTorch model in fp16 (the weights the
+    exports were made from), batch 1, the bench prompt, greedy. Decode rate = `steps` / (time of 1 + steps
+    new tokens - time of 1 new token), host clock around each call, median of 3; each variant warmed up
+    (and compiled) first. Static-cache variants with compile let `generate` compile the step."""
+    import torch
+
+    from qwen3_compile.models.loading import load_model
+
+    preset, layers = MODELS[model_name]
+    model = load_model(preset, num_layers=layers, dtype=torch.float16).model.cuda().eval()
+    prompt = torch.tensor([BENCH_PROMPT], device="cuda")
+    for impl, cache, compiled in TORCH_BENCH:
+        key = f"transformers-{impl}-{cache}" + ("-compiled" if compiled else "")
+
+        def one(impl=impl, cache=cache, compiled=compiled) -> dict:
+            if hasattr(model, "set_experts_implementation"):
+                model.set_experts_implementation(impl)
+            else:
+                model.config._experts_implementation = impl
+            extra = {"cache_implementation": "static"} if cache == "static" else {}
+            model.generation_config.disable_compile = not compiled
+
+            def generate(new: int) -> tuple[float, list[int]]:
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                with torch.no_grad():
+                    out = model.generate(
+                        prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, **extra
+                    )
+                torch.cuda.synchronize()
+                return time.perf_counter() - start, out[0, 128:].tolist()
+
+            generate(steps + 1)  # warm-up (compile)
+            firsts = [generate(1)[0] for _ in range(3)]
+            runs = [generate(steps + 1) for _ in range(3)]
+            decode = float(np.median([r[0] for r in runs])) - float(np.median(firsts))
+            torch.cuda.reset_peak_memory_stats()
+            generate(steps + 1)
+            return {
+                "decode_tokens_per_s": round(steps / decode, 1),
+                "ms_per_token": round(1000 * decode / steps, 3),
+                "prefill_128_ms_median": round(1000 * float(np.median(firsts)), 2),
+                "first_tokens": runs[0][1][:8],
+                "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+            }
+
+        guarded(results, ["torch-bench", model_name, key], one)
+
+
 # ---------------------------------------------------------------- validate
 
 
@@ -948,6 +1009,8 @@ def main() -> None:
             bench(work, results, chosen, args.steps, args.ort_ops, args.static_cache, args.cuda_graph)
         elif part == "profile":
             profile(work, results, chosen, args.ort_ops)
+        elif part == "torch-bench":
+            torch_bench(results, "slice8", args.steps)
         elif part == "prefill-time":
             prefill_time(work, results, chosen, args.ort_ops, args.prefill_tokens)
         elif part == "gpu-time":
