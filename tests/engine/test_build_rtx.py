@@ -94,7 +94,8 @@ def test_ada_build_targets_sm89(artifacts, tmp_path):
 
 def test_lowered_onnx_passes_checker_and_shape_inference(artifacts, tmp_path):
     """The graph every target's lowerings hand the parser (what build writes to its scratch folder), on a MoE
-    the plugin takes (128 wide), with full and last-position logits."""
+    the plugin takes (128 wide), each with full logits and one (the plugin's) with last-position logits too:
+    the last-logits rule does not touch the MoE nodes, so one MoE lowering covers it."""
     from qwen3_compile.lower.for_tensorrt import MoeChoice, lower_for_build
     from qwen3_compile.targets import all_targets
 
@@ -102,7 +103,7 @@ def test_lowered_onnx_passes_checker_and_shape_inference(artifacts, tmp_path):
     assert lowerings == {"trt_moe", "plugin", "dense"}
     source = artifacts.plugin_sized_moe("fp16") / "model.onnx"
     for lowering in sorted(lowerings):
-        for last in (False, True):
+        for last in (False, True) if lowering == "plugin" else (False,):
             scratch = tmp_path / f"{lowering}-{last}"
             scratch.mkdir()
             lowered = lower_for_build(source, MoeChoice(lowering), scratch, last_logits=last)
