@@ -4,6 +4,7 @@ benchmarks. A backend is a name and a loader; nothing outside `backends/` branch
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -27,14 +28,37 @@ ORT_DEVICES: dict[str, str] = {"ort": "cpu", "ort-cuda": "cuda"}
 STAGE_BACKENDS: dict[str, str] = {"export": "ort", "quantize": "ort", "lower": "ort", "build": "tensorrt"}
 
 
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How an ONNX Runtime runner keeps its KV cache (`run --static-cache N [--cuda-graph]`): a static cache
+    of N positions, written in place (graphs lowered with --attention gqa), and CUDA graph capture of the
+    decode steps (ort-cuda only). The default is the runners' own growing cache."""
+
+    static_cache_length: int | None = None
+    cuda_graph: bool = False
+
+    @property
+    def default(self) -> bool:
+        return self.static_cache_length is None and not self.cuda_graph
+
+
+DEFAULT_RUNNER_OPTIONS = RunnerOptions()
+
+
 def default_backend(manifest: Manifest) -> str | None:
     if isinstance(manifest, EngineManifest):
         return manifest.tensorrt.flavour
     return STAGE_BACKENDS.get(manifest.stage)
 
 
-def open_runner(folder: Path, manifest: Manifest, backend: str | None = None) -> CausalLMRunner:
-    """A runner for the artifact in `folder` on `backend` (default: the one its stage runs on)."""
+def open_runner(
+    folder: Path,
+    manifest: Manifest,
+    backend: str | None = None,
+    options: RunnerOptions = DEFAULT_RUNNER_OPTIONS,
+) -> CausalLMRunner:
+    """A runner for the artifact in `folder` on `backend` (default: the one its stage runs on), with
+    `options` (ONNX Runtime backends only)."""
     chosen = backend or default_backend(manifest)
     if chosen is None:
         raise BadInputError(
@@ -48,4 +72,26 @@ def open_runner(folder: Path, manifest: Manifest, backend: str | None = None) ->
         raise BadInputError(
             f"unknown backend '{chosen}'.", field="--backend", fix=f"use one of: {', '.join(BACKENDS)}."
         )
-    return BACKENDS[chosen](Path(folder), manifest)
+    if options.default:
+        return BACKENDS[chosen](Path(folder), manifest)
+    if chosen not in ORT_DEVICES:
+        raise BadInputError(
+            f"--static-cache and --cuda-graph are ONNX Runtime runner options; the backend is {chosen}.",
+            field="--static-cache",
+            fix="drop them, or run an ONNX folder lowered with `lower --for ort --attention gqa` on ort / "
+            "ort-cuda.",
+        )
+    if options.cuda_graph and (chosen != "ort-cuda" or options.static_cache_length is None):
+        raise BadInputError(
+            f"CUDA graph capture replays a decode step on the GPU from a static KV cache; the backend is "
+            f"{chosen}{'' if options.static_cache_length else ', with no static cache'}.",
+            field="--cuda-graph",
+            fix="add --backend ort-cuda and --static-cache N (N at least the prompt plus the new tokens), "
+            "or drop --cuda-graph.",
+        )
+    return BACKENDS[chosen](
+        Path(folder),
+        manifest,
+        static_cache_length=options.static_cache_length,
+        enable_cuda_graph=options.cuda_graph,
+    )

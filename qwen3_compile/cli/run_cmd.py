@@ -81,6 +81,17 @@ def _echo_piece(piece, state: dict) -> None:
     "provider (onnxruntime-gpu), KV cache kept on the GPU.",
 )
 @ort_ops_option
+@click.option(
+    "--static-cache",
+    type=click.IntRange(min=1),
+    help="ONNX Runtime: a static KV cache of N positions written in place (graphs lowered with "
+    "`lower --for ort --attention gqa`; N at most the export's --max-positions): fixed shapes at every step.",
+)
+@click.option(
+    "--cuda-graph",
+    is_flag=True,
+    help="With --backend ort-cuda and --static-cache: capture a decode step as a CUDA graph and replay it.",
+)
 @stage_command
 def run_command(
     artifact: Path,
@@ -97,6 +108,8 @@ def run_command(
     seed: int | None,
     backend: str | None,
     ort_ops: Path | None,
+    static_cache: int | None,
+    cuda_graph: bool,
     as_json: bool,
 ) -> None:
     """Chat with the compiled ARTIFACT (an export, quantize or `lower --for ort` folder on ONNX Runtime,
@@ -105,6 +118,7 @@ def run_command(
     Reasoning is printed dim on stderr under "thinking:", the answer on stdout; speed at the end.
     """
     from qwen3_compile.backends.onnxruntime.op_libraries import selected_custom_ops
+    from qwen3_compile.backends.registry import RunnerOptions
     from qwen3_compile.generation.chat import ChatRequest, chat, read_prompt_file
 
     if (prompt is None) == (prompt_file is None):
@@ -120,7 +134,8 @@ def run_command(
     streaming = stream and not as_json
     on_piece = (lambda piece: _echo_piece(piece, state)) if streaming else None
     with selected_custom_ops(ort_ops, backend):
-        result = chat(artifact, request, on_piece, backend=backend)
+        options = RunnerOptions(static_cache, cuda_graph)
+        result = chat(artifact, request, on_piece, backend=backend, runner_options=options)
     if as_json:
         emit_json(result.to_dict())
         return

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen3_compile.backends.base import CausalLMRunner
-from qwen3_compile.backends.registry import open_runner
+from qwen3_compile.backends.registry import DEFAULT_RUNNER_OPTIONS, RunnerOptions, open_runner
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.storage.manifest import MANIFEST, read_manifest
 from qwen3_compile.storage.manifests import Manifest
@@ -65,13 +65,15 @@ def _max_positions(manifest: Manifest) -> int | None:
     return getattr(getattr(manifest, "options", None), "max_positions", None)
 
 
-def open_chat_artifact(folder: str | Path, backend: str | None = None) -> ChatArtifact:
+def open_chat_artifact(
+    folder: str | Path, backend: str | None = None, options: RunnerOptions = DEFAULT_RUNNER_OPTIONS
+) -> ChatArtifact:
     """Check `folder`, then load its tokenizer (the folder's own, else the packaged Qwen3 one) and runner
-    (on `backend`, default: the one its stage runs on)."""
+    (on `backend`, default: the one its stage runs on; `options`: registry.RunnerOptions)."""
     from qwen3_compile.tokenizer import load_tokenizer
 
     folder = Path(folder)
     _check_folder(folder)
     manifest = read_manifest(folder)
-    runner = open_runner(folder, manifest, backend)
+    runner = open_runner(folder, manifest, backend, options)
     return ChatArtifact(folder, manifest, runner, load_tokenizer(folder), _max_positions(manifest))

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwen3_compile.backends.registry import DEFAULT_RUNNER_OPTIONS, RunnerOptions
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.generation.artifact import ChatArtifact, open_chat_artifact
 from qwen3_compile.generation.detokenize import ReplyStreamer, StreamPiece
@@ -82,6 +83,7 @@ def chat(
     request: ChatRequest,
     on_piece: Callable[[StreamPiece], None] | None = None,
     backend: str | None = None,
+    runner_options: RunnerOptions = DEFAULT_RUNNER_OPTIONS,
 ) -> ChatResult:
     """Render the request, generate with KV-cache reuse, and split the reply by token id.
 
@@ -89,7 +91,7 @@ def chat(
     (a registry name, e.g. "ort-cuda") runs a folder given by path; default: the one its stage runs on.
     """
     if not isinstance(artifact, ChatArtifact):
-        artifact = open_chat_artifact(artifact, backend)
+        artifact = open_chat_artifact(artifact, backend, runner_options)
     tokenizer = artifact.tokenizer
     prompt_ids = render_chat(tokenizer, request.messages(), request.thinking)
     opened = bool(prompt_ids) and prompt_ids[-1] == THINK_START_ID  # Thinking-2507 templates

@@ -155,3 +155,25 @@ def test_bad_options(scripted_artifact):
     assert invoke(folder, "-p", "hi", "--top-p", 0).exit_code == 2
     assert invoke(folder, "-p", "hi", "--temperature", 0).exit_code == 2
     assert invoke(folder).exit_code == 2  # --prompt is required
+
+
+def test_static_cache_run_gives_the_canonical_reply(artifacts, tmp_path):
+    """`run --static-cache N` on tiny-moe lowered with --attention gqa: the greedy reply of the canonical
+    export, token for token; --cuda-graph off the CUDA backend, and a static cache on a graph without GQA,
+    are refused with exit 2 naming the option."""
+    from qwen3_compile.lower.stage import lower_artifact
+
+    export = artifacts.export("tiny-moe")
+    gqa = lower_artifact(export, tmp_path / "gqa", "ort", attention="gqa").directory
+    common = ["-p", "模型 🚀", "--no-think", "--greedy", "--max-new-tokens", 12, "--json"]
+    canonical = invoke(export, *common)
+    static = invoke(gqa, *common, "--static-cache", 256)
+    assert canonical.exit_code == 0 and static.exit_code == 0, canonical.output + static.output
+    expected = json.loads(canonical.stdout)
+    assert json.loads(static.stdout)["content_ids"] == expected["content_ids"]
+    assert json.loads(static.stdout)["generated_tokens"] == expected["generated_tokens"]
+
+    graph_on_cpu = invoke(gqa, *common, "--static-cache", 256, "--cuda-graph")
+    assert graph_on_cpu.exit_code == 2 and "--cuda-graph" in graph_on_cpu.output
+    not_gqa = invoke(export, *common, "--static-cache", 256)
+    assert not_gqa.exit_code == 2 and "gqa" in not_gqa.output.lower()
