@@ -83,19 +83,6 @@ class _Match:
         self.x, self.weight, self.epsilon = x, weight, epsilon
 
 
-def _constant(view: GraphView, name: str) -> np.ndarray | None:
-    """The value of an initializer or a Constant node's output."""
-    value = view.array(name)
-    if value is not None:
-        return np.asarray(value)
-    node = view.producers.get(name)
-    if node is not None and node.op_type == "Constant" and node.domain == "":
-        attrs = view.attrs(node)
-        if "value" in attrs:
-            return onnx.numpy_helper.to_array(attrs["value"])
-    return None
-
-
 def _op(view: GraphView, name: str, op_type: str) -> onnx.NodeProto | None:
     node = view.producers.get(name)
     return node if node is not None and node.op_type == op_type and node.domain == "" else None
@@ -174,10 +161,10 @@ class RmsNormToSimplifiedLayerNorm(RewriteRule):
         add = _op(view, sqrt.input[0], "Add") if sqrt is not None else None
         if add is None:
             return "not Reciprocal(Sqrt(Add(variance, eps)))"
-        eps_name = next((i for i in add.input if _constant(view, i) is not None), None)
+        eps_name = next((i for i in add.input if view.constant(i) is not None), None)
         if eps_name is None:
             return "eps is not a constant"
-        eps = _constant(view, eps_name)
+        eps = view.constant(eps_name)
         if eps.size != 1 or eps.dtype != np.float32:
             return "eps is not an fp32 scalar"
         variance = add.input[1] if add.input[0] == eps_name else add.input[0]
@@ -216,7 +203,7 @@ class RmsNormToSimplifiedLayerNorm(RewriteRule):
         if attrs.get("noop_with_empty_axes", 0):
             return "the ReduceMean has noop_with_empty_axes"
         if len(mean.input) > 1 and mean.input[1]:
-            axes = _constant(view, mean.input[1])
+            axes = view.constant(mean.input[1])
             if axes is None:
                 return "the ReduceMean's axes are not a constant"
             axes = axes.reshape(-1).tolist()

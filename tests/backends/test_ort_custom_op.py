@@ -288,6 +288,22 @@ def on_gpu(test):
     return test
 
 
+def _profiled_prefill(model, library: Path, ids: list[int]):
+    """A profiling CUDA session with the library that has run one prefill of `ids` from an empty cache."""
+    profiled = cuda_session(str(model), library, profile=True)
+    feeds = {
+        "input_ids": np.array([ids], dtype=np.int64),
+        "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
+        "position_ids": np.arange(len(ids), dtype=np.int64)[None],
+    }
+    for past in profiled.get_inputs():
+        if past.name.startswith("past_key_values."):
+            dtype = np.float16 if past.type == "tensor(float16)" else np.float32
+            feeds[past.name] = np.zeros((1, past.shape[1], 0, past.shape[3]), dtype=dtype)
+    profiled.run(["logits"], feeds)
+    return profiled
+
+
 @pytest.fixture(scope="module")
 def library(tmp_path_factory) -> Path:
     return build_library(tmp_path_factory.mktemp("qmoe-ort"))
@@ -445,18 +461,7 @@ def test_moe_export_with_the_library_matches_the_function_body_and_pytorch(artif
     lib, fn = reports["library"], reports["function body"]
     assert lib.prefill_mean_abs <= 2 * fn.prefill_mean_abs + 1e-4, f"seed {seed}: {lib} vs {fn}"
 
-    profiled = cuda_session(str(model), library, profile=True)
-    ids = prompts[2]
-    feeds = {
-        "input_ids": np.array([ids], dtype=np.int64),
-        "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
-        "position_ids": np.arange(len(ids), dtype=np.int64)[None],
-    }
-    for past in profiled.get_inputs():
-        if past.name.startswith("past_key_values."):
-            dtype = np.float16 if past.type == "tensor(float16)" else np.float32
-            feeds[past.name] = np.zeros((1, past.shape[1], 0, past.shape[3]), dtype=dtype)
-    profiled.run(["logits"], feeds)
+    profiled = _profiled_prefill(model, library, prompts[2])
     ops = profiled_ops(profiled)
     graph = onnx.load(str(model), load_external_data=False).graph
     nodes = sum(n.op_type == EXPERT_DISPATCH and n.domain == DOMAIN for n in graph.node)
@@ -665,17 +670,6 @@ def test_weight_only_artifact_with_the_library_matches_the_function_body(
     print(f"seed {seed} {recipe}: library vs function body, prefill logits {stats}")
     assert stats["rel"] <= 1e-2 and stats["top1"] >= 0.98, f"seed {seed}: {stats}"
 
-    profiled = cuda_session(str(model), library, profile=True)
-    ids = prompts[2]
-    feeds = {
-        "input_ids": np.array([ids], dtype=np.int64),
-        "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
-        "position_ids": np.arange(len(ids), dtype=np.int64)[None],
-    }
-    for past in profiled.get_inputs():
-        if past.name.startswith("past_key_values."):
-            dtype = np.float16 if past.type == "tensor(float16)" else np.float32
-            feeds[past.name] = np.zeros((1, past.shape[1], 0, past.shape[3]), dtype=dtype)
-    profiled.run(["logits"], feeds)
+    profiled = _profiled_prefill(model, library, prompts[2])
     ran = [provider for op, provider in profiled_ops(profiled) if op == WEIGHT_ONLY_EXPERT_DISPATCH]
     assert ran == ["CUDAExecutionProvider"] * 2, ran
