@@ -39,22 +39,6 @@ RULE_SETS: dict[str, list[type[RewriteRule]]] = {
         Int4MatMulToMatMulNBits,
         RmsNormToSimplifiedLayerNorm,
     ],
-    # `lower --for ort --attention gqa`: each layer's attention to one GroupQueryAttention node (after the
-    # norms, whose outputs it reads), for a static KV cache and CUDA graph capture (runner.py)
-    "ort-gqa": [
-        QuantizedExpertDispatchToOrtQMoE,
-        Int4ExpertDispatchToOrtQMoE,
-        ExpertDispatchToOrtMoE,
-        Int4MatMulToMatMulNBits,
-        RmsNormToSimplifiedLayerNorm,
-        AttentionToGroupQueryAttention,
-    ],
-    "ort-custom-op-gqa": [
-        QuantizedExpertsToWeightOnlyDispatch,
-        Int4MatMulToMatMulNBits,
-        RmsNormToSimplifiedLayerNorm,
-        AttentionToGroupQueryAttention,
-    ],
     # TensorRT without a sparse MoE kernel: the reference body inlined with unique names
     "trt-dense": [ExpertDispatchToDenseExperts],
     # TensorRT's native IMoELayer; experts it cannot take (quantized) fall back to the dense body
@@ -63,6 +47,13 @@ RULE_SETS: dict[str, list[type[RewriteRule]]] = {
     "trt-plugin": [ExpertDispatchToQwen3MoePlugin, ExpertDispatchToDenseExperts],
     # deployment graphs: logits of the last position only (`build --logits last`)
     "trt-last-logits": [LastPositionLogits],
+}
+
+
+# `lower --for ort --attention gqa`: each ORT set plus each layer's attention to one GroupQueryAttention node
+# (after the norms, whose outputs it reads), for a static KV cache and CUDA graph capture (runner.py)
+RULE_SETS |= {
+    f"{name}-gqa": [*RULE_SETS[name], AttentionToGroupQueryAttention] for name in ("ort", "ort-custom-op")
 }
 
 

@@ -181,12 +181,13 @@ class AttentionToGroupQueryAttention(RewriteRule):
         self._readers: dict[str, list[onnx.NodeProto]] = {}
         self._outputs: set[str] = set()
         self._shared_made = False
+        self._matched: dict[str, AttentionMatch] = {}  # anchor Reshape -> its match, from check to rewrite
 
     def _index(self, view: GraphView) -> None:
         if self._view is view:
             return
         self._view, self._shared_made = view, False
-        self._readers = {}
+        self._readers, self._matched = {}, {}
         for n in view.model.graph.node:
             for i in set(n.input):
                 self._readers.setdefault(i, []).append(n)
@@ -352,7 +353,10 @@ class AttentionToGroupQueryAttention(RewriteRule):
         if node.op_type != "Reshape":
             return "not a Reshape"
         found = self.match(view, node)
-        return found if isinstance(found, str) else None
+        if isinstance(found, str):
+            return found
+        self._matched[node.name] = found
+        return None
 
     def _shared(self, view: GraphView, found: AttentionMatch) -> tuple[list[onnx.NodeProto], dict]:
         """seqlens_k, total_sequence_length and the cos/sin caches: made once per graph."""
@@ -393,8 +397,7 @@ class AttentionToGroupQueryAttention(RewriteRule):
         return nodes, arrays
 
     def rewrite(self, view: GraphView, node: onnx.NodeProto) -> Replacement:
-        found = self.match(view, node)
-        assert not isinstance(found, str), found
+        found = self._matched.pop(node.name)  # check matched it just before
         nodes, arrays = self._shared(view, found)
         flat = []
         for name, heads in ((found.q_normed, found.num_heads), (found.k_normed, found.kv_num_heads)):
