@@ -47,7 +47,7 @@ from qwen3_compile.custom_ops import (
     WEIGHT_ONLY_EXPERT_DISPATCH,
     function,
 )
-from qwen3_compile.lower.quantized_experts import is_dequantized, kernel_limits, quantized_experts
+from qwen3_compile.lower.quantized_experts import activation, is_dequantized, kernel_limits, quantized_experts
 from qwen3_compile.lower.rules import GraphView, Replacement, RewriteRule
 
 
@@ -71,7 +71,9 @@ class QuantizedExpertsToWeightOnlyDispatch(RewriteRule):
             return experts
         attrs = view.attrs(node)
         try:
-            contract.MoeAttributes(int(attrs["top_k"]), bool(attrs.get("normalize", 1)), _text(attrs)).check()
+            contract.MoeAttributes(
+                int(attrs["top_k"]), bool(attrs.get("normalize", 1)), activation(attrs)
+            ).check()
         except ValueError as err:
             return str(err).removeprefix(f"{contract.PLUGIN_NAME}: ")
         return kernel_limits(experts, int(attrs["top_k"]))
@@ -93,7 +95,7 @@ class QuantizedExpertsToWeightOnlyDispatch(RewriteRule):
             domain=DOMAIN,
             top_k=int(attrs["top_k"]),
             normalize=int(attrs.get("normalize", 1)),
-            activation=_text(attrs),
+            activation=activation(attrs),
             gate_up_block_size=experts.gate_up_block,
             down_block_size=experts.down_block,
         )
@@ -103,8 +105,3 @@ class QuantizedExpertsToWeightOnlyDispatch(RewriteRule):
             opsets={DOMAIN: DOMAIN_VERSION},
             functions=[function(WEIGHT_ONLY_EXPERT_DISPATCH, opset)],
         )
-
-
-def _text(attrs: dict) -> str:
-    value = attrs.get("activation", b"silu")
-    return value.decode() if isinstance(value, bytes) else str(value)

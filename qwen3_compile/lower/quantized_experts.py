@@ -146,3 +146,9 @@ def kernel_limits(experts: QuantizedExperts, top_k: int) -> str | None:
     except ValueError as err:
         return str(err).removeprefix(f"{contract.PLUGIN_NAME}: ")
     return None
+
+
+def activation(attrs: dict) -> str:
+    """An ExpertDispatch node's `activation` attribute as text (default "silu")."""
+    value = attrs.get("activation", b"silu")
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -23,7 +23,12 @@ import onnx
 from onnx import TensorProto
 
 from qwen3_compile.custom_ops import DOMAIN, EXPERT_DISPATCH, QUANTIZED_EXPERT_DISPATCH
-from qwen3_compile.lower.quantized_experts import QuantizedExperts, kernel_limits, quantized_experts
+from qwen3_compile.lower.quantized_experts import (
+    QuantizedExperts,
+    activation,
+    kernel_limits,
+    quantized_experts,
+)
 from qwen3_compile.lower.rules import GraphView, Replacement, RewriteRule
 
 _ACT_TYPES = {TensorProto.FLOAT16: "fp16", TensorProto.BFLOAT16: "bf16"}
@@ -71,7 +76,7 @@ class ExpertDispatchToQwen3MoePlugin(RewriteRule):
                 return why
         experts, two_inter, hidden = view.initializers[weights[0][0]].dims
         try:
-            contract.MoeAttributes(int(attrs["top_k"]), bool(attrs["normalize"]), _text(attrs)).check()
+            contract.MoeAttributes(int(attrs["top_k"]), bool(attrs["normalize"]), activation(attrs)).check()
             contract.check_shapes(experts, hidden, two_inter // 2, int(attrs["top_k"]))
         except ValueError as err:
             return str(err)
@@ -90,12 +95,7 @@ class ExpertDispatchToQwen3MoePlugin(RewriteRule):
         moe = contract.make_node(
             [node.input[0], node.input[1], *weights],
             node.output[0],
-            contract.MoeAttributes(int(attrs["top_k"]), bool(attrs["normalize"]), _text(attrs)),
+            contract.MoeAttributes(int(attrs["top_k"]), bool(attrs["normalize"]), activation(attrs)),
             name=node.name,
         )
         return Replacement([moe], arrays, {contract.NODE_DOMAIN: 1})
-
-
-def _text(attrs: dict) -> str:
-    value = attrs.get("activation", b"silu")
-    return value.decode() if isinstance(value, bytes) else str(value)
