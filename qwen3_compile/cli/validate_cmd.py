@@ -32,6 +32,14 @@ BUILTIN_PPL = "<built-in>"  # what `--ppl` alone means: the shipped held-out tex
     "onnxruntime-gpu; KV cache kept on the GPU), tensorrt, tensorrt-rtx.",
 )
 @click.option(
+    "--reference-device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="Where the PyTorch reference runs (fp32 either way; on cuda with TF32 off). A quantized artifact's "
+    "recipe model stays on the CPU.",
+)
+@click.option(
     "--prompts", type=click.Path(path_type=Path), help="JSONL prompt file (default: the built-in suite)."
 )
 @click.option("--decode-steps", type=click.IntRange(min=1), default=16, show_default=True)
@@ -70,6 +78,7 @@ def validate_command(
     artifact: Path,
     reference: str,
     backend: str,
+    reference_device: str,
     prompts: Path | None,
     decode_steps: int,
     long_context_tokens: int | None,
@@ -109,6 +118,7 @@ def validate_command(
             bisect=not no_bisect,
             perplexity=ppl,
             force=force,
+            reference_device=reference_device,
             progress=default_progress(not as_json),
         )
     if as_json:

@@ -161,8 +161,10 @@ def load_model(
     dtype: torch.dtype | None = None,
     allow_nonfinite: bool = False,
     progress: Progress = NO_PROGRESS,
+    device: str = "cpu",
 ) -> LoadedModel:
-    """Load MODEL as the fp32 (or `dtype`) PyTorch reference."""
+    """Load MODEL as the fp32 (or `dtype`) PyTorch reference, on `device` ("cpu" or "cuda": runners move
+    their inputs to the model's device and return host arrays)."""
     import torch
 
     source = spec if isinstance(spec, ModelSource) else resolve_model(spec, num_layers)
@@ -174,4 +176,5 @@ def load_model(
     else:
         with progress.stage(f"random weights ({source.spec})", total=None):
             state = random_state_dict(source.arch, source.preset.seed, source.preset.outliers)
-    return LoadedModel(source, build_reference_model(source.arch, state, dtype))
+    model = build_reference_model(source.arch, state, dtype)
+    return LoadedModel(source, model if device == "cpu" else model.to(device))

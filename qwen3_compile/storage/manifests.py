@@ -273,6 +273,7 @@ class ValidationRecord:
     artifact: str
     model_sha256: str | None = None  # of the validated graph: a report beside another model is refused
     reference: str
+    reference_device: str = "cpu"  # where the PyTorch reference ran
     backend: str
     backend_settings: Json  # how the backend ran the artifact (ORT's session options)
     passed: bool

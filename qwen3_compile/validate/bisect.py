@@ -38,7 +38,7 @@ def reference_layer_outputs(
 ) -> list[np.ndarray]:
     """[layer] -> concatenated [positions, H] outputs over all prompts. `cache_factory`: a cache to run
     through (a quantizing KV cache changes the attention's keys and values), else none."""
-    from qwen3_compile.backends.torch_reference import cache_argument
+    from qwen3_compile.backends.torch_reference import cache_argument, model_device
 
     captured: dict[int, list[np.ndarray]] = {}
     layers = loaded.model.model.layers
@@ -46,19 +46,20 @@ def reference_layer_outputs(
     def hook(index):
         def record(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            captured.setdefault(index, []).append(hidden[0].detach().float().numpy())
+            captured.setdefault(index, []).append(hidden[0].detach().float().cpu().numpy())
 
         return record
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    device = model_device(loaded.model)
     try:
         with torch.no_grad():
             for ids in prompts:
                 if cache_factory is None:
-                    loaded.model(torch.tensor([ids]), use_cache=False)
+                    loaded.model(torch.tensor([ids], device=device), use_cache=False)
                 else:
                     cache = {cache_argument(loaded.model): cache_factory()}
-                    loaded.model(torch.tensor([ids]), use_cache=True, **cache)
+                    loaded.model(torch.tensor([ids], device=device), use_cache=True, **cache)
     finally:
         for handle in handles:
             handle.remove()

@@ -229,7 +229,7 @@ def recipe_reference(
             if arch.tie_word_embeddings and name == "lm_head.weight":
                 continue
             # the export's weights (fp16 exports round them), folded as the quantizer folds them
-            t = _transformed(name, tensor.detach().to(graph_dtype).clone(), transforms).float()
+            t = _transformed(name, tensor.detach().cpu().to(graph_dtype).clone(), transforms).float()
             if t.ndim >= 2 and recipe.select.selects(name) and name != "lm_head.weight":
                 t = fake_quant_weight(t, recipe, graph_dtype)
             state[name] = t

@@ -30,7 +30,8 @@ def render_markdown(data: dict) -> str:
     lines = [
         f"# Validation: {verdict}",
         "",
-        f"Artifact `{data['artifact']}` ({data['backend']}) against `{data['reference']}` (PyTorch fp32), "
+        f"Artifact `{data['artifact']}` ({data['backend']}) against `{data['reference']}` "
+        f"(PyTorch fp32 on {data['reference_device']}), "
         f"modes: {', '.join(data['modes'])}. Gates: {data['gates_source']}.",
         "",
     ]

@@ -15,7 +15,7 @@ from qwen3_compile.backends.base import generate, left_padded_batch
 from qwen3_compile.backends.onnxruntime.op_libraries import describe_libraries
 from qwen3_compile.backends.onnxruntime.settings import ort_optimization, ort_session_config
 from qwen3_compile.backends.registry import ORT_DEVICES, open_runner
-from qwen3_compile.backends.torch_reference import TorchRunner
+from qwen3_compile.backends.torch_reference import TorchRunner, model_device, require_reference_device
 from qwen3_compile.environment import environment
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.models.loading import LoadedModel, load_model, resolve_model
@@ -134,6 +134,7 @@ class ValidationReport:
     backend_settings: dict[str, Any] = field(default_factory=dict)  # how the backend ran it (ORT's session)
     perplexity: PerplexityResult | None = None
     recipe_check: RecipeCheck | None = None
+    reference_device: str = "cpu"  # where the PyTorch reference ran (fp32; on CUDA with TF32 off)
 
     @property
     def passed(self) -> bool:
@@ -156,6 +157,7 @@ class ValidationReport:
             "artifact": self.artifact,
             "model_sha256": self.model_sha256,
             "reference": self.reference,
+            "reference_device": self.reference_device,
             "backend": self.backend,
             "backend_settings": self.backend_settings,
             "passed": self.passed,
@@ -331,12 +333,14 @@ def validate_artifact(
     perplexity: PerplexityRequest | None = None,
     recipe_check: bool = True,
     force: bool = False,
+    reference_device: str = "cpu",
     progress: Progress = NO_PROGRESS,
 ) -> ValidationReport:
     """Validate `artifact` (a folder with manifest.json) against `reference` (preset, checkpoint, or an
     already loaded reference model), and with `perplexity` also on a text. The report goes to `output`, by
     default the artifact's own report slot ARTIFACT/validation, which each validation replaces; any other
-    existing folder needs `force`."""
+    existing folder needs `force`. `reference_device`: where a reference loaded here runs ("cuda": the
+    float model on the GPU in fp32, TF32 off; a quantized artifact's recipe model stays on the CPU)."""
     from qwen3_compile.validate.report import write_report
 
     artifact = Path(artifact)
@@ -348,6 +352,7 @@ def validate_artifact(
         given = [Path(reference)] if isinstance(reference, (str, Path)) and Path(reference).is_dir() else []
         check_not_an_input(out, [artifact, *given])
     refuse_existing(out, force)
+    require_reference_device(reference_device)
     manifest = read_manifest(artifact)
     graph_file = "model.onnx" if "model.onnx" in manifest.outputs else "model.plan"
     verify_outputs(artifact, manifest, (graph_file,))
@@ -367,7 +372,7 @@ def validate_artifact(
     )
     if long_tokens > 0:
         cases.append(long_context_case(tokenizer, long_tokens))
-    loaded = loaded or load_model(source, progress=progress)
+    loaded = loaded or load_model(source, progress=progress, device=reference_device)
     runner = TorchRunner(loaded)
     own = _recipe_reference(loaded, artifact, manifest) if recipe_check else None
     own_runner = RecipeRunner(own) if own is not None else None
@@ -424,6 +429,7 @@ def validate_artifact(
         bisection,
         perplexity=ppl,
         recipe_check=check,
+        reference_device=model_device(loaded.model).type,
     )
     model_hash = manifest.outputs[graph_file].sha256  # checked against the file before the run
     settings = (

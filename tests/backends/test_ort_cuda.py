@@ -111,3 +111,32 @@ def test_validate_command_on_ort_cuda(artifacts, tmp_path):
     assert report["backend_settings"]["device"] == "cuda"
     assert report["backend_settings"]["providers"]["CUDAExecutionProvider"]["use_tf32"] == "0"
     assert report["bisection"] is not None and report["bisection"]["first_diverging_layer"] is None
+
+
+def test_reference_on_the_gpu_equals_the_cpu_reference(artifacts, prompts):
+    """`validate --reference-device cuda`: the fp32 PyTorch model on the GPU (TF32 off) gives the CPU
+    reference's logits to summation order."""
+    from qwen3_compile.backends.base import generate, left_padded_batch
+    from qwen3_compile.backends.torch_reference import require_reference_device
+    from qwen3_compile.models.loading import load_model
+    from qwen3_compile.tokenizer import ENDOFTEXT_ID
+
+    require_reference_device("cuda")
+    batch = left_padded_batch(prompts[0][:4], ENDOFTEXT_ID)
+    cpu = generate(TorchRunner(artifacts.loaded("tiny-moe")), batch, 8)
+    gpu = generate(TorchRunner(load_model("tiny-moe", device="cuda")), batch, 8)
+    real = batch.attention_mask.astype(bool)
+    assert np.abs(cpu.prefill_logits[real] - gpu.prefill_logits[real]).max() <= 1e-4
+    assert np.array_equal(cpu.tokens, gpu.tokens)
+
+
+def test_validate_with_the_reference_on_the_gpu(artifacts, tmp_path):
+    folder = artifacts.export("tiny-moe", "fp16")
+    out = tmp_path / "report"
+    args = ["validate", str(folder), "--reference", "tiny-moe", "--backend", "ort-cuda"]
+    args += ["--reference-device", "cuda", "--long-context-tokens", "300", "-o", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["reference_device"] == "cuda" and report["passed"]
+    assert "PyTorch fp32 on cuda" in (out / "report.md").read_text()

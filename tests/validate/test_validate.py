@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
+import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
 
@@ -56,6 +57,7 @@ def test_exported_artifact_passes(artifact, artifacts, tmp_path):
     assert report.passed, report.failures
     data = json.loads((tmp_path / "report" / "report.json").read_text())
     assert data["passed"] and data["modes"] == ["non-thinking", "thinking"]
+    assert data["reference_device"] == "cpu"
     assert {c["category"] for c in data["cases"]} >= {
         "multilingual",
         "code",
@@ -153,6 +155,16 @@ def test_backend_not_installed(artifact):
     )
     assert result.exit_code == 2
     assert "not installed" in result.output or "not available yet" in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_reference_device_cuda_without_a_gpu_is_refused(artifact, tmp_path):
+    out = tmp_path / "report"
+    args = ["validate", str(artifact), "--reference", "tiny-moe", "--reference-device", "cuda", "-o", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "--reference-device" in result.output and "no CUDA GPU" in result.output
+    assert not out.exists()  # refused before anything is written
 
 
 def test_prompt_file_bad_json(artifact, tmp_path):
