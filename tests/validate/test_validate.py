@@ -160,7 +160,8 @@ def test_backend_not_installed(artifact):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_reference_device_cuda_without_a_gpu_is_refused(artifact, tmp_path):
     out = tmp_path / "report"
-    args = ["validate", str(artifact), "--reference", "tiny-moe", "--reference-device", "cuda", "-o", str(out)]
+    args = ["validate", str(artifact), "--reference", "tiny-moe", "--reference-device", "cuda"]
+    args += ["-o", str(out)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
     assert "--reference-device" in result.output and "no CUDA GPU" in result.output
