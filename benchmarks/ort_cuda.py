@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 SLICE = "qwen3-30b-a3b"
+Q06 = "qwen3-0.6b"  # its 2-layer slice (dense)
 
 
 @dataclass(frozen=True)
@@ -85,12 +86,22 @@ ARTIFACTS = {
     "slice8-fp16-norm-gqa": Spec(
         SLICE, "fp16", "slice8-fp16", layers=8, moe_lowering="custom-op", attention="gqa"
     ),
+    # GPU parity (validate-matrix): every model in fp16 and bf16, MoE through the ExpertDispatch body, our
+    # custom op (the canonical graph with --ort-ops) and ORT's MoE (`--moe-lowering ort-moe`)
+    "tiny-moe-bf16": Spec("tiny-moe", "bf16"),
+    "tiny-moe-fp16-moe": Spec("tiny-moe", "fp16", "tiny-moe-fp16", moe_lowering="ort-moe"),
+    "tiny-moe-bf16-moe": Spec("tiny-moe", "bf16", "tiny-moe-bf16", moe_lowering="ort-moe"),
+    "q06-fp16": Spec(Q06, "fp16", layers=2),
+    "q06-bf16": Spec(Q06, "bf16", layers=2),
+    "slice8-bf16": Spec(SLICE, "bf16", layers=8),
+    "slice8-bf16-moe": Spec(SLICE, "bf16", "slice8-bf16", layers=8, moe_lowering="ort-moe"),
 }
 MODELS = {
     "tiny-dense": ("tiny-dense", None),
     "tiny-moe": ("tiny-moe", None),
     "slice": (SLICE, 2),
     "slice8": (SLICE, 8),
+    Q06: (Q06, 2),
 }
 TORCH_VARIANTS = ("cpu-fp32", "cuda-fp32", "cuda-fp32-tf32", "cuda-fp16")
 # name -> (device, use_tf32, graph optimization level; None: the artifact's recorded one)
@@ -838,6 +849,214 @@ def torch_bench(results: Results, model_name: str, steps: int) -> None:
         guarded(results, ["torch-bench", model_name, key], one)
 
 
+# ---------------------------------------------------------------- same-method decode loop (steps)
+
+
+def timed_steps(step, first: int, count: int) -> tuple[float, list[int]]:
+    """Host clock over `count` greedy steps; `step(token, position) -> next token` as a Python int (so each
+    step ends with the token on the host, as a streaming loop needs it)."""
+    token, position, tokens = first, len(BENCH_PROMPT), []
+    start = time.perf_counter()
+    for _ in range(count):
+        token = step(token, position)
+        position += 1
+        tokens.append(token)
+    return time.perf_counter() - start, tokens
+
+
+def ort_stepper(work: Path, name: str, ort_ops: Path | None, static_cache: int):
+    """(prefill() -> first token, step) for a GQA artifact on a static cache with CUDA graph capture."""
+    runner = _bench_runner(work, name, ort_ops, "ort-cuda", static_cache, True)
+    state = {}
+
+    def prefill() -> int:
+        ids = np.array([BENCH_PROMPT], dtype=np.int64)
+        logits, state["cache"] = runner.forward(
+            ids, np.ones_like(ids), np.arange(ids.shape[1])[None], runner.empty_cache(1)
+        )
+        return int(logits[0, -1].argmax())
+
+    def step(token: int, position: int) -> int:
+        ids = np.array([[token]], dtype=np.int64)
+        mask = np.ones((1, position + 1), dtype=np.int64)
+        logits, state["cache"] = runner.forward(ids, mask, np.array([[position]]), state["cache"])
+        return int(logits[0, -1].argmax())
+
+    return prefill, step
+
+
+def torch_stepper(model, static_cache: int):
+    """transformers' model (fp16, its batched_mm experts) on its StaticCache, the decode step compiled with
+    torch.compile(mode="reduce-overhead") (CUDA graphs), greedy argmax on the GPU, the token read back."""
+    import torch
+    from transformers import StaticCache
+
+    from qwen3_compile.backends.torch_reference import cache_argument
+
+    cache = StaticCache(config=model.config, max_cache_len=static_cache)
+    kwarg = cache_argument(model)
+
+    def forward(ids, positions):
+        out = model(
+            input_ids=ids,
+            position_ids=positions,
+            cache_position=positions[0],
+            use_cache=True,
+            **{kwarg: cache},
+        )
+        return out.logits[:, -1].argmax(-1)
+
+    compiled = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
+
+    def prefill() -> int:
+        cache.reset()
+        with torch.no_grad():
+            ids = torch.tensor([BENCH_PROMPT], device="cuda")
+            return int(forward(ids, torch.arange(ids.shape[1], device="cuda")[None]))
+
+    def step(token: int, position: int) -> int:
+        with torch.no_grad():
+            ids = torch.tensor([[token]], device="cuda")
+            return int(compiled(ids, torch.tensor([[position]], device="cuda")))
+
+    return prefill, step
+
+
+def weight_bytes_per_token(arch, dtype_bytes: int = 2) -> int:
+    """Weights one decode step reads at batch 1: every non-expert matrix, the router, the top-k experts of
+    each layer (k distinct experts), lm_head; not the embedding table (one row is gathered)."""
+    h = arch.hidden_size
+    attn = h * arch.q_dim + 2 * h * arch.kv_dim + arch.q_dim * h
+    experts = arch.top_k * 3 * h * arch.moe_intermediate_size + arch.num_experts * h
+    return dtype_bytes * (arch.num_layers * (attn + experts) + arch.vocab_size * h)
+
+
+def copy_bandwidth(reps: int = 5) -> list[float]:
+    """Device-to-device copy of 2 GB, CUDA events: bytes read + written per second, each repetition."""
+    import torch
+
+    src = torch.empty(1 << 30, dtype=torch.int16, device="cuda")
+    dst = torch.empty_like(src)
+    out = []
+    for _ in range(reps + 1):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        out.append(2 * src.numel() * 2 / (a.elapsed_time(b) / 1000))
+    return out[1:]
+
+
+def steps(work: Path, results: Results, artifacts: list[str], ort_ops: Path | None, count: int) -> None:
+    """steps part: every contender decodes `count` greedy tokens after the bench prompt through ONE loop
+    (`timed_steps`: host clock, token on the host each step), each captured in a CUDA graph, warmed up
+    the same way (a prefill and `count` steps, compilation included), in interleaved rounds: our custom
+    op and ORT's MoE (GQA artifacts on a static cache) and transformers (compiled, static cache)."""
+    import torch
+
+    from qwen3_compile.models.loading import load_model, resolve_model
+
+    static = len(BENCH_PROMPT) + count + 8
+    contenders = {}
+    for name in artifacts:
+        if ARTIFACTS[name].attention != "gqa":
+            continue
+        ops = ort_ops if ARTIFACTS[name].keeps_expert_dispatch else None
+        contenders[name + ("+ops" if ops else "")] = lambda name=name, ops=ops: ort_stepper(
+            work, name, ops, static
+        )
+    preset, layers = MODELS["slice8"]
+    model = load_model(preset, num_layers=layers, dtype=torch.float16, device="cuda").model.eval()
+    model.set_experts_implementation("batched_mm")
+    contenders["transformers-batched_mm-static-compiled"] = lambda: torch_stepper(model, static)
+    ready = {}
+    for key, make in contenders.items():
+
+        def warm(make=make, key=key) -> dict:
+            prefill, step = make()
+            start = time.perf_counter()
+            timed_steps(step, prefill(), count)
+            ready[key] = (prefill, step)
+            return {"warm_up_s": round(time.perf_counter() - start, 1)}
+
+        guarded(results, ["steps", "warm-up", key], warm)
+    rates: dict[str, list[float]] = {k: [] for k in ready}
+    firsts: dict[str, list[int]] = {}
+    for _ in range(3):
+        for key, (prefill, step) in ready.items():
+            torch.cuda.synchronize()
+            seconds, tokens = timed_steps(step, prefill(), count)
+            rates[key].append(round(count / seconds, 1))
+            firsts[key] = tokens[:16]
+    bandwidth = copy_bandwidth()
+    arch = resolve_model(preset, layers).arch
+    roofline = float(np.median(bandwidth)) / weight_bytes_per_token(arch)
+    results.put(
+        ["steps", "summary"],
+        {
+            "count": count,
+            "tokens_per_s_by_round": rates,
+            "median_tokens_per_s": {k: float(np.median(v)) for k, v in rates.items()},
+            "first_tokens": firsts,
+            "same_tokens": len({tuple(v) for v in firsts.values()}) == 1,
+            "copy_bandwidth_gb_s": [round(b / 1e9, 1) for b in bandwidth],
+            "weight_bytes_per_token": weight_bytes_per_token(arch),
+            "roofline_tokens_per_s": round(roofline, 1),
+            "peak_gpu_memory_gb_torch": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+        },
+    )
+
+
+def kernel_cupti(results: Results, ort_ops: Path | None, count: int = 64) -> None:
+    """kernel-cupti part: our MoE kernels called standalone (libqmoe.so beside libqmoe_ort.so, the same
+    objects) at the slice's decode shape, fp16, T=1, cycling through 8 weight sets as the 8 layers do,
+    `count` rounds; CUPTI kernel time per call through torch.profiler, the method gpu-time uses inside ORT."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from qwen3_compile.kernels import moe as kmoe
+    from qwen3_compile.models.presets import get_preset
+
+    arch = get_preset(SLICE).arch
+    h, inter, e, k = arch.hidden_size, arch.moe_intermediate_size, arch.num_experts, arch.top_k
+    library = str(Path(ort_ops).with_name("libqmoe.so")) if ort_ops else None
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    layers = [
+        (
+            torch.randn(e, 2 * inter, h, device="cuda", dtype=torch.float16, generator=gen) * h**-0.5,
+            torch.randn(e, h, inter, device="cuda", dtype=torch.float16, generator=gen) * inter**-0.5,
+        )
+        for _ in range(8)
+    ]
+    xs = [torch.randn(1, h, device="cuda", dtype=torch.float16, generator=gen) for _ in range(8)]
+    logits = [torch.randn(1, e, device="cuda", dtype=torch.float32, generator=gen) for _ in range(8)]
+    outs = [torch.empty_like(x) for x in xs]
+
+    def run(rounds: int) -> None:
+        for _ in range(rounds):
+            for (gu, dn), x, lg, o in zip(layers, xs, logits, outs, strict=True):
+                kmoe.moe_forward(x, lg, gu, dn, k, True, out=o, library=library)
+        torch.cuda.synchronize()
+
+    run(4)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run(count)
+    by_kernel = _kernel_times(prof)
+    per_call = {name: us / (8 * count) for name, us in by_kernel.items()}
+    results.put(
+        ["kernel-cupti"],
+        {
+            "calls": 8 * count,
+            "us_per_call_all_kernels": round(sum(per_call.values()), 2),
+            "us_per_call_by_kernel": {
+                n[:120]: round(v, 2) for n, v in sorted(per_call.items(), key=lambda kv: -kv[1])
+            },
+            "library": library or "built for this GPU",
+        },
+    )
+
+
 # ---------------------------------------------------------------- validate
 
 
@@ -912,6 +1131,73 @@ def validate_slice(work: Path, results: Results, artifacts: list[str], long_toke
     loaded = load_model(SLICE, num_layers=2)
     for name in artifacts:
         guarded(results, ["validate", name], validate_one, work, name, loaded, long_tokens)
+
+
+def matrix_paths(name: str, ort_ops: Path | None) -> list[tuple[str, Path | None]]:
+    """How `validate-matrix` runs an artifact: (label, custom-op library or None). A MoE graph that keeps
+    ExpertDispatch runs twice: ORT's inlined function body (dense experts) and our custom op."""
+    spec = ARTIFACTS[name]
+    if spec.lowered_from is not None:
+        return [(spec.moe_lowering or "lowered", None)]
+    if "moe" in spec.preset or spec.preset == SLICE:
+        return [("body", None)] + ([("custom-op", ort_ops)] if ort_ops is not None else [])
+    return [("dense", None)]
+
+
+def validate_matrix(
+    work: Path, results: Results, artifacts: list[str], ort_ops: Path | None, long_tokens: int
+):
+    """GPU parity: `validate --backend ort-cuda --reference-device cuda` (the fp32 PyTorch reference on the
+    same GPU, TF32 off; each model's reference loaded once, its greedy runs reused across artifacts) of every
+    artifact through each of its MoE paths, the dtype's default gates, both reasoning modes."""
+    import torch
+
+    from qwen3_compile.backends.onnxruntime.op_libraries import selected_custom_ops
+    from qwen3_compile.backends.torch_reference import require_reference_device
+    from qwen3_compile.models.loading import load_model
+    from qwen3_compile.validate.stage import validate_artifact
+
+    require_reference_device("cuda")
+    for model in dict.fromkeys(ARTIFACTS[a].model for a in artifacts):
+        preset, layers = MODELS[model]
+        start = time.perf_counter()
+        loaded = load_model(preset, num_layers=layers, device="cuda")
+        log("reference on cuda", model, round(time.perf_counter() - start, 1))
+        for name in [a for a in artifacts if ARTIFACTS[a].model == model]:
+            for label, ops in matrix_paths(name, ort_ops):
+
+                def one(name=name, label=label, ops=ops, loaded=loaded) -> dict:
+                    began = time.perf_counter()
+                    with selected_custom_ops(ops, "ort-cuda"):
+                        report = validate_artifact(
+                            work / name,
+                            loaded,
+                            backend="ort-cuda",
+                            long_context_tokens=long_tokens,
+                            output=work / f"validation-{name}-{label}",
+                            force=True,
+                        )
+                    data = report.to_dict()
+                    keep = (
+                        "passed",
+                        "failures",
+                        "summary",
+                        "gates",
+                        "reference_device",
+                        "modes",
+                        "bisection",
+                    )
+                    return {k: data[k] for k in keep} | {
+                        "seconds": round(time.perf_counter() - began, 1),
+                        "custom_ops": data["backend_settings"].get("custom_ops"),
+                    }
+
+                guarded(results, ["validate-matrix", name, label], one)
+                log(
+                    "validate-matrix", name, label, results.data["validate-matrix"][name][label].get("passed")
+                )
+        del loaded
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------- main
@@ -1017,6 +1303,12 @@ def main() -> None:
             gpu_time(work, results, chosen, args.ort_ops, args.static_cache or 512)
         elif part == "validate-tiny":
             validate_tiny(work, results, out, [a for a in chosen if ARTIFACTS[a].model != "slice"])
+        elif part == "steps":
+            steps(work, results, chosen, args.ort_ops, args.steps)
+        elif part == "kernel-cupti":
+            kernel_cupti(results, args.ort_ops)
+        elif part == "validate-matrix":
+            validate_matrix(work, results, chosen, args.ort_ops, args.long_context_tokens)
         elif part == "validate-slice":
             slices = [a for a in ("slice-fp32-ort", "slice-fp16", "slice-fp32") if a in chosen]
             validate_slice(work, results, slices, args.long_context_tokens)

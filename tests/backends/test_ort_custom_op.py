@@ -552,6 +552,9 @@ WEIGHT_ONLY_CASES = [
     # (act, logits dtype, weights, group, scale dtype, E, k, H, I, token counts); int4 runs the GEMV kernels
     # at every token count, int8 GEMV / single-token / mma.sync
     ("fp16", "fp32", "int8", 0, "fp16", 16, 4, 256, 128, (0, 1, 7, 300)),
+    # the kernels' smallest shapes, those of the qmoe-sized MoE the artifact test quantizes
+    ("fp16", "fp32", "int8", 0, "fp16", 8, 2, 128, 64, (1, 5, 37, 200, 243)),
+    ("fp16", "fp32", "int4", 32, "fp16", 8, 2, 128, 64, (1, 5, 37, 200, 243)),
     ("bf16", "bf16", "int8", 0, "fp32", 128, 8, 2048, 768, (1, 16, 512)),
     ("fp16", "fp16", "int4", 128, "fp16", 128, 8, 2048, 768, (1, 16, 64)),
     ("bf16", "fp32", "int4", 32, "fp32", 16, 4, 256, 128, (1, 7, 300)),
