@@ -43,7 +43,7 @@ os.symlink(lib, '/root/qmoe-ort/libqmoe_ort.so') if not lib.name == 'libqmoe_ort
     fi
     setsid nohup bash -c "cmake -S /root/qmoe-src -B /root/qmoe-ort -DQMOE_ARCHS=90 -DCMAKE_BUILD_TYPE=Release \
         -DORT_INCLUDE_DIR=/root/ort-headers -DCMAKE_CUDA_COMPILER=\$(command -v nvcc || echo /usr/local/cuda/bin/nvcc) \
-        && cmake --build /root/qmoe-ort --target qmoe_ort -j 8" >/root/qmoe-ort.log 2>&1 </dev/null &
+        && cmake --build /root/qmoe-ort --target qmoe_ort qmoe -j 8" >/root/qmoe-ort.log 2>&1 </dev/null &
     echo "build-ops started: pid $!"
     ;;
 install)
