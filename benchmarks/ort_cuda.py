@@ -49,6 +49,7 @@ class Spec:
     layers: int | None = None
     moe_lowering: str | None = None  # custom-op: the norms fused, ExpertDispatch kept for --ort-ops
     attention: str = "standard"  # gqa: `lower --attention gqa` (GroupQueryAttention, static cache)
+    logits: str = "all"  # last: `lower --logits last` (a deployment graph: run, bench; not validate)
 
     @property
     def keeps_expert_dispatch(self) -> bool:
@@ -85,6 +86,13 @@ ARTIFACTS = {
     "slice8-fp16-gqa": Spec(SLICE, "fp16", "slice8-fp16", layers=8, attention="gqa"),
     "slice8-fp16-norm-gqa": Spec(
         SLICE, "fp16", "slice8-fp16", layers=8, moe_lowering="custom-op", attention="gqa"
+    ),
+    # deployment graphs (`--logits last`): the same decode step; the prefill computes and copies one row
+    "slice8-fp16-norm-gqa-last": Spec(
+        SLICE, "fp16", "slice8-fp16", layers=8, moe_lowering="custom-op", attention="gqa", logits="last"
+    ),
+    "slice8-fp16-moe-gqa-last": Spec(
+        SLICE, "fp16", "slice8-fp16", layers=8, moe_lowering="ort-moe", attention="gqa", logits="last"
     ),
     # GPU parity (validate-matrix): every model in fp16 and bf16, MoE through the ExpertDispatch body, our
     # custom op (the canonical graph with --ort-ops) and ORT's MoE (`--moe-lowering ort-moe`)
@@ -194,6 +202,7 @@ def export_all(work: Path, with_slice: bool, only: list[str] | None = None) -> d
                     "ort",
                     moe_lowering=spec.moe_lowering,
                     attention=spec.attention,
+                    logits=spec.logits,
                 )
             else:
                 export_onnx(spec.preset, folder, ExportOptions(dtype=spec.dtype), num_layers=spec.layers)

@@ -35,6 +35,14 @@ from qwen3_compile.cli.common import emit_json, stage_command, target_option
     help="ONNX Runtime: standard (attention as exported) or gqa (one com.microsoft::GroupQueryAttention per "
     "layer; takes unpadded or right-padded batches, and a static KV cache: docs/gpu.md).",
 )
+@click.option(
+    "--logits",
+    type=click.Choice(["all", "last"]),
+    default="all",
+    show_default=True,
+    help="all: logits for every position (what validate compares); last: the last position's only, a "
+    "deployment graph for `run` (no prompt-length logits to compute or copy; validate refuses it).",
+)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output directory.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @stage_command
@@ -44,6 +52,7 @@ def lower_command(
     target: str | None,
     moe_lowering: str | None,
     attention: str,
+    logits: str,
     output: Path,
     force: bool,
     as_json: bool,
@@ -64,6 +73,7 @@ def lower_command(
         target=target,
         moe_lowering=moe_lowering,
         attention=attention,
+        logits=logits,
         force=force,
         progress=default_progress(not as_json),
     )
@@ -77,6 +87,7 @@ def lower_command(
                 "declined": result.report.declined,
                 "moe_lowering": result.moe.lowering if result.moe else None,
                 "attention": attention,
+                "logits": logits,
                 "op_histogram": result.op_histogram,
             }
         )

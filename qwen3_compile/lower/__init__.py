@@ -7,6 +7,7 @@ from pathlib import Path
 import onnx
 
 from qwen3_compile.errors import BadInputError
+from qwen3_compile.lower.last_logits import LastPositionLogits
 from qwen3_compile.lower.ort_custom_op_moe import QuantizedExpertsToWeightOnlyDispatch
 from qwen3_compile.lower.ort_gqa import AttentionToGroupQueryAttention
 from qwen3_compile.lower.ort_matmul_nbits import Int4MatMulToMatMulNBits
@@ -16,7 +17,6 @@ from qwen3_compile.lower.ort_qmoe_int4 import Int4ExpertDispatchToOrtQMoE
 from qwen3_compile.lower.ort_rms_norm import RmsNormToSimplifiedLayerNorm
 from qwen3_compile.lower.rules import RewriteReport, RewriteRule, apply_rules
 from qwen3_compile.lower.trt_dense_moe import ExpertDispatchToDenseExperts
-from qwen3_compile.lower.trt_last_logits import LastPositionLogits
 from qwen3_compile.lower.trt_moe import ExpertDispatchToTrtMoE
 from qwen3_compile.lower.trt_plugin_moe import ExpertDispatchToQwen3MoePlugin
 from qwen3_compile.storage.external_data import ExternalDataWriter
@@ -45,8 +45,8 @@ RULE_SETS: dict[str, list[type[RewriteRule]]] = {
     "trt-moe": [ExpertDispatchToTrtMoE, ExpertDispatchToDenseExperts],
     # the project's qmoe plugin (fp16/bf16 activations, kernel-supported shapes); the rest dense
     "trt-plugin": [ExpertDispatchToQwen3MoePlugin, ExpertDispatchToDenseExperts],
-    # deployment graphs: logits of the last position only (`build --logits last`)
-    "trt-last-logits": [LastPositionLogits],
+    # deployment graphs: logits of the last position only (`build --logits last`, `lower --logits last`)
+    "last-logits": [LastPositionLogits],
 }
 
 

@@ -113,7 +113,7 @@ def lower_for_build(
     from qwen3_compile.lower import RULE_SETS
 
     rules = [] if choice.lowering == "none" else [r() for r in RULE_SETS[RULE_SET[choice.lowering]]]
-    rules += [r() for r in RULE_SETS["trt-last-logits"]] if last_logits else []
+    rules += [r() for r in RULE_SETS["last-logits"]] if last_logits else []
     if not rules and keep_input:
         model = load_graph(model_path)
         return LoweredModel(model_path, {"applied": {}, "declined": {}}, op_histogram(model), choice)

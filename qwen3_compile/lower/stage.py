@@ -55,6 +55,7 @@ LOWERABLE_STAGES = ("export", "quantize")
 ORT_MOE_LOWERINGS = ("ort-moe", "custom-op")
 # ONNX Runtime's attention: as exported, or GroupQueryAttention (lower/ort_gqa.py)
 ATTENTIONS = ("standard", "gqa")
+LOGITS = ("all", "last")  # every position (validation graphs) or the last (deployment graphs)
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ def _lower(
     moe_lowering: str | None = None,
     attention: str = "standard",
     max_positions: int | None = None,
+    logits: str = "all",
 ) -> tuple[dict, dict, MoeChoice | None]:
     """(rewrite report, op histogram, the MoE lowering the graph got) of the lowered copy in `out_dir`."""
     if runtime == "ort":
@@ -144,9 +146,10 @@ def _lower(
         rule_set += "-gqa" if attention == "gqa" else ""
         # an explicit ort-moe also lowers fp16 experts (ORT's CUDA MoE; its CPU kernel is fp32-only)
         rules = make_rules(rule_set, max_positions=max_positions, half_experts=moe_lowering == "ort-moe")
+        rules += make_rules("last-logits") if logits == "last" else []
         graph = rewrite_file(model_path, rules, out_dir, what=rule_set)
         return graph.report.to_dict(), graph.op_histogram, None
-    lowered = lower_for_build(model_path, choice, out_dir, keep_input=False)
+    lowered = lower_for_build(model_path, choice, out_dir, logits == "last", keep_input=False)
     return lowered.report, lowered.op_histogram, lowered.moe
 
 
@@ -158,10 +161,13 @@ def lower_artifact(
     target: str | None = None,
     moe_lowering: str | None = None,
     attention: str = "standard",
+    logits: str = "all",
     force: bool = False,
     progress: Progress = NO_PROGRESS,
 ) -> LoweredArtifact:
-    """Write `output`: the graph of `artifact` (an export or quantize folder) lowered for `runtime`."""
+    """Write `output`: the graph of `artifact` (an export or quantize folder) lowered for `runtime`.
+    `logits="last"`: a deployment graph whose logits are the last position's only (`run` takes it,
+    `validate` refuses it: it compares every position)."""
     artifact, output = Path(artifact), Path(output)
     if runtime not in RUNTIMES:
         raise BadInputError(
@@ -187,6 +193,10 @@ def lower_artifact(
             field="--attention",
             fix="drop it, or use --for ort.",
         )
+    if logits not in LOGITS:
+        raise BadInputError(
+            f"unknown --logits {logits!r}.", field="--logits", fix=f"use one of: {', '.join(LOGITS)}."
+        )
     chosen_target = get_target(target) if target else None
     check_not_an_input(output, [artifact])
     manifest = _read_source(artifact)
@@ -204,6 +214,7 @@ def lower_artifact(
                 moe_lowering,
                 attention,
                 manifest.options.max_positions,
+                logits,
             )
         copy_side_files(artifact, tmp, skip=(MODEL_FILE, MANIFEST, CALIBRATION_FILE))
         lowering = LoweringRecord(
@@ -233,6 +244,7 @@ def lower_artifact(
                 target=target,
                 moe_lowering=moe_lowering,
                 attention=attention,
+                logits=logits,
             ),
             architecture=manifest.architecture,
             op_histogram=histogram,

@@ -122,6 +122,8 @@ class LowerOptions(GraphOptions):
     moe_lowering: str | None = None
     # ONNX Runtime: attention as exported (standard ops) or one GroupQueryAttention per layer
     attention: Literal["standard", "gqa"] = "standard"
+    # logits of every position (what validate compares) or of the last only (a deployment graph)
+    logits: Literal["all", "last"] = "all"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -354,6 +354,14 @@ def validate_artifact(
     refuse_existing(out, force)
     require_reference_device(reference_device)
     manifest = read_manifest(artifact)
+    if getattr(manifest.options, "logits", "all") == "last":
+        raise BadInputError(
+            "this is a deployment graph with the last position's logits only (--logits last); validation "
+            "compares the logits of every position.",
+            file=artifact / "manifest.json",
+            field="options.logits",
+            fix="validate the graph lowered with --logits all (the default); deploy the --logits last one.",
+        )
     graph_file = "model.onnx" if "model.onnx" in manifest.outputs else "model.plan"
     verify_outputs(artifact, manifest, (graph_file,))
     candidate = open_runner(artifact, manifest, backend)

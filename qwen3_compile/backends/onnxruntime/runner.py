@@ -90,6 +90,8 @@ class OrtRunner:
         self.past = [n for i in range(self.num_layers) for n in past_names(i)]
         self.present = [n for i in range(self.num_layers) for n in present_names(i)]
         self.outputs = ["logits"] + self.present
+        # a deployment graph (`lower --logits last`) returns the last position's logits only
+        self.last_logits = self.session.get_outputs()[0].shape[1] == 1
         self.io_binding = device != "cpu" if io_binding is None else io_binding
         self.io_binding = self.io_binding or static_cache_length is not None
         if not self.io_binding and self.kv_dtype is None:
@@ -147,6 +149,13 @@ class OrtRunner:
         position_ids: np.ndarray,
         cache: list | StaticCache,
     ) -> tuple[np.ndarray, list | StaticCache]:
+        if self.last_logits and input_ids.shape[1] > 1 and (attention_mask[:, -1] == 0).any():
+            raise BadInputError(
+                "this graph returns the last position's logits only (--logits last), and a row of this batch "
+                "ends with padding (right padding): its last position is not its newest token.",
+                field="attention_mask",
+                fix="run one sequence at a time, pad on the left (standard attention), or use --logits all.",
+            )
         if isinstance(cache, StaticCache):
             return self._forward_static(input_ids, attention_mask, position_ids, cache)
         if self.gqa_limit is not None:

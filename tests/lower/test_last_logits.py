@@ -17,7 +17,7 @@ from qwen3_compile.lower import lower
 def test_last_position_logits(tmp_path, preset, dtype):
     exported = export_onnx(preset, tmp_path / "export", ExportOptions(dtype=dtype))
     model = onnx.load(str(exported.model_path))
-    report = lower(model, "trt-last-logits")
+    report = lower(model, "last-logits")
     assert report.applied == {"last_position_logits": 1}
     onnx.checker.check_model(model, full_check=True)
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
@@ -42,3 +42,41 @@ def test_last_position_logits(tmp_path, preset, dtype):
         token = logits_full[:, -1].argmax(-1)[:, None]
         mask = np.concatenate([feeds[1], np.ones((2, 1), dtype=np.int64)], axis=1)
         feeds = (token.astype(np.int64), mask, feeds[2][:, -1:] + 1)
+
+
+@pytest.mark.parametrize("attention", ["standard", "gqa"])
+def test_lower_for_ort_with_last_logits_generates_the_canonical_reply(attention, artifacts, tmp_path):
+    """`lower --for ort --logits last` (with either attention): `run`'s loop gives the canonical export's
+    greedy tokens (GQA on a static cache too); validate refuses the graph; a right-padded prompt batch,
+    whose last position is padding, is refused."""
+    from click.testing import CliRunner
+
+    from qwen3_compile.cli import main
+    from qwen3_compile.errors import BadInputError
+    from qwen3_compile.generation.loop import generate_reply
+    from qwen3_compile.storage.manifest import read_manifest
+
+    source = artifacts.export("tiny-moe")
+    out = tmp_path / "last"
+    args = ["lower", str(source), "--for", "ort", "--attention", attention, "--logits", "last"]
+    result = CliRunner().invoke(main, [*args, "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert '"logits": "last"' in result.output and read_manifest(out).options.logits == "last"
+
+    prompt = np.random.default_rng().integers(0, 151643, size=37).tolist()
+    greedy = lambda x: int(x.argmax())  # noqa: E731
+    expected = generate_reply(OrtRunner(source / "model.onnx"), prompt, 12, greedy, stop_ids=())
+    runners = [OrtRunner(out / "model.onnx")]
+    if attention == "gqa":
+        runners.append(OrtRunner(out / "model.onnx", static_cache_length=64))
+    for runner in runners:
+        assert runner.last_logits
+        got = generate_reply(runner, prompt, 12, greedy, stop_ids=())
+        assert got.generated_ids == expected.generated_ids
+
+    result = CliRunner().invoke(main, ["validate", str(out), "--reference", "tiny-moe"])
+    assert result.exit_code == 2 and "options.logits" in result.output, result.output
+    ids = np.array([prompt[:5], prompt[:5]], dtype=np.int64)
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=np.int64)
+    with pytest.raises(BadInputError, match="right padding"):
+        runners[0].forward(ids, mask, np.arange(5)[None].repeat(2, 0), runners[0].empty_cache(2))

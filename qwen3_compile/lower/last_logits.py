@@ -1,4 +1,4 @@
-"""Deployment graphs: logits for the last position only (`build --logits last`).
+"""Deployment graphs: logits for the last position only (`build --logits last`, `lower --logits last`).
 
 The validation graph returns logits at every position so parity can be checked everywhere; generation reads
 only the last row. At a 4096-token prefill the full logits are 4096 x 151936 fp32 = 2.5 GB per sequence and
