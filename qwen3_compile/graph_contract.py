@@ -9,6 +9,10 @@ from onnx import TensorProto
 # tables cover (the export's max_positions; a static KV cache may hold at most that many)
 GQA_MAX_POSITIONS = "qwen3_compile.gqa_max_positions"
 
+# extra outputs of ONNX Runtime deployment graphs (`lower --for ort --logits last`): the greedy token [B, 1]
+# int64 and whether the row's logits hold a NaN [B, 1] bool, both computed on the device
+NEXT_TOKEN, LOGITS_NAN = "next_token", "logits_nan"
+
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
 
 # torch dtype name -> ONNX element type

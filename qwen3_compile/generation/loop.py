@@ -35,17 +35,28 @@ class Reply:
         return steps / self.decode_s if steps > 0 and self.decode_s > 0 else None
 
 
-def _checked(logits: np.ndarray, step: int, runner: CausalLMRunner) -> np.ndarray:
-    """The last position's logits [V]; NaN means a broken artifact, not a token to sample."""
-    last = logits[0, -1]
-    if np.isnan(last).any():
+def _refuse_nan(has_nan: bool, step: int, runner: CausalLMRunner) -> None:
+    """NaN logits mean a broken artifact, not a token to pick."""
+    if has_nan:
         raise CheckFailedError(
             f"{runner.name} returned NaN logits at generation step {step}.",
             field="logits",
             fix="check the artifact with `qwen3-compile validate` (it names the first diverging layer), "
             "or re-export it in fp32.",
         )
-    return last
+
+
+def _next_token(runner, choose, ids, mask, positions, cache, step: int) -> tuple[int, object]:
+    """(the token after this call, the cache). A greedy `choose` on a runner that picks the greedy token
+    itself (an ONNX Runtime deployment graph, `lower --logits last`) never brings the logits to the host."""
+    if getattr(choose, "greedy", False) and getattr(runner, "greedy", False):
+        tokens, nan, cache = runner.forward_greedy(ids, mask, positions, cache)
+        _refuse_nan(bool(nan[0]), step, runner)
+        return int(tokens[0]), cache
+    logits, cache = runner.forward(ids, mask, positions, cache)
+    last = logits[0, -1]
+    _refuse_nan(bool(np.isnan(last).any()), step, runner)
+    return choose(last), cache
 
 
 def generate_reply(
@@ -59,7 +70,8 @@ def generate_reply(
 ) -> Reply:
     """Generate up to `max_new_tokens` after `prompt_ids` (batch 1), stopping after a stop token.
 
-    `choose` maps the last position's logits [V] to the next token (a `Sampler`); `on_token` sees each
+    `choose` maps the last position's logits [V] to the next token (a `Sampler`; a greedy one lets a runner
+    with `forward_greedy` pick the token on its device); `on_token` sees each
     token as soon as it is chosen (streaming). Time spent in `on_token` is not counted. The prompt is
     prefilled `prefill_chunk` tokens at a time through the cache, which bounds the memory of graphs
     that return logits for every position.
@@ -70,13 +82,15 @@ def generate_reply(
     cache = runner.empty_cache(1)
     for begin in range(0, length, prefill_chunk):
         end = min(begin + prefill_chunk, length)
-        logits, cache = runner.forward(
+        token, cache = _next_token(
+            runner,
+            choose,
             ids[:, begin:end],
             np.ones((1, end), dtype=np.int64),
             np.arange(begin, end, dtype=np.int64)[None],
             cache,
+            0,
         )
-    token = choose(_checked(logits, 0, runner))
     prefill_s = time.perf_counter() - start
     generated, decode_s = [token], 0.0
     while True:
@@ -90,13 +104,15 @@ def generate_reply(
             break
         start = time.perf_counter()
         position = length + len(generated) - 1  # the position of `token`, fed now
-        logits, cache = runner.forward(
+        token, cache = _next_token(
+            runner,
+            choose,
             np.asarray([[token]], dtype=np.int64),
             np.ones((1, position + 1), dtype=np.int64),
             np.asarray([[position]], dtype=np.int64),
             cache,
+            len(generated),
         )
-        token = choose(_checked(logits, len(generated), runner))
         decode_s += time.perf_counter() - start
         generated.append(token)
     return Reply(list(prompt_ids), generated, finish, prefill_s, decode_s)

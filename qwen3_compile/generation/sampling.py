@@ -88,6 +88,11 @@ class Sampler:
         self.config = config
         self.rng = np.random.default_rng(seed)
 
+    @property
+    def greedy(self) -> bool:
+        """Greedy picks the largest logit: a runner may do that on its device (`forward_greedy`)."""
+        return self.config.greedy
+
     def __call__(self, logits: np.ndarray) -> int:
         if self.config.greedy:
             return int(np.argmax(logits))

@@ -7,6 +7,7 @@ from pathlib import Path
 import onnx
 
 from qwen3_compile.errors import BadInputError
+from qwen3_compile.lower.greedy_token import GreedyToken
 from qwen3_compile.lower.last_logits import LastPositionLogits
 from qwen3_compile.lower.ort_custom_op_moe import QuantizedExpertsToWeightOnlyDispatch
 from qwen3_compile.lower.ort_gqa import AttentionToGroupQueryAttention
@@ -47,6 +48,8 @@ RULE_SETS: dict[str, list[type[RewriteRule]]] = {
     "trt-plugin": [ExpertDispatchToQwen3MoePlugin, ExpertDispatchToDenseExperts],
     # deployment graphs: logits of the last position only (`build --logits last`, `lower --logits last`)
     "last-logits": [LastPositionLogits],
+    # ONNX Runtime deployment graphs (`lower --for ort --logits last`): also the greedy token on the device
+    "ort-last-logits": [LastPositionLogits, GreedyToken],
 }
 
 

@@ -146,7 +146,7 @@ def _lower(
         rule_set += "-gqa" if attention == "gqa" else ""
         # an explicit ort-moe also lowers fp16 experts (ORT's CUDA MoE; its CPU kernel is fp32-only)
         rules = make_rules(rule_set, max_positions=max_positions, half_experts=moe_lowering == "ort-moe")
-        rules += make_rules("last-logits") if logits == "last" else []
+        rules += make_rules("ort-last-logits") if logits == "last" else []
         graph = rewrite_file(model_path, rules, out_dir, what=rule_set)
         return graph.report.to_dict(), graph.op_histogram, None
     lowered = lower_for_build(model_path, choice, out_dir, logits == "last", keep_input=False)

@@ -54,6 +54,7 @@ def test_lower_for_ort_with_last_logits_generates_the_canonical_reply(attention,
     from qwen3_compile.cli import main
     from qwen3_compile.errors import BadInputError
     from qwen3_compile.generation.loop import generate_reply
+    from qwen3_compile.generation.sampling import Sampler, SamplingConfig
     from qwen3_compile.storage.manifest import read_manifest
 
     source = artifacts.export("tiny-moe")
@@ -64,15 +65,22 @@ def test_lower_for_ort_with_last_logits_generates_the_canonical_reply(attention,
     assert '"logits": "last"' in result.output and read_manifest(out).options.logits == "last"
 
     prompt = np.random.default_rng().integers(0, 151643, size=37).tolist()
-    greedy = lambda x: int(x.argmax())  # noqa: E731
-    expected = generate_reply(OrtRunner(source / "model.onnx"), prompt, 12, greedy, stop_ids=())
-    runners = [OrtRunner(out / "model.onnx")]
+    on_host = lambda x: int(x.argmax())  # noqa: E731  (numpy's argmax on the host logits)
+    expected = generate_reply(OrtRunner(source / "model.onnx"), prompt, 12, on_host, stop_ids=())
+    runners = [OrtRunner(out / "model.onnx"), OrtRunner(out / "model.onnx", io_binding=True)]
     if attention == "gqa":
         runners.append(OrtRunner(out / "model.onnx", static_cache_length=64))
+    greedy = Sampler(SamplingConfig(greedy=True))
     for runner in runners:
-        assert runner.last_logits
+        assert runner.last_logits and runner.greedy
+        on_host_reply = generate_reply(runner, prompt, 12, on_host, stop_ids=())
+        assert on_host_reply.generated_ids == expected.generated_ids
+        # a greedy sampler lets the graph pick the token: the logits never reach the host
+        calls = []
+        runner.forward = lambda *args, _calls=calls: _calls.append(args)
         got = generate_reply(runner, prompt, 12, greedy, stop_ids=())
-        assert got.generated_ids == expected.generated_ids
+        assert got.generated_ids == expected.generated_ids and not calls
+        del runner.forward
 
     result = CliRunner().invoke(main, ["validate", str(out), "--reference", "tiny-moe"])
     assert result.exit_code == 2 and "options.logits" in result.output, result.output
@@ -80,3 +88,52 @@ def test_lower_for_ort_with_last_logits_generates_the_canonical_reply(attention,
     mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=np.int64)
     with pytest.raises(BadInputError, match="right padding"):
         runners[0].forward(ids, mask, np.arange(5)[None].repeat(2, 0), runners[0].empty_cache(2))
+
+
+def test_greedy_token_outputs_match_numpy():
+    """The greedy-token rule on a graph whose logits are its input: ArgMax with the lowest index on ties and
+    the NaN flag, against numpy on fresh random rows (ties and a NaN row planted)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from qwen3_compile.lower import make_rules
+    from qwen3_compile.lower.rules import apply_rules
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch_size", 1, 50])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", 1, 50])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["logits"])], "g", [x], [logits])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    report = apply_rules(model, make_rules("ort-last-logits"))
+    assert report.applied == {"greedy_token": 1}  # the logits are already last-position only
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    rng = np.random.default_rng()
+    rows = rng.standard_normal((4, 1, 50)).astype(np.float32)
+    rows[1, 0, [7, 31]] = rows[1].max() + 1.0  # a tie: the lower index wins
+    rows[2, 0, rng.integers(50)] = np.nan
+    token, nan = session.run(["next_token", "logits_nan"], {"x": rows})
+    assert token.shape == (4, 1) and nan.shape == (4, 1)
+    assert nan[:, 0].tolist() == [False, False, True, False]
+    real = [0, 1, 3]
+    assert token[real, 0].tolist() == rows[real, 0].argmax(-1).tolist()
+    assert token[1, 0] == 7
+
+
+def test_a_nan_row_stops_generation_with_the_graph_picking_the_token():
+    from qwen3_compile.errors import CheckFailedError
+    from qwen3_compile.generation.loop import generate_reply
+    from qwen3_compile.generation.sampling import Sampler, SamplingConfig
+
+    class Broken:
+        name, greedy = "broken", True
+
+        def empty_cache(self, batch):
+            return []
+
+        def forward_greedy(self, ids, mask, positions, cache):
+            return np.array([5]), np.array([True]), cache
+
+    with pytest.raises(CheckFailedError, match="NaN logits"):
+        generate_reply(Broken(), [1, 2, 3], 4, Sampler(SamplingConfig(greedy=True)), stop_ids=())

@@ -32,10 +32,11 @@ from qwen3_compile.backends.onnxruntime.static_cache import (
     static_mask,
 )
 from qwen3_compile.errors import BadInputError
-from qwen3_compile.graph_contract import past_names, present_names
+from qwen3_compile.graph_contract import LOGITS_NAN, NEXT_TOKEN, past_names, present_names
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 _IDS = ("input_ids", "attention_mask", "position_ids")
+GREEDY_OUTPUTS = (NEXT_TOKEN, LOGITS_NAN)
 
 
 class OrtRunner:
@@ -90,8 +91,10 @@ class OrtRunner:
         self.past = [n for i in range(self.num_layers) for n in past_names(i)]
         self.present = [n for i in range(self.num_layers) for n in present_names(i)]
         self.outputs = ["logits"] + self.present
-        # a deployment graph (`lower --logits last`) returns the last position's logits only
+        # a deployment graph (`lower --logits last`) returns the last position's logits only, and the greedy
+        # token picked on the device (lower/greedy_token.py: forward_greedy)
         self.last_logits = self.session.get_outputs()[0].shape[1] == 1
+        self.greedy = set(GREEDY_OUTPUTS) <= {o.name for o in self.session.get_outputs()}
         self.io_binding = device != "cpu" if io_binding is None else io_binding
         self.io_binding = self.io_binding or static_cache_length is not None
         if not self.io_binding and self.kv_dtype is None:
@@ -149,6 +152,26 @@ class OrtRunner:
         position_ids: np.ndarray,
         cache: list | StaticCache,
     ) -> tuple[np.ndarray, list | StaticCache]:
+        (logits,), cache = self._forward(input_ids, attention_mask, position_ids, cache, ("logits",))
+        return logits, cache
+
+    def forward_greedy(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        cache: list | StaticCache,
+    ) -> tuple[np.ndarray, np.ndarray, list | StaticCache]:
+        """(greedy next token [B], whether the row's logits hold a NaN [B], cache), for graphs lowered with
+        --logits last: the token is picked on the device, and only these few bytes come to the host (the
+        logits stay where ORT wrote them)."""
+        if not self.greedy:
+            raise ValueError("forward_greedy needs a graph lowered with --logits last (next_token output)")
+        (tokens, nan), cache = self._forward(input_ids, attention_mask, position_ids, cache, GREEDY_OUTPUTS)
+        return tokens[:, 0], nan[:, 0], cache
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, wanted: tuple[str, ...]):
+        """(the `wanted` outputs as host arrays, the next cache)."""
         if self.last_logits and input_ids.shape[1] > 1 and (attention_mask[:, -1] == 0).any():
             raise BadInputError(
                 "this graph returns the last position's logits only (--logits last), and a row of this batch "
@@ -157,33 +180,35 @@ class OrtRunner:
                 fix="run one sequence at a time, pad on the left (standard attention), or use --logits all.",
             )
         if isinstance(cache, StaticCache):
-            return self._forward_static(input_ids, attention_mask, position_ids, cache)
+            return self._forward_static(input_ids, attention_mask, position_ids, cache, wanted)
         if self.gqa_limit is not None:
             past = cache[0].shape[2] if isinstance(cache[0], np.ndarray) else cache[0].shape()[2]
             check_gqa_batch(attention_mask, input_ids.shape[1], past)
         if self.io_binding:
-            return self._forward_bound(input_ids, attention_mask, position_ids, cache)
+            return self._forward_bound(input_ids, attention_mask, position_ids, cache, wanted)
         feeds = graph_feeds(input_ids, attention_mask, position_ids, cache)
-        logits, *present = self.session.run(self.outputs, feeds)
-        return logits, present
+        out = self.session.run([*wanted, *self.present], feeds)
+        return out[: len(wanted)], out[len(wanted) :]
 
-    def _forward_bound(self, input_ids, attention_mask, position_ids, cache) -> tuple[np.ndarray, list]:
+    def _forward_bound(self, input_ids, attention_mask, position_ids, cache, wanted) -> tuple[list, list]:
         """One call through IO binding: the past OrtValues are bound where they live, the presents are
-        allocated by ORT on the device and returned as the next cache, the logits are bound to the host."""
+        allocated by ORT on the device and returned as the next cache, the wanted outputs are bound to the
+        host (any other output stays on the device)."""
         binding = self.session.io_binding()
         host = [np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids)]
         for name, array in zip(_IDS, host, strict=True):
             binding.bind_cpu_input(name, array)  # copied to the device by ORT (a few bytes at decode)
         for name, value in zip(self.past, cache, strict=True):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
+        for name in wanted:
+            binding.bind_output(name, "cpu")
         for name in self.present:
             binding.bind_output(name, self.device, 0)
         self.session.run_with_iobinding(binding)
-        logits, *present = binding.get_outputs()
-        return logits.numpy(), present
+        outputs = binding.get_outputs()
+        return [v.numpy() for v in outputs[: len(wanted)]], outputs[len(wanted) :]
 
-    def _forward_static(self, input_ids, attention_mask, position_ids, cache: StaticCache):
+    def _forward_static(self, input_ids, attention_mask, position_ids, cache: StaticCache, wanted):
         """One call on the static cache: its buffers bound as past AND present (GQA writes in place)."""
         check_gqa_batch(attention_mask, input_ids.shape[1], cache.length)
         mask = static_mask(attention_mask, cache)
@@ -198,13 +223,14 @@ class OrtRunner:
                     field="enable_cuda_graph",
                     fix="open one runner per batch size (a captured graph replays fixed shapes, addresses).",
                 )
-            return self._captured.step(input_ids, mask, position_ids), extended
+            return self._captured.step(input_ids, mask, position_ids, wanted), extended
         binding = self.session.io_binding()
-        binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
+        for name in wanted:  # first: get_outputs() lists outputs in binding order
+            binding.bind_output(name, "cpu")
         for name, array in zip(_IDS, (input_ids, mask, position_ids), strict=True):
             binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
         for past, present, value in zip(self.past, self.present, cache.buffers, strict=True):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
         self.session.run_with_iobinding(binding, not_captured() if self.enable_cuda_graph else None)
-        return binding.get_outputs()[0].numpy(), extended
+        return [v.numpy() for v in binding.get_outputs()[: len(wanted)]], extended

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from qwen3_compile.errors import BadInputError
-from qwen3_compile.graph_contract import GQA_MAX_POSITIONS
+from qwen3_compile.graph_contract import GQA_MAX_POSITIONS, LOGITS_NAN, NEXT_TOKEN
 
 
 @dataclass(frozen=True)
@@ -95,12 +95,13 @@ class CapturedDecode:
     on the GPU only: nothing here runs on the CPU machine.
 
     A captured graph replays fixed device addresses, so every input and output of a decode step lives in a
-    device OrtValue made once ([B, 1] ids and positions, the [B, L] mask, [B, 1, V] logits) and is updated
-    in place; the KV buffers are the static cache's. Steps run with the run config `gpu_graph_id=1`: ORT
-    runs the first ones normally, captures one, then replays it. The prefill runs with `gpu_graph_id=-1`
-    (not captured: its shapes differ per prompt). The runner reuses one batch size's buffers for every
-    `empty_cache`, so the captured graph serves every later generation of that batch size; another batch
-    size needs another runner (one graph id per runner)."""
+    device OrtValue made once ([B, 1] ids and positions, the [B, L] mask, [B, 1, V] logits, and a
+    deployment graph's greedy token and NaN flag) and is updated in place; the KV buffers are the static
+    cache's. Steps run with the run config `gpu_graph_id=1`: ORT runs the first ones normally, captures
+    one, then replays it. The prefill runs with `gpu_graph_id=-1` (not captured: its shapes differ per
+    prompt). The runner reuses one batch size's buffers for every `empty_cache`, so the captured graph
+    serves every later generation of that batch size; another batch size needs another runner (one graph
+    id per runner)."""
 
     GRAPH_ID = "1"
 
@@ -111,26 +112,37 @@ class CapturedDecode:
 
         batch, vocab = cache.batch, session.get_outputs()[0].shape[2]
         self.session, self.cache = session, cache
-        self.ids = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64), "cuda", 0)
-        self.mask = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, cache.capacity), np.int64), "cuda", 0)
-        self.positions = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64), "cuda", 0)
-        self.logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1, vocab), np.float32), "cuda", 0)
+
+        def device(shape, dtype):
+            return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), "cuda", 0)
+
+        self.ids, self.positions = device((batch, 1), np.int64), device((batch, 1), np.int64)
+        self.mask = device((batch, cache.capacity), np.int64)
+        # every output at a fixed address; a deployment graph's greedy outputs too (graph_contract)
+        self.outputs = {"logits": device((batch, 1, vocab), np.float32)}
+        names = {o.name for o in session.get_outputs()}
+        if {NEXT_TOKEN, LOGITS_NAN} <= names:
+            self.outputs |= {NEXT_TOKEN: device((batch, 1), np.int64), LOGITS_NAN: device((batch, 1), bool)}
         self.binding = session.io_binding()
         for name, value in zip(inputs, (self.ids, self.mask, self.positions), strict=True):
             self.binding.bind_ortvalue_input(name, value)
-        self.binding.bind_ortvalue_output("logits", self.logits)
+        for name, value in self.outputs.items():
+            self.binding.bind_ortvalue_output(name, value)
         for name_in, name_out, value in zip(past, present, cache.buffers, strict=True):
             self.binding.bind_ortvalue_input(name_in, value)
             self.binding.bind_ortvalue_output(name_out, value)
         self.run_options = ort.RunOptions()
         self.run_options.add_run_config_entry("gpu_graph_id", self.GRAPH_ID)
 
-    def step(self, input_ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def step(
+        self, input_ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray, wanted: tuple[str, ...]
+    ) -> list[np.ndarray]:
+        """One replayed step; the `wanted` outputs copied to the host (the others stay on the device)."""
         self.ids.update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
         self.mask.update_inplace(mask)
         self.positions.update_inplace(np.ascontiguousarray(position_ids, dtype=np.int64))
         self.session.run_with_iobinding(self.binding, self.run_options)
-        return self.logits.numpy()
+        return [self.outputs[name].numpy() for name in wanted]
 
 
 def not_captured():
