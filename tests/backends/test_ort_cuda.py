@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
+from qwen3_compile.backends.onnxruntime.runner import OrtRunner
 from qwen3_compile.backends.registry import open_runner
 from qwen3_compile.backends.torch_reference import TorchRunner
 from qwen3_compile.cli import main
@@ -140,3 +141,25 @@ def test_validate_with_the_reference_on_the_gpu(artifacts, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["reference_device"] == "cuda" and report["passed"]
     assert "PyTorch fp32 on cuda" in (out / "report.md").read_text()
+
+
+def test_captured_decode_picks_the_greedy_token_on_the_device(artifacts, tmp_path):
+    """tiny-moe fp16 lowered with --attention gqa --logits last on a static cache: the greedy token picked
+    in the graph (replayed from a CUDA graph, only the token copied back) equals numpy's argmax of the host
+    logits from the same captured graph and from the uncaptured one, token for token."""
+    from qwen3_compile.generation.loop import generate_reply
+    from qwen3_compile.generation.sampling import Sampler, SamplingConfig
+    from qwen3_compile.lower.stage import lower_artifact
+
+    source = artifacts.export("tiny-moe", "fp16")
+    model = lower_artifact(source, tmp_path / "last", "ort", attention="gqa", logits="last").model_path
+    prompt = np.random.default_rng().integers(0, 151643, size=40).tolist()
+    on_host = lambda x: int(x.argmax())  # noqa: E731
+    plain = OrtRunner(model, device="cuda", static_cache_length=128)
+    captured = OrtRunner(model, device="cuda", static_cache_length=128, enable_cuda_graph=True)
+    assert captured.greedy
+    expected = generate_reply(plain, prompt, 48, on_host, stop_ids=()).generated_ids
+    on_device = generate_reply(captured, prompt, 48, Sampler(SamplingConfig(greedy=True)), stop_ids=())
+    assert on_device.generated_ids == expected
+    assert generate_reply(captured, prompt, 48, on_host, stop_ids=()).generated_ids == expected
+    assert captured._captured is not None  # the decode steps were replayed

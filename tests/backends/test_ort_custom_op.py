@@ -635,32 +635,26 @@ def test_refused_weight_only_nodes_fail_at_session_creation(group, blocks, messa
 
 
 @on_gpu
-@pytest.mark.parametrize(
-    "recipe",
-    [
-        pytest.param(
-            "int8-wo",
-            marks=pytest.mark.xfail(
-                reason="open: measured on the H200, the library's INT8 artifact differs from the function "
-                "body (ORT CPU) by rel 1.6e-2, top-1 0.959 (seed 690438971), while the one-node INT8 "
-                "cases match the float64 reference and INT4 passes here; not yet explained",
-                strict=False,
-            ),
-        ),
-        "int4-rtn",
-    ],
-)
-def test_weight_only_artifact_with_the_library_matches_the_function_body(
-    recipe, artifacts, library, tmp_path
-):
+@pytest.mark.parametrize("recipe", ["int8-wo", "int4-rtn"])
+def test_weight_only_artifact_with_the_library_matches_the_recipe_model(recipe, artifacts, library, tmp_path):
     """The qmoe-sized MoE quantized from its fp16 export (int4-rtn at group 32), lowered for the library:
     the same lowered graph on ORT's CUDA provider with the library (the kernels read the INT8 / INT4
     initializers) and without it on ORT's CPU provider (ORT inlines the node's function body:
     DequantizeLinear, dense experts; ORT's CUDA DequantizeLinear refuses the blocked per-row INT8 form:
-    measured), fresh random prompts, prefill + greedy decode; the fp16 gates of the float test above."""
+    measured), fresh random prompts, prefill + greedy decode, both against the recipe's own fake-quantized
+    PyTorch model in fp32 (the independent reference `validate` uses). fp16 alone moves this random-weight
+    model's small logits (std 0.23) by about rel 1e-2: the same recipe model run in fp16 measures that floor,
+    and, as validate's recipe check does, the library is held to twice it, and to the function body's own
+    distance from the reference (on ORT CPU: rel 1.3e-2 for int8-wo, 5e-4 for int4-rtn, seed 1)."""
+    import torch
+
     from qwen3_compile.backends.base import generate, left_padded_batch
     from qwen3_compile.lower.stage import lower_artifact
+    from qwen3_compile.models.loading import load_model
+    from qwen3_compile.quantize.recipe import QuantRecipe
+    from qwen3_compile.storage.manifest import read_manifest
     from qwen3_compile.tokenizer import ENDOFTEXT_ID
+    from qwen3_compile.validate.recipe_reference import RecipeRunner, recipe_reference
 
     source = artifacts.plugin_sized_quantized(recipe)
     lowered = lower_artifact(source, tmp_path / "lowered", "ort", moe_lowering="custom-op")
@@ -668,16 +662,28 @@ def test_weight_only_artifact_with_the_library_matches_the_function_body(
     model = lowered.model_path
     with_ops = OrtRunner(model, device="cuda", custom_ops=[library])
     body = OrtRunner(model, device="cpu", custom_ops=[])
+    loaded = load_model(str(artifacts.root / "moe-128-checkpoint"))
+    manifest = read_manifest(source)
+    chosen = QuantRecipe.from_dict(manifest.recipe, str(source))
+    own = recipe_reference(loaded, source, chosen)
 
     seed = int(np.random.default_rng().integers(1 << 31))
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(0, 151643, size=int(n)).tolist() for n in (1, 5, 37, 200)]
     batch = left_padded_batch(prompts, ENDOFTEXT_ID)
     real = batch.attention_mask.astype(bool)
-    a, b = generate(with_ops, batch, 8), generate(body, batch, 8)
-    stats = _logit_stats(a.prefill_logits[real], b.prefill_logits[real])
-    print(f"seed {seed} {recipe}: library vs function body, prefill logits {stats}")
-    assert stats["rel"] <= 1e-2 and stats["top1"] >= 0.98, f"seed {seed}: {stats}"
+    reference = generate(RecipeRunner(own), batch, 8)
+    forced = reference.tokens
+    a = generate(with_ops, batch, 8, forced=forced)
+    b = generate(body, batch, 8, forced=forced)
+    low = generate(RecipeRunner(recipe_reference(loaded, source, chosen, torch.float16)), batch, 8, forced=forced)
+    lib = _logit_stats(a.prefill_logits[real], reference.prefill_logits[real])
+    fn = _logit_stats(b.prefill_logits[real], reference.prefill_logits[real])
+    floor = _logit_stats(low.prefill_logits[real], reference.prefill_logits[real])
+    print(f"seed {seed} {recipe}: vs the recipe model, library {lib}, function body {fn}, fp16 floor {floor}")
+    assert lib["rel"] <= 2 * floor["rel"], f"seed {seed}: library {lib}, fp16 floor {floor}"
+    assert lib["rel"] <= 1.5 * fn["rel"] + 1e-3, f"seed {seed}: library {lib}, function body {fn}"
+    assert lib["top1"] >= fn["top1"] - 0.02 and lib["top1"] >= 0.95, f"seed {seed}: {lib}, {fn}"
 
     profiled = _profiled_prefill(model, library, prompts[2])
     ran = [provider for op, provider in profiled_ops(profiled) if op == WEIGHT_ONLY_EXPERT_DISPATCH]
