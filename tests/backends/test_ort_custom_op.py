@@ -676,7 +676,8 @@ def test_weight_only_artifact_with_the_library_matches_the_recipe_model(recipe, 
     forced = reference.tokens
     a = generate(with_ops, batch, 8, forced=forced)
     b = generate(body, batch, 8, forced=forced)
-    low = generate(RecipeRunner(recipe_reference(loaded, source, chosen, torch.float16)), batch, 8, forced=forced)
+    in_fp16 = RecipeRunner(recipe_reference(loaded, source, chosen, torch.float16))
+    low = generate(in_fp16, batch, 8, forced=forced)
     lib = _logit_stats(a.prefill_logits[real], reference.prefill_logits[real])
     fn = _logit_stats(b.prefill_logits[real], reference.prefill_logits[real])
     floor = _logit_stats(low.prefill_logits[real], reference.prefill_logits[real])
