@@ -873,23 +873,29 @@ def timed_steps(step, first: int, count: int) -> tuple[float, list[int]]:
     return time.perf_counter() - start, tokens
 
 
-def ort_stepper(work: Path, name: str, ort_ops: Path | None, static_cache: int):
-    """(prefill() -> first token, step) for a GQA artifact on a static cache with CUDA graph capture."""
+def ort_stepper(work: Path, name: str, ort_ops: Path | None, static_cache: int, on_device: bool = True):
+    """(prefill() -> first token, step) for a GQA artifact on a static cache with CUDA graph capture. A
+    deployment graph (`--logits last`) picks the greedy token on the device when `on_device` (`run`'s
+    greedy loop does that); otherwise the logits come to the host and numpy picks it."""
     runner = _bench_runner(work, name, ort_ops, "ort-cuda", static_cache, True)
+    greedy = on_device and runner.greedy
     state = {}
 
-    def prefill() -> int:
-        ids = np.array([BENCH_PROMPT], dtype=np.int64)
-        logits, state["cache"] = runner.forward(
-            ids, np.ones_like(ids), np.arange(ids.shape[1])[None], runner.empty_cache(1)
-        )
+    def call(ids, mask, positions) -> int:
+        if greedy:
+            tokens, _, state["cache"] = runner.forward_greedy(ids, mask, positions, state["cache"])
+            return int(tokens[0])
+        logits, state["cache"] = runner.forward(ids, mask, positions, state["cache"])
         return int(logits[0, -1].argmax())
+
+    def prefill() -> int:
+        state["cache"] = runner.empty_cache(1)
+        ids = np.array([BENCH_PROMPT], dtype=np.int64)
+        return call(ids, np.ones_like(ids), np.arange(ids.shape[1])[None])
 
     def step(token: int, position: int) -> int:
         ids = np.array([[token]], dtype=np.int64)
-        mask = np.ones((1, position + 1), dtype=np.int64)
-        logits, state["cache"] = runner.forward(ids, mask, np.array([[position]]), state["cache"])
-        return int(logits[0, -1].argmax())
+        return call(ids, np.ones((1, position + 1), dtype=np.int64), np.array([[position]]))
 
     return prefill, step
 
@@ -972,9 +978,11 @@ def steps(work: Path, results: Results, artifacts: list[str], ort_ops: Path | No
         if ARTIFACTS[name].attention != "gqa":
             continue
         ops = ort_ops if ARTIFACTS[name].keeps_expert_dispatch else None
-        contenders[name + ("+ops" if ops else "")] = lambda name=name, ops=ops: ort_stepper(
-            work, name, ops, static
-        )
+        for on_device in (True, False) if ARTIFACTS[name].logits == "last" else (False,):
+            key = name + ("+ops" if ops else "") + ("" if on_device else "+host-argmax")
+            contenders[key] = lambda name=name, ops=ops, on_device=on_device: ort_stepper(
+                work, name, ops, static, on_device
+            )
     preset, layers = MODELS["slice8"]
     model = load_model(preset, num_layers=layers, dtype=torch.float16, device="cuda").model.eval()
     model.set_experts_implementation("batched_mm")
@@ -1209,6 +1217,47 @@ def validate_matrix(
         torch.cuda.empty_cache()
 
 
+def torch_floor(results: Results, models: list[str], long_tokens: int, steps: int = 16) -> None:
+    """torch-floor part: PyTorch's own fp16 and bf16 models on the GPU held to what validate holds an
+    artifact to (the same prompt suite in both modes, the long-context case, metrics and default gates of
+    the dtype) against the same fp32 reference on the GPU: the floor a framework's own half-precision run
+    sets, beside the artifacts' rows of validate-matrix. Uses validate's own case runner and gate check."""
+    import dataclasses
+
+    import torch
+
+    from qwen3_compile.backends.torch_reference import TorchRunner, require_reference_device
+    from qwen3_compile.models.loading import load_model
+    from qwen3_compile.tokenizer import load_tokenizer
+    from qwen3_compile.validate.gates import DEFAULT_GATES
+    from qwen3_compile.validate.prompt_suite import load_prompt_entries, long_context_case, render_suite
+    from qwen3_compile.validate.stage import ValidationReport, _evaluate, _run_case
+
+    require_reference_device("cuda")
+    tokenizer = load_tokenizer()
+    cases = render_suite(tokenizer, load_prompt_entries(None)) + [long_context_case(tokenizer, long_tokens)]
+    for model in models:
+        preset, layers = MODELS[model]
+        reference = TorchRunner(load_model(preset, num_layers=layers, device="cuda"))
+        for dtype, torch_dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+
+            def one(dtype=dtype, torch_dtype=torch_dtype, preset=preset, layers=layers, reference=reference):
+                low = load_model(preset, num_layers=layers, dtype=torch_dtype, device="cuda")
+                ran = [_run_case(reference, TorchRunner(low), case, steps) for case in cases]
+                report = ValidationReport(
+                    f"pytorch-{dtype}", preset, "pytorch-cuda", DEFAULT_GATES[dtype], "defaults", ran, None
+                )
+                report = dataclasses.replace(report, failures=_evaluate(report))
+                data = report.to_dict()
+                del low
+                torch.cuda.empty_cache()
+                return {k: data[k] for k in ("passed", "failures", "summary", "gates", "modes")}
+
+            guarded(results, ["torch-floor", model, dtype], one)
+        del reference
+        torch.cuda.empty_cache()
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -1316,6 +1365,8 @@ def main() -> None:
             steps(work, results, chosen, args.ort_ops, args.steps)
         elif part == "kernel-cupti":
             kernel_cupti(results, args.ort_ops)
+        elif part == "torch-floor":
+            torch_floor(results, sorted({ARTIFACTS[a].model for a in chosen}), args.long_context_tokens)
         elif part == "validate-matrix":
             validate_matrix(work, results, chosen, args.ort_ops, args.long_context_tokens)
         elif part == "validate-slice":
