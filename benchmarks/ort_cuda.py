@@ -991,11 +991,17 @@ def steps(work: Path, results: Results, artifacts: list[str], ort_ops: Path | No
     for key, make in contenders.items():
 
         def warm(make=make, key=key) -> dict:
+            free_before = torch.cuda.mem_get_info()[0]
             prefill, step = make()
             start = time.perf_counter()
             timed_steps(step, prefill(), count)
             ready[key] = (prefill, step)
-            return {"warm_up_s": round(time.perf_counter() - start, 1)}
+            torch.cuda.synchronize()
+            # device-wide: ORT's arena and weights (cudaMalloc outside torch's allocator) or torch's own
+            return {
+                "warm_up_s": round(time.perf_counter() - start, 1),
+                "gpu_memory_added_gb": round((free_before - torch.cuda.mem_get_info()[0]) / 1e9, 2),
+            }
 
         guarded(results, ["steps", "warm-up", key], warm)
     rates: dict[str, list[float]] = {k: [] for k in ready}
