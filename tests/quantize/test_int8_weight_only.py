@@ -39,12 +39,12 @@ def test_quantize_int8_is_symmetric_per_channel():
 
 
 @pytest.mark.parametrize("preset", GATE_PRESETS)
-def test_int8_wo_meets_recipe_gates(preset, exports, artifacts, tmp_path):
-    result = quantize_artifact(exports[preset], "int8-wo", tmp_path / "q")
+def test_int8_wo_meets_recipe_gates(preset, artifacts, tmp_path):
+    result = artifacts.quantized_artifact(preset, "int8-wo")  # shared: the report goes to tmp_path
     assert result.weight_ratio <= 0.55
-    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    manifest = json.loads((result.directory / "manifest.json").read_text())
     assert manifest["stage"] == "quantize" and manifest["recipe"]["name"] == "int8-wo"
-    model = onnx.load(tmp_path / "q" / "model.onnx")
+    model = onnx.load(result.directory / "model.onnx")
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dq) == len(result.tensors) > 0
     weights = {t.name: t for t in model.graph.initializer}
@@ -54,12 +54,13 @@ def test_int8_wo_meets_recipe_gates(preset, exports, artifacts, tmp_path):
         scale = numpy_helper.to_array(weights["model.layers.0.mlp.experts.gate_up_proj.scale"])
         assert scale.shape == (16, 64, 1)  # one scale per expert and output row
     report = validate_artifact(
-        tmp_path / "q",
+        result.directory,
         artifacts.loaded(preset),
         decode_steps=8,
         long_context_tokens=0,
         bisect=False,
         recipe_check=False,
+        output=tmp_path / "v",
     )
     assert report.gates_source == "recipe int8-wo (random-weight stress gates)"
     recorded = json.loads((report.directory / "report.json").read_text())["backend_settings"]
@@ -103,14 +104,14 @@ def test_int8_wo_on_fp16_export_keeps_fp16_scales(tmp_path):
         assert (np.abs(q * s - w) <= 0.51 * s + 1e-3).all()  # half a step of its own row's scale
 
 
-def test_int8_experts_lower_to_qmoe(exports, tmp_path):
+def test_int8_experts_lower_to_qmoe(artifacts, tmp_path):
     """`lower --for ort`: INT8 experts become com.microsoft::QMoE (uint8 = q + 128, fp32 row scales) and
     compute what the canonical QDQ graph computes, both run as their manifests say (ENABLE_ALL, the QDQ
     graph as written: backends/onnxruntime/settings.py)."""
     from qwen3_compile.backends.base import left_padded_batch
     from qwen3_compile.backends.onnxruntime.loader import load_ort_runner
 
-    canonical = quantize_artifact(exports["tiny-moe"], "int8-wo", tmp_path / "canonical")
+    canonical = artifacts.quantized_artifact("tiny-moe", "int8-wo")
     lowered = lower_artifact(canonical.directory, tmp_path / "ort", "ort")
     ops = [n.op_type for n in onnx.load(lowered.directory / "model.onnx").graph.node]
     assert ops.count("QMoE") == 2 and "ExpertDispatch" not in ops
