@@ -11,6 +11,23 @@ from pathlib import Path
 import pytest
 
 
+def _reuse_freed_memory() -> None:
+    """glibc hands every allocation above its mmap threshold (at most 32 MB) to a fresh mmap and unmaps it on
+    free, so each [batch, positions, 151936] logits array is page-faulted in anew: a third of the suite's CPU
+    time was the kernel's (208 s system of 670 s on 2 cores). Allocations below 1 GB come from the heap here,
+    which keeps freed memory for the next one (same numbers; measured on a 58 MB array allocated 200 times:
+    268,600 -> 1,329 page faults, 11.5 s -> 4.8 s)."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, (1 << 31) - 1)  # an int: keep up to 2 GB of freed heap
+
+
 def pytest_configure(config):
     """Parallel workers (pytest -n N) share the machine's cores: one CPU thread each for torch and ONNX
     Runtime. With their defaults (a thread per core each) two workers on two cores oversubscribe them, and
@@ -23,6 +40,7 @@ def pytest_configure(config):
 
         torch.set_num_threads(1)
         os.environ.setdefault(THREADS_ENV, "1")
+    _reuse_freed_memory()
 
 
 def pytest_collection_modifyitems(config, items):
