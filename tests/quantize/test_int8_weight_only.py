@@ -14,7 +14,6 @@ import pytest
 from onnx import numpy_helper
 
 from qwen3_compile.errors import BadInputError
-from qwen3_compile.export.stage import ExportOptions, export_onnx
 from qwen3_compile.lower.stage import lower_artifact
 from qwen3_compile.quantize.stage import quantize_artifact
 from qwen3_compile.quantize.weights import quantize_int8
@@ -71,12 +70,12 @@ def test_int8_wo_meets_recipe_gates(preset, artifacts, tmp_path):
     assert {"thinking", "non-thinking"} <= set(report.modes)
 
 
-def test_refuses_lowered_or_bf16_exports(exports, tmp_path):
+def test_refuses_lowered_or_bf16_exports(exports, artifacts, tmp_path):
     lowered = lower_artifact(exports["tiny-moe"], tmp_path / "ort", "ort").directory
     with pytest.raises(BadInputError) as info:
         quantize_artifact(lowered, "int8-wo", tmp_path / "out")
     assert info.value.field == "stage" and "'lower'" in info.value.problem
-    bf16 = export_onnx("tiny-dense", tmp_path / "bf16", ExportOptions(dtype="bf16")).directory
+    bf16 = artifacts.export("tiny-dense", "bf16")
     with pytest.raises(BadInputError) as info:
         quantize_artifact(bf16, "int8-wo", tmp_path / "out")
     assert info.value.field == "options.dtype"
@@ -86,9 +85,9 @@ def test_refuses_lowered_or_bf16_exports(exports, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_int8_wo_on_fp16_export_keeps_fp16_scales(tmp_path):
+def test_int8_wo_on_fp16_export_keeps_fp16_scales(artifacts, tmp_path):
     """For TensorRT: an fp16 export quantizes to INT8 weights with fp16 scales (fp16 activations)."""
-    half = export_onnx("tiny-moe", tmp_path / "fp16", ExportOptions(dtype="fp16")).directory
+    half = artifacts.export("tiny-moe", "fp16")
     result = quantize_artifact(half, "int8-wo", tmp_path / "q")
     model = onnx.load(result.directory / "model.onnx")
     weights = {t.name: t for t in model.graph.initializer}
