@@ -13,10 +13,10 @@ import pytest
 
 def _reuse_freed_memory() -> None:
     """glibc hands every allocation above its mmap threshold (at most 32 MB) to a fresh mmap and unmaps it on
-    free, so each [batch, positions, 151936] logits array is page-faulted in anew: a third of the suite's CPU
-    time was the kernel's (208 s system of 670 s on 2 cores). Allocations below 1 GB come from the heap here,
-    which keeps freed memory for the next one (same numbers; measured on a 58 MB array allocated 200 times:
-    268,600 -> 1,329 page faults, 11.5 s -> 4.8 s)."""
+    free, so each [batch, positions, 151936] logits array is page-faulted in anew: nearly a third of the
+    suite's CPU time was the kernel's (208 s system of 670 s on 2 cores). Allocations below 1 GB come from
+    the heap here, which keeps freed memory for the next one (same numbers; measured on a 58 MB array
+    allocated 200 times: 268,600 -> 1,329 page faults, 11.5 s -> 4.8 s)."""
     import ctypes
     import platform
 
