@@ -4,6 +4,7 @@ end on the trained-dense preset (real quantization, validation with perplexity, 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -19,14 +20,20 @@ def _invoke(args):
 
 
 @pytest.fixture(scope="module")
-def orin_nano_run(tmp_path_factory):
-    """One search on trained-dense for jetson-orin-nano over int8-wo, fp16 and fp8 (--json)."""
-    root = tmp_path_factory.mktemp("compile-target")
-    result = _invoke(
-        ["compile", "trained-dense", "--target", "jetson-orin-nano", "--recipes", "fp16,fp8,int8-wo"]
-        + ["-o", root, "--json", *FAST]
-    )
-    return result, root / "trained-dense"
+def orin_nano_run(artifacts):
+    """One search on trained-dense for jetson-orin-nano over int8-wo, fp16 and fp8 (--json), once per run
+    (`Artifacts.once`: parallel workers share it) -> (the CLI's exit code, output, stdout; the run folder)."""
+    root = artifacts.root / "compile-target"
+
+    def make() -> SimpleNamespace:
+        root.mkdir()
+        result = _invoke(
+            ["compile", "trained-dense", "--target", "jetson-orin-nano", "--recipes", "fp16,fp8,int8-wo"]
+            + ["-o", root, "--json", *FAST]
+        )
+        return SimpleNamespace(exit_code=result.exit_code, output=result.output, stdout=result.stdout)
+
+    return artifacts.once(("compile-target", "orin-nano"), root, make, sealed=False), root / "trained-dense"
 
 
 def test_keeps_the_smallest_passing_recipe(orin_nano_run):

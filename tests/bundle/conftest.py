@@ -33,31 +33,41 @@ class Bundled:
 
 
 @pytest.fixture(scope="session")
-def validated_int8_sq(artifacts, tmp_path_factory) -> Path:
+def validated_int8_sq(artifacts) -> Path:
     """tiny-moe fp32 export -> int8-sq (the shared one, copied: validation writes its report into the folder)
-    -> validate. fp32, not fp16: the int8-sq artifact of an fp16 export does not load in ONNX Runtime
-    (QuantizeLinear gets an fp16 input and an fp32 scale)."""
-    import shutil
+    -> validate; once per run (`Artifacts.once`). fp32, not fp16: the int8-sq artifact of an fp16 export does
+    not load in ONNX Runtime (QuantizeLinear gets an fp16 input and an fp32 scale)."""
+    folder = artifacts.root / "bundle-inputs" / "int8-sq"
 
-    from qwen3_compile.validate.stage import validate_artifact
+    def make() -> None:
+        import shutil
 
-    root = tmp_path_factory.mktemp("bundle-inputs")
-    shutil.copytree(artifacts.quantized("tiny-moe", "int8-sq"), root / "int8-sq")
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    report = validate_artifact(
-        root / "int8-sq", "tiny-moe", prompts=prompts, decode_steps=8, long_context_tokens=0, bisect=False
-    )
-    assert report.passed, report.failures
-    return root / "int8-sq"
+        from qwen3_compile.validate.stage import validate_artifact
+
+        shutil.copytree(artifacts.quantized("tiny-moe", "int8-sq"), folder)
+        prompts = folder.parent / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+        report = validate_artifact(
+            folder, "tiny-moe", prompts=prompts, decode_steps=8, long_context_tokens=0, bisect=False
+        )
+        assert report.passed, report.failures
+
+    artifacts.once(("bundle", "validated-int8-sq"), folder, make, sealed=False)
+    return folder
 
 
 @pytest.fixture(scope="session")
-def bundled(validated_int8_sq, tmp_path_factory) -> Bundled:
-    from qwen3_compile.bundle import bundle_artifact
-    from qwen3_compile.schema import encode
+def bundled(validated_int8_sq, artifacts) -> Bundled:
+    """The validated int8-sq folder bundled for jetson-agx-orin, once per run (`Artifacts.once`)."""
+    out = artifacts.root / "bundles" / "tiny-moe-int8-sq-agx-orin.tar.gz"
 
-    out = tmp_path_factory.mktemp("bundles") / "tiny-moe-int8-sq-agx-orin.tar.gz"
-    result = bundle_artifact(validated_int8_sq, "jetson-agx-orin", out)
-    # the manifest as the device reads it (JSON), not the toolchain's typed view
-    return Bundled(validated_int8_sq, out, encode(result.manifest), result.seconds, result.sha256)
+    def make() -> tuple[dict, dict, str]:
+        from qwen3_compile.bundle import bundle_artifact
+        from qwen3_compile.schema import encode
+
+        result = bundle_artifact(validated_int8_sq, "jetson-agx-orin", out)
+        # the manifest as the device reads it (JSON), not the toolchain's typed view
+        return encode(result.manifest), result.seconds, result.sha256
+
+    manifest, seconds, sha256 = artifacts.once(("bundle", "agx-orin"), out, make, sealed=False)
+    return Bundled(validated_int8_sq, out, manifest, seconds, sha256)

@@ -9,13 +9,12 @@ import pytest
 
 from qwen3_compile.bundle.reference import require_validation
 from qwen3_compile.errors import BadInputError
-from qwen3_compile.export.stage import export_onnx
 from qwen3_compile.storage.manifest import sha256_file
 from qwen3_compile.validate.stage import validate_artifact
 
 
-def test_report_records_and_bundle_checks_the_model_hash(tmp_path):
-    artifact = export_onnx("tiny-dense", tmp_path / "export").directory
+def test_report_records_and_bundle_checks_the_model_hash(artifacts, artifact_copy, tmp_path):
+    artifact = artifact_copy(artifacts.export("tiny-dense"))  # validation and the test write into it
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps("Name a prime number.") + "\n")
     validate_artifact(

@@ -33,18 +33,18 @@ def runner():
     return load_device_module(DEVICE / "runner.py", "bundle_runner_parts")
 
 
-def test_ort_backend_applies_the_recorded_session_config(runner, tmp_path, monkeypatch):
+def test_ort_backend_applies_the_recorded_session_config(runner, artifacts, tmp_path, monkeypatch):
     """The bundled runner opens its ORT session as the manifest records (quantize --ort-qdq), like
     qwen3_compile/backends/onnxruntime/settings.py does for the toolchain's own sessions."""
+    import shutil
+
     import onnxruntime as ort
 
-    from qwen3_compile.export.stage import ExportOptions, export_onnx
-    from qwen3_compile.quantize.stage import quantize_artifact
+    from qwen3_compile.storage.manifest import read_manifest
 
-    export_onnx("tiny-dense", tmp_path / "export", ExportOptions())
-    quantized = quantize_artifact(tmp_path / "export", "int8-wo", tmp_path / "bundle" / "model")
+    shutil.copytree(artifacts.quantized("tiny-dense", "int8-wo"), tmp_path / "bundle" / "model")
     (tmp_path / "bundle" / "reference").mkdir()
-    config = quantized.manifest.ort_session_config
+    config = read_manifest(tmp_path / "bundle" / "model").ort_session_config
     assert config == {"session.disable_quant_qdq": "1"}
     manifest = {"ort_optimization": "all", "ort_session_config": config}
     (tmp_path / "bundle" / "manifest.json").write_text(json.dumps(manifest))

@@ -9,13 +9,12 @@ import pytest
 
 from qwen3_compile.backends.base import left_padded_batch
 from qwen3_compile.backends.onnxruntime.runner import OrtRunner
-from qwen3_compile.export.stage import ExportOptions, export_onnx
 from qwen3_compile.lower import lower
 
 
 @pytest.mark.parametrize("preset, dtype", [("tiny-dense", "fp32"), ("tiny-moe", "fp16")])
-def test_last_position_logits(tmp_path, preset, dtype):
-    exported = export_onnx(preset, tmp_path / "export", ExportOptions(dtype=dtype))
+def test_last_position_logits(artifacts, tmp_path, preset, dtype):
+    exported = artifacts.exported(preset, dtype)  # shared: rewritten in memory, saved to tmp_path
     model = onnx.load(str(exported.model_path))
     report = lower(model, "last-logits")
     assert report.applied == {"last_position_logits": 1}

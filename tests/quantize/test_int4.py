@@ -50,11 +50,11 @@ def unpack_onnx_int4(proto: onnx.TensorProto) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def int4(artifacts, tmp_path_factory):
-    """int4-rtn at group size 32 of both presets' fp32 exports (read-only)."""
-    recipe = with_group_size(load_recipe("int4-rtn"), GROUP)
-    out = tmp_path_factory.mktemp("int4")
-    return {p: quantize_artifact(artifacts.export(p), recipe, out / p) for p in PRESETS}
+def int4(artifacts):
+    """int4-rtn at group size 32 (GROUP) of both presets' fp32 exports: the shared ones (read-only)."""
+    quantized = {p: artifacts.quantized_artifact(p, "int4-rtn") for p in PRESETS}
+    assert all(q.recipe.weights.group_size == GROUP for q in quantized.values())
+    return quantized
 
 
 def _graph(artifact) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:

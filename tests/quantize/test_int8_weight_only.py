@@ -14,7 +14,6 @@ import pytest
 from onnx import numpy_helper
 
 from qwen3_compile.errors import BadInputError
-from qwen3_compile.export.stage import ExportOptions, export_onnx
 from qwen3_compile.lower.stage import lower_artifact
 from qwen3_compile.quantize.stage import quantize_artifact
 from qwen3_compile.quantize.weights import quantize_int8
@@ -39,12 +38,12 @@ def test_quantize_int8_is_symmetric_per_channel():
 
 
 @pytest.mark.parametrize("preset", GATE_PRESETS)
-def test_int8_wo_meets_recipe_gates(preset, exports, artifacts, tmp_path):
-    result = quantize_artifact(exports[preset], "int8-wo", tmp_path / "q")
+def test_int8_wo_meets_recipe_gates(preset, artifacts, tmp_path):
+    result = artifacts.quantized_artifact(preset, "int8-wo")  # shared: the report goes to tmp_path
     assert result.weight_ratio <= 0.55
-    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    manifest = json.loads((result.directory / "manifest.json").read_text())
     assert manifest["stage"] == "quantize" and manifest["recipe"]["name"] == "int8-wo"
-    model = onnx.load(tmp_path / "q" / "model.onnx")
+    model = onnx.load(result.directory / "model.onnx")
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dq) == len(result.tensors) > 0
     weights = {t.name: t for t in model.graph.initializer}
@@ -54,12 +53,13 @@ def test_int8_wo_meets_recipe_gates(preset, exports, artifacts, tmp_path):
         scale = numpy_helper.to_array(weights["model.layers.0.mlp.experts.gate_up_proj.scale"])
         assert scale.shape == (16, 64, 1)  # one scale per expert and output row
     report = validate_artifact(
-        tmp_path / "q",
+        result.directory,
         artifacts.loaded(preset),
         decode_steps=8,
         long_context_tokens=0,
         bisect=False,
         recipe_check=False,
+        output=tmp_path / "v",
     )
     assert report.gates_source == "recipe int8-wo (random-weight stress gates)"
     recorded = json.loads((report.directory / "report.json").read_text())["backend_settings"]
@@ -70,12 +70,12 @@ def test_int8_wo_meets_recipe_gates(preset, exports, artifacts, tmp_path):
     assert {"thinking", "non-thinking"} <= set(report.modes)
 
 
-def test_refuses_lowered_or_bf16_exports(exports, tmp_path):
+def test_refuses_lowered_or_bf16_exports(exports, artifacts, tmp_path):
     lowered = lower_artifact(exports["tiny-moe"], tmp_path / "ort", "ort").directory
     with pytest.raises(BadInputError) as info:
         quantize_artifact(lowered, "int8-wo", tmp_path / "out")
     assert info.value.field == "stage" and "'lower'" in info.value.problem
-    bf16 = export_onnx("tiny-dense", tmp_path / "bf16", ExportOptions(dtype="bf16")).directory
+    bf16 = artifacts.export("tiny-dense", "bf16")
     with pytest.raises(BadInputError) as info:
         quantize_artifact(bf16, "int8-wo", tmp_path / "out")
     assert info.value.field == "options.dtype"
@@ -85,9 +85,9 @@ def test_refuses_lowered_or_bf16_exports(exports, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_int8_wo_on_fp16_export_keeps_fp16_scales(tmp_path):
+def test_int8_wo_on_fp16_export_keeps_fp16_scales(artifacts, tmp_path):
     """For TensorRT: an fp16 export quantizes to INT8 weights with fp16 scales (fp16 activations)."""
-    half = export_onnx("tiny-moe", tmp_path / "fp16", ExportOptions(dtype="fp16")).directory
+    half = artifacts.export("tiny-moe", "fp16")
     result = quantize_artifact(half, "int8-wo", tmp_path / "q")
     model = onnx.load(result.directory / "model.onnx")
     weights = {t.name: t for t in model.graph.initializer}
@@ -103,14 +103,14 @@ def test_int8_wo_on_fp16_export_keeps_fp16_scales(tmp_path):
         assert (np.abs(q * s - w) <= 0.51 * s + 1e-3).all()  # half a step of its own row's scale
 
 
-def test_int8_experts_lower_to_qmoe(exports, tmp_path):
+def test_int8_experts_lower_to_qmoe(artifacts, tmp_path):
     """`lower --for ort`: INT8 experts become com.microsoft::QMoE (uint8 = q + 128, fp32 row scales) and
     compute what the canonical QDQ graph computes, both run as their manifests say (ENABLE_ALL, the QDQ
     graph as written: backends/onnxruntime/settings.py)."""
     from qwen3_compile.backends.base import left_padded_batch
     from qwen3_compile.backends.onnxruntime.loader import load_ort_runner
 
-    canonical = quantize_artifact(exports["tiny-moe"], "int8-wo", tmp_path / "canonical")
+    canonical = artifacts.quantized_artifact("tiny-moe", "int8-wo")
     lowered = lower_artifact(canonical.directory, tmp_path / "ort", "ort")
     ops = [n.op_type for n in onnx.load(lowered.directory / "model.onnx").graph.node]
     assert ops.count("QMoE") == 2 and "ExpertDispatch" not in ops

@@ -20,16 +20,23 @@ def _logits(directory, batch) -> np.ndarray:
     return runner.forward(batch.input_ids, batch.attention_mask, batch.position_ids, runner.empty_cache(2))[0]
 
 
+@pytest.fixture(scope="module")
+def exports(artifacts, tmp_path_factory):
+    """tiny-moe exported inline (the shared export, read-only) and with its weights as external data."""
+    inline = artifacts.export("tiny-moe")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(artifact_io, "EXTERNAL_DATA_THRESHOLD", 0)
+        external = export_onnx("tiny-moe", tmp_path_factory.mktemp("streamed") / "external").directory
+    return inline, external
+
+
 @pytest.mark.parametrize("recipe, target", [("int8-sq", None), ("int8-wo", "ort"), ("int4-rtn", None)])
-def test_streamed_quantize_equals_in_memory(recipe, target, tmp_path, monkeypatch):
+def test_streamed_quantize_equals_in_memory(recipe, target, exports, tmp_path):
     if recipe == "int4-rtn":  # packed INT4 written through the external-data sink; 32 fits tiny-moe
         from qwen3_compile.quantize.recipe import load_recipe, with_group_size
 
         recipe = with_group_size(load_recipe(recipe), 32)
-    inline = export_onnx("tiny-moe", tmp_path / "inline").directory
-    with monkeypatch.context() as patch:
-        patch.setattr(artifact_io, "EXTERNAL_DATA_THRESHOLD", 0)
-        external = export_onnx("tiny-moe", tmp_path / "external").directory
+    inline, external = exports
     assert (external / "model.onnx.data").exists() and not (inline / "model.onnx.data").exists()
     a = quantize_artifact(inline, recipe, tmp_path / "qa", samples=8)
     b = quantize_artifact(external, recipe, tmp_path / "qb", samples=8)

@@ -164,8 +164,9 @@ def test_w8a8_meets_recipe_gates(preset, recipe, quantized, artifacts, tmp_path)
 
 @pytest.mark.parametrize("preset", GATE_PRESETS)
 def test_fp16_baseline_meets_gates(preset, artifacts, tmp_path):
-    result = quantize_artifact(artifacts.export(preset, "fp16"), "fp16", tmp_path / "q")
+    result = artifacts.quantized_artifact(preset, "fp16")  # of the fp16 export; shared: report to tmp_path
     assert result.tensors == [] and result.manifest.recipe["name"] == "fp16"
+    assert result.manifest.options.dtype == "fp16"
     report = validate_artifact(
         result.directory,
         artifacts.loaded(preset),
@@ -173,6 +174,7 @@ def test_fp16_baseline_meets_gates(preset, artifacts, tmp_path):
         long_context_tokens=0,
         bisect=False,
         recipe_check=False,
+        output=tmp_path / "v",
     )
     assert report.gates_source == "recipe fp16 (random-weight stress gates)" and report.passed, (
         report.failures

@@ -15,16 +15,13 @@ from qwen3_compile.storage.manifests import ARTIFACT_KINDS
 
 
 @pytest.fixture(scope="module")
-def written(tmp_path_factory):
-    """One folder per artifact kind the CPU machine can make: export, quantize, lower."""
-    from qwen3_compile.export.stage import export_onnx
+def written(artifacts, tmp_path_factory):
+    """One folder per artifact kind the CPU machine can make: export, quantize (the shared ones), lower."""
     from qwen3_compile.lower.stage import lower_artifact
-    from qwen3_compile.quantize.stage import quantize_artifact
 
-    root = tmp_path_factory.mktemp("manifests")
-    export = export_onnx("tiny-moe", root / "export")
-    quantized = quantize_artifact(export.directory, "int8-wo", root / "quantize")
-    lowered = lower_artifact(quantized.directory, root / "lower", "ort")
+    export = artifacts.exported("tiny-moe")
+    quantized = artifacts.quantized_artifact("tiny-moe", "int8-wo")
+    lowered = lower_artifact(quantized.directory, tmp_path_factory.mktemp("manifests") / "lower", "ort")
     return {"export": export, "quantize": quantized, "lower": lowered}
 
 
