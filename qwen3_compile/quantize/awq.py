@@ -2,9 +2,14 @@
 
 Per input channel j of a group of projections reading one activation X: s_j = mean|X_j|^alpha, normalised
 to a geometric mean of 1 between its extremes; alpha is searched over `grid` values i / grid (i = 0..grid-1;
-alpha 0 is round-to-nearest) for the least output MSE of the INT4-quantized projections on the calibration
-activations, sum_p || X W_p^T - (X / s) Q(W_p * s)^T ||^2. The projections get W * s, and 1 / s is folded
-into what produces X, so the float model computes the same function (exactly, up to rounding):
+alpha 0 is round-to-nearest) for the least squared output error on the calibration activations. As in AWQ's
+reference code (`module2inspect`), the error is taken at the output of the block the projections feed: q/k/v
+at the attention's output (o_proj float), gate/up at the MLP's (down_proj float; MoE: the sparse block with
+its router); o_proj and down_proj, which feed the residual, at their own output,
+sum_p || X W_p^T - (X / s) Q(W_p * s)^T ||^2. Summing each projection's own output error instead would count
+an error in q or k (which the q/k norms and softmax shrink or amplify) like one in v, and one in gate like
+one in up. The projections get W * s, and 1 / s is folded into what produces X, so the float model computes
+the same function (exactly, up to rounding):
 
 - input_layernorm -> q/k/v_proj (one s for the three); post_attention_layernorm -> gate/up_proj, or every
   expert's gate_up_proj plus the float router, which reads the same X (one s for all experts);
@@ -17,12 +22,12 @@ into what produces X, so the float model computes the same function (exactly, up
 Searched in the order the folds need: o (fold into v) before q/k/v, down (fold into up) before gate/up, so
 each search sees the weights as they will be quantized.
 
-Then AWQ's clipping search (`clip_grid` > 0): per output channel and input group of each scaled projection,
+Then AWQ's clipping search (`clip_grid` > 0): per output channel and input group of v/o and the dense MLP,
 the largest |w| shrunk by a ratio r (1 down to 0.5) before quantizing, r chosen for the least output error on
 the same activations, sum_n (X_g (W_g - Q(clip_r W_g))^T)^2; r = 1 is round-to-nearest, so no group gets
 worse on the calibration set. Clipping is a weight transform like the scales (the quantizer then takes
-max|w| of the clipped group), recorded as `clip/<weight>` [out, groups]. Attention and dense MLP projections
-only: MoE experts would need E times as many ratios.
+max|w| of the clipped group), recorded as `clip/<weight>` [out, groups]. Not q/k (AWQ skips them too: their
+output error is not what reaches the attention's output) nor MoE experts (E times as many ratios).
 """
 
 from __future__ import annotations
