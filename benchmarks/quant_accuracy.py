@@ -1,7 +1,7 @@
 """Accuracy per quantization recipe against the fp32 PyTorch reference, one run.
 
     python3 benchmarks/quant_accuracy.py [--models tiny-dense,tiny-moe] [--recipes int4-rtn,int4-awq]
-        [--ppl-text HELD_OUT.txt]
+        [--ppl-text HELD_OUT.txt] [--calibration FILE]
 
 `NAME+lm-head-int8|int4` rows are the weight-only recipe with its output projection quantized as well
 (`weights.lm_head`); "artifact MB" is model.onnx and its data file.
@@ -12,8 +12,9 @@ perplexity increase is measured on the built-in held-out text (`validate --ppl`)
 a second text (at most 64 windows of 256 tokens). The outlier rows
 use the `tiny-moe-outliers` preset (massive activation channels, same float function as tiny-moe):
 naive per-tensor W8A8 (int8-sq without its [smoothquant] section) against SmoothQuant, and INT4
-round-to-nearest against AWQ. INT4 recipes run at group size 32 on the tiny presets (their 128 does not
-divide the 64-wide layers); the rows say so (`-g32`).
+round-to-nearest against AWQ. INT4 recipes run at group size 32 on the tiny presets (their 128 does
+not divide the 64-wide layers); the rows say so (`-g32`). --calibration FILE calibrates the models' rows
+on a user file (`quantize --calibration`) instead of the built-in set.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ COLUMNS = [
 
 
 PPL_TEXT: Path | None = None  # --ppl-text
+CALIBRATION: Path | None = None  # --calibration
 CORPUS_WINDOWS = 64
 
 
@@ -125,7 +127,11 @@ def accuracy(model: str, work: Path, recipes: list[str]) -> list[dict]:
         rows.append(_row(model, "fp16", quantize_artifact(fp16, "fp16", work / "q-fp16"), model))
     for i, name in enumerate(r for r in recipes if r != "fp16"):
         recipe = _recipe(name)
-        rows.append(_row(model, recipe.name, quantize_artifact(fp32, recipe, work / f"q-{i}"), model))
+        rows.append(
+            _row(
+                model, recipe.name, quantize_artifact(fp32, recipe, work / f"q-{i}", calib=CALIBRATION), model
+            )
+        )
     return rows
 
 
@@ -165,10 +171,11 @@ def main() -> None:
         help=f"a subset of {', '.join(RECIPES + LM_HEAD_RECIPES)}",
     )
     parser.add_argument("--ppl-text", type=Path, help="a second text for the perplexity increase")
+    parser.add_argument("--calibration", type=Path, help="calibration text instead of the built-in set")
     parser.add_argument("--no-outliers", action="store_true", help="skip the tiny-moe-outliers rows")
     args = parser.parse_args()
-    global PPL_TEXT
-    PPL_TEXT = args.ppl_text
+    global PPL_TEXT, CALIBRATION
+    PPL_TEXT, CALIBRATION = args.ppl_text, args.calibration
     recipes = args.recipes.split(",")
     unknown = sorted(set(recipes) - set(RECIPES + LM_HEAD_RECIPES))
     if unknown:

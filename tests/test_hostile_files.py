@@ -53,13 +53,15 @@ RECIPES = {  # quantize --recipe FILE
     "empty": ("", "recipe.toml"),
 }
 RECIPE_BYTES = {"binary": b"\x00\xff\xfe" * 100, "not utf-8": b'name = "\xff"\n'}
-CALIBRATION = {  # quantize --calib FILE
+CALIBRATION = {  # quantize --calibration FILE
     "binary": b"\x00\xff" * 64,
     "invalid utf-8": b'{"prompt": "\xff\xfe"}\n',
     "a list per line": b"[1, 2, 3]\n",
     "messages not a list": b'{"messages": "hello"}\n',
     "role a number": b'{"messages": [{"role": 3, "content": "hi"}]}\n',
     "nan literal": b'{"prompt": NaN}\n',
+    "message not an object": b'{"messages": ["hi"]}\n',
+    "answer an object": b'{"messages": [{"role": "user", "content": "hi"}], "answer": {}}\n',
 }
 PROMPTS = {  # validate --prompts FILE
     "binary": b"\x00\xff" * 64,
@@ -132,7 +134,18 @@ def test_hostile_file_is_refused(artifacts, artifact_copy, reseal, tmp_path, kin
         args = ["quantize", exported, "--recipe", _fifo(files, "recipe.toml"), "-o", out]
     elif kind in ("calib", "calib-fifo"):
         calib = _bytes(files, "calib.jsonl", data) if data is not None else _fifo(files, "calib.jsonl")
-        args = ["quantize", exported, "--recipe", "int8-sq", "--calib", calib, "--samples", "2", "-o", out]
+        args = [
+            "quantize",
+            exported,
+            "--recipe",
+            "int8-sq",
+            "--calibration",
+            calib,
+            "--samples",
+            "2",
+            "-o",
+            out,
+        ]
     elif kind in ("prompts", "prompts-fifo"):
         prompts = _bytes(files, "prompts.jsonl", data) if data is not None else _fifo(files, "prompts.jsonl")
         args = ["validate", exported, "--reference", "tiny-dense", "--prompts", prompts, "-o", out]

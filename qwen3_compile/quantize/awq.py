@@ -2,9 +2,14 @@
 
 Per input channel j of a group of projections reading one activation X: s_j = mean|X_j|^alpha, normalised
 to a geometric mean of 1 between its extremes; alpha is searched over `grid` values i / grid (i = 0..grid-1;
-alpha 0 is round-to-nearest) for the least output MSE of the INT4-quantized projections on the calibration
-activations, sum_p || X W_p^T - (X / s) Q(W_p * s)^T ||^2. The projections get W * s, and 1 / s is folded
-into what produces X, so the float model computes the same function (exactly, up to rounding):
+alpha 0 is round-to-nearest) for the least squared output error on the calibration activations. As in AWQ's
+reference code (`module2inspect`), the error is taken at the output of the block the projections feed: q/k/v
+at the attention's output (o_proj float), gate/up at the MLP's (down_proj float; MoE: the sparse block with
+its router); o_proj and down_proj, which feed the residual, at their own output,
+sum_p || X W_p^T - (X / s) Q(W_p * s)^T ||^2. Summing each projection's own output error instead would count
+an error in q or k (which the q/k norms and softmax shrink or amplify) like one in v, and one in gate like
+one in up. The projections get W * s, and 1 / s is folded into what produces X, so the float model computes
+the same function (exactly, up to rounding):
 
 - input_layernorm -> q/k/v_proj (one s for the three); post_attention_layernorm -> gate/up_proj, or every
   expert's gate_up_proj plus the float router, which reads the same X (one s for all experts);
@@ -17,12 +22,12 @@ into what produces X, so the float model computes the same function (exactly, up
 Searched in the order the folds need: o (fold into v) before q/k/v, down (fold into up) before gate/up, so
 each search sees the weights as they will be quantized.
 
-Then AWQ's clipping search (`clip_grid` > 0): per output channel and input group of each scaled projection,
+Then AWQ's clipping search (`clip_grid` > 0): per output channel and input group of v/o and the dense MLP,
 the largest |w| shrunk by a ratio r (1 down to 0.5) before quantizing, r chosen for the least output error on
 the same activations, sum_n (X_g (W_g - Q(clip_r W_g))^T)^2; r = 1 is round-to-nearest, so no group gets
 worse on the calibration set. Clipping is a weight transform like the scales (the quantizer then takes
-max|w| of the clipped group), recorded as `clip/<weight>` [out, groups]. Attention and dense MLP projections
-only: MoE experts would need E times as many ratios.
+max|w| of the clipped group), recorded as `clip/<weight>` [out, groups]. Not q/k (AWQ skips them too: their
+output error is not what reaches the attention's output) nor MoE experts (E times as many ratios).
 """
 
 from __future__ import annotations
@@ -64,27 +69,78 @@ def _rows(samples: list, limit: int, seed: int):
 
 @dataclass
 class Problem:
-    """One search: projections [out, in] (torch layout) each with the activation rows it reads."""
+    """One search over projections [out, in] (torch layout), each with the activation rows it reads; the loss
+    is their summed output error (AWQ for a projection alone: o_proj, down_proj)."""
 
     parts: list[tuple[object, object]]  # (X [N, in], W [out, in]) pairs
     tie: Callable | None = None  # maps a free scale vector to the per-input-channel one (GQA ties)
 
+    def mean_abs(self):
+        total = sum(len(x) for x, _ in self.parts)
+        return sum(x.abs().sum(dim=0) for x, _ in self.parts) / max(total, 1)
 
-def _loss(problem: Problem, s, group: int) -> float:
-    total = 0.0
-    for x, w in problem.parts:
-        want = x @ w.T
-        got = (x / s) @ fake_int4(w * s, group).T
-        total += float((want - got).square().sum())
-    return total
+    def loss(self, s, group: int) -> float:
+        total = 0.0
+        for x, w in self.parts:
+            want = x @ w.T
+            got = (x / s) @ fake_int4(w * s, group).T
+            total += float((want - got).square().sum())
+        return total
 
 
-def search(problem: Problem, grid: int, group: int) -> tuple[np.ndarray, dict]:
+@dataclass
+class BlockProblem:
+    """One search whose loss is the output error of the module the scaled projections feed (AWQ's
+    `module2inspect`): the attention (q/k/v quantized, o_proj float) or the MLP (gate/up quantized, down_proj
+    float; for MoE the whole sparse block, router included). Errors count by what they do to the block's
+    output, through the q/k norms, softmax and SwiGLU, not each projection's output alike."""
+
+    module: object  # torch module, called with `params` through torch.func.functional_call
+    params: dict[str, object]  # every parameter of `module`, float64, with the folds searched before applied
+    scaled: tuple[str, ...]  # the parameters (input axis last) quantized with s
+    inputs: list  # per calibration sequence [1, T, in], float64
+    kwargs: Callable[[object], dict] = lambda x: {}  # a sequence's other forward arguments (RoPE, mask)
+    tie: Callable | None = None
+    _want: list | None = None
+
+    def _run(self, params) -> list:
+        from torch.func import functional_call
+
+        outs = []
+        for x in self.inputs:
+            out = functional_call(self.module, params, (x,), self.kwargs(x))
+            outs.append(out[0] if isinstance(out, tuple) else out)
+        return outs
+
+    def mean_abs(self):
+        rows = [x.reshape(-1, x.shape[-1]) for x in self.inputs]
+        return sum(r.abs().sum(dim=0) for r in rows) / max(sum(len(r) for r in rows), 1)
+
+    def loss(self, s, group: int) -> float:
+        if self._want is None:
+            self._want = self._run(self.params)
+        # (X / s) Q(W s)^T = X (Q(W s) / s)^T: the module reads its input as it is
+        params = self.params | {n: fake_int4(self.params[n] * s, group) / s for n in self.scaled}
+        return float(sum((w - g).square().sum() for w, g in zip(self._want, self._run(params), strict=True)))
+
+
+def _sequences(samples: list, limit: int, seed: int) -> list:
+    """Whole calibration sequences [1, T, in] (attention needs them whole): a fixed random subset of at most
+    `limit` tokens, at least one sequence."""
+    kept, tokens = [], 0
+    for i in np.random.default_rng(seed).permutation(len(samples)).tolist():
+        if kept and tokens + len(samples[i]) > limit:
+            continue
+        kept.append(samples[i].double()[None])
+        tokens += len(samples[i])
+    return kept
+
+
+def search(problem: Problem | BlockProblem, grid: int, group: int) -> tuple[np.ndarray, dict]:
     """The best scales (per input channel, or per tied channel) and a summary for the manifest."""
     import torch
 
-    total = sum(len(x) for x, _ in problem.parts)
-    mean_abs = sum(x.abs().sum(dim=0) for x, _ in problem.parts) / max(total, 1)
+    mean_abs = problem.mean_abs()
     if problem.tie is not None:
         mean_abs = problem.tie.reduce(mean_abs)
     best, best_alpha, losses = None, 0.0, []
@@ -93,7 +149,7 @@ def search(problem: Problem, grid: int, group: int) -> tuple[np.ndarray, dict]:
         free = mean_abs.clamp(min=MIN_SCALE).pow(alpha)
         free = free / (free.max() * free.min()).sqrt()
         s = problem.tie.expand(free) if problem.tie is not None else free
-        losses.append(_loss(problem, s, group))
+        losses.append(problem.loss(s, group))
         if best is None or losses[-1] < losses[best]:
             best, best_alpha, best_free = len(losses) - 1, alpha, free
     assert torch.isfinite(best_free).all()
@@ -129,6 +185,7 @@ class AwqSearch:
     clip_grid: int = 0
     scales: dict[str, np.ndarray] = field(default_factory=dict)
     summary: dict[str, dict] = field(default_factory=dict)
+    _rotary: object = None
 
     def _keep(self, key: str, s: np.ndarray, info: dict):
         import torch
@@ -136,45 +193,70 @@ class AwqSearch:
         self.scales[key], self.summary[key] = s, info
         return torch.from_numpy(s)
 
+    def _attention_kwargs(self, x) -> dict:
+        """RoPE and the causal mask for a sequence [1, T, H], as `calibrate` runs the layer."""
+        import torch
+        from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+        if self._rotary is None:
+            self._rotary = Qwen3RotaryEmbedding(config=self.arch.to_transformers_config())
+        length = x.shape[1]
+        mask = torch.full((length, length), torch.finfo(torch.float32).min, dtype=x.dtype).triu(1)
+        cos_sin = self._rotary(x, torch.arange(length)[None])
+        return {"position_embeddings": cos_sin, "attention_mask": mask[None, None]}
+
     def __call__(self, index: int, layer, stats) -> None:
         p, a = f"model.layers.{index}.", self.arch
         attn, mlp = layer.self_attn, layer.mlp
         rows = partial(_rows, limit=self.max_tokens, seed=index)
+        sequences = partial(_sequences, limit=self.max_tokens, seed=index)
         w = {n: getattr(attn, f"{n}_proj").weight.double() for n in "qkvo"}
         tie = HeadTie(a.num_heads, a.num_kv_heads, a.head_dim)
         o_in = rows(stats.samples["o_in"])
         s_o = self._keep(p + "o", *search(Problem([(o_in, w["o"])], tie), self.grid, self.group))
         w["v"] = w["v"] / s_o[:, None]  # the fold: v's output rows / s
+        params = {n: t.detach().double() for n, t in attn.named_parameters()}
+        params |= {"v_proj.weight": w["v"], "o_proj.weight": w["o"] * tie.expand(s_o)}
+        problem = BlockProblem(
+            attn,
+            params,
+            ("q_proj.weight", "k_proj.weight", "v_proj.weight"),
+            sequences(stats.samples["attn_in"]),
+            self._attention_kwargs,
+        )
+        s_attn = self._keep(p + "attn", *search(problem, self.grid, self.group))
         x = rows(stats.samples["attn_in"])
-        s_attn = self._keep(p + "attn", *search(Problem([(x, w[n]) for n in "qkv"]), self.grid, self.group))
         # (projection, its input rows, its input-channel scale s, its weight before s): clipping searches
-        # W * s on X / s, what the quantizer sees
-        clip = [(f"self_attn.{n}_proj", x, s_attn, w[n]) for n in "qkv"]
-        clip.append(("self_attn.o_proj", o_in, tie.expand(s_o), w["o"]))
+        # W * s on X / s, what the quantizer sees. Not q/k: their error reaches the output through the
+        # q/k norms and softmax, which a per-output-channel error does not measure (AWQ skips them too)
+        clip = [("self_attn.v_proj", x, s_attn, w["v"]), ("self_attn.o_proj", o_in, tie.expand(s_o), w["o"])]
+        params = {n: t.detach().double() for n, t in mlp.named_parameters()}
         if a.is_moe:
-            gate_up = mlp.experts.gate_up_proj.double()  # [E, 2I, H]
-            down = mlp.experts.down_proj.double()  # [E, H, I]
-            inter, parts = gate_up.shape[1] // 2, []
+            gate_up, down = params["experts.gate_up_proj"].clone(), params["experts.down_proj"].clone()
+            inter = gate_up.shape[1] // 2  # gate_up [E, 2I, H], down [E, H, I]
             for e in range(gate_up.shape[0]):
                 if f"expert_mid/{e}" not in stats.samples:  # no token: nothing to weigh, s = 1
                     continue
                 problem = Problem([(rows(stats.samples[f"expert_mid/{e}"]), down[e])])
                 s_down = self._keep(f"{p}down/{e}", *search(problem, self.grid, self.group))
-                up_rows = gate_up[e].clone()
-                up_rows[inter:] /= s_down[:, None]
-                parts.append((rows(stats.samples[f"expert_in/{e}"]), up_rows))
-            self._keep(p + "mlp", *search(Problem(parts), self.grid, self.group))
+                gate_up[e, inter:] /= s_down[:, None]
+                down[e] *= s_down
+            params |= {"experts.gate_up_proj": gate_up, "experts.down_proj": down}
+            scaled = ("experts.gate_up_proj",)
         else:
-            gate, up, down = (getattr(mlp, f"{n}_proj").weight.double() for n in ("gate", "up", "down"))
             down_in = rows(stats.samples["down_in"])
-            s_down = self._keep(p + "down", *search(Problem([(down_in, down)]), self.grid, self.group))
-            x, up_folded = rows(stats.samples["mlp_in"]), up / s_down[:, None]
-            s_mlp = self._keep(
-                p + "mlp", *search(Problem([(x, gate), (x, up_folded)]), self.grid, self.group)
-            )
+            problem = Problem([(down_in, params["down_proj.weight"])])
+            s_down = self._keep(p + "down", *search(problem, self.grid, self.group))
+            gate, up, down = (params[f"{n}_proj.weight"] for n in ("gate", "up", "down"))
+            params |= {"up_proj.weight": up / s_down[:, None], "down_proj.weight": down * s_down}
+            scaled = ("gate_proj.weight", "up_proj.weight")
+        problem = BlockProblem(mlp, params, scaled, sequences(stats.samples["mlp_in"]))
+        s_mlp = self._keep(p + "mlp", *search(problem, self.grid, self.group))
+        if not a.is_moe:
+            x = rows(stats.samples["mlp_in"])
             clip += [
                 ("mlp.gate_proj", x, s_mlp, gate),
-                ("mlp.up_proj", x, s_mlp, up_folded),
+                ("mlp.up_proj", x, s_mlp, params["up_proj.weight"]),
                 ("mlp.down_proj", down_in, s_down, down),
             ]
         for name, x_in, s, weight in clip if self.clip_grid else ():

@@ -10,18 +10,18 @@ blank lines, used as raw text).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from qwen3_compile.errors import BadInputError
-from qwen3_compile.storage.user_files import read_text
+from qwen3_compile.storage.user_files import parse_json_object, read_text
 from qwen3_compile.tokenizer import render_chat
 
 # below this, per-tensor ranges are set by a handful of tokens: refuse rather than calibrate on noise
 MIN_TOKENS = 64
+_FIX = "write one JSON object per line, or use a .txt file of plain paragraphs."
 
 
 @dataclass(frozen=True)
@@ -37,30 +37,71 @@ class CalibrationSet:
         return {"source": self.source, "sequences": len(self.sequences), "tokens": self.tokens}
 
 
+_EXAMPLE = '{"text": "..."} or {"messages": [{"role": "user", "content": "..."}], "answer": "..."}'
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _refuse(path: Path, number: int, key: str, problem: str, fix: str) -> BadInputError:
+    return BadInputError(problem, file=path, field=f"line {number}: {key}", fix=fix)
+
+
+def _check_entry(path: Path, number: int, entry: object) -> dict:
+    """One JSONL line's object, its fields checked before anything is tokenized."""
+    if not isinstance(entry, dict) or not (
+        isinstance(entry.get("messages"), list) or isinstance(entry.get("text"), str)
+    ):
+        raise _refuse(
+            path, number, "messages", 'needs "messages" (a chat list) or "text".', f"write e.g. {_EXAMPLE}."
+        )
+    if "text" in entry and (
+        len(entry) > 1 or not isinstance(entry["text"], str) or not entry["text"].strip()
+    ):
+        raise _refuse(
+            path,
+            number,
+            "text",
+            '"text" must be a non-empty string.',
+            f"write e.g. {_EXAMPLE}.",
+        )
+    for i, message in enumerate(entry.get("messages", [])):
+        if not (
+            isinstance(message, dict)
+            and message.get("role") in _ROLES
+            and isinstance(message.get("content"), str)
+        ):
+            raise _refuse(
+                path,
+                number,
+                f"messages[{i}]",
+                "each message needs a role (system, user, assistant or tool) and a string content.",
+                'write e.g. {"role": "user", "content": "..."}.',
+            )
+    if "messages" in entry and not entry["messages"]:
+        raise _refuse(path, number, "messages", '"messages" is empty.', "give at least one message.")
+    for key in ("answer", "reasoning"):
+        if key in entry and not isinstance(entry[key], str):
+            raise _refuse(path, number, key, f'"{key}" must be a string.', f'write "{key}": "...".')
+    if "tools" in entry and not (
+        isinstance(entry["tools"], list) and all(isinstance(t, dict) for t in entry["tools"])
+    ):
+        raise _refuse(
+            path, number, "tools", '"tools" must be a list of tool objects.', 'write "tools": [{...}].'
+        )
+    return entry
+
+
 def _entries_from_jsonl(path: Path, text: str) -> list[dict]:
     entries = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise BadInputError(
-                f"line {number} is not valid JSON ({err.msg}, column {err.colno}).",
-                file=path,
-                field=f"line {number}",
-                fix="write one JSON object per line, or use a .txt file of plain paragraphs.",
-            ) from None
-        if not isinstance(entry, dict) or not (
-            isinstance(entry.get("messages"), list) or isinstance(entry.get("text"), str)
-        ):
-            raise BadInputError(
-                f'line {number} needs "messages" (a chat list) or "text".',
-                file=path,
-                field=f"line {number}",
-                fix='write e.g. {"messages": [{"role": "user", "content": "..."}], "answer": "..."}.',
-            )
-        entries.append(entry)
+            entry = parse_json_object(line.encode(), path, f"line {number}", _FIX)
+        except BadInputError as err:
+            if "must hold a JSON object" not in err.problem:
+                raise BadInputError(err.problem, file=path, field=f"line {number}", fix=err.fix) from None
+            entry = None  # a JSON value that is not an object: the field check below says what is needed
+        entries.append(_check_entry(path, number, entry))
     return entries
 
 
@@ -113,8 +154,8 @@ def load_calibration(
             f"the calibration text gives {result.tokens} tokens in {len(sequences)} sequences; at least "
             f"{MIN_TOKENS} are needed.",
             file=path,
-            field="--calib",
-            fix="add more text (a few paragraphs or conversations), or leave out --calib to use the "
+            field="--calibration",
+            fix="add more text (a few paragraphs or conversations), or leave out --calibration to use the "
             "built-in calibration set.",
         )
     return result

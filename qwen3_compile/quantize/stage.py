@@ -118,7 +118,7 @@ def _check_stats(stats: CalibrationStats, recipe: QuantRecipe, tensors: list[Qua
                 what = "only zeros"
             raise BadInputError(
                 f"calibration saw {what} at the input of {t.name} (layer {layer}).",
-                field="--calib",
+                field="--calibration",
                 fix="check the checkpoint for NaN/Inf (`qwen3-compile inspect MODEL`) and use calibration "
                 "text that reaches every layer (or the built-in set).",
             )
@@ -126,12 +126,12 @@ def _check_stats(stats: CalibrationStats, recipe: QuantRecipe, tensors: list[Qua
         if recipe.kv_cache and not (np.isfinite([s.key_amax, s.value_amax]).all() and s.key_amax > 0):
             raise BadInputError(
                 f"KV-cache calibration of layer {i} gave key/value ranges {s.key_amax}/{s.value_amax}.",
-                field="--calib",
+                field="--calibration",
                 fix="check the checkpoint for NaN/Inf (`qwen3-compile inspect MODEL`).",
             )
     return [
         f"layer {layer}: calibration routed no token to experts {experts}; their shared activation range "
-        "comes from the other experts (use more or more varied --calib text)"
+        "comes from the other experts (use more or more varied --calibration text)"
         for layer, experts in stats.unreached_experts().items()
     ]
 
