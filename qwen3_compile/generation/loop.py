@@ -80,17 +80,18 @@ def generate_reply(
     length = ids.shape[1]
     start = time.perf_counter()
     cache = runner.empty_cache(1)
-    for begin in range(0, length, prefill_chunk):
+    starts = range(0, length, prefill_chunk)
+    for begin in starts:
         end = min(begin + prefill_chunk, length)
-        token, cache = _next_token(
-            runner,
-            choose,
+        chunk = (
             ids[:, begin:end],
             np.ones((1, end), dtype=np.int64),
             np.arange(begin, end, dtype=np.int64)[None],
-            cache,
-            0,
         )
+        if begin != starts[-1]:  # an earlier chunk only fills the cache: nothing is chosen from it
+            _, cache = runner.forward(*chunk, cache)
+            continue
+        token, cache = _next_token(runner, choose, *chunk, cache, 0)
     prefill_s = time.perf_counter() - start
     generated, decode_s = [token], 0.0
     while True:
