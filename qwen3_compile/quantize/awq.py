@@ -265,6 +265,12 @@ class AwqSearch:
     def manifest_summary(self) -> dict:
         """Alpha per group (experts' down: the mean), and the search loss against round-to-nearest."""
         alphas = {k: v["alpha"] for k, v in self.summary.items() if "/" not in k}
+        # per group, the searched loss over round-to-nearest's: where AWQ gained (outlier-reading blocks)
+        ratios = {
+            k: v["loss"] / v["rtn_loss"] if v["rtn_loss"] > 0 else 1.0
+            for k, v in self.summary.items()
+            if "/" not in k
+        }
         experts = [v["alpha"] for k, v in self.summary.items() if "/" in k]
         loss = sum(v["loss"] for v in self.summary.values())
         rtn = sum(v["rtn_loss"] for v in self.summary.values())
@@ -273,6 +279,7 @@ class AwqSearch:
             "alpha": alphas,
             **({"experts_down_mean_alpha": float(np.mean(experts))} if experts else {}),
             "calibration_mse_vs_rtn": loss / rtn if rtn > 0 else 1.0,
+            "mse_vs_rtn": ratios,
         }
 
 

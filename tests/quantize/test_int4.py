@@ -307,7 +307,12 @@ def test_awq_beats_rtn_on_activation_outliers(tmp_path):
         )
         kl[name] = report.summary("prefill").mean_kl
     assert kl["int4-awq"] <= kl["int4-rtn"] / 2, kl
-    assert result.manifest.awq["calibration_mse_vs_rtn"] < 0.5
+    # the attention and MLP blocks read the outlier channels: there the search must cut RTN's block-output
+    # error by more than half (the o_proj and expert down groups read no outlier and gain little)
+    ratios = result.manifest.awq["mse_vs_rtn"]
+    blocks = {k: v for k, v in ratios.items() if k.endswith((".attn", ".mlp"))}
+    assert len(blocks) == 4 and max(blocks.values()) < 0.5, ratios
+    assert result.manifest.awq["calibration_mse_vs_rtn"] < 1.0
 
 
 @pytest.mark.slow
