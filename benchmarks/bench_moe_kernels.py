@@ -9,7 +9,9 @@ Token counts T = 1, 4, 16 (decode) and 512, 2048 (prefill). Two comparisons, eac
 - bf16 (activations, weights and router logits): qmoe with the default dispatch (`path="auto"`) and each
   path the wrapper exposes (`gemv`, `mma`, `mma_sync`, `wgmma`; the label names the kernel the library
   resolved), qmoe with INT8 weight-only experts, qmoe with INT4 weight-only experts (groups of 128, fp16
-  scales; decode T only: INT4 runs on the GEMV kernel at every T), and transformers' `Qwen3MoeExperts` with
+  scales; decode T only: INT4 runs on the GEMV kernel at every T) both on the CUDA-core GEMV kernels and on
+  the tensor-core decode kernels (`QMOE_I4_MMA=1`, set for that contender's whole measurement), and
+  transformers' `Qwen3MoeExperts` with
   its `eager`, `batched_mm` (decode only: at prefill it gathers a [T*k, 2I, H] weight copy, 100 GB at
   T=2048) and `grouped_mm` implementations, each preceded by Qwen3's router math (fp32 softmax, top-k,
   renormalise).
@@ -593,6 +595,7 @@ class Contender:
     build: object  # () -> list of calls
     graph: bool = True  # try CUDA graph capture for the replay
     skip: str | None = None
+    env: dict | None = None  # qmoe knobs (read at each launch) set for this contender's whole measurement
 
 
 def measure(
@@ -604,6 +607,8 @@ def measure(
         row["skipped"] = c.skip
         log(f"{section} T={T} {c.name}: skipped ({c.skip})")
         return row
+    saved = {k: os.environ.get(k) for k in c.env or {}}
+    os.environ.update(c.env or {})
     try:
         calls = c.build()
         for _ in range(2):  # warm-up (allocations, cuBLAS handles, ORT arena)
@@ -650,6 +655,12 @@ def measure(
         row["error"] = f"{type(exc).__name__}: {exc}"[:500]
         row["traceback"] = traceback.format_exc()[-3000:]
         log(f"{section} T={T} {c.name}: FAILED {row['error']}")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return row
 
 
@@ -696,6 +707,14 @@ def run_tokens(ctx, section: str, dtype_name: str, T: int, tokens) -> None:
             contenders.append(
                 Contender(
                     "qmoe int4 auto", "int4", lambda: qmoe_calls(kmoe, torch, xs, ls, ctx["int4"], "auto")
+                )
+            )
+            contenders.append(
+                Contender(
+                    "qmoe int4 tensor-core",
+                    "int4",
+                    lambda: qmoe_calls(kmoe, torch, xs, ls, ctx["int4"], "auto"),
+                    env={"QMOE_I4_MMA": "1"},
                 )
             )
         impls = ("eager", "batched_mm", "grouped_mm")
@@ -789,7 +808,7 @@ def plan(tokens, sections) -> list[str]:
             names = (
                 [f"qmoe bf16 {p}" for p in ("auto", *QMOE_PATHS)]
                 + ["qmoe int8 auto"]
-                + (["qmoe int4 auto"] if T <= max(DECODE_T) else [])
+                + (["qmoe int4 auto", "qmoe int4 tensor-core"] if T <= max(DECODE_T) else [])
                 if sec == "bf16"
                 else ["qmoe fp16 auto"]
             )

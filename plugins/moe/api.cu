@@ -153,12 +153,16 @@ int qmoe_forward(const qmoe_problem* p, const qmoe_tensors* t, void* stream) {
   cudaError_t err = cudaSuccess;
   // One token (batch-1 decode): two kernels that route for themselves (QMOE_TOKEN1=0: the general path).
   const bool token1 = gemv && p->num_tokens == 1 && qmoe::env_int("QMOE_TOKEN1", 1) != 0;
+  const bool i4mma = gemv && qmoe::i4mma_selected(*p);
   if (token1) {
-    if (stages >= 2) err = qmoe::launch_token1(*p, tt, ws, s, stages >= 3);
+    if (stages >= 2) {
+      err = i4mma ? qmoe::launch_i4mma_token1(*p, tt, ws, s, stages >= 3) : qmoe::launch_token1(*p, tt, ws, s, stages >= 3);
+    }
   } else {
     err = qmoe::launch_routing(*p, t->logits, ws, s);
     if (err == cudaSuccess && stages >= 2) {
-      if (gemv) err = qmoe::launch_experts_gemv(*p, tt, ws, s, stages >= 3);
+      if (i4mma) err = qmoe::launch_i4mma_gemv(*p, tt, ws, s, stages >= 3);
+      else if (gemv) err = qmoe::launch_experts_gemv(*p, tt, ws, s, stages >= 3);
       else if (path == QMOE_PATH_WGMMA) err = qmoe::launch_experts_wgmma(*p, tt, ws, s, stages >= 3);
       else err = qmoe::launch_experts_mma(*p, tt, ws, s, stages >= 3);
     }

@@ -33,30 +33,6 @@ struct Token1Args {
   int E, k, normalize, I, H, groups;
 };
 
-// Routing outputs of the general path (for qmoe_tensors' optional outputs), from warp-held slots.
-__device__ void write_routing(const Token1Args& a, int my_id, float my_p) {
-  const int lane = threadIdx.x & 31, k = a.k;
-  int pos = 0;  // this slot's row in expert order (the k experts are distinct)
-  for (int q = 0; q < k; ++q) pos += __shfl_sync(0xffffffffu, my_id, q) < my_id;
-  if (lane < k) {
-    a.ws.topk_ids[lane] = my_id;
-    a.ws.topk_w[lane] = my_p;
-    a.ws.perm_pair[pos] = lane;
-    a.ws.pair_pos[lane] = pos;
-    a.ws.active[pos] = my_id;
-  }
-  for (int base = 0; base <= a.E; base += 32) {
-    const int e = base + lane;
-    int below = 0;
-    for (int q = 0; q < k; ++q) below += __shfl_sync(0xffffffffu, my_id, q) < e;
-    if (e <= a.E) a.ws.offsets[e] = below;
-  }
-  if (lane == 0) {
-    a.ws.meta[0] = k;
-    a.ws.meta[1] = 0;
-  }
-}
-
 // The register cap (80, 16 bytes spilled) fits all blocks of the 30B-A3B layer (96 x 8) at once on 132
 // SMs; uncapped (96 registers, 5 blocks an SM) measured 4 us slower (NOTES.md, run 8).
 template <typename T, typename W>
@@ -70,7 +46,7 @@ __global__ void __launch_bounds__(kUpWarps * 32, 6) token1_gate_up_kernel(Token1
   route_token_lanes(a.logits, a.E, a.k, a.normalize != 0, my_id, my_p);
   const int slot = blockIdx.y;
   const int e = __shfl_sync(0xffffffffu, my_id, slot);
-  if (blockIdx.x == 0 && slot == 0 && warp == 0) write_routing(a, my_id, my_p);
+  if (blockIdx.x == 0 && slot == 0 && warp == 0) write_routing(a.ws, a.E, a.k, my_id, my_p);
 
   const int K = a.H, I = a.I;
   const int j = (blockIdx.x * kUpWarps + warp) * 2;  // grid.x * kUpWarps * 2 == I

@@ -106,4 +106,29 @@ __device__ __forceinline__ void route_token(const L* __restrict__ row, int E, in
   }
 }
 
+// Routing outputs of the general path (for qmoe_tensors' optional outputs), from warp-held slots: the
+// single-token kernels (which route for themselves) write them from one warp.
+__device__ inline void write_routing(const Workspace& ws, int E, int k, int my_id, float my_p) {
+  const int lane = threadIdx.x & 31;
+  int pos = 0;  // this slot's row in expert order (the k experts are distinct)
+  for (int q = 0; q < k; ++q) pos += __shfl_sync(0xffffffffu, my_id, q) < my_id;
+  if (lane < k) {
+    ws.topk_ids[lane] = my_id;
+    ws.topk_w[lane] = my_p;
+    ws.perm_pair[pos] = lane;
+    ws.pair_pos[lane] = pos;
+    ws.active[pos] = my_id;
+  }
+  for (int base = 0; base <= E; base += 32) {
+    const int e = base + lane;
+    int below = 0;
+    for (int q = 0; q < k; ++q) below += __shfl_sync(0xffffffffu, my_id, q) < e;
+    if (e <= E) ws.offsets[e] = below;
+  }
+  if (lane == 0) {
+    ws.meta[0] = k;
+    ws.meta[1] = 0;
+  }
+}
+
 }  // namespace qmoe

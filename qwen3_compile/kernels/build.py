@@ -33,10 +33,11 @@ _SOURCES = (
     "route.cu",
     "experts_gemv.cu",
     "experts_token1.cu",
+    "experts_i4mma.cu",
     "experts_mma.cu",
     "experts_wgmma.cu",
 )
-_HEADERS = ("qmoe.h", "qmoe_internal.cuh", "route_core.cuh", "gemv_core.cuh", "wgmma_ops.cuh")
+_HEADERS = ("qmoe.h", "qmoe_internal.cuh", "route_core.cuh", "gemv_core.cuh", "mma_sync.cuh", "wgmma_ops.cuh")
 
 
 class KernelBuildError(RuntimeError):

@@ -295,28 +295,56 @@ def test_single_token_path(kmoe, gen, monkeypatch, E, k, dtype, wkind, ldtype, v
     """T=1 takes its own two kernels (routing inside them, combine fused into down): within tolerance of the
     float64 reference, and the same bits and routing outputs as the general GEMV path (QMOE_TOKEN1=0): same
     roundings, same summation order. Both down-kernel block shapes (1 or 2 row groups a block)."""
-    H, inter = 384, 320
+    env = {"default": {}, "down-groups-1": {"QMOE_T1_DOWN_GROUPS": "1"}}[variant]
+    single_token_against_general(kmoe, gen, monkeypatch, E, k, dtype, wkind, ldtype, env, H=384, inter=320)
+
+
+def single_token_against_general(kmoe, gen, monkeypatch, E, k, dtype, wkind, ldtype, env, H, inter):
     x = torch.randn(1, H, generator=gen, device="cuda").to(dtype)
     logits = (2 * torch.randn(1, E, generator=gen, device="cuda")).to(ldtype)
     gu, dn, gs, ds = make_weights(gen, E, H, inter, dtype, wkind)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     results = {}
-    env = {
-        "default": {"QMOE_TOKEN1": "1"},
-        "down-groups-1": {"QMOE_TOKEN1": "1", "QMOE_T1_DOWN_GROUPS": "1"},
-    }[variant]
-    for name, knobs in (("fast", env), ("general", {"QMOE_TOKEN1": "0"})):
-        for key, value in knobs.items():
-            monkeypatch.setenv(key, value)
+    for name, token1 in (("fast", "1"), ("general", "0")):
+        monkeypatch.setenv("QMOE_TOKEN1", token1)
         out = torch.full((1, H), float("nan"), dtype=dtype, device="cuda")
         results[name] = kmoe.moe_forward(
             x, logits, gu, dn, k, True, gs, ds, path="gemv", out=out, return_routing=True
         )
     general, r0 = results["general"]
     fast, r1 = results["fast"]
-    check_close(fast, kmoe.moe_reference(x, logits, gu, dn, k, True, gs, ds), dtype, f"token1 {variant}")
+    check_close(fast, kmoe.moe_reference(x, logits, gu, dn, k, True, gs, ds), dtype, f"token1 {env}")
     assert torch.equal(fast, general), "single-token path differs from the general GEMV path"
     for name in ("topk_ids", "topk_weights", "expert_offsets", "permuted_pairs"):
         assert torch.equal(getattr(r1, name), getattr(r0, name)), name
+
+
+# INT4 in groups of 128 on the tensor cores (QMOE_I4_MMA=1: mma.sync decode kernels in place of the GEMV
+# path's, single-token and general): the float64 reference, and the same bits on both T=1 paths.
+@pytest.mark.parametrize("wkind", ["int4_g128_f32s", "int4_g128_f16s"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(("E", "k"), [(16, 2), (128, 8), (128, 32), (256, 5)])
+@pytest.mark.parametrize("T", [1, 7, 64, 300])
+def test_int4_tensor_core_decode(kmoe, gen, monkeypatch, T, E, k, dtype, wkind):
+    monkeypatch.setenv("QMOE_I4_MMA", "1")
+    run_case(kmoe, gen, T, E, k, dtype, wkind, "gemv", H=384, inter=256)
+
+
+@pytest.mark.parametrize("ldtype", [torch.float32, torch.bfloat16], ids=["f32logits", "bf16logits"])
+@pytest.mark.parametrize("wkind", ["int4_g128_f32s", "int4_g128_f16s"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(("E", "k"), [(16, 2), (16, 3), (128, 8), (128, 32), (256, 5)])
+def test_int4_tensor_core_single_token_path(kmoe, gen, monkeypatch, E, k, dtype, wkind, ldtype):
+    env = {"QMOE_I4_MMA": "1"}
+    single_token_against_general(kmoe, gen, monkeypatch, E, k, dtype, wkind, ldtype, env, H=384, inter=256)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("T", [1, 4, 16, 64])
+def test_int4_tensor_core_qwen3_30b_a3b_shapes(kmoe, gen, monkeypatch, T, dtype):
+    monkeypatch.setenv("QMOE_I4_MMA", "1")
+    run_case(kmoe, gen, T, 128, 8, dtype, "int4_g128_f16s", "auto", H=2048, inter=768)
 
 
 @pytest.mark.parametrize("pdl", ["1", "0"])
