@@ -155,20 +155,10 @@ struct NoWait {
 
 // ---------------------------------------------------------------------------------------------
 // Single token (T == 1): as experts_token1.cu, routing in every warp and the combine fused into down.
-struct T1Args {
-  const void* x;
-  LogitRow logits;
-  const void *gate_up, *down, *gate_up_scale, *down_scale;
-  int scale_dtype;
-  void* h;  // [k, I]
-  void* out;
-  Workspace ws;
-  int E, k, normalize, I, H;
-};
 
 // Block: h[slot, j0 .. j0 + 7] (gate rows j0 + g, up rows I + j0 + g) for slot blockIdx.y; 4 warps split K.
 template <typename T>
-__global__ void __launch_bounds__(kKsUp * 32) t1_gate_up_kernel(T1Args a) {
+__global__ void __launch_bounds__(kKsUp * 32) t1_gate_up_kernel(Token1Args a) {
   __shared__ Partials<kKsUp> red;
   pdl_wait();
   pdl_launch_dependents();
@@ -181,7 +171,7 @@ __global__ void __launch_bounds__(kKsUp * 32) t1_gate_up_kernel(T1Args a) {
   if (blockIdx.x == 0 && slot == 0 && warp == 0) write_routing(a.ws, a.E, a.k, my_id, my_p);
   const int j0 = blockIdx.x * 8, I = a.I;
   const size_t base = size_t(e) * 2 * I;
-  const TileRows<T> t = tile_rows<T>(a.gate_up, a.gate_up_scale, a.scale_dtype, base + j0 + g, base + I + j0 + g,
+  const TileRows<T> t = tile_rows<T>(a.weight, a.scale, a.scale_dtype, base + j0 + g, base + I + j0 + g,
                                      a.H, g == 0 ? static_cast<const T*>(a.x) : nullptr);
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   tile_part<T, kKsUp>(t, a.scale_dtype, a.H, warp, acc, NoWait{});
@@ -196,7 +186,7 @@ __global__ void __launch_bounds__(kKsUp * 32) t1_gate_up_kernel(T1Args a) {
 // Block: output rows row0 .. row0 + 15 for every slot (tile = slot, 2 warps split K), then the weighted
 // combine in slot order (the combine kernel's order and roundings).
 template <typename T>
-__global__ void __launch_bounds__(kT1DownWarps * 32, 1) t1_down_kernel(T1Args a) {
+__global__ void __launch_bounds__(kT1DownWarps * 32, 1) t1_down_kernel(Token1Args a) {
   constexpr int kTiles = kT1DownWarps / kKsDown;
   __shared__ Partials<kT1DownWarps> red;
   __shared__ float part[kMaxTopK][16];
@@ -218,7 +208,7 @@ __global__ void __launch_bounds__(kT1DownWarps * 32, 1) t1_down_kernel(T1Args a)
     if (slot < k) {
       const size_t base = size_t(e) * a.H + row0;
       const T* hs = g == 0 ? static_cast<const T*>(a.h) + size_t(slot) * K : nullptr;
-      const TileRows<T> t = tile_rows<T>(a.down, a.down_scale, a.scale_dtype, base + g, base + g + 8, K, hs);
+      const TileRows<T> t = tile_rows<T>(a.weight, a.scale, a.scale_dtype, base + g, base + g + 8, K, hs);
       tile_part<T, kKsDown>(t, a.scale_dtype, K, ks, acc, wait_once);
     }
     wait_once();
@@ -310,24 +300,11 @@ __global__ void __launch_bounds__(kDownWarps * 32) down_kernel(GemmArgs a) {
 template <typename T>
 cudaError_t launch_t1(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, cudaStream_t s,
                       bool with_down) {
-  T1Args a{};
-  a.x = t.x;
-  a.logits = LogitRow{t.logits, p.logits_dtype};
-  a.gate_up = t.gate_up;
-  a.down = t.down;
-  a.gate_up_scale = t.gate_up_scale;
-  a.down_scale = t.down_scale;
-  a.scale_dtype = p.scale_dtype;
-  a.h = ws.h;
-  a.out = t.out;
-  a.ws = ws;
-  a.E = p.num_experts;
-  a.k = p.top_k;
-  a.normalize = p.normalize;
-  a.I = p.inter;
-  a.H = p.hidden;
+  Token1Args a = token1_args(p, t, ws);
   cudaError_t err = launch(t1_gate_up_kernel<T>, dim3(p.inter / 8, p.top_k), dim3(kKsUp * 32), 0, s, a);
   if (err != cudaSuccess || !with_down) return err;
+  a.weight = t.down;
+  a.scale = t.down_scale;
   return launch(t1_down_kernel<T>, dim3(p.hidden / 16), dim3(kT1DownWarps * 32), 0, s, a);
 }
 

@@ -21,18 +21,6 @@ constexpr int kUpWarps = 4;    // kernel 1: warps per block; a warp owns h colum
 constexpr int kDownWarps = 8;  // kernel 2: warps per block
 constexpr int kMaxGroups = 4;  // kernel 2: row groups (of kRows rows) per block, at most
 
-struct Token1Args {
-  const void* x;       // [1, H]
-  LogitRow logits;     // [1, E]
-  const void* weight;  // kernel 1: gate_up [E, 2I, H]; kernel 2: down [E, H, I]
-  const void* scale;   // [E, rows] (INT8), [E, rows, K / group] (INT4) or NULL
-  int scale_dtype, group_shift;
-  void* h;             // [k, I]
-  void* out;           // [1, H]
-  Workspace ws;
-  int E, k, normalize, I, H, groups;
-};
-
 // The register cap (80, 16 bytes spilled) fits all blocks of the 30B-A3B layer (96 x 8) at once on 132
 // SMs; uncapped (96 registers, 5 blocks an SM) measured 4 us slower (NOTES.md, run 8).
 template <typename T, typename W>
@@ -153,21 +141,7 @@ cudaError_t launch_down(const qmoe_problem& p, const qmoe_tensors& t, Token1Args
 template <typename T, typename W>
 cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, cudaStream_t s,
                          bool with_down) {
-  Token1Args a{};
-  a.x = t.x;
-  a.logits = LogitRow{t.logits, p.logits_dtype};
-  a.scale_dtype = p.scale_dtype;
-  a.group_shift = p.group_size > 0 ? __builtin_ctz(unsigned(p.group_size)) : 0;
-  a.h = ws.h;
-  a.out = t.out;
-  a.ws = ws;
-  a.E = p.num_experts;
-  a.k = p.top_k;
-  a.normalize = p.normalize;
-  a.I = p.inter;
-  a.H = p.hidden;
-  a.weight = t.gate_up;
-  a.scale = t.gate_up_scale;
+  Token1Args a = token1_args(p, t, ws);
   const dim3 up_grid(p.inter / (2 * kUpWarps), p.top_k), up_block(kUpWarps * 32);
   cudaError_t err = launch(token1_gate_up_kernel<T, W>, up_grid, up_block, 0, s, a);
   if (err != cudaSuccess || !with_down) return err;

@@ -131,4 +131,37 @@ __device__ inline void write_routing(const Workspace& ws, int E, int k, int my_i
   }
 }
 
+// Arguments of the single-token kernels (experts_token1.cu, experts_i4mma.cu): weight and scale start as
+// gate_up's; the down launch points them at down's.
+struct Token1Args {
+  const void* x;       // [1, H]
+  LogitRow logits;     // [1, E]
+  const void* weight;  // kernel 1: gate_up [E, 2I, H]; kernel 2: down [E, H, I]
+  const void* scale;   // [E, rows] (INT8), [E, rows, K / group] (INT4) or NULL
+  int scale_dtype, group_shift;
+  void* h;             // [k, I]
+  void* out;           // [1, H]
+  Workspace ws;
+  int E, k, normalize, I, H, groups;
+};
+
+inline Token1Args token1_args(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws) {
+  Token1Args a{};
+  a.x = t.x;
+  a.logits = LogitRow{t.logits, p.logits_dtype};
+  a.scale_dtype = p.scale_dtype;
+  a.group_shift = p.group_size > 0 ? __builtin_ctz(unsigned(p.group_size)) : 0;
+  a.h = ws.h;
+  a.out = t.out;
+  a.ws = ws;
+  a.E = p.num_experts;
+  a.k = p.top_k;
+  a.normalize = p.normalize;
+  a.I = p.inter;
+  a.H = p.hidden;
+  a.weight = t.gate_up;
+  a.scale = t.gate_up_scale;
+  return a;
+}
+
 }  // namespace qmoe
