@@ -118,7 +118,7 @@ __device__ __forceinline__ void tile_part(const TileRows<T>& t, int scale_dtype,
 
 // Shared memory of a block's tiles: each warp's C fragment.
 template <int Warps> struct Partials {
-  float v[Warps][32][4];
+  alignas(16) float v[Warps][32][4];  // float4 stores
   __device__ __forceinline__ void put(const float (&acc)[4]) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     *reinterpret_cast<float4*>(v[warp][lane]) = make_float4(acc[0], acc[1], acc[2], acc[3]);
