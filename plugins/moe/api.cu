@@ -35,13 +35,16 @@ bool is_act(int d) { return d == QMOE_F16 || d == QMOE_BF16; }
 
 // The concrete expert kernel: GEMV at or below 4 pairs an expert (weights streamed once beat the tensor
 // cores there), else wgmma on SM 9.0 with 16-bit weights where it measured faster (about 96 or more tokens
-// an expert), else mma.sync. INT4 weights have only the GEMV kernel: AUTO takes it at every T (correct, but
-// far from the tensor cores' speed at prefill); MMA, MMA_SYNC and WGMMA are refused.
+// an expert), else mma.sync. INT4 weights: AUTO takes GEMV at every T (the mma.sync INT4 kernel is not yet
+// measured against it), MMA and MMA_SYNC take mma.sync, WGMMA is refused (no INT4 wgmma kernel).
 // QMOE_WGMMA=0/1 (benchmarking) overrides the measured rule.
 int resolve_path(const qmoe_problem& p) {
   const bool i4 = p.weight_dtype == QMOE_I4;
   const bool wgmma_ok = p.weight_dtype != QMOE_I8 && !i4 && qmoe::wgmma_supported();
-  if (i4) return p.path == QMOE_PATH_AUTO || p.path == QMOE_PATH_GEMV ? QMOE_PATH_GEMV : -QMOE_ERR_UNSUPPORTED;
+  if (i4) {
+    if (p.path == QMOE_PATH_AUTO || p.path == QMOE_PATH_GEMV) return QMOE_PATH_GEMV;
+    return p.path == QMOE_PATH_WGMMA ? -QMOE_ERR_UNSUPPORTED : QMOE_PATH_MMA_SYNC;
+  }
   switch (p.path) {
     case QMOE_PATH_GEMV:
     case QMOE_PATH_MMA_SYNC:
@@ -72,8 +75,8 @@ const char* qmoe_error_string(int status) {
       return "invalid argument (NULL pointer, unknown dtype or non-positive size)";
     case QMOE_ERR_UNSUPPORTED:
       return "unsupported shape or path: need 1 <= E <= 256, 1 <= top_k <= min(E, 32), hidden % 128 == 0, "
-             "inter % 64 == 0; INT4 weights: group_size 32, 64 or 128 dividing hidden and inter, GEMV path "
-             "only; wgmma: SM 9.0 and 16-bit weights";
+             "inter % 64 == 0; INT4 weights: group_size 32, 64 or 128 dividing hidden and inter; wgmma: SM 9.0 "
+             "and 16-bit weights";
     case QMOE_ERR_WORKSPACE:
       return "workspace is NULL or smaller than qmoe_workspace_size()";
     default:

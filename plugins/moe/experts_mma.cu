@@ -3,7 +3,10 @@
 // with ldmatrix. The tile map built by the dispatch kernel lists (expert, 64-row tile); blocks walk an
 // expert's tiles m-fastest so the tiles that share a weight slab run side by side and the slab is read
 // from HBM about once. INT8 weights are staged as bytes and widened to 16 bits in shared memory (exact
-// for |w| <= 127); the per-channel scale is applied to the fp32 accumulator in the epilogue.
+// for |w| <= 127); the per-channel scale is applied to the fp32 accumulator in the epilogue. INT4 weights
+// are staged as nibbles and widened with their group's scale folded in (q * s rounded once to 16 bits, as
+// a dequantize-then-GEMM does; the GEMV path keeps q exact and scales the fp32 partial instead): a 16-byte
+// chunk is 32 inputs of one group, since groups are 32, 64 or 128 inputs and chunks start at multiples of 32.
 #include "mma_sync.cuh"
 
 namespace qmoe {
@@ -40,19 +43,37 @@ __device__ __forceinline__ uint32_t swz(int r, int c) {
   return uint32_t(r * 64 + ((c ^ ((r >> 1) & 3)) << 4));
 }
 
-template <typename C, bool kInt8>
-struct Smem {
-  static constexpr int kA = C::BM * C::BK * 2;                  // bytes per stage
-  static constexpr int kB = C::BN * C::BK * (kInt8 ? 1 : 2);     // bytes per stage
-  static constexpr int kConvOne = C::BN * C::BK * 2;             // one 16-bit copy of the B tile
-  static constexpr int kBytes = C::kStages * (kA + kB) + (kInt8 ? 2 * kConvOne : 0);
+// Staged weight bytes per 16-bit weight, and weights per 16-byte chunk, by weight type.
+template <typename W> struct Staged {
+  static constexpr bool kNarrow = false;
+  __host__ __device__ static constexpr int kRowBytes(int bk) { return 2 * bk; }
+  static constexpr int kElems = 8;
+};
+template <> struct Staged<int8_t> {
+  static constexpr bool kNarrow = true;
+  __host__ __device__ static constexpr int kRowBytes(int bk) { return bk; }
+  static constexpr int kElems = 16;
+};
+template <> struct Staged<Int4> {
+  static constexpr bool kNarrow = true;
+  __host__ __device__ static constexpr int kRowBytes(int bk) { return bk / 2; }
+  static constexpr int kElems = 32;
 };
 
-template <typename T, bool kInt8, bool kGateUp, typename C>
+template <typename C, typename W>
+struct Smem {
+  static constexpr int kA = C::BM * C::BK * 2;                    // bytes per stage
+  static constexpr int kB = C::BN * Staged<W>::kRowBytes(C::BK);  // bytes per stage
+  static constexpr int kConvOne = C::BN * C::BK * 2;               // one 16-bit copy of the B tile
+  static constexpr int kBytes = C::kStages * (kA + kB) + (Staged<W>::kNarrow ? 2 * kConvOne : 0);
+};
+
+template <typename T, typename W, bool kGateUp, typename C>
 __global__ void __launch_bounds__(C::kThreads) mma_kernel(GemmArgs a) {
+  constexpr bool kInt4 = std::is_same<W, Int4>::value, kNarrow = Staged<W>::kNarrow;
   constexpr int BM = C::BM, BN = C::BN, BK = C::BK, CPR = C::CPR, kStages = C::kStages;
   constexpr int kThreads = C::kThreads, WTM = C::WTM, WTN = C::WTN, MI = C::MI, NI = C::NI;
-  using SM = Smem<C, kInt8>;
+  using SM = Smem<C, W>;
   extern __shared__ __align__(128) unsigned char smem[];
   pdl_wait();
   const int tile = blockIdx.x / a.n_col_tiles;
@@ -70,12 +91,13 @@ __global__ void __launch_bounds__(C::kThreads) mma_kernel(GemmArgs a) {
   const int wm = warp / C::kWarpsN, wn = warp % C::kWarpsN;
   const bool warp_has_rows = wm * WTM < rows_valid;
   const T* act = static_cast<const T*>(a.act);
-  using WT = typename std::conditional<kInt8, int8_t, T>::type;
-  const WT* wbase = static_cast<const WT*>(a.weight) + size_t(e) * rows_total * K;
+  constexpr int kBRowBytes = Staged<W>::kRowBytes(BK);  // staged bytes of a weight row's BK inputs
+  const unsigned char* wbase =
+      static_cast<const unsigned char*>(a.weight) + size_t(e) * rows_total * Staged<W>::kRowBytes(K);
 
   // This thread's cp.async sources and destinations (fixed rows, advancing k).
   constexpr int kAChunks = BM * CPR / kThreads;
-  constexpr int kBElems = kInt8 ? 16 : 8;          // weight elements per 16 bytes
+  constexpr int kBElems = Staged<W>::kElems;  // weight elements per 16 bytes
   constexpr int kBChunksPerRow = BK / kBElems;
   constexpr int kBChunks = BN * kBChunksPerRow / kThreads;
   static_assert(kAChunks >= 1 && kBChunks >= 1, "tile too small for the block");
@@ -91,8 +113,9 @@ __global__ void __launch_bounds__(C::kThreads) mma_kernel(GemmArgs a) {
     a_src[i] = act + size_t(src_row) * K + kc * 8;
     a_dst[i] = swz<CPR>(r, kc);
   }
-  const WT* b_src[kBChunks];
+  const unsigned char* b_src[kBChunks];
   uint32_t b_dst[kBChunks];
+  const unsigned char* s_row[kBChunks];  // INT4: the chunk's row of group scales
 #pragma unroll
   for (int i = 0; i < kBChunks; ++i) {
     const int c = tid + i * kThreads, r = c / kBChunksPerRow, kc = c % kBChunksPerRow;
@@ -104,8 +127,11 @@ __global__ void __launch_bounds__(C::kThreads) mma_kernel(GemmArgs a) {
     } else {
       wrow = n_tile * BN + r;
     }
-    b_src[i] = wbase + size_t(wrow) * K + kc * kBElems;
-    b_dst[i] = kInt8 ? uint32_t(r * BK + kc * 16) : swz<CPR>(r, kc);
+    b_src[i] = wbase + size_t(wrow) * Staged<W>::kRowBytes(K) + kc * 16;
+    b_dst[i] = kNarrow ? uint32_t(r * kBRowBytes + kc * 16) : swz<CPR>(r, kc);
+    s_row[i] = kInt4 ? static_cast<const unsigned char*>(a.scale) +
+                           (size_t(e) * rows_total + wrow) * size_t(K >> a.group_shift) * (a.scale_dtype == QMOE_F16 ? 2 : 4)
+                     : nullptr;
   }
 
   const uint32_t sbase = smem_u32(smem);
@@ -116,7 +142,7 @@ __global__ void __launch_bounds__(C::kThreads) mma_kernel(GemmArgs a) {
 #pragma unroll
     for (int i = 0; i < kAChunks; ++i) cp_async16(a_stage(s) + a_dst[i], a_src[i] + k0, a_ok[i]);
 #pragma unroll
-    for (int i = 0; i < kBChunks; ++i) cp_async16(b_stage(s) + b_dst[i], b_src[i] + k0, true);
+    for (int i = 0; i < kBChunks; ++i) cp_async16(b_stage(s) + b_dst[i], b_src[i] + Staged<W>::kRowBytes(k0), true);
   };
 
   float acc[MI][NI][4];
@@ -128,6 +154,19 @@ __global__ void __launch_bounds__(C::kThreads) mma_kernel(GemmArgs a) {
       for (int q = 0; q < 4; ++q) acc[mi][ni][q] = 0.0f;
 
   const int KT = K / BK;
+  // INT4: each chunk's group scale, one tile ahead of its use (a global load off the widening's path).
+  float s_cur[kBChunks], s_next[kBChunks];
+  auto load_scales = [&](int kt, float (&dst)[kBChunks]) {
+#pragma unroll
+    for (int i = 0; i < kBChunks; ++i) {
+      const int kc = (tid + i * kThreads) % kBChunksPerRow;
+      const int g = (kt * BK + kc * kBElems) >> a.group_shift;
+      dst[i] = kt < KT ? (a.scale_dtype == QMOE_F16 ? __half2float(__ldg(reinterpret_cast<const __half*>(s_row[i]) + g))
+                                                    : __ldg(reinterpret_cast<const float*>(s_row[i]) + g))
+                       : 0.0f;
+    }
+  };
+  if (kInt4) load_scales(0, s_cur);
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < KT) load_tile(s, s);
@@ -138,7 +177,31 @@ __global__ void __launch_bounds__(C::kThreads) mma_kernel(GemmArgs a) {
     const int s = kt % kStages;
     cp_async_wait<kStages - 2>();
     uint32_t b_tile = b_stage(s);
-    if (kInt8) {
+    if (kInt4) {
+      // As INT8 below, 32 nibbles a chunk, each times its group's scale, rounded once to T.
+      const int conv_off = kStages * (SM::kA + SM::kB) + (kt & 1) * SM::kConvOne;
+      const unsigned char* stage_ptr = smem + s * (SM::kA + SM::kB) + SM::kA;
+      load_scales(kt + 1, s_next);
+#pragma unroll
+      for (int i = 0; i < kBChunks; ++i) {
+        const int c = tid + i * kThreads, r = c / kBChunksPerRow, kc = c % kBChunksPerRow;
+        const uint4 v = *reinterpret_cast<const uint4*>(stage_ptr + r * kBRowBytes + kc * 16);
+        const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          float f[8];
+          i4x8_to_float(w[q], f);
+          uint4 o;
+          o.x = pack2<T>(f[0] * s_cur[i], f[1] * s_cur[i]);
+          o.y = pack2<T>(f[2] * s_cur[i], f[3] * s_cur[i]);
+          o.z = pack2<T>(f[4] * s_cur[i], f[5] * s_cur[i]);
+          o.w = pack2<T>(f[6] * s_cur[i], f[7] * s_cur[i]);
+          *reinterpret_cast<uint4*>(smem + conv_off + swz<CPR>(r, 4 * kc + q)) = o;
+        }
+        s_cur[i] = s_next[i];
+      }
+      b_tile = sbase + conv_off;
+    } else if (kNarrow) {
       // Widen this thread's own staged bytes (its own cp.async has landed) into copy kt&1; the
       // barrier below publishes it. The other copy may still be read by iteration kt-1.
       const int conv_off = kStages * (SM::kA + SM::kB) + (kt & 1) * SM::kConvOne;
@@ -200,7 +263,7 @@ __global__ void __launch_bounds__(C::kThreads) mma_kernel(GemmArgs a) {
   const float* sc32 = static_cast<const float*>(a.scale);
   const __half* sc16 = static_cast<const __half*>(a.scale);
   auto scale_of = [&](int wrow) -> float {
-    if (!a.scale) return 1.0f;
+    if (!a.scale || kInt4) return 1.0f;  // INT4: folded into the widened weights
     const size_t i = size_t(e) * rows_total + wrow;
     return a.scale_dtype == QMOE_F16 ? __half2float(sc16[i]) : sc32[i];
   };
@@ -243,24 +306,24 @@ __global__ void __launch_bounds__(C::kThreads) mma_kernel(GemmArgs a) {
   pdl_launch_dependents();
 }
 
-template <typename T, bool kInt8, bool kGateUp, typename C>
+template <typename T, typename W, bool kGateUp, typename C>
 cudaError_t launch_one(GemmArgs a, int grid_tiles, cudaStream_t s) {
-  constexpr int smem = Smem<C, kInt8>::kBytes;
+  constexpr int smem = Smem<C, W>::kBytes;
   // Raise the dynamic shared-memory limit once per process (not inside every call, which may be
   // captured into a CUDA graph). The attribute belongs to the function on the current device.
   static const cudaError_t attr_err =
-      cudaFuncSetAttribute(mma_kernel<T, kInt8, kGateUp, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      cudaFuncSetAttribute(mma_kernel<T, W, kGateUp, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (attr_err != cudaSuccess) return attr_err;
   a.n_col_tiles = kGateUp ? a.I / (C::BN / 2) : a.H / C::BN;
-  return launch(mma_kernel<T, kInt8, kGateUp, C>, dim3(grid_tiles * a.n_col_tiles), dim3(C::kThreads), smem, s, a);
+  return launch(mma_kernel<T, W, kGateUp, C>, dim3(grid_tiles * a.n_col_tiles), dim3(C::kThreads), smem, s, a);
 }
 
-template <typename T, bool kInt8>
+template <typename T, typename W>
 cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, cudaStream_t s,
                          bool with_down) {
-  cudaError_t err = launch_one<T, kInt8, true, CfgSmall>(gemm_args(p, t, ws, true), ws.max_tiles, s);
+  cudaError_t err = launch_one<T, W, true, CfgSmall>(gemm_args(p, t, ws, true), ws.max_tiles, s);
   if (err != cudaSuccess || !with_down) return err;
-  return launch_one<T, kInt8, false, CfgSmall>(gemm_args(p, t, ws, false), ws.max_tiles, s);
+  return launch_one<T, W, false, CfgSmall>(gemm_args(p, t, ws, false), ws.max_tiles, s);
 }
 
 }  // namespace
@@ -268,11 +331,7 @@ cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Wor
 cudaError_t launch_experts_mma(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
                                cudaStream_t s, bool with_down) {
   return with_dtypes(p, [&](auto act, auto weight) {
-    if constexpr (std::is_same<decltype(weight), Int4>::value) {
-      return cudaErrorNotSupported;  // resolve_path never sends INT4 here
-    } else {
-      return launch_typed<decltype(act), std::is_same<decltype(weight), int8_t>::value>(p, t, ws, s, with_down);
-    }
+    return launch_typed<decltype(act), decltype(weight)>(p, t, ws, s, with_down);
   });
 }
 

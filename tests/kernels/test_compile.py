@@ -92,11 +92,11 @@ def check_abi_without_gpu(path):
         ({"path": paths["wgmma"]}, -2),
         ({"hidden": 2000}, -2),
         ({"path": 7}, -1),
-        # INT4 has only the GEMV kernel: AUTO takes it at every T, the tensor-core paths are refused
+        # INT4: AUTO takes GEMV at every T, MMA and MMA_SYNC the mma.sync kernel, WGMMA is refused
         ({"weight_dtype": moe.QMOE_I4, "group_size": 128}, paths["gemv"]),
         ({"weight_dtype": moe.QMOE_I4, "group_size": 128, "path": paths["gemv"]}, paths["gemv"]),
-        ({"weight_dtype": moe.QMOE_I4, "group_size": 128, "path": paths["mma"]}, -2),
-        ({"weight_dtype": moe.QMOE_I4, "group_size": 128, "path": paths["mma_sync"]}, -2),
+        ({"weight_dtype": moe.QMOE_I4, "group_size": 128, "path": paths["mma"]}, paths["mma_sync"]),
+        ({"weight_dtype": moe.QMOE_I4, "group_size": 128, "path": paths["mma_sync"]}, paths["mma_sync"]),
         ({"weight_dtype": moe.QMOE_I4, "group_size": 128, "path": paths["wgmma"]}, -2),
     ]:
         assert lib.qmoe_resolve_path(ctypes.byref(moe._Problem(**{**good, **change}))) == want, change

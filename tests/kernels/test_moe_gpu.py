@@ -78,11 +78,12 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 
 def expect_path(kmoe, x, logits, gu, k, gs, path):
     """The kernel that runs: "wgmma" where asked for (or chosen by "mma") on SM 9.0 with 16-bit weights, and
-    a clear refusal where wgmma cannot run; INT4 weights run GEMV at every T and refuse the tensor-core
-    paths. Returns False when the case cannot run on this GPU."""
+    a clear refusal where wgmma cannot run; INT4 weights run GEMV under auto, mma.sync under mma and refuse
+    wgmma. Returns False when the case cannot run on this GPU."""
     if gu.dtype == torch.uint8:
-        if path in ("auto", "gemv"):
-            assert kmoe.resolve_path(x, logits, gu, k, gs, path) == "gemv"
+        if path != "wgmma":
+            want = "gemv" if path in ("auto", "gemv") else "mma_sync"
+            assert kmoe.resolve_path(x, logits, gu, k, gs, path) == want
             return True
         with pytest.raises(kmoe.QmoeError, match="unsupported"):
             kmoe.resolve_path(x, logits, gu, k, gs, path)
@@ -155,9 +156,10 @@ def test_int8_qwen3_30b_a3b_shapes(kmoe, gen, dtype, path):
     run_case(kmoe, gen, 300, 128, 8, dtype, "int8_f16s", path, H=2048, inter=768)
 
 
-# INT4 weight-only (W4A16), groups of G input channels: the GEMV path at every T (AUTO's choice for INT4),
-# against the float64 reference with the int4-dequantized weights. I = 256 so that G = 128 divides it.
-@pytest.mark.parametrize("path", ["auto", "gemv"])
+# INT4 weight-only (W4A16), groups of G input channels: the GEMV path (AUTO's choice for INT4 at every T)
+# and the mma.sync kernel, against the float64 reference with the int4-dequantized weights. I = 256 so that
+# G = 128 divides it.
+@pytest.mark.parametrize("path", ["auto", "gemv", "mma_sync"])
 @pytest.mark.parametrize("wkind", ["int4_g32_f32s", "int4_g32_f16s", "int4_g128_f32s", "int4_g128_f16s"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("k", [2, 8])
@@ -174,8 +176,15 @@ def test_int4_qwen3_30b_a3b_shapes(kmoe, gen, T, dtype, wkind):
     run_case(kmoe, gen, T, 128, 8, dtype, wkind, "auto", H=2048, inter=768)
 
 
-@pytest.mark.parametrize("path", ["mma", "mma_sync", "wgmma"])
-def test_int4_refuses_tensor_core_paths(kmoe, gen, path):
+@pytest.mark.parametrize("wkind", ["int4_g32_f16s", "int4_g128_f32s"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("T", [64, 2048])
+def test_int4_mma_sync_qwen3_30b_a3b_shapes(kmoe, gen, T, dtype, wkind):
+    run_case(kmoe, gen, T, 128, 8, dtype, wkind, "mma_sync", H=2048, inter=768)
+
+
+@pytest.mark.parametrize("path", ["wgmma"])
+def test_int4_refuses_wgmma(kmoe, gen, path):
     T, E, k, H, inter = 64, 16, 2, 256, 256
     x = torch.randn(T, H, generator=gen, device="cuda").to(torch.bfloat16)
     logits = torch.randn(T, E, generator=gen, device="cuda")
