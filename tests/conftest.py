@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 
 def _reuse_freed_memory() -> None:
@@ -29,11 +31,12 @@ def _reuse_freed_memory() -> None:
 
 
 def pytest_configure(config):
-    """Parallel workers (pytest -n N) share the machine's cores: one CPU thread each for torch and ONNX
-    Runtime. With their defaults (a thread per core each) two workers on two cores oversubscribe them, and
-    spinning ORT threads starve the other worker (measured on 2 cores: tests/quantize + tests/validate
-    136 s -> 107 s)."""
+    """Parallel workers (pytest -n N) share the machine's cores: one CPU thread each for torch, ONNX Runtime
+    and numpy's OpenBLAS. With their defaults (a thread per core each) two workers on two cores oversubscribe
+    them, and spinning ORT threads starve the other worker (measured on 2 cores: tests/quantize +
+    tests/validate 136 s -> 107 s; a 64x1024 @ 1024x256 numpy product on busy cores: 3.3 ms -> 0.8 ms)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # read when numpy loads: before the import below
         import torch
 
         from qwen3_compile.backends.onnxruntime.settings import THREADS_ENV
@@ -61,37 +64,41 @@ def pytest_collection_modifyitems(config, items):
 class Artifacts:
     """The suite's artifacts, each made once per run on first use and shared READ-ONLY: a test that edits
     files copies them first (`artifact_copy`). Parallel workers (pytest -n N) share one root: the first worker
-    to ask for an artifact makes it while holding a file lock, the others wait for it and read the stage's
-    typed result back from a pickle beside the folder. At the end of each worker's session every shared folder
-    it used is checked against its manifest, so a test that changed one fails loudly."""
+    to ask for an artifact makes it while holding a file lock, the others wait for it; every worker then reads
+    the stage's typed result back from the folder (`ExportedArtifact.from_folder`, ...). At the end of each
+    worker's session every shared folder it used is checked against its manifest, so a test that changed one
+    fails loudly."""
 
     def __init__(self, root: Path):
         self.root = root
         self.made: dict[tuple[str, str], Path] = {}
-        self.results: dict[tuple[str, str], object] = {}  # the stage's typed result, where a test wants it
+        self.results: dict[tuple[str, str], Any] = {}  # what `load` read back, else the folder
         self.models: dict[str, object] = {}
 
-    def once(self, key: tuple[str, str], folder: Path, make: Callable[[], object], sealed: bool = True):
-        """`make()` writes `folder` (or a file) and returns what the tests want of it (picklable: the stage's
-        typed result, or None); of all workers, the first to ask runs it, the others read its result back. A
-        sealed folder (one with a manifest) is checked by `check_unchanged`."""
+    def once(
+        self,
+        key: tuple[str, str],
+        folder: Path,
+        make: Callable[[], object],
+        load: Callable[[Path], T] | None = None,
+        sealed: bool = True,
+    ) -> T | Path:
+        """`make()` writes `folder` (or a file); of all workers, the first to ask runs it. Each worker returns
+        `load(folder)` (what the tests want of it, read from disk: the same whichever worker made it), or the
+        folder. A sealed folder (one with a manifest) is checked by `check_unchanged`."""
         if key not in self.results:
             from filelock import FileLock
 
             folder.parent.mkdir(parents=True, exist_ok=True)
-            result_file = folder.with_name(folder.name + ".result.pickle")
+            done = folder.with_name(folder.name + ".done")  # written once make() has returned
             with FileLock(folder.with_name(folder.name + ".lock")):
-                if result_file.exists():
-                    result = pickle.loads(result_file.read_bytes())
-                else:
+                if not done.exists():
                     if folder.is_dir():  # left by a worker whose make() raised: start again
                         shutil.rmtree(folder)
                     folder.unlink(missing_ok=True)
-                    result = make()
-                    partial = result_file.with_name(result_file.name + ".partial")
-                    partial.write_bytes(pickle.dumps(result))
-                    partial.replace(result_file)
-            self.results[key] = result
+                    make()
+                    done.touch()
+            self.results[key] = load(folder) if load is not None else folder
             if sealed:
                 self.made[key] = folder
         return self.results[key]
@@ -106,32 +113,30 @@ class Artifacts:
 
     def exported(self, preset: str, dtype: str = "fp32"):
         """`export_onnx`'s ExportedArtifact (from the loaded model: the same bytes as from the preset)."""
-        from qwen3_compile.export.stage import ExportOptions, export_onnx
+        from qwen3_compile.export.stage import ExportedArtifact, ExportOptions, export_onnx
 
         out = self.root / preset / dtype
 
         def make():
             source = self.loaded(preset) if dtype == "fp32" else preset
-            return export_onnx(source, out, ExportOptions(dtype=dtype))
+            export_onnx(source, out, ExportOptions(dtype=dtype))
 
-        return self.once((preset, dtype), out, make)
+        return self.once((preset, dtype), out, make, ExportedArtifact.from_folder)
 
     def export(self, preset: str, dtype: str = "fp32") -> Path:
         return self.exported(preset, dtype).directory
 
     def lowered(self, preset: str, runtime: str = "ort"):
         """`lower --for ort` of the fp32 export: a LoweredArtifact."""
-        from qwen3_compile.lower.stage import lower_artifact
+        from qwen3_compile.lower.stage import LoweredArtifact, lower_artifact
 
         out = self.root / preset / f"lower-{runtime}"
         return self.once(
-            (preset, f"lower:{runtime}"), out, lambda: lower_artifact(self.export(preset), out, runtime)
+            (preset, f"lower:{runtime}"),
+            out,
+            lambda: lower_artifact(self.export(preset), out, runtime),
+            LoweredArtifact.from_folder,
         )
-
-    def quantized_artifact(self, preset: str, recipe: str):
-        """`quantize_artifact`'s QuantizedArtifact for a built-in recipe."""
-        self.quantized(preset, recipe)
-        return self.results[(preset, f"recipe:{recipe}")]
 
     def check_unchanged(self) -> list[str]:
         """Shared folders whose files no longer match their manifest."""
@@ -173,8 +178,7 @@ class Artifacts:
                     model.save_pretrained(checkpoint)
             export_onnx(str(checkpoint), out, ExportOptions(dtype=dtype))
 
-        self.once(("moe-128", dtype), out, make)
-        return out
+        return self.once(("moe-128", dtype), out, make)
 
     def plugin_sized_quantized(self, recipe: str) -> Path:
         """`plugin_sized_moe("fp16")` quantized with a weight-only recipe (int8-wo, or int4-rtn at group size
@@ -188,15 +192,17 @@ class Artifacts:
             chosen = load_recipe(recipe)
             if chosen.weights.granularity == "per_group":
                 chosen = with_group_size(chosen, 32)
-            return quantize_artifact(self.plugin_sized_moe("fp16"), chosen, out)
+            quantize_artifact(self.plugin_sized_moe("fp16"), chosen, out)
 
-        self.once(("moe-128", f"recipe:{recipe}"), out, make)
-        return out
+        return self.once(("moe-128", f"recipe:{recipe}"), out, make)
 
-    def quantized(self, preset: str, recipe: str, dtype: str | None = None) -> Path:
-        """A built-in recipe (`NAME+kv-fp8`: with the FP8 KV cache) applied to the preset's export (`dtype`:
-        fp32 for quantizing recipes unless given, fp16 for the fp16 baseline); per-group (INT4) recipes at
-        group size 32, which divides the tiny presets' 64- and 32-wide inputs (not their recipes' 128)."""
+    def quantized_artifact(self, preset: str, recipe: str, dtype: str | None = None):
+        """`quantize_artifact`'s QuantizedArtifact for a built-in recipe (`NAME+kv-fp8`: with the FP8 KV
+        cache) applied to the preset's export (`dtype`: fp32 for quantizing recipes unless given, fp16 for the
+        fp16 baseline); per-group (INT4) recipes at group size 32, which divides the tiny presets' 64- and
+        32-wide inputs (not their recipes' 128)."""
+        from qwen3_compile.quantize.stage import QuantizedArtifact
+
         out = self.root / preset / (f"q-{recipe}" + (f"-{dtype}" if dtype else ""))
 
         def make():
@@ -209,10 +215,14 @@ class Artifacts:
                 chosen = with_group_size(chosen, 32)
             # the fp16 baseline recipe reads fp16 exports, quantizing recipes fp32 ones
             source = self.export(preset, dtype or ("fp16" if chosen.weights.dtype == "fp16" else "fp32"))
-            return quantize_artifact(source, chosen, out)
+            quantize_artifact(source, chosen, out)
 
-        self.once((preset, f"recipe:{recipe}" + (f":{dtype}" if dtype else "")), out, make)
-        return out
+        key = (preset, f"recipe:{recipe}" + (f":{dtype}" if dtype else ""))
+        return self.once(key, out, make, QuantizedArtifact.from_folder)
+
+    def quantized(self, preset: str, recipe: str, dtype: str | None = None) -> Path:
+        """The folder of `quantized_artifact`."""
+        return self.quantized_artifact(preset, recipe, dtype).directory
 
 
 @pytest.fixture(scope="session")

@@ -22,18 +22,25 @@ def _invoke(args):
 @pytest.fixture(scope="module")
 def orin_nano_run(artifacts):
     """One search on trained-dense for jetson-orin-nano over int8-wo, fp16 and fp8 (--json), once per run
-    (`Artifacts.once`: parallel workers share it) -> (the CLI's exit code, output, stdout; the run folder)."""
+    (`Artifacts.once`: parallel workers share it) -> (the CLI's exit code, output, stdout; the run folder).
+    What the CLI printed is kept beside the run folder as JSON for the other workers."""
     root = artifacts.root / "compile-target"
+    printed = root.with_name("compile-target.cli.json")
 
-    def make() -> SimpleNamespace:
+    def make() -> None:
         root.mkdir()
         result = _invoke(
             ["compile", "trained-dense", "--target", "jetson-orin-nano", "--recipes", "fp16,fp8,int8-wo"]
             + ["-o", root, "--json", *FAST]
         )
-        return SimpleNamespace(exit_code=result.exit_code, output=result.output, stdout=result.stdout)
+        fields = {"exit_code": result.exit_code, "output": result.output, "stdout": result.stdout}
+        printed.write_text(json.dumps(fields))
 
-    return artifacts.once(("compile-target", "orin-nano"), root, make, sealed=False), root / "trained-dense"
+    def load(_: object) -> SimpleNamespace:
+        return SimpleNamespace(**json.loads(printed.read_text()))
+
+    run = artifacts.once(("compile-target", "orin-nano"), root, make, load, sealed=False)
+    return run, root / "trained-dense"
 
 
 def test_keeps_the_smallest_passing_recipe(orin_nano_run):

@@ -7,7 +7,7 @@ import errno
 import shutil
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.storage import artifact_dir
 from qwen3_compile.storage.artifact_dir import atomic_output_dir, check_not_an_input, save_onnx
 from qwen3_compile.storage.external_data import ExternalDataWriter
-from qwen3_compile.storage.manifest import Timings, sha256_file, write_manifest
+from qwen3_compile.storage.manifest import Timings, read_manifest_as, sha256_file, write_manifest
 from qwen3_compile.storage.manifests import ExportManifest, GraphOptions
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -55,6 +55,14 @@ class ExportedArtifact:
     @property
     def model_path(self) -> Path:
         return self.directory / MODEL_FILE
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> ExportedArtifact:
+        """What `export_onnx` returned for `folder`, read back from its manifest."""
+        manifest = read_manifest_as(Path(folder), ExportManifest)
+        recorded = manifest.options
+        options = ExportOptions(recorded.dtype, recorded.opset, recorded.max_positions)
+        return cls(Path(folder), options, manifest.op_histogram, manifest)
 
 
 def check_options(source: ModelSource, options: ExportOptions) -> int:
@@ -293,7 +301,8 @@ def export_onnx(
             resumed_after_groups=done,
             **(_imported_record(imported) if imported is not None else {}),
         )
-    return ExportedArtifact(output, options, histogram, manifest)
+    # the options as applied (max_positions resolved), as `from_folder` reads them back
+    return ExportedArtifact(output, replace(options, max_positions=max_positions), histogram, manifest)
 
 
 def _build(

@@ -31,6 +31,7 @@ from qwen3_compile.storage.manifest import (
     MANIFEST,
     Timings,
     read_manifest,
+    read_manifest_as,
     sha256_file,
     verify_outputs,
     write_manifest,
@@ -71,6 +72,15 @@ class LoweredArtifact:
     @property
     def model_path(self) -> Path:
         return self.directory / MODEL_FILE
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> LoweredArtifact:
+        """What `lower_artifact` returned for `folder`, read back from its manifest."""
+        manifest = read_manifest_as(Path(folder), LowerManifest)
+        lowering = manifest.lowering
+        moe = MoeChoice(**dataclasses.asdict(lowering.moe)) if lowering.moe else None
+        histogram = manifest.op_histogram
+        return cls(Path(folder), lowering.runtime, lowering.target, lowering, histogram, moe, manifest)
 
 
 def _read_source(artifact: Path) -> ExportManifest | QuantizeManifest:

@@ -27,7 +27,7 @@ from qwen3_compile.quantize.int4 import check_int4_model
 from qwen3_compile.quantize.recipe import QuantRecipe, load_recipe
 from qwen3_compile.quantize.smoothquant import smoothquant_transforms
 from qwen3_compile.quantize.weight_store import WeightStore, open_sink
-from qwen3_compile.quantize.weights import QuantizedTensor, quantize_weights, selected
+from qwen3_compile.quantize.weights import quantize_weights, selected
 from qwen3_compile.storage.artifact_dir import (
     atomic_output_dir,
     check_not_an_input,
@@ -40,6 +40,7 @@ from qwen3_compile.storage.manifest import (
     MANIFEST,
     Timings,
     read_manifest,
+    read_manifest_as,
     sha256_file,
     verify_outputs,
     write_manifest,
@@ -47,6 +48,7 @@ from qwen3_compile.storage.manifest import (
 from qwen3_compile.storage.manifests import (
     AnyManifest,
     QuantizationTotals,
+    QuantizedTensor,
     QuantizeManifest,
     QuantizeOptions,
     SourceRecord,
@@ -67,6 +69,14 @@ class QuantizedArtifact:
         return sum(t.quantized_bytes for t in self.tensors) / max(
             sum(t.float_bytes for t in self.tensors) / 2, 1
         )
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> QuantizedArtifact:
+        """What `quantize_artifact` returned for `folder`, read back from its manifest."""
+        folder = Path(folder)
+        manifest = read_manifest_as(folder, QuantizeManifest)
+        recipe = QuantRecipe.from_dict(manifest.recipe, str(folder / MANIFEST))
+        return cls(folder, recipe, list(manifest.tensors), manifest, list(manifest.warnings))
 
 
 def _check_input(artifact: Path, manifest: AnyManifest, recipe: QuantRecipe) -> None:
@@ -247,6 +257,7 @@ def quantize_artifact(
                 float_bytes=sum(t.float_bytes for t in tensors),
                 quantized_bytes=sum(t.quantized_bytes for t in tensors),
             ),
+            tensors=tuple(tensors),
             calibration=calibration,
             smoothquant=smoothing,
             awq=awq.manifest_summary() if awq is not None else None,

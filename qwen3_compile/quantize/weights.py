@@ -14,7 +14,6 @@ tensor's float values on the way (SmoothQuant's folded scales) before it is quan
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
@@ -24,6 +23,7 @@ from onnx import helper
 from qwen3_compile.quantize.int4 import input_axis
 from qwen3_compile.quantize.recipe import QuantRecipe
 from qwen3_compile.quantize.weight_store import WeightStore
+from qwen3_compile.storage.manifests import QuantizedTensor  # what the manifest records of each weight
 
 INT8_MAX = 127.0
 FP8_E4M3_MAX = 448.0
@@ -70,14 +70,6 @@ def quantize_groups(weights: np.ndarray, group: int, dtype: str = "int4") -> tup
 
 def quantize_int8(weights: np.ndarray, reduce_axis: int) -> tuple[np.ndarray, np.ndarray]:
     return quantize_symmetric(weights, reduce_axis, "int8")
-
-
-@dataclass(frozen=True)
-class QuantizedTensor:
-    name: str  # checkpoint name
-    shape: tuple[int, ...]
-    float_bytes: int
-    quantized_bytes: int  # 8-bit (or packed 4-bit) values + scales
 
 
 def checkpoint_name(initializer: str) -> str:
@@ -160,7 +152,10 @@ def _quantize_into(
     )
     values_bytes = (q.size + 1) // 2 if dtype == "int4" else q.nbytes  # packed
     return QuantizedTensor(
-        checkpoint_name(name), tuple(weights.shape), weights.nbytes, values_bytes + scale.nbytes
+        name=checkpoint_name(name),
+        shape=tuple(weights.shape),
+        float_bytes=weights.nbytes,
+        quantized_bytes=values_bytes + scale.nbytes,
     )
 
 

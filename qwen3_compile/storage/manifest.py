@@ -116,6 +116,21 @@ def read_manifest(folder: Path) -> AnyManifest:
     return manifest
 
 
+def read_manifest_as(folder: Path, kind: type[M]) -> M:
+    """The folder's manifest, refused unless it is a `kind` one: a stage's result read back from its folder.
+    Only the manifest is read; the stage that takes the folder next checks its files (`verify_outputs`)."""
+    manifest = read_manifest(folder)
+    if not isinstance(manifest, kind):
+        wanted = kind.__dataclass_fields__["stage"].default
+        raise BadInputError(
+            f"expected a folder written by `{wanted}`; this one was written by `{manifest.stage}`.",
+            file=Path(folder) / MANIFEST,
+            field="stage",
+            fix=f"pass a folder written by `{wanted}`.",
+        )
+    return manifest
+
+
 def check_member_name(name: str, manifest: Path, field: str) -> None:
     """A file a manifest lists is a plain relative path inside its folder: nothing absolute, no `..`, no
     backslash or NUL, no empty or `.` parts (so `folder / name` can never leave the folder)."""

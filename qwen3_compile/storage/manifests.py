@@ -83,6 +83,16 @@ class QuantizationTotals:
 
 
 @dataclass(frozen=True, kw_only=True)
+class QuantizedTensor:
+    """One weight the recipe quantized."""
+
+    name: str  # checkpoint name
+    shape: tuple[int, ...]
+    float_bytes: int = field(metadata={"min": 0})
+    quantized_bytes: int = field(metadata={"min": 0})  # 8-bit (or packed 4-bit) values + scales
+
+
+@dataclass(frozen=True, kw_only=True)
 class QuantizeManifest(Manifest):
     stage: Literal["quantize"] = "quantize"
     inputs: SourceRecord
@@ -90,6 +100,8 @@ class QuantizeManifest(Manifest):
     architecture: Json
     recipe: Json  # QuantRecipe.to_dict(); decoded by QuantRecipe.from_dict where a stage needs it
     quantization: QuantizationTotals
+    # each weight behind `quantization`'s totals; empty in folders written before it was recorded
+    tensors: tuple[QuantizedTensor, ...] = ()
     calibration: Json | None = None
     smoothquant: Json | None = None
     awq: Json | None = None  # per scaled group: the alpha chosen, the loss against round-to-nearest

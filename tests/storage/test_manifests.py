@@ -9,19 +9,24 @@ import math
 import pytest
 
 from qwen3_compile.errors import BadInputError
+from qwen3_compile.export.stage import ExportedArtifact, export_onnx
+from qwen3_compile.lower.stage import LoweredArtifact, lower_artifact
+from qwen3_compile.quantize.stage import QuantizedArtifact, quantize_artifact
 from qwen3_compile.schema import decode, encode
 from qwen3_compile.storage.manifest import read_manifest
 from qwen3_compile.storage.manifests import ARTIFACT_KINDS
 
+RESULTS = {"export": ExportedArtifact, "quantize": QuantizedArtifact, "lower": LoweredArtifact}
+
 
 @pytest.fixture(scope="module")
-def written(artifacts, tmp_path_factory):
-    """One folder per artifact kind the CPU machine can make: export, quantize (the shared ones), lower."""
-    from qwen3_compile.lower.stage import lower_artifact
-
-    export = artifacts.exported("tiny-moe")
-    quantized = artifacts.quantized_artifact("tiny-moe", "int8-wo")
-    lowered = lower_artifact(quantized.directory, tmp_path_factory.mktemp("manifests") / "lower", "ort")
+def written(tmp_path_factory):
+    """One folder per artifact kind the CPU machine can make (export, quantize, lower), with the result each
+    stage returned: made here, not shared (`artifacts` reads the shared ones back with `from_folder`)."""
+    out = tmp_path_factory.mktemp("manifests")
+    export = export_onnx("tiny-moe", out / "export")
+    quantized = quantize_artifact(export.directory, "int8-wo", out / "quantize")
+    lowered = lower_artifact(quantized.directory, out / "lower", "ort")
     return {"export": export, "quantize": quantized, "lower": lowered}
 
 
@@ -35,6 +40,31 @@ def test_round_trip(written, kind):
     assert typed == artifact.manifest  # what the stage returned is what a later stage reads
     assert encode(typed) == on_disk  # and the file holds exactly the typed fields
     assert decode(type(typed), encode(typed)) == typed
+    assert RESULTS[kind].from_folder(artifact.directory) == artifact  # the whole result, from the folder
+
+
+def test_quantized_tensors_recorded(written):
+    """The manifest lists every quantized weight; `quantization` holds their totals. tiny-moe (2 layers)
+    under int8-wo: q/k/v/o and the experts' stacked gate_up and down per layer (the router, embeddings and
+    head stay float)."""
+    manifest = written["quantize"].manifest
+    names = [t.name for t in manifest.tensors]
+    assert len(names) == manifest.quantization.quantized_tensors == 2 * 6
+    assert {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.self_attn.q_proj.weight"} <= set(names)
+    assert not any(".mlp.gate." in n or n.startswith(("lm_head", "model.embed")) for n in names)
+    assert sum(t.float_bytes for t in manifest.tensors) == manifest.quantization.float_bytes
+    assert sum(t.quantized_bytes for t in manifest.tensors) == manifest.quantization.quantized_bytes
+    down = next(t for t in manifest.tensors if t.name == "model.layers.0.mlp.experts.down_proj")
+    assert down.shape == (16, 64, 32)  # [experts, out (hidden), in (moe_intermediate_size)]
+    # fp32 weights -> int8 values plus one fp32 scale per expert and output channel
+    assert down.float_bytes == 4 * 16 * 64 * 32 and down.quantized_bytes == 16 * 64 * 32 + 4 * 16 * 64
+
+
+@pytest.mark.parametrize("kind, other", [("export", "quantize"), ("quantize", "lower"), ("lower", "export")])
+def test_from_folder_refuses_another_kind(written, kind, other):
+    with pytest.raises(BadInputError) as info:
+        RESULTS[kind].from_folder(written[other].directory)
+    assert info.value.field == "stage" and f"this one was written by `{other}`" in info.value.problem
 
 
 def _broken(written, tmp_path, kind, change):

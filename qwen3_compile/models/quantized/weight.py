@@ -11,15 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 
-ONNX_INT = {
-    (4, True): ml_dtypes.int4,
-    (4, False): ml_dtypes.uint4,
-    (8, True): np.int8,
-    (8, False): np.uint8,
-}
+
+def _onnx_int(bits: int, signed: bool) -> type:
+    """The numpy type of a DequantizeLinear input. ml_dtypes is imported here, not at module level: it
+    takes ~0.6 s, and `inspect` reaches this module through the checkpoint config."""
+    if bits == 8:
+        return np.int8 if signed else np.uint8
+    import ml_dtypes
+
+    return ml_dtypes.int4 if signed else ml_dtypes.uint4
 
 
 class NotRepresentable(Exception):
@@ -95,7 +97,7 @@ def onnx_arrays(w: UnpackedWeight) -> QdqArrays:
     mid = 1 << (w.bits - 1)
     if np.all(zero == mid):  # symmetric: signed values, no zero point (TensorRT's form)
         return QdqArrays(
-            (values - mid).astype(ONNX_INT[w.bits, True]), w.scale, None, w.group, order, f"int{w.bits}"
+            (values - mid).astype(_onnx_int(w.bits, True)), w.scale, None, w.group, order, f"int{w.bits}"
         )
     top = (1 << w.bits) - 1
     if zero.min() < 0 or zero.max() > top:
@@ -103,5 +105,5 @@ def onnx_arrays(w: UnpackedWeight) -> QdqArrays:
             f"a zero point of {int(zero.max()) if zero.max() > top else int(zero.min())} does not fit the "
             f"{w.bits}-bit unsigned zero point DequantizeLinear takes"
         )
-    kind = ONNX_INT[w.bits, False]
+    kind = _onnx_int(w.bits, False)
     return QdqArrays(values.astype(kind), w.scale, zero.astype(kind), w.group, order, f"uint{w.bits}")
