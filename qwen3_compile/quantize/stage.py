@@ -65,10 +65,10 @@ class QuantizedArtifact:
 
     @property
     def weight_ratio(self) -> float:
-        """Quantized bytes (values + scales) over the same weights in fp16."""
-        return sum(t.quantized_bytes for t in self.tensors) / max(
-            sum(t.float_bytes for t in self.tensors) / 2, 1
-        )
+        """Quantized bytes (values + scales) over the same weights in fp16 (the manifest's totals, which
+        folders written before the per-tensor list also carry)."""
+        totals = self.manifest.quantization
+        return totals.quantized_bytes / max(totals.float_bytes / 2, 1)
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> QuantizedArtifact:
