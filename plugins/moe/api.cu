@@ -159,7 +159,8 @@ int qmoe_forward(const qmoe_problem* p, const qmoe_tensors* t, void* stream) {
   const bool i4mma = gemv && qmoe::i4mma_selected(*p);
   if (token1) {
     if (stages >= 2) {
-      err = i4mma ? qmoe::launch_i4mma_token1(*p, tt, ws, s, stages >= 3) : qmoe::launch_token1(*p, tt, ws, s, stages >= 3);
+      const bool down = stages >= 3;
+      err = i4mma ? qmoe::launch_i4mma_token1(*p, tt, ws, s, down) : qmoe::launch_token1(*p, tt, ws, s, down);
     }
   } else {
     err = qmoe::launch_routing(*p, t->logits, ws, s);

@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemmArgs a) {
       for (int r = 0; r < kRows; ++r) {
         ridx[r] = row_index(it, r);
         rows[r] = wbase + size_t(ridx[r]) * (K / gemv::WTraits<W>::kPerStore);
-        if (kGrouped) gs.rows[r] = gemv::scale_row(a.scale, a.scale_dtype, size_t(e) * rows_total + ridx[r], K, a.group_shift);
+        if (kGrouped) gs.rows[r] = group_scale_row(a.scale, a.scale_dtype, size_t(e) * rows_total + ridx[r], K, a.group_shift);
       }
       float acc[kRows][kMaxTok];
 #pragma unroll

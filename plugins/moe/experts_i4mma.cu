@@ -19,7 +19,7 @@
 namespace qmoe {
 namespace {
 
-constexpr int kGroup = 128;   // inputs a chunk (one scale group)
+constexpr int kGroup = 128, kGroupShift = 7;  // inputs a chunk (one scale group)
 constexpr int kRound = 4;     // chunks a warp loads before it consumes them (loads in flight per thread: 8)
 constexpr int kTileTokens = 8;
 constexpr int kKsUp = 4;      // warps a gate_up tile (K = hidden: 16 chunks at 2048)
@@ -45,11 +45,6 @@ template <typename T> __device__ __forceinline__ void widen_word(uint32_t word, 
   const uint32_t u = word ^ 0x88888888u;  // q -> q + 8, in [1, 15] for the recipe's [-7, 7]
 #pragma unroll
   for (int i = 0; i < 4; ++i) p[i] = nibble_pair<T>(u >> (4 * i));
-}
-
-__device__ __forceinline__ float scale_at(const unsigned char* row, int q, int dtype) {
-  return dtype == QMOE_F16 ? __half2float(__ldg(reinterpret_cast<const __half*>(row) + q))
-                           : __ldg(reinterpret_cast<const float*>(row) + q);
 }
 
 // This thread's rows of the tile (g and g + 8: packed weights, K / 2 bytes, and their K / 128 scales)
@@ -80,7 +75,7 @@ __device__ __forceinline__ void tile_part(const TileRows<T>& t, int scale_dtype,
       for (int h = 0; h < 2; ++h) {
         wv[r][h] = ok ? __ldg(reinterpret_cast<const uint4*>(t.w[h] + size_t(q) * (kGroup / 2)) + c)
                       : make_uint4(0, 0, 0, 0);
-        sc[r][h] = ok ? scale_at(t.s[h], q, scale_dtype) : 0.0f;
+        sc[r][h] = ok ? group_scale(t.s[h], q, scale_dtype) : 0.0f;
       }
     }
     if (first) {
@@ -123,6 +118,12 @@ template <int Warps> struct Partials {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     *reinterpret_cast<float4*>(v[warp][lane]) = make_float4(acc[0], acc[1], acc[2], acc[3]);
   }
+  // put() between barriers: the previous pass's reads are done before, every warp's partials are in after.
+  __device__ __forceinline__ void publish(const float (&acc)[4]) {
+    __syncthreads();
+    put(acc);
+    __syncthreads();
+  }
   // Row i (0..15), token n (0..7) of the tile whose KS warps start at `warp0`, summed in warp order.
   template <int KS> __device__ __forceinline__ float sum(int warp0, int i, int n) const {
     const int lane = 4 * (i & 7) + (n >> 1), idx = (i >> 3) * 2 + (n & 1);
@@ -133,18 +134,14 @@ template <int Warps> struct Partials {
   }
 };
 
-__device__ __forceinline__ const unsigned char* scale_row_of(const void* scale, int dtype, size_t row, int K) {
-  return static_cast<const unsigned char*>(scale) + row * size_t(K / kGroup) * (dtype == QMOE_F16 ? 2 : 4);
-}
-
 template <typename T>
 __device__ __forceinline__ TileRows<T> tile_rows(const void* weight, const void* scale, int dtype, size_t row_lo,
                                                  size_t row_hi, int K, const T* x) {
   TileRows<T> t;
   t.w[0] = static_cast<const uint8_t*>(weight) + row_lo * size_t(K / 2);
   t.w[1] = static_cast<const uint8_t*>(weight) + row_hi * size_t(K / 2);
-  t.s[0] = scale_row_of(scale, dtype, row_lo, K);
-  t.s[1] = scale_row_of(scale, dtype, row_hi, K);
+  t.s[0] = group_scale_row(scale, dtype, row_lo, K, kGroupShift);
+  t.s[1] = group_scale_row(scale, dtype, row_hi, K, kGroupShift);
   t.x = x;
   return t;
 }
@@ -163,12 +160,8 @@ __global__ void __launch_bounds__(kKsUp * 32) t1_gate_up_kernel(Token1Args a) {
   pdl_wait();
   pdl_launch_dependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2;
-  int my_id;
-  float my_p;
-  route_token_lanes(a.logits, a.E, a.k, a.normalize != 0, my_id, my_p);
   const int slot = blockIdx.y;
-  const int e = __shfl_sync(0xffffffffu, my_id, slot);
-  if (blockIdx.x == 0 && slot == 0 && warp == 0) write_routing(a.ws, a.E, a.k, my_id, my_p);
+  const int e = token1_slot_expert(a, slot);
   const int j0 = blockIdx.x * 8, I = a.I;
   const size_t base = size_t(e) * 2 * I;
   const TileRows<T> t = tile_rows<T>(a.weight, a.scale, a.scale_dtype, base + j0 + g, base + I + j0 + g,
@@ -251,9 +244,7 @@ __global__ void __launch_bounds__(kKsUp * 32) gate_up_kernel(GemmArgs a) {
     const TileRows<T> t = tile_rows<T>(a.weight, a.scale, a.scale_dtype, base + j0 + g, base + I + j0 + g, K, x);
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     tile_part<T, kKsUp>(t, a.scale_dtype, K, warp, acc, NoWait{});
-    __syncthreads();  // the previous pass's reads of red are done
-    red.put(acc);
-    __syncthreads();
+    red.publish(acc);
     for (int i = threadIdx.x; i < 8 * nt; i += blockDim.x) {
       const int j = i & 7, n = i >> 3;
       const float gate = red.template sum<kKsUp>(0, j, n), up = red.template sum<kKsUp>(0, j + 8, n);
@@ -283,9 +274,7 @@ __global__ void __launch_bounds__(kDownWarps * 32) down_kernel(GemmArgs a) {
     const TileRows<T> t = tile_rows<T>(a.weight, a.scale, a.scale_dtype, base + g, base + g + 8, K, x);
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     tile_part<T, kKsDown>(t, a.scale_dtype, K, ks, acc, NoWait{});
-    __syncthreads();
-    red.put(acc);
-    __syncthreads();
+    red.publish(acc);
     if (ks == 0) {
       for (int i = lane; i < 16 * nt; i += 32) {
         const int r = i & 15, n = i >> 4;

@@ -129,8 +129,7 @@ __global__ void __launch_bounds__(C::kThreads) mma_kernel(GemmArgs a) {
     }
     b_src[i] = wbase + size_t(wrow) * Staged<W>::kRowBytes(K) + kc * 16;
     b_dst[i] = kNarrow ? uint32_t(r * kBRowBytes + kc * 16) : swz<CPR>(r, kc);
-    s_row[i] = kInt4 ? static_cast<const unsigned char*>(a.scale) +
-                           (size_t(e) * rows_total + wrow) * size_t(K >> a.group_shift) * (a.scale_dtype == QMOE_F16 ? 2 : 4)
+    s_row[i] = kInt4 ? group_scale_row(a.scale, a.scale_dtype, size_t(e) * rows_total + wrow, K, a.group_shift)
                      : nullptr;
   }
 
@@ -161,9 +160,7 @@ __global__ void __launch_bounds__(C::kThreads) mma_kernel(GemmArgs a) {
     for (int i = 0; i < kBChunks; ++i) {
       const int kc = (tid + i * kThreads) % kBChunksPerRow;
       const int g = (kt * BK + kc * kBElems) >> a.group_shift;
-      dst[i] = kt < KT ? (a.scale_dtype == QMOE_F16 ? __half2float(__ldg(reinterpret_cast<const __half*>(s_row[i]) + g))
-                                                    : __ldg(reinterpret_cast<const float*>(s_row[i]) + g))
-                       : 0.0f;
+      dst[i] = kt < KT ? group_scale(s_row[i], g, a.scale_dtype) : 0.0f;
     }
   };
   if (kInt4) load_scales(0, s_cur);
@@ -177,56 +174,48 @@ __global__ void __launch_bounds__(C::kThreads) mma_kernel(GemmArgs a) {
     const int s = kt % kStages;
     cp_async_wait<kStages - 2>();
     uint32_t b_tile = b_stage(s);
-    if (kInt4) {
-      // As INT8 below, 32 nibbles a chunk, each times its group's scale, rounded once to T.
-      const int conv_off = kStages * (SM::kA + SM::kB) + (kt & 1) * SM::kConvOne;
+    if (kNarrow) {
+      // Widen this thread's own staged bytes (its own cp.async has landed) into copy kt&1; the
+      // barrier below publishes it. The other copy may still be read by iteration kt-1.
+      unsigned char* conv = smem + kStages * (SM::kA + SM::kB) + (kt & 1) * SM::kConvOne;
       const unsigned char* stage_ptr = smem + s * (SM::kA + SM::kB) + SM::kA;
-      load_scales(kt + 1, s_next);
+      if (kInt4) load_scales(kt + 1, s_next);
 #pragma unroll
       for (int i = 0; i < kBChunks; ++i) {
         const int c = tid + i * kThreads, r = c / kBChunksPerRow, kc = c % kBChunksPerRow;
         const uint4 v = *reinterpret_cast<const uint4*>(stage_ptr + r * kBRowBytes + kc * 16);
         const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+        if constexpr (kInt4) {  // 32 nibbles, each times its group's scale, rounded once to T
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          float f[8];
-          i4x8_to_float(w[q], f);
-          uint4 o;
-          o.x = pack2<T>(f[0] * s_cur[i], f[1] * s_cur[i]);
-          o.y = pack2<T>(f[2] * s_cur[i], f[3] * s_cur[i]);
-          o.z = pack2<T>(f[4] * s_cur[i], f[5] * s_cur[i]);
-          o.w = pack2<T>(f[6] * s_cur[i], f[7] * s_cur[i]);
-          *reinterpret_cast<uint4*>(smem + conv_off + swz<CPR>(r, 4 * kc + q)) = o;
+          for (int q = 0; q < 4; ++q) {
+            float f[8];
+            i4x8_to_float(w[q], f);
+            uint4 o;
+            o.x = pack2<T>(f[0] * s_cur[i], f[1] * s_cur[i]);
+            o.y = pack2<T>(f[2] * s_cur[i], f[3] * s_cur[i]);
+            o.z = pack2<T>(f[4] * s_cur[i], f[5] * s_cur[i]);
+            o.w = pack2<T>(f[6] * s_cur[i], f[7] * s_cur[i]);
+            *reinterpret_cast<uint4*>(conv + swz<CPR>(r, 4 * kc + q)) = o;
+          }
+          s_cur[i] = s_next[i];
+        } else {  // 16 bytes, exact; the per-channel scale waits for the epilogue
+          float f[16];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) i8x4_to_float(w[q], f + 4 * q);
+          uint4 lo, hi;
+          lo.x = pack2<T>(f[0], f[1]);
+          lo.y = pack2<T>(f[2], f[3]);
+          lo.z = pack2<T>(f[4], f[5]);
+          lo.w = pack2<T>(f[6], f[7]);
+          hi.x = pack2<T>(f[8], f[9]);
+          hi.y = pack2<T>(f[10], f[11]);
+          hi.z = pack2<T>(f[12], f[13]);
+          hi.w = pack2<T>(f[14], f[15]);
+          *reinterpret_cast<uint4*>(conv + swz<CPR>(r, 2 * kc)) = lo;
+          *reinterpret_cast<uint4*>(conv + swz<CPR>(r, 2 * kc + 1)) = hi;
         }
-        s_cur[i] = s_next[i];
       }
-      b_tile = sbase + conv_off;
-    } else if (kNarrow) {
-      // Widen this thread's own staged bytes (its own cp.async has landed) into copy kt&1; the
-      // barrier below publishes it. The other copy may still be read by iteration kt-1.
-      const int conv_off = kStages * (SM::kA + SM::kB) + (kt & 1) * SM::kConvOne;
-      const unsigned char* stage_ptr = smem + s * (SM::kA + SM::kB) + SM::kA;
-#pragma unroll
-      for (int i = 0; i < kBChunks; ++i) {
-        const int c = tid + i * kThreads, r = c / kBChunksPerRow, kc = c % kBChunksPerRow;
-        const uint4 v = *reinterpret_cast<const uint4*>(stage_ptr + r * BK + kc * 16);
-        const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-        float f[16];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) i8x4_to_float(w[q], f + 4 * q);
-        uint4 lo, hi;
-        lo.x = pack2<T>(f[0], f[1]);
-        lo.y = pack2<T>(f[2], f[3]);
-        lo.z = pack2<T>(f[4], f[5]);
-        lo.w = pack2<T>(f[6], f[7]);
-        hi.x = pack2<T>(f[8], f[9]);
-        hi.y = pack2<T>(f[10], f[11]);
-        hi.z = pack2<T>(f[12], f[13]);
-        hi.w = pack2<T>(f[14], f[15]);
-        *reinterpret_cast<uint4*>(smem + conv_off + swz<CPR>(r, 2 * kc)) = lo;
-        *reinterpret_cast<uint4*>(smem + conv_off + swz<CPR>(r, 2 * kc + 1)) = hi;
-      }
-      b_tile = sbase + conv_off;
+      b_tile = smem_u32(conv);
     }
     __syncthreads();
     {

@@ -29,12 +29,8 @@ __global__ void __launch_bounds__(kUpWarps * 32, 6) token1_gate_up_kernel(Token1
   // Kernel 2 reads nothing of ours before its own wait: let it start as early as it can.
   pdl_launch_dependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int my_id;
-  float my_p;
-  route_token_lanes(a.logits, a.E, a.k, a.normalize != 0, my_id, my_p);
   const int slot = blockIdx.y;
-  const int e = __shfl_sync(0xffffffffu, my_id, slot);
-  if (blockIdx.x == 0 && slot == 0 && warp == 0) write_routing(a.ws, a.E, a.k, my_id, my_p);
+  const int e = token1_slot_expert(a, slot);
 
   const int K = a.H, I = a.I;
   const int j = (blockIdx.x * kUpWarps + warp) * 2;  // grid.x * kUpWarps * 2 == I
@@ -48,7 +44,7 @@ __global__ void __launch_bounds__(kUpWarps * 32, 6) token1_gate_up_kernel(Token1
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     rows[r] = wb + size_t(ridx[r]) * (K / PS);
-    if (kGrouped) gs.rows[r] = gemv::scale_row(a.scale, a.scale_dtype, size_t(e) * 2 * I + ridx[r], K, a.group_shift);
+    if (kGrouped) gs.rows[r] = group_scale_row(a.scale, a.scale_dtype, size_t(e) * 2 * I + ridx[r], K, a.group_shift);
   }
   float acc[kRows][1] = {{0.0f}, {0.0f}, {0.0f}, {0.0f}};
   gemv::warp_dot<T, W, 1>(rows, gs, static_cast<const T*>(a.x), 1, K, acc);
@@ -87,7 +83,7 @@ __global__ void __launch_bounds__(kDownWarps * 32, 2) token1_down_kernel(Token1A
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       rows[r] = static_cast<const Store*>(a.weight) + (size_t(e) * a.H + row0 + r) * (K / PS);
-      if (kGrouped) gs.rows[r] = gemv::scale_row(a.scale, a.scale_dtype, size_t(e) * a.H + row0 + r, K, a.group_shift);
+      if (kGrouped) gs.rows[r] = group_scale_row(a.scale, a.scale_dtype, size_t(e) * a.H + row0 + r, K, a.group_shift);
     }
     gemv::Round<W> wv;
     gemv::load_round<W>(rows, gs, 0, K, wv);  // before the wait: weights do not depend on kernel 1

@@ -60,12 +60,6 @@ struct GroupScales {
   int dtype, shift;
 };
 
-// Where row `row` of an expert's [rows_total, K / group] scale matrix starts.
-__device__ __forceinline__ const unsigned char* scale_row(const void* scale, int dtype, size_t row, int K, int shift) {
-  const size_t elem = dtype == QMOE_F16 ? 2 : 4;
-  return static_cast<const unsigned char*>(scale) + row * size_t(K >> shift) * elem;
-}
-
 template <typename W> struct Round {
   uint4 w[WTraits<W>::kUnroll][kRows];
   float s[WTraits<W>::kGrouped ? WTraits<W>::kUnroll : 1][kRows];  // INT4: each vector's group scale
@@ -87,12 +81,7 @@ __device__ __forceinline__ void load_round(const typename WTraits<W>::Store* con
       wv.w[u][r] = ok ? __ldg(reinterpret_cast<const uint4*>(rows[r] + k0 / PS)) : make_uint4(0, 0, 0, 0);
       if constexpr (WTraits<W>::kGrouped) {
         const int g = k0 >> gs.shift;
-        float sc = 0.0f;
-        if (ok) {
-          sc = gs.dtype == QMOE_F16 ? __half2float(__ldg(reinterpret_cast<const __half*>(gs.rows[r]) + g))
-                                    : __ldg(reinterpret_cast<const float*>(gs.rows[r]) + g);
-        }
-        wv.s[u][r] = sc;
+        wv.s[u][r] = ok ? group_scale(gs.rows[r], g, gs.dtype) : 0.0f;
       }
     }
   }

@@ -78,6 +78,18 @@ __device__ __forceinline__ float load_scale(const void* p, size_t i, int scale_d
                                  : static_cast<const float*>(p)[i];
 }
 
+// INT4 per-group scales [E, rows, K >> shift] (fp32 or fp16): where row `row` starts, and its group g
+// (read-only cache).
+__device__ __forceinline__ const unsigned char* group_scale_row(const void* scale, int dtype, size_t row, int K,
+                                                                int shift) {
+  const size_t elem = dtype == QMOE_F16 ? 2 : 4;
+  return static_cast<const unsigned char*>(scale) + row * size_t(K >> shift) * elem;
+}
+__device__ __forceinline__ float group_scale(const unsigned char* row, int g, int dtype) {
+  return dtype == QMOE_F16 ? __half2float(__ldg(reinterpret_cast<const __half*>(row) + g))
+                           : __ldg(reinterpret_cast<const float*>(row) + g);
+}
+
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
 
 // ---------------------------------------------------------------------------------------------

@@ -145,6 +145,18 @@ struct Token1Args {
   int E, k, normalize, I, H, groups;
 };
 
+// Every warp of a single-token kernel routes the token itself (a few hundred cycles, where a dispatch kernel
+// costs a launch and a round trip); the expert of slot `slot`. The first warp of the grid also writes the
+// general path's routing outputs.
+__device__ __forceinline__ int token1_slot_expert(const Token1Args& a, int slot) {
+  int my_id;
+  float my_p;
+  route_token_lanes(a.logits, a.E, a.k, a.normalize != 0, my_id, my_p);
+  const int e = __shfl_sync(0xffffffffu, my_id, slot);
+  if (blockIdx.x == 0 && blockIdx.y == 0 && (threadIdx.x >> 5) == 0) write_routing(a.ws, a.E, a.k, my_id, my_p);
+  return e;
+}
+
 inline Token1Args token1_args(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws) {
   Token1Args a{};
   a.x = t.x;

@@ -59,9 +59,16 @@ from qwen3_compile.storage.manifests import (
 class QuantizedArtifact:
     directory: Path
     recipe: QuantRecipe
-    tensors: list[QuantizedTensor]
     manifest: QuantizeManifest = field(repr=False)
-    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def tensors(self) -> list[QuantizedTensor]:
+        """Each weight the recipe quantized (empty for folders written before the manifest listed them)."""
+        return list(self.manifest.tensors)
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.manifest.warnings)
 
     @property
     def weight_ratio(self) -> float:
@@ -76,7 +83,7 @@ class QuantizedArtifact:
         folder = Path(folder)
         manifest = read_manifest_as(folder, QuantizeManifest)
         recipe = QuantRecipe.from_dict(manifest.recipe, str(folder / MANIFEST))
-        return cls(folder, recipe, list(manifest.tensors), manifest, list(manifest.warnings))
+        return cls(folder, recipe, manifest)
 
 
 def _check_input(artifact: Path, manifest: AnyManifest, recipe: QuantRecipe) -> None:
@@ -266,4 +273,4 @@ def quantize_artifact(
             ort_optimization="basic" if "fp8" in recipe.precisions else "all",
             ort_session_config=dict(ORT_QDQ[ort_qdq]),
         )
-    return QuantizedArtifact(Path(output), recipe, tensors, written, warnings)
+    return QuantizedArtifact(Path(output), recipe, written)

@@ -312,7 +312,6 @@ def test_awq_beats_rtn_on_activation_outliers(tmp_path):
     ratios = result.manifest.awq["mse_vs_rtn"]
     blocks = {k: v for k, v in ratios.items() if k.endswith((".attn", ".mlp"))}
     assert len(blocks) == 4 and max(blocks.values()) < 0.5, ratios
-    assert result.manifest.awq["calibration_mse_vs_rtn"] < 1.0
 
 
 @pytest.mark.slow
