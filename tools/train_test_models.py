@@ -153,7 +153,11 @@ def quant_texts(data: Path, out: Path, windows: int, window: int, wheels_dir: Pa
       split (evenly spaced over all of it, decoded with the Qwen3 tokenizer), for `--calibration`;
     - train_dev.txt: as many windows again, half a spacing after each calibration window, joined by
       newlines: training-split text the calibration did not see, for choosing between quantizers without
-      looking at the held-out files.
+      looking at the held-out files;
+    - held_out_spread.txt: 64 windows evenly spaced over all the held-out tokens, joined by newlines
+      (held_out.txt's first 64 windows, what `--ppl-text` scores, come from its first two files);
+    - train_calibration_128.jsonl: 128 windows as train_calibration.jsonl, a tenth of their spacing in
+      (none of them overlaps a train_dev.txt window).
     """
     from qwen3_compile.tokenizer import load_tokenizer
 
@@ -166,7 +170,12 @@ def quant_texts(data: Path, out: Path, windows: int, window: int, wheels_dir: Pa
     (out / "train_calibration.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in calibration))
     dev = [tok.decode(w.tolist()) for w in _spaced_windows(ids, windows, window, 0.5)]
     (out / "train_dev.txt").write_text("\n".join(dev))
-    for name in ("held_out.txt", "train_calibration.jsonl", "train_dev.txt"):
+    more = [tok.decode(w.tolist()) for w in _spaced_windows(ids, 128, window, 0.1)]
+    (out / "train_calibration_128.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in more))
+    val = np.load(data / "val.npz")["ids"]
+    spread = [tok.decode(w.tolist()) for w in _spaced_windows(val, 64, window, 0.0)]
+    (out / "held_out_spread.txt").write_text("\n".join(spread))
+    for name in sorted(p.name for p in out.iterdir() if p.suffix in (".txt", ".jsonl")):
         print(out / name, hashlib.sha256((out / name).read_bytes()).hexdigest())
 
 
