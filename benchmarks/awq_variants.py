@@ -300,10 +300,11 @@ def quantized_model(loaded, scales, selects, hessians=None):
         for name, tensor in loaded.model.state_dict().items():
             if arch.tie_word_embeddings and name == "lm_head.weight":
                 continue
-            t = _transformed(name, tensor.detach().clone(), transforms).double()
+            # fp32 in and out, as the quantizer rounds the export's fp32 weights (the folds run in fp64)
+            t = _transformed(name, tensor.detach().float().clone(), transforms).float()
             if t.ndim >= 2 and selects(name) and name != "lm_head.weight":
-                t = _quantize(name, t, hessians)
-            state[name] = t.float()
+                t = _quantize(name, t, hessians).float()
+            state[name] = t
     return build_reference_model(arch, state)
 
 
