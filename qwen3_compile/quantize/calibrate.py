@@ -214,7 +214,9 @@ def calibrate(
     on_layer: Callable[[int, object, LayerStats], None] | None = None,
 ) -> CalibrationStats:
     """Run the calibration sequences through the model one layer at a time, recording ranges.
-    `on_layer(index, layer module, stats)`: called after each layer with its activation samples (AWQ)."""
+    `on_layer(index, layer module, stats)`: called after each layer with its activation samples (AWQ); when
+    it returns True it has replaced the layer's weights (with their quantized values), and the next layer
+    reads the replaced layer's output (sequential calibration)."""
     import torch
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
@@ -233,6 +235,7 @@ def calibrate(
             layer = _layer_module(arch, index, weights)
             stats = LayerStats(samples={} if on_layer is not None else None)
             handles = _hooks(layer, index, arch, stats)
+            inputs = list(hidden)
             for n, (mask, positions, cos_sin) in enumerate(extras):
                 hidden[n] = layer(
                     hidden[n], attention_mask=mask, position_ids=positions, position_embeddings=cos_sin
@@ -240,7 +243,14 @@ def calibrate(
             for handle in handles:
                 handle.remove()
             if on_layer is not None:
-                on_layer(index, layer, stats)
+                if on_layer(index, layer, stats):  # the layer now computes as quantized: feed that on
+                    for n, (mask, positions, cos_sin) in enumerate(extras):
+                        hidden[n] = layer(
+                            inputs[n],
+                            attention_mask=mask,
+                            position_ids=positions,
+                            position_embeddings=cos_sin,
+                        )
                 stats.samples = None
             layers.append(stats)
             del layer

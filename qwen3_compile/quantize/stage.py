@@ -20,7 +20,8 @@ from qwen3_compile.export.stage import MODEL_FILE
 from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.quantize.activations import insert_activation_qdq
-from qwen3_compile.quantize.awq import AwqSearch, awq_transforms
+from qwen3_compile.quantize.awq import AwqSearch
+from qwen3_compile.quantize.awq_fold import awq_transforms
 from qwen3_compile.quantize.calibrate import CalibrationStats, calibrate
 from qwen3_compile.quantize.calibration_data import load_calibration
 from qwen3_compile.quantize.int4 import check_int4_model

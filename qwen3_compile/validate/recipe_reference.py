@@ -137,7 +137,7 @@ def _fold_transforms(recipe: QuantRecipe, arch, calibration: dict[str, np.ndarra
             arch, {k[len(prefix) :]: v for k, v in calibration.items() if k.startswith(prefix)}
         )
     if recipe.awq is not None:
-        from qwen3_compile.quantize.awq import awq_transforms
+        from qwen3_compile.quantize.awq_fold import awq_transforms
 
         prefix = "awq/"
         try:

@@ -139,3 +139,32 @@ def test_calibration_file_is_what_awq_calibrates_on(artifacts, tmp_path):
             assert calibration["source"] == str(code) and calibration["tokens"] == expected.tokens
     key = "awq/model.layers.0.attn"
     assert not np.allclose(scales["--calibration"][key], scales[None][key])
+
+
+def test_a_layer_replaced_by_on_layer_feeds_the_next_layer(artifacts):
+    """calibrate's sequential protocol: an `on_layer` that changes the layer's weights and returns True makes
+    the next layer read the changed layer's output (the same ranges as calibrating a checkpoint with those
+    weights); returning False keeps the float output."""
+    export = artifacts.export("tiny-dense")
+    arch = Qwen3Arch.from_config_file(export / "config.json")
+    weights = {
+        t.name: numpy_helper.to_array(t) for t in onnx.load(str(export / "model.onnx")).graph.initializer
+    }
+    texts = load_calibration(load_tokenizer(export), samples=2, max_tokens=48)
+    silenced = ("model.layers.0.self_attn.o_proj.weight.T", "model.layers.0.mlp.down_proj.weight.T")
+
+    def silence_layer_0(replace: bool):
+        def on_layer(index, layer, stats):
+            if index == 0:  # layer 0 then adds nothing to the residual stream
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+            return replace
+
+        return calibrate(arch, weights.__getitem__, texts, on_layer=on_layer)
+
+    plain = calibrate(arch, weights.__getitem__, texts)
+    zeroed = calibrate(arch, lambda n: weights[n] * 0 if n in silenced else weights[n], texts)
+    reader = "model.layers.1.self_attn.q_proj.weight"
+    np.testing.assert_array_equal(silence_layer_0(False).act_amax(reader), plain.act_amax(reader))
+    np.testing.assert_allclose(silence_layer_0(True).act_amax(reader), zeroed.act_amax(reader), rtol=1e-6)
+    assert not np.allclose(zeroed.act_amax(reader), plain.act_amax(reader))

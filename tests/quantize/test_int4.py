@@ -243,7 +243,8 @@ def test_awq_folds_keep_the_float_function(preset, artifacts, tmp_path):
     the float router) applied to the float weights without quantizing: the same logits as the original."""
     from qwen3_compile.export.stage import export_onnx
     from qwen3_compile.models.config import Qwen3Arch
-    from qwen3_compile.quantize.awq import AwqSearch, awq_transforms
+    from qwen3_compile.quantize.awq import AwqSearch
+    from qwen3_compile.quantize.awq_fold import awq_transforms
     from qwen3_compile.quantize.calibrate import calibrate
     from qwen3_compile.quantize.calibration_data import load_calibration
     from qwen3_compile.tokenizer import load_tokenizer
@@ -381,15 +382,34 @@ def test_awq_clip_search_picks_the_least_output_error_per_group():
 def test_awq_clip_transform_clamps_each_group_of_a_stored_weight():
     """The transform on a weight stored [in, out]: each (input group, output) clamped to ratio x its max |w|,
     so the quantizer's scale becomes ratio x max / 7."""
-    from qwen3_compile.quantize.awq import _clip_groups
+    from qwen3_compile.quantize.awq_fold import clip_groups
     from qwen3_compile.quantize.weights import quantize_groups
 
     rng = np.random.default_rng()
     stored = rng.standard_normal((64, 5)).astype(np.float32)  # [in, out]
     ratios = rng.choice([1.0, 0.8, 0.55], size=(5, 4))  # [out, groups]
-    clipped = _clip_groups(stored, ratios)
+    clipped = clip_groups(stored, ratios)
     by_group = stored.reshape(4, 16, 5)
     limit = np.abs(by_group).max(1) * ratios.T  # [groups, out]
     np.testing.assert_allclose(clipped.reshape(4, 16, 5), np.clip(by_group, -limit[:, None], limit[:, None]))
+    _, scale = quantize_groups(clipped, 16)
+    np.testing.assert_allclose(scale, limit / 7, rtol=1e-6)
+
+
+def test_awq_clip_transform_clamps_each_group_of_stacked_experts():
+    """Stacked experts [E, rows, in] with ratios [E, rows, groups]: each (expert, row, input group) clamped
+    to ratio x its max |w|, so the quantizer's per-group scale becomes ratio x max / 7."""
+    from qwen3_compile.quantize.awq_fold import clip_groups
+    from qwen3_compile.quantize.weights import quantize_groups
+
+    rng = np.random.default_rng()
+    stored = rng.standard_normal((3, 5, 64)).astype(np.float32)
+    ratios = rng.choice([1.0, 0.8, 0.55], size=(3, 5, 4))
+    clipped = clip_groups(stored, ratios)
+    by_group = stored.reshape(3, 5, 4, 16)
+    limit = np.abs(by_group).max(-1) * ratios
+    np.testing.assert_allclose(
+        clipped.reshape(3, 5, 4, 16), np.clip(by_group, -limit[..., None], limit[..., None])
+    )
     _, scale = quantize_groups(clipped, 16)
     np.testing.assert_allclose(scale, limit / 7, rtol=1e-6)
