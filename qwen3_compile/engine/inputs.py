@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen3_compile.errors import BadInputError
+from qwen3_compile.lower.trt_zero_points import has_zero_point_weights
 from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.quantize.compat import check_recipe_target, sm_tuple
 from qwen3_compile.quantize.recipe import QuantRecipe
+from qwen3_compile.storage.artifact_dir import load_graph
 from qwen3_compile.storage.manifest import MANIFEST, read_manifest, verify_outputs
 from qwen3_compile.storage.manifests import ExportManifest, LowerManifest, QuantizeManifest
 from qwen3_compile.targets import Target
@@ -135,17 +137,18 @@ def _check_int4_experts(build_input: BuildInput, target: Target) -> None:
 
 def _check_imported(build_input: BuildInput, target: Target) -> None:
     """An imported quantized checkpoint (FP8, AWQ, GPTQ) keeps its own weights; TensorRT must take them as
-    they are. Its DequantizeLinear takes signed INT4/INT8 and E4M3 with no zero point, so an asymmetric
-    checkpoint (AWQ, GPTQ with zero points: uint4/uint8 values) cannot be parsed (TensorRT-RTX 1.7.1 rejects
-    the uint4 initializer); and the target must have the checkpoint's precision."""
+    they are. Its DequantizeLinear takes signed INT4/INT8 and E4M3 with no zero point: asymmetric linears
+    (AWQ, GPTQ with zero points) are rewritten exactly into that form (lower/trt_zero_points.py), asymmetric
+    MoE experts cannot be; and the target must have the checkpoint's precision."""
     imported = getattr(build_input.manifest, "imported", None)
     if not imported:
         return
     where, label = build_input.directory / MANIFEST, imported.get("label", imported.get("method"))
-    if _has_zero_points(build_input.model_path):
+    if has_zero_point_weights(load_graph(build_input.model_path))[1]:
         raise BadInputError(
-            f"this artifact keeps an asymmetric checkpoint's weights ({label}, with zero points); TensorRT "
-            "takes symmetric INT4/INT8 weights only.",
+            f"this artifact keeps an asymmetric checkpoint's MoE experts ({label}, with zero points); "
+            "TensorRT takes symmetric INT4/INT8 experts only (asymmetric linears outside the experts are "
+            "rewritten).",
             file=where,
             field="imported.sym",
             fix="run it on ONNX Runtime (`lower --for ort`, `validate`, `run`), or export a symmetric "
@@ -161,11 +164,3 @@ def _check_imported(build_input: BuildInput, target: Target) -> None:
             fix="build for a target with that precision, or export the float model and `quantize` it with a "
             f"recipe {target.name} runs.",
         )
-
-
-def _has_zero_points(model_path: Path) -> bool:
-    """Whether any DequantizeLinear of the graph has a zero point (the weights stay in external data)."""
-    import onnx
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    return any(n.op_type == "DequantizeLinear" and len(n.input) > 2 and n.input[2] for n in graph.node)

@@ -20,6 +20,7 @@ from qwen3_compile.lower.rules import RewriteReport, RewriteRule, apply_rules
 from qwen3_compile.lower.trt_dense_moe import ExpertDispatchToDenseExperts
 from qwen3_compile.lower.trt_moe import ExpertDispatchToTrtMoE
 from qwen3_compile.lower.trt_plugin_moe import ExpertDispatchToQwen3MoePlugin
+from qwen3_compile.lower.trt_zero_points import ZeroPointWeightsToSymmetric
 from qwen3_compile.storage.external_data import ExternalDataWriter
 
 # target -> ordered rules. The canonical graph (no target) keeps ExpertDispatch with its function body.
@@ -46,6 +47,8 @@ RULE_SETS: dict[str, list[type[RewriteRule]]] = {
     "trt-moe": [ExpertDispatchToTrtMoE, ExpertDispatchToDenseExperts],
     # the project's qmoe plugin (fp16/bf16 activations, kernel-supported shapes); the rest dense
     "trt-plugin": [ExpertDispatchToQwen3MoePlugin, ExpertDispatchToDenseExperts],
+    # imported asymmetric linears (AWQ, GPTQ with zero points): signed weights plus an exact block-sum term
+    "trt-symmetric-weights": [ZeroPointWeightsToSymmetric],
     # deployment graphs: logits of the last position only (`build --logits last`, `lower --logits last`)
     "last-logits": [LastPositionLogits],
     # ONNX Runtime deployment graphs (`lower --for ort --logits last`): also the greedy token on the device

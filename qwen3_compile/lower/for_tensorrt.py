@@ -14,6 +14,7 @@ from qwen3_compile.backends.tensorrt.shim import version_tuple
 from qwen3_compile.errors import BadInputError, CheckFailedError
 from qwen3_compile.kernels.trt_contract import PYTHON_PLUGIN
 from qwen3_compile.lower.files import op_histogram, rewrite_file
+from qwen3_compile.lower.trt_zero_points import has_zero_point_weights
 from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.storage.artifact_dir import load_graph
 from qwen3_compile.targets import MOE_LOWERINGS, Target
@@ -112,12 +113,15 @@ def lower_for_build(
     stage's own folder): always write the copy, its data hard-linked or copied, never symlinked."""
     from qwen3_compile.lower import RULE_SETS
 
+    model = load_graph(model_path)
     rules = [] if choice.lowering == "none" else [r() for r in RULE_SETS[RULE_SET[choice.lowering]]]
     rules += [r() for r in RULE_SETS["last-logits"]] if last_logits else []
+    if has_zero_point_weights(model)[0]:  # imported AWQ / asymmetric GPTQ linears
+        rules += [r() for r in RULE_SETS["trt-symmetric-weights"]]
     if not rules and keep_input:
-        model = load_graph(model_path)
         return LoweredModel(model_path, {"applied": {}, "declined": {}}, op_histogram(model), choice)
-    total = _moe_nodes(model_path)
+    total = sum(n.domain == "qwen3_compile" for n in model.graph.node)
+    del model
     try:
         graph = rewrite_file(model_path, rules, scratch, symlink_ok=keep_input, what=f"{choice.lowering} MoE")
     except CheckFailedError as err:
@@ -130,11 +134,6 @@ def lower_for_build(
         declines = graph.report.declined_nodes.get(RULE_SETS[RULE_SET[choice.lowering]][0].name, {})
         moe = _effective(choice, declines, total)
     return LoweredModel(graph.path, graph.report.to_dict(), graph.op_histogram, moe)
-
-
-def _moe_nodes(model_path: Path) -> int:
-    model = load_graph(model_path)
-    return sum(n.domain == "qwen3_compile" for n in model.graph.node)
 
 
 def check_requested_lowering(lowered: LoweredModel, requested: str | None) -> None:

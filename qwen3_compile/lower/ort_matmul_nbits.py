@@ -14,6 +14,10 @@ feeding `MatMul(x, W)` (quantize/int4.py). MatMulNBits takes the same numbers in
   relative error 6e-3 against 1e-6 at levels 0/1): a W4A8 computation a weight-only recipe does not
   describe (backends/onnxruntime/settings.py, the same lesson for ORT's own QDQ fusion).
 
+Imported asymmetric INT4 linears (AWQ, GPTQ with zero points: `DequantizeLinear(uint4, scale, uint4 zero
+point)`) take MatMulNBits' optional zero_points input: B holds the stored values as they are (no + 8) and
+zero_points is uint8 `[N, ceil(K / g / 2)]`, each column's block zero points two a byte, low nibble first.
+
 INT8 weight-only DQ -> MatMul is deliberately not lowered to MatMulNBits(bits=8): measured on ORT 1.32 CPU,
 its fp32-activation path is exact but about 1.5 ms for a 1024x512 GEMV (numpy's fp32 1024x3072 GEMV takes
 1.1 ms): MLAS has no fp32 8-bit kernel and dequantizes on every call; only accuracy level 4 (int8
@@ -37,8 +41,7 @@ INT4_ZERO_POINT = 8  # MatMulNBits' and QMoE's implicit 4-bit zero point
 def pack_uint4_rows(q: np.ndarray) -> np.ndarray:
     """Signed INT4 values `[..., K]` (K even) -> uint8 `[..., K / 2]`: q + 8, two a byte along K, the first
     of each pair in the low nibble (MatMulNBits' and QMoE's 4-bit layout)."""
-    u = (np.asarray(q).astype(np.int8) + INT4_ZERO_POINT).astype(np.uint8)
-    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    return _pack_nibbles(np.asarray(q).astype(np.int8) + INT4_ZERO_POINT)
 
 
 def blocked_int4_source(view: GraphView, value: str, axis: int) -> tuple[str, str, int] | str:
@@ -47,9 +50,9 @@ def blocked_int4_source(view: GraphView, value: str, axis: int) -> tuple[str, st
     node = view.producers.get(value)
     if node is None or node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
         return f"'{value}' is not a DequantizeLinear output"
+    values, scale = node.input[:2]
     if len(node.input) > 2 and node.input[2]:
         return f"'{node.name}' has a zero point (the canonical INT4 form is symmetric)"
-    values, scale = node.input[:2]
     if view.elem_type(values) != TensorProto.INT4:
         return f"'{values}' is not an INT4 initializer"
     if view.elem_type(scale) not in ACCURACY_LEVEL:
@@ -62,13 +65,33 @@ def blocked_int4_source(view: GraphView, value: str, axis: int) -> tuple[str, st
     return values, scale, block
 
 
+def uint4_zero_point_source(view: GraphView, value: str) -> tuple[str, str, int, str] | str:
+    """(UINT4 initializer, scale, block size, UINT4 zero point) of the asymmetric blocked DequantizeLinear
+    along axis 0 that produces `value` (an imported AWQ or GPTQ linear), or why not."""
+    node = view.producers.get(value)
+    if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 3 or not node.input[2]:
+        return f"'{value}' is not a DequantizeLinear output with a zero point"
+    values, scale, zero = node.input
+    if view.elem_type(values) != TensorProto.UINT4 or view.elem_type(zero) != TensorProto.UINT4:
+        return f"'{values}' is not a UINT4 initializer with a UINT4 zero point"
+    if view.elem_type(scale) not in ACCURACY_LEVEL:
+        return f"'{scale}' is not an fp32 or fp16 initializer"
+    block = view.attrs(node).get("block_size", 0)
+    dims = view.initializers[values].dims
+    if len(dims) != 2 or view.attrs(node).get("axis", 1) != 0 or block < 16 or block & (block - 1):
+        return f"'{values}' is not a 2-D weight quantized per block of a power-of-two >= 16 along axis 0"
+    if dims[0] % block:
+        return f"'{values}' has {dims[0]} input rows, not a whole number of blocks of {block}"
+    return values, scale, block, zero
+
+
 def is_int4_dequantized(view: GraphView, value: str) -> bool:
-    """Whether `value` is a DequantizeLinear output of INT4 values (a candidate, matching or not)."""
+    """Whether `value` is a DequantizeLinear output of INT4 or UINT4 values (a candidate, matching or not)."""
     producer = view.producers.get(value)
     return (
         producer is not None
         and producer.op_type == "DequantizeLinear"
-        and view.elem_type(producer.input[0]) == TensorProto.INT4
+        and view.elem_type(producer.input[0]) in (TensorProto.INT4, TensorProto.UINT4)
     )
 
 
@@ -83,7 +106,7 @@ class Int4MatMulToMatMulNBits(RewriteRule):
     def check(self, view: GraphView, node: onnx.NodeProto) -> str | None:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
             return "not a MatMul"
-        source = blocked_int4_source(view, node.input[1], axis=0)
+        source = _source(view, node.input[1])
         if isinstance(source, str):
             return source
         if len(view.initializers[source[0]].dims) != 2:
@@ -91,18 +114,25 @@ class Int4MatMulToMatMulNBits(RewriteRule):
         return None
 
     def rewrite(self, view: GraphView, node: onnx.NodeProto) -> Replacement:
-        values, scale, block = blocked_int4_source(view, node.input[1], axis=0)
+        values, scale, block, zero = _source(view, node.input[1])
         k, n = view.initializers[values].dims
         base = values.removesuffix(".q")
         arrays = {}
+        inputs = [node.input[0], base + ".nbits", base + ".nbits_scale"]
         if base + ".nbits" not in view.initializers:  # a weight read by several MatMuls is packed once
-            q = view.array(values)  # [K, N] int4
-            packed = pack_uint4_rows(np.ascontiguousarray(q.astype(np.int8).T))
-            arrays[base + ".nbits"] = packed.reshape(n, k // block, block // 2)
+            q = view.array(values).astype(np.int8)  # [K, N]: int4 in [-8, 7], or uint4 in [0, 15]
+            u = q if zero is not None else q + INT4_ZERO_POINT
+            arrays[base + ".nbits"] = _pack_nibbles(np.ascontiguousarray(u.T)).reshape(
+                n, k // block, block // 2
+            )
             arrays[base + ".nbits_scale"] = np.ascontiguousarray(view.array(scale).T)  # [N, K / g]
+            if zero is not None:  # [N, ceil(K / g / 2)]: each column's block zero points, two a byte
+                arrays[base + ".nbits_zero_point"] = _pack_nibbles(view.array(zero).astype(np.int8).T)
+        if zero is not None:
+            inputs.append(base + ".nbits_zero_point")
         matmul = helper.make_node(
             "MatMulNBits",
-            [node.input[0], base + ".nbits", base + ".nbits_scale"],
+            inputs,
             list(node.output),
             name=node.name,
             domain=ORT_DOMAIN,
@@ -113,3 +143,23 @@ class Int4MatMulToMatMulNBits(RewriteRule):
             accuracy_level=ACCURACY_LEVEL[view.elem_type(scale)],
         )
         return Replacement([matmul], arrays, {ORT_DOMAIN: 1})
+
+
+def _source(view: GraphView, value: str) -> tuple[str, str, int, str | None] | str:
+    """The symmetric canonical INT4 weight (zero point None) or an imported asymmetric UINT4 one."""
+    symmetric = blocked_int4_source(view, value, axis=0)
+    if not isinstance(symmetric, str):
+        return (*symmetric, None)
+    asymmetric = uint4_zero_point_source(view, value)
+    node = view.producers.get(value)
+    has_zero_point = node is not None and len(node.input) > 2 and bool(node.input[2])
+    return asymmetric if has_zero_point else symmetric
+
+
+def _pack_nibbles(u: np.ndarray) -> np.ndarray:
+    """Values in [0, 15] `[..., K]` -> uint8 `[..., ceil(K / 2)]`, two a byte, the first in the low nibble
+    (an odd count padded with a zero high nibble)."""
+    u = np.asarray(u).astype(np.uint8)
+    if u.shape[-1] % 2:
+        u = np.concatenate([u, np.zeros((*u.shape[:-1], 1), np.uint8)], axis=-1)
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)

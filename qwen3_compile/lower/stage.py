@@ -7,7 +7,9 @@ deployment target) into a new artifact folder with its own manifest.
   recorded. `attention="gqa"`: each layer's attention -> `com.microsoft::GroupQueryAttention` (ort_gqa.py),
   which a runner can feed a static KV cache.
 - `tensorrt`: the target's MoE lowering (its `moe_lowerings` order, TRT_MoE / plugin / dense), chosen for
-  the TensorRT installed here, else for the target's minimum TensorRT (as a bundle does).
+  the TensorRT installed here, else for the target's minimum TensorRT (as a bundle does); imported
+  asymmetric linears (AWQ, GPTQ with zero points) to signed weights plus a block-sum term
+  (trt_zero_points.py).
 `build` and `bundle` call the same rules on their own scratch copy.
 """
 

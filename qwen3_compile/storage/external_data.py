@@ -33,12 +33,14 @@ def pack_int4(values: np.ndarray) -> np.ndarray:
     return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
 
 
-def unpack_int4(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """`pack_int4`'s inverse: int8 values in `shape`."""
+def unpack_int4(packed: np.ndarray, shape: tuple[int, ...], signed: bool = True) -> np.ndarray:
+    """`pack_int4`'s inverse: int8 values in `shape` (INT4: sign-extended; UINT4, `signed=False`: 0..15)."""
     packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
     nibbles = np.stack([packed & 0x0F, packed >> 4], axis=1).reshape(-1)[
         : int(np.prod(shape, dtype=np.int64))
     ]
+    if not signed:
+        return nibbles.astype(np.int8).reshape(shape)
     return ((nibbles.astype(np.int8) ^ 8) - 8).reshape(shape)  # sign-extend 4 bits
 
 
@@ -144,7 +146,7 @@ def external_array(proto: TensorProto, base_dir: Path) -> np.ndarray:
     """A read-only memory map of an external tensor (no copy)."""
     info = _info(proto)
     count = int(np.prod(proto.dims, dtype=np.int64))
-    if proto.data_type == TensorProto.INT4:  # packed two a byte: unpacked into memory (a copy)
+    if proto.data_type in (TensorProto.INT4, TensorProto.UINT4):  # two a byte: unpacked into memory (a copy)
         packed = np.memmap(
             base_dir / info["location"],
             np.uint8,
@@ -152,7 +154,9 @@ def external_array(proto: TensorProto, base_dir: Path) -> np.ndarray:
             offset=int(info.get("offset", 0)),
             shape=((count + 1) // 2,),
         )
-        return unpack_int4(packed, tuple(proto.dims)).astype(ml_dtypes.int4)
+        signed = proto.data_type == TensorProto.INT4
+        values = unpack_int4(packed, tuple(proto.dims), signed)
+        return values.astype(ml_dtypes.int4 if signed else ml_dtypes.uint4)
     dtype = helper.tensor_dtype_to_np_dtype(proto.data_type)
     mapped = np.memmap(
         base_dir / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=(count,)

@@ -234,3 +234,40 @@ def test_int4_bundle_for_an_orin_nano_runs_on_the_bundled_ort_path(artifacts, tm
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
     assert out["prompt_ids"] == prompt_ids and out["generated_ids"] == expected
+
+
+def test_awq_checkpoint_bundle_for_an_orin_nano(tmp_path):
+    """A downloaded AWQ checkpoint (4-bit, zero points; written here by the tests' own packer) -> export ->
+    validate against its own dequantization -> bundle for the Orin Nano: the bundled graph holds signed INT4
+    weights and no zero point (what TensorRT parses), and the bundled runner's ORT path gives the export's
+    own greedy tokens."""
+    from qwen3_compile.bundle import bundle_artifact
+    from qwen3_compile.validate.stage import validate_artifact
+
+    from ..models.quantized_checkpoints import save_quantized_checkpoint
+
+    checkpoint, artifact = tmp_path / "awq-checkpoint", tmp_path / "awq-onnx"
+    save_quantized_checkpoint(checkpoint, "tiny-dense", "awq")
+    assert CliRunner().invoke(main, ["export", str(checkpoint), "-o", str(artifact)]).exit_code == 0
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('"Say hello."\n')
+    report = validate_artifact(
+        artifact, str(checkpoint), prompts=prompts, decode_steps=4, long_context_tokens=0, bisect=False
+    )
+    assert report.passed, report.failures
+    archive = bundle_artifact(artifact, "jetson-orin-nano", tmp_path / "b.tar.gz").path
+    folder = tmp_path / "device"
+    safe_extract(archive, folder)
+    graph = onnx.load(str(folder / "model" / "model.onnx"), load_external_data=False).graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    dequantize = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dequantize) == 14 and all(len(n.input) == 2 for n in dequantize)
+    assert {types[n.input[0]] for n in dequantize} == {onnx.TensorProto.INT4}
+    manifest = json.loads((folder / "manifest.json").read_text())
+    steps = manifest["smoke_reference"]["max_new_tokens"]
+    prompt_ids, expected = reference_greedy(artifact, False, steps)
+    args = ["chat", "--backend", "ort", "--no-think", "--greedy", "--max-new-tokens", str(steps), "--json"]
+    run = run_bundled_runner(folder, *args, "-p", manifest["smoke_reference"]["prompt"])
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["prompt_ids"] == prompt_ids and out["generated_ids"] == expected
