@@ -3,12 +3,12 @@
     python3 tools/train_test_models.py prepare --data DATA
     python3 tools/train_test_models.py quant-texts --data DATA --out TEXTS
     python3 benchmarks/awq_variants.py --texts TEXTS [--models trained-dense,trained-moe] [--variants rtn,awq]
-        [--score dev,built-in,held-out,held-out-spread]
+        [--score dev,built-in,held-out,held-out-spread] [--group-size 32]
 
 Every variant calibrates on TEXTS/train_calibration.jsonl (40 windows of the training split) at INT4 group
-32 with int4-awq's grid (20), clipping grid (10) and search tokens (4096). The quantized model is the fp32
-PyTorch model with the searched scales folded in (`awq_fold.awq_transforms`) and the selected weights
-fake-quantized: what the ONNX artifact computes (`validate`'s recipe model). Scored texts, 256-token windows
+32 (`--group-size`) with int4-awq's grid (20), clipping grid (10) and search tokens (4096). The quantized
+model is the fp32 PyTorch model with the searched scales folded in (`awq_fold.awq_transforms`) and the
+selected weights fake-quantized: what the ONNX artifact computes (`validate`'s recipe model). Scored texts, 256-token windows
 through the whole window at once: `dev` (TEXTS/train_dev.txt, training-split windows the calibration did not
 see: the one to choose by), `built-in` (the project's own Python, `validate --ppl`), `held-out` (the first 64
 windows of TEXTS/held_out.txt, as `quant_accuracy.py --ppl-text` scores) and `held-out-spread` (64 windows
@@ -426,7 +426,10 @@ def main() -> None:
     parser.add_argument("--models", default="trained-dense,trained-moe")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"a subset of {', '.join(VARIANTS)}")
     parser.add_argument("--score", default=",".join(TEXTS), help=f"a subset of {', '.join(TEXTS)}")
+    parser.add_argument("--group-size", type=int, default=GROUP, help="INT4 group (32: the 32-wide models)")
     args = parser.parse_args()
+    global GROUP  # one group size for the whole run: the search, the rounding and the refinement read it
+    GROUP = args.group_size
     variants, scored = args.variants.split(","), args.score.split(",")
     unknown = sorted(set(variants) - set(VARIANTS)) + sorted(set(scored) - set(TEXTS))
     if unknown:

@@ -70,6 +70,15 @@ ARCHS = {
         norm_topk_prob=True,
         tie_word_embeddings=False,
     ),
+    # INT4 at the recipe's group of 128 needs layers several groups wide (the 32-wide models above have one
+    # scale per row): 1024 wide, 8 groups per attention row and 24 per down_proj row. Too large to ship
+    # (0.4 GB in bf16, almost all embeddings): it is trained and measured where it is used
+    # (tools/wide_awq_device.sh).
+    "trained-wide": Qwen3Arch(
+        **(_COMMON | dict(hidden_size=1024, num_heads=16, num_kv_heads=8, head_dim=64)),
+        intermediate_size=3072,
+        tie_word_embeddings=True,
+    ),
 }
 
 
