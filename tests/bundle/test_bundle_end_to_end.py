@@ -203,6 +203,17 @@ def test_cli_bundle_without_smoke_reference(bundled, tmp_path):
     assert again.exit_code == 2 and "--force" in again.output
 
 
+def assert_runner_gives_artifact_tokens(folder, artifact, manifest) -> None:
+    """The extracted bundle's runner (ORT path, non-thinking, greedy) gives `artifact`'s own greedy tokens."""
+    steps = manifest["smoke_reference"]["max_new_tokens"]
+    prompt_ids, expected = reference_greedy(artifact, False, steps)
+    args = ["chat", "--backend", "ort", "--no-think", "--greedy", "--max-new-tokens", str(steps), "--json"]
+    run = run_bundled_runner(folder, *args, "-p", manifest["smoke_reference"]["prompt"])
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["prompt_ids"] == prompt_ids and out["generated_ids"] == expected
+
+
 def test_int4_bundle_for_an_orin_nano_runs_on_the_bundled_ort_path(artifacts, tmp_path):
     """tiny-dense int4-rtn (group 32: 128 does not divide its 64-wide layers) -> validate -> bundle for the
     Orin Nano -> extract -> the bundled runner's ORT path gives the artifact's own greedy tokens."""
@@ -227,13 +238,7 @@ def test_int4_bundle_for_an_orin_nano_runs_on_the_bundled_ort_path(artifacts, tm
     graph = onnx.load(str(folder / "model" / "model.onnx"), load_external_data=False)
     int4 = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT4]
     assert int4, "the bundled graph keeps its INT4 weights"
-    steps = manifest["smoke_reference"]["max_new_tokens"]
-    prompt_ids, expected = reference_greedy(artifact, False, steps)
-    args = ["chat", "--backend", "ort", "--no-think", "--greedy", "--max-new-tokens", str(steps), "--json"]
-    run = run_bundled_runner(folder, *args, "-p", manifest["smoke_reference"]["prompt"])
-    assert run.returncode == 0, run.stderr
-    out = json.loads(run.stdout)
-    assert out["prompt_ids"] == prompt_ids and out["generated_ids"] == expected
+    assert_runner_gives_artifact_tokens(folder, artifact, manifest)
 
 
 def test_awq_checkpoint_bundle_for_an_orin_nano(tmp_path):
@@ -264,10 +269,4 @@ def test_awq_checkpoint_bundle_for_an_orin_nano(tmp_path):
     assert len(dequantize) == 14 and all(len(n.input) == 2 for n in dequantize)
     assert {types[n.input[0]] for n in dequantize} == {onnx.TensorProto.INT4}
     manifest = json.loads((folder / "manifest.json").read_text())
-    steps = manifest["smoke_reference"]["max_new_tokens"]
-    prompt_ids, expected = reference_greedy(artifact, False, steps)
-    args = ["chat", "--backend", "ort", "--no-think", "--greedy", "--max-new-tokens", str(steps), "--json"]
-    run = run_bundled_runner(folder, *args, "-p", manifest["smoke_reference"]["prompt"])
-    assert run.returncode == 0, run.stderr
-    out = json.loads(run.stdout)
-    assert out["prompt_ids"] == prompt_ids and out["generated_ids"] == expected
+    assert_runner_gives_artifact_tokens(folder, artifact, manifest)
