@@ -8,11 +8,11 @@
 Every variant calibrates on TEXTS/train_calibration.jsonl (40 windows of the training split) at INT4 group
 32 (`--group-size`) with int4-awq's grid (20), clipping grid (10) and search tokens (4096). The quantized
 model is the fp32 PyTorch model with the searched scales folded in (`awq_fold.awq_transforms`) and the
-selected weights fake-quantized: what the ONNX artifact computes (`validate`'s recipe model). Scored texts, 256-token windows
-through the whole window at once: `dev` (TEXTS/train_dev.txt, training-split windows the calibration did not
-see: the one to choose by), `built-in` (the project's own Python, `validate --ppl`), `held-out` (the first 64
-windows of TEXTS/held_out.txt, as `quant_accuracy.py --ppl-text` scores) and `held-out-spread` (64 windows
-spread over every held-out file).
+selected weights fake-quantized: what the ONNX artifact computes (`validate`'s recipe model). Scored texts,
+256-token windows through the whole window at once: `dev` (TEXTS/train_dev.txt, training-split windows the
+calibration did not see: the one to choose by), `built-in` (the project's own Python, `validate --ppl`),
+`held-out` (the first 64 windows of TEXTS/held_out.txt, as `quant_accuracy.py --ppl-text` scores) and
+`held-out-spread` (64 windows spread over every held-out file).
 
 Variants (each alone unless named together):
 - `rtn`: round to nearest; `awq`: the shipped search (int4-awq);
@@ -419,6 +419,7 @@ def run(model: str, texts: Path, variants: list[str], scored: list[str]) -> list
 
 
 def main() -> None:
+    global GROUP  # one group size for the whole run: the search, the rounding and the refinement read it
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -428,7 +429,6 @@ def main() -> None:
     parser.add_argument("--score", default=",".join(TEXTS), help=f"a subset of {', '.join(TEXTS)}")
     parser.add_argument("--group-size", type=int, default=GROUP, help="INT4 group (32: the 32-wide models)")
     args = parser.parse_args()
-    global GROUP  # one group size for the whole run: the search, the rounding and the refinement read it
     GROUP = args.group_size
     variants, scored = args.variants.split(","), args.score.split(",")
     unknown = sorted(set(variants) - set(VARIANTS)) + sorted(set(scored) - set(TEXTS))
