@@ -140,23 +140,66 @@ def test_right_padded_batch_matches_canonical(graphs, artifacts):
         caches = want[1:], got[1:]
 
 
+ROUTER_TIE = 1e-2  # fp16 graphs move router logits by ~1e-3: a top-k margin below this may flip an expert
+
+
+def settled_positions(model, ids: np.ndarray) -> np.ndarray:
+    """[batch, positions] True where the logits do not depend on a near-tied expert choice: fp16 rounding
+    may route a token whose fp32 top-k router margin (k-th minus (k+1)-th logit) is below ROUTER_TIE to
+    another expert, moving its logits by several units (measured: 5 of 300 random draws on tiny-moe, at
+    margins of about 2e-3, in the canonical and the GQA graph alike). A near-tie in the last MoE layer
+    unsettles its own position; in an earlier one, also every later position of the row (through the
+    next layers' attention). All True for a dense model."""
+    import torch
+
+    margins, hooks = [], []
+    k = getattr(model.config, "num_experts_per_tok", 0)
+    for layer in model.model.layers:
+        gate = getattr(layer.mlp, "gate", None)
+        if k and gate is not None:
+            hooks.append(gate.register_forward_hook(lambda mod, inp, out: margins.append(out[0].detach())))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.from_numpy(ids))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    settled = np.ones(ids.shape, dtype=bool)
+    for index, logits in enumerate(margins):
+        top = torch.topk(logits.float().reshape(*ids.shape, -1), k + 1, dim=-1).values
+        tied = (top[..., k - 1] - top[..., k]).numpy() < ROUTER_TIE
+        settled &= ~tied if index == len(margins) - 1 else ~np.logical_or.accumulate(tied, axis=1)
+    return settled
+
+
 @pytest.mark.parametrize("preset", [pytest.param("tiny-dense", marks=pytest.mark.slow), "tiny-moe"])
 def test_fp16_no_worse_than_canonical(graphs, artifacts, preset):
     """ORT CPU runs fp16 GQA (its kernel computes in fp32): against the fp32 PyTorch reference, prefill and
-    teacher-forced decode steps, the lowered graph errs no more than the canonical fp16 graph."""
+    teacher-forced decode steps, the lowered graph errs no more than the canonical fp16 graph, at every
+    position whose logits do not hang on a near-tied expert choice (`settled_positions`)."""
     from qwen3_compile.backends.torch_reference import TorchRunner
 
     canonical, lowered = graphs(preset, "fp16")
     loaded = artifacts.loaded(preset)
     rng = np.random.default_rng()
-    ids = rng.integers(0, loaded.model.config.vocab_size, (2, 9))
-    batch = Batch(ids, np.ones_like(ids), np.broadcast_to(np.arange(9), (2, 9)).copy())
-    ref = generate(TorchRunner(loaded), batch, 4)
+    for _ in range(20):  # fresh draws until half the positions are settled (measured: 17 of 24 on average)
+        ids = rng.integers(0, loaded.model.config.vocab_size, (2, 9))
+        batch = Batch(ids, np.ones_like(ids), np.broadcast_to(np.arange(9), (2, 9)).copy())
+        ref = generate(TorchRunner(loaded), batch, 4)
+        # the whole teacher-forced sequence: step i's logits are those of position 9 + i
+        settled = settled_positions(loaded.model, np.concatenate([ids, ref.tokens[:, :-1]], axis=1))
+        if settled.sum() >= settled.size // 2:
+            break
+    assert settled.sum() >= settled.size // 2, settled
     errors = []
     for path in (canonical, lowered):
         run = generate(OrtRunner(path), batch, 4, forced=ref.tokens)
-        steps = [np.abs(a - b).max() for a, b in zip(ref.step_logits, run.step_logits, strict=True)]
-        errors.append(max(np.abs(ref.prefill_logits - run.prefill_logits).max(), *steps))
+        per_position = [np.abs(ref.prefill_logits - run.prefill_logits).max(-1)]
+        per_position += [
+            np.abs(a - b).max(-1).reshape(2, -1)[:, -1:]
+            for a, b in zip(ref.step_logits, run.step_logits, strict=True)
+        ]
+        errors.append(np.concatenate(per_position, axis=1)[settled].max())
     base, err = errors
     assert err <= 2 * base + 1e-3, (err, base)
 
