@@ -10,10 +10,10 @@ the weight is split exactly, with `m` the unsigned type's midpoint (8 or 128):
 
 `u - m` is a signed INT4/INT8 value (in [-8, 7] / [-128, 127]: no clipping), so the first term is the
 symmetric blocked DequantizeLinear TensorRT builds as weight-only INT4/INT8. The second term is constant over
-each block of g input rows: `x @ it` = `(x @ E) @ C`, where `E` [K, K/g] sums each block's inputs (0/1, one
-initializer shared by every weight of the same K and g) and `C = (m - z) * s` is [K/g, N] in the scale's
-float type: 1/g of the weight's rows, as many numbers as the scales. A desc_act weight (values stored with
-their rows sorted by group, a Gather putting them back) gathers x into the same order before summing.
+each block of g input rows: `x @ it` = `b @ C`, where `b` [M, K/g] is x summed over each block (Reshape +
+ReduceSum: no weight to read) and `C = (m - z) * s` is [K/g, N] in the scale's float type, as many numbers as
+the scales. A desc_act weight (values stored with their rows sorted by group, a Gather putting them back)
+gathers x into the same order before summing.
 
 In exact arithmetic the result is the imported weight's product; in floating point it differs by the rounding
 of one more sum (and, in fp16 graphs, of `C`), the same order as the DequantizeLinear's own rounding.
@@ -93,40 +93,56 @@ class ZeroPointWeightsToSymmetric(RewriteRule):
             s = view.array(scale).astype(np.float32)
             z = view.array(zero).astype(np.float32)
             arrays[correction] = ((mid - z) * s).astype(float_np)  # [K/g, N]
-        sums = f"zero_point.block_sum.{k}x{block}.{np.dtype(float_np).name}"
-        if sums not in view.initializers:
-            e = np.zeros((k, k // block), dtype=float_np)
-            e[np.arange(k), np.arange(k) // block] = 1
-            arrays[sums] = e
-        out = node.output[0]
-        weight = base + ".dequantized_signed"
+        shapes = f"zero_point.blocks.{k}x{block}", "zero_point.sum_axis"
+        if shapes[0] not in view.initializers:  # shared by every weight of the same K and g
+            arrays[shapes[0]] = np.array([-1, k // block, block], dtype=np.int64)
+        if shapes[1] not in view.initializers:
+            arrays[shapes[1]] = np.array([2], dtype=np.int64)
+        out, name = node.output[0], node.name
+        weight = (
+            out + ".weight"
+        )  # per MatMul: a weight read twice gets two (identical) DequantizeLinear nodes
         nodes = [
             helper.make_node(
                 "DequantizeLinear",
                 [signed, scale],
                 [weight if gather is None else weight + ".sorted"],
-                name=dq.name + "/symmetric",
+                name=name + "/dequantize",
                 axis=0,
                 block_size=block,
             )
         ]
-        x, name = node.input[0], node.name
+        x = node.input[0]
         if gather is not None:  # rows back in channel order; x into the sorted order for the block sums
             restore = gather.input[1]
-            rows = helper.make_node("Gather", [weight + ".sorted", restore], [weight], name=name + "/rows")
-            nodes.append(rows)
+            nodes.append(
+                helper.make_node("Gather", [weight + ".sorted", restore], [weight], name=name + "/rows")
+            )
             order = base + ".sorted_order"
             if order not in view.initializers:
                 arrays[order] = np.argsort(view.constant(restore)).astype(np.int64)
-            x_sorted = out + ".x_sorted"
-            nodes.append(helper.make_node("Gather", [x, order], [x_sorted], name=name + "/x", axis=-1))
-            x = x_sorted
-        symmetric, block_sums, shift = out + ".symmetric", out + ".block_sums", out + ".zero_point"
+            nodes.append(
+                helper.make_node("Gather", [x, order], [out + ".x_sorted"], name=name + "/x", axis=-1)
+            )
+            x = out + ".x_sorted"
+        # (x @ E) as x's blocks summed: [..., K] -> [M, K/g, g] -> [M, K/g]; then @ C and back to y's shape
+        v = {s: f"{out}.{s}" for s in ("symmetric", "blocks", "block_sums", "shift", "shape", "shift_shaped")}
         nodes += [
-            helper.make_node("MatMul", [node.input[0], weight], [symmetric], name=name),
-            helper.make_node("MatMul", [x, sums], [block_sums], name=name + "/block_sums"),
-            helper.make_node("MatMul", [block_sums, correction], [shift], name=name + "/zero_point"),
-            helper.make_node("Add", [symmetric, shift], [out], name=name + "/add"),
+            helper.make_node("MatMul", [node.input[0], weight], [v["symmetric"]], name=name),
+            helper.make_node("Reshape", [x, shapes[0]], [v["blocks"]], name=name + "/blocks"),
+            helper.make_node(
+                "ReduceSum",
+                [v["blocks"], shapes[1]],
+                [v["block_sums"]],
+                name=name + "/block_sums",
+                keepdims=0,
+            ),
+            helper.make_node(
+                "MatMul", [v["block_sums"], correction], [v["shift"]], name=name + "/zero_point"
+            ),
+            helper.make_node("Shape", [v["symmetric"]], [v["shape"]], name=name + "/shape"),
+            helper.make_node("Reshape", [v["shift"], v["shape"]], [v["shift_shaped"]], name=name + "/shift"),
+            helper.make_node("Add", [v["symmetric"], v["shift_shaped"]], [out], name=name + "/add"),
         ]
         return Replacement(nodes, arrays)
 

@@ -128,9 +128,9 @@ def test_zero_point_rule_fp16():
     np.testing.assert_allclose(after, before.astype(np.float64), atol=tol, rtol=0)
 
 
-def test_block_sums_shared_and_symmetric_weights_untouched():
-    """Two asymmetric weights of the same K share one block-sum matrix; a symmetric INT4 weight is neither
-    rewritten nor reported."""
+def test_block_shape_shared_and_symmetric_weights_untouched():
+    """Two asymmetric weights of the same K share one block shape; the graph gains no float weight but the
+    corrections (as many numbers as the scales); a symmetric INT4 weight is neither rewritten nor reported."""
     rng = np.random.default_rng()
     model, _ = asymmetric_linear(64, 16, 32, 4, rng=rng)
     second, _ = asymmetric_linear(64, 8, 32, 4, rng=rng)
@@ -160,8 +160,11 @@ def test_block_sums_shared_and_symmetric_weights_untouched():
         model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     report = lower(model, "trt-symmetric-weights")
     assert report.applied == {"zero_point_weights_to_symmetric": 2} and not report.declined
-    sums = [t.name for t in model.graph.initializer if "block_sum" in t.name]
-    assert len(sums) == 1
+    names = sorted(t.name for t in model.graph.initializer)
+    assert names == sorted(
+        ["w.q_signed", "w.scale", "w.zero_correction", "v.q_signed", "v.scale", "v.zero_correction"]
+        + ["s.q", "s.scale", "zero_point.blocks.64x32", "zero_point.sum_axis"]
+    )
     assert [n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"].count("s.q") == 1
 
 
