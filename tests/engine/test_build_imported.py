@@ -56,6 +56,7 @@ def test_build_refuses_what_tensorrt_cannot_take_before_any_work(tmp_path, kind,
         ("fp8", {}),
         ("awq", {}),
         pytest.param("gptq", {"sym": False, "desc_act": True}, marks=pytest.mark.slow),
+        pytest.param("gptq", {"sym": False, "bits": 8}, marks=pytest.mark.slow),
     ],
 )
 def test_imports_build_tensorrt_rtx_plans(tmp_path, kind, opts):
