@@ -16,6 +16,7 @@ from qwen3_compile.sizing import (
     TargetFit,
     count_parameters,
     fit_targets,
+    imported_weight_bytes,
     kv_bytes_per_token,
     weight_bytes,
 )
@@ -120,15 +121,21 @@ def inspect_model(
             "active": p.published_active_b,
             "non_embedding": p.published_non_embedding_b,
         }
+    weights = {p: weight_bytes(arch, p) for p in ("fp16", "fp8", "int8", "int4")}
+    imported = summary.quantization if summary is not None else None
+    if imported:  # its precision is fixed: that one, at the size it is stored (the rest in fp16)
+        precision = "fp8" if imported["method"] == "fp8" else f"int{imported['bits']}"
+        stored = imported_weight_bytes(arch, imported["stored_bytes"], imported["quantized_parameters"])
+        weights = {precision: stored}
     return ModelReport(
         model=source.spec,
         kind=source.kind,
         architecture=_architecture(source),
         parameters=count_parameters(arch),
-        weight_gb={p: weight_bytes(arch, p) / GB for p in ("fp16", "fp8", "int8", "int4")},
+        weight_gb={p: b / GB for p, b in weights.items()},
         kv_bytes_per_token={d: kv_bytes_per_token(arch, d) for d in ("fp16", "fp8")},
         context=context,
-        fits=fit_targets(arch, list(all_targets().values()), context),
+        fits=fit_targets(arch, list(all_targets().values()), context, weights=weights if imported else None),
         tokenizer_dir=str(tokenizer_dir_for(source.tokenizer_dir)),
         checkpoint=summary,
         published=published,

@@ -84,11 +84,13 @@ def render_inspect(report: ModelReport) -> None:
     fits.add_column("target")
     fits.add_column("SM")
     fits.add_column("memory")
-    for precision in ("fp16", "fp8", "int8", "int4"):
-        fits.add_column(precision, justify="right")
+    precisions = list(report.weight_gb)  # an imported checkpoint: its own precision only
+    stored = report.checkpoint.quantization if report.checkpoint else None
+    for precision in precisions:
+        fits.add_column(f"{stored['label']}, as stored" if stored else precision, justify="right")
     for fit in report.fits:
         cells = []
-        for precision in ("fp16", "fp8", "int8", "int4"):
+        for precision in precisions:
             free = fit.headroom_gb[precision]
             cells.append(
                 "n/a" if free is None else f"[green]{free:+.1f}" if free >= 0 else f"[red]{free:+.1f}"

@@ -115,6 +115,12 @@ class MemoryPlan:
         return self.weights + self.kv_cache + self.activations
 
 
+def imported_weight_bytes(arch: Qwen3Arch, stored_bytes: int, quantized_parameters: int) -> int:
+    """Deployed weight size of a published quantized checkpoint: its quantized linears as stored (values,
+    scales, zero points), everything else in fp16."""
+    return stored_bytes + (count_parameters(arch).total - quantized_parameters) * 2
+
+
 def plan_memory(
     arch: Qwen3Arch,
     precision: str,
@@ -122,14 +128,16 @@ def plan_memory(
     batch: int = 1,
     kv_dtype: str = "fp16",
     prefill_chunk: int = 512,
+    weights: int | None = None,
 ) -> MemoryPlan:
+    """`weights`: the weight bytes when they are known (an imported checkpoint), else from `precision`."""
     chunk = min(prefill_chunk, context)
     return MemoryPlan(
         precision,
         kv_dtype,
         context,
         batch,
-        weight_bytes(arch, precision),
+        weight_bytes(arch, precision) if weights is None else weights,
         KV_COPIES * batch * context * kv_bytes_per_token(arch, kv_dtype),
         batch * activation_bytes(arch, chunk, context),
     )
@@ -151,15 +159,23 @@ class TargetFit:
         return None
 
 
-def fit_targets(arch: Qwen3Arch, targets: list[Target], context: int, batch: int = 1) -> list[TargetFit]:
+def fit_targets(
+    arch: Qwen3Arch,
+    targets: list[Target],
+    context: int,
+    batch: int = 1,
+    weights: dict[str, int] | None = None,
+) -> list[TargetFit]:
+    """Headroom per target and precision. `weights`: {precision: bytes} of a checkpoint whose precision is
+    fixed (an imported one): only those precisions, at those sizes."""
     fits = []
     for target in targets:
         headroom: dict[str, float | None] = {}
-        for precision in ("fp16", "fp8", "int8", "int4"):
+        for precision in weights or ("fp16", "fp8", "int8", "int4"):
             if precision not in target.precisions:
                 headroom[precision] = None
                 continue
-            plan = plan_memory(arch, precision, context, batch)
+            plan = plan_memory(arch, precision, context, batch, weights=(weights or {}).get(precision))
             headroom[precision] = target.usable_gb - plan.total / GB
         fits.append(TargetFit(target, headroom))
     return fits

@@ -133,6 +133,41 @@ def test_inspect_reports_the_quantization(tmp_path):
     assert q["stored_bytes"] < q["bf16_bytes"]
 
 
+@pytest.mark.parametrize(("fmt", "precision"), [("awq", "int4"), ("gptq8", "int8"), ("fp8", "fp8")])
+def test_inspect_fits_targets_at_the_stored_precision_and_size(tmp_path, fmt, precision):
+    """An imported checkpoint's precision is fixed: the weight size and the target fit are for that precision
+    only, at its stored bytes (quantized tensors as stored, every other weight in fp16, counted here from the
+    safetensors file itself); a target without that precision is n/a (FP8 on Orin)."""
+    from safetensors.torch import load_file
+
+    from qwen3_compile.sizing import GB, KV_COPIES, activation_bytes, kv_bytes_per_token
+    from qwen3_compile.targets import get_target
+
+    kind, opts = FORMATS[fmt]
+    save_quantized_checkpoint(tmp_path / "ckpt", "dense", kind, **opts)
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "ckpt"), "--json", "--context", "256"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    tensors = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    stored_roles = ("qweight", "qzeros", "scales", "g_idx", "weight_scale_inv")
+    quantized = {n.rsplit(".", 1)[0] for n in tensors if n.endswith(stored_roles[:1] + stored_roles[4:])}
+    want = 0
+    for name, t in tensors.items():
+        module = name.rsplit(".", 1)[0]
+        want += t.numel() * (t.element_size() if module in quantized else 2)
+    assert list(report["weight_gb"]) == [precision]
+    assert report["weight_gb"][precision] * GB == pytest.approx(want, rel=1e-9)
+    arch = load_model(tmp_path / "ckpt").arch
+    for row in report["targets"]:
+        target = get_target(row["target"])
+        assert list(row["headroom_gb"]) == [precision]
+        if precision not in target.precisions:
+            assert row["headroom_gb"][precision] is None and row["best_precision"] is None
+            continue
+        plan = want + KV_COPIES * 256 * kv_bytes_per_token(arch) + activation_bytes(arch, 256, 256)
+        assert row["headroom_gb"][precision] == pytest.approx(target.usable_gb - plan / GB, abs=1e-9)
+
+
 # ---- hostile variants: each damages one field or tensor of a valid checkpoint -------------------------
 
 
