@@ -15,6 +15,11 @@ folder is renamed to ROOT/<model>/<recipe> (it appears whole or not at all); the
 A rejected attempt keeps only its validation report (attempts/<recipe>/validation/). A recipe that
 cannot apply to this model (an INT4 group that does not divide its widths) is "not applicable".
 
+A published quantized checkpoint (Qwen's FP8, AWQ, GPTQ) is not re-quantized: its one candidate is the
+checkpoint as stored ("as stored: awq int4, group 128"), sized at its stored bytes, skipped when the target
+lacks its precision, cannot take it (asymmetric MoE experts) or has no room, else exported with its own
+weights (fp16 when its scales are exact in fp16, else fp32) and validated against its own dequantization.
+
 Then, for the kept artifact: ONNX Runtime lowering, a TensorRT engine when the target's flavour is
 installed (else skipped with the reason), and a bundle for Jetson targets (the bundle ships the graph
 lowered for TensorRT; the device builds its engine, so no local engine is needed).
@@ -39,7 +44,7 @@ from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.quantize.compat import sm_tuple
 from qwen3_compile.quantize.recipe import QuantRecipe, builtin_recipes, load_recipe, with_group_size
 from qwen3_compile.quantize.stage import quantize_artifact
-from qwen3_compile.sizing import GB, MemoryPlan, plan_memory
+from qwen3_compile.sizing import GB, MemoryPlan, imported_weight_bytes, plan_memory
 from qwen3_compile.storage.artifact_dir import replace_dir
 from qwen3_compile.targets import Target, all_targets, get_target
 from qwen3_compile.validate.perplexity import PerplexityRequest
@@ -47,6 +52,7 @@ from qwen3_compile.validate.stage import ValidationReport, validate_artifact
 
 DEFAULT_CONTEXT = 4096  # the deployment context of the memory plan (the model's maximum when smaller)
 BASELINE = "fp16"
+AS_STORED = "as-stored"  # a published quantized checkpoint's one candidate (and its kept folder's name)
 
 Decision = Literal["kept", "rejected", "skipped", "not applicable", "not tried"]
 
@@ -290,11 +296,22 @@ def compile_for_target(
     name = Path(model).name if Path(model).exists() else model
     run_dir = Path(output_root) / (name if num_layers is None else f"{name}-{num_layers}l")
     context = min(source.arch.max_position_embeddings, DEFAULT_CONTEXT)
-    candidates = plan_candidates(source.arch, target, names, group_size, context)
+    imported = source.checkpoint.quantization if source.checkpoint is not None else None
+    if imported is not None and (recipes is not None or group_size is not None):
+        raise BadInputError(
+            f"'{model}' is a published quantized checkpoint ({imported.format.label}): it is compiled as "
+            "stored, never re-quantized.",
+            field="--recipes" if recipes is not None else "--group-size",
+            fix="drop --recipes and --group-size, or start from the model's BF16 release to choose a recipe.",
+        )
+    candidates = [] if imported else plan_candidates(source.arch, target, names, group_size, context)
     _remove_earlier_run(run_dir)
     search = _Search(source, target, run_dir, decode_steps, long_context_tokens, ppl_windows, progress)
     attempts: list[RecipeAttempt] = []
     kept: RecipeAttempt | None = None
+    if imported is not None:
+        attempts.append(search.attempt_as_stored(context))
+        kept = attempts[-1] if attempts[-1].decision == "kept" else None
     for candidate in candidates:
         if candidate.refused:
             attempts.append(candidate.attempt("skipped", candidate.refused))
@@ -327,6 +344,14 @@ def _remove_earlier_run(run_dir: Path) -> None:
         for folder in (Path(kept), Path(f"{kept}-ort")):
             shutil.rmtree(folder, ignore_errors=True)
     previous.unlink(missing_ok=True)
+
+
+def stored_name(fmt) -> str:
+    """A published checkpoint's format in a recipe-like name: awq-int4-g128, gptq-int8-g128-desc-act,
+    fp8-block128x128."""
+    if fmt.method == "fp8":
+        return f"fp8-block{fmt.block_rows}x{fmt.group_size}"
+    return f"{fmt.method}-int{fmt.bits}-g{fmt.group_size}" + ("-desc-act" if fmt.desc_act else "")
 
 
 def _does_not_fit(candidate: _Candidate, target: Target) -> str:
@@ -394,6 +419,43 @@ class _Search:
         except BadInputError as err:
             shutil.rmtree(folder, ignore_errors=True)
             return candidate.attempt("not applicable", err.problem)
+        return self._validate_and_keep(candidate.attempt, folder, staging, recipe.name, clock)
+
+    def attempt_as_stored(self, context: int) -> RecipeAttempt:
+        """The one candidate of a published quantized checkpoint: its own weights, at their stored size."""
+        quant = self.source.checkpoint.quantization
+        summary, arch = quant.summary(), self.source.arch
+        precision = "fp8" if quant.format.method == "fp8" else f"int{quant.format.bits}"
+        weights = imported_weight_bytes(arch, summary["stored_bytes"], summary["quantized_parameters"])
+        plan = plan_memory(arch, precision, context, weights=weights)
+        usable = self.target.usable_gb
+
+        def attempt(decision: Decision, reason: str = "", **more) -> RecipeAttempt:
+            label = f"{stored_name(quant.format)} (as stored)"
+            return RecipeAttempt(AS_STORED, label, (precision,), plan, usable, decision, reason, **more)
+
+        if precision not in self.target.precisions:
+            precisions = ", ".join(self.target.precisions)
+            return attempt("skipped", f"{self.target.name} has no {precision} (its precisions: {precisions})")
+        if arch.is_moe and quant.format.method != "fp8" and not quant.format.sym:
+            return attempt(
+                "skipped", "its MoE experts have zero points, which TensorRT's expert paths cannot take"
+            )
+        if plan.total / GB > usable:
+            return attempt("skipped", f"does not fit: needs {plan.total / GB:.2f} GB > {usable:g} GB usable")
+        clock = time.perf_counter()
+        folder = self.run_dir / "attempts" / AS_STORED
+        staging = folder / "artifact"
+        try:  # fp16 for the device where the checkpoint's scales allow it (AWQ, GPTQ: fp16 scales)
+            export_onnx(self.source, staging, ExportOptions(dtype="fp16"), force=True, progress=self.progress)
+        except BadInputError:
+            export_onnx(self.source, staging, ExportOptions(dtype="fp32"), force=True, progress=self.progress)
+        return self._validate_and_keep(attempt, folder, staging, AS_STORED, clock)
+
+    def _validate_and_keep(
+        self, attempt, folder: Path, staging: Path, name: str, clock: float
+    ) -> RecipeAttempt:
+        """Validate `staging`; kept: renamed to run_dir/`name`; rejected: only its report stays."""
         report = validate_artifact(
             staging,
             self.reference(),
@@ -405,16 +467,16 @@ class _Search:
         )
         seconds = round(time.perf_counter() - clock, 1)
         if report.passed:
-            final = self.run_dir / recipe.name
+            final = self.run_dir / name
             replace_dir(staging, final)  # complete (model, manifest, validation) before it has its name
             shutil.rmtree(folder, ignore_errors=True)
             gates = GateResults.from_report(report, final / "validation")
-            return candidate.attempt("kept", "", gates=gates, artifact=str(final), seconds=seconds)
+            return attempt("kept", "", gates=gates, artifact=str(final), seconds=seconds)
         (folder / "validation").parent.mkdir(parents=True, exist_ok=True)
         shutil.move(staging / "validation", folder / "validation")
         shutil.rmtree(staging)  # a rejected attempt keeps only its report
         gates = GateResults.from_report(report, folder / "validation")
-        return candidate.attempt("rejected", "; ".join(report.failures), gates=gates, seconds=seconds)
+        return attempt("rejected", "; ".join(report.failures), gates=gates, seconds=seconds)
 
 
 def _finish(

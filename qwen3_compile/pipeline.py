@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen3_compile.backends.onnxruntime.runner import OrtRunner
+from qwen3_compile.backends.onnxruntime.loader import load_ort_runner
 from qwen3_compile.backends.torch_reference import TorchRunner
 from qwen3_compile.environment import environment
 from qwen3_compile.export.stage import ExportedArtifact, ExportOptions, export_onnx
@@ -31,17 +31,15 @@ class CompileResult:
     artifacts: dict[str, ExportedArtifact | LoweredArtifact]  # "canonical", "ort"
     parity: dict[str, ParityReport]
     validation: ValidationReport
-    quantized: QuantizedArtifact
-    quantized_validation: ValidationReport
+    # the MAIN_RECIPE step; None for a published quantized checkpoint (never quantized twice)
+    quantized: QuantizedArtifact | None
+    quantized_validation: ValidationReport | None
     engine: dict  # {"path", "target", "bytes", "build_s", "moe_lowering"} or {"skipped": why}
 
     @property
     def passed(self) -> bool:
-        return (
-            all(p.passed for p in self.parity.values())
-            and self.validation.passed
-            and self.quantized_validation.passed
-        )
+        quantized_ok = self.quantized_validation is None or self.quantized_validation.passed
+        return all(p.passed for p in self.parity.values()) and self.validation.passed and quantized_ok
 
     def to_dict(self) -> dict:
         return {
@@ -57,7 +55,9 @@ class CompileResult:
                 "failures": self.validation.failures,
                 "report": str(self.validation.directory / "report.md"),
             },
-            "quantized": {
+            "quantized": None
+            if self.quantized is None
+            else {
                 "path": str(self.quantized.directory / "model.onnx"),
                 "recipe": self.quantized.recipe.name,
                 "weight_ratio_vs_fp16": self.quantized.weight_ratio,
@@ -88,7 +88,16 @@ def compile_model(
     name = Path(model).name if Path(model).exists() else model
     run_dir = Path(output_root) / (name if num_layers is None else f"{name}-{num_layers}l")
     loaded = load_model(model, num_layers=num_layers, progress=progress)
-    canonical = export_onnx(loaded, run_dir / "onnx", ExportOptions(), force=True, progress=progress)
+    # a published quantized checkpoint exports its stored weights from the folder (the loaded model holds
+    # their dequantization: the reference); it is not quantized again below
+    imported = loaded.source.checkpoint is not None and loaded.source.checkpoint.quantization is not None
+    canonical = export_onnx(
+        loaded.source if imported else loaded,
+        run_dir / "onnx",
+        ExportOptions(),
+        force=True,
+        progress=progress,
+    )
     artifacts = {
         "canonical": canonical,
         "ort": lower_artifact(
@@ -103,7 +112,7 @@ def compile_model(
         for key, artifact in artifacts.items():
             parity[key] = check_parity(
                 reference,
-                OrtRunner(artifact.model_path),
+                load_ort_runner(artifact.directory, artifact.manifest),  # as its manifest says
                 prompts,
                 modes,
                 decode_steps,
@@ -113,17 +122,23 @@ def compile_model(
     validation = validate_artifact(
         artifacts["ort"].directory, loaded, output=run_dir / "validation", progress=progress
     )
-    quantized = quantize_artifact(
-        artifacts["canonical"].directory, MAIN_RECIPE, run_dir / MAIN_RECIPE, force=True, progress=progress
-    )
-    quantized_validation = validate_artifact(
-        quantized.directory,
-        loaded,
-        output=run_dir / f"validation-{MAIN_RECIPE}",
-        long_context_tokens=0,  # the long context was checked on the float graph above
-        bisect=False,
-        progress=progress,
-    )
+    quantized = quantized_validation = None
+    if not imported:
+        quantized = quantize_artifact(
+            artifacts["canonical"].directory,
+            MAIN_RECIPE,
+            run_dir / MAIN_RECIPE,
+            force=True,
+            progress=progress,
+        )
+        quantized_validation = validate_artifact(
+            quantized.directory,
+            loaded,
+            output=run_dir / f"validation-{MAIN_RECIPE}",
+            long_context_tokens=0,  # the long context was checked on the float graph above
+            bisect=False,
+            progress=progress,
+        )
     engine = _build_engine(artifacts, run_dir, progress)
     result = CompileResult(run_dir, artifacts, parity, validation, quantized, quantized_validation, engine)
     (run_dir / "compile.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")

@@ -145,13 +145,16 @@ def render_compile(result: CompileResult) -> None:
         f"prompts, report {v.directory / 'report.md'}"
     )
     q, qv = result.quantized, result.quantized_validation
-    console.print(
-        f"{q.recipe.name:>10}: {q.directory / 'model.onnx'} ({q.weight_ratio:.2f}x of fp16 for the quantized "
-        f"weights, calibrated on {q.manifest.calibration['tokens']} tokens); "
-        f"validation ({qv.gates_source}): "
-        f"{'[green]pass' if qv.passed else '[red]FAIL: ' + '; '.join(qv.failures)}[/], mean KL "
-        f"{qv.summary('prefill').mean_kl:.4f}, top-1 {qv.summary('prefill').top1:.2%}"
-    )
+    if q is None:
+        console.print("  quantize: skipped: a published quantized checkpoint keeps its own weights")
+    else:
+        console.print(
+            f"{q.recipe.name:>10}: {q.directory / 'model.onnx'} ({q.weight_ratio:.2f}x of fp16 for the "
+            f"quantized weights, calibrated on {q.manifest.calibration['tokens']} tokens); "
+            f"validation ({qv.gates_source}): "
+            f"{'[green]pass' if qv.passed else '[red]FAIL: ' + '; '.join(qv.failures)}[/], mean KL "
+            f"{qv.summary('prefill').mean_kl:.4f}, top-1 {qv.summary('prefill').top1:.2%}"
+        )
     e = result.engine
     if "skipped" in e:
         console.print(f"    engine: skipped: {escape(e['skipped'])}")  # keeps "[rtx]" from being markup
@@ -185,10 +188,15 @@ def render_target_compile(result: TargetCompileResult) -> None:
         title=f"{result.model} for {t.name} ({t.description}), smallest first",
         caption=f"memory: weights + KV cache (past + present) + activations at {result.context} tokens, "
         f"against {t.usable_gb:g} GB usable; gates: the recipe's",
+        show_edge=False,  # two more columns of room in an 80-column terminal
     )
     for column in ("recipe", "weights", "memory GB", "mean KL", "top-1", "ppl increase"):
-        table.add_column(
-            column, justify="left" if column == "recipe" else "right", no_wrap=column != "recipe"
+        recipe = column == "recipe"
+        table.add_column(  # gate cells may wrap: in a narrow terminal the recipe keeps its name
+            column,
+            justify="left" if recipe else "right",
+            no_wrap=column in ("weights", "memory GB"),
+            min_width=12 if recipe else None,
         )
     table.add_column("decision", ratio=1)
     colours = {"kept": "green", "rejected": "red", "not applicable": "yellow"}

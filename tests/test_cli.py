@@ -145,3 +145,22 @@ def test_compile_main_job(tmp_path):
         16,
     ]
     assert "engine" in data and ("skipped" in data["engine"] or Path(data["engine"]["path"]).is_file())
+
+
+@pytest.mark.slow  # the whole pipeline on a published AWQ checkpoint (the tests' own packer), about a minute
+def test_compile_a_published_awq_checkpoint(tmp_path):
+    """`compile CKPT` on an AWQ checkpoint: exported with its own weights, both graphs at the fp32 parity
+    gates against its own dequantization (the canonical one run as its manifest says: ONNX Runtime's
+    DequantizeLinear fusion would quantize the activations), validated, never quantized again; with
+    TensorRT-RTX installed its plan builds (the zero points rewritten)."""
+    from .models.quantized_checkpoints import save_quantized_checkpoint
+
+    save_quantized_checkpoint(tmp_path / "awq", "tiny-dense", "awq")
+    out = str(tmp_path / "out")
+    result = run("compile", str(tmp_path / "awq"), "-o", out, "--decode-steps", "4", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["passed"] and data["quantized"] is None
+    assert all(p["passed"] and p["prefill_max_abs"] < 1e-4 for p in data["parity"].values())
+    assert data["artifacts"]["ort"]["lowering"]["applied"]["int4_matmul_to_matmul_nbits"] == 14
+    assert "skipped" in data["engine"] or Path(data["engine"]["path"]).is_file()

@@ -4,6 +4,7 @@ end on the trained-dense preset (real quantization, validation with perplexity, 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -175,3 +176,66 @@ def test_int4_moe_experts_are_skipped_before_any_work(tmp_path):
     assert [a["decision"] for a in attempts] == ["skipped", "skipped"]
     assert all("INT4 MoE experts" in a["reason"] for a in attempts)
     assert sorted(p.name for p in (tmp_path / "trained-moe").iterdir()) == ["compile.json"]
+
+
+# ---- a published quantized checkpoint: compiled as stored, never re-quantized ------------------------
+
+
+def test_awq_checkpoint_compiles_as_stored_for_an_orin_nano(tmp_path):
+    """A downloaded AWQ checkpoint (the tests' own packer) -> compile --target jetson-orin-nano: one
+    candidate, the checkpoint's own INT4 weights at their stored size, exported and validated against its
+    own dequantization, then lowered for ONNX Runtime and bundled (TensorRT's graph without zero points)."""
+    import onnx
+
+    from qwen3_compile.bundle.archive import safe_extract
+    from qwen3_compile.models.presets import get_preset
+    from qwen3_compile.sizing import GB, imported_weight_bytes
+    from qwen3_compile.storage.manifest import read_manifest
+
+    from .models.quantized_checkpoints import save_quantized_checkpoint
+
+    checkpoint = tmp_path / "Qwen3-tiny-AWQ"
+    save_quantized_checkpoint(checkpoint, "tiny-dense", "awq")
+    out = tmp_path / "out"
+    result = _invoke(["compile", checkpoint, "--target", "jetson-orin-nano", "-o", out, "--json", *FAST])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    (attempt,) = data["attempts"]
+    assert attempt["recipe"] == "as-stored" and attempt["applied"] == "awq-int4-g32 (as stored)"
+    assert attempt["decision"] == "kept" and attempt["precisions"] == ["int4"]
+    inspected = json.loads(_invoke(["inspect", checkpoint, "--json"]).stdout)
+    stored = inspected["checkpoint"]["quantization"]
+    assert attempt["memory"]["weights_gb"] * GB == pytest.approx(inspected["weight_gb"]["int4"] * GB)
+    arch = get_preset("tiny-dense").arch
+    want = imported_weight_bytes(arch, stored["stored_bytes"], stored["quantized_parameters"])
+    assert attempt["weight_bytes"] == want
+    kept = tmp_path / "out" / "Qwen3-tiny-AWQ" / "as-stored"
+    manifest = read_manifest(kept)
+    assert manifest.stage == "export" and manifest.imported["method"] == "awq"
+    assert manifest.options.dtype == "fp16"  # AWQ's scales are fp16: exact in an fp16 graph
+    assert attempt["gates"]["mean_kl"] <= attempt["gates"]["max_mean_kl"]
+    folder = tmp_path / "device"
+    safe_extract(Path(data["bundle"]["path"]), folder)
+    graph = onnx.load(str(folder / "model" / "model.onnx"), load_external_data=False).graph
+    dequantize = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    assert dequantize and all(len(n.input) == 2 for n in dequantize)  # no zero point left for TensorRT
+
+
+def test_published_checkpoint_the_target_cannot_run_is_skipped_and_recipes_refused(tmp_path):
+    """FP8 weights on an Orin (no FP8): skipped before any work, exit 1; --recipes on a published quantized
+    checkpoint: exit 2 naming the option (it is never re-quantized)."""
+    from .models.quantized_checkpoints import save_quantized_checkpoint
+
+    checkpoint = tmp_path / "Qwen3-tiny-FP8"
+    save_quantized_checkpoint(checkpoint, "tiny-dense", "fp8", block=(32, 32))
+    out = tmp_path / "out"
+    result = _invoke(["compile", checkpoint, "--target", "jetson-orin-nano", "-o", out, "--json"])
+    assert result.exit_code == 1, result.output
+    (attempt,) = json.loads(result.stdout)["attempts"]
+    assert attempt["decision"] == "skipped" and "has no fp8" in attempt["reason"]
+    assert sorted(p.name for p in (tmp_path / "out" / "Qwen3-tiny-FP8").iterdir()) == ["compile.json"]
+    result = _invoke(
+        ["compile", checkpoint, "--target", "h100", "--recipes", "int8-wo", "-o", tmp_path / "o2", "--json"]
+    )
+    assert result.exit_code == 2 and json.loads(result.stdout)["field"] == "--recipes"
+    assert not (tmp_path / "o2").exists()
