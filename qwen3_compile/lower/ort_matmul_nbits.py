@@ -41,7 +41,7 @@ INT4_ZERO_POINT = 8  # MatMulNBits' and QMoE's implicit 4-bit zero point
 def pack_uint4_rows(q: np.ndarray) -> np.ndarray:
     """Signed INT4 values `[..., K]` (K even) -> uint8 `[..., K / 2]`: q + 8, two a byte along K, the first
     of each pair in the low nibble (MatMulNBits' and QMoE's 4-bit layout)."""
-    return _pack_nibbles(np.asarray(q).astype(np.int8) + INT4_ZERO_POINT)
+    return pack_nibbles(np.asarray(q).astype(np.int8) + INT4_ZERO_POINT)
 
 
 def blocked_int4_source(view: GraphView, value: str, axis: int) -> tuple[str, str, int] | str:
@@ -65,9 +65,10 @@ def blocked_int4_source(view: GraphView, value: str, axis: int) -> tuple[str, st
     return values, scale, block
 
 
-def uint4_zero_point_source(view: GraphView, value: str) -> tuple[str, str, int, str] | str:
+def uint4_zero_point_source(view: GraphView, value: str, axis: int = 0) -> tuple[str, str, int, str] | str:
     """(UINT4 initializer, scale, block size, UINT4 zero point) of the asymmetric blocked DequantizeLinear
-    along axis 0 that produces `value` (an imported AWQ or GPTQ linear), or why not."""
+    along `axis`, the input axis, that produces `value` (an imported AWQ or GPTQ linear: axis 0 of a 2-D
+    [K, N] weight; stacked experts: axis 2 of [E, rows, K]), or why not."""
     node = view.producers.get(value)
     if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 3 or not node.input[2]:
         return f"'{value}' is not a DequantizeLinear output with a zero point"
@@ -78,10 +79,11 @@ def uint4_zero_point_source(view: GraphView, value: str) -> tuple[str, str, int,
         return f"'{scale}' is not an fp32 or fp16 initializer"
     block = view.attrs(node).get("block_size", 0)
     dims = view.initializers[values].dims
-    if len(dims) != 2 or view.attrs(node).get("axis", 1) != 0 or block < 16 or block & (block - 1):
-        return f"'{values}' is not a 2-D weight quantized per block of a power-of-two >= 16 along axis 0"
-    if dims[0] % block:
-        return f"'{values}' has {dims[0]} input rows, not a whole number of blocks of {block}"
+    rank = 2 if axis == 0 else 3
+    if len(dims) != rank or view.attrs(node).get("axis", 1) != axis or block < 16 or block & (block - 1):
+        return f"'{values}' is not {rank}-D, quantized per block of a power-of-two >= 16 along axis {axis}"
+    if dims[axis] % block:
+        return f"'{values}' has {dims[axis]} inputs, not a whole number of blocks of {block}"
     return values, scale, block, zero
 
 
@@ -122,12 +124,12 @@ class Int4MatMulToMatMulNBits(RewriteRule):
         if base + ".nbits" not in view.initializers:  # a weight read by several MatMuls is packed once
             q = view.array(values).astype(np.int8)  # [K, N]: int4 in [-8, 7], or uint4 in [0, 15]
             u = q if zero is not None else q + INT4_ZERO_POINT
-            arrays[base + ".nbits"] = _pack_nibbles(np.ascontiguousarray(u.T)).reshape(
+            arrays[base + ".nbits"] = pack_nibbles(np.ascontiguousarray(u.T)).reshape(
                 n, k // block, block // 2
             )
             arrays[base + ".nbits_scale"] = np.ascontiguousarray(view.array(scale).T)  # [N, K / g]
             if zero is not None:  # [N, ceil(K / g / 2)]: each column's block zero points, two a byte
-                arrays[base + ".nbits_zero_point"] = _pack_nibbles(view.array(zero).astype(np.int8).T)
+                arrays[base + ".nbits_zero_point"] = pack_nibbles(view.array(zero).astype(np.int8).T)
         if zero is not None:
             inputs.append(base + ".nbits_zero_point")
         matmul = helper.make_node(
@@ -156,7 +158,7 @@ def _source(view: GraphView, value: str) -> tuple[str, str, int, str | None] | s
     return asymmetric if has_zero_point else symmetric
 
 
-def _pack_nibbles(u: np.ndarray) -> np.ndarray:
+def pack_nibbles(u: np.ndarray) -> np.ndarray:
     """Values in [0, 15] `[..., K]` -> uint8 `[..., ceil(K / 2)]`, two a byte, the first in the low nibble
     (an odd count padded with a zero high nibble)."""
     u = np.asarray(u).astype(np.uint8)

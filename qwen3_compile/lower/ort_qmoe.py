@@ -71,12 +71,23 @@ def not_a_silu_dispatch(view: GraphView, node: onnx.NodeProto) -> str | None:
     return None
 
 
-def qmoe_node(view: GraphView, dispatch: onnx.NodeProto, weights: list[str], bits: int, **extra):
-    """The QMoE node replacing `dispatch`: `weights` = fc1 values, fc1 scales, fc2 values, fc2 scales."""
+def qmoe_node(
+    view: GraphView,
+    dispatch: onnx.NodeProto,
+    weights: list[str],
+    bits: int,
+    zero_points: list[str] | None = None,
+    **extra,
+):
+    """The QMoE node replacing `dispatch`: `weights` = fc1 values, fc1 scales, fc2 values, fc2 scales;
+    `zero_points` = fc1's and fc2's (inputs 11 and 12), when the weights have them."""
     fc1, fc1_scales, fc2, fc2_scales = weights
+    inputs = [*dispatch.input[:2], fc1, fc1_scales, "", fc2, fc2_scales]
+    if zero_points:
+        inputs += ["", "", "", "", *zero_points]  # fc2 bias, fc3 weights / scales / bias unused
     return helper.make_node(
         "QMoE",
-        [*dispatch.input[:2], fc1, fc1_scales, "", fc2, fc2_scales],
+        inputs,
         list(dispatch.output),
         name=dispatch.name,
         domain=ORT_DOMAIN,

@@ -15,6 +15,11 @@ Weights: uint8 `[E, rows, cols / 2]`, each row's input channels in order, two a 
 stored as q + 8 (QMoE's default 4-bit zero point; no zero-point input); fc1 rows interleaved gate/up as
 for MoE, with their scales. `accuracy_level` is left at its default 0: fp32 activations for 4-bit experts
 (ORT 1.32 documents 4 as the int8-activation level; 1.23 has no such attribute).
+
+Imported asymmetric experts (an AWQ or GPTQ MoE checkpoint: `DequantizeLinear(uint4, scale, uint4 zero
+point)`) use QMoE's fc1/fc2 zero-point inputs where the installed ONNX Runtime declares them: the stored
+values as they are (no + 8) and zero points `[E, rows, ceil(cols / g / 2)]`, two a byte, low nibble first
+(a symmetric partner gets zero point 8). Measured exact against numpy on ORT 1.32 CPU (one-node test).
 """
 
 from __future__ import annotations
@@ -22,13 +27,17 @@ from __future__ import annotations
 import functools
 import re
 
+import numpy as np
 import onnx
 
 from qwen3_compile.custom_ops import DOMAIN, EXPERT_DISPATCH
 from qwen3_compile.lower.ort_matmul_nbits import (
+    INT4_ZERO_POINT,
     blocked_int4_source,
     is_int4_dequantized,
+    pack_nibbles,
     pack_uint4_rows,
+    uint4_zero_point_source,
 )
 from qwen3_compile.lower.ort_moe import ORT_DOMAIN, interleave_gate_up
 from qwen3_compile.lower.ort_qmoe import not_a_silu_dispatch, qmoe_node
@@ -61,7 +70,7 @@ class Int4ExpertDispatchToOrtQMoE(RewriteRule):
         why = not_a_silu_dispatch(view, node)
         if why:
             return why
-        sources = [blocked_int4_source(view, value, axis=2) for value in node.input[2:4]]
+        sources = [_expert_source(view, value) for value in node.input[2:4]]
         for source in sources:
             if isinstance(source, str):
                 return source
@@ -74,15 +83,62 @@ class Int4ExpertDispatchToOrtQMoE(RewriteRule):
                 "(1.22: per-row 4-bit scales only; 1.23: block_size gives wrong numbers on CPU): the "
                 "reference body runs; use onnxruntime >= 1.24"
             )
+        if any(source[3] is not None for source in sources) and not ort_qmoe_zero_points():
+            return f"onnxruntime {version}'s QMoE has no zero points: the reference body runs"
         return None
 
     def rewrite(self, view: GraphView, node: onnx.NodeProto) -> Replacement:
-        (q1, s1, block), (q2, s2, _) = (blocked_int4_source(view, v, axis=2) for v in node.input[2:4])
+        (q1, s1, block, z1), (q2, s2, _, z2) = (_expert_source(view, v) for v in node.input[2:4])
+        if z1 is None and z2 is None:  # symmetric: QMoE's implicit zero point 8
+            arrays = {
+                q1 + ".qmoe": pack_uint4_rows(interleave_gate_up(view.array(q1).astype("int8"))),
+                s1 + ".qmoe": interleave_gate_up(view.array(s1)),
+                q2 + ".qmoe": pack_uint4_rows(view.array(q2)),
+                s2 + ".qmoe": view.array(s2),
+            }
+            qmoe = qmoe_node(view, node, list(arrays), bits=4, block_size=block)
+            return Replacement([qmoe], arrays, {ORT_DOMAIN: 1})
+        # an imported asymmetric checkpoint's experts: the stored values as they are, zero points beside
+        (u1, zp1), (u2, zp2) = (_unsigned(view, q, z, block) for q, z in ((q1, z1), (q2, z2)))
         arrays = {
-            q1 + ".qmoe": pack_uint4_rows(interleave_gate_up(view.array(q1).astype("int8"))),
+            q1 + ".qmoe": pack_nibbles(interleave_gate_up(u1)),
             s1 + ".qmoe": interleave_gate_up(view.array(s1)),
-            q2 + ".qmoe": pack_uint4_rows(view.array(q2)),
+            q2 + ".qmoe": pack_nibbles(u2),
             s2 + ".qmoe": view.array(s2),
         }
-        qmoe = qmoe_node(view, node, list(arrays), bits=4, block_size=block)
-        return Replacement([qmoe], arrays, {ORT_DOMAIN: 1})
+        zero_points = {q1 + ".qmoe_zero_point": pack_nibbles(interleave_gate_up(zp1))}
+        zero_points[q2 + ".qmoe_zero_point"] = pack_nibbles(zp2)
+        qmoe = qmoe_node(view, node, list(arrays), bits=4, block_size=block, zero_points=list(zero_points))
+        return Replacement([qmoe], arrays | zero_points, {ORT_DOMAIN: 1})
+
+
+def _expert_source(view: GraphView, value: str) -> tuple[str, str, int, str | None] | str:
+    """Stacked INT4 experts: symmetric (zero point None), or UINT4 with a UINT4 zero point (imported)."""
+    symmetric = blocked_int4_source(view, value, axis=2)
+    if not isinstance(symmetric, str):
+        return (*symmetric, None)
+    node = view.producers.get(value)
+    if node is not None and len(node.input) > 2 and node.input[2]:
+        return uint4_zero_point_source(view, value, axis=2)
+    return symmetric
+
+
+def _unsigned(view: GraphView, values: str, zero: str | None, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values in [0, 15], zero points) as uint8 arrays; a symmetric weight gets QMoE's zero point 8."""
+    q = view.array(values).astype(np.int8)
+    if zero is not None:
+        return q.astype(np.uint8), view.array(zero).astype(np.uint8)
+    blocks = (*q.shape[:-1], q.shape[-1] // block)
+    return (q + INT4_ZERO_POINT).astype(np.uint8), np.full(blocks, INT4_ZERO_POINT, np.uint8)
+
+
+@functools.cache
+def ort_qmoe_zero_points() -> bool:
+    """Whether the installed ONNX Runtime's QMoE declares fc1/fc2 zero-point inputs."""
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+        schema = next(s for s in ort_c.get_all_operator_schema() if s.name == "QMoE")
+    except (ImportError, AttributeError, StopIteration):
+        return False
+    return {"fc1_zero_points", "fc2_zero_points"} <= {i.name for i in schema.inputs}

@@ -1,8 +1,8 @@
 """Imported asymmetric linears (AWQ, GPTQ with zero points) for TensorRT: the zero-point DequantizeLinear
 rewritten as a signed one plus an exact block-sum correction (lower/trt_zero_points.py). One-node graphs
 against an independent numpy dequantization on fresh random inputs (INT4 and INT8, desc_act order, fp16);
-whole imported checkpoints lowered as `build`/`bundle` lower them, against the unlowered graph; and
-MatMulNBits' zero points for ONNX Runtime."""
+whole imported checkpoints lowered as `build`/`bundle` lower them, against the unlowered graph; and the
+zero-point inputs of MatMulNBits and QMoE for ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -171,9 +171,9 @@ def test_block_shape_shared_and_symmetric_weights_untouched():
 # ---- whole imported checkpoints ----------------------------------------------------------------------
 
 
-def _export(tmp_path, kind, **opts):
+def _export(tmp_path, kind, arch="tiny-dense", **opts):
     checkpoint, out = tmp_path / "checkpoint", tmp_path / "onnx"
-    save_quantized_checkpoint(checkpoint, "tiny-dense", kind, **opts)
+    save_quantized_checkpoint(checkpoint, arch, kind, **opts)
     result = CliRunner().invoke(main, ["export", str(checkpoint), "-o", str(out)])
     assert result.exit_code == 0, result.output
     return out / "model.onnx"
@@ -203,16 +203,24 @@ def test_imported_asymmetric_checkpoint_lowered_for_tensorrt_matches(tmp_path, k
     np.testing.assert_array_equal(after.tokens, before.tokens)
 
 
-def test_awq_import_lowered_for_ort_takes_matmul_nbits_zero_points(tmp_path):
-    """ONNX Runtime: an AWQ linear becomes MatMulNBits with its zero points, equal to the unlowered graph."""
-    model_path = _export(tmp_path, "awq")
+@pytest.mark.parametrize("arch", ["tiny-dense", "tiny-moe"])
+def test_awq_import_lowered_for_ort_takes_zero_points(tmp_path, arch):
+    """ONNX Runtime: AWQ linears become MatMulNBits with their zero points, AWQ experts QMoE with theirs
+    (where this onnxruntime's QMoE has them); equal to the unlowered graph."""
+    from qwen3_compile.lower.ort_qmoe_int4 import ort_qmoe_zero_points
+
+    model_path = _export(tmp_path, "awq", arch=arch)
     model = onnx.load(str(model_path))
     before_model = onnx.load(str(model_path))
     report = lower(model, "ort")
-    assert report.applied["int4_matmul_to_matmul_nbits"] == 14
+    linears = 14 if arch == "tiny-dense" else 8  # 7 or 4 linears a layer (the experts go to QMoE)
+    assert report.applied["int4_matmul_to_matmul_nbits"] == linears
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == 14 and all(len(n.input) == 4 for n in nbits)
-    assert not [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(nbits) == linears and all(len(n.input) == 4 for n in nbits)
+    if arch == "tiny-moe" and ort_qmoe_zero_points():
+        qmoe = [n for n in model.graph.node if n.op_type == "QMoE"]
+        assert len(qmoe) == 2 and all(len(n.input) == 13 for n in qmoe)
+        assert not [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     out_before, out_after = tmp_path / "before.onnx", tmp_path / "after.onnx"
     onnx.save(before_model, str(out_before))
     onnx.save(model, str(out_after))
@@ -222,3 +230,87 @@ def test_awq_import_lowered_for_ort_takes_matmul_nbits_zero_points(tmp_path):
     after = generate(OrtRunner(out_after, session_config=EXACT), batch, steps=2)
     np.testing.assert_allclose(after.prefill_logits, before.prefill_logits, atol=2e-4, rtol=0)
     np.testing.assert_array_equal(after.tokens, before.tokens)
+
+
+# ---- MoE experts with zero points on ONNX Runtime: QMoE's zero-point inputs -------------------------
+
+
+def test_asymmetric_int4_experts_lowered_to_qmoe_zero_points():
+    """ExpertDispatch over stacked AWQ-style experts (uint4 values, uint4 zero points, per group of 32) ->
+    QMoE with fc1/fc2 zero points, against numpy's Qwen3 MoE on the independently dequantized experts."""
+    from qwen3_compile.custom_ops import DOMAIN, EXPERT_DISPATCH, function
+    from qwen3_compile.lower.ort_qmoe_int4 import ort_qmoe_zero_points
+
+    from .test_ort_int4 import numpy_moe
+
+    if not ort_qmoe_zero_points():
+        pytest.skip("this onnxruntime's QMoE has no zero-point inputs")
+    rng = np.random.default_rng()
+    experts, top_k, hidden, inter, group = 8, 2, 64, 32, 32
+    inits, dequant, nodes = [], {}, []
+    for name, (rows, cols) in (("gate_up", (2 * inter, hidden)), ("down", (hidden, inter))):
+        u = rng.integers(0, 16, (experts, rows, cols))
+        z = rng.integers(0, 16, (experts, rows, cols // group))
+        s = (rng.uniform(0.5, 2.0, (experts, rows, cols // group)) * 0.02).astype(np.float32)
+        dequant[name] = (u - np.repeat(z, group, axis=2)) * np.repeat(s.astype(np.float64), group, axis=2)
+        inits += [
+            numpy_helper.from_array(u.astype(ml_dtypes.uint4), name + ".q"),
+            numpy_helper.from_array(s, name + ".scale"),
+            numpy_helper.from_array(z.astype(ml_dtypes.uint4), name + ".zero_point"),
+        ]
+        nodes.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [name + ".q", name + ".scale", name + ".zero_point"],
+                [name],
+                axis=2,
+                block_size=group,
+            )
+        )
+    nodes.append(
+        helper.make_node(
+            EXPERT_DISPATCH,
+            ["hidden", "router_logits", "gate_up", "down"],
+            ["y"],
+            name="experts",
+            domain=DOMAIN,
+            top_k=top_k,
+            normalize=1,
+            activation="silu",
+        )
+    )
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["n", hidden]),
+            helper.make_tensor_value_info("router_logits", TensorProto.FLOAT, ["n", experts]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", hidden])],
+        inits,
+    )
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)]
+    model = helper.make_model(
+        graph, opset_imports=opsets, functions=[function(EXPERT_DISPATCH, 21)], ir_version=10
+    )
+    feeds = {
+        "hidden": rng.standard_normal((13, hidden)).astype(np.float32),
+        "router_logits": rng.standard_normal((13, experts)).astype(np.float32),
+    }
+    options = session_options("all", ORT_QDQ["reference"])
+
+    def run_moe(m):
+        session = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return session.run(None, feeds)[0]
+
+    before = run_moe(model)
+    report = lower(model, "ort")
+    assert report.applied == {"int4_expert_dispatch_to_ort_qmoe": 1}, report
+    (node,) = model.graph.node
+    assert node.op_type == "QMoE" and len(node.input) == 13 and node.input[11] and node.input[12]
+    after = run_moe(model)
+    want = numpy_moe(
+        feeds["hidden"].astype(np.float64), feeds["router_logits"], dequant["gate_up"], dequant["down"], top_k
+    )
+    np.testing.assert_allclose(before, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(after, want, rtol=1e-4, atol=1e-5)
