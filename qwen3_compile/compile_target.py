@@ -16,7 +16,7 @@ A rejected attempt keeps only its validation report (attempts/<recipe>/validatio
 cannot apply to this model (an INT4 group that does not divide its widths) is "not applicable".
 
 A published quantized checkpoint (Qwen's FP8, AWQ, GPTQ) is not re-quantized: its one candidate is the
-checkpoint as stored ("as stored: awq int4, group 128"), sized at its stored bytes, skipped when the target
+checkpoint as stored ("awq-int4-g128 (as stored)"), sized at its stored bytes, skipped when the target
 lacks its precision, cannot take it (asymmetric MoE experts) or has no room, else exported with its own
 weights (fp16 when its scales are exact in fp16, else fp32) and validated against its own dequantization.
 
@@ -39,6 +39,7 @@ from qwen3_compile.errors import BadInputError, Qwen3CompileError
 from qwen3_compile.export.stage import ExportedArtifact, ExportOptions, export_onnx
 from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.models.loading import LoadedModel, ModelSource, load_model, resolve_model
+from qwen3_compile.models.quantized.config import QuantFormat
 from qwen3_compile.pipeline import build_engine_if_installed
 from qwen3_compile.progress import NO_PROGRESS, Progress
 from qwen3_compile.quantize.compat import sm_tuple
@@ -346,7 +347,7 @@ def _remove_earlier_run(run_dir: Path) -> None:
     previous.unlink(missing_ok=True)
 
 
-def stored_name(fmt) -> str:
+def stored_name(fmt: QuantFormat) -> str:
     """A published checkpoint's format in a recipe-like name: awq-int4-g128, gptq-int8-g128-desc-act,
     fp8-block128x128."""
     if fmt.method == "fp8":
@@ -448,7 +449,9 @@ class _Search:
         staging = folder / "artifact"
         try:  # fp16 for the device where the checkpoint's scales allow it (AWQ, GPTQ: fp16 scales)
             export_onnx(self.source, staging, ExportOptions(dtype="fp16"), force=True, progress=self.progress)
-        except BadInputError:
+        except BadInputError as err:
+            if err.field != "--dtype" and "not exact in float16" not in err.problem:
+                raise
             export_onnx(self.source, staging, ExportOptions(dtype="fp32"), force=True, progress=self.progress)
         return self._validate_and_keep(attempt, folder, staging, AS_STORED, clock)
 
