@@ -135,10 +135,6 @@ def _unsigned(view: GraphView, values: str, zero: str | None, block: int) -> tup
 @functools.cache
 def ort_qmoe_zero_points() -> bool:
     """Whether the installed ONNX Runtime's QMoE declares fc1/fc2 zero-point inputs."""
-    try:
-        from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+    from qwen3_compile.backends.onnxruntime.settings import contrib_op_inputs
 
-        schema = next(s for s in ort_c.get_all_operator_schema() if s.name == "QMoE")
-    except (ImportError, AttributeError, StopIteration):
-        return False
-    return {"fc1_zero_points", "fc2_zero_points"} <= {i.name for i in schema.inputs}
+    return {"fc1_zero_points", "fc2_zero_points"} <= contrib_op_inputs("QMoE")

@@ -43,6 +43,20 @@ def installed_version() -> str:
     return ort.__version__
 
 
+def contrib_op_inputs(op_type: str) -> set[str]:
+    """The input names the installed ONNX Runtime declares for its com.microsoft `op_type` (empty when it
+    has no such op or does not expose its schemas): lowering rules whose form depends on it ask here."""
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+        schemas = ort_c.get_all_operator_schema()
+    except (ImportError, AttributeError):
+        return set()
+    found = [s for s in schemas if s.name == op_type and s.domain == "com.microsoft"]
+    newest = max(found, key=lambda s: s.since_version, default=None)
+    return {i.name for i in newest.inputs} if newest is not None else set()
+
+
 def ort_optimization(manifest) -> str:
     """What the artifact records (quantize and lower manifests); an export runs at ORT's default."""
     return getattr(manifest, "ort_optimization", "all")
