@@ -297,7 +297,7 @@ def compile_for_target(
     name = Path(model).name if Path(model).exists() else model
     run_dir = Path(output_root) / (name if num_layers is None else f"{name}-{num_layers}l")
     context = min(source.arch.max_position_embeddings, DEFAULT_CONTEXT)
-    imported = source.checkpoint.quantization if source.checkpoint is not None else None
+    imported = source.quantization
     if imported is not None and (recipes is not None or group_size is not None):
         raise BadInputError(
             f"'{model}' is a published quantized checkpoint ({imported.format.label}): it is compiled as "
@@ -424,11 +424,9 @@ class _Search:
 
     def attempt_as_stored(self, context: int) -> RecipeAttempt:
         """The one candidate of a published quantized checkpoint: its own weights, at their stored size."""
-        quant = self.source.checkpoint.quantization
-        summary, arch = quant.summary(), self.source.arch
-        precision = "fp8" if quant.format.method == "fp8" else f"int{quant.format.bits}"
-        weights = imported_weight_bytes(arch, summary["stored_bytes"], summary["quantized_parameters"])
-        plan = plan_memory(arch, precision, context, weights=weights)
+        quant, arch = self.source.quantization, self.source.arch
+        precision = quant.format.precision
+        plan = plan_memory(arch, precision, context, weights=imported_weight_bytes(arch, quant))
         usable = self.target.usable_gb
 
         def attempt(decision: Decision, reason: str = "", **more) -> RecipeAttempt:

@@ -122,11 +122,9 @@ def inspect_model(
             "non_embedding": p.published_non_embedding_b,
         }
     weights = {p: weight_bytes(arch, p) for p in ("fp16", "fp8", "int8", "int4")}
-    imported = summary.quantization if summary is not None else None
+    imported = source.quantization
     if imported:  # its precision is fixed: that one, at the size it is stored (the rest in fp16)
-        precision = "fp8" if imported["method"] == "fp8" else f"int{imported['bits']}"
-        stored = imported_weight_bytes(arch, imported["stored_bytes"], imported["quantized_parameters"])
-        weights = {precision: stored}
+        weights = {imported.format.precision: imported_weight_bytes(arch, imported)}
     return ModelReport(
         model=source.spec,
         kind=source.kind,

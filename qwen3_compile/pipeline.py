@@ -90,7 +90,7 @@ def compile_model(
     loaded = load_model(model, num_layers=num_layers, progress=progress)
     # a published quantized checkpoint exports its stored weights from the folder (the loaded model holds
     # their dequantization: the reference); it is not quantized again below
-    imported = loaded.source.checkpoint is not None and loaded.source.checkpoint.quantization is not None
+    imported = loaded.source.quantization is not None
     canonical = export_onnx(
         loaded.source if imported else loaded,
         run_dir / "onnx",

@@ -9,9 +9,13 @@ block of 128 input elements.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from qwen3_compile.models.config import Qwen3Arch
 from qwen3_compile.targets import Target
+
+if TYPE_CHECKING:
+    from qwen3_compile.models.quantized import ImportedQuantization
 
 GB = 1e9
 INT4_BLOCK = 128
@@ -115,10 +119,11 @@ class MemoryPlan:
         return self.weights + self.kv_cache + self.activations
 
 
-def imported_weight_bytes(arch: Qwen3Arch, stored_bytes: int, quantized_parameters: int) -> int:
+def imported_weight_bytes(arch: Qwen3Arch, quantization: ImportedQuantization) -> int:
     """Deployed weight size of a published quantized checkpoint: its quantized linears as stored (values,
     scales, zero points), everything else in fp16."""
-    return stored_bytes + (count_parameters(arch).total - quantized_parameters) * 2
+    rest = count_parameters(arch).total - quantization.quantized_parameters
+    return quantization.stored_bytes + rest * 2
 
 
 def plan_memory(

@@ -9,6 +9,7 @@ from pathlib import Path
 from qwen3_compile.errors import BadInputError
 from qwen3_compile.lower.trt_zero_points import has_zero_point_weights
 from qwen3_compile.models.config import Qwen3Arch
+from qwen3_compile.models.quantized.config import deployed_precision
 from qwen3_compile.quantize.compat import check_recipe_target, sm_tuple
 from qwen3_compile.quantize.recipe import QuantRecipe
 from qwen3_compile.storage.artifact_dir import load_graph
@@ -154,7 +155,7 @@ def _check_imported(build_input: BuildInput, target: Target) -> None:
             fix="run it on ONNX Runtime (`lower --for ort`, `validate`, `run`), or export a symmetric "
             "checkpoint (GPTQ with sym=true) or the float model for `quantize` instead.",
         )
-    precision = "fp8" if imported.get("method") == "fp8" else f"int{imported.get('bits')}"
+    precision = deployed_precision(imported.get("method"), imported.get("bits"))
     if precision not in target.precisions:
         raise BadInputError(
             f"this artifact keeps {label} weights; {target.name} has no {precision} "

@@ -235,7 +235,7 @@ def export_onnx(
         source = model if isinstance(model, ModelSource) else resolve_model(model, num_layers)
         weights = None
     max_positions = check_options(source, options)
-    imported = source.checkpoint.quantization if source.checkpoint is not None else None
+    imported = source.quantization
     if imported is not None:
         _check_imported(options, resume, weights is not None)
     output = Path(output)

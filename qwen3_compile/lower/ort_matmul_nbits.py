@@ -38,10 +38,11 @@ ACCURACY_LEVEL = {TensorProto.FLOAT: 1, TensorProto.FLOAT16: 2}
 INT4_ZERO_POINT = 8  # MatMulNBits' and QMoE's implicit 4-bit zero point
 
 
-def pack_uint4_rows(q: np.ndarray) -> np.ndarray:
-    """Signed INT4 values `[..., K]` (K even) -> uint8 `[..., K / 2]`: q + 8, two a byte along K, the first
-    of each pair in the low nibble (MatMulNBits' and QMoE's 4-bit layout)."""
-    return pack_nibbles(np.asarray(q).astype(np.int8) + INT4_ZERO_POINT)
+def unsigned_values(view: GraphView, values: str, zero: str | None) -> np.ndarray:
+    """An INT4 weight's values in [0, 15] (uint8), as MatMulNBits and QMoE read them: stored UINT4 as it is
+    (its zero points given beside), symmetric INT4 + 8 (their implicit 4-bit zero point)."""
+    q = view.array(values).astype(np.int8)
+    return (q if zero is not None else q + INT4_ZERO_POINT).astype(np.uint8)
 
 
 def blocked_int4_source(view: GraphView, value: str, axis: int) -> tuple[str, str, int] | str:
@@ -50,9 +51,9 @@ def blocked_int4_source(view: GraphView, value: str, axis: int) -> tuple[str, st
     node = view.producers.get(value)
     if node is None or node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
         return f"'{value}' is not a DequantizeLinear output"
-    values, scale = node.input[:2]
     if len(node.input) > 2 and node.input[2]:
         return f"'{node.name}' has a zero point (the canonical INT4 form is symmetric)"
+    values, scale = node.input[:2]
     if view.elem_type(values) != TensorProto.INT4:
         return f"'{values}' is not an INT4 initializer"
     if view.elem_type(scale) not in ACCURACY_LEVEL:
@@ -87,6 +88,18 @@ def uint4_zero_point_source(view: GraphView, value: str, axis: int = 0) -> tuple
     return values, scale, block, zero
 
 
+def int4_source(view: GraphView, value: str, axis: int) -> tuple[str, str, int, str | None] | str:
+    """(values, scale, block size, zero point or None) of the INT4 weight behind `value`: the canonical
+    symmetric form, or an imported asymmetric UINT4 one (its zero point named); or why neither."""
+    symmetric = blocked_int4_source(view, value, axis)
+    if not isinstance(symmetric, str):
+        return (*symmetric, None)
+    node = view.producers.get(value)
+    if node is not None and len(node.input) > 2 and node.input[2]:
+        return uint4_zero_point_source(view, value, axis)
+    return symmetric
+
+
 def is_int4_dequantized(view: GraphView, value: str) -> bool:
     """Whether `value` is a DequantizeLinear output of INT4 or UINT4 values (a candidate, matching or not)."""
     producer = view.producers.get(value)
@@ -108,7 +121,7 @@ class Int4MatMulToMatMulNBits(RewriteRule):
     def check(self, view: GraphView, node: onnx.NodeProto) -> str | None:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
             return "not a MatMul"
-        source = _source(view, node.input[1])
+        source = int4_source(view, node.input[1], axis=0)
         if isinstance(source, str):
             return source
         if len(view.initializers[source[0]].dims) != 2:
@@ -116,14 +129,13 @@ class Int4MatMulToMatMulNBits(RewriteRule):
         return None
 
     def rewrite(self, view: GraphView, node: onnx.NodeProto) -> Replacement:
-        values, scale, block, zero = _source(view, node.input[1])
+        values, scale, block, zero = int4_source(view, node.input[1], axis=0)
         k, n = view.initializers[values].dims
         base = values.removesuffix(".q")
         arrays = {}
         inputs = [node.input[0], base + ".nbits", base + ".nbits_scale"]
         if base + ".nbits" not in view.initializers:  # a weight read by several MatMuls is packed once
-            q = view.array(values).astype(np.int8)  # [K, N]: int4 in [-8, 7], or uint4 in [0, 15]
-            u = q if zero is not None else q + INT4_ZERO_POINT
+            u = unsigned_values(view, values, zero)  # [K, N]
             arrays[base + ".nbits"] = pack_nibbles(np.ascontiguousarray(u.T)).reshape(
                 n, k // block, block // 2
             )
@@ -145,17 +157,6 @@ class Int4MatMulToMatMulNBits(RewriteRule):
             accuracy_level=ACCURACY_LEVEL[view.elem_type(scale)],
         )
         return Replacement([matmul], arrays, {ORT_DOMAIN: 1})
-
-
-def _source(view: GraphView, value: str) -> tuple[str, str, int, str | None] | str:
-    """The symmetric canonical INT4 weight (zero point None) or an imported asymmetric UINT4 one."""
-    symmetric = blocked_int4_source(view, value, axis=0)
-    if not isinstance(symmetric, str):
-        return (*symmetric, None)
-    asymmetric = uint4_zero_point_source(view, value)
-    node = view.producers.get(value)
-    has_zero_point = node is not None and len(node.input) > 2 and bool(node.input[2])
-    return asymmetric if has_zero_point else symmetric
 
 
 def pack_nibbles(u: np.ndarray) -> np.ndarray:

@@ -33,11 +33,10 @@ import onnx
 from qwen3_compile.custom_ops import DOMAIN, EXPERT_DISPATCH
 from qwen3_compile.lower.ort_matmul_nbits import (
     INT4_ZERO_POINT,
-    blocked_int4_source,
+    int4_source,
     is_int4_dequantized,
     pack_nibbles,
-    pack_uint4_rows,
-    uint4_zero_point_source,
+    unsigned_values,
 )
 from qwen3_compile.lower.ort_moe import ORT_DOMAIN, interleave_gate_up
 from qwen3_compile.lower.ort_qmoe import not_a_silu_dispatch, qmoe_node
@@ -70,7 +69,7 @@ class Int4ExpertDispatchToOrtQMoE(RewriteRule):
         why = not_a_silu_dispatch(view, node)
         if why:
             return why
-        sources = [_expert_source(view, value) for value in node.input[2:4]]
+        sources = [int4_source(view, value, axis=2) for value in node.input[2:4]]
         for source in sources:
             if isinstance(source, str):
                 return source
@@ -88,48 +87,29 @@ class Int4ExpertDispatchToOrtQMoE(RewriteRule):
         return None
 
     def rewrite(self, view: GraphView, node: onnx.NodeProto) -> Replacement:
-        (q1, s1, block, z1), (q2, s2, _, z2) = (_expert_source(view, v) for v in node.input[2:4])
-        if z1 is None and z2 is None:  # symmetric: QMoE's implicit zero point 8
-            arrays = {
-                q1 + ".qmoe": pack_uint4_rows(interleave_gate_up(view.array(q1).astype("int8"))),
-                s1 + ".qmoe": interleave_gate_up(view.array(s1)),
-                q2 + ".qmoe": pack_uint4_rows(view.array(q2)),
-                s2 + ".qmoe": view.array(s2),
-            }
-            qmoe = qmoe_node(view, node, list(arrays), bits=4, block_size=block)
-            return Replacement([qmoe], arrays, {ORT_DOMAIN: 1})
-        # an imported asymmetric checkpoint's experts: the stored values as they are, zero points beside
-        (u1, zp1), (u2, zp2) = (_unsigned(view, q, z, block) for q, z in ((q1, z1), (q2, z2)))
+        (q1, s1, block, z1), (q2, s2, _, z2) = (int4_source(view, v, axis=2) for v in node.input[2:4])
         arrays = {
-            q1 + ".qmoe": pack_nibbles(interleave_gate_up(u1)),
+            q1 + ".qmoe": pack_nibbles(interleave_gate_up(unsigned_values(view, q1, z1))),
             s1 + ".qmoe": interleave_gate_up(view.array(s1)),
-            q2 + ".qmoe": pack_nibbles(u2),
+            q2 + ".qmoe": pack_nibbles(unsigned_values(view, q2, z2)),
             s2 + ".qmoe": view.array(s2),
         }
-        zero_points = {q1 + ".qmoe_zero_point": pack_nibbles(interleave_gate_up(zp1))}
-        zero_points[q2 + ".qmoe_zero_point"] = pack_nibbles(zp2)
-        qmoe = qmoe_node(view, node, list(arrays), bits=4, block_size=block, zero_points=list(zero_points))
+        zero_points = {}
+        if z1 is not None or z2 is not None:  # an imported asymmetric checkpoint's experts
+            zp1, zp2 = (_zero_points(view, z, s) for z, s in ((z1, s1), (z2, s2)))
+            zero_points = {
+                q1 + ".qmoe_zero_point": pack_nibbles(interleave_gate_up(zp1)),
+                q2 + ".qmoe_zero_point": pack_nibbles(zp2),
+            }
+        qmoe = qmoe_node(view, node, list(arrays), 4, list(zero_points), block_size=block)
         return Replacement([qmoe], arrays | zero_points, {ORT_DOMAIN: 1})
 
 
-def _expert_source(view: GraphView, value: str) -> tuple[str, str, int, str | None] | str:
-    """Stacked INT4 experts: symmetric (zero point None), or UINT4 with a UINT4 zero point (imported)."""
-    symmetric = blocked_int4_source(view, value, axis=2)
-    if not isinstance(symmetric, str):
-        return (*symmetric, None)
-    node = view.producers.get(value)
-    if node is not None and len(node.input) > 2 and node.input[2]:
-        return uint4_zero_point_source(view, value, axis=2)
-    return symmetric
-
-
-def _unsigned(view: GraphView, values: str, zero: str | None, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """(values in [0, 15], zero points) as uint8 arrays; a symmetric weight gets QMoE's zero point 8."""
-    q = view.array(values).astype(np.int8)
+def _zero_points(view: GraphView, zero: str | None, scale: str) -> np.ndarray:
+    """A weight's block zero points (uint8, the scales' shape); 8 for a symmetric partner."""
     if zero is not None:
-        return q.astype(np.uint8), view.array(zero).astype(np.uint8)
-    blocks = (*q.shape[:-1], q.shape[-1] // block)
-    return (q + INT4_ZERO_POINT).astype(np.uint8), np.full(blocks, INT4_ZERO_POINT, np.uint8)
+        return view.array(zero).astype(np.uint8)
+    return np.full(tuple(view.initializers[scale].dims), INT4_ZERO_POINT, np.uint8)
 
 
 @functools.cache

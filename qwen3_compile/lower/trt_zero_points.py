@@ -99,9 +99,8 @@ class ZeroPointWeightsToSymmetric(RewriteRule):
         if shapes[1] not in view.initializers:
             arrays[shapes[1]] = np.array([2], dtype=np.int64)
         out, name = node.output[0], node.name
-        weight = (
-            out + ".weight"
-        )  # per MatMul: a weight read twice gets two (identical) DequantizeLinear nodes
+        # per MatMul: a weight read twice gets two (identical) DequantizeLinear nodes
+        weight = out + ".weight"
         nodes = [
             helper.make_node(
                 "DequantizeLinear",

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from qwen3_compile.models.outliers import ActivationOutliers
+    from qwen3_compile.models.quantized import ImportedQuantization
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ class ModelSource:
     @property
     def tokenizer_dir(self) -> Path | None:
         return self.checkpoint.directory if self.checkpoint is not None else None
+
+    @property
+    def quantization(self) -> ImportedQuantization | None:
+        """A published quantized checkpoint's own quantization (FP8, AWQ, GPTQ); None otherwise."""
+        return self.checkpoint.quantization if self.checkpoint is not None else None
 
 
 @dataclass(frozen=True)

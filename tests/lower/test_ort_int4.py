@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qwen3_compile.backends.onnxruntime.settings import ORT_QDQ, session_options
 from qwen3_compile.custom_ops import DOMAIN, EXPERT_DISPATCH, function
 from qwen3_compile.lower import lower
-from qwen3_compile.lower.ort_matmul_nbits import pack_uint4_rows
+from qwen3_compile.lower.ort_matmul_nbits import INT4_ZERO_POINT, pack_nibbles
 
 GROUP = 32
 
@@ -48,10 +48,13 @@ def _model(nodes, inputs, initializers, functions=()) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=opsets, functions=list(functions), ir_version=10)
 
 
-def test_pack_uint4_rows_low_nibble_first():
+def test_4bit_packing_low_nibble_first():
+    """MatMulNBits' and QMoE's layout: symmetric values stored as q + 8, two a byte along K, low nibble
+    first; an odd count padded with a zero high nibble."""
     q = np.array([[-7, 7, 0, -1], [1, 2, 3, 4]], dtype=np.int8)
     # q + 8: [1, 15, 8, 7] -> bytes 0xF1, 0x78; [9, 10, 11, 12] -> 0xA9, 0xCB
-    assert pack_uint4_rows(q).tolist() == [[0xF1, 0x78], [0xA9, 0xCB]]
+    assert pack_nibbles(q + INT4_ZERO_POINT).tolist() == [[0xF1, 0x78], [0xA9, 0xCB]]
+    assert pack_nibbles(np.array([3, 12, 5])).tolist() == [0xC3, 0x05]
 
 
 def linear_model(q_in_out: np.ndarray, scale: np.ndarray, group: int) -> onnx.ModelProto:
@@ -156,23 +159,27 @@ def int4_dispatch_model(gate_up: np.ndarray, down: np.ndarray, top_k: int, group
                 "DequantizeLinear", [name + ".q", name + ".scale"], [name], axis=2, block_size=group
             )
         )
-    nodes.append(
-        helper.make_node(
-            EXPERT_DISPATCH,
-            ["hidden", "router_logits", "gate_up", "down"],
-            ["y"],
-            name="experts",
-            domain=DOMAIN,
-            top_k=top_k,
-            normalize=1,
-            activation="silu",
-        )
+    return dispatch_model(nodes, inits, experts, hidden, top_k), dequant
+
+
+def dispatch_model(dequantize: list, inits: list, experts: int, hidden: int, top_k: int) -> onnx.ModelProto:
+    """ExpertDispatch (SiLU, normalised top-k) over `gate_up` and `down`, which the `dequantize` nodes
+    produce from `inits`; inputs `hidden` [n, hidden] and `router_logits` [n, experts]."""
+    dispatch = helper.make_node(
+        EXPERT_DISPATCH,
+        ["hidden", "router_logits", "gate_up", "down"],
+        ["y"],
+        name="experts",
+        domain=DOMAIN,
+        top_k=top_k,
+        normalize=1,
+        activation="silu",
     )
     inputs = [
         helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["n", hidden]),
         helper.make_tensor_value_info("router_logits", TensorProto.FLOAT, ["n", experts]),
     ]
-    return _model(nodes, inputs, inits, [function(EXPERT_DISPATCH, 21)]), dequant
+    return _model([*dequantize, dispatch], inputs, inits, [function(EXPERT_DISPATCH, 21)])
 
 
 def numpy_moe(hidden, logits, gate_up, down, top_k):

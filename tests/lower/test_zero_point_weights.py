@@ -239,10 +239,10 @@ def test_asymmetric_int4_experts_lowered_to_qmoe_zero_points():
     """ExpertDispatch over stacked AWQ-style experts (uint4 values, uint4 zero points, per group of 32) ->
     QMoE with fc1/fc2 zero points, against numpy's Qwen3 MoE on the independently dequantized experts."""
     from qwen3_compile.backends.onnxruntime.settings import installed_version
-    from qwen3_compile.custom_ops import DOMAIN, EXPERT_DISPATCH, function
     from qwen3_compile.lower.ort_qmoe_int4 import ort_qmoe_zero_points
 
-    from .test_ort_int4 import numpy_moe
+    from .test_ort_int4 import dispatch_model, numpy_moe
+    from .test_ort_int4 import run as run_moe
 
     release = tuple(int(p) for p in installed_version().split(".")[:2])
     if release < (1, 32) and not ort_qmoe_zero_points():
@@ -261,59 +261,20 @@ def test_asymmetric_int4_experts_lowered_to_qmoe_zero_points():
             numpy_helper.from_array(s, name + ".scale"),
             numpy_helper.from_array(z.astype(ml_dtypes.uint4), name + ".zero_point"),
         ]
-        nodes.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [name + ".q", name + ".scale", name + ".zero_point"],
-                [name],
-                axis=2,
-                block_size=group,
-            )
-        )
-    nodes.append(
-        helper.make_node(
-            EXPERT_DISPATCH,
-            ["hidden", "router_logits", "gate_up", "down"],
-            ["y"],
-            name="experts",
-            domain=DOMAIN,
-            top_k=top_k,
-            normalize=1,
-            activation="silu",
-        )
-    )
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [
-            helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["n", hidden]),
-            helper.make_tensor_value_info("router_logits", TensorProto.FLOAT, ["n", experts]),
-        ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", hidden])],
-        inits,
-    )
-    opsets = [helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)]
-    model = helper.make_model(
-        graph, opset_imports=opsets, functions=[function(EXPERT_DISPATCH, 21)], ir_version=10
-    )
+        inputs = [name + ".q", name + ".scale", name + ".zero_point"]
+        nodes.append(helper.make_node("DequantizeLinear", inputs, [name], axis=2, block_size=group))
+    model = dispatch_model(nodes, inits, experts, hidden, top_k)
     feeds = {
         "hidden": rng.standard_normal((13, hidden)).astype(np.float32),
         "router_logits": rng.standard_normal((13, experts)).astype(np.float32),
     }
-    options = session_options("all", ORT_QDQ["reference"])
-
-    def run_moe(m):
-        session = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return session.run(None, feeds)[0]
-
-    before = run_moe(model)
+    before = run_moe(model, feeds)
     report = lower(model, "ort")
     assert report.applied == {"int4_expert_dispatch_to_ort_qmoe": 1}, report
     (node,) = model.graph.node
     assert node.op_type == "QMoE" and len(node.input) == 13 and node.input[11] and node.input[12]
-    after = run_moe(model)
-    want = numpy_moe(
-        feeds["hidden"].astype(np.float64), feeds["router_logits"], dequant["gate_up"], dequant["down"], top_k
-    )
+    after = run_moe(model, feeds)
+    hidden64 = feeds["hidden"].astype(np.float64)
+    want = numpy_moe(hidden64, feeds["router_logits"], dequant["gate_up"], dequant["down"], top_k)
     np.testing.assert_allclose(before, want, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(after, want, rtol=1e-4, atol=1e-5)

@@ -70,10 +70,14 @@ class ImportedQuantization:
     def stored_bytes(self) -> int:
         return sum(e.nbytes for q in self.linears.values() for e in q.tensors.values())
 
+    @property
+    def quantized_parameters(self) -> int:
+        return sum(q.shape[0] * q.shape[1] for q in self.linears.values())
+
     def summary(self) -> dict[str, Any]:
         """What `inspect` and the export manifest record."""
         modules = sorted({re.sub(r"\.(\d+)\.", ".N.", w.removesuffix(".weight")) for w in self.linears})
-        params = sum(q.shape[0] * q.shape[1] for q in self.linears.values())
+        params = self.quantized_parameters
         return self.format.to_dict() | {
             "label": self.format.label,
             "quantized_linears": len(self.linears),

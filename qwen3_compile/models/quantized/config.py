@@ -41,6 +41,11 @@ class QuantFormat:
     modules_to_not_convert: tuple[str, ...] = ()
 
     @property
+    def precision(self) -> str:
+        """The deployment precision of its weights (a target must have it): fp8, int4 or int8."""
+        return deployed_precision(self.method, self.bits)
+
+    @property
     def label(self) -> str:
         if self.method == "fp8":
             return f"fp8 e4m3, {self.block_rows}x{self.group_size} block scales"
@@ -63,6 +68,11 @@ class QuantFormat:
             "checkpoint_format": self.checkpoint_format,
             "modules_to_not_convert": list(self.modules_to_not_convert),
         }
+
+
+def deployed_precision(method: str, bits: int) -> str:
+    """fp8 for an FP8 checkpoint, else int<bits> (also from an export manifest's `imported` record)."""
+    return "fp8" if method == "fp8" else f"int{bits}"
 
 
 def _refuser(source: str | Path):
