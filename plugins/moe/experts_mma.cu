@@ -187,16 +187,8 @@ __global__ void __launch_bounds__(C::kThreads) mma_kernel(GemmArgs a) {
         const uint32_t w[4] = {v.x, v.y, v.z, v.w};
         if constexpr (kInt4) {  // 32 nibbles, each times its group's scale, rounded once to T
 #pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            float f[8];
-            i4x8_to_float(w[q], f);
-            uint4 o;
-            o.x = pack2<T>(f[0] * s_cur[i], f[1] * s_cur[i]);
-            o.y = pack2<T>(f[2] * s_cur[i], f[3] * s_cur[i]);
-            o.z = pack2<T>(f[4] * s_cur[i], f[5] * s_cur[i]);
-            o.w = pack2<T>(f[6] * s_cur[i], f[7] * s_cur[i]);
-            *reinterpret_cast<uint4*>(conv + swz<CPR>(r, 4 * kc + q)) = o;
-          }
+          for (int q = 0; q < 4; ++q)
+            *reinterpret_cast<uint4*>(conv + swz<CPR>(r, 4 * kc + q)) = i4x8_scaled<T>(w[q], s_cur[i]);
           s_cur[i] = s_next[i];
         } else {  // 16 bytes, exact; the per-channel scale waits for the epilogue
           float f[16];

@@ -73,6 +73,16 @@ __device__ __forceinline__ void i4x8_to_float(uint32_t w, float* f) {
   for (int i = 0; i < 8; ++i) f[i] = __uint_as_float(((u >> (4 * i)) & 0xFu) | 0x4B000000u) - 8388616.0f;
 }
 
+// Eight signed 4-bit values of one group times the group's scale, each rounded once to T: 16 bytes of a
+// widened weight row (the dequantize-then-GEMM rounding of the tensor-core prefill kernels).
+template <typename T>
+__device__ __forceinline__ uint4 i4x8_scaled(uint32_t w, float s) {
+  float f[8];
+  i4x8_to_float(w, f);
+  return make_uint4(pack2<T>(f[0] * s, f[1] * s), pack2<T>(f[2] * s, f[3] * s), pack2<T>(f[4] * s, f[5] * s),
+                    pack2<T>(f[6] * s, f[7] * s));
+}
+
 __device__ __forceinline__ float load_scale(const void* p, size_t i, int scale_dtype) {
   return scale_dtype == QMOE_F16 ? __half2float(static_cast<const __half*>(p)[i])
                                  : static_cast<const float*>(p)[i];
