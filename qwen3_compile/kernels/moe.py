@@ -18,7 +18,7 @@ from .build import build_library
 
 QMOE_F32, QMOE_F16, QMOE_BF16, QMOE_I8, QMOE_I4 = 0, 1, 2, 3, 4
 # "mma": the tensor cores (wgmma on SM 9.0 for 16-bit weights, else mma.sync);
-# "mma_sync" and "wgmma" force one kernel.
+# "mma_sync" and "wgmma" force one kernel (wgmma: SM 9.0, 16-bit or INT4 weights).
 PATHS = {"auto": 0, "gemv": 1, "mma": 2, "mma_sync": 3, "wgmma": 4}
 PATH_NAMES = {v: k for k, v in PATHS.items()}
 _DTYPE_CODE = {

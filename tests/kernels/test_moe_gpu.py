@@ -78,16 +78,16 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 
 def expect_path(kmoe, x, logits, gu, k, gs, path):
     """The kernel that runs: "wgmma" where asked for (or chosen by "mma") on SM 9.0 with 16-bit weights, and
-    a clear refusal where wgmma cannot run; INT4 weights run GEMV under auto, mma.sync under mma and refuse
-    wgmma. Returns False when the case cannot run on this GPU."""
+    a clear refusal where wgmma cannot run; INT4 weights run GEMV under auto, mma.sync under mma and wgmma
+    only where asked for. Returns False when the case cannot run on this GPU."""
     if gu.dtype == torch.uint8:
-        if path != "wgmma":
-            want = "gemv" if path in ("auto", "gemv") else "mma_sync"
-            assert kmoe.resolve_path(x, logits, gu, k, gs, path) == want
-            return True
-        with pytest.raises(kmoe.QmoeError, match="unsupported"):
-            kmoe.resolve_path(x, logits, gu, k, gs, path)
-        return False
+        if path == "wgmma" and not HOPPER:
+            with pytest.raises(kmoe.QmoeError, match="unsupported"):
+                kmoe.resolve_path(x, logits, gu, k, gs, path)
+            return False
+        want = {"auto": "gemv", "gemv": "gemv", "wgmma": "wgmma"}.get(path, "mma_sync")
+        assert kmoe.resolve_path(x, logits, gu, k, gs, path) == want
+        return True
     if path not in ("mma", "wgmma"):
         return True
     int8 = gs is not None
@@ -183,15 +183,51 @@ def test_int4_mma_sync_qwen3_30b_a3b_shapes(kmoe, gen, T, dtype, wkind):
     run_case(kmoe, gen, T, 128, 8, dtype, wkind, "mma_sync", H=2048, inter=768)
 
 
-@pytest.mark.parametrize("path", ["wgmma"])
-def test_int4_refuses_wgmma(kmoe, gen, path):
+# INT4 on the wgmma kernel (path="wgmma" only; AUTO keeps GEMV): nibbles staged, widened in shared memory
+# with the group scale folded in. E=16, k=2 puts about T/8 tokens on an expert: T=1, 7, 300 give 64-token
+# tiles with fewer tokens than that (partial tiles), 800 and 1200 128- and 192-token tiles, 3000 256-token
+# tiles and more than 256 tokens an expert (a full tile and a partial one). H=256: 256 weight rows a block;
+# H=384: 128.
+@pytest.mark.parametrize("wkind", ["int4_g32_f32s", "int4_g64_f16s", "int4_g128_f32s", "int4_g128_f16s"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("H", [256, 384])
+@pytest.mark.parametrize("T", [1, 7, 300, 800, 1200, 3000])
+def test_int4_wgmma_matches_reference(kmoe, gen, T, H, dtype, wkind):
+    run_case(kmoe, gen, T, 16, 2, dtype, wkind, "wgmma", H=H, inter=256)
+
+
+@pytest.mark.parametrize("wkind", ["int4_g32_f16s", "int4_g64_f32s", "int4_g128_f16s", "int4_g128_f32s"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("T", [512, 2048])
+def test_int4_wgmma_qwen3_30b_a3b_shapes(kmoe, gen, T, dtype, wkind):
+    run_case(kmoe, gen, T, 128, 8, dtype, wkind, "wgmma", H=2048, inter=768)
+
+
+@pytest.mark.parametrize("rows", ["128", "256"])
+@pytest.mark.parametrize("tile", ["64", "128", "192", "256"])
+def test_int4_wgmma_tile_configs(kmoe, gen, monkeypatch, tile, rows):
+    # As test_wgmma_tile_configs: every token-tile width with 128 and 256 weight rows a block.
+    monkeypatch.setenv("QMOE_WG_TILE", tile)
+    monkeypatch.setenv("QMOE_WG_ROWS", rows)
+    run_case(kmoe, gen, 1500, 128, 8, torch.bfloat16, "int4_g128_f16s", "wgmma", H=2048, inter=768)
+
+
+def test_wgmma_takes_int4_not_int8(kmoe, gen):
+    """Forcing wgmma runs INT4 weights on SM 9.0 (refused elsewhere) and refuses INT8 weights everywhere; the
+    other paths keep their INT4 kernels (AUTO: GEMV, MMA: mma.sync)."""
     T, E, k, H, inter = 64, 16, 2, 256, 256
     x = torch.randn(T, H, generator=gen, device="cuda").to(torch.bfloat16)
     logits = torch.randn(T, E, generator=gen, device="cuda")
     gu, dn, gs, ds = make_weights(gen, E, H, inter, torch.bfloat16, "int4_g128_f32s")
-    assert not expect_path(kmoe, x, logits, gu, k, gs, path)  # resolve_path: unsupported
+    for path in ("auto", "mma", "wgmma"):
+        assert expect_path(kmoe, x, logits, gu, k, gs, path) == (path != "wgmma" or HOPPER)
+    if not HOPPER:
+        with pytest.raises(kmoe.QmoeError, match="unsupported"):
+            kmoe.moe_forward(x, logits, gu, dn, k, True, gs, ds, path="wgmma")
+    gu8, dn8, gs8, ds8 = make_weights(gen, E, H, inter, torch.bfloat16, "int8_f16s")
+    assert not expect_path(kmoe, x, logits, gu8, k, gs8, "wgmma")  # resolve_path: unsupported
     with pytest.raises(kmoe.QmoeError, match="unsupported"):
-        kmoe.moe_forward(x, logits, gu, dn, k, True, gs, ds, path=path)
+        kmoe.moe_forward(x, logits, gu8, dn8, k, True, gs8, ds8, path="wgmma")
 
 
 def test_int4_refuses_groups_that_do_not_divide(kmoe, gen):
