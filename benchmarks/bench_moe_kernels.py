@@ -10,8 +10,8 @@ Token counts T = 1, 4, 16 (decode) and 512, 2048 (prefill). Two comparisons, eac
   path the wrapper exposes (`gemv`, `mma`, `mma_sync`, `wgmma`; the label names the kernel the library
   resolved), qmoe with INT8 weight-only experts, qmoe with INT4 weight-only experts (groups of 128, fp16
   scales) on the path AUTO takes (GEMV at every T; decode T only), on the tensor-core decode kernels
-  (`QMOE_I4_MMA=1`, set for that contender's whole measurement; decode T only) and on the mma.sync kernel
-  (every T), and
+  (`QMOE_I4_MMA=1`, set for that contender's whole measurement; decode T only), on the mma.sync kernel and
+  on the wgmma kernel (every T; wgmma only on SM 9.0, elsewhere the row records the refusal), and
   transformers' `Qwen3MoeExperts` with
   its `eager`, `batched_mm` (decode only: at prefill it gathers a [T*k, 2I, H] weight copy, 100 GB at
   T=2048) and `grouped_mm` implementations, each preceded by Qwen3's router math (fp32 softmax, top-k,
@@ -704,11 +704,14 @@ def run_tokens(ctx, section: str, dtype_name: str, T: int, tokens) -> None:
         contenders.append(
             Contender("qmoe int8 auto", "int8", lambda: qmoe_calls(kmoe, torch, xs, ls, ctx["int8"], "auto"))
         )
-        contenders.append(
-            Contender(
-                "qmoe int4 mma_sync", "int4", lambda: qmoe_calls(kmoe, torch, xs, ls, ctx["int4"], "mma_sync")
+        for path in ("mma_sync", "wgmma"):
+            contenders.append(
+                Contender(
+                    f"qmoe int4 {path}",
+                    "int4",
+                    lambda p=path: qmoe_calls(kmoe, torch, xs, ls, ctx["int4"], p),
+                )
             )
-        )
         if decode:
             contenders.append(
                 Contender(
@@ -813,7 +816,7 @@ def plan(tokens, sections) -> list[str]:
         for T in tokens:
             names = (
                 [f"qmoe bf16 {p}" for p in ("auto", *QMOE_PATHS)]
-                + ["qmoe int8 auto", "qmoe int4 mma_sync"]
+                + ["qmoe int8 auto", "qmoe int4 mma_sync", "qmoe int4 wgmma"]
                 + (["qmoe int4 auto", "qmoe int4 tensor-core"] if T <= max(DECODE_T) else [])
                 if sec == "bf16"
                 else ["qmoe fp16 auto"]
