@@ -9,9 +9,10 @@ Token counts T = 1, 4, 16 (decode) and 512, 2048 (prefill). Two comparisons, eac
 - bf16 (activations, weights and router logits): qmoe with the default dispatch (`path="auto"`) and each
   path the wrapper exposes (`gemv`, `mma`, `mma_sync`, `wgmma`; the label names the kernel the library
   resolved), qmoe with INT8 weight-only experts, qmoe with INT4 weight-only experts (groups of 128, fp16
-  scales) on the path AUTO takes (GEMV at every T; decode T only), on the tensor-core decode kernels
-  (`QMOE_I4_MMA=1`, set for that contender's whole measurement; decode T only), on the mma.sync kernel and
-  on the wgmma kernel (every T; wgmma only on SM 9.0, elsewhere the row records the refusal), and
+  scales) on the path AUTO takes (at decode the GEMV path, whose kernels for groups of 128 are the
+  tensor-core decode kernels), on the CUDA-core GEMV kernels (`QMOE_I4_MMA=0`, set for that contender's
+  whole measurement; decode T only), on the mma.sync kernel and on the wgmma kernel (every T; wgmma only on
+  SM 9.0, elsewhere the row records the refusal), and
   transformers' `Qwen3MoeExperts` with
   its `eager`, `batched_mm` (decode only: at prefill it gathers a [T*k, 2I, H] weight copy, 100 GB at
   T=2048) and `grouped_mm` implementations, each preceded by Qwen3's router math (fp32 softmax, top-k,
@@ -712,18 +713,16 @@ def run_tokens(ctx, section: str, dtype_name: str, T: int, tokens) -> None:
                     lambda p=path: qmoe_calls(kmoe, torch, xs, ls, ctx["int4"], p),
                 )
             )
+        contenders.append(
+            Contender("qmoe int4 auto", "int4", lambda: qmoe_calls(kmoe, torch, xs, ls, ctx["int4"], "auto"))
+        )
         if decode:
             contenders.append(
                 Contender(
-                    "qmoe int4 auto", "int4", lambda: qmoe_calls(kmoe, torch, xs, ls, ctx["int4"], "auto")
-                )
-            )
-            contenders.append(
-                Contender(
-                    "qmoe int4 tensor-core",
+                    "qmoe int4 cuda-core gemv",
                     "int4",
-                    lambda: qmoe_calls(kmoe, torch, xs, ls, ctx["int4"], "auto"),
-                    env={"QMOE_I4_MMA": "1"},
+                    lambda: qmoe_calls(kmoe, torch, xs, ls, ctx["int4"], "gemv"),
+                    env={"QMOE_I4_MMA": "0"},
                 )
             )
         impls = ("eager", "batched_mm", "grouped_mm")
@@ -816,8 +815,8 @@ def plan(tokens, sections) -> list[str]:
         for T in tokens:
             names = (
                 [f"qmoe bf16 {p}" for p in ("auto", *QMOE_PATHS)]
-                + ["qmoe int8 auto", "qmoe int4 mma_sync", "qmoe int4 wgmma"]
-                + (["qmoe int4 auto", "qmoe int4 tensor-core"] if T <= max(DECODE_T) else [])
+                + ["qmoe int8 auto", "qmoe int4 mma_sync", "qmoe int4 wgmma", "qmoe int4 auto"]
+                + (["qmoe int4 cuda-core gemv"] if T <= max(DECODE_T) else [])
                 if sec == "bf16"
                 else ["qmoe fp16 auto"]
             )

@@ -34,20 +34,12 @@ int cuda_status(cudaError_t e) { return e == cudaSuccess ? QMOE_OK : QMOE_ERR_CU
 bool is_act(int d) { return d == QMOE_F16 || d == QMOE_BF16; }
 
 // The concrete expert kernel: GEMV at or below 4 pairs an expert (weights streamed once beat the tensor
-// cores there), else wgmma on SM 9.0 with 16-bit weights where it measured faster (about 96 or more tokens
-// an expert), else mma.sync. INT4 weights: AUTO takes GEMV at every T (neither INT4 tensor-core kernel is yet
-// measured against it), MMA and MMA_SYNC take mma.sync, WGMMA takes the INT4 wgmma kernel on SM 9.0 (not yet
-// run on a GPU, so nothing chooses it unasked; QMOE_WGMMA=1 sends MMA there). INT8 never runs on wgmma.
-// QMOE_WGMMA=0/1 (benchmarking) overrides the measured rule.
+// cores there), else wgmma on SM 9.0 where it measured faster (about 96 or more tokens an expert), else
+// mma.sync. INT4 weights follow the same rule (measured on the H200 at T = 1, 4, 16, 512 and 2048: the GEMV
+// path's tensor-core decode kernels for groups of 128, mma.sync at T=512, wgmma at T=2048). INT8 never runs on
+// wgmma. QMOE_WGMMA=0/1 (benchmarking) overrides the measured rule.
 int resolve_path(const qmoe_problem& p) {
-  const bool i4 = p.weight_dtype == QMOE_I4;
   const bool wgmma_ok = p.weight_dtype != QMOE_I8 && qmoe::wgmma_supported();
-  const int knob = qmoe::env_int("QMOE_WGMMA", -1);  // benchmarking: 0 never, 1 always, unset: measured rule
-  if (i4) {
-    if (p.path == QMOE_PATH_AUTO || p.path == QMOE_PATH_GEMV) return QMOE_PATH_GEMV;
-    if (p.path == QMOE_PATH_WGMMA) return wgmma_ok ? QMOE_PATH_WGMMA : -QMOE_ERR_UNSUPPORTED;
-    return p.path == QMOE_PATH_MMA && wgmma_ok && knob == 1 ? QMOE_PATH_WGMMA : QMOE_PATH_MMA_SYNC;
-  }
   switch (p.path) {
     case QMOE_PATH_GEMV:
     case QMOE_PATH_MMA_SYNC:
@@ -59,6 +51,7 @@ int resolve_path(const qmoe_problem& p) {
   }
   const long long pairs = (long long)p.num_tokens * p.top_k;
   if (p.path == QMOE_PATH_AUTO && pairs <= 4LL * p.num_experts) return QMOE_PATH_GEMV;
+  const int knob = qmoe::env_int("QMOE_WGMMA", -1);  // benchmarking: 0 never, 1 always, unset: measured rule
   const bool want = knob < 0 ? qmoe::wgmma_preferred(p) : knob != 0;
   return wgmma_ok && want ? QMOE_PATH_WGMMA : QMOE_PATH_MMA_SYNC;
 }

@@ -1,4 +1,5 @@
-// INT4 weight-only decode on the tensor cores (groups of 128 input channels; opt-in: QMOE_I4_MMA=1).
+// INT4 weight-only decode on the tensor cores (groups of 128 input channels; the GEMV path's kernels for them
+// unless QMOE_I4_MMA=0).
 //
 // Why: at T = 1 the CUDA-core GEMV (gemv_core.cuh) spends about four instructions a weight (nibble ->
 // float, fp32 FMA) and INT4 reads a quarter of bf16's bytes, so it runs out of issue slots before it runs out
@@ -313,7 +314,7 @@ cudaError_t launch_general(const qmoe_problem& p, const qmoe_tensors& t, const W
 }  // namespace
 
 bool i4mma_selected(const qmoe_problem& p) {
-  return p.weight_dtype == QMOE_I4 && p.group_size == kGroup && env_int("QMOE_I4_MMA", 0) != 0 &&
+  return p.weight_dtype == QMOE_I4 && p.group_size == kGroup && env_int("QMOE_I4_MMA", 1) != 0 &&
          device_sm() >= 80;
 }
 

@@ -42,9 +42,9 @@ extern "C" {
 enum qmoe_dtype { QMOE_F32 = 0, QMOE_F16 = 1, QMOE_BF16 = 2, QMOE_I8 = 3, QMOE_I4 = 4 };
 
 /* Expert-compute path: AUTO picks GEMV (memory-bound, few tokens per expert) or MMA (tensor cores).
-   MMA is WGMMA on SM 9.0 for 16-bit weights and MMA_SYNC otherwise; MMA_SYNC and WGMMA force one kernel
-   (WGMMA: QMOE_ERR_UNSUPPORTED off SM 9.0 or with INT8 weights; INT4 weights: AUTO sends them to GEMV at
-   every T, MMA to MMA_SYNC, only WGMMA to the INT4 wgmma kernel). qmoe_resolve_path names the one that runs. */
+   MMA is WGMMA on SM 9.0 for 16-bit and INT4 weights where it measured faster, MMA_SYNC otherwise; MMA_SYNC
+   and WGMMA force one kernel (WGMMA: QMOE_ERR_UNSUPPORTED off SM 9.0 or with INT8 weights).
+   qmoe_resolve_path names the one that runs. */
 enum qmoe_path {
   QMOE_PATH_AUTO = 0,
   QMOE_PATH_GEMV = 1,

@@ -287,8 +287,8 @@ cudaError_t launch_combine(const qmoe_problem& p, const Workspace& ws, void* out
 // (experts_token1.cu). with_down = false stops after gate_up.
 cudaError_t launch_token1(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, cudaStream_t s,
                           bool with_down = true);
-// INT4 weights in groups of 128 on the tensor cores (experts_i4mma.cu), where QMOE_I4_MMA=1 asks for it: the
-// single-token kernels and the general decode kernels, in place of the GEMV path's.
+// INT4 weights in groups of 128 on the tensor cores (experts_i4mma.cu; QMOE_I4_MMA=0 opts out, for
+// benchmarking): the single-token kernels and the general decode kernels, in place of the GEMV path's.
 bool i4mma_selected(const qmoe_problem& p);
 cudaError_t launch_i4mma_token1(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, cudaStream_t s,
                                 bool with_down = true);

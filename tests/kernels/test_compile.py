@@ -92,8 +92,9 @@ def check_abi_without_gpu(path):
         ({"path": paths["wgmma"]}, -2),
         ({"hidden": 2000}, -2),
         ({"path": 7}, -1),
-        # INT4: AUTO takes GEMV at every T, MMA and MMA_SYNC the mma.sync kernel, WGMMA is refused (no SM 9.0)
-        ({"weight_dtype": moe.QMOE_I4, "group_size": 128}, paths["gemv"]),
+        # INT4: the same rule as 16-bit weights (no SM 9.0 here: no wgmma)
+        ({"weight_dtype": moe.QMOE_I4, "group_size": 128}, paths["mma_sync"]),
+        ({"weight_dtype": moe.QMOE_I4, "group_size": 128, "num_tokens": 64}, paths["gemv"]),
         ({"weight_dtype": moe.QMOE_I4, "group_size": 128, "path": paths["gemv"]}, paths["gemv"]),
         ({"weight_dtype": moe.QMOE_I4, "group_size": 128, "path": paths["mma"]}, paths["mma_sync"]),
         ({"weight_dtype": moe.QMOE_I4, "group_size": 128, "path": paths["mma_sync"]}, paths["mma_sync"]),

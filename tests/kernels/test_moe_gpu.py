@@ -77,27 +77,23 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 
 
 def expect_path(kmoe, x, logits, gu, k, gs, path):
-    """The kernel that runs: "wgmma" where asked for (or chosen by "mma") on SM 9.0 with 16-bit weights, and
-    a clear refusal where wgmma cannot run; INT4 weights run GEMV under auto, mma.sync under mma and wgmma
-    only where asked for. Returns False when the case cannot run on this GPU."""
-    if gu.dtype == torch.uint8:
-        if path == "wgmma" and not HOPPER:
-            with pytest.raises(kmoe.QmoeError, match="unsupported"):
-                kmoe.resolve_path(x, logits, gu, k, gs, path)
-            return False
-        want = {"auto": "gemv", "gemv": "gemv", "wgmma": "wgmma"}.get(path, "mma_sync")
-        assert kmoe.resolve_path(x, logits, gu, k, gs, path) == want
-        return True
-    if path not in ("mma", "wgmma"):
-        return True
-    int8 = gs is not None
+    """The kernel that runs, by the measured rule: AUTO takes GEMV at or below 4 pairs an expert; AUTO and
+    "mma" take wgmma at about 96 or more tokens an expert on SM 9.0 (16-bit or INT4 weights), else mma.sync;
+    "gemv" and "mma_sync" are taken as asked; "wgmma" is refused off SM 9.0 and with INT8 weights. Returns
+    False when the case cannot run on this GPU."""
+    int8 = gu.dtype == torch.int8
+    T, E = x.shape[0], logits.shape[1]
     if path == "wgmma" and (int8 or not HOPPER):
         with pytest.raises(kmoe.QmoeError, match="unsupported"):
             kmoe.resolve_path(x, logits, gu, k, gs, path)
         return False
-    # "mma" takes wgmma where it measured faster: about 96 or more tokens an expert.
-    preferred = path == "wgmma" or x.shape[0] * k >= 96 * logits.shape[1]
-    want = "wgmma" if HOPPER and not int8 and preferred else "mma_sync"
+    if path in ("gemv", "mma_sync"):
+        want = path
+    elif path == "auto" and T * k <= 4 * E:
+        want = "gemv"
+    else:
+        preferred = path == "wgmma" or T * k >= 96 * E
+        want = "wgmma" if HOPPER and not int8 and preferred else "mma_sync"
     assert kmoe.resolve_path(x, logits, gu, k, gs, path) == want
     return True
 
@@ -156,9 +152,9 @@ def test_int8_qwen3_30b_a3b_shapes(kmoe, gen, dtype, path):
     run_case(kmoe, gen, 300, 128, 8, dtype, "int8_f16s", path, H=2048, inter=768)
 
 
-# INT4 weight-only (W4A16), groups of G input channels: the GEMV path (AUTO's choice for INT4 at every T)
-# and the mma.sync kernel, against the float64 reference with the int4-dequantized weights. I = 256 so that
-# G = 128 divides it.
+# INT4 weight-only (W4A16), groups of G input channels: AUTO (the GEMV path's kernels at decode, the
+# tensor-core kernels at prefill), the GEMV path and the mma.sync kernel, against the float64 reference
+# with the int4-dequantized weights. I = 256 so that G = 128 divides it.
 @pytest.mark.parametrize("path", ["auto", "gemv", "mma_sync"])
 @pytest.mark.parametrize("wkind", ["int4_g32_f32s", "int4_g32_f16s", "int4_g128_f32s", "int4_g128_f16s"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -183,11 +179,11 @@ def test_int4_mma_sync_qwen3_30b_a3b_shapes(kmoe, gen, T, dtype, wkind):
     run_case(kmoe, gen, T, 128, 8, dtype, wkind, "mma_sync", H=2048, inter=768)
 
 
-# INT4 on the wgmma kernel (path="wgmma" only; AUTO keeps GEMV): nibbles staged, widened in shared memory
-# with the group scale folded in. E=16, k=2 puts about T/8 tokens on an expert: T=1, 7, 300 give 64-token
-# tiles with fewer tokens than that (partial tiles), 800 and 1200 128- and 192-token tiles, 3000 256-token
-# tiles and more than 256 tokens an expert (a full tile and a partial one). H=256: 256 weight rows a block;
-# H=384: 128.
+# INT4 on the wgmma kernel (AUTO's choice at about 96 or more tokens an expert on SM 9.0): nibbles staged,
+# widened in shared memory with the group scale folded in. E=16, k=2 puts about T/8 tokens on an expert:
+# T=1, 7, 300 give 64-token tiles with fewer tokens than that (partial tiles), 800 and 1200 128- and
+# 192-token tiles, 3000 256-token tiles and more than 256 tokens an expert (a full tile and a partial
+# one). H=256: 256 weight rows a block; H=384: 128.
 @pytest.mark.parametrize("wkind", ["int4_g32_f32s", "int4_g64_f16s", "int4_g128_f32s", "int4_g128_f16s"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("H", [256, 384])
@@ -213,8 +209,8 @@ def test_int4_wgmma_tile_configs(kmoe, gen, monkeypatch, tile, rows):
 
 
 def test_wgmma_takes_int4_not_int8(kmoe, gen):
-    """Forcing wgmma runs INT4 weights on SM 9.0 (refused elsewhere) and refuses INT8 weights everywhere; the
-    other paths keep their INT4 kernels (AUTO: GEMV, MMA: mma.sync)."""
+    """Forcing wgmma runs INT4 weights on SM 9.0 (refused elsewhere) and refuses INT8 weights everywhere; at 8
+    tokens an expert AUTO takes GEMV and MMA mma.sync for INT4 as for 16-bit weights."""
     T, E, k, H, inter = 64, 16, 2, 256, 256
     x = torch.randn(T, H, generator=gen, device="cuda").to(torch.bfloat16)
     logits = torch.randn(T, E, generator=gen, device="cuda")
@@ -365,8 +361,9 @@ def single_token_against_general(kmoe, gen, monkeypatch, E, k, dtype, wkind, ldt
         assert torch.equal(getattr(r1, name), getattr(r0, name)), name
 
 
-# INT4 in groups of 128 on the tensor cores (QMOE_I4_MMA=1: mma.sync decode kernels in place of the GEMV
-# path's, single-token and general): the float64 reference, and the same bits on both T=1 paths.
+# INT4 in groups of 128 on the tensor cores (the GEMV path's decode kernels for G = 128, single-token and
+# general; QMOE_I4_MMA=1 set explicitly so the tests keep covering them if the default changes): the float64
+# reference, and the same bits on both T=1 paths.
 @pytest.mark.parametrize("wkind", ["int4_g128_f32s", "int4_g128_f16s"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize(("E", "k"), [(16, 2), (128, 8), (128, 32), (256, 5)])
@@ -389,6 +386,14 @@ def test_int4_tensor_core_single_token_path(kmoe, gen, monkeypatch, E, k, dtype,
 @pytest.mark.parametrize("T", [1, 4, 16, 64])
 def test_int4_tensor_core_qwen3_30b_a3b_shapes(kmoe, gen, monkeypatch, T, dtype):
     monkeypatch.setenv("QMOE_I4_MMA", "1")
+    run_case(kmoe, gen, T, 128, 8, dtype, "int4_g128_f16s", "auto", H=2048, inter=768)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("T", [1, 4, 16, 64])
+def test_int4_cuda_core_gemv_opt_out(kmoe, gen, monkeypatch, T, dtype):
+    # QMOE_I4_MMA=0 keeps the CUDA-core GEMV kernels for groups of 128 (the benchmark's comparison row).
+    monkeypatch.setenv("QMOE_I4_MMA", "0")
     run_case(kmoe, gen, T, 128, 8, dtype, "int4_g128_f16s", "auto", H=2048, inter=768)
 
 
