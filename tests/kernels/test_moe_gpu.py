@@ -136,14 +136,17 @@ def test_qwen3_30b_a3b_shapes(kmoe, gen, monkeypatch, T, path, pdl):
     run_case(kmoe, gen, T, 128, 8, torch.bfloat16, "float", path, H=2048, inter=768)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "wkind"), [(torch.float16, "float"), (torch.bfloat16, "int4_g128_f16s")], ids=["fp16", "int4"]
+)
 @pytest.mark.parametrize("rows", ["128", "256"])
 @pytest.mark.parametrize("tile", ["64", "128", "192", "256"])
-def test_wgmma_tile_configs(kmoe, gen, monkeypatch, tile, rows):
-    # Every token-tile width with 128 and 256 weight rows a block (256-token tiles always use 128 rows);
-    # 1500 tokens put 60-140 tokens on an expert, so the narrow tiles split experts.
+def test_wgmma_tile_configs(kmoe, gen, monkeypatch, tile, rows, dtype, wkind):
+    # Every token-tile width with 128 and 256 weight rows a block (256-token tiles always use 128 rows), for
+    # 16-bit and INT4 weights; 1500 tokens put 60-140 tokens on an expert, so the narrow tiles split experts.
     monkeypatch.setenv("QMOE_WG_TILE", tile)
     monkeypatch.setenv("QMOE_WG_ROWS", rows)
-    run_case(kmoe, gen, 1500, 128, 8, torch.float16, "float", "wgmma", H=2048, inter=768)
+    run_case(kmoe, gen, 1500, 128, 8, dtype, wkind, "wgmma", H=2048, inter=768)
 
 
 @pytest.mark.parametrize("path", ["gemv", "mma"])
@@ -197,15 +200,6 @@ def test_int4_wgmma_matches_reference(kmoe, gen, T, H, dtype, wkind):
 @pytest.mark.parametrize("T", [512, 2048])
 def test_int4_wgmma_qwen3_30b_a3b_shapes(kmoe, gen, T, dtype, wkind):
     run_case(kmoe, gen, T, 128, 8, dtype, wkind, "wgmma", H=2048, inter=768)
-
-
-@pytest.mark.parametrize("rows", ["128", "256"])
-@pytest.mark.parametrize("tile", ["64", "128", "192", "256"])
-def test_int4_wgmma_tile_configs(kmoe, gen, monkeypatch, tile, rows):
-    # As test_wgmma_tile_configs: every token-tile width with 128 and 256 weight rows a block.
-    monkeypatch.setenv("QMOE_WG_TILE", tile)
-    monkeypatch.setenv("QMOE_WG_ROWS", rows)
-    run_case(kmoe, gen, 1500, 128, 8, torch.bfloat16, "int4_g128_f16s", "wgmma", H=2048, inter=768)
 
 
 def test_wgmma_takes_int4_not_int8(kmoe, gen):
