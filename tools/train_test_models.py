@@ -154,19 +154,22 @@ def _spaced_windows(ids: np.ndarray, count: int, window: int, offset: float) -> 
     return [ids[int((i + offset) * spacing) :][:window] for i in range(count)]
 
 
-def quant_texts(data: Path, out: Path, windows: int, window: int, wheels_dir: Path | None) -> None:
+def quant_texts(
+    data: Path, out: Path, windows: int, window: int, wheels_dir: Path | None, offset: float = 0.0
+) -> None:
     """The texts the trained models' quantization is measured with, from `prepare`'s data:
 
     - held_out.txt: every held-out file, in corpus order, joined by newlines (`--ppl-text`);
     - train_calibration.jsonl: `windows` {"text"} lines, each a `window`-token window of the training
-      split (evenly spaced over all of it, decoded with the Qwen3 tokenizer), for `--calibration`;
+      split (evenly spaced over all of it, `offset` of a spacing in, decoded with the Qwen3 tokenizer), for
+      `--calibration`; other offsets draw other windows, to see how much a result owes to the draw;
     - train_dev.txt: as many windows again, half a spacing after each calibration window, joined by
       newlines: training-split text the calibration did not see, for choosing between quantizers without
       looking at the held-out files;
     - held_out_spread.txt: 64 windows evenly spaced over all the held-out tokens, joined by newlines
       (held_out.txt's first 64 windows, what `--ppl-text` scores, come from its first two files);
     - train_calibration_128.jsonl: 128 windows as train_calibration.jsonl, a tenth of their spacing in
-      (none of them overlaps a train_dev.txt window).
+      (at offset 0 none of them overlaps a train_dev.txt window).
     """
     from qwen3_compile.tokenizer import load_tokenizer
 
@@ -175,9 +178,9 @@ def quant_texts(data: Path, out: Path, windows: int, window: int, wheels_dir: Pa
     (out / "held_out.txt").write_text("\n".join(text for _, text in held_out))
     tok = load_tokenizer()
     ids = np.load(data / "train.npz")["ids"]
-    calibration = [tok.decode(w.tolist()) for w in _spaced_windows(ids, windows, window, 0.0)]
+    calibration = [tok.decode(w.tolist()) for w in _spaced_windows(ids, windows, window, offset)]
     (out / "train_calibration.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in calibration))
-    dev = [tok.decode(w.tolist()) for w in _spaced_windows(ids, windows, window, 0.5)]
+    dev = [tok.decode(w.tolist()) for w in _spaced_windows(ids, windows, window, (offset + 0.5) % 1.0)]
     (out / "train_dev.txt").write_text("\n".join(dev))
     more = [tok.decode(w.tolist()) for w in _spaced_windows(ids, 128, window, 0.1)]
     (out / "train_calibration_128.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in more))
@@ -342,6 +345,9 @@ def main() -> None:
     q.add_argument("--windows", type=int, default=40)
     q.add_argument("--window", type=int, default=256)
     q.add_argument("--wheels", type=Path, help="a folder already holding the CORPUS wheels")
+    q.add_argument(
+        "--offset", type=float, default=0.0, help="calibration windows this fraction of their spacing in"
+    )
     t = sub.add_parser("train", help="train one model")
     t.add_argument("--data", type=Path, required=True)
     t.add_argument("--model", choices=sorted(ARCHS), required=True)
@@ -358,7 +364,9 @@ def main() -> None:
     if args.cmd == "prepare":
         prepare(args.data, args.wheels)
     elif args.cmd == "quant-texts":
-        quant_texts(args.data, args.out, args.windows, args.window, args.wheels)
+        if not 0.0 <= args.offset < 1.0:
+            parser.error(f"--offset {args.offset}: give a fraction of the window spacing, 0 <= offset < 1")
+        quant_texts(args.data, args.out, args.windows, args.window, args.wheels, args.offset)
     else:
         train(args)
 

@@ -11,6 +11,8 @@
 #   bash tools/wide_awq_device.sh train      # tokenize + train (about 5 minutes on one H200), kept in /root
 #   bash tools/wide_awq_device.sh measure    # the texts, then the table into $OUT (same warm machine; scored on
 #                                            # the GPU, searched on the CPU)
+#   bash tools/wide_awq_device.sh spread     # round to nearest and AWQ again with the calibration windows a
+#                                            # quarter and three quarters of their spacing on: the draw's share
 #
 # The model stays on the machine (0.4 GB): a later call must find it warm, or `train` runs again.
 set -euo pipefail
@@ -31,8 +33,18 @@ measure)
         --variants "${2:-rtn,awq,gptq}" --score dev,held-out,held-out-spread --device cuda |
         tee "${OUT:-/tmp/out}/awq_wide.md"
     ;;
+spread)
+    for offset in ${2:-0.25 0.75}; do
+        python3 tools/train_test_models.py quant-texts --data $WORK/data --out $WORK/texts-$offset --wheels .wheels \
+            --offset "$offset"
+        echo "calibration offset $offset" | tee -a "${OUT:-/tmp/out}/awq_wide_spread.md"
+        python3 benchmarks/awq_variants.py --texts $WORK/texts-$offset --models $WORK/models/trained-wide \
+            --group-size 128 --variants rtn,awq --score dev,held-out,held-out-spread --device cuda |
+            tee -a "${OUT:-/tmp/out}/awq_wide_spread.md"
+    done
+    ;;
 *)
-    echo "usage: $0 train [STEPS] | measure [VARIANTS]" >&2
+    echo "usage: $0 train [STEPS] | measure [VARIANTS] | spread [OFFSETS]" >&2
     exit 2
     ;;
 esac
