@@ -359,7 +359,9 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(GemmArgs a) {
     }
     const uint32_t sa = base + (kb % kStages) * C::kStage;
     const uint32_t wa = kInt4 ? base + C::wide_at(kb) : sa;  // the weight tile wgmma reads
+#ifndef QMOE_WGMMA_FENCE_PER_SHAPE  // else each wgmma_k64 block fences for itself (wgmma_ops.cuh)
     wgmma_fence();
+#endif
 #pragma unroll
     for (int h = 0; h < C::kHalves; ++h) {
       const uint32_t rows = (wg * C::kHalves + h) * 64;  // this m64 tile's first weight row in the tile

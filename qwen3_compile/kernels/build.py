@@ -135,12 +135,16 @@ def build_library(
     nvcc: str | None = None,
     threads: int | None = None,
     force: bool = False,
+    defines: tuple[str, ...] = (),
 ) -> BuiltLibrary:
     """Compile `plugins/moe/*.cu` into `<cache>/libqmoe-<key>.so`, or return the cached build.
 
-    All architectures go through one nvcc invocation (`--threads` compiles them in parallel).
+    All architectures go through one nvcc invocation (`--threads` compiles them in parallel). `defines`
+    (macro names, e.g. `QMOE_WGMMA_FENCE_PER_SHAPE`) build a variant for measuring against the default;
+    they are part of the cache key.
     """
-    return compile_library("libqmoe", (), archs, cache_dir, nvcc, threads, force)
+    flags = tuple(f"-D{d}" for d in defines)
+    return compile_library("libqmoe", flags, archs, cache_dir, nvcc, threads, force)
 
 
 def compile_library(

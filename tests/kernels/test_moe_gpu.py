@@ -202,6 +202,29 @@ def test_int4_wgmma_qwen3_30b_a3b_shapes(kmoe, gen, T, dtype, wkind):
     run_case(kmoe, gen, T, 128, 8, dtype, wkind, "wgmma", H=2048, inter=768)
 
 
+# QMOE_WGMMA_FENCE_PER_SHAPE (built as a variant library) moves wgmma.fence from before the kernel's shape
+# switch into each shape's asm block: fences order, they compute nothing, so every output bit must match.
+@pytest.mark.skipif(not HOPPER, reason="wgmma: SM 9.0")
+@pytest.mark.parametrize(
+    ("dtype", "wkind"),
+    [(torch.bfloat16, "float"), (torch.float16, "float"), (torch.bfloat16, "int4_g128_f16s")],
+    ids=["bf16", "fp16", "int4"],
+)
+@pytest.mark.parametrize("T", [300, 2048])
+def test_wgmma_fence_per_shape_same_bits(kmoe, gen, T, dtype, wkind):
+    from qwen3_compile.kernels.build import build_library
+
+    variant = str(build_library(archs=("90",), defines=("QMOE_WGMMA_FENCE_PER_SHAPE",)).path)
+    E, k, H, inter = 128, 8, 2048, 768
+    x = torch.randn(T, H, generator=gen, device="cuda").to(dtype)
+    logits = torch.randn(T, E, generator=gen, device="cuda")
+    gu, dn, gs, ds = make_weights(gen, E, H, inter, dtype, wkind)
+    base = kmoe.moe_forward(x, logits, gu, dn, k, True, gs, ds, path="wgmma")
+    other = kmoe.moe_forward(x, logits, gu, dn, k, True, gs, ds, path="wgmma", library=variant)
+    check_close(other, kmoe.moe_reference(x, logits, gu, dn, k, True, gs, ds), dtype, "fence per shape")
+    assert torch.equal(base, other), "the fence placement changed the result"
+
+
 def test_wgmma_takes_int4_not_int8(kmoe, gen):
     """Forcing wgmma runs INT4 weights on SM 9.0 (refused elsewhere) and refuses INT8 weights everywhere; at 8
     tokens an expert AUTO takes GEMV and MMA mma.sync for INT4 as for 16-bit weights."""

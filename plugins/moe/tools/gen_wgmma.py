@@ -22,7 +22,10 @@ def wrapper(n: int, ctype: str, ptx: str) -> str:
     outs = "{" + ", ".join(f"%{i}" for i in range(regs)) + "}"
     binds = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
     a0, b0, flag = regs, regs + K_STEPS, regs + 2 * K_STEPS
-    lines = [f'"{{\\n.reg .pred p, q;\\nsetp.ne.b32 p, %{flag}, 0;\\nsetp.eq.b32 q, %{flag}, %{flag};\\n"']
+    lines = [
+        '"{\\n" QMOE_WGMMA_BLOCK_FENCE',
+        f'".reg .pred p, q;\\nsetp.ne.b32 p, %{flag}, 0;\\nsetp.eq.b32 q, %{flag}, %{flag};\\n"',
+    ]
     for k in range(K_STEPS):
         scale = "p" if k == 0 else "q"
         lines.append(
@@ -62,6 +65,10 @@ def main() -> None:
         "// k16 steps; A and B K-major in shared memory (128-byte swizzle descriptors at k = 0), fp32 accumulators\n"
         "// d[0 .. N/2) in the wgmma fragment order; acc = 0 overwrites d (D = A B).\n",
         "#pragma once\n#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <stdint.h>\n\nnamespace qmoe {\n",
+        "// -DQMOE_WGMMA_FENCE_PER_SHAPE: each block opens with its own wgmma.fence (the kernel then issues none\n"
+        "// before the shape switch), so ptxas needs no injected warpgroup.arrive per switch case (C7519).\n"
+        '#ifdef QMOE_WGMMA_FENCE_PER_SHAPE\n#define QMOE_WGMMA_BLOCK_FENCE "wgmma.fence.sync.aligned;\\n"\n'
+        '#else\n#define QMOE_WGMMA_BLOCK_FENCE ""\n#endif\n',
         "#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)\n",
         "template <int N, typename T> __device__ __forceinline__ void wgmma_k64(float* d, uint64_t a, uint64_t b, int acc);\n\n",
     ]
