@@ -317,7 +317,7 @@ def compile_for_target(
         if candidate.refused:
             attempts.append(candidate.attempt("skipped", candidate.refused))
         elif candidate.needed_gb > target.usable_gb:
-            attempts.append(candidate.attempt("skipped", _does_not_fit(candidate, target)))
+            attempts.append(candidate.attempt("skipped", _does_not_fit(candidate.needed_gb, target)))
         elif kept is not None:
             attempts.append(candidate.attempt("not tried", f"{kept.applied} passed first"))
         else:
@@ -355,8 +355,8 @@ def stored_name(fmt: QuantFormat) -> str:
     return f"{fmt.method}-int{fmt.bits}-g{fmt.group_size}" + ("-desc-act" if fmt.desc_act else "")
 
 
-def _does_not_fit(candidate: _Candidate, target: Target) -> str:
-    return f"does not fit: needs {candidate.needed_gb:.2f} GB > {target.usable_gb:g} GB usable"
+def _does_not_fit(needed_gb: float, target: Target) -> str:
+    return f"does not fit: needs {needed_gb:.2f} GB > {target.usable_gb:g} GB usable"
 
 
 class _Search:
@@ -441,16 +441,13 @@ class _Search:
                 "skipped", "its MoE experts have zero points, which TensorRT's expert paths cannot take"
             )
         if plan.total / GB > usable:
-            return attempt("skipped", f"does not fit: needs {plan.total / GB:.2f} GB > {usable:g} GB usable")
+            return attempt("skipped", _does_not_fit(plan.total / GB, self.target))
         clock = time.perf_counter()
         folder = self.run_dir / "attempts" / AS_STORED
         staging = folder / "artifact"
-        try:  # fp16 for the device where the checkpoint's scales allow it (AWQ, GPTQ: fp16 scales)
-            export_onnx(self.source, staging, ExportOptions(dtype="fp16"), force=True, progress=self.progress)
-        except BadInputError as err:
-            if err.field != "--dtype" and "not exact in float16" not in err.problem:
-                raise
-            export_onnx(self.source, staging, ExportOptions(dtype="fp32"), force=True, progress=self.progress)
+        # fp16 for the device where the checkpoint's scales are fp16 numbers (AWQ, GPTQ), else fp32 (exact)
+        dtype = "fp16" if quant.scales_exact_in_fp16() else "fp32"
+        export_onnx(self.source, staging, ExportOptions(dtype=dtype), force=True, progress=self.progress)
         return self._validate_and_keep(attempt, folder, staging, AS_STORED, clock)
 
     def _validate_and_keep(

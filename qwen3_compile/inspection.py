@@ -133,7 +133,7 @@ def inspect_model(
         weight_gb={p: b / GB for p, b in weights.items()},
         kv_bytes_per_token={d: kv_bytes_per_token(arch, d) for d in ("fp16", "fp8")},
         context=context,
-        fits=fit_targets(arch, list(all_targets().values()), context, weights=weights if imported else None),
+        fits=fit_targets(arch, list(all_targets().values()), context, weights=weights),
         tokenizer_dir=str(tokenizer_dir_for(source.tokenizer_dir)),
         checkpoint=summary,
         published=published,

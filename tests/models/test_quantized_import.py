@@ -123,6 +123,33 @@ def test_quantize_refuses_an_imported_export(tmp_path):
     assert "imported" in result.output and "round them twice" in result.output
 
 
+@pytest.mark.parametrize("fmt", ["awq", "gptq8", "fp8", "fp8-scales-fp16-exact"])
+def test_scales_exact_in_fp16_predicts_the_fp16_export(tmp_path, fmt):
+    """`compile --target` exports fp16 where `scales_exact_in_fp16` says so: it must agree with the export's
+    own per-weight check (F16 scales without reading them; FP8's fp32 scales read, whether rounded to fp16
+    numbers or not)."""
+    from safetensors.torch import load_file, save_file
+
+    from qwen3_compile.export.stage import ExportOptions
+    from qwen3_compile.models.loading import resolve_model
+
+    kind, opts = FORMATS[fmt.removesuffix("-scales-fp16-exact")]
+    save_quantized_checkpoint(tmp_path / "ckpt", "dense", kind, **opts)
+    if fmt.endswith("fp16-exact"):  # the same checkpoint with every fp32 scale an fp16 number
+        path = tmp_path / "ckpt" / "model.safetensors"
+        tensors = load_file(str(path))
+        for name in [n for n in tensors if n.endswith("weight_scale_inv")]:
+            tensors[name] = tensors[name].half().float()
+        save_file(tensors, str(path))
+    exact = resolve_model(tmp_path / "ckpt").quantization.scales_exact_in_fp16()
+    assert exact == (fmt != "fp8")
+    if exact:
+        export_onnx(tmp_path / "ckpt", tmp_path / "onnx", ExportOptions(dtype="fp16"))
+    else:
+        with pytest.raises(BadInputError, match="not exact in float16"):
+            export_onnx(tmp_path / "ckpt", tmp_path / "onnx", ExportOptions(dtype="fp16"))
+
+
 def test_inspect_reports_the_quantization(tmp_path):
     save_quantized_checkpoint(tmp_path / "ckpt", "moe", "gptq", bits=8, desc_act=True)
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "ckpt"), "--json"])

@@ -87,6 +87,19 @@ class ImportedQuantization:
             "bf16_bytes": 2 * params,
         }
 
+    def scales_exact_in_fp16(self) -> bool:
+        """Whether every stored scale is an fp16 number, so an fp16 graph holds the weights exactly: F16
+        scales (AWQ, GPTQ) are; others (FP8's weight_scale_inv, a small tensor) are read and checked."""
+        for linear in self.linears.values():
+            for role in ("scale", "scales"):
+                entry = linear.tensors.get(role)
+                if entry is None or entry.dtype == "F16":
+                    continue
+                s = np.asarray(_read(entry), dtype=np.float32)
+                if not np.array_equal(s.astype(np.float16).astype(np.float32), s):
+                    return False
+        return True
+
     def read(self, weight: str) -> UnpackedWeight:
         """One linear's stored tensors, value-checked and unpacked."""
         linear = self.linears[weight]
