@@ -18,6 +18,8 @@ from qwen3_compile.backends.onnxruntime.settings import ORT_QDQ, session_options
 from qwen3_compile.custom_ops import DOMAIN, EXPERT_DISPATCH, WEIGHT_ONLY_EXPERT_DISPATCH, function
 from qwen3_compile.lower import lower
 
+from .moe_graphs import expert_dispatch_node
+
 RULE = "quantized_experts_to_weight_only_dispatch"
 NP_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
@@ -68,16 +70,7 @@ def dispatch_model(
             )
         )
     nodes.append(
-        helper.make_node(
-            EXPERT_DISPATCH,
-            ["hidden", "logits", "gate_up", "down"],
-            ["out"],
-            name="layers.0/experts",
-            domain=DOMAIN,
-            top_k=top_k,
-            normalize=1,
-            activation="silu",
-        )
+        expert_dispatch_node(["hidden", "logits", "gate_up", "down"], "out", top_k, name="layers.0/experts")
     )
     graph = helper.make_graph(
         nodes,

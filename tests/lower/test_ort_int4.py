@@ -17,6 +17,8 @@ from qwen3_compile.custom_ops import DOMAIN, EXPERT_DISPATCH, function
 from qwen3_compile.lower import lower
 from qwen3_compile.lower.ort_matmul_nbits import INT4_ZERO_POINT, pack_nibbles
 
+from .moe_graphs import expert_dispatch_node
+
 GROUP = 32
 
 
@@ -165,16 +167,7 @@ def int4_dispatch_model(gate_up: np.ndarray, down: np.ndarray, top_k: int, group
 def dispatch_model(dequantize: list, inits: list, experts: int, hidden: int, top_k: int) -> onnx.ModelProto:
     """ExpertDispatch (SiLU, normalised top-k) over `gate_up` and `down`, which the `dequantize` nodes
     produce from `inits`; inputs `hidden` [n, hidden] and `router_logits` [n, experts]."""
-    dispatch = helper.make_node(
-        EXPERT_DISPATCH,
-        ["hidden", "router_logits", "gate_up", "down"],
-        ["y"],
-        name="experts",
-        domain=DOMAIN,
-        top_k=top_k,
-        normalize=1,
-        activation="silu",
-    )
+    dispatch = expert_dispatch_node(["hidden", "router_logits", "gate_up", "down"], "y", top_k)
     inputs = [
         helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["n", hidden]),
         helper.make_tensor_value_info("router_logits", TensorProto.FLOAT, ["n", experts]),

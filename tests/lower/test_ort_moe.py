@@ -14,19 +14,12 @@ from qwen3_compile.custom_ops import DOMAIN, EXPERT_DISPATCH, function
 from qwen3_compile.lower import lower
 from qwen3_compile.lower.ort_moe import interleave_gate_up
 
+from .moe_graphs import expert_dispatch_node
+
 
 def dispatch_model(gate_up: np.ndarray, down: np.ndarray, top_k: int, normalize: bool) -> onnx.ModelProto:
     experts, rows, hidden = gate_up.shape
-    node = helper.make_node(
-        EXPERT_DISPATCH,
-        ["hidden", "router_logits", "gate_up", "down"],
-        ["out"],
-        name="experts",
-        domain=DOMAIN,
-        top_k=top_k,
-        normalize=int(normalize),
-        activation="silu",
-    )
+    node = expert_dispatch_node(["hidden", "router_logits", "gate_up", "down"], "out", top_k, normalize)
     graph = helper.make_graph(
         [node],
         "dispatch",

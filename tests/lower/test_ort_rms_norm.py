@@ -17,6 +17,8 @@ from qwen3_compile.lower import lower
 from qwen3_compile.lower.ort_rms_norm import RmsNormToSimplifiedLayerNorm
 from qwen3_compile.lower.rules import apply_rules
 
+from .moe_graphs import settled_positions
+
 RULE = RmsNormToSimplifiedLayerNorm.name
 
 
@@ -62,17 +64,24 @@ def test_fp32_lowered_matches_canonical(artifacts, preset):
 
 @pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
 def test_fp16_lowered_no_worse_than_canonical(artifacts, preset):
-    """fp16 rounds differently (ORT scales before the cast back): both against the fp32 PyTorch reference."""
+    """fp16 rounds differently (ORT scales before the cast back): both against the fp32 PyTorch reference, at
+    the positions whose logits do not hang on a near-tied expert choice (`settled_positions`: fp16 rounding
+    may route those to another expert in either graph)."""
     canonical = onnx.load(artifacts.export(preset, "fp16") / "model.onnx")
     loaded = artifacts.loaded(preset)
     config = loaded.model.config
     lowered = norms_only(canonical)
     reference = TorchRunner(loaded)
     for _ in range(2):
-        prompt = random_prompt(config.vocab_size)
+        for _ in range(20):  # fresh draws until half the positions are settled
+            prompt = random_prompt(config.vocab_size)
+            settled = settled_positions(loaded.model, prompt[0])
+            if settled.sum() >= settled.size // 2:
+                break
+        assert settled.sum() >= settled.size // 2, settled
         want, _ = reference.forward(*prompt, reference.empty_cache(prompt[0].shape[0]))
-        base = np.abs(ort_logits(canonical, config, *prompt, np.float16) - want).max()
-        err = np.abs(ort_logits(lowered, config, *prompt, np.float16) - want).max()
+        base = np.abs(ort_logits(canonical, config, *prompt, np.float16) - want).max(-1)[settled].max()
+        err = np.abs(ort_logits(lowered, config, *prompt, np.float16) - want).max(-1)[settled].max()
         assert err <= 2 * base + 1e-4, (err, base)
 
 

@@ -17,6 +17,8 @@ from qwen3_compile.custom_ops import DOMAIN, EXPERT_DISPATCH, function
 from qwen3_compile.lower import lower
 from qwen3_compile.lower.trt_moe import TRT_DOMAIN
 
+from .moe_graphs import expert_dispatch_node
+
 OPSET = 21
 
 
@@ -39,15 +41,8 @@ def _dispatch_model(rng, tokens, hidden, experts, inter, top_k, normalize):
         "gate_up": rng.normal(0, 0.2, (experts, 2 * inter, hidden)).astype(np.float32),
         "down": rng.normal(0, 0.2, (experts, hidden, inter)).astype(np.float32),
     }
-    node = helper.make_node(
-        EXPERT_DISPATCH,
-        ["hidden", "logits", "gate_up", "down"],
-        ["out"],
-        name="layers.0/experts",
-        domain=DOMAIN,
-        top_k=top_k,
-        normalize=normalize,
-        activation="silu",
+    node = expert_dispatch_node(
+        ["hidden", "logits", "gate_up", "down"], "out", top_k, normalize, name="layers.0/experts"
     )
     graph = helper.make_graph(
         [node],

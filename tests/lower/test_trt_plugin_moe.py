@@ -19,6 +19,8 @@ from qwen3_compile.kernels import trt_contract as contract
 from qwen3_compile.kernels.moe import moe_reference
 from qwen3_compile.lower import lower
 
+from .moe_graphs import expert_dispatch_node
+
 OPSET = 21
 
 
@@ -79,18 +81,7 @@ def _model(rng, dtype, quant=None, tokens=9, hidden=128, experts=8, inter=64, to
         else:
             inits.append(numpy_helper.from_array(w.astype(np_dtype), name))
         names.append(name)
-    nodes.append(
-        helper.make_node(
-            EXPERT_DISPATCH,
-            ["hidden", "logits", *names],
-            ["out"],
-            name="layers.0/experts",
-            domain=DOMAIN,
-            top_k=top_k,
-            normalize=1,
-            activation="silu",
-        )
-    )
+    nodes.append(expert_dispatch_node(["hidden", "logits", *names], "out", top_k, name="layers.0/experts"))
     graph = helper.make_graph(
         nodes,
         "dispatch",
