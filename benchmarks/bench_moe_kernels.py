@@ -725,6 +725,19 @@ def run_tokens(ctx, section: str, dtype_name: str, T: int, tokens) -> None:
                     env={"QMOE_I4_MMA": "0"},
                 )
             )
+        if T == 1:  # the one-kernel variant (QMOE_TOKEN1=2); INT4 on its CUDA-core GEMV core
+            for wname, weights, env in (
+                ("bf16", (gate_up, down, None, None), {"QMOE_TOKEN1": "2"}),
+                ("int4", ctx["int4"], {"QMOE_TOKEN1": "2", "QMOE_I4_MMA": "0"}),
+            ):
+                contenders.append(
+                    Contender(
+                        f"qmoe {wname} persistent t1",
+                        wname,
+                        lambda w=weights: qmoe_calls(kmoe, torch, xs, ls, w, "gemv"),
+                        env=env,
+                    )
+                )
         impls = ("eager", "batched_mm", "grouped_mm")
     else:
         contenders.append(
