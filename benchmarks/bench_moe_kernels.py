@@ -728,11 +728,13 @@ def run_tokens(ctx, section: str, dtype_name: str, T: int, tokens) -> None:
         if T == 1:  # the one-kernel variant (QMOE_TOKEN1=2); INT4 on its CUDA-core GEMV core
             for wname, weights, env in (
                 ("bf16", (gate_up, down, None, None), {"QMOE_TOKEN1": "2"}),
+                ("bf16", (gate_up, down, None, None), {"QMOE_TOKEN1": "2", "QMOE_T1_PERSISTENT_BLOCKS": "3"}),
                 ("int4", ctx["int4"], {"QMOE_TOKEN1": "2", "QMOE_I4_MMA": "0"}),
             ):
                 contenders.append(
                     Contender(
-                        f"qmoe {wname} persistent t1",
+                        f"qmoe {wname} persistent t1"
+                        + (" 3 blocks/SM" if "QMOE_T1_PERSISTENT_BLOCKS" in env else ""),
                         wname,
                         lambda w=weights: qmoe_calls(kmoe, torch, xs, ls, w, "gemv"),
                         env=env,

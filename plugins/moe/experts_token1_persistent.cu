@@ -56,8 +56,10 @@ __device__ __forceinline__ DownTask<W> down_task(const PersistentArgs& pa, int b
   return d;
 }
 
-template <typename T, typename W>
-__global__ void __launch_bounds__(kWarps * 32, 2) token1_persistent_kernel(PersistentArgs pa) {
+// kMinBlocks resident blocks an SM: 2 (at most 128 registers: 114-121, no spills) or 3 (80: 220-376 bytes
+// spilled, but 3168 resident warps take the 30B-A3B layer's 3072 gate_up tasks in one round instead of 1.45).
+template <typename T, typename W, int kMinBlocks>
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks) token1_persistent_kernel(PersistentArgs pa) {
   __shared__ float part[kMaxTopK][kMaxGroups * kRows];  // expert outputs rounded to T, as float
   const Token1Args& a = pa.a;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -151,7 +153,9 @@ template <typename T, typename W>
 cudaError_t launch_typed(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, cudaStream_t s) {
   PersistentArgs pa{token1_args(p, t, ws), t.down, t.down_scale};
   pa.a.groups = p.top_k <= 2 ? 4 : 2;  // the two-kernel down kernel's choice (k * groups <= 64 warp tasks)
-  auto kernel = token1_persistent_kernel<T, W>;
+  // QMOE_T1_PERSISTENT_BLOCKS=3 (benchmarking): the 80-register build, 3 blocks an SM.
+  auto kernel = env_int("QMOE_T1_PERSISTENT_BLOCKS", 2) == 3 ? token1_persistent_kernel<T, W, 3>
+                                                              : token1_persistent_kernel<T, W, 2>;
   int dev = 0, sms = 0, per_sm = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);

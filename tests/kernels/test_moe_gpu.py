@@ -417,13 +417,14 @@ def test_int4_cuda_core_gemv_opt_out(kmoe, gen, monkeypatch, T, dtype):
     run_case(kmoe, gen, T, 128, 8, dtype, "int4_g128_f16s", "auto", H=2048, inter=768)
 
 
+@pytest.mark.parametrize("blocks", ["2", "3"])
 @pytest.mark.parametrize("wkind", ["float", "int8_f16s", "int4_g128_f16s"])
-def test_persistent_single_token_qwen3_30b_a3b_shape(kmoe, gen, monkeypatch, wkind):
+def test_persistent_single_token_qwen3_30b_a3b_shape(kmoe, gen, monkeypatch, wkind, blocks):
     """The persistent T=1 kernel at the 30B-A3B layer (its grid is every SM's resident blocks): the general
     GEMV path's bits (INT4 on the CUDA-core kernels on both sides), eagerly and replayed from a CUDA graph
-    (a cooperative launch must capture), and the same bits on every replay."""
+    (a cooperative launch must capture), and the same bits on every replay; 2 and 3 blocks an SM."""
     E, k, H, inter = 128, 8, 2048, 768
-    env = {"QMOE_TOKEN1": "2", "QMOE_I4_MMA": "0"}
+    env = {"QMOE_TOKEN1": "2", "QMOE_I4_MMA": "0", "QMOE_T1_PERSISTENT_BLOCKS": blocks}
     single_token_against_general(
         kmoe, gen, monkeypatch, E, k, torch.bfloat16, wkind, torch.float32, env, H, inter
     )
