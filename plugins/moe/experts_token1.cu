@@ -10,8 +10,7 @@
 // and summation order as the combine kernel, so the result is bitwise that of the general GEMV path.
 // (Measured and dropped, NOTES.md runs 9-11: a split-K single kernel, and a persistent gate_up kernel
 // streaming through cp.async or TMA bulk copies; neither read the weights faster.)
-#include "gemv_core.cuh"
-#include "route_core.cuh"
+#include "token1_tasks.cuh"
 
 namespace qmoe {
 namespace {
@@ -19,7 +18,6 @@ namespace {
 using gemv::kRows;
 constexpr int kUpWarps = 4;    // kernel 1: warps per block; a warp owns h columns j, j+1
 constexpr int kDownWarps = 8;  // kernel 2: warps per block
-constexpr int kMaxGroups = 4;  // kernel 2: row groups (of kRows rows) per block, at most
 
 // The register cap (80, 16 bytes spilled) fits all blocks of the 30B-A3B layer (96 x 8) at once on 132
 // SMs; uncapped (96 registers, 5 blocks an SM) measured 4 us slower (NOTES.md, run 8).
@@ -28,96 +26,35 @@ __global__ void __launch_bounds__(kUpWarps * 32, 6) token1_gate_up_kernel(Token1
   pdl_wait();
   // Kernel 2 reads nothing of ours before its own wait: let it start as early as it can.
   pdl_launch_dependents();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int slot = blockIdx.y;
+  const int warp = threadIdx.x >> 5, slot = blockIdx.y;
   const int e = token1_slot_expert(a, slot);
-
-  const int K = a.H, I = a.I;
-  const int j = (blockIdx.x * kUpWarps + warp) * 2;  // grid.x * kUpWarps * 2 == I
-  using Store = typename gemv::WTraits<W>::Store;
-  constexpr int PS = gemv::WTraits<W>::kPerStore;
-  constexpr bool kGrouped = gemv::WTraits<W>::kGrouped;
-  const Store* wb = static_cast<const Store*>(a.weight) + size_t(e) * 2 * I * (K / PS);
-  const int ridx[kRows] = {j, j + 1, I + j, I + j + 1};
-  const Store* rows[kRows];
-  gemv::GroupScales gs{{}, a.scale_dtype, a.group_shift};
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    rows[r] = wb + size_t(ridx[r]) * (K / PS);
-    if (kGrouped) gs.rows[r] = group_scale_row(a.scale, a.scale_dtype, size_t(e) * 2 * I + ridx[r], K, a.group_shift);
-  }
-  float acc[kRows][1] = {{0.0f}, {0.0f}, {0.0f}, {0.0f}};
-  gemv::warp_dot<T, W, 1>(rows, gs, static_cast<const T*>(a.x), 1, K, acc);
-  if (lane == 0) {
-    float s[kRows];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) s[r] = a.scale && !kGrouped ? load_scale(a.scale, size_t(e) * 2 * I + ridx[r], a.scale_dtype) : 1.0f;
-    const float h0 = silu(acc[0][0] * s[0]) * (acc[2][0] * s[2]);
-    const float h1 = silu(acc[1][0] * s[1]) * (acc[3][0] * s[3]);
-    reinterpret_cast<uint32_t*>(static_cast<T*>(a.h) + size_t(slot) * I + j)[0] = pack2<T>(h0, h1);
-  }
+  token1::gate_up_task<T, W>(a, slot, (blockIdx.x * kUpWarps + warp) * 2, e);  // grid.x * kUpWarps * 2 == I
 }
 
 // Block: a.groups row groups of kRows output rows, for all k slots (task = slot + k * group).
 template <typename T, typename W>
 __global__ void __launch_bounds__(kDownWarps * 32, 2) token1_down_kernel(Token1Args a) {
-  __shared__ float part[kMaxTopK][kMaxGroups * kRows];  // expert output rounded to T, as float
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int K = a.I, k = a.k;
-  using Store = typename gemv::WTraits<W>::Store;
-  constexpr int PS = gemv::WTraits<W>::kPerStore;
-  constexpr bool kGrouped = gemv::WTraits<W>::kGrouped;
+  __shared__ token1::DownParts part;
+  const int warp = threadIdx.x >> 5;
   int my_id;
   float my_p;
   // The logits were complete before kernel 1 passed its wait, which came before this launch.
-  route_token_lanes(a.logits, a.E, k, a.normalize != 0, my_id, my_p);
+  route_token_lanes(a.logits, a.E, a.k, a.normalize != 0, my_id, my_p);
 
-  const int n_tasks = k * a.groups;
   bool waited = false;
-  for (int task = warp; task < n_tasks; task += kDownWarps) {
-    const int slot = task % k, group = task / k;
-    const int e = __shfl_sync(0xffffffffu, my_id, slot);
-    const int row0 = (blockIdx.x * a.groups + group) * kRows;
-    const Store* rows[kRows];
-    gemv::GroupScales gs{{}, a.scale_dtype, a.group_shift};
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      rows[r] = static_cast<const Store*>(a.weight) + (size_t(e) * a.H + row0 + r) * (K / PS);
-      if (kGrouped) gs.rows[r] = group_scale_row(a.scale, a.scale_dtype, size_t(e) * a.H + row0 + r, K, a.group_shift);
-    }
+  for (int task = warp; task < a.k * a.groups; task += kDownWarps) {
+    const token1::DownTask<W> d = token1::down_task<W>(a, a.weight, a.scale, blockIdx.x, task, my_id);
     gemv::Round<W> wv;
-    gemv::load_round<W>(rows, gs, 0, K, wv);  // before the wait: weights do not depend on kernel 1
+    gemv::load_round<W>(d.rows, d.gs, 0, a.I, wv);  // before the wait: weights do not depend on kernel 1
     if (!waited) {
       pdl_wait();
       waited = true;
     }
-    const T* hs = static_cast<const T*>(a.h) + size_t(slot) * K;
-    float acc[kRows][1] = {{0.0f}, {0.0f}, {0.0f}, {0.0f}};
-    gemv::consume_round<T, W, 1>(wv, 0, hs, 1, K, acc);
-    for (int kb = gemv::round_step<W>(); kb < K; kb += gemv::round_step<W>()) {
-      gemv::load_round<W>(rows, gs, kb, K, wv);
-      gemv::consume_round<T, W, 1>(wv, kb, hs, 1, K, acc);
-    }
-    gemv::warp_reduce<1>(acc);
-    if (lane < kRows) {
-      float v = acc[0][0];
-#pragma unroll
-      for (int r = 1; r < kRows; ++r) v = lane == r ? acc[r][0] : v;
-      const float s = a.scale && !kGrouped ? load_scale(a.scale, size_t(e) * a.H + row0 + lane, a.scale_dtype) : 1.0f;
-      part[slot][group * kRows + lane] = to_float(from_float<T>(v * s));
-    }
+    token1::down_finish<T, W>(a, d, wv, part);
   }
   if (!waited) pdl_wait();
   __syncthreads();
-  if (warp == 0) {
-    // Weighted combine in slot order, fp32 (the combine kernel's order): lane = row of the block.
-    float acc = 0.0f;
-    for (int j = 0; j < k; ++j) {
-      const float w = __shfl_sync(0xffffffffu, my_p, j);
-      if (lane < a.groups * kRows) acc = fmaf(w, part[j][lane], acc);
-    }
-    if (lane < a.groups * kRows) static_cast<T*>(a.out)[blockIdx.x * a.groups * kRows + lane] = from_float<T>(acc);
-  }
+  if (warp == 0) token1::combine<T>(a, part, my_p, blockIdx.x);
   pdl_launch_dependents();
 }
 

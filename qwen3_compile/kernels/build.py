@@ -38,7 +38,15 @@ _SOURCES = (
     "experts_mma.cu",
     "experts_wgmma.cu",
 )
-_HEADERS = ("qmoe.h", "qmoe_internal.cuh", "route_core.cuh", "gemv_core.cuh", "mma_sync.cuh", "wgmma_ops.cuh")
+_HEADERS = (
+    "qmoe.h",
+    "qmoe_internal.cuh",
+    "route_core.cuh",
+    "gemv_core.cuh",
+    "token1_tasks.cuh",
+    "mma_sync.cuh",
+    "wgmma_ops.cuh",
+)
 
 
 class KernelBuildError(RuntimeError):
