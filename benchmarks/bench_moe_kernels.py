@@ -598,6 +598,7 @@ class Contender:
     graph: bool = True  # try CUDA graph capture for the replay
     skip: str | None = None
     env: dict | None = None  # qmoe knobs (read at each launch) set for this contender's whole measurement
+    path: str = ""  # qmoe rows: the path asked of qmoe_forward, resolved to a kernel name for the label
 
 
 def measure(
@@ -700,10 +701,16 @@ def run_tokens(ctx, section: str, dtype_name: str, T: int, tokens) -> None:
                     f"qmoe bf16 {path}",
                     "bf16",
                     lambda p=path: qmoe_calls(kmoe, torch, xs, ls, (gate_up, down, None, None), p),
+                    path=path,
                 )
             )
         contenders.append(
-            Contender("qmoe int8 auto", "int8", lambda: qmoe_calls(kmoe, torch, xs, ls, ctx["int8"], "auto"))
+            Contender(
+                "qmoe int8 auto",
+                "int8",
+                lambda: qmoe_calls(kmoe, torch, xs, ls, ctx["int8"], "auto"),
+                path="auto",
+            )
         )
         for path in ("mma_sync", "wgmma"):
             contenders.append(
@@ -711,10 +718,16 @@ def run_tokens(ctx, section: str, dtype_name: str, T: int, tokens) -> None:
                     f"qmoe int4 {path}",
                     "int4",
                     lambda p=path: qmoe_calls(kmoe, torch, xs, ls, ctx["int4"], p),
+                    path=path,
                 )
             )
         contenders.append(
-            Contender("qmoe int4 auto", "int4", lambda: qmoe_calls(kmoe, torch, xs, ls, ctx["int4"], "auto"))
+            Contender(
+                "qmoe int4 auto",
+                "int4",
+                lambda: qmoe_calls(kmoe, torch, xs, ls, ctx["int4"], "auto"),
+                path="auto",
+            )
         )
         if decode:
             contenders.append(
@@ -723,23 +736,9 @@ def run_tokens(ctx, section: str, dtype_name: str, T: int, tokens) -> None:
                     "int4",
                     lambda: qmoe_calls(kmoe, torch, xs, ls, ctx["int4"], "gemv"),
                     env={"QMOE_I4_MMA": "0"},
+                    path="gemv",
                 )
             )
-        if T == 1:  # the one-kernel variant (QMOE_TOKEN1=2); INT4 on its CUDA-core GEMV core
-            for wname, weights, env in (
-                ("bf16", (gate_up, down, None, None), {"QMOE_TOKEN1": "2"}),
-                ("bf16", (gate_up, down, None, None), {"QMOE_TOKEN1": "2", "QMOE_T1_PERSISTENT_BLOCKS": "3"}),
-                ("int4", ctx["int4"], {"QMOE_TOKEN1": "2", "QMOE_I4_MMA": "0"}),
-            ):
-                contenders.append(
-                    Contender(
-                        f"qmoe {wname} persistent t1"
-                        + (" 3 blocks/SM" if "QMOE_T1_PERSISTENT_BLOCKS" in env else ""),
-                        wname,
-                        lambda w=weights: qmoe_calls(kmoe, torch, xs, ls, w, "gemv"),
-                        env=env,
-                    )
-                )
         impls = ("eager", "batched_mm", "grouped_mm")
     else:
         contenders.append(
@@ -747,6 +746,7 @@ def run_tokens(ctx, section: str, dtype_name: str, T: int, tokens) -> None:
                 "qmoe fp16 auto",
                 "fp16",
                 lambda: qmoe_calls(kmoe, torch, xs, ls, (gate_up, down, None, None), "auto"),
+                path="auto",
             )
         )
         impls = ("batched_mm", "grouped_mm")
@@ -776,11 +776,12 @@ def run_tokens(ctx, section: str, dtype_name: str, T: int, tokens) -> None:
         )
 
     def info(c: Contender) -> dict:
-        if c.name.startswith("qmoe"):
-            path = c.name.rsplit(" ", 1)[1]
+        if c.path:
             w = ctx[c.weights] if c.weights in ("int8", "int4") else (gate_up, down, None, None)
             try:
-                return {"kernel": kmoe.resolve_path(xs[0], ls[0], w[0], K, w[2], path)}
+                kernel = kmoe.resolve_path(xs[0], ls[0], w[0], K, w[2], c.path)
+                # env knobs pick a variant inside the resolved path (the persistent T=1 kernel, the INT4 core)
+                return {"kernel": ", ".join([kernel, *(f"{k}={v}" for k, v in (c.env or {}).items())])}
             except Exception as exc:
                 return {"kernel": f"unresolved: {exc}"}
         if c.name.startswith("onnxruntime"):

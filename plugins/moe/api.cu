@@ -149,14 +149,10 @@ int qmoe_forward(const qmoe_problem* p, const qmoe_tensors* t, void* stream) {
     tt.down_scale = nullptr;
   }
   cudaError_t err = cudaSuccess;
-  // One token (batch-1 decode): two kernels that route for themselves (QMOE_TOKEN1=0: the general path;
-  // 2: one persistent kernel, whole calls only).
-  const int token1_knob = qmoe::env_int("QMOE_TOKEN1", 1);
-  const bool token1 = gemv && p->num_tokens == 1 && token1_knob != 0;
+  // One token (batch-1 decode): two kernels that route for themselves (QMOE_TOKEN1=0: the general path).
+  const bool token1 = gemv && p->num_tokens == 1 && qmoe::env_int("QMOE_TOKEN1", 1) != 0;
   const bool i4mma = gemv && qmoe::i4mma_selected(*p);
-  if (token1 && token1_knob == 2) {
-    err = qmoe::launch_token1_persistent(*p, tt, ws, s);
-  } else if (token1) {
+  if (token1) {
     if (stages >= 2) {
       const bool down = stages >= 3;
       err = i4mma ? qmoe::launch_i4mma_token1(*p, tt, ws, s, down) : qmoe::launch_token1(*p, tt, ws, s, down);

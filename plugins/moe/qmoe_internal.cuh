@@ -287,10 +287,6 @@ cudaError_t launch_combine(const qmoe_problem& p, const Workspace& ws, void* out
 // (experts_token1.cu). with_down = false stops after gate_up.
 cudaError_t launch_token1(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws, cudaStream_t s,
                           bool with_down = true);
-// T == 1 in one persistent kernel (experts_token1_persistent.cu; QMOE_TOKEN1=2, a measured variant): gate_up,
-// a grid barrier, down and the combine; cooperative launch.
-cudaError_t launch_token1_persistent(const qmoe_problem& p, const qmoe_tensors& t, const Workspace& ws,
-                                     cudaStream_t s);
 // INT4 weights in groups of 128 on the tensor cores (experts_i4mma.cu; QMOE_I4_MMA=0 opts out, for
 // benchmarking): the single-token kernels and the general decode kernels, in place of the GEMV path's.
 bool i4mma_selected(const qmoe_problem& p);

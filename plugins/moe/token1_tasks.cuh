@@ -1,6 +1,6 @@
-// Internal to the qmoe library: the single-token warp tasks and combine, one body each, shared by the
-// two-kernel path (experts_token1.cu) and the persistent kernel (experts_token1_persistent.cu), so both keep
-// the general GEMV path's roundings and summation order (its bits, tested).
+// Internal to the qmoe library: the single-token warp tasks and combine of experts_token1.cu's kernels, with
+// the general GEMV path's roundings and summation order (its bits, tested). A down task is split into its first
+// round's loads and the rest, so a caller can put the loads in flight early.
 #pragma once
 
 #include "gemv_core.cuh"

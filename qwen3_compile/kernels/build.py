@@ -33,7 +33,6 @@ _SOURCES = (
     "route.cu",
     "experts_gemv.cu",
     "experts_token1.cu",
-    "experts_token1_persistent.cu",
     "experts_i4mma.cu",
     "experts_mma.cu",
     "experts_wgmma.cu",
