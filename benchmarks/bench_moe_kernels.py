@@ -154,6 +154,10 @@ def _fmt_stat(s: dict | None) -> str:
     return f"{s['median']:.1f} ({s['p10']:.1f}-{s['p90']:.1f})"
 
 
+def is_floor(row: dict) -> bool:
+    return row["contender"].startswith("floor:")
+
+
 def _fmt(x, spec: str = ".0f") -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
@@ -198,7 +202,9 @@ def render(meta: dict, readings: list[dict], rows: list[dict]) -> str:
             "% of the bf16 matmul rate. x: fastest transformers row's cold GPU median / this row's. "
             "rel. err: vs a float64 evaluation of the same inputs and 16-bit weights (INT8/INT4 rows include "
             "the quantisation error). (host-bound): the host took longer to enqueue the call than the "
-            "flush + spin head start, so the cold GPU time includes host gaps.",
+            "flush + spin head start, so the cold GPU time includes host gaps. floor rows: torch moving the "
+            "bf16 call's bytes and nothing else (a read-only sum; a copy of half of them to the other half), "
+            "timed the same way: what a single kernel pass over those bytes costs on this GPU.",
             "",
             "| T | contender | cold GPU | cold wall | replay | replay mode | % roofline cold | "
             "% roofline replay | x vs transformers (cold GPU) | rel. err |",
@@ -228,7 +234,8 @@ def render(meta: dict, readings: list[dict], rows: list[dict]) -> str:
                     f"| {T} | {r['contender']}{host} | {_fmt_stat(r['cold_gpu'])} | "
                     f"{_fmt_stat(r['cold_wall'])} | {_fmt_stat(r['replay'])} | {r['replay_mode']} | "
                     f"{_fmt(pc)} % {kind} | {_fmt(pr)} % {kind} | "
-                    f"{_fmt(best / cold if best else None, '.1f')} | {_fmt(r.get('rel_err'), '.1e')} |"
+                    f"{_fmt(best / cold if best and not is_floor(r) else None, '.1f')} | "
+                    f"{_fmt(r.get('rel_err'), '.1e')} |"
                 )
         notes = [
             f"- T={r['T']} {r['contender']}: CUDA graph capture failed, replay ran eagerly back to back "
@@ -599,6 +606,7 @@ class Contender:
     skip: str | None = None
     env: dict | None = None  # qmoe knobs (read at each launch) set for this contender's whole measurement
     path: str = ""  # qmoe rows: the path asked of qmoe_forward, resolved to a kernel name for the label
+    floor: bool = False  # a practical floor (moves the call's bytes, computes no MoE): no rel. err
 
 
 def measure(
@@ -617,7 +625,7 @@ def measure(
         for _ in range(2):  # warm-up (allocations, cuBLAS handles, ORT arena)
             outs = [call() for call in calls]
         timer.stream.synchronize()
-        row["rel_err"] = rel_err(torch, outs[0], ref)
+        row["rel_err"] = None if c.floor else rel_err(torch, outs[0], ref)
         t0 = time.perf_counter()
         calls[0]()
         timer.stream.synchronize()
@@ -638,7 +646,6 @@ def measure(
             replay=summarize(rep),
             replay_mode=mode,
             replay_calls_per_graph=len(calls),
-            replay_rel_err=rel_err(torch, routs[0], ref),
             raw={
                 "cold_gpu_us": cold["gpu"],
                 "cold_wall_us": cold["wall"],
@@ -646,13 +653,15 @@ def measure(
                 "replay_us": rep,
             },
         )
+        if not c.floor:
+            row["replay_rel_err"] = rel_err(torch, routs[0], ref)
         if cap_err:
             row["graph_capture_error"] = cap_err
         row.update(info(c) if info else {})
         log(
             f"{section} T={T} {c.name}: cold GPU {row['cold_gpu']['median']:.1f} us, cold wall "
             f"{row['cold_wall']['median']:.1f} us, replay {row['replay']['median']:.1f} us/call ({mode}), "
-            f"rel err {row['rel_err']:.1e}"
+            f"rel err {_fmt(row['rel_err'], '.1e')}"
         )
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {exc}"[:500]
@@ -665,6 +674,23 @@ def measure(
             else:
                 os.environ[k] = v
     return row
+
+
+def floor_calls(torch, nbytes: float, n_sets: int, how: str):
+    """Calls that move a qmoe call's bytes and nothing else, one buffer per input set like the contenders:
+    `read` sums them (a read-only pass), `copy` copies them (half the bytes read, half written)."""
+    n = int(nbytes) // 2
+    if how == "read":
+        bufs = [torch.randn(n, device="cuda").to(torch.bfloat16) for _ in range(n_sets)]
+        return [lambda b=b: b.sum(dtype=torch.float32) for b in bufs]
+    pairs = [
+        (
+            torch.randn(n // 2, device="cuda").to(torch.bfloat16),
+            torch.empty(n // 2, device="cuda", dtype=torch.bfloat16),
+        )
+        for _ in range(n_sets)
+    ]
+    return [lambda s=src, d=dst: d.copy_(s) for src, dst in pairs]
 
 
 def rel_err(torch, out, ref) -> float:
@@ -739,6 +765,17 @@ def run_tokens(ctx, section: str, dtype_name: str, T: int, tokens) -> None:
                     path="gemv",
                 )
             )
+        if decode:  # what moving the bf16 call's bytes alone costs, timed the same way
+            nbytes = call_bytes(distinct, T, "bf16")
+            for how in ("read", "copy"):
+                contenders.append(
+                    Contender(
+                        f"floor: torch {how} of the bf16 call's bytes",
+                        "bf16",
+                        lambda h=how: floor_calls(torch, nbytes, n_sets, h),
+                        floor=True,
+                    )
+                )
         impls = ("eager", "batched_mm", "grouped_mm")
     else:
         contenders.append(
@@ -832,7 +869,12 @@ def plan(tokens, sections) -> list[str]:
             names = (
                 [f"qmoe bf16 {p}" for p in ("auto", *QMOE_PATHS)]
                 + ["qmoe int8 auto", "qmoe int4 mma_sync", "qmoe int4 wgmma", "qmoe int4 auto"]
-                + (["qmoe int4 cuda-core gemv"] if T <= max(DECODE_T) else [])
+                + (
+                    ["qmoe int4 cuda-core gemv"]
+                    + [f"floor: torch {h} of the bf16 call's bytes" for h in ("read", "copy")]
+                    if T <= max(DECODE_T)
+                    else []
+                )
                 if sec == "bf16"
                 else ["qmoe fp16 auto"]
             )
@@ -884,6 +926,18 @@ def self_test() -> str:
             "replay_mode": "eager b2b",
             "host_bound": True,
             "rel_err": 5e-3,
+        },
+        {
+            "section": "bf16",
+            "T": 1,
+            "contender": "floor: torch read of the bf16 call's bytes",
+            "weights": "bf16",
+            "bytes": nbytes,
+            "cold_gpu": summarize([25.0]),
+            "cold_wall": summarize([50.0]),
+            "replay": summarize([20.0]),
+            "replay_mode": "graph",
+            "rel_err": None,
         },
         {"section": "bf16", "T": 2048, "contender": "transformers batched_mm bf16", "skipped": "too big"},
         {
