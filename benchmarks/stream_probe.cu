@@ -10,8 +10,14 @@ namespace {
 // layout 0 ("grid"): load u of thread t reads 16-byte word t + u * (all threads), so each load instruction of
 // the grid covers one contiguous span. layout 1 ("warp"): a warp task is kInFlight * 512 contiguous bytes
 // (a GEMV warp's rows), tasks grid-strided over warps.
+// 256 threads a block (the driver's THREADS). Without a minimum-blocks bound ptxas (CUDA 13.0) kept these at 32
+// registers by interleaving each load with the use of an earlier one, so ~4 loads were in flight whatever
+// kInFlight said; with it, all kInFlight loads issue before the first use (checked in the SASS; 78-80
+// registers at 16, so at most 3 such blocks fit an SM and larger grids run in waves).
+constexpr int kThreads = 256;
+
 template <int kInFlight, int kLayout>
-__global__ void read_stream(const uint4* __restrict__ src, size_t n16, unsigned* __restrict__ sink) {
+__global__ void __launch_bounds__(kThreads, 1) read_stream(const uint4* __restrict__ src, size_t n16, unsigned* __restrict__ sink) {
   unsigned acc = 0;
   if (kLayout == 0) {
     const size_t stride = size_t(gridDim.x) * blockDim.x;
@@ -51,7 +57,7 @@ __global__ void read_stream(const uint4* __restrict__ src, size_t n16, unsigned*
 }
 
 template <int kInFlight>
-__global__ void copy_stream(const uint4* __restrict__ src, uint4* __restrict__ dst, size_t n16) {
+__global__ void __launch_bounds__(kThreads, 1) copy_stream(const uint4* __restrict__ src, uint4* __restrict__ dst, size_t n16) {
   const size_t stride = size_t(gridDim.x) * blockDim.x;
   size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
   for (; i + (kInFlight - 1) * stride < n16; i += kInFlight * stride) {
@@ -67,6 +73,7 @@ __global__ void copy_stream(const uint4* __restrict__ src, uint4* __restrict__ d
 template <int kInFlight>
 cudaError_t launch_read(int layout, const void* src, size_t n16, void* sink, int blocks, int threads,
                         cudaStream_t s) {
+  if (threads != kThreads) return cudaErrorInvalidValue;
   const auto* in = static_cast<const uint4*>(src);
   auto* out = static_cast<unsigned*>(sink);
   if (layout == 0) read_stream<kInFlight, 0><<<blocks, threads, 0, s>>>(in, n16, out);
@@ -76,7 +83,7 @@ cudaError_t launch_read(int layout, const void* src, size_t n16, void* sink, int
 
 }  // namespace
 
-// Reads `bytes` (a multiple of 16, 16-byte aligned) once. layout: 0 grid, 1 warp; in_flight: 16-byte loads a
+// Reads `bytes` (a multiple of 16, 16-byte aligned) once; threads must be kThreads. layout: 0 grid, 1 warp; in_flight: 16-byte loads a
 // thread issues before using any (2, 4, 8 or 16); sink: `blocks` unsigned words. Returns a cudaError_t.
 extern "C" int probe_read(const void* src, size_t bytes, void* sink, int layout, int in_flight, int blocks,
                           int threads, cudaStream_t s) {
@@ -94,6 +101,7 @@ extern "C" int probe_read(const void* src, size_t bytes, void* sink, int layout,
 extern "C" int probe_copy(const void* src, void* dst, size_t bytes, int in_flight, int blocks, int threads,
                           cudaStream_t s) {
   const size_t n16 = bytes / 16;
+  if (threads != kThreads) return int(cudaErrorInvalidValue);
   const auto* in = static_cast<const uint4*>(src);
   auto* out = static_cast<uint4*>(dst);
   switch (in_flight) {
