@@ -10,7 +10,9 @@ bench_moe_kernels.py (L2 flushed by a 256 MB+ write, a calibrated GPU spin so th
 CUDA events around the call alone; median and p10-p90): our read probes (`stream_probe.cu`: 16-byte
 non-coherent loads, grid-strided or in warp-contiguous chunks like a GEMV warp's rows, a range of loads a
 thread and blocks an SM), our copy probe, and torch's `sum` and `copy_` of the same bytes. The best read probe
-at 75 MB is the floor a single-pass MoE kernel could reach.
+at 75 MB is the floor a single-pass MoE kernel could reach. The deeper read kernels take more registers (80 at
+16 loads a thread: 3 blocks an SM), so grids of more blocks than fit run in waves; ptxas.txt has each
+kernel's registers.
 """
 
 from __future__ import annotations
