@@ -154,10 +154,6 @@ def _fmt_stat(s: dict | None) -> str:
     return f"{s['median']:.1f} ({s['p10']:.1f}-{s['p90']:.1f})"
 
 
-def is_floor(row: dict) -> bool:
-    return row["contender"].startswith("floor:")
-
-
 def _fmt(x, spec: str = ".0f") -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
@@ -234,7 +230,7 @@ def render(meta: dict, readings: list[dict], rows: list[dict]) -> str:
                     f"| {T} | {r['contender']}{host} | {_fmt_stat(r['cold_gpu'])} | "
                     f"{_fmt_stat(r['cold_wall'])} | {_fmt_stat(r['replay'])} | {r['replay_mode']} | "
                     f"{_fmt(pc)} % {kind} | {_fmt(pr)} % {kind} | "
-                    f"{_fmt(best / cold if best and not is_floor(r) else None, '.1f')} | "
+                    f"{_fmt(best / cold if best and not r.get('floor') else None, '.1f')} | "
                     f"{_fmt(r.get('rel_err'), '.1e')} |"
                 )
         notes = [
@@ -614,6 +610,8 @@ def measure(
 ) -> dict:
     torch = timer.torch
     row = {"section": section, "T": T, "contender": c.name, "weights": c.weights}
+    if c.floor:
+        row["floor"] = True
     if c.skip:
         row["skipped"] = c.skip
         log(f"{section} T={T} {c.name}: skipped ({c.skip})")
@@ -817,7 +815,7 @@ def run_tokens(ctx, section: str, dtype_name: str, T: int, tokens) -> None:
             w = ctx[c.weights] if c.weights in ("int8", "int4") else (gate_up, down, None, None)
             try:
                 kernel = kmoe.resolve_path(xs[0], ls[0], w[0], K, w[2], c.path)
-                # env knobs pick a variant inside the resolved path (the persistent T=1 kernel, the INT4 core)
+                # env knobs pick a variant inside the resolved path (e.g. the INT4 CUDA-core kernels)
                 return {"kernel": ", ".join([kernel, *(f"{k}={v}" for k, v in (c.env or {}).items())])}
             except Exception as exc:
                 return {"kernel": f"unresolved: {exc}"}
@@ -931,6 +929,7 @@ def self_test() -> str:
             "section": "bf16",
             "T": 1,
             "contender": "floor: torch read of the bf16 call's bytes",
+            "floor": True,
             "weights": "bf16",
             "bytes": nbytes,
             "cold_gpu": summarize([25.0]),

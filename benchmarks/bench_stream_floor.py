@@ -29,7 +29,7 @@ from pathlib import Path
 from bench_moe_kernels import Timer, summarize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qwen3_compile.kernels.build import find_nvcc  # noqa: E402
+from qwen3_compile.kernels.build import find_nvcc, gencode_flags  # noqa: E402
 
 PROBE = Path(__file__).with_name("stream_probe.cu")
 SIZES_MB = (25, 50, 75, 150, 300, 1024)
@@ -41,13 +41,14 @@ REPS = 25
 
 
 def build_probe(arch: str, out_dir: Path) -> Path:
-    """nvcc the probes into a shared library for `arch` (e.g. "90"); -Xptxas -v output kept beside it."""
+    """nvcc the probes into a shared library for `arch` (e.g. "90", built as libqmoe's gencode_flags build
+    it); -Xptxas -v output kept beside it."""
     nvcc = find_nvcc()
     if nvcc is None:
         raise SystemExit("nvcc not found (set $NVCC or $CUDA_HOME)")
     lib = out_dir / f"libstream_probe_sm{arch}.so"
     cmd = [nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-shared", "-Xptxas", "-v"]
-    cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}", "-o", str(lib), str(PROBE)]
+    cmd += [*gencode_flags((arch,), ptx=False), "-o", str(lib), str(PROBE)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -100,8 +101,9 @@ def run(out: Path | None) -> None:
     major, minor = torch.cuda.get_device_capability()
     props = torch.cuda.get_device_properties(0)
     sms = props.multi_processor_count
-    work = Path(tempfile.mkdtemp(prefix="stream_probe_"))
-    lib = ctypes.CDLL(str(build_probe(f"{major}{minor}", work)))
+    with tempfile.TemporaryDirectory(prefix="stream_probe_") as tmp:  # the loaded library outlives its file
+        lib = ctypes.CDLL(str(build_probe(f"{major}{minor}", Path(tmp))))
+        ptxas = (Path(tmp) / "ptxas.txt").read_text()
     vp, sz, i32 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
     lib.probe_read.argtypes = [vp, sz, vp, i32, i32, i32, i32, vp]
     lib.probe_copy.argtypes = [vp, vp, sz, i32, i32, i32, vp]
@@ -142,7 +144,7 @@ def run(out: Path | None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.md").write_text(report)
         (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        (out / "ptxas.txt").write_text((work / "ptxas.txt").read_text())
+        (out / "ptxas.txt").write_text(ptxas)
 
 
 def render(meta: dict, rows: list[dict]) -> str:

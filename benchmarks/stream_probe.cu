@@ -7,32 +7,39 @@
 
 namespace {
 
-// layout 0 ("grid"): load u of thread t reads 16-byte word t + u * (all threads), so each load instruction of
-// the grid covers one contiguous span. layout 1 ("warp"): a warp task is kInFlight * 512 contiguous bytes
-// (a GEMV warp's rows), tasks grid-strided over warps.
 // 256 threads a block (the driver's THREADS). Without a minimum-blocks bound ptxas (CUDA 13.0) kept these at 32
 // registers by interleaving each load with the use of an earlier one, so ~4 loads were in flight whatever
 // kInFlight said; with it, all kInFlight loads issue before the first use (checked in the SASS; 78-80
 // registers at 16, so at most 3 such blocks fit an SM and larger grids run in waves).
 constexpr int kThreads = 256;
 
+__device__ __forceinline__ unsigned fold(uint4 v) { return v.x ^ v.y ^ v.z ^ v.w; }
+
+// Grid-strided pass: load u of thread t reads 16-byte word t + u * (all threads), so each load instruction of
+// the grid covers one contiguous span; `use(i, word)` runs once all kInFlight loads of the round are issued.
+template <int kInFlight, class Use>
+__device__ __forceinline__ void grid_pass(const uint4* __restrict__ src, size_t n16, Use use) {
+  const size_t stride = size_t(gridDim.x) * blockDim.x;
+  size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (; i + (kInFlight - 1) * stride < n16; i += kInFlight * stride) {
+    uint4 v[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) v[u] = __ldg(src + i + u * stride);
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) use(i + u * stride, v[u]);
+  }
+  for (; i < n16; i += stride) use(i, __ldg(src + i));
+}
+
+// layout 0 ("grid"): grid_pass. layout 1 ("warp"): a warp task is kInFlight * 512 contiguous bytes (a GEMV
+// warp's rows), tasks grid-strided over warps; the words after the last whole task grid-strided.
 template <int kInFlight, int kLayout>
-__global__ void __launch_bounds__(kThreads, 1) read_stream(const uint4* __restrict__ src, size_t n16, unsigned* __restrict__ sink) {
+__global__ void __launch_bounds__(kThreads, 1)
+    read_stream(const uint4* __restrict__ src, size_t n16, unsigned* __restrict__ sink) {
   unsigned acc = 0;
+  const auto xor_in = [&](size_t, uint4 v) { acc ^= fold(v); };
   if (kLayout == 0) {
-    const size_t stride = size_t(gridDim.x) * blockDim.x;
-    size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
-    for (; i + (kInFlight - 1) * stride < n16; i += kInFlight * stride) {
-      uint4 v[kInFlight];
-#pragma unroll
-      for (int u = 0; u < kInFlight; ++u) v[u] = __ldg(src + i + u * stride);
-#pragma unroll
-      for (int u = 0; u < kInFlight; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
-    }
-    for (; i < n16; i += stride) {
-      const uint4 v = __ldg(src + i);
-      acc ^= v.x ^ v.y ^ v.z ^ v.w;
-    }
+    grid_pass<kInFlight>(src, n16, xor_in);
   } else {
     const int lane = threadIdx.x & 31;
     const size_t warps = size_t(gridDim.x) * (blockDim.x / 32);
@@ -44,30 +51,19 @@ __global__ void __launch_bounds__(kThreads, 1) read_stream(const uint4* __restri
 #pragma unroll
       for (int u = 0; u < kInFlight; ++u) v[u] = __ldg(base + u * 32);
 #pragma unroll
-      for (int u = 0; u < kInFlight; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+      for (int u = 0; u < kInFlight; ++u) acc ^= fold(v[u]);
     }
-    for (size_t i = tasks * task_words + size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n16;
-         i += size_t(gridDim.x) * blockDim.x) {
-      const uint4 v = __ldg(src + i);
-      acc ^= v.x ^ v.y ^ v.z ^ v.w;
-    }
+    const size_t done = tasks * task_words;
+    grid_pass<1>(src + done, n16 - done, xor_in);
   }
   // A data-dependent store the compiler cannot drop, so every load stays live; almost never taken.
   if (acc == 0x9e3779b9u) sink[blockIdx.x] = acc;
 }
 
 template <int kInFlight>
-__global__ void __launch_bounds__(kThreads, 1) copy_stream(const uint4* __restrict__ src, uint4* __restrict__ dst, size_t n16) {
-  const size_t stride = size_t(gridDim.x) * blockDim.x;
-  size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (; i + (kInFlight - 1) * stride < n16; i += kInFlight * stride) {
-    uint4 v[kInFlight];
-#pragma unroll
-    for (int u = 0; u < kInFlight; ++u) v[u] = __ldg(src + i + u * stride);
-#pragma unroll
-    for (int u = 0; u < kInFlight; ++u) dst[i + u * stride] = v[u];
-  }
-  for (; i < n16; i += stride) dst[i] = __ldg(src + i);
+__global__ void __launch_bounds__(kThreads, 1)
+    copy_stream(const uint4* __restrict__ src, uint4* __restrict__ dst, size_t n16) {
+  grid_pass<kInFlight>(src, n16, [&](size_t i, uint4 v) { dst[i] = v; });
 }
 
 template <int kInFlight>
