@@ -963,7 +963,14 @@ def copy_bandwidth(reps: int = 5) -> list[float]:
     return out[1:]
 
 
-def steps(work: Path, results: Results, artifacts: list[str], ort_ops: Path | None, count: int) -> None:
+def steps(
+    work: Path,
+    results: Results,
+    artifacts: list[str],
+    ort_ops: Path | None,
+    count: int,
+    with_torch: bool = True,
+) -> None:
     """steps part: every contender decodes `count` greedy tokens after the bench prompt through ONE loop
     (`timed_steps`: host clock, token on the host each step), each captured in a CUDA graph, warmed up
     the same way (a prefill and `count` steps, compilation included), in interleaved rounds: our custom
@@ -990,12 +997,15 @@ def steps(work: Path, results: Results, artifacts: list[str], ort_ops: Path | No
         model.set_experts_implementation("batched_mm")
         return torch_stepper(model, static)
 
-    contenders["transformers-batched_mm-static-compiled"] = transformers_contender
+    if with_torch:
+        contenders["transformers-batched_mm-static-compiled"] = transformers_contender
     ready = {}
     for key, make in contenders.items():
 
         def warm(make=make, key=key) -> dict:
             free_before = torch.cuda.mem_get_info()[0]
+            reserved_before = torch.cuda.memory_reserved()
+            torch.cuda.reset_peak_memory_stats()
             prefill, step = make()
             start = time.perf_counter()
             timed_steps(step, prefill(), count)
@@ -1005,6 +1015,10 @@ def steps(work: Path, results: Results, artifacts: list[str], ort_ops: Path | No
             return {
                 "warm_up_s": round(time.perf_counter() - start, 1),
                 "gpu_memory_added_gb": round((free_before - torch.cuda.mem_get_info()[0]) / 1e9, 2),
+                # torch's share of it (the KV cache and I/O buffers, or transformers' whole model), and the
+                # allocator's peak during the warm-up (transformers' prefill gathers expert weights per token)
+                "torch_reserved_added_gb": round((torch.cuda.memory_reserved() - reserved_before) / 1e9, 2),
+                "torch_peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
             }
 
         guarded(results, ["steps", "warm-up", key], warm)
@@ -1309,6 +1323,7 @@ def main() -> None:
     parser.add_argument("--parts", default="diag,bench,validate-tiny,validate-slice")
     parser.add_argument("--artifacts", help="comma-separated subset (default: every prepared one)")
     parser.add_argument("--steps", type=int, default=128, help="bench: decode steps")
+    parser.add_argument("--no-transformers", action="store_true", help="steps: ORT contenders only")
     parser.add_argument("--prefill-tokens", type=int, default=2048, help="prefill-time: prompt tokens")
     parser.add_argument(
         "--static-cache",
@@ -1372,7 +1387,7 @@ def main() -> None:
         elif part == "validate-tiny":
             validate_tiny(work, results, out, [a for a in chosen if ARTIFACTS[a].model != "slice"])
         elif part == "steps":
-            steps(work, results, chosen, args.ort_ops, args.steps)
+            steps(work, results, chosen, args.ort_ops, args.steps, with_torch=not args.no_transformers)
         elif part == "kernel-cupti":
             kernel_cupti(results, args.ort_ops)
         elif part == "torch-floor":
