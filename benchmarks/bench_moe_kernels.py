@@ -198,9 +198,11 @@ def render(meta: dict, readings: list[dict], rows: list[dict]) -> str:
             "% of the bf16 matmul rate. x: fastest transformers row's cold GPU median / this row's. "
             "rel. err: vs a float64 evaluation of the same inputs and 16-bit weights (INT8/INT4 rows include "
             "the quantisation error). (host-bound): the host took longer to enqueue the call than the "
-            "flush + spin head start, so the cold GPU time includes host gaps. floor rows: torch moving the "
-            "bf16 call's bytes and nothing else (a read-only sum; a copy of half of them to the other half), "
-            "timed the same way: what a single kernel pass over those bytes costs on this GPU.",
+            "flush + spin head start, so the cold GPU time includes host gaps. floor rows: moving the bf16 "
+            "call's bytes and nothing else, timed the same way: torch's read-only sum, torch's copy of half "
+            "of them to the other half (its written half can stay in L2), and a plain read kernel "
+            "(benchmarks/stream_probe.cu in its FLOOR_READ shape): the last is what a read-only single pass "
+            "over those bytes costs on this GPU.",
             "",
             "| T | contender | cold GPU | cold wall | replay | replay mode | % roofline cold | "
             "% roofline replay | x vs transformers (cold GPU) | rel. err |",
@@ -674,10 +676,56 @@ def measure(
     return row
 
 
-def floor_calls(torch, nbytes: float, n_sets: int, how: str):
+FLOOR_KERNEL_ROW = "floor: read kernel over the bf16 call's bytes"
+
+
+def load_floor_probe(torch) -> tuple[tuple | None, str | None]:
+    """(stream_probe module, its library built for this GPU, SM count), or None and why not: the read-kernel
+    floor row needs nvcc; without it the row is skipped with that reason."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import stream_probe
+
+    major, minor = torch.cuda.get_device_capability()
+    try:
+        with tempfile.TemporaryDirectory(
+            prefix="stream_probe_"
+        ) as tmp:  # the loaded library outlives its file
+            lib = stream_probe.load_probe(stream_probe.build_probe(f"{major}{minor}", Path(tmp)))
+    except RuntimeError as exc:
+        return None, f"read probe not built: {str(exc).splitlines()[0]}"
+    return (stream_probe, lib, torch.cuda.get_device_properties(0).multi_processor_count), None
+
+
+def floor_calls(torch, nbytes: float, n_sets: int, how: str, probe=None):
     """Calls that move a qmoe call's bytes and nothing else, one buffer per input set like the contenders:
-    `read` sums them (a read-only pass), `copy` copies them (half the bytes read, half written)."""
+    `read` sums them (a read-only pass), `copy` copies them (half the bytes read, half written), `kernel`
+    reads them with stream_probe.cu's read kernel in its FLOOR_READ shape (`probe`: module, library, SMs)."""
     n = int(nbytes) // 2
+    if how == "kernel":
+        module, lib, sms = probe
+        shape = module.FLOOR_READ
+        size = int(nbytes) // 16 * 16
+        bufs = [torch.empty(size, device="cuda", dtype=torch.uint8).random_() for _ in range(n_sets)]
+        sink = torch.zeros(shape["blocks_per_sm"] * sms, device="cuda", dtype=torch.int32)
+
+        def read(b) -> None:  # launched on the current stream, so a CUDA graph capture records it
+            stream = torch.cuda.current_stream().cuda_stream
+            layout = module.LAYOUTS[shape["layout"]]
+            blocks = shape["blocks_per_sm"] * sms
+            module.checked(
+                lib.probe_read(
+                    b.data_ptr(),
+                    size,
+                    sink.data_ptr(),
+                    layout,
+                    shape["in_flight"],
+                    blocks,
+                    module.THREADS,
+                    stream,
+                )
+            )
+
+        return [lambda b=b: read(b) for b in bufs]
     if how == "read":
         bufs = [torch.randn(n, device="cuda").to(torch.bfloat16) for _ in range(n_sets)]
         return [lambda b=b: b.sum(dtype=torch.float32) for b in bufs]
@@ -774,6 +822,15 @@ def run_tokens(ctx, section: str, dtype_name: str, T: int, tokens) -> None:
                         floor=True,
                     )
                 )
+            contenders.append(
+                Contender(
+                    FLOOR_KERNEL_ROW,
+                    "bf16",
+                    lambda: floor_calls(torch, nbytes, n_sets, "kernel", ctx["probe"]),
+                    floor=True,
+                    skip=ctx["probe_skip"],
+                )
+            )
         impls = ("eager", "batched_mm", "grouped_mm")
     else:
         contenders.append(
@@ -870,6 +927,7 @@ def plan(tokens, sections) -> list[str]:
                 + (
                     ["qmoe int4 cuda-core gemv"]
                     + [f"floor: torch {h} of the bf16 call's bytes" for h in ("read", "copy")]
+                    + [FLOOR_KERNEL_ROW]
                     if T <= max(DECODE_T)
                     else []
                 )
@@ -1051,6 +1109,9 @@ def main() -> None:
             "ort_graph": args.ort_graph,
             "transformers_skip": None,
         }
+        ctx["probe"], ctx["probe_skip"] = load_floor_probe(torch)
+        if ctx["probe_skip"]:
+            log(ctx["probe_skip"])
         gq, gs = kmoe.quantize_int8(gate_up)
         dq, ds = kmoe.quantize_int8(down)
         ctx["int8"] = (gq, dq, gs, ds)

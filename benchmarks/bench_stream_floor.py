@@ -21,62 +21,36 @@ import argparse
 import ctypes
 import datetime
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from bench_moe_kernels import Timer, summarize
+from stream_probe import LAYOUTS, THREADS, build_probe, checked, load_probe
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qwen3_compile.kernels.build import find_nvcc, gencode_flags  # noqa: E402
-
-PROBE = Path(__file__).with_name("stream_probe.cu")
 SIZES_MB = (25, 50, 75, 150, 300, 1024)
-LAYOUTS = {"grid": 0, "warp": 1}
 IN_FLIGHT = (2, 4, 8, 16)
 BLOCKS_PER_SM = (1, 2, 4, 8)
-THREADS = 256
 REPS = 25
-
-
-def build_probe(arch: str, out_dir: Path) -> Path:
-    """nvcc the probes into a shared library for `arch` (e.g. "90", built as libqmoe's gencode_flags build
-    it); -Xptxas -v output kept beside it."""
-    nvcc = find_nvcc()
-    if nvcc is None:
-        raise SystemExit("nvcc not found (set $NVCC or $CUDA_HOME)")
-    lib = out_dir / f"libstream_probe_sm{arch}.so"
-    cmd = [nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-shared", "-Xptxas", "-v"]
-    cmd += [*gencode_flags((arch,), ptx=False), "-o", str(lib), str(PROBE)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    (out_dir / "ptxas.txt").write_text(done.stderr)
-    return lib
 
 
 def passes(torch, lib, src, dst, sink: int, sms: int, stream) -> dict:
     """Name -> zero-argument call, each one pass over `src` (copies: its first half into `dst`)."""
     sp, dp, nbytes, half = src.data_ptr(), dst.data_ptr(), src.numel(), dst.numel()
 
-    def check(err: int) -> None:
-        if err:
-            raise RuntimeError(f"probe launch failed: cudaError {err}")
-
     calls = {
         "torch sum (read)": lambda: src.view(torch.bfloat16).sum(dtype=torch.float32),
         "torch copy_ (half read, half written)": lambda: dst.copy_(src[:half]),
     }
     for depth in (4, 8):
-        calls[f"probe copy, {depth} loads a thread"] = lambda d=depth: check(
+        calls[f"probe copy, {depth} loads a thread"] = lambda d=depth: checked(
             lib.probe_copy(sp, dp, half, d, 4 * sms, THREADS, stream)
         )
     for lname, layout in LAYOUTS.items():
         for depth in IN_FLIGHT:
             for per_sm in BLOCKS_PER_SM:
                 calls[f"probe read, {lname}, {depth} loads a thread, {per_sm} blocks an SM"] = (
-                    lambda lay=layout, d=depth, b=per_sm: check(
+                    lambda lay=layout, d=depth, b=per_sm: checked(
                         lib.probe_read(sp, nbytes, sink, lay, d, b * sms, THREADS, stream)
                     )
                 )
@@ -102,11 +76,8 @@ def run(out: Path | None) -> None:
     props = torch.cuda.get_device_properties(0)
     sms = props.multi_processor_count
     with tempfile.TemporaryDirectory(prefix="stream_probe_") as tmp:  # the loaded library outlives its file
-        lib = ctypes.CDLL(str(build_probe(f"{major}{minor}", Path(tmp))))
+        lib = load_probe(build_probe(f"{major}{minor}", Path(tmp)))
         ptxas = (Path(tmp) / "ptxas.txt").read_text()
-    vp, sz, i32 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
-    lib.probe_read.argtypes = [vp, sz, vp, i32, i32, i32, i32, vp]
-    lib.probe_copy.argtypes = [vp, vp, sz, i32, i32, i32, vp]
     stream = torch.cuda.Stream()
     rows = []
     with torch.cuda.stream(stream):

@@ -26,6 +26,7 @@ def floor():
     finally:
         sys.path.remove(str(BENCH))
         sys.modules.pop("bench_moe_kernels", None)
+        sys.modules.pop("stream_probe", None)
 
 
 @pytest.mark.skipif(find_nvcc() is None, reason="needs nvcc")
@@ -63,3 +64,12 @@ def test_report_shows_the_fastest_and_slowest_read_probe(floor):
         tb = mb * 10**6 / probes[best] / 1e6
         assert f"| {tb:.2f} |" in text
     assert text.count("torch sum (read)") == 2
+
+
+def test_moe_benchmark_floor_shape_is_one_the_floor_bench_measures(floor):
+    """bench_moe_kernels' read-floor row runs the probe in stream_probe.FLOOR_READ; that shape must be one of
+    bench_stream_floor's grid, so its plateau claim can be checked against the floor report."""
+    shape = sys.modules["stream_probe"].FLOOR_READ
+    assert shape["layout"] in floor.LAYOUTS
+    assert shape["in_flight"] in floor.IN_FLIGHT
+    assert shape["blocks_per_sm"] in floor.BLOCKS_PER_SM
