@@ -938,12 +938,13 @@ def torch_stepper(model, static_cache: int):
 
 
 def weight_bytes_per_token(arch, dtype_bytes: int = 2) -> int:
-    """Weights one decode step reads at batch 1: every non-expert matrix, the router, the top-k experts of
-    each layer (k distinct experts), lm_head; not the embedding table (one row is gathered)."""
+    """Weights one decode step reads at batch 1: every non-expert matrix and norm, the router, the top-k
+    experts of each layer (k distinct experts), lm_head; not the embedding table (one row is gathered)."""
     h = arch.hidden_size
     attn = h * arch.q_dim + 2 * h * arch.kv_dim + arch.q_dim * h
     experts = arch.top_k * 3 * h * arch.moe_intermediate_size + arch.num_experts * h
-    return dtype_bytes * (arch.num_layers * (attn + experts) + arch.vocab_size * h)
+    norms = 2 * h + 2 * arch.head_dim  # input and post-attention RMSNorms, the q and k norms
+    return dtype_bytes * (arch.num_layers * (attn + experts + norms) + h + arch.vocab_size * h)
 
 
 def copy_bandwidth(reps: int = 5) -> list[float]:
