@@ -228,11 +228,12 @@ def render(meta: dict, readings: list[dict], rows: list[dict]) -> str:
                 )
                 kind = "HBM" if T <= max(DECODE_T) else "mm"
                 host = " (host-bound)" if r.get("host_bound") else ""
+                speedup = best / cold if best and not (r.get("floor") or r.get("partial")) else None
                 out.append(
                     f"| {T} | {r['contender']}{host} | {_fmt_stat(r['cold_gpu'])} | "
                     f"{_fmt_stat(r['cold_wall'])} | {_fmt_stat(r['replay'])} | {r['replay_mode']} | "
                     f"{_fmt(pc)} % {kind} | {_fmt(pr)} % {kind} | "
-                    f"{_fmt(best / cold if best and not r.get('floor') else None, '.1f')} | "
+                    f"{_fmt(speedup, '.1f')} | "
                     f"{_fmt(r.get('rel_err'), '.1e')} |"
                 )
         notes = [
@@ -605,6 +606,7 @@ class Contender:
     env: dict | None = None  # qmoe knobs (read at each launch) set for this contender's whole measurement
     path: str = ""  # qmoe rows: the path asked of qmoe_forward, resolved to a kernel name for the label
     floor: bool = False  # a practical floor (moves the call's bytes, computes no MoE): no rel. err
+    partial: bool = False  # the first stages of a call only (QMOE_STAGES): no rel. err, no speed-up
 
 
 def measure(
@@ -614,6 +616,8 @@ def measure(
     row = {"section": section, "T": T, "contender": c.name, "weights": c.weights}
     if c.floor:
         row["floor"] = True
+    if c.partial:
+        row["partial"] = True
     if c.skip:
         row["skipped"] = c.skip
         log(f"{section} T={T} {c.name}: skipped ({c.skip})")
@@ -625,7 +629,7 @@ def measure(
         for _ in range(2):  # warm-up (allocations, cuBLAS handles, ORT arena)
             outs = [call() for call in calls]
         timer.stream.synchronize()
-        row["rel_err"] = None if c.floor else rel_err(torch, outs[0], ref)
+        row["rel_err"] = None if c.floor or c.partial else rel_err(torch, outs[0], ref)
         t0 = time.perf_counter()
         calls[0]()
         timer.stream.synchronize()
@@ -653,7 +657,7 @@ def measure(
                 "replay_us": rep,
             },
         )
-        if not c.floor:
+        if not (c.floor or c.partial):
             row["replay_rel_err"] = rel_err(torch, routs[0], ref)
         if cap_err:
             row["graph_capture_error"] = cap_err
@@ -677,6 +681,14 @@ def measure(
 
 
 FLOOR_KERNEL_ROW = "floor: read kernel over the bf16 call's bytes"
+# QMOE_STAGES=n runs a call's first n stages: 1 routing, 2 + gate_up, 3 + down (4, the whole call, is the
+# AUTO row). At T=1 the two single-token kernels route for themselves: 1 launches nothing, 2 is the gate_up
+# kernel, 3 adds the down kernel with the combine.
+STAGES = (1, 2, 3)
+
+
+def stage_row(n: int) -> str:
+    return f"qmoe bf16 auto, first {n} of 4 stages"
 
 
 def load_floor_probe(torch) -> tuple[tuple | None, str | None]:
@@ -831,6 +843,18 @@ def run_tokens(ctx, section: str, dtype_name: str, T: int, tokens) -> None:
                     skip=ctx["probe_skip"],
                 )
             )
+        if decode and ctx.get("stages"):  # where a call's time goes, by difference of these rows
+            for n in STAGES:
+                contenders.append(
+                    Contender(
+                        stage_row(n),
+                        "bf16",
+                        lambda: qmoe_calls(kmoe, torch, xs, ls, (gate_up, down, None, None), "auto"),
+                        env={"QMOE_STAGES": str(n)},
+                        path="auto",
+                        partial=True,
+                    )
+                )
         impls = ("eager", "batched_mm", "grouped_mm")
     else:
         contenders.append(
@@ -917,7 +941,7 @@ def environment(torch, args, mode: str) -> dict:
     return meta
 
 
-def plan(tokens, sections) -> list[str]:
+def plan(tokens, sections, stages: bool = False) -> list[str]:
     lines = []
     for sec in sections:
         for T in tokens:
@@ -928,6 +952,7 @@ def plan(tokens, sections) -> list[str]:
                     ["qmoe int4 cuda-core gemv"]
                     + [f"floor: torch {h} of the bf16 call's bytes" for h in ("read", "copy")]
                     + [FLOOR_KERNEL_ROW]
+                    + ([stage_row(n) for n in STAGES] if stages else [])
                     if T <= max(DECODE_T)
                     else []
                 )
@@ -1026,6 +1051,9 @@ def main() -> None:
         "--profile", type=int, default=0, help="only run N bf16 calls of --profile-tokens (for ncu)"
     )
     ap.add_argument("--profile-tokens", type=int, default=1, help="tokens a call for --profile")
+    ap.add_argument(
+        "--stages", action="store_true", help="decode: also time the AUTO call's first 1, 2, 3 stages"
+    )
     args = ap.parse_args()
     tokens = tuple(int(t) for t in args.tokens.split(",") if t)
     sections = tuple(x for x in args.sections.split(",") if x)
@@ -1034,7 +1062,7 @@ def main() -> None:
     settings = QUICK if args.quick else FULL
 
     if args.dry_run:
-        print("\n".join(plan(tokens, sections)))
+        print("\n".join(plan(tokens, sections, args.stages)))
         print(f"settings: {settings}")
         print(self_test())
         return
@@ -1108,6 +1136,7 @@ def main() -> None:
             "weights": weights,
             "ort_graph": args.ort_graph,
             "transformers_skip": None,
+            "stages": args.stages,
         }
         ctx["probe"], ctx["probe_skip"] = load_floor_probe(torch)
         if ctx["probe_skip"]:

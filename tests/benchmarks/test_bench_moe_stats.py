@@ -75,3 +75,31 @@ def test_interleave_matches_the_ort_lowering(bench):
     got = bench.interleave_gate_up_torch(gate_up)
     assert got.is_contiguous()
     assert np.array_equal(got.numpy(), interleave_gate_up(gate_up.numpy()))
+
+
+def test_report_gives_floor_and_partial_rows_no_speed_up_or_error(bench):
+    """A floor row (moves bytes, computes nothing) and a partial call (QMOE_STAGES) are timed like contenders
+    but have no output to check and are no faster implementation: their x and rel. err cells stay empty,
+    while a full qmoe row's x is the transformers row's median over its own."""
+    stat = bench.summarize
+    base = {"section": "bf16", "T": 4, "weights": "bf16", "bytes": 3e8, "replay_mode": "graph"}
+
+    def row(name, cold, **extra):
+        return dict(
+            base, contender=name, cold_gpu=stat([cold]), cold_wall=stat([cold]), replay=stat([cold]), **extra
+        )
+
+    rows = [
+        row("transformers grouped_mm bf16", 240.0, rel_err=4e-3),
+        row("qmoe bf16 auto (gemv)", 96.0, rel_err=3e-3),
+        row(bench.FLOOR_KERNEL_ROW, 80.0, floor=True, rel_err=None),
+        row(bench.stage_row(2), 60.0, partial=True, rel_err=None),
+    ]
+    readings = [{"when": "start", "copy_bw": 4.2e12, "matmul": 7.5e14}]
+    table = bench.render({"command": "test"}, readings, rows)
+    cells = {
+        line.split("|")[2].strip(): line.split("|")[-3:-1] for line in table.splitlines() if "| 4 |" in line
+    }
+    assert [c.strip() for c in cells["qmoe bf16 auto (gemv)"]] == [f"{240 / 96:.1f}", "3.0e-03"]
+    for name in (bench.FLOOR_KERNEL_ROW, bench.stage_row(2)):
+        assert [c.strip() for c in cells[name]] == ["-", "-"], (name, cells[name])
