@@ -608,6 +608,11 @@ class Contender:
     floor: bool = False  # a practical floor (moves the call's bytes, computes no MoE): no rel. err
     partial: bool = False  # the first stages of a call only (QMOE_STAGES): no rel. err, no speed-up
 
+    @property
+    def whole_moe(self) -> bool:
+        """Computes the whole MoE, so its output is checked against the reference."""
+        return not (self.floor or self.partial)
+
 
 def measure(
     timer: Timer, s: Settings, c: Contender, T: int, section: str, ref, distinct: float, info
@@ -629,7 +634,7 @@ def measure(
         for _ in range(2):  # warm-up (allocations, cuBLAS handles, ORT arena)
             outs = [call() for call in calls]
         timer.stream.synchronize()
-        row["rel_err"] = None if c.floor or c.partial else rel_err(torch, outs[0], ref)
+        row["rel_err"] = rel_err(torch, outs[0], ref) if c.whole_moe else None
         t0 = time.perf_counter()
         calls[0]()
         timer.stream.synchronize()
@@ -657,7 +662,7 @@ def measure(
                 "replay_us": rep,
             },
         )
-        if not (c.floor or c.partial):
+        if c.whole_moe:
             row["replay_rel_err"] = rel_err(torch, routs[0], ref)
         if cap_err:
             row["graph_capture_error"] = cap_err
@@ -699,9 +704,8 @@ def load_floor_probe(torch) -> tuple[tuple | None, str | None]:
 
     major, minor = torch.cuda.get_device_capability()
     try:
-        with tempfile.TemporaryDirectory(
-            prefix="stream_probe_"
-        ) as tmp:  # the loaded library outlives its file
+        # the loaded library outlives its file
+        with tempfile.TemporaryDirectory(prefix="stream_probe_") as tmp:
             lib = stream_probe.load_probe(stream_probe.build_probe(f"{major}{minor}", Path(tmp)))
     except RuntimeError as exc:
         return None, f"read probe not built: {str(exc).splitlines()[0]}"
@@ -718,12 +722,11 @@ def floor_calls(torch, nbytes: float, n_sets: int, how: str, probe=None):
         shape = module.FLOOR_READ
         size = int(nbytes) // 16 * 16
         bufs = [torch.empty(size, device="cuda", dtype=torch.uint8).random_() for _ in range(n_sets)]
-        sink = torch.zeros(shape["blocks_per_sm"] * sms, device="cuda", dtype=torch.int32)
+        layout, blocks = module.LAYOUTS[shape["layout"]], shape["blocks_per_sm"] * sms
+        sink = torch.zeros(blocks, device="cuda", dtype=torch.int32)
 
         def read(b) -> None:  # launched on the current stream, so a CUDA graph capture records it
             stream = torch.cuda.current_stream().cuda_stream
-            layout = module.LAYOUTS[shape["layout"]]
-            blocks = shape["blocks_per_sm"] * sms
             module.checked(
                 lib.probe_read(
                     b.data_ptr(),

@@ -79,8 +79,9 @@ cudaError_t launch_read(int layout, const void* src, size_t n16, void* sink, int
 
 }  // namespace
 
-// Reads `bytes` (a multiple of 16, 16-byte aligned) once; threads must be kThreads. layout: 0 grid, 1 warp; in_flight: 16-byte loads a
-// thread issues before using any (2, 4, 8 or 16); sink: `blocks` unsigned words. Returns a cudaError_t.
+// Reads `bytes` (a multiple of 16, 16-byte aligned) once; threads must be kThreads. layout: 0 grid, 1 warp;
+// in_flight: 16-byte loads a thread issues before using any (2, 4, 8 or 16); sink: `blocks` unsigned words.
+// Returns a cudaError_t.
 extern "C" int probe_read(const void* src, size_t bytes, void* sink, int layout, int in_flight, int blocks,
                           int threads, cudaStream_t s) {
   const size_t n16 = bytes / 16;

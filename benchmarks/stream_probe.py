@@ -17,9 +17,8 @@ from qwen3_compile.kernels.build import find_nvcc, gencode_flags  # noqa: E402
 SOURCE = Path(__file__).with_name("stream_probe.cu")
 THREADS = 256  # the probes' fixed block size
 LAYOUTS = {"grid": 0, "warp": 1}
-# The read floor's shape: warp-contiguous chunks, 8 loads in flight a thread, 4 blocks an SM. On an H100 every
-# read with 2+ blocks an SM and 4+ loads a thread came within 6 % of the best one at 25 MB-1 GiB; this one
-# sits in the middle of that plateau (bench_stream_floor.py measures the whole grid).
+# The read floor's shape: warp-contiguous chunks, 8 loads in flight a thread, 4 blocks an SM. On an H100 it
+# came within 1 % of the best of bench_stream_floor.py's 32 shapes at every size from 25 MB to 1 GiB.
 FLOOR_READ = {"layout": "warp", "in_flight": 8, "blocks_per_sm": 4}
 
 

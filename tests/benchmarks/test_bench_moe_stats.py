@@ -5,10 +5,6 @@ expert byte count against the tensors' own sizes, and the gate/up interleave it 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -16,20 +12,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from qwen3_compile.kernels import moe as kmoe
 from qwen3_compile.lower.ort_moe import interleave_gate_up
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_moe_kernels.py"
+from tests.benchmarks.benchmark_scripts import loaded_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_moe_kernels", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with loaded_script("bench_moe_kernels") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 60])

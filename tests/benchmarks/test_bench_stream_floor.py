@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
 from qwen3_compile.kernels.build import find_nvcc
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmarks.benchmark_scripts import loaded_script
 
 
 @pytest.fixture(scope="module")
 def floor():
-    sys.path.insert(0, str(BENCH))  # it imports the MoE benchmark's Timer
-    spec = importlib.util.spec_from_file_location("bench_stream_floor", BENCH / "bench_stream_floor.py")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
+    with loaded_script("bench_stream_floor", on_path=True) as module:  # it imports its siblings
         yield module
-    finally:
-        sys.path.remove(str(BENCH))
-        sys.modules.pop("bench_moe_kernels", None)
-        sys.modules.pop("stream_probe", None)
 
 
 @pytest.mark.skipif(find_nvcc() is None, reason="needs nvcc")

@@ -4,27 +4,17 @@ the router top-k sets and margins against torch."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "ort_cuda.py"
+from tests.benchmarks.benchmark_scripts import loaded_script
 
 
 @pytest.fixture(scope="module")
 def ort_cuda():
-    spec = importlib.util.spec_from_file_location("ort_cuda_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with loaded_script("ort_cuda") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 @pytest.mark.parametrize("preset", ["tiny-moe", "qwen3-30b-a3b"])
