@@ -358,8 +358,10 @@ class Timer:
                 with torch.cuda.graph(g, stream=self.stream):
                     outputs = [c() for c in calls]
                 # a call the graph did not capture would leave NaN here: the replay rel. err shows it
+                # (the floor's read kernel returns nothing: it only reads)
                 for o in outputs:
-                    o.fill_(math.nan)
+                    if o is not None:
+                        o.fill_(math.nan)
                 mode = "graph"
             except Exception as exc:  # capture refused: eager back to back, labelled
                 err = f"{type(exc).__name__}: {exc}"[:300]
@@ -778,7 +780,10 @@ def run_tokens(ctx, section: str, dtype_name: str, T: int, tokens) -> None:
     decode = T <= max(DECODE_T)
     n_sets = s.graph_calls["decode" if decode else "prefill"]
     xs, ls = inputs(torch, T, n_sets, dtype)
-    distinct = sum(len(torch.unique(kmoe.route_reference(lg, K, True)[0])) for lg in ls) / n_sets
+    # the sets route to different numbers of experts: the cold calls cycle through them, so their times
+    # cycle too (the per-set counts are kept with each row for per-call byte counts)
+    per_set = [len(torch.unique(kmoe.route_reference(lg, K, True)[0])) for lg in ls]
+    distinct = sum(per_set) / n_sets
     ref = kmoe.moe_reference(xs[0], ls[0], gate_up, down, K, True)  # float64, the same 16-bit inputs
     contenders: list[Contender] = []
     if dtype_name == "bf16":
@@ -919,6 +924,7 @@ def run_tokens(ctx, section: str, dtype_name: str, T: int, tokens) -> None:
 
     for c in contenders:
         row = measure(timer, s, c, T, section, ref, distinct, info)
+        row["distinct_per_set"] = per_set
         if "kernel" in row:
             row["contender"] += f" ({row['kernel']})"
         ctx["rows"].append(row)
