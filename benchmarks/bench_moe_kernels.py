@@ -851,7 +851,7 @@ def run_tokens(ctx, section: str, dtype_name: str, T: int, tokens) -> None:
                     skip=ctx["probe_skip"],
                 )
             )
-        if decode and ctx.get("stages"):  # where a call's time goes, by difference of these rows
+        if ctx.get("stages"):  # where a call's time goes, by difference of these rows
             for n in STAGES:
                 contenders.append(
                     Contender(
@@ -961,10 +961,10 @@ def plan(tokens, sections, stages: bool = False) -> list[str]:
                     ["qmoe int4 cuda-core gemv"]
                     + [f"floor: torch {h} of the bf16 call's bytes" for h in ("read", "copy")]
                     + [FLOOR_KERNEL_ROW]
-                    + ([stage_row(n) for n in STAGES] if stages else [])
                     if T <= max(DECODE_T)
                     else []
                 )
+                + ([stage_row(n) for n in STAGES] if stages else [])
                 if sec == "bf16"
                 else ["qmoe fp16 auto"]
             )
@@ -1061,7 +1061,7 @@ def main() -> None:
     )
     ap.add_argument("--profile-tokens", type=int, default=1, help="tokens a call for --profile")
     ap.add_argument(
-        "--stages", action="store_true", help="decode: also time the AUTO call's first 1, 2, 3 stages"
+        "--stages", action="store_true", help="also time the bf16 AUTO call's first 1, 2, 3 stages"
     )
     args = ap.parse_args()
     tokens = tuple(int(t) for t in args.tokens.split(",") if t)
