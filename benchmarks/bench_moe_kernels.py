@@ -202,7 +202,8 @@ def render(meta: dict, readings: list[dict], rows: list[dict]) -> str:
             "call's bytes and nothing else, timed the same way: torch's read-only sum, torch's copy of half "
             "of them to the other half (its written half can stay in L2), and a plain read kernel "
             "(benchmarks/stream_probe.cu in its FLOOR_READ shape): the last is what a read-only single pass "
-            "over those bytes costs on this GPU.",
+            "over those bytes costs on this GPU (also over the INT4 call's bytes). first n of 4 stages: "
+            "the AUTO call cut after routing, gate_up or down (QMOE_STAGES), for the split by difference.",
             "",
             "| T | contender | cold GPU | cold wall | replay | replay mode | % roofline cold | "
             "% roofline replay | x vs transformers (cold GPU) | rel. err |",
@@ -687,15 +688,18 @@ def measure(
     return row
 
 
-FLOOR_KERNEL_ROW = "floor: read kernel over the bf16 call's bytes"
+def floor_kernel_row(weights: str = "bf16") -> str:
+    return f"floor: read kernel over the {weights} call's bytes"
+
+
 # QMOE_STAGES=n runs a call's first n stages: 1 routing, 2 + gate_up, 3 + down (4, the whole call, is the
 # AUTO row). At T=1 the two single-token kernels route for themselves: 1 launches nothing, 2 is the gate_up
 # kernel, 3 adds the down kernel with the combine.
 STAGES = (1, 2, 3)
 
 
-def stage_row(n: int) -> str:
-    return f"qmoe bf16 auto, first {n} of 4 stages"
+def stage_row(n: int, weights: str = "bf16") -> str:
+    return f"qmoe {weights} auto, first {n} of 4 stages"
 
 
 def load_floor_probe(torch) -> tuple[tuple | None, str | None]:
@@ -842,27 +846,33 @@ def run_tokens(ctx, section: str, dtype_name: str, T: int, tokens) -> None:
                         floor=True,
                     )
                 )
-            contenders.append(
-                Contender(
-                    FLOOR_KERNEL_ROW,
-                    "bf16",
-                    lambda: floor_calls(torch, nbytes, n_sets, "kernel", ctx["probe"]),
-                    floor=True,
-                    skip=ctx["probe_skip"],
-                )
-            )
-        if ctx.get("stages"):  # where a call's time goes, by difference of these rows
-            for n in STAGES:
+            for weights in ("bf16", "int4"):
                 contenders.append(
                     Contender(
-                        stage_row(n),
-                        "bf16",
-                        lambda: qmoe_calls(kmoe, torch, xs, ls, (gate_up, down, None, None), "auto"),
-                        env={"QMOE_STAGES": str(n)},
-                        path="auto",
-                        partial=True,
+                        floor_kernel_row(weights),
+                        weights,
+                        lambda w=weights: floor_calls(
+                            torch, call_bytes(distinct, T, w), n_sets, "kernel", ctx["probe"]
+                        ),
+                        floor=True,
+                        skip=ctx["probe_skip"],
                     )
                 )
+        if ctx.get("stages"):  # where a call's time goes, by difference of these rows
+            # INT4 at decode too: its call is far from the read floor of its bytes
+            weight_sets = {"bf16": (gate_up, down, None, None), **({"int4": ctx["int4"]} if decode else {})}
+            for weights, tensors in weight_sets.items():
+                for n in STAGES:
+                    contenders.append(
+                        Contender(
+                            stage_row(n, weights),
+                            weights,
+                            lambda w=tensors: qmoe_calls(kmoe, torch, xs, ls, w, "auto"),
+                            env={"QMOE_STAGES": str(n)},
+                            path="auto",
+                            partial=True,
+                        )
+                    )
         impls = ("eager", "batched_mm", "grouped_mm")
     else:
         contenders.append(
@@ -960,11 +970,20 @@ def plan(tokens, sections, stages: bool = False) -> list[str]:
                 + (
                     ["qmoe int4 cuda-core gemv"]
                     + [f"floor: torch {h} of the bf16 call's bytes" for h in ("read", "copy")]
-                    + [FLOOR_KERNEL_ROW]
+                    + [floor_kernel_row(w) for w in ("bf16", "int4")]
                     if T <= max(DECODE_T)
                     else []
                 )
-                + ([stage_row(n) for n in STAGES] if stages else [])
+                + (
+                    [
+                        stage_row(n, w)
+                        for w in ("bf16", "int4")
+                        for n in STAGES
+                        if w == "bf16" or T <= max(DECODE_T)
+                    ]
+                    if stages and sec == "bf16"
+                    else []
+                )
                 if sec == "bf16"
                 else ["qmoe fp16 auto"]
             )
@@ -1061,7 +1080,9 @@ def main() -> None:
     )
     ap.add_argument("--profile-tokens", type=int, default=1, help="tokens a call for --profile")
     ap.add_argument(
-        "--stages", action="store_true", help="also time the bf16 AUTO call's first 1, 2, 3 stages"
+        "--stages",
+        action="store_true",
+        help="also time the AUTO call's first 1, 2, 3 stages (bf16; INT4 at decode)",
     )
     args = ap.parse_args()
     tokens = tuple(int(t) for t in args.tokens.split(",") if t)

@@ -81,7 +81,7 @@ def test_report_gives_floor_and_partial_rows_no_speed_up_or_error(bench):
     rows = [
         row("transformers grouped_mm bf16", 240.0, rel_err=4e-3),
         row("qmoe bf16 auto (gemv)", 96.0, rel_err=3e-3),
-        row(bench.FLOOR_KERNEL_ROW, 80.0, floor=True, rel_err=None),
+        row(bench.floor_kernel_row(), 80.0, floor=True, rel_err=None),
         row(bench.stage_row(2), 60.0, partial=True, rel_err=None),
     ]
     readings = [{"when": "start", "copy_bw": 4.2e12, "matmul": 7.5e14}]
@@ -90,5 +90,5 @@ def test_report_gives_floor_and_partial_rows_no_speed_up_or_error(bench):
         line.split("|")[2].strip(): line.split("|")[-3:-1] for line in table.splitlines() if "| 4 |" in line
     }
     assert [c.strip() for c in cells["qmoe bf16 auto (gemv)"]] == [f"{240 / 96:.1f}", "3.0e-03"]
-    for name in (bench.FLOOR_KERNEL_ROW, bench.stage_row(2)):
+    for name in (bench.floor_kernel_row(), bench.stage_row(2)):
         assert [c.strip() for c in cells[name]] == ["-", "-"], (name, cells[name])
