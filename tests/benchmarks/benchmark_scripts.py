@@ -14,8 +14,8 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 @contextlib.contextmanager
 def loaded_script(stem: str, *, on_path: bool = False) -> Iterator[object]:
     """benchmarks/<stem>.py as a module, registered in sys.modules while in use (dataclasses look their module
-    up there); `on_path`: benchmarks/ on sys.path too, for scripts that import their siblings. Whatever it
-    imported from benchmarks/ is dropped afterwards."""
+    up there); `on_path`: benchmarks/ on sys.path too, for scripts that import their siblings or their parts
+    package (ort_cuda.py: `ort_cuda_parts`). Whatever it imported from benchmarks/ is dropped afterwards."""
     before = set(sys.modules)
     if on_path:
         sys.path.insert(0, str(BENCHMARKS))
@@ -30,5 +30,5 @@ def loaded_script(stem: str, *, on_path: bool = False) -> Iterator[object]:
             sys.path.remove(str(BENCHMARKS))
         for name in set(sys.modules) - before:
             origin = getattr(sys.modules[name], "__file__", None) or ""
-            if name == stem or Path(origin).parent == BENCHMARKS:
+            if name == stem or BENCHMARKS in Path(origin).parents:
                 sys.modules.pop(name, None)
