@@ -1075,10 +1075,11 @@ def main() -> None:
     ap.add_argument("--sections", default="bf16,fp16", help="comparisons to run: bf16, fp16")
     ap.add_argument("--ort-graph", action="store_true", help="try to capture ORT runs in the CUDA graph too")
     ap.add_argument("--dry-run", action="store_true", help="no GPU: print the plan and a self-test table")
-    ap.add_argument(
-        "--profile", type=int, default=0, help="only run N bf16 calls of --profile-tokens (for ncu)"
-    )
+    ap.add_argument("--profile", type=int, default=0, help="only run N calls of --profile-tokens (for ncu)")
     ap.add_argument("--profile-tokens", type=int, default=1, help="tokens a call for --profile")
+    ap.add_argument(
+        "--profile-weights", choices=["bf16", "int4"], default="bf16", help="weights of the --profile calls"
+    )
     ap.add_argument(
         "--stages",
         action="store_true",
@@ -1111,10 +1112,17 @@ def main() -> None:
     gate_up = (torch.randn(E, 2 * INTER, H, device="cuda") / H**0.5).to(torch.bfloat16)
     down = (torch.randn(E, H, INTER, device="cuda") / INTER**0.5).to(torch.bfloat16)
     if args.profile:
+        weights = (gate_up, down, None, None)
+        if args.profile_weights == "int4":  # the layout the INT4 recipes export (groups of 128, fp16 scales)
+            gq, gs = kmoe.quantize_int4(gate_up, INT4_GROUP, torch.float16)
+            dq, ds = kmoe.quantize_int4(down, INT4_GROUP, torch.float16)
+            weights = (gq, dq, gs, ds)
+        gu, dn, gus, dns = weights
         for _ in range(args.profile):
             T = args.profile_tokens
             x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
-            kmoe.moe_forward(x, torch.randn(T, E, device="cuda").to(torch.bfloat16), gate_up, down, K, True)
+            logits = torch.randn(T, E, device="cuda").to(torch.bfloat16)
+            kmoe.moe_forward(x, logits, gu, dn, K, True, gus, dns)
         torch.cuda.synchronize()
         return
 
