@@ -7,8 +7,8 @@ half-precision model sets against the same reference: with random routers, near-
 any half-precision rounding, so PyTorch fails the default gates too (docs/gpu.md). Each MoE path (the
 ExpertDispatch function body, our custom op, ONNX Runtime's com.microsoft::MoE) must stay within 1.5x of that
 floor's mean KL and one point of its top-1 agreement. Needs onnxruntime-gpu, about 25 GB of disk and more
-than 31 GB of free GPU memory; the
-custom-op path also needs the library (QWEN3_COMPILE_TEST_ORT_OPS, or ORT's C API header to build it)."""
+than 31 GB of free GPU memory; the custom-op path also needs the library (QWEN3_COMPILE_TEST_ORT_OPS, or ORT's
+C API header to build it)."""
 
 from __future__ import annotations
 
