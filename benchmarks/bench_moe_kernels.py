@@ -760,6 +760,13 @@ def floor_calls(torch, nbytes: float, n_sets: int, how: str, probe=None):
     return [lambda s=src, d=dst: d.copy_(s) for src, dst in pairs]
 
 
+def int4_experts(kmoe, torch, gate_up, down) -> tuple:
+    """(gate_up, down, their scales) in the layout the INT4 recipes export: groups of 128, fp16 scales."""
+    gq, gs = kmoe.quantize_int4(gate_up, INT4_GROUP, torch.float16)
+    dq, ds = kmoe.quantize_int4(down, INT4_GROUP, torch.float16)
+    return gq, dq, gs, ds
+
+
 def rel_err(torch, out, ref) -> float:
     return ((out.double() - ref).norm() / ref.norm()).item()
 
@@ -1112,12 +1119,9 @@ def main() -> None:
     gate_up = (torch.randn(E, 2 * INTER, H, device="cuda") / H**0.5).to(torch.bfloat16)
     down = (torch.randn(E, H, INTER, device="cuda") / INTER**0.5).to(torch.bfloat16)
     if args.profile:
-        weights = (gate_up, down, None, None)
-        if args.profile_weights == "int4":  # the layout the INT4 recipes export (groups of 128, fp16 scales)
-            gq, gs = kmoe.quantize_int4(gate_up, INT4_GROUP, torch.float16)
-            dq, ds = kmoe.quantize_int4(down, INT4_GROUP, torch.float16)
-            weights = (gq, dq, gs, ds)
-        gu, dn, gus, dns = weights
+        gu, dn, gus, dns = (gate_up, down, None, None)
+        if args.profile_weights == "int4":
+            gu, dn, gus, dns = int4_experts(kmoe, torch, gate_up, down)
         for _ in range(args.profile):
             T = args.profile_tokens
             x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
@@ -1182,9 +1186,7 @@ def main() -> None:
         gq, gs = kmoe.quantize_int8(gate_up)
         dq, ds = kmoe.quantize_int8(down)
         ctx["int8"] = (gq, dq, gs, ds)
-        gq, gs = kmoe.quantize_int4(gate_up, INT4_GROUP, torch.float16)
-        dq, ds = kmoe.quantize_int4(down, INT4_GROUP, torch.float16)
-        ctx["int4"] = (gq, dq, gs, ds)
+        ctx["int4"] = int4_experts(kmoe, torch, gate_up, down)
         try:
             import transformers  # noqa: F401
         except Exception as exc:

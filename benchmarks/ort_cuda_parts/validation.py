@@ -63,7 +63,8 @@ def validate_tiny(work: Path, results: Results, out: Path, artifacts: list[str])
     results.put(["run-cli", "tiny-moe-fp16"], entry)
 
 
-def validate_one(work: Path, name: str, loaded, long_tokens: int) -> dict:
+def validation_report(work: Path, name: str, loaded, long_tokens: int, output: Path) -> dict:
+    """`validate --backend ort-cuda` of one prepared artifact against `loaded`, as the report's dict."""
     from qwen3_compile.validate.stage import validate_artifact
 
     report = validate_artifact(
@@ -71,10 +72,14 @@ def validate_one(work: Path, name: str, loaded, long_tokens: int) -> dict:
         loaded,
         backend="ort-cuda",
         long_context_tokens=long_tokens,
-        output=work / f"validation-{name}",
+        output=output,
         force=True,  # a re-measure replaces the earlier report
     )
-    data = report.to_dict()
+    return report.to_dict()
+
+
+def validate_one(work: Path, name: str, loaded, long_tokens: int) -> dict:
+    data = validation_report(work, name, loaded, long_tokens, work / f"validation-{name}")
     return {k: data[k] for k in ("passed", "failures", "summary", "gates", "backend_settings", "bisection")}
 
 
@@ -108,7 +113,6 @@ def validate_matrix(
     from qwen3_compile.backends.onnxruntime.op_libraries import selected_custom_ops
     from qwen3_compile.backends.torch_reference import require_reference_device
     from qwen3_compile.models.loading import load_model
-    from qwen3_compile.validate.stage import validate_artifact
 
     require_reference_device("cuda")
     for model in dict.fromkeys(ARTIFACTS[a].model for a in artifacts):
@@ -122,15 +126,8 @@ def validate_matrix(
                 def one(name=name, label=label, ops=ops, loaded=loaded) -> dict:
                     began = time.perf_counter()
                     with selected_custom_ops(ops, "ort-cuda"):
-                        report = validate_artifact(
-                            work / name,
-                            loaded,
-                            backend="ort-cuda",
-                            long_context_tokens=long_tokens,
-                            output=work / f"validation-{name}-{label}",
-                            force=True,
-                        )
-                    data = report.to_dict()
+                        output = work / f"validation-{name}-{label}"
+                        data = validation_report(work, name, loaded, long_tokens, output)
                     keep = (
                         "passed",
                         "failures",
