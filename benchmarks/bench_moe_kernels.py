@@ -71,6 +71,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import sys
 import tempfile
@@ -939,7 +940,10 @@ def run_tokens(ctx, section: str, dtype_name: str, T: int, tokens) -> None:
             }
         return {}
 
+    only = ctx.get("only")
     for c in contenders:
+        if only and not re.search(only, c.name):
+            continue
         row = measure(timer, s, c, T, section, ref, distinct, info)
         row["distinct_per_set"] = per_set
         if "kernel" in row:
@@ -1092,7 +1096,17 @@ def main() -> None:
         action="store_true",
         help="also time the AUTO call's first 1, 2, 3 stages (bf16; INT4 at decode)",
     )
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="measure only the contenders whose name matches this regular expression (A/B runs)",
+    )
     args = ap.parse_args()
+    if args.only:
+        try:
+            re.compile(args.only)
+        except re.error as exc:
+            ap.error(f"--only: not a regular expression: {exc}")
     tokens = tuple(int(t) for t in args.tokens.split(",") if t)
     sections = tuple(x for x in args.sections.split(",") if x)
     if bad := [x for x in sections if x not in ("bf16", "fp16")]:
@@ -1179,6 +1193,7 @@ def main() -> None:
             "ort_graph": args.ort_graph,
             "transformers_skip": None,
             "stages": args.stages,
+            "only": args.only,
         }
         ctx["probe"], ctx["probe_skip"] = load_floor_probe(torch)
         if ctx["probe_skip"]:

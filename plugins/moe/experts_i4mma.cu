@@ -155,8 +155,10 @@ struct NoWait {
 // Single token (T == 1): as experts_token1.cu, routing in every warp and the combine fused into down.
 
 // Block: h[slot, j0 .. j0 + 7] (gate rows j0 + g, up rows I + j0 + g) for slot blockIdx.y; 4 warps split K.
+// At most 80 registers: 6 blocks an SM, so the 30B-A3B layer's 768 blocks are one wave on 132 SMs (the
+// batched logit loads of the routing took it to 96 registers and 5 blocks an SM).
 template <typename T>
-__global__ void __launch_bounds__(kKsUp * 32) t1_gate_up_kernel(Token1Args a) {
+__global__ void __launch_bounds__(kKsUp * 32, 6) t1_gate_up_kernel(Token1Args a) {
   __shared__ Partials<kKsUp> red;
   pdl_wait();
   pdl_launch_dependents();
@@ -189,7 +191,7 @@ __global__ void __launch_bounds__(kT1DownWarps * 32, 1) t1_down_kernel(Token1Arg
   const int row0 = blockIdx.x * 16;
   int my_id;
   float my_p;
-  route_token_lanes(a.logits, a.E, k, a.normalize != 0, my_id, my_p);
+  route_token_lanes(a.logits, a.E, k, a.normalize != 0, my_id, my_p, k);
   bool waited = false;
   auto wait_once = [&] {
     if (!waited) pdl_wait();

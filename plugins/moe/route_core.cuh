@@ -19,34 +19,48 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Lane `lane`'s logits e = lane + 32 i of a row (-inf past E), every load issued before the first is used:
+// converting each one as it arrives made one dependent round trip an element (a cold read each, measured
+// in the single-token kernels' profile).
+template <int N, typename L>
+__device__ __forceinline__ void load_lane_logits(const L* row, int E, float (&v)[N]) {
+  const int lane = threadIdx.x & 31;
+  L raw[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) raw[i] = lane + 32 * i < E ? row[lane + 32 * i] : L();
+#pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = lane + 32 * i < E ? to_float(raw[i]) : -INFINITY;
+}
+
 // A row of logits whose dtype is known at run time (one kernel instead of three per logits dtype).
 struct LogitRow {
   const void* p;
   int dtype;
-  __device__ __forceinline__ float operator[](int e) const {
-    if (dtype == QMOE_F32) return static_cast<const float*>(p)[e];
-    if (dtype == QMOE_F16) return __half2float(static_cast<const __half*>(p)[e]);
-    return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[e]);
-  }
 };
+
+template <int N>
+__device__ __forceinline__ void load_lane_logits(LogitRow row, int E, float (&v)[N]) {
+  if (row.dtype == QMOE_F32) load_lane_logits(static_cast<const float*>(row.p), E, v);
+  else if (row.dtype == QMOE_F16) load_lane_logits(static_cast<const __half*>(row.p), E, v);
+  else load_lane_logits(static_cast<const __nv_bfloat16*>(row.p), E, v);
+}
 
 // One warp routes one token: fp32 softmax over E logits, k rounds of warp arg-max on the logits
 // (softmax is monotonic, and the logits order has no rounding ties that the probabilities lack).
 // Ties go to the lower expert index. route_token_lanes leaves slot j in lane j (my_id, my_p; lanes >= k
 // hold nothing); route_token writes the k slots.
-// `row[e]` is a logit (a pointer, or LogitRow below).
+// `row`: a pointer to the logits, or a LogitRow. `rounds` (<= k): the slots selected; only a caller that
+// needs one slot's expert and no weights passes fewer (the later slots' my_id and my_p are then 0).
 template <typename Row>
-__device__ __forceinline__ void route_token_lanes(Row row, int E, int k, bool normalize, int& my_id, float& my_p) {
+__device__ __forceinline__ void route_token_lanes(Row row, int E, int k, bool normalize, int& my_id, float& my_p,
+                                                  int rounds) {
   constexpr int kPerLane = kMaxExperts / 32;
   const int lane = threadIdx.x & 31;
   float v[kPerLane];
+  load_lane_logits(row, E, v);
   float mx = -INFINITY;
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    const int e = lane + 32 * i;
-    v[i] = e < E ? to_float(row[e]) : -INFINITY;
-    mx = fmaxf(mx, v[i]);
-  }
+  for (int i = 0; i < kPerLane; ++i) mx = fmaxf(mx, v[i]);
   mx = warp_max(mx);
   float s = 0.0f;
 #pragma unroll
@@ -65,7 +79,8 @@ __device__ __forceinline__ void route_token_lanes(Row row, int E, int k, bool no
   }
   my_id = 0;
   my_p = 0.0f;
-  for (int j = 0; j < k; ++j) {
+  uint32_t my_key = 0;  // this lane's slot's key; its probability after the loop (off the selection chain)
+  for (int j = 0; j < rounds; ++j) {
     uint32_t best = 0;
     int bi = 0;
 #pragma unroll
@@ -82,13 +97,16 @@ __device__ __forceinline__ void route_token_lanes(Row row, int E, int k, bool no
       if (uint32_t(lane + 32 * i) == e_sel) key[i] = 0u;
     }
     if (lane == j) {
-      const uint32_t u = (kmax & 0x80000000u) ? (kmax & 0x7fffffffu) : ~kmax;
       my_id = int(e_sel);
-      my_p = expf(__uint_as_float(u) - mx) / s;
+      my_key = kmax;
     }
   }
+  if (lane < rounds) {
+    const uint32_t u = (my_key & 0x80000000u) ? (my_key & 0x7fffffffu) : ~my_key;
+    my_p = expf(__uint_as_float(u) - mx) / s;
+  }
   if (normalize) {
-    const float tot = warp_sum(lane < k ? my_p : 0.0f);
+    const float tot = warp_sum(lane < rounds ? my_p : 0.0f);
     my_p = my_p / tot;
   }
 }
@@ -98,7 +116,7 @@ __device__ __forceinline__ void route_token(const L* __restrict__ row, int E, in
                                             int32_t* __restrict__ ids, float* __restrict__ weights) {
   int my_id;
   float my_p;
-  route_token_lanes(row, E, k, normalize, my_id, my_p);
+  route_token_lanes(row, E, k, normalize, my_id, my_p, k);
   const int lane = threadIdx.x & 31;
   if (lane < k) {
     ids[lane] = my_id;
@@ -146,14 +164,15 @@ struct Token1Args {
 };
 
 // Every warp of a single-token kernel routes the token itself (a few hundred cycles, where a dispatch kernel
-// costs a launch and a round trip); the expert of slot `slot`. The first warp of the grid also writes the
-// general path's routing outputs.
+// costs a launch and a round trip); the expert of slot `slot`, selected in slot + 1 rounds. The first warp of
+// the grid selects all k and writes the general path's routing outputs.
 __device__ __forceinline__ int token1_slot_expert(const Token1Args& a, int slot) {
+  const bool writer = blockIdx.x == 0 && blockIdx.y == 0 && (threadIdx.x >> 5) == 0;
   int my_id;
   float my_p;
-  route_token_lanes(a.logits, a.E, a.k, a.normalize != 0, my_id, my_p);
+  route_token_lanes(a.logits, a.E, a.k, a.normalize != 0, my_id, my_p, writer ? a.k : slot + 1);
   const int e = __shfl_sync(0xffffffffu, my_id, slot);
-  if (blockIdx.x == 0 && blockIdx.y == 0 && (threadIdx.x >> 5) == 0) write_routing(a.ws, a.E, a.k, my_id, my_p);
+  if (writer) write_routing(a.ws, a.E, a.k, my_id, my_p);
   return e;
 }
 
