@@ -971,38 +971,32 @@ def environment(torch, args, mode: str) -> dict:
     return meta
 
 
-def plan(tokens, sections, stages: bool = False) -> list[str]:
+def contender_names(section: str, T: int, stages: bool = False, only: str | None = None) -> list[str]:
+    """The contenders a run measures for one section and T, in order (`only`: the --only filter)."""
+    decode = T <= max(DECODE_T)
+    if section == "bf16":
+        names = [f"qmoe bf16 {p}" for p in ("auto", *QMOE_PATHS)]
+        names += ["qmoe int8 auto", "qmoe int4 mma_sync", "qmoe int4 wgmma", "qmoe int4 auto"]
+        if decode:
+            names += ["qmoe int4 cuda-core gemv"]
+            names += [f"floor: torch {h} of the bf16 call's bytes" for h in ("read", "copy")]
+            names += [floor_kernel_row(w) for w in ("bf16", "int4")]
+        if stages:
+            names += [stage_row(n, w) for w in ("bf16", "int4") for n in STAGES if w == "bf16" or decode]
+        impls = ("eager", "batched_mm", "grouped_mm")
+    else:
+        names = ["qmoe fp16 auto"]
+        impls = ("batched_mm", "grouped_mm")
+    names += [f"transformers {i} {section}" for i in impls if i != "batched_mm" or decode]
+    if section == "fp16":
+        names.append("onnxruntime com.microsoft::MoE fp16")
+    return [n for n in names if not only or re.search(only, n)]
+
+
+def plan(tokens, sections, stages: bool = False, only: str | None = None) -> list[str]:
     lines = []
     for sec in sections:
-        for T in tokens:
-            names = (
-                [f"qmoe bf16 {p}" for p in ("auto", *QMOE_PATHS)]
-                + ["qmoe int8 auto", "qmoe int4 mma_sync", "qmoe int4 wgmma", "qmoe int4 auto"]
-                + (
-                    ["qmoe int4 cuda-core gemv"]
-                    + [f"floor: torch {h} of the bf16 call's bytes" for h in ("read", "copy")]
-                    + [floor_kernel_row(w) for w in ("bf16", "int4")]
-                    if T <= max(DECODE_T)
-                    else []
-                )
-                + (
-                    [
-                        stage_row(n, w)
-                        for w in ("bf16", "int4")
-                        for n in STAGES
-                        if w == "bf16" or T <= max(DECODE_T)
-                    ]
-                    if stages and sec == "bf16"
-                    else []
-                )
-                if sec == "bf16"
-                else ["qmoe fp16 auto"]
-            )
-            impls = ("eager", "batched_mm", "grouped_mm") if sec == "bf16" else ("batched_mm", "grouped_mm")
-            names += [f"transformers {i} {sec}" for i in impls if i != "batched_mm" or T <= max(DECODE_T)]
-            if sec == "fp16":
-                names.append("onnxruntime com.microsoft::MoE fp16")
-            lines.append(f"{sec} T={T}: " + ", ".join(names))
+        lines += [f"{sec} T={T}: " + ", ".join(contender_names(sec, T, stages, only)) for T in tokens]
     return lines
 
 
@@ -1114,7 +1108,7 @@ def main() -> None:
     settings = QUICK if args.quick else FULL
 
     if args.dry_run:
-        print("\n".join(plan(tokens, sections, args.stages)))
+        print("\n".join(plan(tokens, sections, args.stages, args.only)))
         print(f"settings: {settings}")
         print(self_test())
         return

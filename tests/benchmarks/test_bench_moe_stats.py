@@ -5,6 +5,10 @@ expert byte count against the tensors' own sizes, and the gate/up interleave it 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -92,3 +96,22 @@ def test_report_gives_floor_and_partial_rows_no_speed_up_or_error(bench):
     assert [c.strip() for c in cells["qmoe bf16 auto (gemv)"]] == [f"{240 / 96:.1f}", "3.0e-03"]
     for name in (bench.floor_kernel_row(), bench.stage_row(2)):
         assert [c.strip() for c in cells[name]] == ["-", "-"], (name, cells[name])
+
+
+def test_only_filter_keeps_exactly_the_matching_contenders(bench):
+    for section, T in (("bf16", 1), ("bf16", 2048), ("fp16", 4)):
+        every = bench.contender_names(section, T, stages=True)
+        kept = bench.contender_names(section, T, stages=True, only=r"int4 auto|MoE")
+        assert kept == [n for n in every if "int4 auto" in n or "MoE" in n]
+    # decode has the INT4 stage rows, prefill only the whole call; fp16 has ORT's MoE and no INT4
+    assert len(bench.contender_names("bf16", 1, True, r"int4 auto")) == 1 + len(bench.STAGES)
+    assert bench.contender_names("bf16", 2048, True, r"int4 auto") == ["qmoe int4 auto"]
+    assert bench.contender_names("fp16", 4, True, r"int4 auto|MoE") == ["onnxruntime com.microsoft::MoE fp16"]
+
+
+def test_only_refuses_a_bad_regular_expression():
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_moe_kernels.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--dry-run", "--only", "int4("], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "--only: not a regular expression" in proc.stderr
