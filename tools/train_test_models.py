@@ -79,6 +79,15 @@ ARCHS = {
         intermediate_size=3072,
         tie_word_embeddings=True,
     ),
+    # The next width for the AWQ measurement (the 32- and 1024-wide models put AWQ at 0.76-1.0 and 0.48-0.81
+    # of round to nearest's increase; the published halving is at 4096): 16 groups per attention row, 48 per
+    # down_proj row. About 0.5 B parameters (0.3 B of them the tied embeddings): 8 GB of fp32 weights,
+    # gradients and AdamW moments.
+    "trained-wider": Qwen3Arch(
+        **(_COMMON | dict(hidden_size=2048, num_heads=16, num_kv_heads=8, head_dim=128)),
+        intermediate_size=6144,
+        tie_word_embeddings=True,
+    ),
 }
 
 

