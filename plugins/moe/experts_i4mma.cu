@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(kT1DownWarps * 32, 1) t1_down_kernel(Token1Arg
   const int row0 = blockIdx.x * 16;
   int my_id;
   float my_p;
-  route_token_lanes(a.logits, a.E, k, a.normalize != 0, my_id, my_p, k);
+  route_token_lanes(a.logits, a.E, k, a.normalize != 0, my_id, my_p);
   bool waited = false;
   auto wait_once = [&] {
     if (!waited) pdl_wait();

@@ -39,7 +39,7 @@ __global__ void __launch_bounds__(kDownWarps * 32, 2) token1_down_kernel(Token1A
   int my_id;
   float my_p;
   // The logits were complete before kernel 1 passed its wait, which came before this launch.
-  route_token_lanes(a.logits, a.E, a.k, a.normalize != 0, my_id, my_p, a.k);
+  route_token_lanes(a.logits, a.E, a.k, a.normalize != 0, my_id, my_p);
 
   bool waited = false;
   for (int task = warp; task < a.k * a.groups; task += kDownWarps) {

@@ -49,11 +49,10 @@ __device__ __forceinline__ void load_lane_logits(LogitRow row, int E, float (&v)
 // (softmax is monotonic, and the logits order has no rounding ties that the probabilities lack).
 // Ties go to the lower expert index. route_token_lanes leaves slot j in lane j (my_id, my_p; lanes >= k
 // hold nothing); route_token writes the k slots.
-// `row`: a pointer to the logits, or a LogitRow. `rounds` (<= k): the slots selected; only a caller that
-// needs one slot's expert and no weights passes fewer (the later slots' my_id and my_p are then 0).
+// `row`: a pointer to the logits, or a LogitRow. `k`: the slots selected, normally the top-k; a caller that
+// needs only the first slots' experts, not their weights, passes fewer (normalize then sums only those).
 template <typename Row>
-__device__ __forceinline__ void route_token_lanes(Row row, int E, int k, bool normalize, int& my_id, float& my_p,
-                                                  int rounds) {
+__device__ __forceinline__ void route_token_lanes(Row row, int E, int k, bool normalize, int& my_id, float& my_p) {
   constexpr int kPerLane = kMaxExperts / 32;
   const int lane = threadIdx.x & 31;
   float v[kPerLane];
@@ -80,7 +79,7 @@ __device__ __forceinline__ void route_token_lanes(Row row, int E, int k, bool no
   my_id = 0;
   my_p = 0.0f;
   uint32_t my_key = 0;  // this lane's slot's key; its probability after the loop (off the selection chain)
-  for (int j = 0; j < rounds; ++j) {
+  for (int j = 0; j < k; ++j) {
     uint32_t best = 0;
     int bi = 0;
 #pragma unroll
@@ -101,12 +100,12 @@ __device__ __forceinline__ void route_token_lanes(Row row, int E, int k, bool no
       my_key = kmax;
     }
   }
-  if (lane < rounds) {
+  if (lane < k) {
     const uint32_t u = (my_key & 0x80000000u) ? (my_key & 0x7fffffffu) : ~my_key;
     my_p = expf(__uint_as_float(u) - mx) / s;
   }
   if (normalize) {
-    const float tot = warp_sum(lane < rounds ? my_p : 0.0f);
+    const float tot = warp_sum(lane < k ? my_p : 0.0f);
     my_p = my_p / tot;
   }
 }
@@ -116,7 +115,7 @@ __device__ __forceinline__ void route_token(const L* __restrict__ row, int E, in
                                             int32_t* __restrict__ ids, float* __restrict__ weights) {
   int my_id;
   float my_p;
-  route_token_lanes(row, E, k, normalize, my_id, my_p, k);
+  route_token_lanes(row, E, k, normalize, my_id, my_p);
   const int lane = threadIdx.x & 31;
   if (lane < k) {
     ids[lane] = my_id;
@@ -170,7 +169,7 @@ __device__ __forceinline__ int token1_slot_expert(const Token1Args& a, int slot)
   const bool writer = blockIdx.x == 0 && blockIdx.y == 0 && (threadIdx.x >> 5) == 0;
   int my_id;
   float my_p;
-  route_token_lanes(a.logits, a.E, a.k, a.normalize != 0, my_id, my_p, writer ? a.k : slot + 1);
+  route_token_lanes(a.logits, a.E, writer ? a.k : slot + 1, a.normalize != 0, my_id, my_p);
   const int e = __shfl_sync(0xffffffffu, my_id, slot);
   if (writer) write_routing(a.ws, a.E, a.k, my_id, my_p);
   return e;
